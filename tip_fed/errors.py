@@ -1,0 +1,55 @@
+"""Every user-facing failure of tip_fed is a :class:`TipError`.
+
+Messages say what was wrong and how to fix it. Callers can catch ``TipError`` to handle
+all of them, or a subclass to handle one kind.
+"""
+
+from __future__ import annotations
+
+
+class TipError(Exception):
+    """Root of all tip_fed errors."""
+
+
+class ConfigError(TipError, ValueError):
+    """A setting is unknown, has the wrong type, or conflicts with another."""
+
+
+class DataError(TipError, ValueError):
+    """Input data (arrays, batches, files) has the wrong shape, type or content."""
+
+
+class ModelError(TipError):
+    """A model cannot be used: unsupported layers, unknown architecture, bad weights."""
+
+
+class CryptoError(TipError):
+    """A homomorphic-encryption operation failed or got unusable input."""
+
+
+class InsecureParametersError(CryptoError):
+    """CKKS parameters give less than the required security level."""
+
+
+class CodecError(CryptoError):
+    """Serialized keys or ciphertexts are empty, truncated, garbage, or for other parameters."""
+
+
+class ProtocolError(TipError):
+    """A protocol message is malformed, out of order, or inconsistent with the session."""
+
+
+class VersionMismatchError(ProtocolError):
+    """The peer speaks another protocol version."""
+
+
+class FingerprintMismatchError(ProtocolError):
+    """The model weights do not match the fingerprint they were announced with."""
+
+
+class SessionError(ProtocolError):
+    """A message belongs to another session, replays one, or arrives after settlement."""
+
+
+class BudgetExceededError(ProtocolError):
+    """A seller refused a query because the session's query budget is spent."""
