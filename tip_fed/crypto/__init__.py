@@ -1,0 +1,45 @@
+"""CKKS layer of tip_fed: parameters and packing plans, session keys, packed encrypted scoring.
+
+The only package that imports TenSEAL. Buyer: :func:`plan_packing` -> :meth:`SessionKeys.generate`
+-> ship :meth:`SessionKeys.public_context_bytes`, ``plan.to_dict()`` and :func:`encrypt_query`;
+seller: :func:`load_public_context` -> :func:`score_rows`; buyer: :func:`decrypt_scores`, then
+:meth:`SessionKeys.destroy`.
+"""
+
+from .keys import PublicContext, SessionKeys, load_public_context
+from .packing import (
+    decrypt_naive,
+    decrypt_scores,
+    encrypt_query,
+    encrypt_query_naive,
+    score_rows,
+    score_rows_naive,
+)
+from .params import (
+    DEFAULT_FILL_BOUND,
+    MAX_QUERY_NORM,
+    HEParams,
+    PackingPlan,
+    check_params,
+    plan_packing,
+    security_bits,
+)
+
+__all__ = [
+    "HEParams",
+    "PackingPlan",
+    "DEFAULT_FILL_BOUND",
+    "MAX_QUERY_NORM",
+    "security_bits",
+    "check_params",
+    "plan_packing",
+    "SessionKeys",
+    "PublicContext",
+    "load_public_context",
+    "encrypt_query",
+    "score_rows",
+    "decrypt_scores",
+    "encrypt_query_naive",
+    "score_rows_naive",
+    "decrypt_naive",
+]

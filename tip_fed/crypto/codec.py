@@ -1,0 +1,293 @@
+"""Bytes <-> SEAL/TenSEAL objects, validated at the boundary.
+
+Why this module exists: TenSEAL/SEAL accept surprising input (``ckks_vector_from(ctx, b"")`` is a
+silent empty vector, a foreign secret key decrypts to garbage) and fail with bare ``ValueError`` /
+``RuntimeError``. Everything that crosses the wire goes through here, is size-checked against the
+parameters *before* parsing, and every library error becomes a :class:`CodecError` that says what
+was wrong. Messages never contain the offending bytes.
+
+Wire formats: ciphertexts are plain SEAL serialisations (zstd-compressed, optionally seeded);
+contexts are TenSEAL ``TenSEALContextProto`` messages, read and written here with a private copy of
+TenSEAL's schema (``tenseal/proto/tensealcontext.proto``) so the public context can carry exactly
+the Galois keys the packing needs. ``tenseal.sealapi`` objects only save/load through file paths,
+so bytes go through short-lived files in a private temp directory (tmpfs where available).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import tenseal as ts
+import tenseal.sealapi as sa
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+
+from tip_fed.errors import CodecError, CryptoError, TipError
+
+from .params import HEParams
+
+__all__ = [
+    "max_ciphertext_bytes",
+    "max_context_bytes",
+    "seal_to_bytes",
+    "ciphertext_from_bytes",
+    "parse_context_proto",
+    "new_context_proto",
+    "tenseal_errors",
+    "encryption_params_from_bytes",
+    "load_tenseal_context",
+]
+
+_SEAL_MAGIC = 0xA15E
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr, reserved, size
+_COMPR_MODES = {0, 1, 2}  # none, zlib, zstd
+_LIB_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, OverflowError, MemoryError)
+
+
+@contextlib.contextmanager
+def tenseal_errors(what: str, kind: type[CryptoError] = CodecError) -> Iterator[None]:
+    """Turn a TenSEAL/SEAL failure into a typed tip_fed error naming ``what`` failed."""
+    try:
+        yield
+    except TipError:  # already typed (ConfigError/DataError are ValueErrors too)
+        raise
+    except _LIB_ERRORS as exc:
+        # SEAL messages are short descriptions (e.g. "ciphertext data is invalid"), never data.
+        raise kind(f"{what} failed: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+# ---- size limits -------------------------------------------------------------------------------
+def max_ciphertext_bytes(params: HEParams) -> int:
+    """Largest acceptable serialised ciphertext: 2 polys at the top level, uncompressed, + slack."""
+    n_data = len(params.coeff_mod_bit_sizes) - 1
+    raw = 2 * n_data * params.poly_modulus_degree * 8
+    return int(raw * 1.01) + 4096
+
+
+def max_context_bytes(params: HEParams) -> int:
+    """Largest acceptable public context: public key + relin key + a full default Galois key set."""
+    n_all = len(params.coeff_mod_bit_sizes)
+    key_ct = 2 * n_all * params.poly_modulus_degree * 8
+    n_galois = 2 * params.poly_modulus_degree.bit_length() + 2
+    return int((1 + (1 + n_galois) * (n_all - 1)) * key_ct * 1.01) + 65536
+
+
+# ---- temp-file transport for sealapi objects ---------------------------------------------------
+def _tmp_dir() -> str | None:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+_TMP_DIR = _tmp_dir()
+
+
+@contextlib.contextmanager
+def _temp_path() -> Iterator[str]:
+    fd, path = tempfile.mkstemp(prefix="tipfed-", suffix=".seal", dir=_TMP_DIR)
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def seal_to_bytes(obj: Any, what: str = "serialising a SEAL object") -> bytes:
+    """Serialise anything with ``save(path)`` (Ciphertext, keys, Serializable*) to bytes."""
+    with _temp_path() as path, tenseal_errors(what, CryptoError):
+        obj.save(path)
+        with open(path, "rb") as fh:
+            return fh.read()
+
+
+def _seal_load(load: Callable[[str], None], data: bytes) -> None:
+    with _temp_path() as path:
+        with open(path, "wb") as fh:
+            fh.write(data)
+        load(path)
+
+
+def _check_blob(data: object, what: str, limit: int) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CodecError(f"{what} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise CodecError(f"{what} is empty (0 bytes); the sender produced no data")
+    if len(data) > limit:
+        raise CodecError(
+            f"{what} is {len(data)} bytes, more than the {limit} bytes possible for these CKKS "
+            "parameters; refusing to parse it"
+        )
+    return data
+
+
+def _check_seal_header(data: bytes, what: str) -> None:
+    """Cheap pre-parse check of SEAL's 16-byte header (magic, compression, declared size)."""
+    if len(data) < _SEAL_HEADER.size:
+        raise CodecError(f"{what} is truncated: {len(data)} bytes, shorter than a SEAL header")
+    magic, hsize, _major, _minor, compr, _res, size = _SEAL_HEADER.unpack_from(data)
+    if magic != _SEAL_MAGIC or hsize != _SEAL_HEADER.size or compr not in _COMPR_MODES:
+        raise CodecError(f"{what} is not a SEAL serialisation (bad header); wrong or garbage bytes")
+    if size != len(data):
+        raise CodecError(
+            f"{what} is truncated or padded: header declares {size} bytes, got {len(data)}"
+        )
+
+
+def ciphertext_from_bytes(
+    seal_context: Any,
+    params: HEParams,
+    data: object,
+    *,
+    what: str,
+    parms_id: Any | None = None,
+    scale: float | None = None,
+) -> Any:
+    """Parse and validate one ciphertext for ``seal_context``.
+
+    ``parms_id`` / ``scale`` (when given) pin the level and scale the protocol expects, so a
+    ciphertext from another step, level or parameter set is refused instead of mis-decoded.
+    """
+    blob = _check_blob(data, what, max_ciphertext_bytes(params))
+    _check_seal_header(blob, what)
+    ct = sa.Ciphertext()
+    with tenseal_errors(f"parsing {what}"):
+        _seal_load(lambda p: ct.load(seal_context, p), blob)
+    if ct.poly_modulus_degree() != params.poly_modulus_degree or ct.size() != 2:
+        raise CodecError(
+            f"{what} has ring dimension {ct.poly_modulus_degree()} and {ct.size()} polynomials; "
+            f"expected N={params.poly_modulus_degree} and 2 (ciphertext for other parameters)"
+        )
+    if parms_id is not None and list(ct.parms_id()) != list(parms_id):
+        raise CodecError(
+            f"{what} is at the wrong level ({ct.coeff_modulus_size()} primes); it was made for "
+            "another step of the protocol or other parameters"
+        )
+    if scale is not None and not abs(ct.scale / scale - 1.0) < 1e-9:
+        raise CodecError(f"{what} has scale 2^{_log2(ct.scale):.2f}, expected 2^{_log2(scale):.2f}")
+    return ct
+
+
+def _log2(x: float) -> float:
+    return math.log2(x) if x > 0 else float("-inf")
+
+
+def encryption_params_from_bytes(data: bytes, expected: HEParams) -> HEParams:
+    """Read N and prime sizes from serialised SEAL EncryptionParameters (must be CKKS)."""
+    _check_seal_header(data, "encryption parameters")
+    parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
+    with tenseal_errors("parsing the encryption parameters"):
+        _seal_load(parms.load, data)
+    if parms.scheme() != sa.SCHEME_TYPE.CKKS:
+        raise CodecError(f"the context uses scheme {parms.scheme().name}, expected CKKS")
+    return HEParams(
+        poly_modulus_degree=int(parms.poly_modulus_degree()),
+        coeff_mod_bit_sizes=tuple(int(m.bit_count()) for m in parms.coeff_modulus()),
+        global_scale_bits=expected.global_scale_bits,
+    )
+
+
+# ---- TenSEAL context protobuf ------------------------------------------------------------------
+def _build_context_message() -> type:
+    """A private copy of TenSEAL's TenSEALContextProto (same field numbers, own pool/package)."""
+    fd = descriptor_pb2.FieldDescriptorProto
+    opt = fd.LABEL_OPTIONAL
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="tip_fed/crypto/tensealcontext.proto", package="tip_fed_tenseal", syntax="proto3"
+    )
+
+    def add(name: str, fields: list[tuple[str, int, int, str]]) -> None:
+        msg = fdp.message_type.add(name=name)
+        for fname, number, ftype, tname in fields:
+            f = msg.field.add(name=fname, number=number, type=ftype, label=opt)
+            if tname:
+                f.type_name = tname
+
+    add(
+        "TenSEALPrivateProto",
+        [
+            ("secret_key", 1, fd.TYPE_BYTES, ""),
+            ("relin_keys_generated", 2, fd.TYPE_BOOL, ""),
+            ("galois_keys_generated", 3, fd.TYPE_BOOL, ""),
+        ],
+    )
+    add(
+        "TenSEALPublicProto",
+        [
+            ("public_key", 1, fd.TYPE_BYTES, ""),
+            ("auto_flags", 2, fd.TYPE_UINT32, ""),
+            ("scale", 3, fd.TYPE_DOUBLE, ""),
+            ("relin_keys", 4, fd.TYPE_BYTES, ""),
+            ("galois_keys", 5, fd.TYPE_BYTES, ""),
+        ],
+    )
+    add(
+        "TenSEALContextProto",
+        [
+            ("encryption_parameters", 1, fd.TYPE_BYTES, ""),
+            ("public_context", 2, fd.TYPE_MESSAGE, ".tip_fed_tenseal.TenSEALPublicProto"),
+            ("private_context", 3, fd.TYPE_MESSAGE, ".tip_fed_tenseal.TenSEALPrivateProto"),
+            ("encryption_type", 4, fd.TYPE_UINT32, ""),
+        ],
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tip_fed_tenseal.TenSEALContextProto")
+    )
+
+
+_ContextProto = _build_context_message()
+
+
+def new_context_proto(data: bytes) -> Any:
+    """Parse trusted, locally produced context bytes (our own TenSEAL serialisation)."""
+    msg = _ContextProto()
+    msg.ParseFromString(data)
+    return msg
+
+
+def parse_context_proto(data: object, params: HEParams, what: str = "public context") -> Any:
+    """Validate received context bytes structurally, before TenSEAL sees them.
+
+    Refuses (CryptoError) a context that carries a secret key: the seller must never hold one,
+    and refusing before loading keeps the key out of the seller's process memory too.
+    """
+    blob = _check_blob(data, what, max_context_bytes(params))
+    msg = _ContextProto()
+    try:
+        msg.ParseFromString(blob)
+    except DecodeError:
+        raise CodecError(
+            f"{what} is not a TenSEAL context (protobuf parse failed); garbage or truncated bytes"
+        ) from None
+    if msg.HasField("private_context") and msg.private_context.secret_key:
+        raise CryptoError(
+            f"refusing a context that contains a secret key ({what}); the buyer must send a "
+            "public context (SessionKeys.public_context_bytes())"
+        )
+    if not msg.encryption_parameters or not msg.public_context.public_key:
+        raise CodecError(
+            f"{what} lacks encryption parameters or a public key; truncated or not "
+            "a public CKKS context"
+        )
+    for name, blob_part in (
+        ("encryption parameters", msg.encryption_parameters),
+        ("public key", msg.public_context.public_key),
+    ):
+        _check_seal_header(bytes(blob_part), f"{what}: {name}")
+    if msg.public_context.galois_keys:
+        _check_seal_header(bytes(msg.public_context.galois_keys), f"{what}: Galois keys")
+    return msg
+
+
+def load_tenseal_context(blob: bytes, n_threads: int | None, what: str) -> ts.Context:
+    """``ts.context_from`` with errors wrapped (bytes already validated by the caller)."""
+    with tenseal_errors(f"loading {what}"):
+        return ts.context_from(blob, n_threads=n_threads)

@@ -1,0 +1,297 @@
+"""Per-session CKKS keys (buyer) and the validated public context (seller).
+
+The buyer makes a fresh key pair for every session (:meth:`SessionKeys.generate`) and ships only
+:meth:`SessionKeys.public_context_bytes`: encryption parameters, the public key (sellers encrypt
+their random fill with it) and Galois keys for exactly the rotation steps of the packing plan,
+2 + log2(R) keys instead of TenSEAL's ~24 default ones, serialised seeded (half size): about
+3.3 MB instead of 35 MB at N = 8192. No secret key, no relinearisation keys (the seller never
+multiplies two ciphertexts).
+
+The secret key never leaves :class:`SessionKeys`; :meth:`SessionKeys.destroy` drops it when the
+session settles. Python cannot wipe memory, so "destroy" means every reference this object held is
+released and TenSEAL's context is made public; later decryption raises :class:`CryptoError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as sa
+
+from tip_fed.errors import CodecError, ConfigError, CryptoError, InsecureParametersError
+
+from .codec import (
+    ciphertext_from_bytes,
+    encryption_params_from_bytes,
+    load_tenseal_context,
+    new_context_proto,
+    parse_context_proto,
+    seal_to_bytes,
+    tenseal_errors,
+)
+from .params import HEParams, PackingPlan, check_params, security_bits
+
+__all__ = ["SessionKeys", "PublicContext", "load_public_context"]
+
+
+class _SealHandles:
+    """sealapi objects derived from one TenSEAL context (per context, never global)."""
+
+    def __init__(self, context: ts.Context, params: HEParams) -> None:
+        self.params = params
+        self.seal_context = context.seal_context().data
+        self.encoder = sa.CKKSEncoder(self.seal_context)
+        self.evaluator = sa.Evaluator(self.seal_context)
+        self.first_parms_id = self.seal_context.first_parms_id()
+        self.last_parms_id = self.seal_context.last_parms_id()
+        first = self.seal_context.first_context_data()
+        # Data-level primes, in the order rescaling drops them (last first).
+        self.primes = [float(m.value()) for m in first.parms().coeff_modulus()]
+        self.galois_tool = first.galois_tool()
+
+    def galois_elts(self, steps: tuple[int, ...]) -> list[int]:
+        return list(self.galois_tool.get_elts_from_steps(list(steps)))
+
+    def output_scale(self) -> float:
+        """Scale of a reply: (scale * scale) / q_top after the BSGS rescale; the mask rescale
+        multiplies by q_mid and divides by it again (same double arithmetic as SEAL)."""
+        s = self.params.global_scale
+        after_bsgs = (s * s) / self.primes[-1]
+        return (after_bsgs * self.primes[-2]) / self.primes[-2]
+
+
+class PublicContext:
+    """A seller's view of a session: public key, needed Galois keys, no secret key."""
+
+    def __init__(self, context: ts.Context, params: HEParams) -> None:
+        self.context = context
+        self.params = params
+        self.handles = _SealHandles(context, params)
+        self.encryptor = sa.Encryptor(self.handles.seal_context, context.public_key().data)
+        self.galois_keys = context.galois_keys().data if context.has_galois_keys() else None
+
+    def require_rotations(self, steps: tuple[int, ...]) -> None:
+        """Fail early (not deep inside SEAL) when a rotation key the plan needs is missing."""
+        if not steps:
+            return
+        if self.galois_keys is None:
+            raise CryptoError(
+                f"the public context has no Galois keys but the packing needs rotations by "
+                f"{list(steps)}; the buyer must send SessionKeys.public_context_bytes() for "
+                "this plan"
+            )
+        elts = self.handles.galois_elts(steps)
+        missing = [s for s, e in zip(steps, elts, strict=True) if not self.galois_keys.has_key(e)]
+        if missing:
+            raise CryptoError(
+                f"the public context lacks rotation keys for steps {missing}; it was made for "
+                "another packing plan: use the plan the buyer sent with this context"
+            )
+
+
+class SessionKeys:
+    """The buyer's fresh CKKS key pair for one session, and what may be shown of it."""
+
+    def __init__(self, context: ts.Context, plan: PackingPlan) -> None:
+        """Use :meth:`generate`; this wraps an already private TenSEAL context."""
+        if not context.has_secret_key():
+            raise CryptoError("SessionKeys needs a private context; use SessionKeys.generate()")
+        self._plan = plan
+        self._ctx: ts.Context | None = context
+        self._handles: _SealHandles | None = _SealHandles(context, plan.params)
+        sk = context.secret_key().data
+        self._decryptor: Any = sa.Decryptor(self._handles.seal_context, sk)
+        self._sym_encryptor: Any = sa.Encryptor(self._handles.seal_context, sk)
+        self._public: bytes | None = None
+
+    @classmethod
+    def generate(cls, plan: PackingPlan, *, n_threads: int | None = None) -> SessionKeys:
+        """Fresh key pair for ``plan.params`` (checked for >= 128-bit security first)."""
+        if not isinstance(plan, PackingPlan):
+            raise ConfigError(f"expected a PackingPlan, got {type(plan).__name__}")
+        check_params(plan.params)
+        p = plan.params
+        with tenseal_errors("creating the CKKS context", CryptoError):
+            ctx = ts.context(
+                ts.SCHEME_TYPE.CKKS,
+                p.poly_modulus_degree,
+                -1,
+                list(p.coeff_mod_bit_sizes),
+                n_threads=n_threads,
+            )
+            ctx.global_scale = p.global_scale
+        return cls(ctx, plan)
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def plan(self) -> PackingPlan:
+        return self._plan
+
+    @property
+    def params(self) -> HEParams:
+        return self._plan.params
+
+    @property
+    def destroyed(self) -> bool:
+        return self._ctx is None
+
+    def _live(self) -> tuple[ts.Context, _SealHandles]:
+        if self._ctx is None or self._handles is None:
+            raise CryptoError(
+                "the session's secret key was destroyed (session settled); start a new session "
+                "with SessionKeys.generate() to encrypt or decrypt again"
+            )
+        return self._ctx, self._handles
+
+    # ---- what is shipped ----------------------------------------------------------------------
+    def public_context_bytes(self) -> bytes:
+        """Public context for sellers: parameters, public key, only the plan's Galois keys."""
+        if self._public is None:
+            ctx, handles = self._live()
+            with tenseal_errors("serialising the public context", CryptoError):
+                base = ctx.serialize(
+                    save_public_key=True,
+                    save_secret_key=False,
+                    save_galois_keys=False,
+                    save_relin_keys=False,
+                )
+            msg = new_context_proto(base)
+            steps = self._plan.galois_steps
+            if steps:
+                keygen = sa.KeyGenerator(handles.seal_context, ctx.secret_key().data)
+                with tenseal_errors("generating Galois keys", CryptoError):
+                    # Serializable keys are saved seeded: half the bytes of expanded keys.
+                    seeded = keygen.create_galois_keys(handles.galois_elts(steps))
+                msg.public_context.galois_keys = seal_to_bytes(seeded, "saving Galois keys")
+            self._public = msg.SerializeToString()
+        return self._public
+
+    def public_context(self, *, n_threads: int | None = None) -> PublicContext:
+        """The seller-side view of this session, loaded exactly as a seller would."""
+        return load_public_context(self.public_context_bytes(), self.params, n_threads=n_threads)
+
+    # ---- secret-key introspection for tests ---------------------------------------------------
+    def secret_key_bytes_for_test(self, raw: bool = False) -> bytes:
+        """The secret key as TenSEAL would serialise it (``raw=False``), or its uncompressed
+        RNS/NTT coefficients as little-endian uint64 (``raw=True``). Only for leak tests that
+        scan outgoing bytes; never send these anywhere."""
+        ctx, _ = self._live()
+        if raw:
+            pt = ctx.secret_key().data.data()
+            coeffs = np.fromiter((pt[i] for i in range(pt.coeff_count())), dtype="<u8")
+            return coeffs.tobytes()
+        with tenseal_errors("serialising the secret key", CryptoError):
+            private = ctx.serialize(
+                save_public_key=False,
+                save_secret_key=True,
+                save_galois_keys=False,
+                save_relin_keys=False,
+            )
+        return bytes(new_context_proto(private).private_context.secret_key)
+
+    def secret_key_fingerprint(self) -> str:
+        """sha256 hex of the serialised secret key: identifies the key without revealing it."""
+        return hashlib.sha256(self.secret_key_bytes_for_test()).hexdigest()
+
+    def _tenseal_context(self) -> ts.Context:
+        """The private TenSEAL context (secret key inside): for the naive baseline only."""
+        return self._live()[0]
+
+    def baseline_public_context_bytes(self) -> bytes:
+        """BENCHMARK BASELINE ONLY: public context with TenSEAL's default Galois keys (~35 MB at
+        N = 8192), which ``dot`` needs. The packed protocol never ships this."""
+        ctx, _ = self._live()
+        with tenseal_errors("building the baseline public context", CryptoError):
+            tmp = ctx.copy()
+            tmp.generate_galois_keys()
+            data = tmp.serialize(
+                save_public_key=True,
+                save_secret_key=False,
+                save_galois_keys=True,
+                save_relin_keys=False,
+            )
+            tmp.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
+        return data
+
+    def destroy(self) -> None:
+        """Drop the secret key; every later decrypt/encrypt raises CryptoError."""
+        if self._ctx is not None:
+            self._ctx.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
+        self._ctx = None
+        self._handles = None
+        self._decryptor = None
+        self._sym_encryptor = None
+
+    # ---- slot-level encryption used by packing ------------------------------------------------
+    def encrypt_slots(self, values: np.ndarray) -> bytes:
+        """Encrypt S slot values at the top level with the secret key (seeded: half the bytes of
+        a public-key ciphertext; equally secure, only the key holder can make them)."""
+        _, h = self._live()
+        pt = sa.Plaintext()
+        with tenseal_errors("encrypting the query", CryptoError):
+            h.encoder.encode(
+                np.asarray(values, dtype=np.float64).tolist(),
+                h.first_parms_id,
+                self.params.global_scale,
+                pt,
+            )
+            seeded = self._sym_encryptor.encrypt_symmetric(pt)
+        return seal_to_bytes(seeded, "saving the query ciphertext")
+
+    def decrypt_slots(self, data: bytes, what: str, *, any_level: bool = False) -> np.ndarray:
+        """Decrypt one reply ciphertext; unless ``any_level`` it must be at the last level
+        with the reply scale (anything else is not a reply of this protocol)."""
+        _, h = self._live()
+        ct = ciphertext_from_bytes(
+            h.seal_context,
+            self.params,
+            data,
+            what=what,
+            parms_id=None if any_level else h.last_parms_id,
+            scale=None if any_level else h.output_scale(),
+        )
+        pt = sa.Plaintext()
+        with tenseal_errors(f"decrypting {what}", CryptoError):
+            self._decryptor.decrypt(ct, pt)
+            return np.asarray(h.encoder.decode_double(pt), dtype=np.float64)
+
+
+def load_public_context(
+    data: bytes, params: HEParams, *, n_threads: int | None = None
+) -> PublicContext:
+    """Validate and load a buyer's public context (seller side).
+
+    Raises InsecureParametersError (params or context below 128 bits), CryptoError (context holds
+    a secret key), CodecError (empty/garbage/truncated/oversized bytes, other parameters).
+    """
+    check_params(params)
+    msg = parse_context_proto(data, params)
+    actual = encryption_params_from_bytes(bytes(msg.encryption_parameters), params)
+    if security_bits(actual) < 128:
+        raise InsecureParametersError(
+            f"the received context has {actual.total_bits} coefficient bits at "
+            f"N={actual.poly_modulus_degree}, below 128-bit security; refusing it"
+        )
+    if (actual.poly_modulus_degree, actual.coeff_mod_bit_sizes) != (
+        params.poly_modulus_degree,
+        params.coeff_mod_bit_sizes,
+    ):
+        raise CodecError(
+            f"the received context has N={actual.poly_modulus_degree}, primes "
+            f"{actual.coeff_mod_bit_sizes}; the session expects N={params.poly_modulus_degree}, "
+            f"primes {params.coeff_mod_bit_sizes}: it belongs to another session or plan"
+        )
+    scale = msg.public_context.scale
+    if scale != params.global_scale:
+        raise CodecError(
+            f"the received context's scale ({scale!r}) is not 2^{params.global_scale_bits}"
+        )
+    ctx = load_tenseal_context(bytes(data), n_threads, "public context")
+    if ctx.has_secret_key() or ctx.is_private():
+        raise CryptoError("refusing a context that contains a secret key")
+    if not ctx.has_public_key():
+        raise CodecError("the received context has no public key; it cannot be used to score")
+    return PublicContext(ctx, params)
