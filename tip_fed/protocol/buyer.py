@@ -1,0 +1,282 @@
+"""The buyer role: prepare the private query, make Offers, settle Replies into a valuation.
+
+The buyer owns the only secret key. Each Offer opens a session with a fresh key pair; settling
+decrypts the scores it asked for and destroys that session's secret key.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tip_fed.config import CryptoConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig
+from tip_fed.core.gradients import kfac_statistics, projected_grads
+from tip_fed.core.influence import query_vector
+from tip_fed.core.precondition import Preconditioner, fit_preconditioner
+from tip_fed.core.projection import ProjectionSpec
+from tip_fed.core.tasks import Task
+from tip_fed.crypto.keys import SessionKeys
+from tip_fed.crypto.packing import decrypt_scores, encrypt_query
+from tip_fed.crypto.params import HEParams, PackingPlan, check_params, plan_packing
+from tip_fed.errors import ProtocolError, SessionError, TipError
+from tip_fed.protocol.convert import params_to_pb, plan_to_pb, spec_to_pb
+from tip_fed.protocol.messages import DISCLOSURE_NAMES, PROTOCOL_VERSION, decode_reply
+from tip_fed.protocol.model import encode_model
+from tip_fed.protocol.data import Batch, iter_batches
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+QUERY_NORM = 2.0**10
+BOUND_HEADROOM = 2.0
+
+
+@dataclass(frozen=True)
+class BuyerSettings:
+    """The buyer's choices; defaults match :mod:`tip_fed.config`."""
+
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    preconditioner: PreconditionerConfig = field(default_factory=PreconditionerConfig)
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class SellerValuation:
+    """What the buyer learned about one seller."""
+
+    seller_id: str
+    n_samples: int
+    total: float
+    per_sample: np.ndarray | None
+    commitment: str
+    clipped: int
+    timings: dict[str, float]
+
+    @property
+    def mean(self) -> float:
+        """Average score per sample."""
+        return self.total / self.n_samples
+
+
+@dataclass
+class Valuation:
+    """Result of settling one session."""
+
+    session_id: str
+    sellers: list[SellerValuation]
+    rejected: dict[str, str]
+    missing: list[str]
+    manifest: dict[str, Any]
+
+    def by_id(self) -> dict[str, SellerValuation]:
+        """Seller valuations keyed by seller id."""
+        return {s.seller_id: s for s in self.sellers}
+
+
+@dataclass
+class _Session:
+    session_id: str
+    keys: SessionKeys
+    plan: PackingPlan
+    disclosure: str
+    max_samples: int
+    settled: bool = False
+
+
+class Buyer:
+    """One data buyer with a model, a task, an objective set and (optionally) its training data.
+
+    The preconditioner is fitted on ``train`` (the buyer's own training data, or the objective
+    set when absent); the query is ``v = P · mean objective gradient``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        objective: Batch,
+        train: Batch | None = None,
+        settings: BuyerSettings | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.task = task
+        self.settings = settings or BuyerSettings()
+        self.spec = ProjectionSpec.for_model(
+            model,
+            rank=self.settings.projection.rank,
+            seed=self.settings.seed,
+            kind=self.settings.projection.kind,
+            include=list(self.settings.projection.include) or None,
+        )
+        self.params = HEParams(
+            poly_modulus_degree=self.settings.crypto.poly_modulus_degree,
+            coeff_mod_bit_sizes=tuple(self.settings.crypto.coeff_mod_bit_sizes),
+            global_scale_bits=self.settings.crypto.global_scale_bits,
+        )
+        check_params(self.params)
+        self._payload = encode_model(model)
+        train_data = train if train is not None else objective
+        train_batches = list(iter_batches(train_data, self.settings.batch_size))
+        train_grads = torch.cat([projected_grads(model, self.spec, task, b) for b in train_batches]).double()
+        obj_grads = torch.cat(
+            [projected_grads(model, self.spec, task, b) for b in iter_batches(objective, self.settings.batch_size)]
+        ).double()
+        cfg = self.settings.preconditioner
+        stats = kfac_statistics(model, self.spec, task, train_batches) if cfg.kind in ("kfac", "ekfac") else None
+        self.preconditioner: Preconditioner = fit_preconditioner(
+            cfg.kind, self.spec, train_grads=train_grads, kfac_stats=stats, damping=cfg.damping
+        )
+        self.query = query_vector(self.preconditioner, obj_grads).double()
+        norm = float(torch.linalg.vector_norm(self.query))
+        if not math.isfinite(norm) or norm == 0.0:
+            raise TipError(
+                "the buyer's query vector is zero or not finite: the objective set gives no gradient signal "
+                "(check the objective data, the loss, and the projection rank)"
+            )
+        self.query_norm = norm
+        bound = self.settings.protocol.grad_norm_bound
+        if bound is None:
+            norms = torch.linalg.vector_norm(torch.cat([train_grads, obj_grads]), dim=1)
+            bound = BOUND_HEADROOM * float(norms.max())
+        self.grad_norm_bound = float(bound)
+        self._sessions: dict[str, _Session] = {}
+        self.session_id: str | None = None
+
+    @property
+    def model_fingerprint(self) -> str:
+        """Fingerprint sellers see in every Offer."""
+        return self._payload.fingerprint
+
+    def offer(self, max_samples: int = 10_000) -> bytes:
+        """Open a session with fresh keys and return its Offer, the same bytes for every seller."""
+        if max_samples < 1:
+            raise ProtocolError("max_samples must be >= 1")
+        disclosure = self.settings.protocol.disclosure
+        max_rows = max_samples + 1 if disclosure == "per-sample" else 1
+        plan = plan_packing(self.spec.dim, max_rows, self.params)
+        keys = SessionKeys.generate(plan)
+        x = (self.query / self.query_norm * QUERY_NORM).numpy()
+        session_id = uuid.uuid4().hex
+        offer = pb.Offer(
+            protocol_version=PROTOCOL_VERSION,
+            session_id=session_id,
+            model=self._payload,
+            projection=spec_to_pb(self.spec),
+            task=self.task.name,
+            he=params_to_pb(self.params),
+            packing=plan_to_pb(plan),
+            public_context=keys.public_context_bytes(),
+            query=encrypt_query(keys, plan, x),
+            query_norm=QUERY_NORM,
+            disclosure=DISCLOSURE_NAMES[disclosure],
+            grad_norm_bound=self.grad_norm_bound,
+            query_budget=self.settings.protocol.query_budget,
+            max_samples=max_samples,
+        )
+        self._sessions[session_id] = _Session(session_id, keys, plan, disclosure, max_samples)
+        self.session_id = session_id
+        return offer.SerializeToString()
+
+    def settle(
+        self, replies: Iterable[bytes], *, session_id: str | None = None, expected: Sequence[str] = ()
+    ) -> Valuation:
+        """Decrypt every valid Reply of a session (the latest by default), then destroy its secret key.
+
+        Invalid replies do not abort settlement: each is listed in ``Valuation.rejected`` with the
+        reason, and sellers in ``expected`` that sent nothing valid are listed as missing.
+        """
+        session_id = session_id or self.session_id
+        session = self._sessions.get(session_id or "")
+        if session is None:
+            raise SessionError("no such session: call offer() first, then settle that session's replies")
+        if session.settled:
+            raise SessionError(f"session {session_id[:8]}… is already settled and its key destroyed; open a new one")
+        sellers: list[SellerValuation] = []
+        rejected: dict[str, str] = {}
+        try:
+            for i, data in enumerate(replies):
+                try:
+                    sellers.append(self._decode(session, data, {s.seller_id for s in sellers}))
+                except TipError as exc:
+                    rejected[_reply_label(data, i)] = str(exc)
+        finally:
+            session.keys.destroy()
+            session.settled = True
+        got = {s.seller_id for s in sellers}
+        return Valuation(
+            session_id=session_id,
+            sellers=sellers,
+            rejected=rejected,
+            missing=[s for s in expected if s not in got],
+            manifest=self._manifest(session),
+        )
+
+    def _decode(self, session: _Session, data: bytes, seen: set[str]) -> SellerValuation:
+        reply = decode_reply(data)
+        if reply.session_id != session.session_id:
+            raise SessionError(
+                f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not {session.session_id[:8]}…"
+            )
+        if reply.seller_id in seen:
+            raise SessionError(f"a second reply from seller {reply.seller_id} in one session was ignored")
+        if reply.n_samples > session.max_samples:
+            raise ProtocolError(f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum")
+        rows = reply.n_samples + 1 if session.disclosure == "per-sample" else 1
+        if reply.n_rows != rows:
+            raise ProtocolError(
+                f"seller {reply.seller_id} scored {reply.n_rows} rows; {session.disclosure} disclosure "
+                f"of {reply.n_samples} samples needs {rows}"
+            )
+        blocks = session.plan.blocks(rows)
+        if len(reply.scores) != blocks:
+            raise ProtocolError(f"seller {reply.seller_id} sent {len(reply.scores)} ciphertexts; expected {blocks}")
+        y = decrypt_scores(session.keys, session.plan, list(reply.scores), rows)
+        scores = y * (self.query_norm * self.grad_norm_bound / QUERY_NORM)
+        return SellerValuation(
+            seller_id=reply.seller_id,
+            n_samples=reply.n_samples,
+            total=float(scores[-1]) * reply.n_samples,
+            per_sample=scores[:-1].copy() if session.disclosure == "per-sample" else None,
+            commitment=reply.commitment.hex(),
+            clipped=reply.clipped,
+            timings={
+                "gradients_s": reply.timings.gradients_s,
+                "commit_s": reply.timings.commit_s,
+                "encrypted_s": reply.timings.encrypted_s,
+                "total_s": reply.timings.total_s,
+            },
+        )
+
+    def _manifest(self, session: _Session) -> dict[str, Any]:
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "session_id": session.session_id,
+            "model_fingerprint": self.model_fingerprint,
+            "projection": self.spec.to_dict(),
+            "preconditioner": self.preconditioner.to_dict(),
+            "he_params": self.params.to_dict(),
+            "packing": session.plan.to_dict(),
+            "disclosure": session.disclosure,
+            "grad_norm_bound": self.grad_norm_bound,
+            "query_budget": self.settings.protocol.query_budget,
+        }
+
+
+def _reply_label(data: bytes, index: int) -> str:
+    """Best-effort name for a rejected reply: its seller id if it parses, else its position."""
+    try:
+        msg = pb.Reply()
+        msg.ParseFromString(bytes(data))
+        if msg.seller_id:
+            return msg.seller_id[:64]
+    except Exception:  # noqa: BLE001 - labelling only; the real error is reported by _decode
+        pass
+    return f"reply[{index}]"

@@ -1,0 +1,53 @@
+"""Seller commitments: a Merkle tree over (sample, projected gradient) leaves.
+
+The seller sends only the root with its scores. After a purchase it delivers the data; the buyer
+recomputes the leaves and the root, so data swapped after scoring is detected, and any single
+sample can be proven with a log-size path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+LEAF = b"\x00"
+NODE = b"\x01"
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    arr = t.detach().cpu().contiguous().numpy()
+    header = f"{arr.dtype.str}{arr.shape}".encode()
+    return len(header).to_bytes(2, "big") + header + arr.tobytes()
+
+
+def sample_bytes(batch: Mapping[str, torch.Tensor], i: int) -> bytes:
+    """Canonical bytes of sample ``i`` of a dict-of-tensors batch (keys sorted)."""
+    return b"".join(k.encode() + b"=" + _tensor_bytes(batch[k][i]) for k in sorted(batch))
+
+
+def leaf_hash(sample: bytes, gradient: np.ndarray) -> bytes:
+    """Hash binding one sample to its projected gradient (float64 bytes)."""
+    g = np.ascontiguousarray(gradient, dtype=np.float64).tobytes()
+    return hashlib.sha256(LEAF + len(sample).to_bytes(8, "big") + sample + g).digest()
+
+
+def merkle_root(leaves: Sequence[bytes]) -> bytes:
+    """Root of the binary Merkle tree over ``leaves`` (odd nodes are promoted unchanged)."""
+    if not leaves:
+        return hashlib.sha256(NODE).digest()
+    level = list(leaves)
+    while len(level) > 1:
+        nxt = [hashlib.sha256(NODE + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def commit(batch: Mapping[str, torch.Tensor], gradients: np.ndarray) -> bytes:
+    """Merkle root over every (sample, gradient) pair of a seller's data."""
+    n = int(gradients.shape[0])
+    return merkle_root([leaf_hash(sample_bytes(batch, i), gradients[i]) for i in range(n)])

@@ -1,0 +1,88 @@
+"""Conversions between protocol objects (projection spec, HE parameters, packing) and tip.v1 messages."""
+
+from __future__ import annotations
+
+from tip_fed.core.projection import LayerProjection, ProjectionSpec
+from tip_fed.crypto.params import HEParams, PackingPlan
+from tip_fed.errors import ProtocolError, TipError
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+PLAN_FIELDS = ("dim", "padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block")
+
+
+def spec_to_pb(spec: ProjectionSpec) -> pb.ProjectionSpec:
+    """Projection spec as sent in the Offer (the matrices are regenerated, never sent)."""
+    data = spec.to_dict()
+    return pb.ProjectionSpec(
+        seed=spec.seed,
+        kind=spec.kind,
+        generator=data["generator"],
+        version=data["version"],
+        layers=[
+            pb.LayerProjection(
+                name=l.name, in_features=l.in_features, out_features=l.out_features,
+                rank_in=l.rank_in, rank_out=l.rank_out,
+            )
+            for l in spec.layers
+        ],
+    )
+
+
+def spec_from_pb(msg: pb.ProjectionSpec) -> ProjectionSpec:
+    """Rebuild and validate a projection spec."""
+    try:
+        return ProjectionSpec.from_dict(
+            {
+                "version": msg.version,
+                "generator": msg.generator,
+                "seed": msg.seed,
+                "kind": msg.kind,
+                "layers": [layer_dict(l) for l in msg.layers],
+            }
+        )
+    except TipError as exc:
+        raise ProtocolError(f"the offer's projection spec is invalid: {exc}") from exc
+
+
+def layer_dict(layer: LayerProjection | pb.LayerProjection) -> dict[str, object]:
+    """Plain dict of one layer projection."""
+    return {
+        "name": layer.name, "in_features": layer.in_features, "out_features": layer.out_features,
+        "rank_in": layer.rank_in, "rank_out": layer.rank_out,
+    }
+
+
+def params_to_pb(params: HEParams) -> pb.HEParameters:
+    """CKKS parameters as sent in the Offer."""
+    return pb.HEParameters(
+        poly_modulus_degree=params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+        global_scale_bits=params.global_scale_bits,
+    )
+
+
+def params_from_pb(msg: pb.HEParameters) -> HEParams:
+    """CKKS parameters from the Offer (security is checked by the caller)."""
+    return HEParams(
+        poly_modulus_degree=int(msg.poly_modulus_degree),
+        coeff_mod_bit_sizes=tuple(int(b) for b in msg.coeff_mod_bit_sizes),
+        global_scale_bits=int(msg.global_scale_bits),
+    )
+
+
+def plan_to_pb(plan: PackingPlan) -> pb.Packing:
+    """Packing layout as sent in the Offer."""
+    d = plan.to_dict()
+    return pb.Packing(kind="bsgs", **{k: int(d[k]) for k in PLAN_FIELDS})
+
+
+def plan_from_pb(msg: pb.Packing, params: HEParams) -> PackingPlan:
+    """Rebuild the packing layout; ProtocolError if it is inconsistent."""
+    if msg.kind != "bsgs":
+        raise ProtocolError(f"unknown packing kind {msg.kind!r}; this seller supports 'bsgs'")
+    data: dict[str, object] = {k: int(getattr(msg, k)) for k in PLAN_FIELDS}
+    data["params"] = params.to_dict()
+    try:
+        return PackingPlan.from_dict(data)
+    except TipError as exc:
+        raise ProtocolError(f"the offer's packing layout is invalid: {exc}") from exc

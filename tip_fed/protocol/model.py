@@ -1,0 +1,83 @@
+"""The buyer's model as it travels in an Offer: builder name, config, safetensors weights, fingerprint.
+
+Weights travel as safetensors (never pickles), so loading an Offer cannot execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from tip_fed.core import models
+from tip_fed.errors import FingerprintMismatchError, ModelError, ProtocolError
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+
+def fingerprint(architecture: str, config_json: str, weights: bytes) -> str:
+    """sha256 binding the architecture, its config and the exact weight bytes."""
+    h = hashlib.sha256()
+    for part in (architecture.encode(), config_json.encode(), weights):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def encode_model(model: nn.Module) -> pb.ModelPayload:
+    """Serialize ``model`` into a payload any seller can rebuild."""
+    architecture, config = models.describe(model)
+    config_json = json.dumps(config, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    weights = st_save(tensors)
+    return pb.ModelPayload(
+        architecture=architecture,
+        config_json=config_json,
+        weights=weights,
+        fingerprint=fingerprint(architecture, config_json, weights),
+    )
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of ``model`` as :func:`encode_model` would announce it."""
+    return encode_model(model).fingerprint
+
+
+def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None = None) -> nn.Module:
+    """Check the fingerprint, then rebuild the model with the shipped weights."""
+    actual = fingerprint(payload.architecture, payload.config_json, payload.weights)
+    if actual != payload.fingerprint:
+        raise FingerprintMismatchError(
+            f"model weights do not match their announced fingerprint ({payload.fingerprint[:12]}… announced, "
+            f"{actual[:12]}… received): the model was altered or corrupted in transit; ask the buyer to resend"
+        )
+    if expected_fingerprint is not None and actual != expected_fingerprint:
+        raise FingerprintMismatchError(
+            f"model fingerprint {actual[:12]}… is not the one this seller was told to expect "
+            f"({expected_fingerprint[:12]}…); refusing to score against an unexpected model"
+        )
+    try:
+        config: dict[str, Any] = json.loads(payload.config_json)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"model config is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ProtocolError("model config must be a JSON object")
+    model = models.build(payload.architecture, config)
+    try:
+        state = st_load(payload.weights)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"model weights are not valid safetensors: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"model weights do not fit the announced architecture: {str(exc)[:300]}") from exc
+    first = next(iter(state.values()), None)
+    if first is not None and first.dtype == torch.float64:
+        model.double()
+    model.eval()
+    return model
