@@ -1,0 +1,25 @@
+"""What every market scenario builds: a trained buyer model, its objective, and the sellers' data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from tip_fed.core.tasks import Task
+from tip_fed.protocol.data import Batch
+
+
+@dataclass
+class Market:
+    """A buyer (model, task, training and objective data) and sellers (id -> private data)."""
+
+    name: str
+    model: nn.Module
+    task: Task
+    train: Batch
+    objective: Batch
+    sellers: dict[str, Batch]
+    expected_best: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,191 @@
+"""Run a market scenario end to end and write its results directory.
+
+Steps: build the market; the buyer prepares its encrypted query; every seller answers the Offer;
+the buyer settles; then, with the simulator's view of both sides, the plaintext reference and the
+ground truth (fine-tuning on each seller's data) are computed and compared with what was decrypted.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tip_fed import __version__
+from tip_fed.config import TipConfig
+from tip_fed.core.gradients import projected_grads
+from tip_fed.core.influence import clip_rows, scores as plain_scores
+from tip_fed.errors import ConfigError
+from tip_fed.market import metrics
+from tip_fed.market.ground_truth import finetune_benefit
+from tip_fed.market.report import render_report
+from tip_fed.market.results import GROUND_TRUTH_COLUMNS, SAMPLE_COLUMNS, VALUATION_COLUMNS, write_csv, write_json
+from tip_fed.protocol import Buyer, BuyerSettings, Seller, Valuation
+from tip_fed.protocol.data import iter_batches
+
+from simulations import causal
+from simulations.market import Market
+
+SCENARIOS: dict[str, Callable[[TipConfig], Market]] = {"causal": causal.build}
+
+
+@dataclass
+class RunResult:
+    """Where the results went and the headline metrics."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    valuation: Valuation
+
+
+def build_market(config: TipConfig) -> Market:
+    """Build the configured scenario's market."""
+    builder = SCENARIOS.get(config.scenario)
+    if builder is None:
+        raise ConfigError(f"unknown scenario {config.scenario!r}; available: {', '.join(sorted(SCENARIOS))}")
+    return builder(config)
+
+
+def make_buyer(market: Market, config: TipConfig) -> Buyer:
+    """The market's buyer with the run's settings."""
+    settings = BuyerSettings(
+        projection=config.projection,
+        preconditioner=config.preconditioner,
+        crypto=config.crypto,
+        protocol=config.protocol,
+        seed=config.seed,
+    )
+    return Buyer(market.model, market.task, market.objective, market.train, settings)
+
+
+def plaintext_reference(buyer: Buyer, market: Market, seller_id: str) -> np.ndarray:
+    """Per-sample plaintext scores of one seller (clipped exactly as the seller clips)."""
+    grads = torch.cat(
+        [projected_grads(market.model, buyer.spec, market.task, b) for b in iter_batches(market.sellers[seller_id], 64)]
+    ).double()
+    clipped, _ = clip_rows(grads, buyer.grad_norm_bound)
+    return plain_scores(buyer.query, clipped).numpy()
+
+
+def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = True) -> RunResult:
+    """Run the configured scenario in-process and write every result file into ``out_dir``."""
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    bar = tqdm(total=4, desc="tip-fed", disable=not progress, unit="phase")
+    bar.set_postfix_str("building market and buyer")
+    market = build_market(config)
+    buyer = make_buyer(market, config)
+    bar.update()
+
+    bar.set_postfix_str("sellers scoring under encryption")
+    offer = buyer.offer(max_samples=max(len(next(iter(d.values()))) for d in market.sellers.values()))
+    sellers = [Seller(sid, data, seed=config.seed + i) for i, (sid, data) in enumerate(market.sellers.items())]
+    replies = [s.respond(offer) for s in tqdm(sellers, desc="sellers", leave=False, disable=not progress)]
+    valuation = buyer.settle(replies, expected=list(market.sellers))
+    bar.update()
+
+    bar.set_postfix_str("plaintext reference and ground truth")
+    plain = {v.seller_id: plaintext_reference(buyer, market, v.seller_id) for v in valuation.sellers}
+    truth = {}
+    if config.ground_truth.enabled:
+        gt = config.ground_truth
+        for i, sid in enumerate(tqdm(list(plain), desc="fine-tuning", leave=False, disable=not progress)):
+            truth[sid] = finetune_benefit(
+                market.model, market.task, market.sellers[sid], market.objective,
+                lr=gt.lr, epochs=gt.epochs, batch_size=gt.batch_size, seed=config.seed + i,
+            )
+    bar.update()
+
+    bar.set_postfix_str("writing results")
+    result = write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0)
+    bar.update()
+    bar.close()
+    return result
+
+
+def write_run(
+    out: Path,
+    config: TipConfig,
+    market: Market,
+    buyer: Buyer,
+    valuation: Valuation,
+    plain: dict[str, np.ndarray],
+    truth: dict[str, Any],
+    seconds: float,
+) -> RunResult:
+    """Write manifest, CSVs, metrics and report for one settled session."""
+    ranked = sorted(valuation.sellers, key=lambda v: v.total, reverse=True)
+    rank = {v.seller_id: i + 1 for i, v in enumerate(ranked)}
+    rows = [
+        {
+            "seller_id": v.seller_id, "n_samples": v.n_samples, "score": v.total,
+            "score_plaintext": float(plain[v.seller_id].sum()), "mean_score": v.mean, "rank": rank[v.seller_id],
+            "clipped": v.clipped, "commitment": v.commitment, "seconds": v.timings.get("total_s"),
+        }
+        for v in valuation.sellers
+    ]
+    write_csv(out / "valuations.csv", VALUATION_COLUMNS, rows)
+
+    enc_all = [r["score"] for r in rows]
+    plain_all = [r["score_plaintext"] for r in rows]
+    samples = []
+    for v in valuation.sellers:
+        if v.per_sample is not None:
+            for i, (e, p) in enumerate(zip(v.per_sample, plain[v.seller_id], strict=True)):
+                samples.append({"seller_id": v.seller_id, "sample_index": i, "score": float(e), "score_plaintext": float(p)})
+    if samples:
+        write_csv(out / "samples.csv", SAMPLE_COLUMNS, samples)
+        enc_all += [s["score"] for s in samples]
+        plain_all += [s["score_plaintext"] for s in samples]
+
+    m: dict[str, Any] = {"fidelity": metrics.fidelity(enc_all, plain_all)}
+    m["run"] = {
+        "seconds": seconds, "sellers": len(valuation.sellers), "missing": valuation.missing,
+        "rejected": valuation.rejected,
+        "expected_best": market.expected_best,
+        "top_by_score": ranked[0].seller_id if ranked else None,
+    }
+    if truth:
+        truth_rows = [
+            {"seller_id": sid, "loss_before": b.loss_before, "loss_after": b.loss_after, "benefit": b.benefit}
+            for sid, b in truth.items()
+        ]
+        write_csv(out / "ground_truth.csv", GROUND_TRUTH_COLUMNS, truth_rows)
+        by_id = valuation.by_id()
+        ids = [sid for sid in truth if sid in by_id]
+        m["validity"] = metrics.validity([by_id[s].total for s in ids], [truth[s].benefit for s in ids])
+        m["run"]["top_by_benefit"] = max(ids, key=lambda s: truth[s].benefit) if ids else None
+    manifest = {
+        "scenario": market.name,
+        "config": config.to_dict(),
+        "market": market.info,
+        "sellers": list(market.sellers),
+        "session": valuation.manifest,
+        "projection_dim": buyer.spec.dim,
+        "versions": _versions(),
+    }
+    write_json(out / "manifest.json", manifest)
+    write_json(out / "metrics.json", m)
+    render_report(out)
+    return RunResult(out, m, valuation)
+
+
+def _versions() -> dict[str, str]:
+    import tenseal
+
+    return {
+        "tip_fed": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "tenseal": getattr(tenseal, "__version__", "?"),
+        "numpy": np.__version__,
+    }

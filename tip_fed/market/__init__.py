@@ -1,0 +1,1 @@
+"""Market analysis: ground truth by fine-tuning, validity metrics, result files and the report."""

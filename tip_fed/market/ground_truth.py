@@ -1,0 +1,68 @@
+"""Realised benefit of a seller's data: fine-tune a copy of the buyer's model on it.
+
+``benefit = loss_before - loss_after`` on the buyer's objective set, so a positive benefit means
+the data helped, the same sign as a positive influence score.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tip_fed.core.tasks import Task
+from tip_fed.protocol.data import Batch, check_batch, iter_batches
+
+
+@dataclass(frozen=True)
+class Benefit:
+    """Objective loss before and after fine-tuning on one seller's data."""
+
+    loss_before: float
+    loss_after: float
+
+    @property
+    def benefit(self) -> float:
+        """Loss reduction; > 0 means the data helped."""
+        return self.loss_before - self.loss_after
+
+
+def objective_loss(model: nn.Module, task: Task, objective: Batch, batch_size: int = 256) -> float:
+    """Mean per-sample objective loss."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in iter_batches(objective, batch_size):
+            losses = task.per_sample_loss(model, batch)
+            total += float(losses.sum())
+            n += int(losses.shape[0])
+    return total / n
+
+
+def finetune_benefit(
+    model: nn.Module,
+    task: Task,
+    data: Batch,
+    objective: Batch,
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> Benefit:
+    """Fine-tune all parameters of a copy of ``model`` with plain SGD on the mean batch loss."""
+    n = check_batch(data)
+    before = objective_loss(model, task, objective)
+    tuned = copy.deepcopy(model)
+    tuned.eval()  # deterministic (no dropout) so benefit reflects the data, not noise
+    opt = torch.optim.SGD(tuned.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        shuffled = {k: v[order] for k, v in data.items()}
+        for batch in iter_batches(shuffled, batch_size):
+            opt.zero_grad(set_to_none=True)
+            task.per_sample_loss(tuned, batch).mean().backward()
+            opt.step()
+    return Benefit(before, objective_loss(tuned, task, objective))
