@@ -29,12 +29,16 @@ from tip_fed.market.ground_truth import finetune_benefit
 from tip_fed.market.report import render_report
 from tip_fed.market.results import GROUND_TRUTH_COLUMNS, SAMPLE_COLUMNS, VALUATION_COLUMNS, write_csv, write_json
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, Valuation
-from tip_fed.protocol.data import iter_batches
+from tip_fed.protocol.data import check_batch, iter_batches
 
 from simulations import causal
 from simulations.market import Market
 
 SCENARIOS: dict[str, Callable[[TipConfig], Market]] = {"causal": causal.build}
+
+# A runtime carries one session: it gets the built market and buyer and returns the settled
+# valuation. Every runtime must give the same valuations for the same config.
+Exchange = Callable[[TipConfig, Market, Buyer, bool], Valuation]
 
 
 @dataclass
@@ -66,6 +70,22 @@ def make_buyer(market: Market, config: TipConfig) -> Buyer:
     return Buyer(market.model, market.task, market.objective, market.train, settings)
 
 
+def max_samples(market: Market) -> int:
+    """Largest seller in the market: the Offer's ``max_samples``."""
+    return max(check_batch(d) for d in market.sellers.values())
+
+
+def exchange_inprocess(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+    """Buyer and sellers as objects in this process, exchanging protobuf bytes."""
+    offer = buyer.offer(max_samples=max_samples(market))
+    sellers = [Seller(sid, data, seed=config.seed + i) for i, (sid, data) in enumerate(market.sellers.items())]
+    replies = [s.respond(offer) for s in tqdm(sellers, desc="sellers", leave=False, disable=not progress)]
+    return buyer.settle(replies, expected=list(market.sellers))
+
+
+EXCHANGES: dict[str, Exchange] = {"inprocess": exchange_inprocess}
+
+
 def plaintext_reference(buyer: Buyer, market: Market, seller_id: str) -> np.ndarray:
     """Per-sample plaintext scores of one seller (clipped exactly as the seller clips)."""
     grads = torch.cat(
@@ -85,11 +105,8 @@ def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = Tru
     buyer = make_buyer(market, config)
     bar.update()
 
-    bar.set_postfix_str("sellers scoring under encryption")
-    offer = buyer.offer(max_samples=max(len(next(iter(d.values()))) for d in market.sellers.values()))
-    sellers = [Seller(sid, data, seed=config.seed + i) for i, (sid, data) in enumerate(market.sellers.items())]
-    replies = [s.respond(offer) for s in tqdm(sellers, desc="sellers", leave=False, disable=not progress)]
-    valuation = buyer.settle(replies, expected=list(market.sellers))
+    bar.set_postfix_str(f"sellers scoring under encryption ({config.runtime})")
+    valuation = EXCHANGES[config.runtime](config, market, buyer, progress)
     bar.update()
 
     bar.set_postfix_str("plaintext reference and ground truth")

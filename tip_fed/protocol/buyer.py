@@ -65,6 +65,19 @@ class SellerValuation:
         """Average score per sample."""
         return self.total / self.n_samples
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (per-sample scores as a list)."""
+        d = dict(self.__dict__)
+        d["per_sample"] = None if self.per_sample is None else [float(x) for x in self.per_sample]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SellerValuation:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(data)
+        d["per_sample"] = None if d.get("per_sample") is None else np.asarray(d["per_sample"], dtype=np.float64)
+        return cls(**d)
+
 
 @dataclass
 class Valuation:
@@ -79,6 +92,27 @@ class Valuation:
     def by_id(self) -> dict[str, SellerValuation]:
         """Seller valuations keyed by seller id."""
         return {s.seller_id: s for s in self.sellers}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, so a valuation made in another process can be handed back."""
+        return {
+            "session_id": self.session_id,
+            "sellers": [s.to_dict() for s in self.sellers],
+            "rejected": dict(self.rejected),
+            "missing": list(self.missing),
+            "manifest": self.manifest,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Valuation:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            session_id=data["session_id"],
+            sellers=[SellerValuation.from_dict(s) for s in data["sellers"]],
+            rejected=dict(data["rejected"]),
+            missing=list(data["missing"]),
+            manifest=dict(data["manifest"]),
+        )
 
 
 @dataclass
