@@ -29,7 +29,7 @@ from tip_fed.market.ground_truth import finetune_benefit
 from tip_fed.market.report import render_report
 from tip_fed.market.results import GROUND_TRUTH_COLUMNS, SAMPLE_COLUMNS, VALUATION_COLUMNS, write_csv, write_json
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, Valuation
-from tip_fed.protocol.data import check_batch, iter_batches
+from tip_fed.protocol.data import check_batch, iter_batches, save_dataset
 
 from simulations import causal
 from simulations.market import Market
@@ -84,6 +84,17 @@ def exchange_inprocess(config: TipConfig, market: Market, buyer: Buyer, progress
 
 
 EXCHANGES: dict[str, Exchange] = {"inprocess": exchange_inprocess}
+
+
+def export_sellers(config: TipConfig, out_dir: str | Path) -> list[Path]:
+    """Write every seller's private data of the scenario to ``out_dir/<seller_id>.safetensors``.
+
+    This is how a simulated market is turned into separate seller processes (gRPC services or
+    Flower SuperNodes), each given only its own file.
+    """
+    market = build_market(config)
+    out = Path(out_dir)
+    return [save_dataset(data, out / f"{sid}.safetensors") for sid, data in market.sellers.items()]
 
 
 def plaintext_reference(buyer: Buyer, market: Market, seller_id: str) -> np.ndarray:

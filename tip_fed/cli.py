@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a setting, e.g. --set seed=3 --set projection.rank=16 (repeatable)")
     sim.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    exp = sub.add_parser("export-sellers", help="write each seller's data of a scenario to DIR/<seller_id>.safetensors")
+    exp.add_argument("config", help="TOML config, e.g. configs/causal.toml")
+    exp.add_argument("--out", required=True, help="directory for the seller data files")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     rep = sub.add_parser("report", help="re-render report.md and plots from a results directory")
     rep.add_argument("dir", help="results directory written by 'tip-fed simulate'")
     return p
@@ -44,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.quiet:
                 print(json.dumps(result.metrics, indent=2, default=str))
             print(f"results written to {result.out_dir}/ (report: {result.out_dir}/report.md)")
+        elif args.command == "export-sellers":
+            from simulations.runner import export_sellers
+            from tip_fed.config import load_config
+
+            for path in export_sellers(load_config(args.config, args.overrides), args.out):
+                print(path)
         elif args.command == "report":
             from tip_fed.market.report import render_report
 

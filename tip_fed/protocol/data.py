@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 
 from tip_fed.core.tasks import batch_size
+from tip_fed.errors import DataError
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -21,3 +23,32 @@ def iter_batches(data: Batch, size: int) -> Iterator[dict[str, torch.Tensor]]:
     n = batch_size(data)
     for start in range(0, n, size):
         yield {k: v[start : start + size] for k, v in data.items()}
+
+
+def save_dataset(data: Batch, path: str | Path) -> Path:
+    """Write a dict-of-tensors dataset as safetensors (no pickles, so loading runs no code)."""
+    from safetensors.torch import save_file
+
+    batch_size(data)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
+    tmp.replace(p)
+    return p
+
+
+def load_dataset(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a dataset written by :func:`save_dataset`; DataError if missing or invalid."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"seller data file {p} does not exist; create it with 'tip-fed export-sellers' or save_dataset()")
+    try:
+        data = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"seller data file {p} is not a valid safetensors dataset: {exc}") from exc
+    batch_size(data)
+    return data

@@ -1,0 +1,144 @@
+"""Local certificate authority, TLS certificates and node keys for loopback and LAN deployments.
+
+Private keys are written with owner-only permissions (0600) and never logged. Certificates carry
+``subjectAltName`` entries for the hosts they serve (``127.0.0.1`` and ``localhost`` by default),
+which both grpcio and Flower's HTTPS links require.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tip_fed.errors import ConfigError
+
+DEFAULT_HOSTS = ("127.0.0.1", "localhost")
+VALID_DAYS = 365
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """A certificate and its private key on disk (PEM)."""
+
+    cert: Path
+    key: Path
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 before any byte is written, so a secret is never world-readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o600)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tip_fed"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            entries.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(entries)
+
+
+def create_ca(directory: str | Path, name: str = "tip_fed local CA") -> CertPaths:
+    """Create a self-signed CA (``ca.crt``, ``ca.key``) in ``directory``."""
+    d = Path(directory)
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .sign(key, hashes.SHA384())
+    )
+    paths = CertPaths(d / "ca.crt", d / "ca.key")
+    d.mkdir(parents=True, exist_ok=True)
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_secret(paths.key, _key_pem(key))
+    return paths
+
+
+def issue_cert(
+    ca: CertPaths,
+    directory: str | Path,
+    name: str,
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    *,
+    client: bool = False,
+) -> CertPaths:
+    """Issue ``<name>.crt``/``<name>.key`` signed by ``ca`` for server (default) or client use."""
+    if not name or "/" in name:
+        raise ConfigError(f"certificate name {name!r} must be a plain file name")
+    try:
+        ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the CA at {ca.cert} / {ca.key}: {exc}; create one with create_ca()") from exc
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if not client:
+        builder = builder.add_extension(_san(hosts), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+    d = Path(directory)
+    paths = CertPaths(d / f"{name}.crt", d / f"{name}.key")
+    d.mkdir(parents=True, exist_ok=True)
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_secret(paths.key, _key_pem(key))
+    return paths
+
+
+def create_node_key(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """EC P-384 key pair in OpenSSH format (``name`` and ``name.pub``), as Flower SuperNode auth expects."""
+    d = Path(directory)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    priv_path, pub_path = d / name, d / f"{name}.pub"
+    write_secret(priv_path, private)
+    pub_path.write_bytes(public + b"\n")
+    return priv_path, pub_path
