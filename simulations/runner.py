@@ -24,17 +24,23 @@ from tip_fed.config import TipConfig
 from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows, scores as plain_scores
 from tip_fed.errors import ConfigError
-from tip_fed.market import metrics
+from tip_fed.market import metrics, payouts
 from tip_fed.market.ground_truth import finetune_benefit
 from tip_fed.market.report import render_report
-from tip_fed.market.results import GROUND_TRUTH_COLUMNS, SAMPLE_COLUMNS, VALUATION_COLUMNS, write_csv, write_json
+from tip_fed.market.payouts import PayoutInputs, Utility
+from tip_fed.market.results import (
+    GROUND_TRUTH_COLUMNS, PAYOUT_COLUMNS, SAMPLE_COLUMNS, VALUATION_COLUMNS, write_csv, write_json,
+)
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, Valuation
 from tip_fed.protocol.data import check_batch, iter_batches, save_dataset
 
-from simulations import causal
+from simulations import causal, healthcare, llm_corpus
 from simulations.market import Market
 
-SCENARIOS: dict[str, Callable[[TipConfig], Market]] = {"causal": causal.build}
+# A builder returns one Market, or a list of Markets (one per replicate, each valued in its own session).
+SCENARIOS: dict[str, Callable[[TipConfig], Market | list[Market]]] = {
+    "causal": causal.build, "healthcare": healthcare.build, "llm_corpus": llm_corpus.build,
+}
 
 # A runtime carries one session: it gets the built market and buyer and returns the settled
 # valuation. Every runtime must give the same valuations for the same config.
@@ -47,15 +53,21 @@ class RunResult:
 
     out_dir: Path
     metrics: dict[str, Any]
-    valuation: Valuation
+    valuation: Valuation | None  # None for replicated runs (one session per replicate)
 
 
-def build_market(config: TipConfig) -> Market:
-    """Build the configured scenario's market."""
+def build_markets(config: TipConfig) -> Market | list[Market]:
+    """Build the configured scenario: one market, or a list of replicate markets."""
     builder = SCENARIOS.get(config.scenario)
     if builder is None:
         raise ConfigError(f"unknown scenario {config.scenario!r}; available: {', '.join(sorted(SCENARIOS))}")
     return builder(config)
+
+
+def build_market(config: TipConfig) -> Market:
+    """Build the configured scenario's market (the first replicate's, for replicated scenarios)."""
+    built = build_markets(config)
+    return built[0] if isinstance(built, list) else built
 
 
 def make_buyer(market: Market, config: TipConfig) -> Buyer:
@@ -83,7 +95,33 @@ def exchange_inprocess(config: TipConfig, market: Market, buyer: Buyer, progress
     return buyer.settle(replies, expected=list(market.sellers))
 
 
-EXCHANGES: dict[str, Exchange] = {"inprocess": exchange_inprocess}
+def exchange_grpc(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+    """Sellers as ``tip-fed seller serve`` processes on 127.0.0.1 over mTLS (see simulations/grpc_runtime.py)."""
+    from simulations.grpc_runtime import exchange_grpc as run_grpc  # grpcio is loaded only for this runtime
+
+    return run_grpc(config, market, buyer, progress)
+
+
+def exchange_flower_simulation(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+    """Sellers as virtual Flower SuperNodes under Ray (see simulations/flower_runtime.py)."""
+    from simulations.flower_runtime import exchange_flower_simulation as run  # flwr is loaded only for this runtime
+
+    return run(config, market, buyer, progress)
+
+
+def exchange_flower_deployment(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+    """A loopback SuperLink and one SuperNode per seller, TLS and node auth (see simulations/flower_runtime.py)."""
+    from simulations.flower_runtime import exchange_flower_deployment as run
+
+    return run(config, market, buyer, progress)
+
+
+EXCHANGES: dict[str, Exchange] = {
+    "inprocess": exchange_inprocess,
+    "grpc": exchange_grpc,
+    "flower-simulation": exchange_flower_simulation,
+    "flower-deployment": exchange_flower_deployment,
+}
 
 
 def export_sellers(config: TipConfig, out_dir: str | Path) -> list[Path]:
@@ -92,9 +130,13 @@ def export_sellers(config: TipConfig, out_dir: str | Path) -> list[Path]:
     This is how a simulated market is turned into separate seller processes (gRPC services or
     Flower SuperNodes), each given only its own file.
     """
-    market = build_market(config)
+    return list(write_seller_files(build_market(config), out_dir).values())
+
+
+def write_seller_files(market: Market, out_dir: str | Path) -> dict[str, Path]:
+    """Each seller's data as ``out_dir/<seller_id>.safetensors``, keyed by seller id."""
     out = Path(out_dir)
-    return [save_dataset(data, out / f"{sid}.safetensors") for sid, data in market.sellers.items()]
+    return {sid: save_dataset(data, out / f"{sid}.safetensors") for sid, data in market.sellers.items()}
 
 
 def plaintext_reference(buyer: Buyer, market: Market, seller_id: str) -> np.ndarray:
@@ -112,7 +154,13 @@ def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = Tru
     t0 = time.perf_counter()
     bar = tqdm(total=4, desc="tip-fed", disable=not progress, unit="phase")
     bar.set_postfix_str("building market and buyer")
-    market = build_market(config)
+    built = build_markets(config)
+    if isinstance(built, list):
+        bar.close()
+        from simulations.replicates import run_replicated
+
+        return run_replicated(config, built, out, progress=progress, started=t0)
+    market = built
     buyer = make_buyer(market, config)
     bar.update()
 
@@ -128,7 +176,7 @@ def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = Tru
         for i, sid in enumerate(tqdm(list(plain), desc="fine-tuning", leave=False, disable=not progress)):
             truth[sid] = finetune_benefit(
                 market.model, market.task, market.sellers[sid], market.objective,
-                lr=gt.lr, epochs=gt.epochs, batch_size=gt.batch_size, seed=config.seed + i,
+                lr=gt.lr, epochs=gt.epochs, batch_size=gt.batch_size, seed=config.seed + i, layers=gt.layers,
             )
     bar.update()
 
@@ -148,8 +196,14 @@ def write_run(
     plain: dict[str, np.ndarray],
     truth: dict[str, Any],
     seconds: float,
+    *,
+    utility: Utility | None = None,
+    render: bool = True,
 ) -> RunResult:
-    """Write manifest, CSVs, metrics and report for one settled session."""
+    """Write manifest, CSVs, metrics, payouts and report for one settled session.
+
+    ``utility`` (coalition -> realised benefit, simulation only) enables the loo/shapley payouts.
+    """
     ranked = sorted(valuation.sellers, key=lambda v: v.total, reverse=True)
     rank = {v.seller_id: i + 1 for i, v in enumerate(ranked)}
     rows = [
@@ -191,6 +245,14 @@ def write_run(
         ids = [sid for sid in truth if sid in by_id]
         m["validity"] = metrics.validity([by_id[s].total for s in ids], [truth[s].benefit for s in ids])
         m["run"]["top_by_benefit"] = max(ids, key=lambda s: truth[s].benefit) if ids else None
+    inputs = PayoutInputs(
+        seller_ids=[v.seller_id for v in valuation.sellers], scores={v.seller_id: v.total for v in valuation.sellers},
+        n_records={v.seller_id: v.n_samples for v in valuation.sellers}, utility=utility,
+        benefits={s: truth[s].benefit for s in truth} if truth else None,
+    )
+    pay_rows, comparison, reference = payouts.settle(config.payouts, inputs, seed=config.seed)
+    write_csv(out / "payouts.csv", PAYOUT_COLUMNS, pay_rows)
+    m["payouts"] = {"reference": reference, "rules": comparison}
     manifest = {
         "scenario": market.name,
         "config": config.to_dict(),
@@ -202,7 +264,8 @@ def write_run(
     }
     write_json(out / "manifest.json", manifest)
     write_json(out / "metrics.json", m)
-    render_report(out)
+    if render:
+        render_report(out)
     return RunResult(out, m, valuation)
 
 

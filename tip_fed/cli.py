@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tip_fed import __version__
 from tip_fed.errors import TipError
@@ -33,7 +34,152 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="re-render report.md and plots from a results directory")
     rep.add_argument("dir", help="results directory written by 'tip-fed simulate'")
+
+    cmp = sub.add_parser("compare", help="put two runs' payouts side by side (markdown on stdout)")
+    cmp.add_argument("dirs", nargs=2, metavar="DIR", help="two results directories written by 'tip-fed simulate'")
+    cmp.add_argument("--out", help="also write the comparison to this markdown file")
+
+    bench = sub.add_parser("bench", help="measure packing, gradients, seller HE share and scale; write one JSON")
+    bench.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes); not for citing")
+    bench.add_argument("--out", required=True, help="JSON file to write, e.g. benchmarks/results/cpu2-full.json")
+    bench.add_argument("--sections", default="packing,gradients,seller,scale",
+                       help="comma-separated subset of packing,gradients,seller,scale (default: all)")
+    _add_grpc_parsers(sub)
+    _add_audit_parser(sub)
+    _add_deploy_parser(sub)
     return p
+
+
+def _add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``tip-fed deploy up|down``: a local Flower deployment (SuperLink + seller SuperNodes, TLS, node auth)."""
+    dep = sub.add_parser("deploy", help="start or stop a local Flower deployment on 127.0.0.1")
+    cmds = dep.add_subparsers(dest="deploy_command", required=True)
+    dup = cmds.add_parser("up", help="CA, certificates, node keys; SuperLink with TLS + node auth; one SuperNode per seller")
+    dup.add_argument("dir", help="deployment directory (certificates, keys, logs, deployment.json)")
+    dup.add_argument("--sellers", required=True, help="directory of seller .safetensors files ('tip-fed export-sellers')")
+    dup.add_argument("--port", type=int, default=0, help="SuperLink port on 127.0.0.1 (default: a free one)")
+    ddn = cmds.add_parser("down", help="stop exactly the processes 'deploy up' started (by PID)")
+    ddn.add_argument("dir", help="deployment directory given to 'deploy up'")
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    from simulations import flower_deploy
+
+    if args.deploy_command == "down":
+        pids = flower_deploy.down(Path(args.dir))
+        print(f"stopped {len(pids)} processes (and their children): {' '.join(map(str, pids))}")
+        return
+    d = flower_deploy.up(Path(args.dir), Path(args.sellers), args.port)
+    print(f"SuperLink https://127.0.0.1:{d.port} (TLS, SuperNode auth); SuperNodes: "
+          + ", ".join(f"{name} (node {node})" for name, node in d.nodes.items()))
+    print(f"state and PIDs: {d.root / flower_deploy.STATE_FILE}; logs: {d.root / 'logs'}")
+    print("run a valuation:\n"
+          f"  FLWR_HOME={d.home} flwr run . {flower_deploy.CONNECTION} --stream "
+          f"--run-config 'out-dir=\"{d.root / 'result'}\"'\n"
+          f"stop it: tip-fed deploy down {d.root}")
+
+
+def _add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``tip-fed audit``: check purchased deliveries against commitments and decrypted scores."""
+    aud = sub.add_parser("audit", help="verify delivered seller data against its commitment and recompute its scores")
+    aud.add_argument("record", help="session record saved by the buyer (Buyer.record(valuation).save(path))")
+    aud.add_argument("--delivery", action="append", default=[], required=True, metavar="SELLER_ID=PATH",
+                     help="a seller's delivery (.safetensors records, optionally with its committed gradients); repeatable")
+    aud.add_argument("--out", default=".", help="directory for audit.json and audit.md (default: .)")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """Exit code 0 when every delivery passes, 1 when any seller is flagged."""
+    from tip_fed.errors import ConfigError
+    from tip_fed.protocol.audit import Delivery, SessionRecord, audit
+
+    deliveries = {}
+    for item in args.delivery:
+        sid, sep, path = item.partition("=")
+        if not sep or not sid or not path:
+            raise ConfigError(f"--delivery {item!r} must look like SELLER_ID=PATH, e.g. s1=deliveries/s1.safetensors")
+        if sid in deliveries:
+            raise ConfigError(f"--delivery names seller {sid!r} twice")
+        deliveries[sid] = Delivery.load(path)
+    report = audit(SessionRecord.load(args.record), deliveries)
+    js, md = report.write(args.out)
+    for s in report.sellers:
+        print(f"{s.seller_id}: {s.verdict}" + (f" ({'; '.join(s.reasons)})" if s.reasons else ""))
+    print(f"wrote {js} and {md}")
+    return 0 if report.passed else 1
+
+
+def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``tip-fed seller serve`` (native gRPC seller service) and ``tip-fed tls init``."""
+    seller = sub.add_parser("seller", help="run a seller").add_subparsers(dest="seller_command", required=True)
+    srv = seller.add_parser("serve", help="serve one seller's data as a tip.v1.Seller gRPC service (TLS by default)")
+    srv.add_argument("--data", required=True, help="the seller's dataset (.safetensors, see 'tip-fed export-sellers')")
+    srv.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one (printed)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    srv.add_argument("--seller-id", help="public seller id (default: the data file's name without extension)")
+    srv.add_argument("--tls-cert", help="server certificate (PEM)")
+    srv.add_argument("--tls-key", help="server private key (PEM)")
+    srv.add_argument("--tls-client-ca", help="require buyers to present a client certificate signed by this CA (mTLS)")
+    srv.add_argument("--insecure", action="store_true", help="serve without TLS (trusted networks and tests only)")
+    srv.add_argument("--max-queries-per-session", type=int, default=1, help="queries answered per session (default 1)")
+    srv.add_argument("--expected-fingerprint", help="refuse offers whose model fingerprint differs (hex)")
+    srv.add_argument("--max-message-mb", type=int, default=512, help="largest gRPC message in MiB (default 512)")
+    srv.add_argument("--dp-epsilon", type=float, help="add Gaussian noise to every released score: epsilon per query "
+                     "(the stricter of this and the buyer's request applies; default: only what the buyer asks)")
+    srv.add_argument("--dp-delta", type=float, default=1e-6, help="delta of --dp-epsilon (default 1e-6)")
+
+    tls = sub.add_parser("tls", help="TLS material").add_subparsers(dest="tls_command", required=True)
+    ini = tls.add_parser("init", help="local CA (reused if DIR/ca.crt exists), a server and a client certificate")
+    ini.add_argument("dir", help="directory for ca.crt, <server>.crt/.key and <client>.crt/.key (keys are 0600)")
+    ini.add_argument("--host", dest="hosts", action="append", default=[],
+                     help="host name or IP the server certificate is valid for (repeatable; default 127.0.0.1, localhost)")
+    ini.add_argument("--server-name", default="seller", help="server certificate file name (default seller)")
+    ini.add_argument("--client-name", default="buyer", help="client certificate file name (default buyer)")
+
+
+def _seller_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from tip_fed.errors import ConfigError
+    from tip_fed.grpc.server import MiB, RunningServer, ServerTLS, serve
+    from tip_fed.protocol import Seller, SellerPolicy
+    from tip_fed.protocol.disclosure import NoisePolicy
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together; give both (or --insecure)")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS plus client certificates")
+    if args.max_queries_per_session < 1:
+        raise ConfigError("--max-queries-per-session must be >= 1")
+    tls = ServerTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None) \
+        if args.tls_cert else None
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def announce(running: RunningServer, seller: Seller) -> None:
+        print(f"tip-fed: seller {seller.seller_id} ({seller.n_samples} samples) ready on {running.address} "
+              f"({running.security})", flush=True)
+
+    serve(
+        args.data, seller_id=args.seller_id, host=args.host, port=args.port, tls=tls, insecure=args.insecure,
+        policy=SellerPolicy(max_queries_per_session=args.max_queries_per_session,
+                            expected_fingerprint=args.expected_fingerprint,
+                            noise=NoisePolicy(args.dp_epsilon, args.dp_delta)),
+        max_message_bytes=args.max_message_mb * MiB, announce=announce,
+    )
+
+
+def _tls_init(args: argparse.Namespace) -> None:
+    from tip_fed.tls import DEFAULT_HOSTS, CertPaths, create_ca, issue_cert
+
+    out = Path(args.dir)
+    ca = CertPaths(out / "ca.crt", out / "ca.key")
+    if not (ca.cert.is_file() and ca.key.is_file()):
+        ca = create_ca(out)
+        print(f"created CA {ca.cert} (keep {ca.key} on the machine that issues certificates only)")
+    server = issue_cert(ca, out, args.server_name, tuple(args.hosts) or DEFAULT_HOSTS)
+    client = issue_cert(ca, out, args.client_name, client=True)
+    print(f"server certificate {server.cert} and key {server.key} for {', '.join(args.hosts or DEFAULT_HOSTS)}")
+    print(f"client certificate {client.cert} and key {client.key}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +205,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tip_fed.market.report import render_report
 
             print(f"wrote {render_report(args.dir)}")
+        elif args.command == "compare":
+            from tip_fed.market.compare import compare_runs
+
+            text = compare_runs(*args.dirs)
+            if args.out:
+                from pathlib import Path
+
+                from tip_fed.market.results import atomic_write
+
+                atomic_write(Path(args.out), text)
+            print(text, end="")
+        elif args.command == "bench":
+            from tip_fed.bench import run_bench
+
+            run_bench(quick=args.quick, out=args.out, sections=args.sections.split(","))
+        elif args.command == "seller":
+            _seller_serve(args)
+        elif args.command == "tls":
+            _tls_init(args)
+        elif args.command == "audit":
+            return _audit(args)
+        elif args.command == "deploy":
+            _deploy(args)
     except TipError as exc:
         print(f"tip-fed: error: {exc}", file=sys.stderr)
         return 2

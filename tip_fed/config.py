@@ -8,6 +8,7 @@ changes the payouts without anyone noticing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any
 
 from tip_fed.errors import ConfigError
 
-RUNTIMES = ("inprocess",)
+RUNTIMES = ("inprocess", "flower-simulation", "flower-deployment", "grpc")
 DISCLOSURES = ("aggregate", "per-sample")
 
 
@@ -64,15 +65,27 @@ class ProtocolConfig:
     disclosure: str = "aggregate"
     grad_norm_bound: float | None = None
     query_budget: int = 1
+    # Gaussian noise sellers add to released scores, (epsilon, delta) per query; unset = none asked.
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-6
+    # Released scores are rounded to multiples of score_bound * 10**-release_digits (0 = exact).
+    release_digits: int = 8
 
     def __post_init__(self) -> None:
         _require(self.disclosure in DISCLOSURES, "protocol.disclosure", "must be 'aggregate' or 'per-sample'")
         _require(
-            self.grad_norm_bound is None or self.grad_norm_bound > 0,
+            self.grad_norm_bound is None or (math.isfinite(self.grad_norm_bound) and self.grad_norm_bound > 0),
             "protocol.grad-norm-bound",
             "must be > 0 (or unset to derive it from the buyer's own gradients)",
         )
         _require(self.query_budget >= 1, "protocol.query-budget", "must be >= 1")
+        _require(
+            self.dp_epsilon is None or (math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0),
+            "protocol.dp-epsilon",
+            "must be a finite number > 0 (or unset for no noise)",
+        )
+        _require(math.isfinite(self.dp_delta) and 0 < self.dp_delta < 1, "protocol.dp-delta", "must be in (0, 1)")
+        _require(0 <= self.release_digits <= 15, "protocol.release-digits", "must be in 0..15 (0 = no rounding)")
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class GroundTruthConfig:
     lr: float = 0.05
     epochs: int = 1
     batch_size: int = 16
+    layers: tuple[str, ...] = ()  # fnmatch patterns over parameter names to fine-tune; empty = all
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "ground-truth.lr", "must be > 0")
@@ -116,6 +130,122 @@ class CausalConfig:
 
 
 @dataclass(frozen=True)
+class FlowerConfig:
+    """How the buyer's ServerApp drives one session over the Flower Grid."""
+
+    timeout_s: float = 600.0
+    wave_size: int = 64
+    min_sellers: int = 1
+    node_wait_s: float = 120.0
+    num_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "flower.timeout-s", "must be > 0 (seconds to wait for one wave of replies)")
+        _require(self.wave_size >= 1, "flower.wave-size", "must be >= 1 (sellers queried at once)")
+        _require(self.min_sellers >= 1, "flower.min-sellers", "must be >= 1")
+        _require(self.node_wait_s >= 0, "flower.node-wait-s", "must be >= 0")
+        _require(self.num_cpus > 0, "flower.num-cpus", "must be > 0 (CPUs per simulated seller)")
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    """The native gRPC runtime: seller services on 127.0.0.1 over mutual TLS, queried by the buyer client."""
+
+    timeout_s: float = 600.0
+    retries: int = 2
+    startup_timeout_s: float = 120.0
+    max_message_mb: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "grpc.timeout-s", "must be > 0 (deadline of one seller's Value call)")
+        _require(self.retries >= 0, "grpc.retries", "must be >= 0 (retries of unreachable sellers)")
+        _require(self.startup_timeout_s > 0, "grpc.startup-timeout-s", "must be > 0 (seconds for a seller to get ready)")
+        _require(4 <= self.max_message_mb < 2048, "grpc.max-message-mb", "must be in 4..2047 (MiB per gRPC message)")
+
+
+@dataclass(frozen=True)
+class HealthcareConfig:
+    """Hospital market: real clinical rows split into sites; synthetic sites for scale runs.
+
+    Each replicate draws a buyer-train site, a different buyer-objective site and ``sellers``
+    seller sites from a pool of ``sites``. When more sellers are asked for than the real data can
+    populate (``sellers`` > ``sites`` - 2), the documented synthetic generator builds the sites.
+    """
+
+    dataset: str = "diabetes"
+    sites: int = 12
+    sellers: int = 8
+    replicates: int = 20
+    min_site_rows: int = 15
+    label_noise: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+    hidden: int = 16
+    train_epochs: int = 50
+    synthetic_rows: tuple[int, ...] = (20, 200)
+    synthetic_features: int = 10
+    synthetic_bad_fraction: float = 0.3
+    synthetic_shift: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in ("diabetes", "breast-cancer", "synthetic"), "healthcare.dataset",
+                 "must be 'diabetes', 'breast-cancer' or 'synthetic'")
+        _require(self.sites >= 4, "healthcare.sites", "must be >= 4 (buyer-train, objective and two sellers)")
+        _require(self.sellers >= 2, "healthcare.sellers", "must be >= 2")
+        _require(self.replicates >= 1, "healthcare.replicates", "must be >= 1")
+        _require(all(0 <= q <= 1 for q in self.label_noise) and self.label_noise, "healthcare.label-noise",
+                 "must be a non-empty list of label-flip rates in [0, 1]")
+        _require(len(self.synthetic_rows) == 2 and 4 <= self.synthetic_rows[0] <= self.synthetic_rows[1],
+                 "healthcare.synthetic-rows", "must be [min, max] rows per synthetic site with 4 <= min <= max")
+        _require(0 <= self.synthetic_bad_fraction <= 1, "healthcare.synthetic-bad-fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class PayoutsConfig:
+    """Payout rules every run reports; coalition rules (loo, shapley) only up to ``coalition_max`` sellers."""
+
+    budget: float = 1000.0
+    temperature: float = 1.0
+    reserve: float = 0.5  # reserve price as a fraction of an equal split of the budget
+    coalition_max: int = 10
+    shapley_exact_max: int = 8
+    shapley_permutations: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.budget > 0, "payouts.budget", "must be > 0")
+        _require(self.temperature > 0, "payouts.temperature", "must be > 0")
+        _require(self.reserve >= 0, "payouts.reserve", "must be >= 0 (a fraction of an equal split of the budget)")
+        _require(self.shapley_permutations >= 1, "payouts.shapley-permutations", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LlmCorpusConfig:
+    """LLM-corpus market: document sellers valued for a small GPT-2 (or BERT) trained locally."""
+
+    model: str = "gpt2"
+    vocab_size: int = 1000
+    block_len: int = 64
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 2
+    pretrain_steps: int = 200
+    pretrain_lr: float = 3e-3
+    train_topics: int = 20
+    objective_topics: int = 6
+    objective_blocks: int = 32
+    doc_sellers: int = 24
+    low_sellers: int = 4
+    max_blocks: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.model in ("gpt2", "bert"), "llm-corpus.model", "must be 'gpt2' or 'bert'")
+        _require(self.vocab_size >= 300, "llm-corpus.vocab-size", "must be >= 300 (byte-level BPE has 256 base tokens)")
+        _require(self.block_len >= 8, "llm-corpus.block-len", "must be >= 8 tokens")
+        _require(self.n_embd % self.n_head == 0, "llm-corpus.n-embd", "must be a multiple of llm-corpus.n-head")
+        _require(min(self.train_topics, self.objective_topics, self.doc_sellers, self.max_blocks) >= 1, "llm-corpus",
+                 "train-topics, objective-topics, doc-sellers and max-blocks must be >= 1")
+        _require(self.low_sellers >= 0, "llm-corpus.low-sellers", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class TipConfig:
     """Root of the settings tree; ``scenario`` picks the market simulation."""
 
@@ -123,12 +253,18 @@ class TipConfig:
     seed: int = 0
     runtime: str = "inprocess"
     quick: bool = False
+    sellers: int = 0  # sellers per market; 0 = the scenario's own setting (healthcare: scale mode when large)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     preconditioner: PreconditionerConfig = field(default_factory=PreconditionerConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
     causal: CausalConfig = field(default_factory=CausalConfig)
+    healthcare: HealthcareConfig = field(default_factory=HealthcareConfig)
+    payouts: PayoutsConfig = field(default_factory=PayoutsConfig)
+    llm_corpus: LlmCorpusConfig = field(default_factory=LlmCorpusConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
 
     def __post_init__(self) -> None:
         _require(self.runtime in RUNTIMES, "runtime", f"must be one of {', '.join(RUNTIMES)}")
@@ -188,7 +324,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key} = {value} is too large for a floating-point setting") from None
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")

@@ -53,3 +53,7 @@ class SessionError(ProtocolError):
 
 class BudgetExceededError(ProtocolError):
     """A seller refused a query because the session's query budget is spent."""
+
+
+class SellerUnavailableError(TipError):
+    """A seller could not be reached, did not answer in time, or refused a call over the network."""

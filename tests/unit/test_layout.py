@@ -32,11 +32,19 @@ def test_only_crypto_imports_tenseal():
     assert offenders == []
 
 
+def test_only_flower_imports_flwr():
+    offenders = [str(p.relative_to(ROOT)) for p in PKG.rglob("*.py")
+                 if p.parent.name != "flower" and any(n.split(".")[0] == "flwr" for n in _imports(p))]
+    assert offenders == []
+
+
 @pytest.mark.parametrize("package, forbidden", [
     ("core", {"tenseal", "flwr", "grpc", "tip_fed.crypto", "tip_fed.protocol", "tip_fed.market", "tip_fed.wire"}),
     ("crypto", {"flwr", "grpc", "torch", "tip_fed.core", "tip_fed.protocol", "tip_fed.market"}),
     ("protocol", {"flwr", "grpc", "tip_fed.market", "simulations"}),
     ("market", {"flwr", "grpc", "simulations", "tip_fed.cli"}),
+    ("grpc", {"flwr", "simulations", "tip_fed.market", "tip_fed.flower", "tip_fed.cli"}),
+    ("flower", {"grpc", "simulations", "tip_fed.market", "tip_fed.grpc", "tip_fed.cli"}),
 ])
 def test_dependencies_point_down(package, forbidden):
     bad = []

@@ -6,15 +6,10 @@ seller: :func:`load_public_context` -> :func:`score_rows`; buyer: :func:`decrypt
 :meth:`SessionKeys.destroy`.
 """
 
+from .encoding_cache import EncodingCache
 from .keys import PublicContext, SessionKeys, load_public_context
-from .packing import (
-    decrypt_naive,
-    decrypt_scores,
-    encrypt_query,
-    encrypt_query_naive,
-    score_rows,
-    score_rows_naive,
-)
+from .naive import decrypt_naive, encrypt_query_naive, score_rows_naive
+from .packing import decrypt_scores, encrypt_query, score_rows
 from .params import (
     DEFAULT_FILL_BOUND,
     MAX_QUERY_NORM,
@@ -36,6 +31,7 @@ __all__ = [
     "SessionKeys",
     "PublicContext",
     "load_public_context",
+    "EncodingCache",
     "encrypt_query",
     "score_rows",
     "decrypt_scores",

@@ -22,6 +22,11 @@ flooding noise (std ``flood_std``, from OS entropy) in the output slots. The add
 also re-randomises the ciphertext. Replies carry no integrity check: a flipped byte can still
 parse, so the protocol must hash/sign what it sends.
 
+Performance (benchmarks/README.md): a seller's encoded diagonals depend only on its rows and the
+parameters, so an :class:`~tip_fed.crypto.EncodingCache` skips encoding on repeated queries;
+``workers`` spreads blocks over forked processes (sealapi holds the GIL, so threads cannot). The
+one-score-per-ciphertext baseline lives in :mod:`tip_fed.crypto.naive`.
+
 Value limits: rows must have L2 norm <= 1 and the query norm must be <= MAX_QUERY_NORM (2^12),
 so |y_j| <= 2^12 and nothing overflows the last level's 60-bit prime.
 """
@@ -30,16 +35,18 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from typing import Any
 
 import numpy as np
-import tenseal as ts
 import tenseal.sealapi as sa
 
 from tip_fed.errors import CodecError, ConfigError, CryptoError, DataError
 
-from .codec import ciphertext_from_bytes, max_ciphertext_bytes, seal_to_bytes, tenseal_errors
+from .codec import ciphertext_from_bytes, seal_to_bytes, tenseal_errors
+from .encoding_cache import EncodedBlock, EncodingCache
 from .keys import PublicContext, SessionKeys
+from .parallel import map_forked
 from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, HEParams, PackingPlan
 
 __all__ = [
@@ -47,9 +54,6 @@ __all__ = [
     "score_rows",
     "decrypt_scores",
     "bsgs_slots_unmasked",
-    "encrypt_query_naive",
-    "score_rows_naive",
-    "decrypt_naive",
 ]
 
 _ROW_NORM_TOL = 1e-9
@@ -194,8 +198,18 @@ def decrypt_scores(
 class _Scorer:
     """One seller's evaluation state for one query (baby steps are shared by all blocks)."""
 
-    def __init__(self, ctx: PublicContext, plan: PackingPlan, query: list[bytes]) -> None:
+    def __init__(
+        self,
+        ctx: PublicContext,
+        plan: PackingPlan,
+        query: list[bytes],
+        timings: dict[str, float] | None = None,
+    ) -> None:
         self.plan, self.ctx, self.h = plan, ctx, ctx.handles
+        # Seconds per phase, accumulated (the benchmark's cost breakdown; perf_counter is ~0.1 us).
+        self.timings: dict[str, float] = timings if timings is not None else {}
+        self._masks: dict[int, Any] = {}  # output-mask plaintext per rows-in-block
+        t0 = time.perf_counter()
         ctx.require_rotations(plan.galois_steps)
         self.ev: Any = self.h.evaluator
         self.gk: Any = ctx.galois_keys
@@ -216,6 +230,12 @@ class _Scorer:
                     steps.append(self._rotate(steps[-1], plan.replication))
                 self.baby.append(steps)
         self.c, self.base = _slot_index(plan)
+        self._tick("baby_rotations", t0)
+
+    def _tick(self, phase: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - t0
+        return now
 
     def _rotate(self, ct: Any, step: int) -> Any:
         out = sa.Ciphertext()
@@ -227,28 +247,57 @@ class _Scorer:
         self.h.encoder.encode(values.tolist(), parms_id, scale, pt)
         return pt
 
-    def bsgs(self, rows: np.ndarray) -> Any | None:
-        """Unmasked BSGS + fold for one block (None when every product is zero)."""
-        p, ev = self.plan, self.ev
+    def encode_block(self, rows: np.ndarray) -> EncodedBlock:
+        """Pre-rotated diagonals of one block as plaintexts at the query level (zeros skipped)."""
+        p = self.plan
         parts = _chunk_blocks(p, rows)
-        inner: list[Any | None] = []
+        out: EncodedBlock = []
         for g in range(p.giant):
-            acc = None
+            step: list[tuple[int, int, Any]] = []
             for chunk, part in enumerate(parts):
                 diags = _giant_diagonals(p, part, g, self.c, self.base)
                 for h_idx in range(p.baby):
                     if not diags[h_idx].any():
                         continue
                     pt = self._encode(diags[h_idx], self.h.first_parms_id, p.params.global_scale)
-                    if pt.is_zero():  # values below the encoding precision
-                        continue
-                    prod = sa.Ciphertext()
-                    ev.multiply_plain(self.baby[chunk][h_idx], pt, prod)
-                    if acc is None:
-                        acc = prod
-                    else:
-                        ev.add_inplace(acc, prod)
+                    if not pt.is_zero():  # values below the encoding precision
+                        step.append((chunk, h_idx, pt))
+            out.append(step)
+        return out
+
+    def encoded(self, rows: np.ndarray, cache: EncodingCache | None) -> EncodedBlock:
+        """The block's plaintexts: from ``cache`` when present there, else encoded (and stored)."""
+        p = self.plan
+        t = time.perf_counter()
+        encoded, key = None, None
+        if cache is not None:
+            key = EncodingCache.key(p, self.h.first_parms_id, p.params.global_scale, rows)
+            encoded = cache.get(key)
+            t = self._tick("cache_lookup", t)
+        if encoded is None:
+            encoded = self.encode_block(rows)
+            if cache is not None:
+                cache.put(key, encoded)
+            self._tick("encode", t)
+        return encoded
+
+    def bsgs(self, rows: np.ndarray, cache: EncodingCache | None = None) -> Any | None:
+        """Unmasked BSGS + fold for one block (None when every product is zero)."""
+        p, ev = self.plan, self.ev
+        encoded = self.encoded(rows, cache)
+        t = time.perf_counter()
+        inner: list[Any | None] = []
+        for step in encoded:
+            acc = None
+            for chunk, h_idx, pt in step:
+                prod = sa.Ciphertext()
+                ev.multiply_plain(self.baby[chunk][h_idx], pt, prod)
+                if acc is None:
+                    acc = prod
+                else:
+                    ev.add_inplace(acc, prod)
             inner.append(acc)
+        t = self._tick("multiply_add", t)
         res = None
         for g in reversed(range(p.giant)):  # Horner: res = rot(res, R B') + inner_g
             if res is not None:
@@ -262,33 +311,42 @@ class _Scorer:
         while res is not None and step >= 1:
             ev.add_inplace(res, self._rotate(res, step))
             step //= 2
+        t = self._tick("rotate_fold", t)
         if res is not None:
             # One rescale at the very end: every rotation's key-switching noise was added at
             # scale^2, where it is ~2^40 times smaller relative to the values.
             ev.rescale_to_next_inplace(res)
+        self._tick("rescale", t)
         return res
 
     def protect(
         self,
         res: Any | None,
         n_in: int,
-        rng: np.random.Generator,
-        fill_bound: float,
+        fill: np.ndarray,
         flood_std: float,
     ) -> bytes:
-        """Mask to the output slots, add Enc(fill + flooding noise), serialise."""
+        """Mask to the output slots, add Enc(fill + flooding noise), serialise.
+
+        ``fill`` (uniform values for the non-output slots) is drawn by the caller, block by
+        block in order, so the result does not depend on which process scores the block.
+        """
         p, ev, h = self.plan, self.ev, self.h
+        t = time.perf_counter()
         out_slots = p.output_slots(n_in)
         if res is not None:
-            mask = np.zeros(p.slots)
-            mask[out_slots] = 1.0
-            ev.multiply_plain_inplace(res, self._encode(mask, res.parms_id(), h.primes[-2]))
+            if n_in not in self._masks:  # every full block shares one mask plaintext
+                mask = np.zeros(p.slots)
+                mask[out_slots] = 1.0
+                self._masks[n_in] = self._encode(mask, res.parms_id(), h.primes[-2])
+            ev.multiply_plain_inplace(res, self._masks[n_in])
             ev.rescale_to_next_inplace(res)
             ev.mod_switch_to_inplace(res, h.last_parms_id)  # no-op with 4 primes; smaller reply
             scale = res.scale
         else:
             scale = h.output_scale()
-        fill = rng.uniform(-fill_bound, fill_bound, p.slots)
+        t = self._tick("mask", t)
+        fill = fill.copy()
         # The buyer sees the fill values, so a non-cryptographic ``rng`` could be reconstructed
         # from them; the flooding noise therefore comes from a separate OS-entropy generator.
         flood = np.random.default_rng(secrets.randbits(128))
@@ -300,7 +358,10 @@ class _Scorer:
             res = noise
         else:
             ev.add_inplace(res, noise)
-        return seal_to_bytes(res, "saving a reply ciphertext")
+        t = self._tick("fill_encrypt", t)
+        blob = seal_to_bytes(res, "saving a reply ciphertext")
+        self._tick("serialize", t)
+        return blob
 
 
 def score_rows(
@@ -312,12 +373,23 @@ def score_rows(
     rng: np.random.Generator,
     fill_bound: float = DEFAULT_FILL_BOUND,
     flood_std: float = 2.0**-24,
+    dp_std: float = 0.0,
+    cache: EncodingCache | None = None,
+    timings: dict[str, float] | None = None,
+    workers: int = 1,
 ) -> list[bytes]:
     """Seller side: Enc(rows @ x) packed ``plan.rows_per_block`` scores per ciphertext.
 
     Returns ``plan.blocks(len(rows))`` ciphertexts in which only the requested scores decrypt to
     anything but fresh randomness. ``rng`` drives the uniform fill of the non-output slots; seed
     it from OS entropy (``np.random.default_rng()``) in production, a fixed seed only in tests.
+    ``dp_std`` adds Gaussian differential-privacy noise (OS entropy, slot units) to every output
+    slot on top of the flooding noise; it must leave the scores below the last level's headroom.
+    ``cache`` reuses encoded diagonals across queries over the same rows (see
+    :mod:`tip_fed.crypto.encoding_cache`; results are bit-identical); ``timings`` (if given)
+    accumulates seconds per phase for benchmarks (phases run in workers are not counted);
+    ``workers`` > 1 scores blocks in that many forked processes (see
+    :mod:`tip_fed.crypto.parallel`; replies are the same as with one).
     """
     if not isinstance(ctx, PublicContext):
         raise ConfigError(
@@ -341,16 +413,31 @@ def score_rows(
         isinstance(flood_std, (int, float)) and math.isfinite(flood_std) and 0 <= flood_std <= 1
     ):
         raise ConfigError(f"flood_std must be in [0, 1], got {flood_std!r}")
+    # Scores (<= MAX_QUERY_NORM) plus 8 sigma of noise must not wrap around the last prime.
+    dp_limit = (2.0 ** (headroom - 1) - MAX_QUERY_NORM) / 8
+    if not (isinstance(dp_std, (int, float)) and math.isfinite(dp_std) and 0 <= dp_std <= dp_limit):
+        raise ConfigError(
+            f"dp_std must be in [0, {dp_limit:g}] for these parameters (more noise would overflow "
+            f"the last CKKS level), got {dp_std!r}; use a larger epsilon or aggregate disclosure"
+        )
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
     matrix = _rows_matrix(rows, plan.dim)
-    scorer = _Scorer(ctx, plan, query)
+    scorer = _Scorer(ctx, plan, query, timings)
     rpb = plan.rows_per_block
-    replies = []
+    starts = range(0, matrix.shape[0], rpb)
+    noise = math.hypot(flood_std, dp_std)
+    # Fills drawn here, in block order: same replies for the same rng whatever ``workers`` is.
+    items = [(matrix[s : s + rpb], rng.uniform(-fill_bound, fill_bound, plan.slots)) for s in starts]
+
+    def one(block: np.ndarray, fill: np.ndarray) -> bytes:
+        return scorer.protect(scorer.bsgs(block, cache), block.shape[0], fill, noise)
+
     with tenseal_errors("scoring rows", CryptoError):
-        for start in range(0, matrix.shape[0], rpb):
-            block = matrix[start : start + rpb]
-            res = scorer.bsgs(block)
-            replies.append(scorer.protect(res, block.shape[0], rng, fill_bound, flood_std))
-    return replies
+        if cache is not None and workers > 1 and len(items) > 1:
+            for block, _ in items:  # encode misses here, so the cache outlives the workers
+                scorer.encoded(block, cache)
+        return map_forked(one, items, workers)
 
 
 def bsgs_slots_unmasked(
@@ -370,55 +457,3 @@ def bsgs_slots_unmasked(
         return np.zeros(plan.slots)
     blob = seal_to_bytes(res, "saving the unmasked result")
     return keys.decrypt_slots(blob, "unmasked BSGS result", any_level=True)
-
-
-# ---- benchmark baseline: one score per ciphertext (the paper's way) ---------------------------
-# BASELINE ONLY. TenSEAL ``dot`` leaves partial sums in every slot (it leaks the seller's row,
-# platform.md §3.7) and costs ~10 ms and ~230 KB per score; it exists so benchmarks can measure
-# the packed path against it in the same run. Never use it in the protocol.
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def encrypt_query_naive(keys: SessionKeys, x: np.ndarray) -> bytes:
-    """BASELINE ONLY: the query as an ordinary TenSEAL vector (zero-padded to a power of two)."""
-    arr = np.asarray(x)
-    vec = _query_vector(arr, arr.shape[0] if arr.ndim == 1 else -1)
-    padded = np.zeros(_pow2(vec.shape[0]))
-    padded[: vec.shape[0]] = vec
-    with tenseal_errors("encrypting the baseline query", CryptoError):
-        return ts.ckks_vector(keys._tenseal_context(), padded).serialize()
-
-
-def score_rows_naive(ctx: PublicContext, query: bytes, rows: np.ndarray) -> list[bytes]:
-    """BASELINE ONLY: one ``dot`` and one ciphertext per row. Needs the default Galois keys
-    (``SessionKeys.baseline_public_context_bytes()``)."""
-    if not isinstance(query, (bytes, bytearray)) or not query:
-        raise CodecError("the baseline query is empty or not bytes")
-    if len(query) > max_ciphertext_bytes(ctx.params) + 1024:
-        raise CodecError("the baseline query is larger than any ciphertext for these parameters")
-    with tenseal_errors("parsing the baseline query"):
-        vec = ts.ckks_vector_from(ctx.context, bytes(query))
-    size = vec.size()
-    if size < 1 or size & (size - 1):
-        raise CodecError(f"the baseline query has {size} slots; expected a power of two >= 1")
-    arr = np.asarray(rows)
-    matrix = _rows_matrix(arr, arr.shape[1] if arr.ndim == 2 else -1)
-    if matrix.shape[1] > size:
-        raise DataError(f"rows have {matrix.shape[1]} columns but the query has {size}")
-    padded = np.zeros((matrix.shape[0], size))
-    padded[:, : matrix.shape[1]] = matrix
-    with tenseal_errors("baseline dot products", CryptoError):
-        return [vec.dot(row.tolist()).serialize() for row in padded]
-
-
-def decrypt_naive(keys: SessionKeys, replies: list[bytes]) -> np.ndarray:
-    """BASELINE ONLY: slot 0 of each ``dot`` result."""
-    out = np.empty(len(replies))
-    ctx = keys._tenseal_context()
-    for i, blob in enumerate(replies):
-        if not isinstance(blob, (bytes, bytearray)) or not blob:
-            raise CodecError(f"baseline reply {i} is empty or not bytes")
-        with tenseal_errors(f"decrypting baseline reply {i}", CryptoError):
-            out[i] = ts.ckks_vector_from(ctx, bytes(blob)).decrypt()[0]
-    return out

@@ -7,12 +7,15 @@ the data helped, the same sign as a positive influence score.
 from __future__ import annotations
 
 import copy
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tip_fed.core.tasks import Task
+from tip_fed.errors import ModelError
 from tip_fed.protocol.data import Batch, check_batch, iter_batches
 
 
@@ -50,13 +53,22 @@ def finetune_benefit(
     epochs: int,
     batch_size: int,
     seed: int,
+    layers: Sequence[str] = (),
 ) -> Benefit:
-    """Fine-tune all parameters of a copy of ``model`` with plain SGD on the mean batch loss."""
+    """Fine-tune a copy of ``model`` with plain SGD on the mean batch loss.
+
+    ``layers``: fnmatch patterns over parameter names (e.g. ``transformer.h.*``) to fine-tune only
+    the layers the influence score sees; empty = every parameter.
+    """
     n = check_batch(data)
     before = objective_loss(model, task, objective)
     tuned = copy.deepcopy(model)
     tuned.eval()  # deterministic (no dropout) so benefit reflects the data, not noise
-    opt = torch.optim.SGD(tuned.parameters(), lr=lr)
+    params = [p for name, p in tuned.named_parameters() if not layers or any(fnmatch.fnmatchcase(name, pat) for pat in layers)]
+    if not params:
+        raise ModelError(f"ground-truth.layers {list(layers)} match no parameter of the model; "
+                         f"parameter names look like {[n for n, _ in tuned.named_parameters()][:4]}")
+    opt = torch.optim.SGD(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
@@ -66,3 +78,30 @@ def finetune_benefit(
             task.per_sample_loss(tuned, batch).mean().backward()
             opt.step()
     return Benefit(before, objective_loss(tuned, task, objective))
+
+
+def coalition_utility(
+    model: nn.Module,
+    task: Task,
+    sellers: Mapping[str, Batch],
+    objective: Batch,
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    layers: Sequence[str] = (),
+) -> Callable[[frozenset[str]], float]:
+    """Realised benefit of buying a *set* of sellers: fine-tune once on their pooled data.
+
+    Unlike summing single-seller benefits this is not additive (overlapping or conflicting data),
+    which is what leave-one-out and Shapley payouts need.
+    """
+
+    def utility(coalition: frozenset[str]) -> float:
+        ids = sorted(coalition)
+        data = {k: torch.cat([sellers[s][k] for s in ids]) for k in sellers[ids[0]]}
+        return finetune_benefit(model, task, data, objective, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
+                                layers=layers).benefit
+
+    return utility

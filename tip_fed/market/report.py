@@ -116,10 +116,30 @@ def _cell(value: Any) -> str:
     return f"{f:.6g}"
 
 
+def _payouts_section(rows: list[dict[str, str]], summary: dict[str, Any], out: Path) -> list[str]:
+    """Payout shares per rule, side by side, and each rule against the ground-truth reference."""
+    from tip_fed.market.plots import payout_shares
+
+    shares: dict[str, dict[str, float]] = {}
+    for r in rows:
+        shares.setdefault(r["rule"], {})[r["seller_id"]] = _num(r["share"])
+    sellers = list(dict.fromkeys(r["seller_id"] for r in rows))
+    payout_shares(shares, sellers, out / "payout_shares.png", title="Payout shares per rule")
+    comp = [{"rule": k, **v} for k, v in summary.get("rules", {}).items()]
+    parts = ["## Payouts", "", f"Reference rule (ground truth): `{summary.get('reference')}`.", ""]
+    if comp:
+        parts += [_table(comp, ["rule", "spearman_vs_reference", "l1_vs_reference", "gini"]), ""]
+    return parts + ["![payout shares](payout_shares.png)", ""]
+
+
 def render_report(out_dir: str | Path) -> Path:
     """Write ``report.md`` and plots into ``out_dir`` from its CSV/JSON files."""
     out = Path(out_dir)
     manifest = read_json(out / "manifest.json")
+    if manifest.get("replicated"):
+        from tip_fed.market.market_report import render_market_report
+
+        return render_market_report(out)
     metrics = read_json(out / "metrics.json")
     valuations = read_csv(out / "valuations.csv")
     parts = [f"# tip_fed valuation report: {manifest.get('scenario', 'run')}", ""]
@@ -150,6 +170,8 @@ def render_report(out_dir: str | Path) -> Path:
             benefits = [_num(t["benefit"]) for t in common]
             plot_score_vs_benefit(scores, benefits, [t["seller_id"] for t in common], out / "score_vs_benefit.png")
             parts += ["![score vs benefit](score_vs_benefit.png)", ""]
+    if (out / "payouts.csv").is_file():
+        parts += _payouts_section(read_csv(out / "payouts.csv"), metrics.get("payouts", {}), out)
     if (out / "samples.csv").is_file():
         samples = read_csv(out / "samples.csv")
         if samples:
@@ -165,6 +187,7 @@ def render_report(out_dir: str | Path) -> Path:
         f"- model fingerprint: `{manifest.get('session', {}).get('model_fingerprint', '?')}`",
         f"- projection dimension: {manifest.get('projection_dim', '?')}",
         f"- CKKS: N = {he.get('poly_modulus_degree', '?')}, moduli {he.get('coeff_mod_bit_sizes', '?')}",
+        f"- disclosure controls: {_controls(manifest.get('session', {}).get('disclosure_controls'))}",
         f"- versions: {manifest.get('versions', {})}",
         "",
         "Everything needed to re-derive these numbers is in `manifest.json`.",
@@ -173,3 +196,13 @@ def render_report(out_dir: str | Path) -> Path:
     path = out / "report.md"
     atomic_write(path, "\n".join(parts))
     return path
+
+
+def _controls(c: dict[str, Any] | None) -> str:
+    """One line stating the differential-privacy guarantee and the rounding of released scores."""
+    if not c:
+        return "not recorded"
+    dp, session = c.get("dp_requested"), c.get("dp_session_composed")
+    noise = (f"Gaussian noise, (ε, δ) = ({dp['epsilon']:g}, {dp['delta']:g}) per query, "
+             f"({session['epsilon']:g}, {session['delta']:g}) per session" if dp and session else "no noise requested")
+    return f"{noise}; released scores rounded to multiples of {c.get('release_quantum', 0):.3g}"

@@ -1,7 +1,7 @@
 """The results directory of a run: CSV and JSON for programs, written atomically.
 
 Files: ``manifest.json``, ``valuations.csv``, ``samples.csv`` (per-sample disclosure),
-``ground_truth.csv`` (when computed), ``metrics.json``. ``report.md`` is rendered from these by
+``ground_truth.csv`` (when computed), ``payouts.csv``, ``metrics.json``. ``report.md`` is rendered from these by
 :mod:`tip_fed.market.report`, so a report can always be re-derived from saved results.
 """
 
@@ -22,6 +22,7 @@ from tip_fed.errors import DataError
 VALUATION_COLUMNS = ("seller_id", "n_samples", "score", "score_plaintext", "mean_score", "rank", "clipped", "commitment", "seconds")
 SAMPLE_COLUMNS = ("seller_id", "sample_index", "score", "score_plaintext")
 GROUND_TRUTH_COLUMNS = ("seller_id", "loss_before", "loss_after", "benefit")
+PAYOUT_COLUMNS = ("seller_id", "rule", "payout", "share")
 
 
 def atomic_write(path: Path, text: str) -> None:

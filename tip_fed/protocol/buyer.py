@@ -26,10 +26,12 @@ from tip_fed.crypto.keys import SessionKeys
 from tip_fed.crypto.packing import decrypt_scores, encrypt_query
 from tip_fed.crypto.params import HEParams, PackingPlan, check_params, plan_packing
 from tip_fed.errors import ProtocolError, SessionError, TipError
+from tip_fed.protocol.audit import SessionRecord, model_record
 from tip_fed.protocol.convert import params_to_pb, plan_to_pb, spec_to_pb
 from tip_fed.protocol.messages import DISCLOSURE_NAMES, PROTOCOL_VERSION, decode_reply
 from tip_fed.protocol.model import encode_model
 from tip_fed.protocol.data import Batch, iter_batches
+from tip_fed.protocol.disclosure import gaussian_sigma, release_quantum, release_sensitivity, round_release
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 QUERY_NORM = 2.0**10
@@ -59,6 +61,7 @@ class SellerValuation:
     commitment: str
     clipped: int
     timings: dict[str, float]
+    noise: dict[str, float] | None = None  # DP noise the seller declared: epsilon, delta, std (score units)
 
     @property
     def mean(self) -> float:
@@ -214,6 +217,8 @@ class Buyer:
             grad_norm_bound=self.grad_norm_bound,
             query_budget=self.settings.protocol.query_budget,
             max_samples=max_samples,
+            dp_epsilon=self.settings.protocol.dp_epsilon or 0.0,
+            dp_delta=self.settings.protocol.dp_delta if self.settings.protocol.dp_epsilon else 0.0,
         )
         self._sessions[session_id] = _Session(session_id, keys, plan, disclosure, max_samples)
         self.session_id = session_id
@@ -273,12 +278,29 @@ class Buyer:
         if len(reply.scores) != blocks:
             raise ProtocolError(f"seller {reply.seller_id} sent {len(reply.scores)} ciphertexts; expected {blocks}")
         y = decrypt_scores(session.keys, session.plan, list(reply.scores), rows)
-        scores = y * (self.query_norm * self.grad_norm_bound / QUERY_NORM)
+        # Rows have norm <= 1 and the query norm is QUERY_NORM, so |y| <= QUERY_NORM plus declared
+        # noise. Anything larger was not encrypted under this session's key (a replayed or forged
+        # reply decrypts to values spread over the whole modulus) or was tampered with.
+        limit = QUERY_NORM * (1 + 1e-6) + 8 * reply.noise_std + 1e-3
+        if not np.all(np.abs(y) <= limit):
+            raise ProtocolError(
+                f"seller {reply.seller_id}'s scores decrypt outside the possible range (|y| <= {limit:.6g}): "
+                "the reply was not computed under this session's key or was altered in transit"
+            )
+        unit = self.query_norm * self.grad_norm_bound / QUERY_NORM
+        scores = y * unit
+        quantum = self.release_quantum
+        per_sample = None
+        if session.disclosure == "per-sample":
+            per_sample = np.array([round_release(float(s), quantum) for s in scores[:-1]], dtype=np.float64)
+        noise = _declared_noise(reply, session.disclosure == "per-sample")
+        if noise is not None:
+            noise["std"] *= unit
         return SellerValuation(
             seller_id=reply.seller_id,
             n_samples=reply.n_samples,
-            total=float(scores[-1]) * reply.n_samples,
-            per_sample=scores[:-1].copy() if session.disclosure == "per-sample" else None,
+            total=round_release(float(scores[-1]) * reply.n_samples, quantum),
+            per_sample=per_sample,
             commitment=reply.commitment.hex(),
             clipped=reply.clipped,
             timings={
@@ -287,6 +309,7 @@ class Buyer:
                 "encrypted_s": reply.timings.encrypted_s,
                 "total_s": reply.timings.total_s,
             },
+            noise=noise,
         )
 
     def _manifest(self, session: _Session) -> dict[str, Any]:
@@ -301,7 +324,44 @@ class Buyer:
             "disclosure": session.disclosure,
             "grad_norm_bound": self.grad_norm_bound,
             "query_budget": self.settings.protocol.query_budget,
+            "disclosure_controls": self._controls(),
         }
+
+    @property
+    def release_quantum(self) -> float:
+        """Step released scores are rounded to (exact decryptions never leave the buyer)."""
+        return release_quantum(self.query_norm * self.grad_norm_bound, self.settings.protocol.release_digits)
+
+    def _controls(self) -> dict[str, Any]:
+        """Disclosure controls as the report states them: noise asked, its composition, rounding."""
+        proto = self.settings.protocol
+        budget = proto.query_budget
+        eps = proto.dp_epsilon
+        return {
+            "dp_requested": None if eps is None else {"epsilon": eps, "delta": proto.dp_delta},
+            "dp_session_composed": None if eps is None else {"epsilon": budget * eps, "delta": budget * proto.dp_delta},
+            "release_digits": proto.release_digits,
+            "release_quantum": self.release_quantum,
+            "fresh_key_per_session": True,
+            "secret_key_destroyed_at_settle": True,
+        }
+
+    def record(self, valuation: Valuation) -> SessionRecord:
+        """What to keep of a settled session for a later :func:`~tip_fed.protocol.audit.audit`.
+
+        No key material: the record holds the model, spec, query and decrypted (rounded) scores.
+        """
+        return SessionRecord(
+            session_id=valuation.session_id,
+            task=self.task.name,
+            model=model_record(self._payload),
+            projection=self.spec.to_dict(),
+            query=[float(x) for x in self.query],
+            grad_norm_bound=self.grad_norm_bound,
+            disclosure=str(valuation.manifest.get("disclosure", self.settings.protocol.disclosure)),
+            release_quantum=self.release_quantum,
+            valuation=valuation.to_dict(),
+        )
 
 
 def _reply_label(data: bytes, index: int) -> str:
@@ -314,3 +374,27 @@ def _reply_label(data: bytes, index: int) -> str:
     except Exception:  # noqa: BLE001 - labelling only; the real error is reported by _decode
         pass
     return f"reply[{index}]"
+
+
+def _declared_noise(reply: pb.Reply, per_sample: bool) -> dict[str, float] | None:
+    """The DP noise a reply declares, checked against what its (epsilon, delta) imply.
+
+    The audit tolerates declared noise, so a seller must not be able to claim noise it did not
+    use: its std must be exactly the Gaussian-mechanism std for its epsilon, delta and size.
+    """
+    if reply.dp_epsilon == 0:
+        if reply.noise_std != 0:
+            raise ProtocolError(f"seller {reply.seller_id} declares noise std {reply.noise_std} without an epsilon")
+        return None
+    try:
+        expected = gaussian_sigma(
+            reply.dp_epsilon, reply.dp_delta, release_sensitivity(QUERY_NORM, reply.n_samples, per_sample)
+        )
+    except TipError as exc:
+        raise ProtocolError(f"seller {reply.seller_id} declares an invalid privacy guarantee: {exc}") from exc
+    if not math.isclose(reply.noise_std, expected, rel_tol=1e-9):
+        raise ProtocolError(
+            f"seller {reply.seller_id} declares noise std {reply.noise_std:.6g}, but (epsilon, delta) = "
+            f"({reply.dp_epsilon:g}, {reply.dp_delta:g}) imply {expected:.6g}"
+        )
+    return {"epsilon": reply.dp_epsilon, "delta": reply.dp_delta, "std": reply.noise_std}

@@ -6,8 +6,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from tip_fed.core.tasks import batch_size
+from tip_fed.core.gradients import projected_grads
+from tip_fed.core.projection import ProjectionSpec
+from tip_fed.core.tasks import Task, batch_size
 from tip_fed.errors import DataError
 
 Batch = Mapping[str, torch.Tensor]
@@ -52,3 +55,17 @@ def load_dataset(path: str | Path) -> dict[str, torch.Tensor]:
         raise DataError(f"seller data file {p} is not a valid safetensors dataset: {exc}") from exc
     batch_size(data)
     return data
+
+
+def dataset_gradients(model: nn.Module, spec: ProjectionSpec, task: Task, data: Batch, size: int) -> torch.Tensor:
+    """Float64 projected per-sample gradients of a whole dataset, batch by batch.
+
+    Records that do not fit the model (feature count, dtype, label range) are a DataError, not a
+    torch error: the model comes from the other party, so a mismatch is bad input, not a bug.
+    """
+    try:
+        return torch.cat([projected_grads(model, spec, task, b) for b in iter_batches(data, size)]).to(torch.float64)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise DataError(
+            f"the records do not fit the model and task ({task.name}): {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None

@@ -7,6 +7,7 @@ and every failure is a :class:`~tip_fed.errors.ProtocolError` naming the offendi
 
 from __future__ import annotations
 
+import math
 import re
 
 from google.protobuf.message import DecodeError
@@ -80,14 +81,18 @@ def decode_offer(data: bytes) -> pb.Offer:
             f"the offer carries {len(offer.query)} query ciphertexts but its packing needs {offer.packing.chunks}"
         )
     disclosure_name(offer.disclosure)
-    if not offer.grad_norm_bound > 0:
-        raise ProtocolError("the offer's gradient-norm bound must be > 0")
+    if not (math.isfinite(offer.grad_norm_bound) and offer.grad_norm_bound > 0):
+        raise ProtocolError(f"the offer's gradient-norm bound {offer.grad_norm_bound} must be finite and > 0")
     if not 0 < offer.query_norm <= 2.0**12:
         raise ProtocolError(f"the offer's query norm {offer.query_norm} is outside (0, 4096]")
     if offer.query_budget < 1:
         raise ProtocolError("the offer's query budget must be >= 1")
     if offer.max_samples < 1:
         raise ProtocolError("the offer's max_samples must be >= 1")
+    if not (math.isfinite(offer.dp_epsilon) and offer.dp_epsilon >= 0):
+        raise ProtocolError(f"the offer's dp_epsilon {offer.dp_epsilon} must be finite and >= 0 (0 = no noise)")
+    if offer.dp_epsilon > 0 and not 0 < offer.dp_delta < 1:
+        raise ProtocolError(f"the offer's dp_delta {offer.dp_delta} must be in (0, 1) when noise is asked for")
     return offer
 
 
@@ -104,4 +109,10 @@ def decode_reply(data: bytes) -> pb.Reply:
         raise ProtocolError(f"seller {reply.seller_id} sent no score ciphertexts")
     if len(reply.commitment) != 32:
         raise ProtocolError(f"seller {reply.seller_id} sent a {len(reply.commitment)}-byte commitment; expected 32")
+    for name in ("dp_epsilon", "dp_delta", "noise_std"):
+        value = getattr(reply, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ProtocolError(f"seller {reply.seller_id} sent {name} = {value}; it must be finite and >= 0")
+    if reply.dp_delta >= 1:
+        raise ProtocolError(f"seller {reply.seller_id} sent dp_delta = {reply.dp_delta}; it must be < 1")
     return reply

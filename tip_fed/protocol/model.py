@@ -16,7 +16,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from tip_fed.core import models
-from tip_fed.errors import FingerprintMismatchError, ModelError, ProtocolError
+from tip_fed.errors import FingerprintMismatchError, ModelError, ProtocolError, TipError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 
@@ -67,11 +67,12 @@ def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None =
         raise ProtocolError(f"model config is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise ProtocolError("model config must be a JSON object")
-    model = models.build(payload.architecture, config)
     try:
         state = st_load(payload.weights)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise ModelError(f"model weights are not valid safetensors: {exc}") from exc
+    _check_size(payload.architecture, config, sum(t.numel() for t in state.values()))
+    model = models.build(payload.architecture, config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -81,3 +82,22 @@ def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None =
         model.double()
     model.eval()
     return model
+
+
+def _check_size(architecture: str, config: dict[str, Any], n_weights: int) -> None:
+    """Build the announced model on the meta device (no memory) and refuse it unless its size is
+    exactly that of the shipped weights, so a config cannot make a seller allocate more than the
+    (size-limited) Offer itself carries."""
+    try:
+        with torch.device("meta"):
+            skeleton = models.build(architecture, config)
+        n_model = sum(t.numel() for t in skeleton.state_dict().values())
+    except TipError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted config into third-party builders: any failure is a bad model
+        raise ModelError(f"cannot build the announced {architecture!r} model from its config: {str(exc)[:300]}") from None
+    if n_model != n_weights:
+        raise ModelError(
+            f"model weights do not fit the announced architecture: it has {n_model} parameters but "
+            f"the offer ships {n_weights} weights (refused before building it)"
+        )

@@ -6,25 +6,34 @@ masked result ciphertexts do. Everything in the Offer is untrusted input and is 
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
-from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
-from tip_fed.core.tasks import get_task
+from tip_fed.core.projection import ProjectionSpec
+from tip_fed.core.tasks import Task, get_task
 from tip_fed.crypto.keys import load_public_context
+from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.packing import score_rows
 from tip_fed.crypto.params import check_params
-from tip_fed.errors import BudgetExceededError, DataError, ProtocolError
+from tip_fed.errors import BudgetExceededError, DataError, ProtocolError, SessionError
 from tip_fed.protocol import commitment
-from tip_fed.protocol.data import Batch, check_batch, iter_batches
+from tip_fed.protocol.audit import Delivery
+from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
+from tip_fed.protocol.disclosure import NoisePolicy, gaussian_sigma, offer_noise, release_sensitivity
 from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
 from tip_fed.protocol.messages import PROTOCOL_VERSION, SELLER_ID, decode_offer, disclosure_name
 from tip_fed.protocol.model import decode_model
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+_KEPT_SESSIONS = 64
+_KEPT_BYTES = 256 << 20
+
 
 @dataclass
 class SellerPolicy:
@@ -33,6 +42,10 @@ class SellerPolicy:
     max_queries_per_session: int = 1
     batch_size: int = 64
     expected_fingerprint: str | None = None
+    # Gaussian noise this seller adds to what it releases, whatever the Offer asks (the stricter wins).
+    noise: NoisePolicy = field(default_factory=NoisePolicy)
+    # Keep encoded score plaintexts (MiB) for repeated queries over the same gradients; 0 = off.
+    encoding_cache_mb: int = 0
 
 
 class Seller:
@@ -45,17 +58,35 @@ class Seller:
     data:
         The private records as a dict of tensors with a shared first (sample) dimension, in the
         format of the buyer's task (e.g. ``{"x": float[n, d], "y": long[n]}``).
+    answered:
+        Queries already answered per session id. A runtime that recreates the seller for every
+        message (Flower ClientApps are stateless) passes the same dict each time, so the query
+        budget holds across messages; it is updated in place.
     """
 
-    def __init__(self, seller_id: str, data: Batch, *, policy: SellerPolicy | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        seller_id: str,
+        data: Batch,
+        *,
+        policy: SellerPolicy | None = None,
+        seed: int | None = None,
+        answered: dict[str, int] | None = None,
+    ):
         if not SELLER_ID.match(seller_id):
             raise DataError(f"seller id {seller_id!r} must be 1-128 characters of letters, digits, _.:@-")
         self.seller_id = seller_id
         self.n_samples = check_batch(data)
         self._data = dict(data)
         self.policy = policy or SellerPolicy()
-        self._answered: dict[str, int] = {}
+        self._answered: dict[str, int] = answered if answered is not None else {}
+        # Services answer offers on many threads: check-and-spend of the budget must be atomic,
+        # or one offer sent N times at once would be answered N times.
+        self._lock = threading.Lock()
         self._rng = np.random.default_rng(seed)
+        self._committed: dict[str, np.ndarray] = {}
+        mb = self.policy.encoding_cache_mb
+        self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
 
     def respond(self, offer_bytes: bytes) -> bytes:
         """Answer one Offer with a Reply (both as bytes)."""
@@ -77,10 +108,15 @@ class Seller:
         if plan.dim != spec.dim:
             raise ProtocolError(f"the offer's packing is for dimension {plan.dim} but its projection has {spec.dim}")
         task = get_task(offer.task)
+        noise = self.policy.noise.stricter(offer_noise(offer))
+        per_sample = disclosure == "per-sample"
+        dp_std = (
+            gaussian_sigma(noise.epsilon, noise.delta, release_sensitivity(offer.query_norm, self.n_samples, per_sample))
+            if noise.epsilon is not None
+            else 0.0
+        )
 
-        grads = torch.cat(
-            [projected_grads(model, spec, task, b) for b in iter_batches(self._data, self.policy.batch_size)]
-        ).to(torch.float64)
+        grads = self.projected_gradients(model, spec, task)
         clipped, factors = clip_rows(grads, offer.grad_norm_bound)
         n_clipped = int((factors < 1.0).sum())
         t_grad = time.perf_counter()
@@ -89,10 +125,11 @@ class Seller:
         root = commitment.commit(self._data, g)
         t_commit = time.perf_counter()
 
-        rows = g / offer.grad_norm_bound
+        rows = self.scoring_rows(g, offer.grad_norm_bound) / offer.grad_norm_bound
         mean = rows.mean(axis=0, keepdims=True)
-        matrix = np.vstack([rows, mean]) if disclosure == "per-sample" else mean
-        cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng)
+        matrix = np.vstack([rows, mean]) if per_sample else mean
+        cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng, dp_std=dp_std, cache=self._encodings)
+        self._keep(offer.session_id, g)
         t_end = time.perf_counter()
 
         reply = pb.Reply(
@@ -107,11 +144,50 @@ class Seller:
             timings=pb.Timings(
                 gradients_s=t_grad - t0, commit_s=t_commit - t_grad, encrypted_s=t_end - t_commit, total_s=t_end - t0
             ),
+            dp_epsilon=noise.epsilon or 0.0,
+            dp_delta=noise.delta if noise.enabled else 0.0,
+            noise_std=dp_std,
         )
         return reply.SerializeToString()
 
+    def projected_gradients(self, model: nn.Module, spec: ProjectionSpec, task: Task) -> torch.Tensor:
+        """Float64 projected per-sample gradients of this seller's records (before clipping)."""
+        return dataset_gradients(model, spec, task, self._data, self.policy.batch_size)
+
+    def scoring_rows(self, committed: np.ndarray, bound: float) -> np.ndarray:
+        """The gradients that are scored (norm <= ``bound``): exactly the committed ones.
+
+        A separate step so that tests can model a seller that scores other gradients than it commits to.
+        """
+        return committed
+
+    def deliver(self, session_id: str) -> Delivery:
+        """After a purchase: the records and the gradients committed to in that session, for the audit."""
+        g = self._committed.get(session_id)
+        if g is None:
+            raise SessionError(
+                f"seller {self.seller_id} has no commitment for session {session_id[:8]}…; it never answered "
+                f"that session or it was forgotten (the last {_KEPT_SESSIONS} sessions, at most "
+                f"{_KEPT_BYTES >> 20} MiB of gradients, are kept); deliver right after the purchase"
+            )
+        return Delivery(data=dict(self._data), gradients=g.copy())
+
+    def _keep(self, session_id: str, gradients: np.ndarray) -> None:
+        """Remember committed gradients for delivery; bounded in sessions and bytes (a long-running
+        service must not grow with every buyer), oldest sessions forgotten first."""
+        with self._lock:
+            self._committed[session_id] = gradients
+            while len(self._committed) > _KEPT_SESSIONS or (
+                len(self._committed) > 1 and sum(g.nbytes for g in self._committed.values()) > _KEPT_BYTES
+            ):
+                del self._committed[next(iter(self._committed))]
+
     def _spend_budget(self, offer: pb.Offer) -> None:
         limit = min(offer.query_budget, self.policy.max_queries_per_session)
+        with self._lock:
+            self._spend_locked(offer, limit)
+
+    def _spend_locked(self, offer: pb.Offer, limit: int) -> None:
         used = self._answered.get(offer.session_id, 0)
         if used >= limit:
             raise BudgetExceededError(

@@ -87,7 +87,7 @@ class ModelPayload(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., config_json: _Optional[str] = ..., weights: _Optional[bytes] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class Offer(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "model", "projection", "task", "he", "packing", "public_context", "query", "query_norm", "disclosure", "grad_norm_bound", "query_budget", "max_samples")
+    __slots__ = ("protocol_version", "session_id", "model", "projection", "task", "he", "packing", "public_context", "query", "query_norm", "disclosure", "grad_norm_bound", "query_budget", "max_samples", "dp_epsilon", "dp_delta")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,8 @@ class Offer(_message.Message):
     GRAD_NORM_BOUND_FIELD_NUMBER: _ClassVar[int]
     QUERY_BUDGET_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: str
     model: ModelPayload
@@ -116,7 +118,9 @@ class Offer(_message.Message):
     grad_norm_bound: float
     query_budget: int
     max_samples: int
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelPayload, _Mapping]] = ..., projection: _Optional[_Union[ProjectionSpec, _Mapping]] = ..., task: _Optional[str] = ..., he: _Optional[_Union[HEParameters, _Mapping]] = ..., packing: _Optional[_Union[Packing, _Mapping]] = ..., public_context: _Optional[bytes] = ..., query: _Optional[_Iterable[bytes]] = ..., query_norm: _Optional[float] = ..., disclosure: _Optional[_Union[Disclosure, str]] = ..., grad_norm_bound: _Optional[float] = ..., query_budget: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    dp_epsilon: float
+    dp_delta: float
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelPayload, _Mapping]] = ..., projection: _Optional[_Union[ProjectionSpec, _Mapping]] = ..., task: _Optional[str] = ..., he: _Optional[_Union[HEParameters, _Mapping]] = ..., packing: _Optional[_Union[Packing, _Mapping]] = ..., public_context: _Optional[bytes] = ..., query: _Optional[_Iterable[bytes]] = ..., query_norm: _Optional[float] = ..., disclosure: _Optional[_Union[Disclosure, str]] = ..., grad_norm_bound: _Optional[float] = ..., query_budget: _Optional[int] = ..., max_samples: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("gradients_s", "commit_s", "encrypted_s", "total_s")
@@ -131,7 +135,7 @@ class Timings(_message.Message):
     def __init__(self, gradients_s: _Optional[float] = ..., commit_s: _Optional[float] = ..., encrypted_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "seller_id", "n_samples", "commitment", "n_rows", "scores", "timings", "clipped")
+    __slots__ = ("protocol_version", "session_id", "seller_id", "n_samples", "commitment", "n_rows", "scores", "timings", "clipped", "dp_epsilon", "dp_delta", "noise_std")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SELLER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +145,9 @@ class Reply(_message.Message):
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: str
     seller_id: str
@@ -150,7 +157,10 @@ class Reply(_message.Message):
     scores: _containers.RepeatedScalarFieldContainer[bytes]
     timings: Timings
     clipped: int
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., seller_id: _Optional[str] = ..., n_samples: _Optional[int] = ..., commitment: _Optional[bytes] = ..., n_rows: _Optional[int] = ..., scores: _Optional[_Iterable[bytes]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., clipped: _Optional[int] = ...) -> None: ...
+    dp_epsilon: float
+    dp_delta: float
+    noise_std: float
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., seller_id: _Optional[str] = ..., n_samples: _Optional[int] = ..., commitment: _Optional[bytes] = ..., n_rows: _Optional[int] = ..., scores: _Optional[_Iterable[bytes]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., clipped: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
 
 class ValueRequest(_message.Message):
     __slots__ = ("offer",)

@@ -1,0 +1,125 @@
+"""Scenario-bound Flower apps, the components ``flwr run .`` loads (see ``[tool.flwr.app]``).
+
+The ServerApp (buyer) rebuilds the scenario's market and buyer from the run config and writes
+``valuation.json`` into ``out-dir``. The ClientApp (seller) finds its private data by
+``--node-config data-path=...`` (deployment: one SuperNode per seller file); in a simulation, by
+its ``partition-id``, in ``data-dir`` (files from ``tip-fed export-sellers``) or, when that is
+empty, in the scenario rebuilt locally.
+
+Run config (every key has a default, since ``run_simulation`` passes an empty one):
+``config`` (TOML path, relative to the app directory; "" = built-in defaults), ``set``
+(``key=value`` overrides separated by ``;``, as ``tip-fed simulate --set``), ``out-dir``, ``data-dir``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+
+from tip_fed.config import TipConfig, load_config
+from tip_fed.errors import ConfigError
+from tip_fed.flower.client_app import DATA_PATH, SellerLoader, make_client_app, seller_from_node_config
+from tip_fed.flower.server_app import Session, make_server_app
+from tip_fed.market.results import write_json
+from tip_fed.protocol import Seller, Valuation
+from tip_fed.protocol.data import load_dataset
+
+from simulations.market import Market
+from simulations.runner import build_market, make_buyer, max_samples
+
+APP_DIR = Path(__file__).resolve().parents[1]
+DEFAULTS = {"config": "configs/causal.toml", "set": "", "out-dir": "out/flower", "data-dir": ""}
+VALUATION_FILE = "valuation.json"
+
+
+def _get(context: Context, key: str) -> str:
+    return str(context.run_config.get(key, DEFAULTS[key]))
+
+
+def run_config_overrides(config: TipConfig) -> list[str]:
+    """``key=value`` overrides that rebuild exactly ``config`` from defaults (None values are defaults)."""
+    import json
+
+    def walk(prefix: str, node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [item for k, v in node.items() for item in walk(f"{prefix}{k}.", v) if v is not None]
+        return [f"{prefix[:-1]}={json.dumps(node)}"]
+
+    return walk("", config.to_dict())
+
+
+def config_from_context(context: Context) -> TipConfig:
+    """The TipConfig a run config describes (``config`` file plus ``set`` overrides)."""
+    path = _get(context, "config")
+    overrides = [item.strip() for item in _get(context, "set").split(";") if item.strip()]
+    return _load(path, tuple(overrides))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, overrides: tuple[str, ...]) -> TipConfig:
+    full = None if not path else (Path(path) if Path(path).is_absolute() else APP_DIR / path)
+    return load_config(full, overrides)
+
+
+@functools.lru_cache(maxsize=2)
+def _market(config: TipConfig) -> Market:
+    """One market per process and config: simulated ClientApps share a worker process."""
+    return build_market(config)
+
+
+def _show_logs() -> None:
+    """Let tip_fed's INFO lines reach ``flwr run --stream`` / ``flwr log`` (Flower configures only its own logger)."""
+    package = logging.getLogger("tip_fed")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
+def _session(context: Context) -> Session:
+    _show_logs()
+    config = config_from_context(context)
+    market = _market(config)
+    return Session(make_buyer(market, config), max_samples(market), list(market.sellers), config.flower)
+
+
+def _write_valuation(valuation: Valuation, context: Context) -> None:
+    path = Path(_get(context, "out-dir")).resolve() / VALUATION_FILE
+    write_json(path, valuation.to_dict())
+    logging.getLogger("tip_fed").info("valuation of %d sellers written to %s", len(valuation.sellers), path)
+
+
+def partition_loader(data_dir: str | Path | None) -> SellerLoader:
+    """Seller loader for simulated nodes: the ``partition-id``-th seller file (sorted) in ``data_dir``.
+
+    With ``data_dir`` None the run config's ``data-dir`` is used, and when that is empty too, the
+    scenario is rebuilt in the worker. Nodes started with ``data-path`` always use their own file.
+    """
+
+    def load(context: Context, answered: dict[str, int]) -> Seller:
+        if DATA_PATH in context.node_config:
+            return seller_from_node_config(context, answered)
+        index = context.node_config.get("partition-id")
+        if not isinstance(index, int):
+            raise ConfigError("this node has neither 'data-path' nor 'partition-id' in its node config")
+        directory = str(data_dir) if data_dir is not None else _get(context, "data-dir")
+        if directory:
+            files = sorted(Path(directory).glob("*.safetensors"))
+            if index >= len(files):
+                raise ConfigError(f"partition {index} has no seller file: {directory} holds {len(files)}")
+            return Seller(files[index].stem, load_dataset(files[index]), answered=answered)
+        sellers = _market(config_from_context(context)).sellers
+        if index >= len(sellers):
+            raise ConfigError(f"partition {index} has no seller: the scenario has {len(sellers)} sellers")
+        seller_id = list(sellers)[index]
+        return Seller(seller_id, sellers[seller_id], answered=answered)
+
+    return load
+
+
+server_app = make_server_app(_session, _write_valuation)
+client_app = make_client_app(partition_loader(None))

@@ -1,0 +1,282 @@
+"""A local Flower deployment on loopback: one SuperLink, N seller SuperNodes, TLS and node auth.
+
+Used by ``runtime=flower-deployment`` (start, value, stop) and by ``tip-fed deploy up/down``
+(start, leave running, stop later from the state file). Every process is a real Flower process
+talking HTTPS on 127.0.0.1; each is stopped by PID, together with the processes Flower spawned
+under it (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``), found through /proc,
+never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tip_fed import tls
+from tip_fed.errors import TipError
+
+from simulations.processes import Child, ProcessGroup, ProcessStartError
+
+BIN = Path(sys.executable).parent
+CONNECTION = "tip-local"
+STATE_FILE = "deployment.json"
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for every Flower process: private FLWR_HOME, no telemetry, no installs, no update check."""
+    return {
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Flower spawns flower-superexec, flwr-serverapp and flwr-clientapp by name
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, child: Child, timeout_s: float = 60.0) -> None:
+    """Block until ``port`` accepts connections; ProcessStartError (with its log) if ``child`` dies first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise ProcessStartError(
+                f"{child.name} exited with code {child.proc.returncode} before listening on {port}:\n{child.tail()}"
+            )
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise ProcessStartError(f"{child.name} did not listen on 127.0.0.1:{port} within {timeout_s:g} s:\n{child.tail()}")
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """Every live process below ``pids`` (children, grandchildren, ...), from /proc."""
+    parent_of: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], set(pids)
+    while frontier:
+        frontier = {p for p, parent in parent_of.items() if parent in frontier and p not in found}
+        found.extend(sorted(frontier))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone: it has exited, only its parent has not reaped it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop_pids(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM ``pids`` and their descendants, SIGKILL whatever is still alive after ``grace_s``."""
+    every = list(dict.fromkeys([*pids, *descendants(pids)]))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in every:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace_s
+        while any(alive(p) for p in every) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not any(alive(p) for p in every):
+            return
+
+
+class FlowerProcesses(ProcessGroup):
+    """A ProcessGroup that also stops what Flower spawned below each started process.
+
+    Flower detaches some of its children (``flower-superexec`` starts a new session), and a
+    child outlives a parent that crashed, so descendants are recorded every second while the
+    group runs, not only looked up at the end: an orphan is still stopped by its recorded PID.
+    """
+
+    def __init__(self, log_dir: str | Path, *, grace_s: float = 5.0):
+        super().__init__(log_dir, grace_s=grace_s)
+        self.spawned: set[int] = set()
+        self._done = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Child:
+        """Start ``argv`` (see ProcessGroup.start) and keep recording what it spawns."""
+        child = super().start(name, argv, env=env)
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="flower-descendants", daemon=True)
+            self._watcher.start()
+        return child
+
+    def _watch(self) -> None:
+        while not self._done.wait(1.0):
+            self.record()
+
+    def record(self) -> None:
+        """Remember every current descendant of the started processes."""
+        self.spawned.update(descendants([c.pid for c in self.children if c.proc.poll() is None]))
+
+    def stop_all(self) -> None:
+        """Stop started processes and every descendant seen, by PID."""
+        self._done.set()
+        self.record()
+        super().stop_all()
+        stop_pids(sorted(p for p in self.spawned if alive(p) and _is_flower(p)), self.grace_s)
+
+
+@dataclass
+class LocalDeployment:
+    """Paths, ports and processes of one loopback deployment rooted at ``root``."""
+
+    root: Path
+    port: int = 0
+    nodes: dict[str, int] = field(default_factory=dict)  # seller name -> Flower node id
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        self.home = self.root / "flwr-home"
+        self.certs = self.root / "certs"
+        self.keys = self.root / "keys"
+        self.group = FlowerProcesses(self.root / "logs")
+        self.env = flower_env(self.home)
+        self.port = self.port or free_port()
+
+    def prepare(self) -> None:
+        """Create the CA, the SuperLink certificate and the ``flwr`` CLI connection (no keys yet)."""
+        ca = tls.create_ca(self.certs)
+        tls.issue_cert(ca, self.certs, "superlink")
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
+        )
+
+    def start_superlink(self) -> None:
+        """SuperLink with HTTPS and SuperNode authentication on 127.0.0.1:port."""
+        child = self.group.start("superlink", [
+            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+            "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+            "--ssl-certfile", str(self.certs / "superlink.crt"), "--ssl-keyfile", str(self.certs / "superlink.key"),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--database", str(self.root / "superlink.db"),
+        ], env=self.env)
+        wait_for_port(self.port, child)
+
+    def node_key(self, name: str) -> tuple[Path, Path]:
+        """A fresh SuperNode key pair (OpenSSH EC P-384) under ``keys/``."""
+        return tls.create_node_key(self.keys, name)
+
+    def register(self, public_key: Path) -> int:
+        """``flwr supernode register``: allow this key to connect; returns the node id."""
+        out = self.flwr("supernode", "register", str(public_key), CONNECTION)
+        digits = [int(w) for w in out.replace(".", " ").split() if w.isdigit()]
+        if not digits:
+            raise TipError(f"could not read the node id from 'flwr supernode register':\n{out}")
+        return digits[-1]
+
+    def start_supernode(self, name: str, private_key: Path, data_path: Path, seller_id: str | None = None) -> Child:
+        """A seller SuperNode with its own data file, authenticating with ``private_key``."""
+        node_config = f'data-path="{data_path}" seller-id="{seller_id or data_path.stem}"'
+        return self.group.start(f"supernode-{name}", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+            "--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key", str(private_key),
+            "--node-config", node_config,
+        ], env=self.env)
+
+    def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None) -> str:
+        """Run the ``flwr`` CLI against this deployment; TipError with its output if it fails."""
+        try:
+            proc = subprocess.run(
+                [str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout_s,
+                env={**os.environ, **self.env}, cwd=cwd, stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TipError(f"'flwr {' '.join(args[:2])}' did not finish within {timeout_s:.0f} s "
+                           f"(raise flower.timeout-s / flower.node-wait-s); logs in {self.group.log_dir}") from exc
+        if proc.returncode != 0:
+            raise TipError(f"'flwr {' '.join(args[:2])}' failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        return proc.stdout + proc.stderr
+
+    def up(self, sellers: dict[str, Path]) -> None:
+        """Prepare, start the SuperLink, register one key per seller and start its SuperNode."""
+        self.prepare()
+        self.start_superlink()
+        for name, path in sellers.items():
+            private, public = self.node_key(name)
+            self.nodes[name] = self.register(public)
+            self.start_supernode(name, private, path)
+
+    def save_state(self) -> Path:
+        """Write PIDs, ports and the connection so ``tip-fed deploy down`` can stop exactly these processes."""
+        state = {
+            "root": str(self.root), "port": self.port, "connection": CONNECTION, "flwr_home": str(self.home),
+            "nodes": self.nodes, "processes": {c.name: c.pid for c in self.group.children},
+        }
+        path = self.root / STATE_FILE
+        path.write_text(json.dumps(state, indent=2) + "\n")
+        return path
+
+
+def down(root: Path, grace_s: float = 5.0) -> list[int]:
+    """Stop the processes of a deployment left running by :meth:`LocalDeployment.save_state`."""
+    path = Path(root) / STATE_FILE
+    if not path.is_file():
+        raise TipError(f"no running deployment under {root}: {path} does not exist")
+    state = json.loads(path.read_text())
+    pids = [pid for pid in state["processes"].values() if _is_flower(pid)]
+    stop_pids(pids, grace_s)
+    path.unlink()
+    return pids
+
+
+def _is_flower(pid: int) -> bool:
+    """True if ``pid`` is still a Flower process (guards against a recycled PID)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"flower-super" in cmdline or b"flwr" in cmdline
+
+
+def up(root: Path, sellers_dir: Path, port: int = 0) -> LocalDeployment:
+    """Start a deployment serving every ``*.safetensors`` seller file in ``sellers_dir`` and leave it running.
+
+    If any step fails, whatever was started is stopped again before the error propagates.
+    """
+    from tip_fed.errors import ConfigError
+
+    files = {p.stem: p.resolve() for p in sorted(Path(sellers_dir).glob("*.safetensors"))}
+    if not files:
+        raise ConfigError(f"no seller files in {sellers_dir}; write them with 'tip-fed export-sellers CONFIG --out DIR'")
+    if (Path(root) / STATE_FILE).exists():
+        raise TipError(f"a deployment is already running under {root}; stop it with 'tip-fed deploy down {root}'")
+    deployment = LocalDeployment(Path(root), port)
+    try:
+        deployment.up(files)
+        deployment.save_state()
+    except BaseException:
+        deployment.group.stop_all()
+        raise
+    return deployment

@@ -1,0 +1,104 @@
+"""The Flower runtimes of ``tip-fed simulate``: ``flower-simulation`` and ``flower-deployment``.
+
+``flower-simulation`` runs the ServerApp (around the buyer already built) and one virtual
+ClientApp per seller under Flower's Ray simulation engine, in this process; seller data goes to
+disk first so each virtual SuperNode loads only its own file (memory stays bounded with
+thousands of sellers). ``flower-deployment`` starts a real SuperLink and one SuperNode per seller
+on 127.0.0.1 with TLS and node authentication, runs the app with ``flwr run``, reads the buyer's
+``valuation.json`` back and stops every process it started, also on failure and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tip_fed.config import TipConfig
+from tip_fed.errors import TipError
+from tip_fed.protocol import Buyer, Valuation
+from tip_fed.protocol.data import save_dataset
+
+from simulations.flower_apps import APP_DIR, VALUATION_FILE, partition_loader, run_config_overrides
+from simulations.flower_deploy import LocalDeployment, flower_env
+from simulations.market import Market
+from simulations.runner import max_samples
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def export_market(market: Market, directory: Path) -> dict[str, Path]:
+    """Each seller's data as ``directory/<seller_id>.safetensors``."""
+    return {sid: save_dataset(data, directory / f"{sid}.safetensors") for sid, data in market.sellers.items()}
+
+
+def exchange_flower_simulation(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+    """One session under ``flwr.simulation.run_simulation`` (Ray), one virtual SuperNode per seller."""
+    from flwr.simulation import run_simulation
+
+    from tip_fed.flower.client_app import make_client_app
+    from tip_fed.flower.server_app import Session, make_server_app
+
+    result: dict[str, Valuation] = {}
+    session = Session(buyer, max_samples(market), list(market.sellers), config.flower)
+    with tempfile.TemporaryDirectory(prefix="tip-flower-sim-") as tmp:
+        export_market(market, Path(tmp) / "sellers")
+        server = make_server_app(lambda ctx: session, lambda v, ctx: result.update(valuation=v))
+        client = make_client_app(partition_loader(Path(tmp) / "sellers"))
+        backend = {
+            "client_resources": {"num_cpus": config.flower.num_cpus, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": progress},
+        }
+        with _environment(flower_env(Path(tmp) / "flwr-home")):
+            run_simulation(server, client, num_supernodes=len(market.sellers), backend_config=backend,
+                           verbose_logging=False)
+    if "valuation" not in result:
+        raise TipError("the Flower simulation ended without a valuation; the ServerApp failed (see the log above)")
+    return result["valuation"]
+
+
+def exchange_flower_deployment(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+    """One session over a real loopback deployment (TLS, SuperNode auth), driven by ``flwr run``.
+
+    The ServerApp runs in Flower's own process and rebuilds the buyer from the same config, so
+    ``buyer`` here is unused: only the settled valuation comes back, through ``valuation.json``.
+    """
+    with tempfile.TemporaryDirectory(prefix="tip-flower-dep-") as tmp:
+        root = Path(tmp)
+        deployment = LocalDeployment(root)
+        with deployment.group:
+            deployment.up(export_market(market, root / "sellers"))
+            return run_app(deployment, config, root / "result", stream=progress)
+
+
+def run_app(deployment: LocalDeployment, config: TipConfig, out_dir: Path, *, stream: bool = False) -> Valuation:
+    """``flwr run`` the scenario app on ``deployment`` and return the buyer's valuation."""
+    run_config = deployment.root / "run-config.toml"
+    overrides = ";".join(run_config_overrides(config))
+    run_config.write_text(f"config = \"\"\nset = {json.dumps(overrides)}\nout-dir = {json.dumps(str(out_dir))}\n")
+    timeout = config.flower.node_wait_s + config.flower.timeout_s * (1 + len(deployment.nodes) // config.flower.wave_size) + 300
+    output = deployment.flwr("run", str(APP_DIR), "tip-local", "--stream", "--run-config", str(run_config),
+                             timeout_s=timeout, cwd=APP_DIR)
+    if stream:
+        print(output)
+    path = out_dir / VALUATION_FILE
+    if not path.is_file():
+        raise TipError(f"the Flower run wrote no {VALUATION_FILE}; its output ends with:\n{output[-3000:]}")
+    return Valuation.from_dict(json.loads(path.read_text()))

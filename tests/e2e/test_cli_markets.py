@@ -1,0 +1,74 @@
+"""Healthcare and LLM-corpus markets through the `tip-fed` command (quick variants)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = Path(sys.executable).parent / "tip-fed"
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([str(CLI), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _check_common(out: Path):
+    for name in ("manifest.json", "metrics.json", "scores.csv", "replicates.csv", "payouts.csv", "report.md",
+                 "seller_values.png", "lorenz.png", "score_vs_benefit.png", "payout_shares.png"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["fidelity"]["pearson"] >= 0.99999
+    rows = list(csv.DictReader((out / "payouts.csv").open()))
+    assert {"replicate", "seller_id", "rule", "payout", "share"} <= set(rows[0])
+    assert {"flat", "proportional", "softmax", "budget_balanced", "benefit"} <= {r["rule"] for r in rows}
+    assert set(m["payouts"]["rules"]) >= {"flat", "proportional"} and m["payouts"]["reference"]
+    return m
+
+
+def test_healthcare_quick(tmp_path):
+    out = tmp_path / "hc"
+    proc = _run("simulate", "configs/healthcare.toml", "--out", str(out), "--quiet", "--set", "quick=true")
+    assert proc.returncode == 0, proc.stderr
+    m = _check_common(out)
+    v, b = m["validity"], m["baselines"]
+    assert v["spearman"]["n_replicates"] == 3 and v["spearman"]["pooled"] > 0.3  # signed, helpful = positive
+    for method in ("gradient_cosine", "data_cosine", "random", "data_size"):
+        assert {"spearman", "pearson"} <= set(b[method]) and "pooled" in b[method]["spearman"]
+    assert {"delta_z", "p_bootstrap", "p_wilcoxon"} <= set(v["paired_vs_gradient_cosine"]["spearman"])
+    assert m["payouts"]["reference"] == "shapley"
+    assert (out / "replicates" / "rep-002" / "valuations.csv").is_file()
+    report = (out / "report.md").read_text()
+    assert "0.900" in report and "0.855" in report  # the paper's figures beside ours
+
+    (out / "report.md").unlink()
+    assert _run("report", str(out)).returncode == 0 and (out / "report.md").is_file()
+    proc = _run("compare", str(out), str(out / "replicates" / "rep-000"), "--out", str(tmp_path / "cmp.md"))
+    assert proc.returncode == 0, proc.stderr
+    assert "| shapley |" in proc.stdout and (tmp_path / "cmp.md").is_file()
+
+
+def test_llm_corpus_quick(tmp_path):
+    out = tmp_path / "llm"
+    proc = _run("simulate", "configs/llm_corpus.toml", "--out", str(out), "--quiet", "--set", "quick=true")
+    assert proc.returncode == 0, proc.stderr
+    m = _check_common(out)
+    d = m["distribution"]
+    assert 0 <= d["gini"] <= 1 and 0 < d["top10_share"] <= 1 and 0 <= d["fraction_negative"] <= 1
+    assert {"top_benefit", "bottom_benefit", "top_beats_bottom"} <= set(m["deciles"])
+    assert m["validity"]["spearman"] > 0
+    kinds = json.loads((out / "manifest.json").read_text())["replicates"][0]["seller_kinds"]
+    assert {"document", "duplicate", "shuffled", "off-domain"} == set(kinds.values())
+    assert "Sign validation" in (out / "report.md").read_text()
+
+
+def test_compare_rejects_unrelated_dirs(tmp_path):
+    proc = _run("compare", str(tmp_path), str(tmp_path))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

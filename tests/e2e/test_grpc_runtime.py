@@ -1,0 +1,177 @@
+"""The native gRPC runtime with real processes: ``tip-fed seller serve`` services over TLS on 127.0.0.1.
+
+Three seller processes are valued from the buyer client, then one is killed while the buyer is
+waiting for it; ``tip-fed simulate --set runtime=grpc`` must give the in-process valuations and
+leave no process behind, also when interrupted. Every process a test starts is stopped by PID.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulations.processes import ProcessGroup
+from simulations.runner import (
+    build_market, make_buyer, max_samples, plaintext_reference, run_scenario, write_seller_files,
+)
+from tip_fed.config import load_config
+from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = Path(sys.executable).parent / "tip-fed"
+SELLERS = ("digits-1", "digits-2", "digits-4")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _run(*args, env=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([str(CLI), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _pids_mentioning(text):
+    """Live processes whose command line contains ``text`` (a path unique to one test)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if text in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _kill_leftovers(text):
+    pids = _pids_mentioning(text)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _valuations(path):
+    return {r["seller_id"]: float(r["score"]) for r in csv.DictReader((path / "valuations.csv").open())}
+
+
+def _check_against_plaintext(valuation, buyer, market):
+    """Decryptions equal the plaintext scores up to CKKS and flooding noise (~1e-9 of the session's scale)."""
+    plain = {sid: plaintext_reference(buyer, market, sid) for sid in market.sellers}
+    scale = max(np.abs(p).max() for p in plain.values())
+    total_scale = max(abs(p.sum()) for p in plain.values())
+    for v in valuation.sellers:
+        assert np.max(np.abs(v.per_sample - plain[v.seller_id])) <= 1e-6 * scale
+        assert abs(v.total - plain[v.seller_id].sum()) <= 1e-6 * total_scale
+
+
+def test_three_tls_seller_processes_and_one_killed_mid_round(tmp_path):
+    config = load_config(ROOT / "configs/causal.toml", ["ground-truth.enabled=false"])
+    market = build_market(config)
+    market.sellers = {sid: market.sellers[sid] for sid in SELLERS}
+    files = write_seller_files(market, tmp_path / "data")
+    assert _run("tls", "init", str(tmp_path / "tls")).returncode == 0
+    tls = ClientTLS(tmp_path / "tls" / "ca.crt")
+
+    with ProcessGroup(tmp_path / "logs") as group:
+        children = {
+            sid: group.start(sid, [
+                str(CLI), "seller", "serve", "--data", str(path), "--port", "0",
+                "--tls-cert", str(tmp_path / "tls" / "seller.crt"), "--tls-key", str(tmp_path / "tls" / "seller.key"),
+            ])
+            for sid, path in files.items()
+        }
+        ports = {sid: group.wait_for(child, r"ready on 127\.0\.0\.1:(?P<port>\d+) \(tls\)", 120)["port"]
+                 for sid, child in children.items()}
+        endpoints = [SellerEndpoint(sid, f"127.0.0.1:{port}") for sid, port in ports.items()]
+        for endpoint in endpoints:
+            wait_until_healthy(endpoint, tls=tls, timeout_s=30)
+
+        # round 1: every seller valued, decryptions match the plaintext reference
+        buyer = make_buyer(market, config)
+        replies, failures = value_sellers(endpoints, buyer.offer(max_samples=max_samples(market)), tls=tls, timeout_s=60)
+        valuation = buyer.settle(list(replies.values()), expected=list(SELLERS))
+        assert failures == {} and valuation.missing == [] and valuation.rejected == {}
+        _check_against_plaintext(valuation, buyer, market)
+
+        # round 2: digits-2 freezes as its Value call starts and is killed while the buyer waits on it
+        victim = children["digits-2"]
+
+        def freeze_then_kill(endpoint):
+            if endpoint.name == "digits-2":
+                os.kill(victim.pid, signal.SIGSTOP)
+                threading.Timer(1.0, os.kill, (victim.pid, signal.SIGKILL)).start()
+
+        buyer = make_buyer(market, config)
+        t0 = time.monotonic()
+        replies, failures = value_sellers(endpoints, buyer.offer(max_samples=max_samples(market)), tls=tls,
+                                          timeout_s=60, retries=1, backoff_s=0.1, before_call=freeze_then_kill)
+        assert time.monotonic() - t0 < 30
+        assert victim.proc.wait(10) == -signal.SIGKILL
+        valuation = buyer.settle(list(replies.values()), expected=list(SELLERS))
+        assert valuation.missing == ["digits-2"] and list(failures) == ["digits-2"]
+        assert "UNAVAILABLE" in failures["digits-2"]
+        assert sorted(v.seller_id for v in valuation.sellers) == ["digits-1", "digits-4"]
+        _check_against_plaintext(valuation, buyer, market)
+    assert all(c.proc.returncode is not None for c in children.values())
+    assert _pids_mentioning(str(tmp_path)) == []
+
+
+def test_simulate_runtime_grpc_matches_inprocess(tmp_path):
+    args = ["simulate", "configs/causal.toml", "--quiet", "--set", "ground-truth.enabled=false"]
+    (tmp_path / "t").mkdir()
+    try:
+        grpc_run = _run(*args, "--out", str(tmp_path / "grpc"), "--set", "runtime=grpc",
+                        env={"TMPDIR": str(tmp_path / "t")})
+    finally:
+        leftovers = _kill_leftovers(str(tmp_path))
+    assert grpc_run.returncode == 0, grpc_run.stderr
+    assert leftovers == [], "tip-fed simulate left seller processes running"
+    # the reference runtime, in this process (what 'tip-fed simulate' runs, minus the interpreter start)
+    run_scenario(load_config(ROOT / "configs/causal.toml", ["ground-truth.enabled=false"]), tmp_path / "inprocess",
+                 progress=False)
+
+    grpc_scores, inproc_scores = _valuations(tmp_path / "grpc"), _valuations(tmp_path / "inprocess")
+    assert list(grpc_scores) == list(inproc_scores) == ["digits-1", "digits-2", "digits-3", "digits-4"]
+    ranking = [sorted(s, key=s.get, reverse=True) for s in (grpc_scores, inproc_scores)]
+    assert ranking[0] == ranking[1]
+    # Sellers add fresh flooding noise (OS entropy, ~1e-9 of the largest score) to every release,
+    # so two sessions agree to 1e-5 of each score, or to that noise floor for scores near zero.
+    scale = max(abs(s) for s in inproc_scores.values())
+    for sid, score in inproc_scores.items():
+        diff = abs(grpc_scores[sid] - score)
+        assert diff <= max(1e-5 * abs(score), 1e-8 * scale), (sid, grpc_scores[sid], score)
+    manifest = (tmp_path / "grpc" / "manifest.json").read_text()
+    assert '"runtime": "grpc"' in manifest and '"failures": {}' in manifest
+
+
+def test_interrupted_simulate_stops_every_seller_process(tmp_path):
+    (tmp_path / "t").mkdir()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path / "t"))
+    proc = subprocess.Popen(
+        [str(CLI), "simulate", "configs/causal.toml", "--quiet", "--out", str(tmp_path / "out"),
+         "--set", "runtime=grpc", "--set", "ground-truth.enabled=false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(_pids_mentioning(str(tmp_path / "t"))) < 4 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        assert len(_pids_mentioning(str(tmp_path / "t"))) == 4
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C does, while the sellers are starting
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        leftovers = _kill_leftovers(str(tmp_path))
+    assert proc.returncode == 130 and "interrupted" in err
+    assert leftovers == []

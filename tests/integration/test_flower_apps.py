@@ -1,0 +1,244 @@
+"""The Flower ServerApp (buyer) and ClientApp (sellers) in one process over a local Grid.
+
+No Ray and no network: a Grid subclass hands each message straight to the ClientApp with a
+per-node Context that persists across messages, as a SuperNode's does. Decrypted values are
+checked against the in-process runtime; failing and silent sellers against the valuation lists.
+"""
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from tip_fed.config import FlowerConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig, load_config
+from tip_fed.core.models import MLP
+from tip_fed.core.tasks import get_task
+from tip_fed.errors import ConfigError, ProtocolError
+from tip_fed.flower import records
+from tip_fed.flower.client_app import make_client_app, seller_from_node_config
+from tip_fed.flower.server_app import Session, make_server_app
+from tip_fed.protocol import Buyer, BuyerSettings, Seller
+from tip_fed.protocol.data import load_dataset, save_dataset
+
+from simulations.flower_apps import config_from_context, run_config_overrides
+
+TASK = get_task("classification")
+CAUSAL = Path(__file__).resolve().parents[2] / "configs" / "causal.toml"
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Creating a Message outside a Flower runtime needs a task identity (platform.md §2.3)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+class LocalGrid(Grid):
+    """Grid delivering messages to a ClientApp in this process; ``silent`` nodes never answer."""
+
+    def __init__(self, client_app, node_configs: dict[int, dict], silent: Iterable[int] = ()):
+        self.app = client_app
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config={})
+            for n, cfg in node_configs.items()
+        }
+        self.silent = set(silent)
+        self.sent: list[list[int]] = []
+        self._run = None
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        return self._run
+
+    def set_run(self, run_id):
+        self._run = run_id
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent.append([m.metadata.dst_node_id for m in messages])
+        return [self._deliver(m) for m in messages if m.metadata.dst_node_id not in self.silent]
+
+    def _deliver(self, msg):
+        """Like a SuperNode: an exception in the ClientApp becomes an error reply."""
+        try:
+            return self.app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # noqa: BLE001
+            return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+def _data(n, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g) + shift
+    return {"x": x, "y": (x[:, 0] + 0.5 * x[:, 1] > shift).long()}
+
+
+@pytest.fixture(scope="module")
+def buyer_parts():
+    torch.manual_seed(0)
+    model = MLP([10, 16, 2]).eval()
+    settings = BuyerSettings(
+        projection=ProjectionConfig(rank=4),
+        preconditioner=PreconditionerConfig(kind="identity"),
+        protocol=ProtocolConfig(disclosure="per-sample"),
+    )
+    return model, settings
+
+
+def _buyer(buyer_parts):
+    model, settings = buyer_parts
+    return Buyer(model, TASK, objective=_data(30, 2, 0.5), train=_data(60, 3), settings=settings)
+
+
+@pytest.fixture()
+def seller_files(tmp_path):
+    return {f"s{i}": save_dataset(_data(12 + i, 10 + i, 0.3 * i), tmp_path / f"s{i}.safetensors") for i in range(4)}
+
+
+def _run(grid, buyer, expected=(), **flower):
+    done = {}
+    cfg = FlowerConfig(timeout_s=5, node_wait_s=0, **flower)
+    app = make_server_app(lambda ctx: Session(buyer, 20, expected, cfg), lambda v, ctx: done.update(v=v))
+    server_ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    app(grid, server_ctx)
+    return done["v"]
+
+
+def test_flower_apps_value_every_seller_like_the_inprocess_runtime(buyer_parts, seller_files):
+    # Prepare: node 1..4 each hold one seller file, as SuperNodes started with --node-config
+    grid = LocalGrid(make_client_app(), {i + 1: {"data-path": str(p)} for i, p in enumerate(seller_files.values())})
+    # Execute: in waves of 3 nodes
+    valuation = _run(grid, _buyer(buyer_parts), expected=list(seller_files), wave_size=3)
+    # Assert: same numbers as the in-process runtime on the same data (fresh keys: CKKS noise only)
+    assert grid.sent == [[1, 2, 3], [4]]
+    assert sorted(v.seller_id for v in valuation.sellers) == sorted(seller_files)
+    assert valuation.rejected == {} and valuation.missing == []
+    ref_buyer = _buyer(buyer_parts)
+    offer = ref_buyer.offer(max_samples=20)
+    ref = ref_buyer.settle([Seller(s, load_dataset(p)).respond(offer) for s, p in seller_files.items()]).by_id()
+    scale = max(np.abs(r.per_sample).max() for r in ref.values())  # CKKS noise is absolute at this scale
+    for v in valuation.sellers:
+        assert v.total == pytest.approx(ref[v.seller_id].total, rel=1e-5, abs=1e-6 * scale)
+        np.testing.assert_allclose(v.per_sample, ref[v.seller_id].per_sample, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_failing_seller_is_rejected_and_silent_seller_missing(buyer_parts, seller_files, tmp_path):
+    # Prepare: node 2 points at a missing file (a TipError in the ClientApp), node 4 never answers
+    configs = {i + 1: {"data-path": str(p)} for i, p in enumerate(seller_files.values())}
+    configs[2] = {"data-path": str(tmp_path / "gone.safetensors"), "seller-id": "s1"}
+    grid = LocalGrid(make_client_app(), configs, silent=[4])
+    # Execute
+    valuation = _run(grid, _buyer(buyer_parts), expected=list(seller_files))
+    # Assert: the others are valued; the failure is listed with its reason, the silent one as missing
+    assert sorted(v.seller_id for v in valuation.sellers) == ["s0", "s2"]
+    assert list(valuation.rejected) == ["s1"] and "DataError" in valuation.rejected["s1"]
+    assert "does not exist" in valuation.rejected["s1"]
+    assert sorted(valuation.missing) == ["s1", "s3"]
+
+
+def test_crashing_client_app_and_unnamed_silence_are_reported_by_node(buyer_parts, seller_files):
+    # Prepare: a loader bug (not a TipError) makes Flower return an error reply for node 1
+    def loader(context, answered):
+        if context.node_id == 1:
+            raise RuntimeError("loader bug")
+        return seller_from_node_config(context, answered)
+
+    configs = {i + 1: {"data-path": str(p)} for i, p in enumerate(seller_files.values())}
+    grid = LocalGrid(make_client_app(loader), configs, silent=[3])
+    # Execute: no expected seller list, so silence is reported by node id
+    valuation = _run(grid, _buyer(buyer_parts))
+    # Assert
+    assert sorted(v.seller_id for v in valuation.sellers) == ["s1", "s3"]
+    assert list(valuation.rejected) == ["node-1"] and "loader bug" in valuation.rejected["node-1"]
+    assert valuation.missing == ["node-3"]
+
+
+def test_query_budget_holds_across_stateless_client_app_messages(buyer_parts, seller_files):
+    # Prepare: one node; the ClientApp object is recreated per message, its Context persists
+    path = seller_files["s0"]
+    grid = LocalGrid(make_client_app(), {1: {"data-path": str(path)}})
+    buyer = _buyer(buyer_parts)
+    offer = records.encode_offer(buyer.offer(max_samples=20))
+    msg = Message(content=offer, dst_node_id=1, message_type=records.QUERY_TYPE)
+    # Execute: the same Offer twice
+    first, second = grid.send_and_receive([msg])[0], grid.send_and_receive([msg])[0]
+    # Assert: answered once, refused the second time with the budget error
+    assert records.decode_reply(first.content)[2] is None
+    _, seller, error = records.decode_reply(second.content)
+    assert seller == "s0" and error.startswith("BudgetExceededError")
+    assert records.load_answered(grid.contexts[1].state) == {buyer.session_id: 1}
+
+
+def test_records_round_trip_blobs_larger_than_a_chunk():
+    blob = np.random.default_rng(0).integers(0, 256, size=12 * 2**20 + 7, dtype=np.uint8).tobytes()
+    assert records.decode_offer(records.encode_offer(blob)) == blob
+    assert records.decode_reply(records.encode_reply(blob, "s0")) == (blob, "s0", None)
+    assert records.decode_reply(records.encode_error("x" * 5000, None)) == (None, None, "x" * records.MAX_ERROR_CHARS)
+
+
+@pytest.mark.parametrize("content", [
+    RecordDict(),
+    RecordDict({records.PAYLOAD: ArrayRecord({"other": Array(np.zeros(3, np.uint8))})}),
+    RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros(3, np.float32))})}),
+    RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros((2, 2), np.uint8))})}),
+    RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros(0, np.uint8))})}),
+    RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(dtype="uint8", shape=(9,), stype="numpy.ndarray", data=b"garbage")})}),
+])
+def test_malformed_records_raise_protocol_error(content):
+    with pytest.raises(ProtocolError):
+        records.decode_offer(content)
+    with pytest.raises(ProtocolError):
+        records.decode_reply(content)
+
+
+def test_malformed_offer_becomes_an_error_reply_not_a_crash(seller_files):
+    grid = LocalGrid(make_client_app(), {1: {"data-path": str(seller_files["s0"])}})
+    garbage = records.encode_offer(b"\x00not a protobuf offer")
+    reply = grid.send_and_receive([Message(content=garbage, dst_node_id=1, message_type=records.QUERY_TYPE)])[0]
+    _, _, error = records.decode_reply(reply.content)
+    assert error is not None and "Error" in error.split(":")[0]
+
+
+def test_node_without_data_path_explains_how_to_configure_it():
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="--node-config"):
+        seller_from_node_config(ctx, {})
+
+
+def test_run_config_rebuilds_the_exact_tip_config():
+    # the deployment runtime hands its resolved config to the ServerApp process as run config
+    config = load_config(CAUSAL, ["seed=3", "causal.seller-classes=[[1], [4]]", "flower.wave-size=5"])
+    run_config = {"config": "", "set": ";".join(run_config_overrides(config))}
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    assert config_from_context(ctx) == config
+    # run_simulation passes an empty run config: every key has a default
+    empty = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    assert config_from_context(empty) == load_config(CAUSAL)
+
+
+def test_app_defaults_match_pyproject_run_config():
+    # run_simulation passes an empty run config, so the app carries the same defaults as pyproject.toml
+    import tomllib
+
+    from simulations.flower_apps import DEFAULTS
+
+    pyproject = tomllib.loads((CAUSAL.parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULTS
+    assert "federations" not in pyproject["tool"]["flwr"]

@@ -1,0 +1,111 @@
+"""Payout rules against hand computations, budget balance, harmful-paid-zero, and Shapley axioms."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from tip_fed.config import PayoutsConfig
+from tip_fed.market import payouts as P
+
+
+def _inputs(scores, records=None, utility=None, benefits=None):
+    ids = list(scores)
+    return P.PayoutInputs(ids, dict(scores), records or dict.fromkeys(ids, 1), utility=utility, benefits=benefits)
+
+
+def test_flat_pays_per_record():
+    paid = P.FlatPerRecord().pay(_inputs({"a": -5.0, "b": 9.0}, {"a": 10, "b": 30}), 100.0)
+    assert paid == pytest.approx({"a": 25.0, "b": 75.0})
+
+
+def test_proportional_pays_positive_part_and_harmful_zero():
+    paid = P.ProportionalPositive().pay(_inputs({"a": 3.0, "b": 1.0, "c": -2.0}), 100.0)
+    assert paid == pytest.approx({"a": 75.0, "b": 25.0, "c": 0.0})
+
+
+def test_softmax_matches_hand_computation():
+    scores = {"a": 2.0, "b": 1.0, "c": -1.0}
+    sd = np.std(list(scores.values()))
+    ea, eb = math.exp(2.0 / (sd * 0.5)), math.exp(1.0 / (sd * 0.5))
+    paid = P.Softmax(temperature=0.5).pay(_inputs(scores), 10.0)
+    assert paid == pytest.approx({"a": 10 * ea / (ea + eb), "b": 10 * eb / (ea + eb), "c": 0.0})
+
+
+def test_budget_balanced_reserve_hand_computation_and_balance():
+    rule = P.BudgetBalancedReserve(reserve=0.3, reserve_quantile=0.0)
+    paid = rule.pay(_inputs({"a": 4.0, "b": 2.0, "c": -1.0}), 100.0)
+    # reserve price 0.3 x 100/3 = 10; floor = 2 (lowest positive score); both accepted; surplus 80 by (4-2, 2-2)
+    assert paid == pytest.approx({"a": 90.0, "b": 10.0, "c": 0.0})
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = {f"s{i}": float(x) for i, x in enumerate(rng.normal(size=12))}
+        paid = P.BudgetBalancedReserve().pay(_inputs(scores), 250.0)
+        assert sum(paid.values()) == pytest.approx(250.0)
+        assert all(paid[s] == 0.0 for s, v in scores.items() if v <= 0)
+
+
+def test_reserve_caps_the_number_of_accepted_sellers():
+    scores = {f"s{i}": float(10 - i) for i in range(10)}
+    paid = P.BudgetBalancedReserve(reserve=3.0, reserve_quantile=0.0).pay(_inputs(scores), 100.0)  # price 30
+    assert sum(v > 0 for v in paid.values()) == 3 and sum(paid.values()) == pytest.approx(100.0)
+
+
+def _game(coalition):
+    """Non-additive: a and b are complements (worth 10 together), c adds 2, d harms (-1)."""
+    v = 10.0 if {"a", "b"} <= coalition else 0.0
+    return v + 2.0 * ("c" in coalition) - 1.0 * ("d" in coalition)
+
+
+def _brute_shapley(ids, u):
+    phi = dict.fromkeys(ids, 0.0)
+    orders = list(itertools.permutations(ids))
+    for order in orders:
+        seen = frozenset()
+        for s in order:
+            phi[s] += (u(seen | {s}) - u(seen)) / len(orders)
+            seen = seen | {s}
+    return phi
+
+
+def test_shapley_exact_matches_brute_force_and_axioms():
+    ids = ["a", "b", "c", "d"]
+    inputs = _inputs(dict.fromkeys(ids, 1.0), utility=_game)
+    phi = P.shapley_values(inputs)
+    assert phi == pytest.approx(_brute_shapley(ids, _game))
+    assert phi == pytest.approx({"a": 5.0, "b": 5.0, "c": 2.0, "d": -1.0})
+    assert sum(phi.values()) == pytest.approx(_game(frozenset(ids)))  # efficiency
+    assert phi["a"] == pytest.approx(phi["b"])  # symmetry
+
+
+def test_shapley_monte_carlo_is_efficient_and_close():
+    ids = ["a", "b", "c", "d"]
+    phi = P.shapley_values(_inputs(dict.fromkeys(ids, 1.0), utility=_game), exact_max=0, permutations=400)
+    assert sum(phi.values()) == pytest.approx(11.0)
+    assert phi == pytest.approx({"a": 5.0, "b": 5.0, "c": 2.0, "d": -1.0}, abs=0.6)
+
+
+def test_leave_one_out_and_ground_truth_rules_pay_zero_to_harmful():
+    inputs = _inputs(dict.fromkeys("abcd", 1.0), utility=_game)
+    assert P.leave_one_out(inputs) == pytest.approx({"a": 10.0, "b": 10.0, "c": 2.0, "d": -1.0})
+    assert P.LeaveOneOut().pay(inputs, 22.0) == pytest.approx({"a": 10.0, "b": 10.0, "c": 2.0, "d": 0.0})
+    assert P.Shapley().pay(inputs, 12.0) == pytest.approx({"a": 5.0, "b": 5.0, "c": 2.0, "d": 0.0})
+
+
+def test_settle_writes_every_rule_and_compares_with_shapley():
+    inputs = _inputs({"a": 5.0, "b": 5.0, "c": 2.0, "d": -1.0}, utility=_game, benefits={"a": 1, "b": 1, "c": 1, "d": -1})
+    rows, comp, ref = P.settle(PayoutsConfig(), inputs)
+    assert ref == "shapley"
+    assert {r["rule"] for r in rows} == {"flat", "proportional", "softmax", "budget_balanced", "benefit", "loo", "shapley"}
+    for rule in {r["rule"] for r in rows}:
+        assert sum(r["share"] for r in rows if r["rule"] == rule) == pytest.approx(1.0)
+    assert comp["shapley"]["l1_vs_reference"] == 0 and comp["shapley"]["spearman_vs_reference"] == pytest.approx(1.0)
+    assert comp["proportional"]["l1_vs_reference"] == pytest.approx(0.0, abs=1e-12)  # scores equal the Shapley values
+    _, _, ref = P.settle(PayoutsConfig(), _inputs({"a": 1.0, "b": 2.0}))
+    assert ref is None
+
+
+def test_rules_needing_ground_truth_say_so():
+    with pytest.raises(P.DataError, match="simulation"):
+        P.LeaveOneOut().pay(_inputs({"a": 1.0}), 1.0)

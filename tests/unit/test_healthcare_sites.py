@@ -1,0 +1,43 @@
+"""Healthcare market construction: real sites differ realistically; the scale generator scales."""
+
+import numpy as np
+import pytest
+
+from tip_fed.config import load_config
+from tip_fed.errors import ConfigError
+from simulations import healthcare
+
+
+def test_real_sites_partition_the_real_rows_with_site_differences():
+    config = load_config("configs/healthcare.toml")
+    sites = healthcare.real_sites(config, np.random.default_rng(0))
+    assert len(sites) == config.healthcare.sites
+    assert sum(len(s.y) for s in sites) == 442  # every diabetes patient, once
+    sizes = [len(s.y) for s in sites]
+    assert min(sizes) >= config.healthcare.min_site_rows and max(sizes) >= 2 * min(sizes)
+    assert {s.info["coding"] for s in sites} == {"standard", "no-labs", "shifted-scale"}
+    noisy = [s for s in sites if s.info["label_noise"] >= 0.3]
+    assert noisy and all((s.y != s.y_true).any() for s in noisy)
+    assert np.ptp([s.info["case_mix_center"] for s in sites]) > 1.0
+
+
+def test_replicates_draw_distinct_buyer_objective_and_seller_sites():
+    config = load_config("configs/healthcare.toml", ["quick=true"])
+    markets = healthcare.build(config)
+    assert len(markets) == healthcare.QUICK["replicates"]
+    for m in markets:
+        used = [m.info["buyer_train_site"], m.info["objective_site"], *m.sellers]
+        assert len(set(used)) == len(used) == 2 + healthcare.QUICK["sellers"]
+    assert len({m.info["objective_site"] for m in markets} | {m.info["buyer_train_site"] for m in markets}) > 2
+
+
+def test_sellers_knob_switches_to_synthetic_scale_mode():
+    config = load_config("configs/healthcare.toml", ["sellers=300"])
+    assert healthcare.settings(config) == (1, 300, True)
+    (market,) = healthcare.build(config)
+    assert len(market.sellers) == 300 and market.info["dataset"].startswith("synthetic")
+    sites = healthcare.synthetic_sites(400, np.random.default_rng(0), rows=(10, 50), bad_fraction=0.25)
+    assert all(10 <= len(s.y) <= 50 for s in sites)
+    assert np.mean([s.info["label_noise"] > 0 for s in sites]) == pytest.approx(0.25, abs=0.07)
+    with pytest.raises(ConfigError, match="sites"):
+        healthcare.settings(load_config("configs/healthcare.toml", ["healthcare.sellers=11"]))

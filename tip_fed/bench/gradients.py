@@ -1,0 +1,157 @@
+"""Hook-based projected gradients vs explicit per-sample full gradients, then projection.
+
+Both methods produce the same ``[n, k]`` matrix for the same GPT-2-style model and batch:
+
+- ``hooks``: :func:`tip_fed.core.gradients.projected_grads` - one batched forward/backward;
+  forward hooks project activations, output gradients are projected, and the per-sample
+  projected gradient is an einsum. No per-sample full gradient ever exists.
+- ``full``: the way the paper's code works - for each sample, autograd gives the full weight
+  gradient of every projected layer; all n full per-sample gradients are kept (materialised),
+  then each is projected with the same matrices, ``P_out G P_in^T``.
+
+Each method runs in a fresh subprocess so its memory high-water mark is its own: the figure is
+VmHWM after the method minus the resident set (VmRSS) just before it (model and batch already
+built), so it counts everything the method allocates (autograd graph, gradients, projections).
+Time is the median of the timed repetitions after one warm-up call, with torch using every core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from tip_fed.core.gradients import projected_grads_batched
+from tip_fed.core.projection import ProjectionSpec, projection_matrices
+from tip_fed.core.tasks import get_task
+
+from .common import GPT2_INCLUDE, GPT2_RANK, current_rss_mb, gpt2_model, median, peak_rss_mb, timed, token_batch
+
+METHODS = ("hooks", "full")
+
+
+def _spec(model: torch.nn.Module) -> ProjectionSpec:
+    return ProjectionSpec.for_model(model, rank=GPT2_RANK, seed=0, include=list(GPT2_INCLUDE))
+
+
+def full_then_project(model: torch.nn.Module, spec: ProjectionSpec, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Baseline: materialise every sample's full layer gradients, then project them."""
+    task = get_task("causal-lm")
+    modules = dict(model.named_modules())
+    layers = [modules[layer.name] for layer in spec.layers]
+    weights = [m.weight for m in layers]
+    n = batch["input_ids"].shape[0]
+    full: list[list[torch.Tensor]] = []
+    for i in range(n):
+        sample = {k: v[i : i + 1] for k, v in batch.items()}
+        loss = task.per_sample_loss(model, sample)[0]
+        full.append([g.detach() for g in torch.autograd.grad(loss, weights)])
+    out = torch.empty(n, spec.dim)
+    offsets = spec.offsets()
+    for j, (layer, module) in enumerate(zip(spec.layers, layers)):
+        p_in, p_out = projection_matrices(spec, layer, torch.float32)
+        transpose = not isinstance(module, torch.nn.Linear)  # Conv1D stores [in, out]
+        start = offsets[j]
+        for i in range(n):
+            grad = full[i][j].T if transpose else full[i][j]
+            out[i, start : start + layer.dim] = (p_out @ grad @ p_in.T).reshape(-1)
+    return out
+
+
+def _hooks(model: torch.nn.Module, spec: ProjectionSpec, batch: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    """Hook method over the data in batches of ``size`` (memory bounded by the batch, not n)."""
+    n = batch["input_ids"].shape[0]
+    chunks = [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+    return projected_grads_batched(model, spec, "causal-lm", chunks)
+
+
+def _worker(method: str, n: int, reps: int, size: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = gpt2_model()
+    spec = _spec(model)
+    batch = token_batch(n)
+    fn = (lambda: _hooks(model, spec, batch, size)) if method == "hooks" else (
+        lambda: full_then_project(model, spec, batch)
+    )
+    base = current_rss_mb()
+    out, first = timed(fn)
+    peak = peak_rss_mb() - base
+    times = [timed(fn)[1] for _ in range(reps)]
+    return {"method": method, "n": n, "batch": size, "dim": spec.dim, "seconds": median(times) if times else first,
+            "seconds_all": times, "peak_mb": peak, "output": out.tolist()}
+
+
+def _spawn(method: str, n: int, reps: int, size: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "tip_fed.bench.gradients", "--worker", method, "--n", str(n), "--reps", str(reps),
+           "--batch", str(size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gradient benchmark worker {method} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The ``gradients`` section: speed and peak-memory ratios, and that outputs agree.
+
+    ``n`` is a seller's whole data set (100 samples, as in the scale benchmark): the baseline
+    holds n full per-sample gradients, the hook method one batch of activations. The headline
+    uses the hook batch size fixed here in advance (4); the other sizes are listed under
+    ``hooks_by_batch`` to show the speed/memory trade-off.
+    """
+    n, reps, rounds, sizes, head = (8, 1, 1, (2,), 2) if quick else (100, 1, 2, (2, 4, 8), 4)
+    hooks: dict[int, list[dict[str, Any]]] = {b: [] for b in sizes}
+    full: list[dict[str, Any]] = []
+    for _ in range(rounds):  # alternate, so load drifts hit both methods
+        for b in sizes:
+            hooks[b].append(_spawn("hooks", n, reps, b))
+        full.append(_spawn("full", n, reps, head))
+    a = torch.tensor(hooks[head][-1]["output"])
+    b_out = torch.tensor(full[-1]["output"])
+    for r in [*full, *(r for runs in hooks.values() for r in runs)]:
+        r.pop("output", None)
+    t_full = median([r["seconds"] for r in full])
+    m_full = median([r["peak_mb"] for r in full])
+    by_batch = {
+        str(b): {
+            "seconds": median([r["seconds"] for r in runs]),
+            "peak_mb": median([r["peak_mb"] for r in runs]),
+            "speedup_vs_full": t_full / median([r["seconds"] for r in runs]),
+            "memory_ratio": median([r["peak_mb"] for r in runs]) / m_full,
+        }
+        for b, runs in hooks.items()
+    }
+    return {
+        "model": "GPT2LMHeadModel n_layer=4 n_embd=256 n_head=4 vocab=1000, seq 128, 16 projected Conv1D layers",
+        "samples": n,
+        "hooks_batch": head,
+        "dim": full[0]["dim"],
+        "torch_threads": torch.get_num_threads(),
+        "hooks_seconds": by_batch[str(head)]["seconds"],
+        "full_seconds": t_full,
+        "hooks_peak_mb": by_batch[str(head)]["peak_mb"],
+        "full_peak_mb": m_full,
+        "speedup_vs_full": by_batch[str(head)]["speedup_vs_full"],
+        "memory_ratio": by_batch[str(head)]["memory_ratio"],
+        "hooks_by_batch": by_batch,
+        "max_rel_diff": float((a - b_out).abs().max()) / float(b_out.abs().max()),
+        "memory_method": "fresh subprocess per method; VmHWM after - VmRSS before (MiB)",
+        "runs": {"full": full, **{f"hooks_b{b}": runs for b, runs in hooks.items()}},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="gradient benchmark worker (one method, fresh process)")
+    ap.add_argument("--worker", choices=METHODS, required=True)
+    ap.add_argument("--n", type=int, required=True)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8, help="hook method's batch size")
+    args = ap.parse_args()
+    print(json.dumps(_worker(args.worker, args.n, args.reps, args.batch)))
+
+
+if __name__ == "__main__":
+    main()

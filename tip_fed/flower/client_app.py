@@ -1,0 +1,71 @@
+"""The seller as a Flower ClientApp: answer each ``query.value`` Offer with a Reply.
+
+Flower recreates a ClientApp for every message, so nothing lives on the app object: the seller is
+loaded afresh from the node's own data (``context.node_config``) and the per-session query budget
+is kept in ``context.state``. A :class:`TipError` (bad offer, spent budget, missing data) becomes an
+error reply carrying its message, so the buyer can list the seller under ``rejected``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from tip_fed.errors import ConfigError, TipError
+from tip_fed.flower import records
+from tip_fed.protocol import Seller
+from tip_fed.protocol.data import load_dataset
+
+logger = logging.getLogger(__name__)
+
+SellerLoader = Callable[[Context, dict[str, int]], Seller]
+"""Builds this node's seller; the dict is the session budget to hand to ``Seller(answered=...)``."""
+
+DATA_PATH = "data-path"
+SELLER_ID = "seller-id"
+
+
+def seller_from_node_config(context: Context, answered: dict[str, int]) -> Seller:
+    """Seller from ``--node-config "data-path=... [seller-id=...]"`` (a safetensors dataset).
+
+    The seller id defaults to the data file's stem, as written by ``tip-fed export-sellers``.
+    """
+    path = context.node_config.get(DATA_PATH)
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            f"this SuperNode has no '{DATA_PATH}' in its node config; start it with "
+            f"--node-config \"{DATA_PATH}=/path/to/seller.safetensors\""
+        )
+    seller_id = context.node_config.get(SELLER_ID) or Path(path).stem
+    return Seller(str(seller_id), load_dataset(path), answered=answered)
+
+
+def make_client_app(load_seller: SellerLoader = seller_from_node_config) -> ClientApp:
+    """A ClientApp whose seller is built by ``load_seller`` for every message."""
+    app = ClientApp()
+
+    @app.query(records.QUERY_ACTION)
+    def value(msg: Message, context: Context) -> Message:
+        """Offer in, Reply (or error reply) out; never raises for a TipError."""
+        answered = records.load_answered(context.state)
+        seller_id: str | None = context.node_config.get(SELLER_ID)  # type: ignore[assignment]
+        try:
+            offer = records.decode_offer(msg.content)
+            seller = load_seller(context, answered)
+            seller_id = seller.seller_id
+            reply = seller.respond(offer)
+        except TipError as exc:
+            logger.warning("seller %s (node %s) refused the offer: %s", seller_id, context.node_id, exc)
+            return Message(records.encode_error(f"{type(exc).__name__}: {exc}", seller_id), reply_to=msg)
+        finally:
+            records.store_answered(context.state, answered)
+        return Message(records.encode_reply(reply, seller.seller_id), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,193 @@
+"""The buyer's side of the native gRPC runtime: send one Offer to many seller services at once.
+
+A valuation round must finish for the sellers that answer even when others are down, hang or
+refuse, so :func:`value_sellers` never raises for one seller's failure: it returns the replies it
+got and, for every other seller, a one-line reason. Each call has a deadline. Only UNAVAILABLE
+(the seller could not be reached, or went away) is retried, with exponential backoff: a seller that
+was slow past the deadline or refused the Offer has spent that session's query budget and would
+refuse a second copy, so retrying it only delays the round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from tip_fed.errors import ConfigError, ProtocolError, SellerUnavailableError
+from tip_fed.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+@dataclass(frozen=True)
+class SellerEndpoint:
+    """Where a seller listens. ``name`` is the seller id the buyer expects to answer there."""
+
+    name: str
+    address: str
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.address or ":" not in self.address:
+            raise ConfigError(f"seller endpoint {self.name!r} needs an address like host:port, got {self.address!r}")
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """PEM files for the buyer: the CA that signed the sellers' certificates, and a client
+    certificate and key when sellers require mutual TLS."""
+
+    root_ca: str | Path
+    cert: str | Path | None = None
+    key: str | Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """grpcio channel credentials; ConfigError naming a file that cannot be read."""
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("a client certificate needs its key and the key its certificate; give both or neither")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.root_ca),
+            private_key=_read(self.key) if self.key else None,
+            certificate_chain=_read(self.cert) if self.cert else None,
+        )
+
+
+def _read(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS file {path}: {exc.strerror}; create files with 'tip-fed tls init DIR'") from exc
+
+
+def open_channel(
+    address: str, *, tls: ClientTLS | None, insecure: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> grpc.Channel:
+    """A channel to one seller: TLS unless ``insecure=True`` is passed explicitly."""
+    if tls is None and not insecure:
+        raise ConfigError("connecting to sellers needs TLS: pass tls=ClientTLS(root_ca=...) "
+                          "or insecure=True for plaintext on a trusted network")
+    options = channel_options(max_message_bytes)
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.credentials(), options=options)
+
+
+def describe(err: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call, e.g. ``RESOURCE_EXHAUSTED: seller s1 already answered ...``."""
+    code = err.code() if isinstance(err, grpc.Call) else None
+    details = err.details() if isinstance(err, grpc.Call) else str(err)
+    return f"{code.name if code else 'UNKNOWN'}: {details}"
+
+
+def health(
+    endpoint: SellerEndpoint, *, tls: ClientTLS | None, insecure: bool = False, timeout_s: float = 5.0
+) -> pb.HealthResponse:
+    """One Health call; SellerUnavailableError with the reason if it fails."""
+    with open_channel(endpoint.address, tls=tls, insecure=insecure) as channel:
+        call = channel.unary_unary(
+            f"/{SERVICE_NAME}/Health",
+            request_serializer=pb.HealthRequest.SerializeToString,
+            response_deserializer=pb.HealthResponse.FromString,
+        )
+        try:
+            return call(pb.HealthRequest(), timeout=timeout_s)  # type: ignore[no-any-return]
+        except grpc.RpcError as exc:
+            raise SellerUnavailableError(f"seller {endpoint.name} at {endpoint.address}: {describe(exc)}") from exc
+
+
+def wait_until_healthy(
+    endpoint: SellerEndpoint, *, tls: ClientTLS | None, insecure: bool = False, timeout_s: float = 60.0
+) -> pb.HealthResponse:
+    """Poll Health until the seller answers as ``endpoint.name``; SellerUnavailableError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            reply = health(endpoint, tls=tls, insecure=insecure, timeout_s=max(0.5, min(5.0, deadline - time.monotonic())))
+        except SellerUnavailableError as exc:
+            if time.monotonic() >= deadline:
+                raise SellerUnavailableError(f"{exc}; not healthy after {timeout_s:g} s") from exc
+            time.sleep(0.2)
+            continue
+        if reply.seller_id != endpoint.name:
+            raise SellerUnavailableError(
+                f"the service at {endpoint.address} is seller {reply.seller_id!r}, not {endpoint.name!r}; check the address"
+            )
+        return reply
+
+
+def value_sellers(
+    endpoints: Sequence[SellerEndpoint],
+    offer: bytes,
+    *,
+    tls: ClientTLS | None = None,
+    insecure: bool = False,
+    timeout_s: float = 300.0,
+    retries: int = 2,
+    backoff_s: float = 0.5,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    before_call: Callable[[SellerEndpoint], None] | None = None,
+) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Send ``offer`` to every seller concurrently; return ``(replies, failures)`` keyed by endpoint name.
+
+    ``replies`` holds Reply bytes for :meth:`tip_fed.protocol.Buyer.settle`; ``failures`` one reason
+    per seller that gave none (unreachable, deadline of ``timeout_s`` per call exceeded, refused).
+    ``before_call`` runs in the worker thread just before each endpoint's first attempt (progress
+    reporting, fault injection in tests).
+    """
+    names = [e.name for e in endpoints]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"seller endpoint names must be unique, got {names}")
+    if timeout_s <= 0 or retries < 0 or backoff_s < 0:
+        raise ConfigError("timeout_s must be > 0, retries and backoff_s >= 0")
+    if not endpoints:
+        return {}, {}
+    try:
+        request = pb.ValueRequest(offer=pb.Offer.FromString(offer)).SerializeToString()
+    except DecodeError as exc:
+        raise ProtocolError(
+            f"the offer to send is not a valid tip.v1 Offer: {exc}; pass the bytes of Buyer.offer()"
+        ) from exc
+    channels = {e.name: open_channel(e.address, tls=tls, insecure=insecure, max_message_bytes=max_message_bytes)
+                for e in endpoints}
+
+    def one(endpoint: SellerEndpoint) -> bytes:
+        call = channels[endpoint.name].unary_unary(f"/{SERVICE_NAME}/Value")
+        if before_call:
+            before_call(endpoint)
+        for attempt in range(retries + 1):
+            try:
+                raw = call(request, timeout=timeout_s)
+                return pb.ValueResponse.FromString(raw).reply.SerializeToString()
+            except DecodeError as exc:
+                raise SellerUnavailableError(f"{endpoint.address} sent a malformed ValueResponse: {exc}") from exc
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code not in RETRYABLE or attempt == retries:
+                    tries = f" after {attempt + 1} attempts" if attempt else ""
+                    raise SellerUnavailableError(f"{endpoint.address}{tries}: {describe(exc)}") from exc
+                time.sleep(backoff_s * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    replies: dict[str, bytes] = {}
+    failures: dict[str, str] = {}
+    pool = futures.ThreadPoolExecutor(max_workers=min(32, len(endpoints)), thread_name_prefix="tip-value")
+    try:
+        jobs = {pool.submit(one, e): e for e in endpoints}
+        for job in futures.as_completed(jobs):
+            name = jobs[job].name
+            try:
+                replies[name] = job.result()
+            except SellerUnavailableError as exc:
+                failures[name] = str(exc)
+    finally:
+        # Closing first cancels calls still in flight, so Ctrl-C does not wait out their deadlines.
+        for channel in channels.values():
+            channel.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return {n: replies[n] for n in names if n in replies}, {n: failures[n] for n in names if n in failures}

@@ -1,0 +1,160 @@
+"""``report.md`` for replicated markets (healthcare, LLM corpus), from saved files only.
+
+Reads ``manifest.json``, ``metrics.json``, ``scores.csv``, ``replicates.csv`` and ``payouts.csv``
+so ``tip-fed report DIR`` re-renders any past run exactly as programs read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tip_fed.market import plots
+from tip_fed.market.results import atomic_write, read_csv, read_json
+
+METHODS = ("tip", "gradient_cosine", "data_cosine", "random", "data_size")
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None or x == "":
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _scaled_within(rows: list[dict[str, str]], key: str) -> list[float]:
+    """Values divided by their replicate's root mean square: one plot for all replicates, signs kept."""
+    rms: dict[str, float] = {}
+    for rep in {r["replicate"] for r in rows}:
+        same = np.asarray([float(x[key]) for x in rows if x["replicate"] == rep])
+        rms[rep] = float(np.sqrt(np.mean(same**2))) or 1.0
+    return [float(r[key]) / rms[r["replicate"]] for r in rows]
+
+
+def _validity_section(m: dict[str, Any], out: Path) -> list[str]:
+    v, b = m["validity"], m["baselines"]
+    paper = m.get("paper_mean_abs_spearman", {})
+    blocks = {"tip": v, **b}
+    rows = []
+    for name in METHODS:
+        s, p = blocks[name]["spearman"], blocks[name]["pearson"]
+        rows.append([name, s["pooled"], f"[{_f(s['ci_low'])}, {_f(s['ci_high'])}]", s["mean_abs"],
+                     _f(paper[name]) if name in paper else "–", p["pooled"]])
+    parts = ["## Does the encrypted score predict realised benefit?", "",
+             "Per replicate: signed correlation across sellers of each method's score with the realised benefit; "
+             "pooled over replicates by Fisher z (weights n − 3), 95% CI by bootstrap over replicates. "
+             "The paper's numbers (Maryland HSCRC, 50 replicates, §6.2) are mean **|Spearman|**, which hides the sign; "
+             "ours are signed.", ""]
+    parts += _table(["method", "pooled signed Spearman", "95% CI", "mean abs Spearman", "paper mean abs Spearman",
+                     "pooled signed Pearson"], rows)
+    pt = v["paired_vs_gradient_cosine"]["spearman"]
+    parts += [f"Paired test TIP vs gradient cosine (Spearman, per-replicate Δz): Δz = {_f(pt['delta_z'])} "
+              f"[{_f(pt['ci_low'])}, {_f(pt['ci_high'])}], bootstrap p = {_f(pt['p_bootstrap'])}, "
+              f"Wilcoxon p = {_f(pt['p_wilcoxon'])} over {pt['n_replicates']} replicates.", "",
+              f"Top-1 agreement (highest score = highest benefit): TIP {_f(v['top1_rate'])}, "
+              f"gradient cosine {_f(b['gradient_cosine'].get('top1_rate'))}.", ""]
+    plots.method_bars(list(METHODS), [blocks[n]["spearman"]["pooled"] for n in METHODS],
+                      [blocks[n]["spearman"]["ci_low"] for n in METHODS],
+                      [blocks[n]["spearman"]["ci_high"] for n in METHODS], out / "methods.png", paper=paper)
+    return parts + ["![methods](methods.png)", ""]
+
+
+def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path) -> list[str]:
+    pm = m.get("payouts", {})
+    parts = ["## Payouts", "",
+             "Rules: `flat` (per record), `proportional` (positive TIP score; harmful paid zero), `softmax` "
+             "(temperature on spread-scaled scores), `budget_balanced` (reserve price, budget paid exactly), and from "
+             "ground truth (simulation only): `benefit` (own realised benefit), `loo` (leave-one-seller-out), "
+             f"`shapley` (seller-level Shapley of the coalition fine-tuning utility). Reference: `{pm.get('reference')}`; "
+             "numbers are averaged over replicates.", ""]
+    rules = pm.get("rules", {})
+    parts += _table(["rule", "Spearman vs reference", "L1 of shares vs reference", "Gini of payouts"],
+                    [[r, c.get("spearman_vs_reference"), c.get("l1_vs_reference"), c.get("gini")] for r, c in rules.items()])
+    if payouts:
+        first = payouts[0].get("replicate", "")
+        rep_rows = [r for r in payouts if r.get("replicate", "") == first]
+        sellers = list(dict.fromkeys(r["seller_id"] for r in rep_rows))
+        shares: dict[str, dict[str, float]] = {}
+        for r in rep_rows:
+            shares.setdefault(r["rule"], {})[r["seller_id"]] = float(r["share"])
+        plots.payout_shares(shares, sellers, out / "payout_shares.png", title=f"Payout shares per rule (replicate {first or 0})")
+        parts += ["![payout shares](payout_shares.png)", ""]
+    return parts
+
+
+def render_market_report(out_dir: str | Path) -> Path:
+    """Write ``report.md`` and its plots for a replicated run directory."""
+    out = Path(out_dir)
+    manifest, m = read_json(out / "manifest.json"), read_json(out / "metrics.json")
+    scores = read_csv(out / "scores.csv")
+    payouts = read_csv(out / "payouts.csv") if (out / "payouts.csv").is_file() else []
+    run = m.get("run", {})
+    parts = [f"# tip_fed market report: {manifest.get('scenario', 'market')}", "",
+             f"{run.get('replicates', '?')} replicate(s) × {run.get('sellers_per_replicate', '?')} sellers, each replicate "
+             f"valued in its own encrypted session (runtime `{run.get('runtime', '?')}`); {_f(run.get('seconds'), 1)} s in all. "
+             "Scores are `v · Σ g_i` decrypted per seller; positive = predicted to lower the buyer's objective loss. "
+             "Realised benefit = objective loss before − after fine-tuning a copy of the buyer's model on that seller's data.", ""]
+    fid = m.get("fidelity", {})
+    parts += [f"Encryption fidelity over all sellers: Pearson {_f(fid.get('pearson'), 8)}, max relative error "
+              f"{_f(fid.get('max_rel_error'))}.", ""]
+    if isinstance(m.get("validity", {}).get("spearman"), dict):
+        parts += _validity_section(m, out)
+    elif "validity" in m:
+        blocks = {"tip": m["validity"], **m.get("baselines", {})}
+        parts += ["## Does the encrypted score predict realised benefit?", "",
+                  "Signed correlations across this market's sellers of each method's score with realised benefit.", ""]
+        parts += _table(["method", "signed Spearman", "signed Pearson"],
+                        [[k, v.get("spearman"), v.get("pearson")] for k, v in blocks.items()])
+    tip = [float(r["tip"]) for r in scores]
+    harmful = [float(r["benefit"]) <= 0 for r in scores]
+    multi = run.get("replicates", 1) > 1
+    plots.sorted_values(_scaled_within(scores, "tip") if multi else tip, harmful,
+                        out / "seller_values.png", ylabel="TIP score" + (" (÷ replicate RMS)" if multi else ""),
+                        title="Seller values, sorted (red = harmful by realised benefit)")
+    unit = " (÷ replicate RMS)" if multi else ""
+    plots.scatter_fit(_scaled_within(scores, "tip") if multi else tip,
+                      _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores],
+                      out / "score_vs_benefit.png", xlabel="TIP score (encrypted)" + unit,
+                      ylabel="realised benefit (loss before − after)" + unit, title="Encrypted score vs realised benefit")
+    dist = m.get("distribution", {})
+    series = {"positive TIP value" + (" (÷ replicate RMS)" if multi else ""): _scaled_within(scores, "tip") if multi else tip}
+    series["positive realised benefit" + unit] = _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores]
+    shap = [float(r["payout"]) for r in payouts if r["rule"] == "shapley"]
+    if shap:
+        series["shapley payouts"] = shap
+    plots.lorenz_curves(series, out / "lorenz.png")
+    parts += ["## Distribution of value", ""]
+    parts += _table(["Gini (positive part)", "top-10% share", "fraction with negative score", "sellers"],
+                    [[dist.get("gini"), dist.get("top10_share"), dist.get("fraction_negative"), dist.get("n_sellers")]])
+    parts += ["![sorted seller values](seller_values.png)", "", "![Lorenz curve](lorenz.png)", "",
+              "![score vs benefit](score_vs_benefit.png)", ""]
+    if "deciles" in m:
+        d = m["deciles"]
+        parts += ["## Sign validation by fine-tuning on deciles", "",
+                  "A copy of the buyer's model is fine-tuned on the pooled data of the top 10% of sellers by TIP score, "
+                  "and separately on the bottom 10%; benefit = objective loss before − after.", ""]
+        parts += _table(["decile", "sellers", "benefit"], [["top", d["top_n"], d["top_benefit"]],
+                                                          ["bottom", d["bottom_n"], d["bottom_benefit"]]])
+        parts += [f"Top decile lowers the objective loss more than the bottom decile: **{_f(d['top_beats_bottom'])}**.", ""]
+    parts += _payout_section(m, payouts, out)
+    parts += ["## Files", "", "`scores.csv` (every method's score and the benefit, per replicate and seller), "
+              "`replicates.csv` (per-replicate correlations), `payouts.csv`, `metrics.json`, and per-session results "
+              "under `replicates/rep-NNN/` (valuations, ground truth, payouts, manifest).", ""]
+    path = out / "report.md"
+    atomic_write(path, "\n".join(parts))
+    return path
