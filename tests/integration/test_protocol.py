@@ -6,12 +6,10 @@ data; every refusal is checked for its specific TipError.
 
 import numpy as np
 import pytest
-import torch
 
 from tip_fed.config import CryptoConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig
 from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
-from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import (
     BudgetExceededError,
@@ -24,27 +22,9 @@ from tip_fed.errors import (
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
+from ..conftest import make_data
+
 TASK = get_task("classification")
-
-
-def _data(n, seed, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 10, generator=g) + shift
-    y = (x[:, 0] + 0.5 * x[:, 1] > shift).long()
-    return {"x": x, "y": y}
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = MLP([10, 16, 2])
-    data = _data(200, 1)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    for _ in range(50):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(data["x"]), data["y"]).backward()
-        opt.step()
-    return m.eval()
 
 
 def _buyer(model, disclosure="per-sample", **kw):
@@ -54,7 +34,7 @@ def _buyer(model, disclosure="per-sample", **kw):
         protocol=ProtocolConfig(disclosure=disclosure, query_budget=kw.pop("budget", 1)),
         **kw,
     )
-    return Buyer(model, TASK, objective=_data(40, 2, shift=0.5), train=_data(120, 3), settings=settings)
+    return Buyer(model, TASK, objective=make_data(40, 2, shift=0.5), train=make_data(120, 3), settings=settings)
 
 
 def _plain(buyer, model, data):
@@ -64,8 +44,8 @@ def _plain(buyer, model, data):
 
 
 @pytest.fixture(scope="module")
-def sellers():
-    return {f"s{i}": _data(n, 10 + i, shift=0.3 * i) for i, n in enumerate([5, 33, 70])}
+def sellers(seller_data):
+    return seller_data
 
 
 @pytest.mark.parametrize("kind", ["identity", "kfac"])
