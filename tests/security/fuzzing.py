@@ -47,7 +47,7 @@ HOSTILE_FLOATS = st.one_of(
 )
 HOSTILE_TEXT = st.one_of(
     st.sampled_from(["", "a" * 10_000, "../../etc/passwd", "\x00", "ab" * 16, "é" * 40, "mlp", "transformers",
-                     "classification", "causal-lm", "bsgs", "rademacher", "philox4x64-10"]),
+                     "classification", "causal-lm", "bsgs-copies", "rademacher", "philox4x64-10"]),
     st.text(max_size=64),
 )
 

@@ -157,11 +157,13 @@ def test_every_non_score_slot_is_indistinguishable_from_noise(seller_data, make_
             reply = pb.Reply.FromString(seller.respond(offer))
             assert len(reply.scores) == plan.blocks(reply.n_rows)
             rest = []
-            for b, ct in enumerate(reply.scores):
+            start = 0
+            for ct, r in zip(reply.scores, plan.block_rows(reply.n_rows), strict=True):
                 slots = keys.decrypt_slots(ct, "reply")
-                n_in = min(plan.rows_per_block, reply.n_rows - b * plan.rows_per_block)
+                n_in = min(r, reply.n_rows - start)
+                start += r
                 mask = np.ones(plan.slots, bool)
-                mask[plan.output_slots(n_in)] = False
+                mask[plan.output_slots(r, n_in)] = False
                 rest.append(slots[mask])
                 assert np.all(np.abs(slots[~mask]) <= QUERY_NORM * 1.001)
             rest = np.concatenate(rest)

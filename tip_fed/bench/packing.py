@@ -8,9 +8,10 @@ repetitions are interleaved (t_mul probe, then a scoring run, ...) and medians a
 - ``us_per_score``: **steady state** - a seller answering a repeated query over the same rows
   with its :class:`~tip_fed.crypto.EncodingCache` warm (encoding skipped), blocks spread over
   every core (``workers``, forked processes). ``us_per_score_serial`` is the same on one core;
-  ``us_per_score_cold`` is the first query on one core (every diagonal encoded). All include the
-  baby-step rotations, masking, fill encryption and serialisation, i.e. all of
-  :func:`score_rows`.
+  ``us_per_score_cold`` is the first query on one core (every diagonal encoded). All include
+  loading the query copies, giant-step and fold rotations, masking, fill encryption and
+  serialisation, i.e. all of :func:`score_rows`. Full mode scores 8,192 rows: two full blocks
+  of S = 4,096, one per core.
 - ``speedup_vs_naive``: TenSEAL ``dot``, one score and one ciphertext per sample, same
   parameters and keys (timed on a subset; it is linear in the number of scores).
 - ``breakdown_us_per_score``: the phases of :func:`score_rows` (cold run and steady run).
@@ -47,7 +48,7 @@ from .common import median, timed
 
 def run(quick: bool, seed: int = 0, dim: int = 1024, n_poly: int = 8192) -> dict[str, Any]:
     """The ``packing`` section of the benchmark JSON."""
-    samples, naive_n, reps, probe_n = (1024, 32, 2, 128) if quick else (4096, 256, 5, 512)
+    samples, naive_n, reps, probe_n = (1024, 32, 2, 128) if quick else (8192, 256, 5, 512)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=dim)
     x *= 3.0 / np.linalg.norm(x)

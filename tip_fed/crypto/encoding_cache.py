@@ -1,6 +1,6 @@
 """Seller-side cache of encoded BSGS plaintext diagonals, reused across buyer queries.
 
-Encoding a block's K' diagonals (numpy layout + SEAL's CKKS encode, an inverse FFT and an NTT
+Encoding a block's D diagonals (numpy layout + SEAL's CKKS encode, an inverse FFT and an NTT
 per prime) is about half of a seller's HE time, yet it depends only on
 
 - the CKKS parameters and packing plan (slot layout),
@@ -16,8 +16,9 @@ changes the gradients) is a miss, never a wrong hit. Results are bit-identical w
 the cache: SEAL's encoding is deterministic.
 
 The cache lives in the seller's process and holds only the seller's own data, so it shares
-nothing across parties. Memory is bounded (LRU over whole blocks, ``max_bytes``); one block at
-N = 8192, k = 1024 is 256 plaintexts x 192 KiB = 48 MiB, so the default 256 MiB keeps five.
+nothing across parties. Memory is bounded (LRU over whole blocks, ``max_bytes``); at N = 8192,
+k = 1024 a full block (4,096 rows) is 1,024 plaintexts x 192 KiB = 192 MiB, 48 KiB per row, so
+the default 256 MiB holds about 5,000 rows.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ class EncodingCache:
         self.misses = 0
 
     @staticmethod
-    def key(plan: PackingPlan, parms_id: Any, scale: float, block: np.ndarray) -> Hashable:
-        """Identity of one block's encodings; the digest covers shape, dtype and every value."""
+    def key(plan: PackingPlan, block_rows: int, parms_id: Any, scale: float, block: np.ndarray) -> Hashable:
+        """Identity of one block's encodings: the layout (plan, block size) and a digest of the
+        rows' shape and every value."""
         arr = np.ascontiguousarray(block, dtype=np.float64)  # no copy for row slices
         digest = hashlib.sha256(repr(arr.shape).encode())
         digest.update(memoryview(arr).cast("B"))  # hashed in place (SHA-NI: ~1.5 GB/s)
-        return (plan.params, plan.dim, tuple(int(v) for v in parms_id), float(scale), digest.hexdigest())
+        layout = (plan.params, plan.dim, plan.baby, int(block_rows))
+        return (*layout, tuple(int(v) for v in parms_id), float(scale), digest.hexdigest())
 
     def get(self, key: Hashable) -> EncodedBlock | None:
         """The cached block (marked most recently used) or None."""

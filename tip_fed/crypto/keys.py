@@ -55,12 +55,12 @@ class _SealHandles:
     def galois_elts(self, steps: tuple[int, ...]) -> list[int]:
         return list(self.galois_tool.get_elts_from_steps(list(steps)))
 
-    def output_scale(self) -> float:
+    def output_scale(self, masked: bool = True) -> float:
         """Scale of a reply: (scale * scale) / q_top after the BSGS rescale; the mask rescale
-        multiplies by q_mid and divides by it again (same double arithmetic as SEAL)."""
+        (``masked``) multiplies by q_mid and divides by it again (same double arithmetic as SEAL)."""
         s = self.params.global_scale
         after_bsgs = (s * s) / self.primes[-1]
-        return (after_bsgs * self.primes[-2]) / self.primes[-2]
+        return (after_bsgs * self.primes[-2]) / self.primes[-2] if masked else after_bsgs
 
 
 class PublicContext:

@@ -4,23 +4,30 @@ Roles: the buyer encrypts the query x (:func:`encrypt_query`) and decrypts the s
 (:func:`decrypt_scores`); a seller holding rows M and only a :class:`PublicContext` computes
 Enc(M x) (:func:`score_rows`) without decrypting anything.
 
-Layout and evaluation follow reference/platform.md §3.4 (notation there): interleaved query
-X[b + R c] = x[(c + b K') mod k]; plaintext generalised diagonals pre-rotated per giant step;
-baby steps chained rot(., R) and giant steps combined Horner-style with rot(., R B'), so the
-seller needs only 2 + log2(R) rotation keys; a log2(R) fold leaves row j's score in slot j R.
+Layout (notation of :mod:`tip_fed.crypto.params`): query copy h of a chunk holds
+Q_h[t] = x_chunk[(t + h) mod k_c] in every slot t (the query repeats with period k_c, so
+rotating by 1 advances every slot's coordinate by 1). In a block of r rows with D = r k_c / S
+products, slot t belongs to row q D + c (q = t div k_c, c = t mod D) and the plaintext diagonal
+P_h[t] = M[row, (t + h) mod k_c], so sum_h P_h * Q_h leaves in slot t the partial sum of its row
+over coordinates t mod k_c .. + D - 1; the k_c / D slots of a row cover all coordinates once and a
+log2(k_c / D) fold leaves row q D + c's score in slot q k_c + c. The h = g B + b split (baby b <
+B, giant g) is evaluated as sum_g rot_{gB}(sum_b P'_{g,b} * Q_b), with plaintexts pre-rotated by
+-gB and the buyer's B copies standing in for the baby-step rotations; giant steps are combined
+Horner-style with rot(., B), so the seller needs keys for B and the fold steps only.
 
 Levels: all products, giant-step rotations and fold rotations run at the query level, with
 scale^2, and are rescaled once at the end, so rotation key-switching noise is negligible
 (~1e-8 absolute instead of ~1e-6 when rotating after the rescale). The second level is spent
 on the output mask.
 
-Output protection (§3.7): every slot that is not a requested score holds a partial sum of the
-seller's data after the BSGS, so each reply is multiplied by a 0/1 mask (the last rescale), then
-gets a fresh public-key encryption of a fill vector added: uniform values in
-[-fill_bound, fill_bound] in every non-output slot (from the caller's ``rng``) and Gaussian
-flooding noise (std ``flood_std``, from OS entropy) in the output slots. The added encryption
-also re-randomises the ciphertext. Replies carry no integrity check: a flipped byte can still
-parse, so the protocol must hash/sign what it sends.
+Output protection (§3.7): after a fold, every slot that is not a requested score holds a partial
+sum of the seller's data, so such a reply is multiplied by a 0/1 mask (the last rescale). A full
+block (r = S, no fold) holds nothing but its rows' scores (absent rows are exact zeros), so it
+skips the mask. Every reply then gets a fresh public-key encryption of a fill vector added:
+uniform values in [-fill_bound, fill_bound] in every non-output slot (from the caller's ``rng``)
+and Gaussian flooding noise (std ``flood_std``, from OS entropy) in the output slots. The added
+encryption also re-randomises the ciphertext. Replies carry no integrity check: a flipped byte
+can still parse, so the protocol must hash/sign what it sends.
 
 Performance (benchmarks/README.md): a seller's encoded diagonals depend only on its rows and the
 parameters, so an :class:`~tip_fed.crypto.EncodingCache` skips encoding on repeated queries;
@@ -119,38 +126,38 @@ def _blob_list(items: object, count: int, what: str) -> list[bytes]:
 
 
 # ---- layout ------------------------------------------------------------------------------------
-def _slot_index(plan: PackingPlan) -> tuple[np.ndarray, np.ndarray]:
-    """For every slot t = b + R c: its row/coordinate c and the class offset c + b K'."""
-    t = np.arange(plan.slots, dtype=np.int64)
-    c = t // plan.replication
-    base = c + (t % plan.replication) * plan.diagonals
-    return c, base
-
-
-def _query_slots(plan: PackingPlan, x: np.ndarray) -> list[np.ndarray]:
-    """Interleaved layout X[b + R c] = x_chunk[(c + b K') mod k_c], one array per chunk."""
+def _query_slots(plan: PackingPlan, x: np.ndarray) -> list[list[np.ndarray]]:
+    """Q_h[t] = x_chunk[(t + h) mod k_c] for every chunk and copy h < baby."""
     kc = plan.chunk_dim
     padded = np.zeros(plan.padded_dim)
     padded[: plan.dim] = x
-    _, base = _slot_index(plan)
-    return [padded[i * kc : (i + 1) * kc][base % kc] for i in range(plan.chunks)]
+    t = np.arange(plan.slots, dtype=np.int64)
+    return [
+        [padded[i * kc : (i + 1) * kc][(t + h) % kc] for h in range(plan.baby)]
+        for i in range(plan.chunks)
+    ]
 
 
-def _giant_diagonals(
-    plan: PackingPlan, block: np.ndarray, g: int, c: np.ndarray, base: np.ndarray
-) -> np.ndarray:
-    """Pre-rotated plaintext diagonals D'_{g,h}, h = 0..B'-1, for one chunk of one block.
+def _block_diagonals(plan: PackingPlan, part: np.ndarray, r: int) -> np.ndarray:
+    """All D plaintext diagonals P'_{g,b} (index g B + b) of one chunk of a block of ``r`` rows.
 
-    D_{g,h}[b + R c] = M[c, (c + b K' + g B' + h) mod k_c], then rolled right by R g B'.
-    ``block`` is (n_rows_in_block, k_c); slots of absent rows stay zero.
+    ``part`` is (rows present, k_c); slots of absent rows stay zero. Diagonal g B + b is rolled
+    right by g B so that the giant-step rotation brings it back into place.
     """
-    kc, n = plan.chunk_dim, block.shape[0]
-    present = c < n
-    offsets = g * plan.baby + np.arange(plan.baby, dtype=np.int64)
-    cols = (base[None, present] + offsets[:, None]) % kc
-    diag = np.zeros((plan.baby, plan.slots))
-    diag[:, present] = block[c[present][None, :], cols]
-    return np.roll(diag, plan.replication * g * plan.baby, axis=1)
+    kc, s = plan.chunk_dim, plan.slots
+    d = plan.diagonals(r)
+    baby, _ = plan.split(r)
+    t = np.arange(s, dtype=np.int64)
+    row = (t // kc) * d + t % d
+    present = row < part.shape[0]
+    h = np.arange(d, dtype=np.int64)
+    cols = (t[None, present] + h[:, None]) % kc
+    diag = np.zeros((d, s))
+    diag[:, present] = part[row[present][None, :], cols]
+    for g in range(1, d // baby):
+        rows_g = slice(g * baby, (g + 1) * baby)
+        diag[rows_g] = np.roll(diag[rows_g], g * baby, axis=1)
+    return diag
 
 
 def _chunk_blocks(plan: PackingPlan, rows: np.ndarray) -> list[np.ndarray]:
@@ -165,14 +172,23 @@ def _chunk_blocks(plan: PackingPlan, rows: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _block_starts(plan: PackingPlan, n_rows: int) -> list[tuple[int, int]]:
+    """(first row, block size) of every block, in reply order."""
+    out, start = [], 0
+    for r in plan.block_rows(n_rows):
+        out.append((start, r))
+        start += r
+    return out
+
+
 # ---- buyer -------------------------------------------------------------------------------------
 def encrypt_query(keys: SessionKeys, plan: PackingPlan, x: np.ndarray) -> list[bytes]:
-    """Encrypt the query in the plan's interleaved layout: one seeded ciphertext per chunk."""
+    """Encrypt the query's ``baby`` rotated copies per chunk (chunk-major), seeded ciphertexts."""
     if not isinstance(keys, SessionKeys):
         raise ConfigError(f"expected SessionKeys, got {type(keys).__name__}")
     _same_params(plan, keys.params, "session keys")
     vec = _query_vector(x, plan.dim)
-    return [keys.encrypt_slots(slots) for slots in _query_slots(plan, vec)]
+    return [keys.encrypt_slots(slots) for copies in _query_slots(plan, vec) for slots in copies]
 
 
 def decrypt_scores(
@@ -186,17 +202,16 @@ def decrypt_scores(
         raise ConfigError(f"n_rows must be an integer >= 1, got {n_rows!r}")
     blobs = _blob_list(replies, plan.blocks(n_rows), f"reply (for {n_rows} rows)")
     out = np.empty(int(n_rows), dtype=np.float64)
-    rpb = plan.rows_per_block
-    for i, blob in enumerate(blobs):
-        n_in = min(rpb, n_rows - i * rpb)
+    for i, (blob, (start, r)) in enumerate(zip(blobs, _block_starts(plan, int(n_rows)), strict=True)):
+        n_in = min(r, int(n_rows) - start)
         slots = keys.decrypt_slots(blob, what=f"reply ciphertext {i}")
-        out[i * rpb : i * rpb + n_in] = slots[plan.output_slots(n_in)]
+        out[start : start + n_in] = slots[plan.output_slots(r, n_in)]
     return out
 
 
 # ---- seller ------------------------------------------------------------------------------------
 class _Scorer:
-    """One seller's evaluation state for one query (baby steps are shared by all blocks)."""
+    """One seller's evaluation state for one query (the query copies are shared by all blocks)."""
 
     def __init__(
         self,
@@ -208,29 +223,27 @@ class _Scorer:
         self.plan, self.ctx, self.h = plan, ctx, ctx.handles
         # Seconds per phase, accumulated (the benchmark's cost breakdown; perf_counter is ~0.1 us).
         self.timings: dict[str, float] = timings if timings is not None else {}
-        self._masks: dict[int, Any] = {}  # output-mask plaintext per rows-in-block
+        self._masks: dict[tuple[int, int], Any] = {}  # output-mask plaintext per (block, rows in it)
         t0 = time.perf_counter()
         ctx.require_rotations(plan.galois_steps)
         self.ev: Any = self.h.evaluator
         self.gk: Any = ctx.galois_keys
-        blobs = _blob_list(query, plan.chunks, "query")
-        self.baby: list[list[Any]] = []
-        with tenseal_errors("rotating the query (baby steps)", CryptoError):
-            for i, blob in enumerate(blobs):
-                ct = ciphertext_from_bytes(
-                    self.h.seal_context,
-                    plan.params,
-                    blob,
-                    what=f"query ciphertext {i}",
-                    parms_id=self.h.first_parms_id,
-                    scale=plan.params.global_scale,
-                )
-                steps = [ct]
-                for _ in range(1, plan.baby):
-                    steps.append(self._rotate(steps[-1], plan.replication))
-                self.baby.append(steps)
-        self.c, self.base = _slot_index(plan)
-        self._tick("baby_rotations", t0)
+        blobs = _blob_list(query, plan.chunks * plan.baby, "query")
+        self.copies: list[list[Any]] = []
+        with tenseal_errors("loading the query", CryptoError):
+            for i in range(plan.chunks):
+                self.copies.append([
+                    ciphertext_from_bytes(
+                        self.h.seal_context,
+                        plan.params,
+                        blobs[i * plan.baby + j],
+                        what=f"query ciphertext {i * plan.baby + j}",
+                        parms_id=self.h.first_parms_id,
+                        scale=plan.params.global_scale,
+                    )
+                    for j in range(plan.baby)
+                ])
+        self._tick("query_load", t0)
 
     def _tick(self, phase: str, t0: float) -> float:
         now = time.perf_counter()
@@ -247,51 +260,49 @@ class _Scorer:
         self.h.encoder.encode(values.tolist(), parms_id, scale, pt)
         return pt
 
-    def encode_block(self, rows: np.ndarray) -> EncodedBlock:
-        """Pre-rotated diagonals of one block as plaintexts at the query level (zeros skipped)."""
+    def encode_block(self, rows: np.ndarray, r: int) -> EncodedBlock:
+        """Pre-rotated diagonals of a block of ``r`` rows as plaintexts at the query level,
+        grouped by giant step (all-zero diagonals skipped)."""
         p = self.plan
-        parts = _chunk_blocks(p, rows)
-        out: EncodedBlock = []
-        for g in range(p.giant):
-            step: list[tuple[int, int, Any]] = []
-            for chunk, part in enumerate(parts):
-                diags = _giant_diagonals(p, part, g, self.c, self.base)
-                for h_idx in range(p.baby):
-                    if not diags[h_idx].any():
-                        continue
-                    pt = self._encode(diags[h_idx], self.h.first_parms_id, p.params.global_scale)
-                    if not pt.is_zero():  # values below the encoding precision
-                        step.append((chunk, h_idx, pt))
-            out.append(step)
+        baby, giant = p.split(r)
+        out: EncodedBlock = [[] for _ in range(giant)]
+        for chunk, part in enumerate(_chunk_blocks(p, rows)):
+            diags = _block_diagonals(p, part, r)
+            for idx in range(diags.shape[0]):
+                if not diags[idx].any():
+                    continue
+                pt = self._encode(diags[idx], self.h.first_parms_id, p.params.global_scale)
+                if not pt.is_zero():  # values below the encoding precision
+                    out[idx // baby].append((chunk, idx % baby, pt))
         return out
 
-    def encoded(self, rows: np.ndarray, cache: EncodingCache | None) -> EncodedBlock:
+    def encoded(self, rows: np.ndarray, r: int, cache: EncodingCache | None) -> EncodedBlock:
         """The block's plaintexts: from ``cache`` when present there, else encoded (and stored)."""
         p = self.plan
         t = time.perf_counter()
         encoded, key = None, None
         if cache is not None:
-            key = EncodingCache.key(p, self.h.first_parms_id, p.params.global_scale, rows)
+            key = EncodingCache.key(p, r, self.h.first_parms_id, p.params.global_scale, rows)
             encoded = cache.get(key)
             t = self._tick("cache_lookup", t)
         if encoded is None:
-            encoded = self.encode_block(rows)
+            encoded = self.encode_block(rows, r)
             if cache is not None:
                 cache.put(key, encoded)
             self._tick("encode", t)
         return encoded
 
-    def bsgs(self, rows: np.ndarray, cache: EncodingCache | None = None) -> Any | None:
-        """Unmasked BSGS + fold for one block (None when every product is zero)."""
+    def bsgs(self, encoded: EncodedBlock, r: int) -> Any | None:
+        """Unmasked BSGS + fold for one encoded block of ``r`` rows (None if every product is zero)."""
         p, ev = self.plan, self.ev
-        encoded = self.encoded(rows, cache)
+        baby, _ = p.split(r)
         t = time.perf_counter()
         inner: list[Any | None] = []
         for step in encoded:
             acc = None
-            for chunk, h_idx, pt in step:
+            for chunk, b_idx, pt in step:
                 prod = sa.Ciphertext()
-                ev.multiply_plain(self.baby[chunk][h_idx], pt, prod)
+                ev.multiply_plain(self.copies[chunk][b_idx], pt, prod)
                 if acc is None:
                     acc = prod
                 else:
@@ -299,18 +310,18 @@ class _Scorer:
             inner.append(acc)
         t = self._tick("multiply_add", t)
         res = None
-        for g in reversed(range(p.giant)):  # Horner: res = rot(res, R B') + inner_g
+        for g in reversed(range(len(inner))):  # Horner: res = rot(res, B) + inner_g
             if res is not None:
-                res = self._rotate(res, p.replication * p.baby)
+                res = self._rotate(res, baby)
             if inner[g] is not None:
                 if res is None:
                     res = inner[g]
                 else:
                     ev.add_inplace(res, inner[g])
-        step = p.replication // 2
-        while res is not None and step >= 1:
+        step = p.diagonals(r)
+        while res is not None and step < p.chunk_dim:
             ev.add_inplace(res, self._rotate(res, step))
-            step //= 2
+            step *= 2
         t = self._tick("rotate_fold", t)
         if res is not None:
             # One rescale at the very end: every rotation's key-switching noise was added at
@@ -322,29 +333,32 @@ class _Scorer:
     def protect(
         self,
         res: Any | None,
+        r: int,
         n_in: int,
         fill: np.ndarray,
         flood_std: float,
     ) -> bytes:
-        """Mask to the output slots, add Enc(fill + flooding noise), serialise.
+        """Mask to the output slots (after a fold), add Enc(fill + flooding noise), serialise.
 
         ``fill`` (uniform values for the non-output slots) is drawn by the caller, block by
         block in order, so the result does not depend on which process scores the block.
         """
         p, ev, h = self.plan, self.ev, self.h
         t = time.perf_counter()
-        out_slots = p.output_slots(n_in)
+        out_slots = p.output_slots(r, n_in)
+        folded = p.diagonals(r) < p.chunk_dim
         if res is not None:
-            if n_in not in self._masks:  # every full block shares one mask plaintext
-                mask = np.zeros(p.slots)
-                mask[out_slots] = 1.0
-                self._masks[n_in] = self._encode(mask, res.parms_id(), h.primes[-2])
-            ev.multiply_plain_inplace(res, self._masks[n_in])
-            ev.rescale_to_next_inplace(res)
-            ev.mod_switch_to_inplace(res, h.last_parms_id)  # no-op with 4 primes; smaller reply
+            if folded:  # partial sums in the other slots: keep only the scores
+                if (r, n_in) not in self._masks:  # blocks of one shape share one mask plaintext
+                    mask = np.zeros(p.slots)
+                    mask[out_slots] = 1.0
+                    self._masks[(r, n_in)] = self._encode(mask, res.parms_id(), h.primes[-2])
+                ev.multiply_plain_inplace(res, self._masks[(r, n_in)])
+                ev.rescale_to_next_inplace(res)
+            ev.mod_switch_to_inplace(res, h.last_parms_id)  # smaller reply
             scale = res.scale
         else:
-            scale = h.output_scale()
+            scale = h.output_scale(masked=folded)
         t = self._tick("mask", t)
         fill = fill.copy()
         # The buyer sees the fill values, so a non-cryptographic ``rng`` could be reconstructed
@@ -378,9 +392,9 @@ def score_rows(
     timings: dict[str, float] | None = None,
     workers: int = 1,
 ) -> list[bytes]:
-    """Seller side: Enc(rows @ x) packed ``plan.rows_per_block`` scores per ciphertext.
+    """Seller side: Enc(rows @ x), up to ``plan.rows_per_block`` scores per ciphertext.
 
-    Returns ``plan.blocks(len(rows))`` ciphertexts in which only the requested scores decrypt to
+    Returns ``plan.blocks(len(rows))`` ciphertexts (block sizes ``plan.block_rows``) in which only the requested scores decrypt to
     anything but fresh randomness. ``rng`` drives the uniform fill of the non-output slots; seed
     it from OS entropy (``np.random.default_rng()``) in production, a fixed seed only in tests.
     ``dp_std`` adds Gaussian differential-privacy noise (OS entropy, slot units) to every output
@@ -424,20 +438,23 @@ def score_rows(
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
     matrix = _rows_matrix(rows, plan.dim)
     scorer = _Scorer(ctx, plan, query, timings)
-    rpb = plan.rows_per_block
-    starts = range(0, matrix.shape[0], rpb)
     noise = math.hypot(flood_std, dp_std)
     # Fills drawn here, in block order: same replies for the same rng whatever ``workers`` is.
-    items = [(matrix[s : s + rpb], rng.uniform(-fill_bound, fill_bound, plan.slots)) for s in starts]
+    items = [
+        (matrix[s : s + r], r, rng.uniform(-fill_bound, fill_bound, plan.slots))
+        for s, r in _block_starts(plan, matrix.shape[0])
+    ]
 
-    def one(block: np.ndarray, fill: np.ndarray) -> bytes:
-        return scorer.protect(scorer.bsgs(block, cache), block.shape[0], fill, noise)
+    def one(block: np.ndarray, r: int, fill: np.ndarray, encoded: EncodedBlock | None) -> bytes:
+        if encoded is None:
+            encoded = scorer.encoded(block, r, cache)
+        return scorer.protect(scorer.bsgs(encoded, r), r, block.shape[0], fill, noise)
 
     with tenseal_errors("scoring rows", CryptoError):
         if cache is not None and workers > 1 and len(items) > 1:
-            for block, _ in items:  # encode misses here, so the cache outlives the workers
-                scorer.encoded(block, cache)
-        return map_forked(one, items, workers)
+            # Encoded here, before the fork, so the cache outlives the workers.
+            return map_forked(one, [(*it, scorer.encoded(it[0], it[1], cache)) for it in items], workers)
+        return map_forked(one, [(*it, None) for it in items], workers)
 
 
 def bsgs_slots_unmasked(
@@ -452,7 +469,9 @@ def bsgs_slots_unmasked(
     if matrix.shape[0] > plan.rows_per_block:
         raise DataError(f"at most {plan.rows_per_block} rows (one block) for this diagnostic")
     _same_params(plan, ctx.params, "public context")
-    res = _Scorer(ctx, plan, query).bsgs(matrix)
+    scorer = _Scorer(ctx, plan, query)
+    r = plan.block_rows(matrix.shape[0])[0]
+    res = scorer.bsgs(scorer.encoded(matrix, r, None), r)
     if res is None:
         return np.zeros(plan.slots)
     blob = seal_to_bytes(res, "saving the unmasked result")

@@ -3,13 +3,17 @@
 Everything here is pure Python/numpy (no TenSEAL objects), so a plan can be built, checked and
 shipped to sellers as a plain dict before any key exists.
 
-Packing (BSGS diagonal method over an interleaved query layout, reference/platform.md §3.4):
-the query of dimension ``dim`` is zero-padded to ``padded_dim`` k' (a power of two with
-k'^2 >= S, S = N/2 slots). If k' <= S the whole query is one ciphertext; each residue class
-b = 0..R-1 (R = S/k') holds the query pre-rotated by b*K' (K' = k'/R diagonals per class), and one
-block of k' seller rows becomes one result ciphertext with row j's score in slot j*R. If k' > S the
-dimension is split into k'/S chunks of S (one query ciphertext each, R = 1) whose products are
-summed, and a block holds S rows.
+Packing (BSGS diagonal method, reference/platform.md §3.4, with the baby steps done by the buyer):
+the query of dimension ``dim`` is zero-padded to ``padded_dim`` k' (a power of two). If k' <= S
+(S = N/2 slots) it fills a ciphertext periodically (``replication`` R = S/k' copies); if k' > S
+it is split into k'/S chunks of S, one ciphertext each, whose products are summed. The buyer
+also sends ``baby`` pre-rotated copies of each chunk's ciphertext, so the seller never rotates
+the query (a rotation costs ~14 plaintext products and TenSEAL cannot hoist them).
+
+Seller rows go into blocks of r rows (a power of two, ``min_block_rows`` <= r <= S): a block
+costs D = r k_c / S plaintext products, D / baby - 1 giant-step rotations and log2(k_c / D) fold
+rotations. Full blocks (r = S) need no fold and no mask: slot t holds row t's score. Small
+blocks keep a seller with few rows (or one aggregate row) from paying for a full block.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ __all__ = [
 MAX_QUERY_NORM: float = 2.0**12
 #: Default bound of the uniform values written into every non-output slot of a reply.
 DEFAULT_FILL_BOUND: float = 2.0**12
+#: Default number of pre-rotated query copies per chunk (the upload is ~160 KB per copy at N=8192).
+DEFAULT_QUERY_COPIES: int = 32
+#: Most query copies a seller accepts per chunk (bounds what an Offer can make it parse and hold).
+MAX_QUERY_COPIES: int = 256
+#: Fewest plaintext products a block may have: below this, fold rotations cost more than the
+#: products they save, so tiny blocks are never worth it (and fewer fold keys are needed).
+_MIN_BLOCK_PRODUCTS = 16
 #: Bits of integer headroom the first prime must give above the scale (values up to ~2^13).
 _HEADROOM_BITS = 14
 _MAX_DIM = 2**20
@@ -204,7 +215,7 @@ class PackingPlan:
     """How a query of ``dim`` values and a seller's rows are laid out in CKKS slots.
 
     Sent to sellers with :meth:`to_dict`; :meth:`from_dict` re-derives every field from
-    (params, dim) and refuses inconsistent plans, so a seller never trusts derived numbers.
+    (params, dim, baby) and refuses inconsistent plans, so a seller never trusts derived numbers.
     """
 
     params: HEParams
@@ -219,7 +230,7 @@ class PackingPlan:
 
     def __post_init__(self) -> None:
         if self._check:
-            expected = _derive(self.params, self.dim)
+            expected = _derive(self.params, self.dim, self.baby)
             if expected != self:
                 raise ConfigError(
                     f"inconsistent packing plan for dim={self.dim}, "
@@ -244,42 +255,71 @@ class PackingPlan:
 
     @property
     def chunk_dim(self) -> int:
-        """Dimension handled by one query ciphertext (k' unchunked, S when chunked)."""
+        """k_c: dimension handled by one query ciphertext (k' unchunked, S when chunked)."""
         return self.padded_dim // self.chunks
 
     @property
-    def diagonals(self) -> int:
-        """K': generalised diagonals per residue class = plaintexts per block and chunk."""
-        return self.chunk_dim // self.replication
+    def min_block_rows(self) -> int:
+        """Smallest block: the one with ``min(16, k_c)`` products per chunk."""
+        return min(_MIN_BLOCK_PRODUCTS, self.chunk_dim) * self.slots // self.chunk_dim
 
-    def blocks(self, n_rows: int) -> int:
-        """Number of reply ciphertexts for ``n_rows`` seller rows."""
+    def diagonals(self, block_rows: int) -> int:
+        """D: plaintext products per chunk for a block of ``block_rows`` rows (r k_c / S)."""
+        return block_rows * self.chunk_dim // self.slots
+
+    def split(self, block_rows: int) -> tuple[int, int]:
+        """(baby steps used, giant steps) for a block: baby * giant = D."""
+        d = self.diagonals(block_rows)
+        baby = min(self.baby, d)
+        return baby, d // baby
+
+    def block_rows(self, n_rows: int) -> list[int]:
+        """Block sizes for ``n_rows`` rows, in order: full blocks of S, then the remainder in
+        the smallest power-of-two block (at least ``min_block_rows``) that holds it."""
         n = _as_int(n_rows, "n_rows")
         if n < 0:
             raise ConfigError(f"n_rows must be >= 0, got {n}")
-        return -(-n // self.rows_per_block)
+        full, rest = divmod(n, self.rows_per_block)
+        sizes = [self.rows_per_block] * full
+        if rest:
+            sizes.append(max(self.min_block_rows, 1 << (rest - 1).bit_length()))
+        return sizes
 
-    def output_slots(self, n_in_block: int) -> np.ndarray:
-        """Slots holding the scores of the first ``n_in_block`` rows of a block (row j at j*R)."""
+    def blocks(self, n_rows: int) -> int:
+        """Number of reply ciphertexts for ``n_rows`` seller rows."""
+        return len(self.block_rows(n_rows))
+
+    def output_slots(self, block_rows: int, n_in_block: int) -> np.ndarray:
+        """Slots holding the scores of the first ``n_in_block`` rows of a block of
+        ``block_rows`` rows: row j = q D + c sits in slot q k_c + c (c < D)."""
+        r = _as_int(block_rows, "block_rows")
+        if r not in self._sizes():
+            raise ConfigError(f"block_rows must be one of {self._sizes()}, got {r}")
         n = _as_int(n_in_block, "n_in_block")
-        if not 0 <= n <= self.rows_per_block:
-            raise ConfigError(f"a block holds 0..{self.rows_per_block} rows, got {n}")
-        return np.arange(n, dtype=np.int64) * self.replication
+        if not 0 <= n <= r:
+            raise ConfigError(f"a block of {r} rows holds 0..{r} rows, got {n}")
+        d = self.diagonals(r)
+        j = np.arange(n, dtype=np.int64)
+        return (j // d) * self.chunk_dim + j % d
+
+    def _sizes(self) -> list[int]:
+        sizes, r = [], self.min_block_rows
+        while r <= self.rows_per_block:
+            sizes.append(r)
+            r *= 2
+        return sizes
 
     @property
     def galois_steps(self) -> tuple[int, ...]:
-        """Rotation steps the seller needs: R (baby steps, chained), R*B' (giant steps,
-        Horner), R/2, R/4, ..., 1 (fold). Chaining keeps this at 2 + log2(R) keys."""
+        """Rotation steps the seller needs: ``baby`` (giant steps, Horner) and every fold step
+        D, 2D, ..., k_c/2 of the smallest block (larger blocks use a subset)."""
         steps: set[int] = set()
-        r = self.replication
-        if self.baby > 1:
-            steps.add(r)
-        if self.giant > 1:
-            steps.add(r * self.baby)
-        step = r // 2
-        while step >= 1:
+        if self.chunk_dim > self.baby:
+            steps.add(self.baby)
+        step = self.diagonals(self.min_block_rows)
+        while step < self.chunk_dim:
             steps.add(step)
-            step //= 2
+            step *= 2
         return tuple(sorted(steps))
 
     # ---- estimates -------------------------------------------------------------------------
@@ -291,9 +331,9 @@ class PackingPlan:
 
     @property
     def query_bytes(self) -> int:
-        """Estimated upload: one seeded (half-size) ciphertext per chunk at the top level."""
+        """Estimated upload: ``baby`` seeded (half-size) top-level ciphertexts per chunk."""
         n_data = len(self.params.coeff_mod_bit_sizes) - 1
-        return self.chunks * self._ct_bytes(1, n_data)
+        return self.chunks * self.baby * self._ct_bytes(1, n_data)
 
     def reply_bytes(self, n_rows: int) -> int:
         """Estimated download: one ciphertext at the last level (first prime only) per block."""
@@ -301,16 +341,15 @@ class PackingPlan:
 
     def est_seconds(self, n_rows: int) -> float:
         """Rough single-core seller time from the measured constants above."""
-        blocks = self.blocks(n_rows)
-        per_block = (
-            self.chunks * self.diagonals * _COST_PLAINTEXT_S
-            + (self.giant - 1 + int(math.log2(self.replication))) * _COST_ROT_S
-            + _COST_BLOCK_FIXED_S
-        )
-        baby = self.chunks * (self.baby - 1) * _COST_ROT_S
+        total = 0.0
+        for r in self.block_rows(n_rows):
+            d = self.diagonals(r)
+            _, giant = self.split(r)
+            rotations = giant - 1 + int(math.log2(self.chunk_dim // d))
+            total += self.chunks * d * _COST_PLAINTEXT_S + rotations * _COST_ROT_S + _COST_BLOCK_FIXED_S
         ratio = self.params.poly_modulus_degree / 8192
         factor = ratio * (_COST_FACTOR_16384 / 2.0) ** math.log2(ratio)
-        return float((baby + blocks * per_block) * factor)
+        return float(total * factor)
 
     # ---- transport ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -339,64 +378,88 @@ class PackingPlan:
             )
         params = HEParams.from_dict(data["params"])
         check_params(params)
-        plan = _derive(params, _as_int(data["dim"], "dim"))
+        plan = _derive(params, _as_int(data["dim"], "dim"), _as_int(data["baby"], "baby"))
         got = {k: _as_int(data[k], k) for k in plan._fields()}
         if got != plan._fields():
             raise ConfigError(
-                f"packing plan fields {got} do not match what dim={plan.dim} and "
-                f"N={params.poly_modulus_degree} imply ({plan._fields()}); rebuild it with "
+                f"packing plan fields {got} do not match what dim={plan.dim}, baby={plan.baby} "
+                f"and N={params.poly_modulus_degree} imply ({plan._fields()}); rebuild it with "
                 "plan_packing()"
             )
         return plan
 
 
-def _derive(params: HEParams, dim: int) -> PackingPlan:
-    """The one place that turns (params, dim) into a layout."""
+def _geometry(params: HEParams, dim: int) -> tuple[int, int]:
+    """(padded_dim, chunks) for a query of ``dim`` values."""
     if not isinstance(params, HEParams):
         raise ConfigError(f"expected HEParams, got {type(params).__name__}")
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ConfigError(f"dim must be an integer >= 1, got {dim!r}")
     if dim > _MAX_DIM:
         raise ConfigError(f"dim {dim} exceeds the supported maximum {_MAX_DIM}; project further")
-    s = params.slots
     padded = 1 << max(int(dim) - 1, 0).bit_length()
-    while padded * padded < s:
-        padded *= 2
-    chunks = max(1, padded // s)
+    return padded, max(1, padded // params.slots)
+
+
+def _derive(params: HEParams, dim: int, baby: int) -> PackingPlan:
+    """The one place that turns (params, dim, query copies) into a layout."""
+    padded, chunks = _geometry(params, dim)
+    s = params.slots
     chunk_dim = padded // chunks
-    r = s // chunk_dim
-    diagonals = chunk_dim // r
-    baby = 1 << math.ceil(math.log2(math.sqrt(diagonals))) if diagonals > 1 else 1
-    giant = diagonals // baby
+    limit = min(chunk_dim, MAX_QUERY_COPIES)
+    if isinstance(baby, bool) or not isinstance(baby, (int, np.integer)) or not 1 <= baby <= limit or baby & (baby - 1):
+        raise ConfigError(
+            f"query copies (baby steps) must be a power of two in 1..{limit} for dim={dim} at "
+            f"N={params.poly_modulus_degree}, got {baby!r}"
+        )
     return PackingPlan(
         params=params,
         dim=int(dim),
         padded_dim=padded,
         chunks=chunks,
-        replication=r,
-        baby=baby,
-        giant=giant,
-        rows_per_block=chunk_dim,
+        replication=s // chunk_dim,
+        baby=int(baby),
+        giant=chunk_dim // int(baby),
+        rows_per_block=s,
         _check=False,
     )
 
 
-def plan_packing(dim: int, n_rows: int, params: HEParams | None = None) -> PackingPlan:
+def _default_copies(params: HEParams, dim: int, n_rows: int) -> int:
+    """Enough query copies that the first (largest) block needs no more than
+    DEFAULT_QUERY_COPIES baby steps, and no more copies than that block can use."""
+    padded, chunks = _geometry(params, dim)
+    probe = _derive(params, dim, 1)
+    largest = probe.diagonals(probe.block_rows(n_rows)[0])
+    return min(DEFAULT_QUERY_COPIES, largest, padded // chunks)
+
+
+def plan_packing(
+    dim: int, n_rows: int, params: HEParams | None = None, *, query_copies: int | None = None
+) -> PackingPlan:
     """Choose parameters and layout for scoring ``n_rows`` rows of dimension ``dim``.
 
     With ``params`` given they are used as they are (after the security check). Otherwise
     N = 8192 (60,40,40,60) is the default; N = 16384 is taken only if the cost model says it is
     at least twice as fast, which with these constants does not happen (larger N costs more per
     operation and per reply byte than it saves in operation count), so 8192 is what you get.
+    ``query_copies`` (a power of two) trades upload size for seller time: each copy saves the
+    seller one rotation per giant step; by default as many as the largest block can use, at
+    most DEFAULT_QUERY_COPIES.
     """
     if isinstance(n_rows, bool) or not isinstance(n_rows, (int, np.integer)) or n_rows < 1:
         raise ConfigError(f"n_rows must be an integer >= 1, got {n_rows!r}")
+
+    def make(p: HEParams) -> PackingPlan:
+        copies = query_copies if query_copies is not None else _default_copies(p, dim, n_rows)
+        return _derive(p, dim, copies)
+
     if params is not None:
         check_params(params)
-        return _derive(params, dim)
-    small = _derive(HEParams(), dim)
+        return make(params)
+    small = make(HEParams())
     big_params = HEParams(poly_modulus_degree=16384)
-    big = _derive(big_params, dim)
+    big = make(big_params)
     if big.est_seconds(n_rows) < 0.5 * small.est_seconds(n_rows):
         check_params(big_params)
         return big

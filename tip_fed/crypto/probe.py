@@ -39,7 +39,8 @@ def op_timings(ctx: PublicContext, plan: PackingPlan, query: list[bytes], n: int
     for _ in range(n):
         ev.add_inplace(acc, out)
     w2 = time.perf_counter()
+    steps = plan.galois_steps or (0,)  # rotation by 0 is a copy: a plan without rotations
     for _ in range(n_rot):
-        ev.rotate_vector(ct, plan.replication, ctx.galois_keys, out)
+        ev.rotate_vector(ct, steps[0], ctx.galois_keys, out)
     w3 = time.perf_counter()
     return {"t_mul": (w1 - w0) / n, "t_mul_cpu": (c1 - c0) / n, "t_add": (w2 - w1) / n, "t_rot": (w3 - w2) / n_rot}

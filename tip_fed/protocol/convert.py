@@ -8,6 +8,8 @@ from tip_fed.errors import ProtocolError, TipError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 PLAN_FIELDS = ("dim", "padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block")
+#: Packing layout name: BSGS with the baby steps sent as rotated query copies (see tip_fed.crypto.packing).
+PACKING_KIND = "bsgs-copies"
 
 
 def spec_to_pb(spec: ProjectionSpec) -> pb.ProjectionSpec:
@@ -73,13 +75,13 @@ def params_from_pb(msg: pb.HEParameters) -> HEParams:
 def plan_to_pb(plan: PackingPlan) -> pb.Packing:
     """Packing layout as sent in the Offer."""
     d = plan.to_dict()
-    return pb.Packing(kind="bsgs", **{k: int(d[k]) for k in PLAN_FIELDS})
+    return pb.Packing(kind=PACKING_KIND, **{k: int(d[k]) for k in PLAN_FIELDS})
 
 
 def plan_from_pb(msg: pb.Packing, params: HEParams) -> PackingPlan:
     """Rebuild the packing layout; ProtocolError if it is inconsistent."""
-    if msg.kind != "bsgs":
-        raise ProtocolError(f"unknown packing kind {msg.kind!r}; this seller supports 'bsgs'")
+    if msg.kind != PACKING_KIND:
+        raise ProtocolError(f"unknown packing kind {msg.kind!r}; this seller supports {PACKING_KIND!r}")
     data: dict[str, object] = {k: int(getattr(msg, k)) for k in PLAN_FIELDS}
     data["params"] = params.to_dict()
     try:

@@ -76,9 +76,11 @@ def decode_offer(data: bytes) -> pb.Offer:
         raise ProtocolError("the offer's projection spec has no layers")
     if not offer.public_context:
         raise ProtocolError("the offer carries no public HE context")
-    if len(offer.query) != offer.packing.chunks or not offer.query:
+    copies = offer.packing.chunks * offer.packing.baby
+    if len(offer.query) != copies or not offer.query:
         raise ProtocolError(
-            f"the offer carries {len(offer.query)} query ciphertexts but its packing needs {offer.packing.chunks}"
+            f"the offer carries {len(offer.query)} query ciphertexts but its packing needs {copies} "
+            f"({offer.packing.chunks} chunk(s) x {offer.packing.baby} rotated copies)"
         )
     disclosure_name(offer.disclosure)
     if not (math.isfinite(offer.grad_norm_bound) and offer.grad_norm_bound > 0):

@@ -19,7 +19,7 @@ from tip_fed.crypto import (
 from tip_fed.crypto.codec import new_context_proto
 from tip_fed.errors import CodecError, ConfigError, CryptoError, InsecureParametersError
 
-DIM, ROWS = 256, 300
+DIM, ROWS = 256, 4400  # two blocks: 4096 rows + a block of 512 for the other 304
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_bad_ciphertext_bytes(session) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     for blob in (b"", _garbage(1000), query[0][:-10], replies[0]):
         with pytest.raises(CodecError, match="query ciphertext 0"):
-            score_rows(ctx, plan, [blob], rows, rng=rng)
+            score_rows(ctx, plan, [blob, *query[1:]], rows, rng=rng)
     with pytest.raises(CodecError, match="list"):
         score_rows(ctx, plan, query[0], rows, rng=rng)  # bytes, not a list
 

@@ -108,13 +108,23 @@ def test_zero_rows_and_tiny_values() -> None:
     np.testing.assert_allclose(decrypt_scores(keys, plan, replies, 5), 0.0, atol=1e-6)
 
 
+def _assert_uniform_fill(fill: np.ndarray, bound: float) -> None:
+    assert np.all(np.abs(fill) <= bound * (1 + 1e-6))
+    ks = stats.kstest(fill, "uniform", args=(-bound, 2 * bound))
+    assert ks.pvalue > 1e-3, ks
+    assert abs(np.mean(fill)) < 0.1 * bound
+    assert abs(np.var(fill) / (bound**2 / 3) - 1) < 0.1
+
+
 def test_non_output_slots_are_random_not_partial_sums() -> None:
-    dim, n_rows = 256, 100  # R = 16: 15 of 16 slots per row plus 156 absent rows are fill
+    dim, n_rows = 256, 100  # a block of 256 rows, D = 16: folded, so most slots are fill
     plan, keys, ctx = _session(dim)
     x, rows = _data(dim, n_rows, seed=7)
     query = encrypt_query(keys, plan, x)
     partial = bsgs_slots_unmasked(keys, ctx, plan, query, rows)
-    out = plan.output_slots(n_rows)
+    r = plan.block_rows(n_rows)[0]
+    assert plan.diagonals(r) < plan.chunk_dim  # this block is folded, hence masked
+    out = plan.output_slots(r, n_rows)
     other = np.setdiff1d(np.arange(plan.slots), out)
     # Unmasked, the non-output slots really are partial sums of the seller's data.
     assert np.std(partial[other]) > 0.05
@@ -127,11 +137,26 @@ def test_non_output_slots_are_random_not_partial_sums() -> None:
         np.testing.assert_allclose(slots[out], rows @ x, atol=1e-6 * np.abs(rows @ x).max())
         fill = slots[other]
         assert abs(np.corrcoef(fill, partial[other])[0, 1]) < 0.1
-        assert np.all(np.abs(fill) <= bound * (1 + 1e-6))
-        ks = stats.kstest(fill, "uniform", args=(-bound, 2 * bound))
-        assert ks.pvalue > 1e-3, ks
-        assert abs(np.mean(fill)) < 0.1 * bound
-        assert abs(np.var(fill) / (bound**2 / 3) - 1) < 0.1
+        _assert_uniform_fill(fill, bound)
+
+
+def test_full_blocks_hold_only_scores_and_skip_the_mask() -> None:
+    """A block of S rows is not folded: before any mask every slot is its own row's score (0 for
+    absent rows), so the reply is unmasked and its non-output slots are nothing but fill."""
+    dim, n_rows = 16, 300  # k = 16: every block has S rows and D = k products
+    plan, keys, ctx = _session(dim)
+    x, rows = _data(dim, n_rows, seed=8)
+    query = encrypt_query(keys, plan, x)
+    assert plan.block_rows(n_rows) == [plan.slots]
+    partial = bsgs_slots_unmasked(keys, ctx, plan, query, rows)
+    out = plan.output_slots(plan.slots, n_rows)
+    np.testing.assert_array_equal(out, np.arange(n_rows))
+    np.testing.assert_allclose(partial[:n_rows], rows @ x, atol=1e-6)
+    np.testing.assert_allclose(partial[n_rows:], 0.0, atol=1e-6)
+    (reply,) = score_rows(ctx, plan, query, rows, rng=np.random.default_rng(4))
+    slots = keys.decrypt_slots(reply, "reply")
+    np.testing.assert_allclose(slots[:n_rows], rows @ x, atol=1e-6)
+    _assert_uniform_fill(slots[n_rows:], 2.0**12)
 
 
 def test_replies_are_rerandomised() -> None:
@@ -180,23 +205,23 @@ def test_input_validation() -> None:
         score_rows(ctx, plan, query, rows, rng=rng, fill_bound=0.0)
     with pytest.raises(ConfigError, match="flood_std"):
         score_rows(ctx, plan, query, rows, rng=rng, flood_std=float("nan"))
-    with pytest.raises(CodecError, match="expected 1 query"):
+    with pytest.raises(CodecError, match=f"expected {plan.baby} query"):
         score_rows(ctx, plan, query * 2, rows, rng=rng)
     replies = score_rows(ctx, plan, query, rows, rng=rng)
     with pytest.raises(CodecError, match="expected 2 reply"):
-        decrypt_scores(keys, plan, replies, 65)
+        decrypt_scores(keys, plan, replies, plan.rows_per_block + 1)
     with pytest.raises(ConfigError):
         decrypt_scores(keys, plan, replies, 0)
 
 
 def test_context_for_another_plan_is_refused() -> None:
-    plan64, keys64, _ = _session(64)
+    plan4096, keys4096, _ = _session(4096)
     plan1024, keys1024, ctx1024 = _session(1024)
-    x, rows = _data(64, 2, seed=6)
-    # Same parameters, but the 1024-plan context lacks the rotation keys the 64-plan needs.
+    x, rows = _data(4096, 2, seed=6)
+    # Same parameters, but the 1024-plan context lacks the fold keys (1024, 2048) of the 4096-plan.
     with pytest.raises(CryptoError, match="rotation keys"):
         score_rows(
-            ctx1024, plan64, encrypt_query(keys64, plan64, x), rows, rng=np.random.default_rng(0)
+            ctx1024, plan4096, encrypt_query(keys4096, plan4096, x), rows, rng=np.random.default_rng(0)
         )
 
 

@@ -85,19 +85,19 @@ def test_params_from_dict_rejects_bad_input() -> None:
 @pytest.mark.parametrize(
     ("dim", "padded", "chunks", "r", "baby", "giant", "rpb"),
     [
-        (1, 64, 1, 64, 1, 1, 64),
-        (64, 64, 1, 64, 1, 1, 64),
-        (100, 128, 1, 32, 2, 2, 128),
-        (256, 256, 1, 16, 4, 4, 256),
-        (1024, 1024, 1, 4, 16, 16, 1024),
-        (4096, 4096, 1, 1, 64, 64, 4096),
-        (5000, 8192, 2, 1, 64, 64, 4096),
+        (1, 1, 1, 4096, 1, 1, 4096),
+        (64, 64, 1, 64, 16, 4, 4096),
+        (100, 128, 1, 32, 16, 8, 4096),
+        (256, 256, 1, 16, 16, 16, 4096),
+        (1024, 1024, 1, 4, 16, 64, 4096),
+        (4096, 4096, 1, 1, 16, 256, 4096),
+        (5000, 8192, 2, 1, 16, 256, 4096),
     ],
 )
 def test_plan_layout(
     dim: int, padded: int, chunks: int, r: int, baby: int, giant: int, rpb: int
 ) -> None:
-    plan = plan_packing(dim, 10)
+    plan = plan_packing(dim, 10)  # 10 rows fit the smallest block: it has 16 (or k_c) products
     assert plan.params == HEParams()
     assert (
         plan.padded_dim,
@@ -107,25 +107,43 @@ def test_plan_layout(
         plan.giant,
         plan.rows_per_block,
     ) == (padded, chunks, r, baby, giant, rpb)
-    assert plan.baby * plan.giant * plan.replication == plan.chunk_dim
-    assert plan.padded_dim**2 >= plan.slots
+    assert plan.baby * plan.giant == plan.chunk_dim
+    assert plan.replication * plan.chunk_dim == plan.slots
+    assert plan.diagonals(plan.block_rows(10)[0]) == min(16, plan.chunk_dim)
     assert PackingPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_block_schedule_and_output_slots() -> None:
+    plan = plan_packing(1024, 4096)
+    assert plan.baby == 32 and plan.min_block_rows == 64  # 64 rows x 1024 / 4096 = 16 products
+    assert plan.block_rows(1) == [64] and plan.block_rows(100) == [128]
+    assert plan.block_rows(4096) == [4096] and plan.block_rows(4097) == [4096, 64]
+    assert plan.block_rows(10_000) == [4096, 4096, 2048]
+    assert plan.blocks(0) == 0 and plan.blocks(4097) == 2
+    assert plan.split(64) == (16, 1) and plan.split(4096) == (32, 32)
+    np.testing.assert_array_equal(plan.output_slots(4096, 3), [0, 1, 2])
+    # block of 64 rows: D = 16, row q*16 + c sits in slot q*1024 + c
+    np.testing.assert_array_equal(plan.output_slots(64, 18), [*range(16), 1024, 1025])
+    for r in (64, 128, 4096):  # every row gets its own slot
+        assert len(set(plan.output_slots(r, r).tolist())) == r
+    with pytest.raises(ConfigError):
+        plan.output_slots(4096, 4097)
+    with pytest.raises(ConfigError):
+        plan.output_slots(100, 1)  # not a block size of this plan
 
 
 def test_plan_helpers() -> None:
     plan = plan_packing(1024, 4096)
-    assert plan.blocks(1) == 1 and plan.blocks(1024) == 1 and plan.blocks(1025) == 2
-    assert plan.blocks(0) == 0
-    np.testing.assert_array_equal(plan.output_slots(3), [0, 4, 8])
-    # chained baby steps (R), Horner giant steps (R*B'), fold steps R/2..1
-    assert plan.galois_steps == (1, 2, 4, 64)
-    assert plan_packing(64, 1).galois_steps == (1, 2, 4, 8, 16, 32)
-    assert plan_packing(5000, 1).galois_steps == (1, 64)
-    assert 150_000 < plan.query_bytes < 175_000
-    assert plan.reply_bytes(4096) == 4 * plan.reply_bytes(1)
+    # giant steps rotate by baby (32), folds by D..k_c/2 for the smallest block (D = 16)
+    assert plan.galois_steps == (16, 32, 64, 128, 256, 512)
+    assert plan_packing(64, 1).galois_steps == (16, 32)
+    assert plan_packing(5000, 1).galois_steps == (16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert plan_packing(4, 100).galois_steps == ()  # one full block, D = k: no rotation at all
+    assert 32 * 150_000 < plan.query_bytes < 32 * 175_000
+    assert plan.reply_bytes(8192) == 2 * plan.reply_bytes(1)
     assert 0 < plan.est_seconds(1024) < plan.est_seconds(4096)
-    with pytest.raises(ConfigError):
-        plan.output_slots(plan.rows_per_block + 1)
+    assert plan_packing(1024, 1).baby == 16  # an aggregate row never needs more than 16 copies
+    assert plan_packing(1024, 4096, query_copies=128).giant == 8
 
 
 def test_plan_validation() -> None:
@@ -141,6 +159,11 @@ def test_plan_validation() -> None:
         PackingPlan.from_dict({**plan.to_dict(), "extra": 1})
     with pytest.raises(ConfigError, match="inconsistent"):
         PackingPlan(plan.params, 100, 128, 1, 8, 2, 2, 128)
+    for copies in (0, 3, 256, True):  # not a power of two, or more than k_c = 128
+        with pytest.raises(ConfigError, match="power of two"):
+            plan_packing(100, 10, query_copies=copies)
+    with pytest.raises(ConfigError, match="power of two"):
+        PackingPlan.from_dict({**plan.to_dict(), "baby": 5})
     insecure = {
         **plan.to_dict(),
         "params": {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [40, 40, 40, 40]},
@@ -152,4 +175,4 @@ def test_plan_validation() -> None:
 def test_explicit_params_are_used() -> None:
     big = HEParams(16384, (60, 40, 40, 60), 40)
     plan = plan_packing(1024, 100, big)
-    assert plan.params == big and plan.replication == 8 and plan.rows_per_block == 1024
+    assert plan.params == big and plan.replication == 8 and plan.rows_per_block == 8192

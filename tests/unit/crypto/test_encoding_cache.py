@@ -30,6 +30,12 @@ def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, rows
 
 
+def _bsgs(scorer: _Scorer, rows: np.ndarray, cache: EncodingCache | None = None):  # type: ignore[no-untyped-def]
+    """Unmasked BSGS result of one block, encodings through ``cache``."""
+    r = scorer.plan.block_rows(rows.shape[0])[0]
+    return scorer.bsgs(scorer.encoded(rows, r, cache), r)
+
+
 @pytest.fixture(scope="module")
 def plan():  # type: ignore[no-untyped-def]
     return plan_packing(DIM, 1, HEParams())
@@ -43,8 +49,8 @@ def test_cached_bsgs_is_bit_identical_and_key_independent(plan) -> None:  # type
         keys = SessionKeys.generate(plan)
         ctx = load_public_context(keys.public_context_bytes(), plan.params)
         query = encrypt_query(keys, plan, x)
-        plain = seal_to_bytes(_Scorer(ctx, plan, query).bsgs(rows))
-        cached = seal_to_bytes(_Scorer(ctx, plan, query).bsgs(rows, cache))
+        plain = seal_to_bytes(_bsgs(_Scorer(ctx, plan, query), rows))
+        cached = seal_to_bytes(_bsgs(_Scorer(ctx, plan, query), rows, cache))
         assert cached == plain  # the encoded plaintexts are exactly the fresh ones
         replies = score_rows(ctx, plan, query, rows, rng=np.random.default_rng(1), cache=cache)
         np.testing.assert_allclose(decrypt_scores(keys, plan, replies, 20), rows @ x, atol=1e-4)
@@ -59,14 +65,14 @@ def test_changed_rows_miss_and_memory_stays_bounded(plan) -> None:  # type: igno
     x, rows = _rows(8, 2)
     query = encrypt_query(keys, plan, x)
     probe = EncodingCache()
-    _Scorer(ctx, plan, query).bsgs(rows, probe)
+    _bsgs(_Scorer(ctx, plan, query), rows, probe)
     one_block = probe.bytes
     cache = EncodingCache(max_bytes=int(one_block * 1.5))
     scorer = _Scorer(ctx, plan, query)
-    scorer.bsgs(rows, cache)
+    _bsgs(scorer, rows, cache)
     changed = rows.copy()
     changed[0, 0] = -changed[0, 0]
-    scorer.bsgs(changed, cache)
+    _bsgs(scorer, changed, cache)
     assert cache.misses == 2 and cache.hits == 0
     assert len(cache) == 1 and cache.bytes <= cache.max_bytes
     keys.destroy()
