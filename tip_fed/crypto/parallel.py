@@ -3,7 +3,7 @@
 TenSEAL's sealapi bindings hold the GIL for the whole of every call (benchmarks/gil_probe.py: a
 second Python thread cannot run during ``rotate_vector``, ``multiply_plain`` or ``encode``), so a
 thread pool cannot put a second core to work on CKKS evaluation. Forked children can: each
-inherits the seller's loaded context, baby-step ciphertexts and cached encodings copy-on-write
+inherits the seller's loaded context, query ciphertexts and cached encodings copy-on-write
 (nothing is re-serialised on the way in) and pipes back only its reply bytes, while the parent
 works through its own share. A fork costs about 0.1 s for a 1 GB process (page tables), so this
 pays off only with several blocks. Without ``os.fork``, or with one worker or one item, the

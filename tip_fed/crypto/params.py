@@ -42,8 +42,8 @@ __all__ = [
 MAX_QUERY_NORM: float = 2.0**12
 #: Default bound of the uniform values written into every non-output slot of a reply.
 DEFAULT_FILL_BOUND: float = 2.0**12
-#: Default number of pre-rotated query copies per chunk (the upload is ~160 KB per copy at N=8192).
-DEFAULT_QUERY_COPIES: int = 32
+#: Most query copies the planner picks by default (the upload is ~160 KB per copy at N=8192).
+DEFAULT_MAX_QUERY_COPIES: int = 64
 #: Most query copies a seller accepts per chunk (bounds what an Offer can make it parse and hold).
 MAX_QUERY_COPIES: int = 256
 #: Fewest plaintext products a block may have: below this, fold rotations cost more than the
@@ -63,11 +63,13 @@ _MAX_COEFF_BITS: dict[int, dict[int, int]] = {
 
 # Measured on 2 cores (TenSEAL 0.3.18; sealapi is single-threaded), N = 8192, primes
 # (60,40,40,60): one diagonal plaintext (numpy layout + encode + multiply_plain + add) 0.65 ms;
-# one rotation at the query level 1.5 ms (all rotations run before the single rescale); mask,
-# fill encryption and serialisation 10 ms per block. At N = 16384 each operation costs about
-# 2.3x as much (scaled as (N/8192) * 1.15^log2(N/8192) for other N).
+# one rotation at the query level 1.5 ms (all rotations run before the single rescale); loading
+# one query copy (decompress, expand the seed, validate) about half a rotation; mask, fill
+# encryption and serialisation 10 ms per block. At N = 16384 each operation costs about 2.3x as
+# much (scaled as (N/8192) * 1.15^log2(N/8192) for other N).
 _COST_PLAINTEXT_S = 0.65e-3
 _COST_ROT_S = 1.5e-3
+_COST_COPY_S = 0.75e-3
 _COST_BLOCK_FIXED_S = 10e-3
 _COST_FACTOR_16384 = 2.3
 
@@ -341,7 +343,7 @@ class PackingPlan:
 
     def est_seconds(self, n_rows: int) -> float:
         """Rough single-core seller time from the measured constants above."""
-        total = 0.0
+        total = self.chunks * self.baby * _COST_COPY_S
         for r in self.block_rows(n_rows):
             d = self.diagonals(r)
             _, giant = self.split(r)
@@ -426,12 +428,13 @@ def _derive(params: HEParams, dim: int, baby: int) -> PackingPlan:
 
 
 def _default_copies(params: HEParams, dim: int, n_rows: int) -> int:
-    """Enough query copies that the first (largest) block needs no more than
-    DEFAULT_QUERY_COPIES baby steps, and no more copies than that block can use."""
+    """The number of query copies (a power of two, at most DEFAULT_MAX_QUERY_COPIES) with the
+    lowest estimated seller time for ``n_rows`` rows: each copy costs the seller a load once
+    per query and saves it one giant-step rotation per block."""
     padded, chunks = _geometry(params, dim)
-    probe = _derive(params, dim, 1)
-    largest = probe.diagonals(probe.block_rows(n_rows)[0])
-    return min(DEFAULT_QUERY_COPIES, largest, padded // chunks)
+    limit = min(DEFAULT_MAX_QUERY_COPIES, padded // chunks)
+    options = [1 << i for i in range(limit.bit_length())]
+    return min(options, key=lambda b: _derive(params, dim, b).est_seconds(n_rows))
 
 
 def plan_packing(
@@ -443,9 +446,8 @@ def plan_packing(
     N = 8192 (60,40,40,60) is the default; N = 16384 is taken only if the cost model says it is
     at least twice as fast, which with these constants does not happen (larger N costs more per
     operation and per reply byte than it saves in operation count), so 8192 is what you get.
-    ``query_copies`` (a power of two) trades upload size for seller time: each copy saves the
-    seller one rotation per giant step; by default as many as the largest block can use, at
-    most DEFAULT_QUERY_COPIES.
+    ``query_copies`` (a power of two) trades upload size for seller time; by default the cost
+    model picks it for ``n_rows`` (at most DEFAULT_MAX_QUERY_COPIES).
     """
     if isinstance(n_rows, bool) or not isinstance(n_rows, (int, np.integer)) or n_rows < 1:
         raise ConfigError(f"n_rows must be an integer >= 1, got {n_rows!r}")

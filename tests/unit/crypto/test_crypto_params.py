@@ -86,18 +86,19 @@ def test_params_from_dict_rejects_bad_input() -> None:
     ("dim", "padded", "chunks", "r", "baby", "giant", "rpb"),
     [
         (1, 1, 1, 4096, 1, 1, 4096),
-        (64, 64, 1, 64, 16, 4, 4096),
-        (100, 128, 1, 32, 16, 8, 4096),
-        (256, 256, 1, 16, 16, 16, 4096),
-        (1024, 1024, 1, 4, 16, 64, 4096),
-        (4096, 4096, 1, 1, 16, 256, 4096),
-        (5000, 8192, 2, 1, 16, 256, 4096),
+        (64, 64, 1, 64, 8, 8, 4096),
+        (100, 128, 1, 32, 8, 16, 4096),
+        (256, 256, 1, 16, 8, 32, 4096),
+        (1024, 1024, 1, 4, 4, 256, 4096),
+        (4096, 4096, 1, 1, 8, 512, 4096),
+        (5000, 8192, 2, 1, 4, 1024, 4096),
     ],
 )
 def test_plan_layout(
     dim: int, padded: int, chunks: int, r: int, baby: int, giant: int, rpb: int
 ) -> None:
-    plan = plan_packing(dim, 10)  # 10 rows fit the smallest block: it has 16 (or k_c) products
+    # 10 rows fit the smallest block (16 products, or k_c); the cost model picks the copies
+    plan = plan_packing(dim, 10)
     assert plan.params == HEParams()
     assert (
         plan.padded_dim,
@@ -136,13 +137,15 @@ def test_plan_helpers() -> None:
     plan = plan_packing(1024, 4096)
     # giant steps rotate by baby (32), folds by D..k_c/2 for the smallest block (D = 16)
     assert plan.galois_steps == (16, 32, 64, 128, 256, 512)
-    assert plan_packing(64, 1).galois_steps == (16, 32)
-    assert plan_packing(5000, 1).galois_steps == (16, 32, 64, 128, 256, 512, 1024, 2048)
-    assert plan_packing(4, 100).galois_steps == ()  # one full block, D = k: no rotation at all
+    assert plan_packing(64, 1).galois_steps == (8, 16, 32)
+    assert plan_packing(5000, 1).galois_steps == (4, 16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert plan_packing(4, 100, query_copies=4).galois_steps == ()  # one full block, D = k = copies
     assert 32 * 150_000 < plan.query_bytes < 32 * 175_000
     assert plan.reply_bytes(8192) == 2 * plan.reply_bytes(1)
     assert 0 < plan.est_seconds(1024) < plan.est_seconds(4096)
-    assert plan_packing(1024, 1).baby == 16  # an aggregate row never needs more than 16 copies
+    # more rows, more blocks sharing the copies: the cost model sends more of them
+    copies = [plan_packing(1024, n).baby for n in (1, 101, 1001, 4096, 8192)]
+    assert copies == sorted(copies) and copies[0] < copies[-1] == 64
     assert plan_packing(1024, 4096, query_copies=128).giant == 8
 
 
