@@ -178,14 +178,28 @@ def _log2(x: float) -> float:
     return math.log2(x) if x > 0 else float("-inf")
 
 
-def encryption_params_from_bytes(data: bytes, expected: HEParams) -> HEParams:
-    """Read N and prime sizes from serialised SEAL EncryptionParameters (must be CKKS)."""
+def load_encryption_parameters(data: bytes) -> Any:
+    """Serialised SEAL EncryptionParameters (must be CKKS) as a sealapi object."""
     _check_seal_header(data, "encryption parameters")
     parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
     with tenseal_errors("parsing the encryption parameters"):
         _seal_load(parms.load, data)
     if parms.scheme() != sa.SCHEME_TYPE.CKKS:
         raise CodecError(f"the context uses scheme {parms.scheme().name}, expected CKKS")
+    return parms
+
+
+def load_seal_key(key: Any, seal_context: Any, data: bytes, what: str) -> Any:
+    """Load a PublicKey/GaloisKeys object from bytes; SEAL checks it is valid for the context."""
+    _check_seal_header(data, what)
+    with tenseal_errors(f"loading {what}"):
+        _seal_load(lambda p: key.load(seal_context, p), data)
+    return key
+
+
+def encryption_params_from_bytes(data: bytes, expected: HEParams) -> HEParams:
+    """Read N and prime sizes from serialised SEAL EncryptionParameters (must be CKKS)."""
+    parms = load_encryption_parameters(data)
     return HEParams(
         poly_modulus_degree=int(parms.poly_modulus_degree()),
         coeff_mod_bit_sizes=tuple(int(m.bit_count()) for m in parms.coeff_modulus()),

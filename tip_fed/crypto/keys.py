@@ -2,9 +2,9 @@
 
 The buyer makes a fresh key pair for every session (:meth:`SessionKeys.generate`) and ships only
 :meth:`SessionKeys.public_context_bytes`: encryption parameters, the public key (sellers encrypt
-their random fill with it) and Galois keys for exactly the rotation steps of the packing plan,
-2 + log2(R) keys instead of TenSEAL's ~24 default ones, serialised seeded (half size): about
-3.3 MB instead of 35 MB at N = 8192. No secret key, no relinearisation keys (the seller never
+their random fill with it) and Galois keys for exactly the rotation steps of the packing plan
+(the giant step and the fold steps: 6-9 keys instead of TenSEAL's ~24 default ones), serialised
+seeded (half size): about 5 MB instead of 35 MB at N = 8192. No secret key, no relinearisation keys (the seller never
 multiplies two ciphertexts).
 
 The secret key never leaves :class:`SessionKeys`; :meth:`SessionKeys.destroy` drops it when the
@@ -26,6 +26,8 @@ from tip_fed.errors import CodecError, ConfigError, CryptoError, InsecureParamet
 from .codec import (
     ciphertext_from_bytes,
     encryption_params_from_bytes,
+    load_encryption_parameters,
+    load_seal_key,
     load_tenseal_context,
     new_context_proto,
     parse_context_proto,
@@ -37,12 +39,35 @@ from .params import HEParams, PackingPlan, check_params, security_bits
 __all__ = ["SessionKeys", "PublicContext", "load_public_context"]
 
 
-class _SealHandles:
-    """sealapi objects derived from one TenSEAL context (per context, never global)."""
+#: SEALContexts by serialised encryption parameters, shared by every session in the process. A
+#: SEALContext holds only public parameters (primes, NTT tables, no key), and building one costs
+#: ~40 ms at N = 8192, which a seller would otherwise pay on every Offer.
+_SEAL_CONTEXTS: dict[bytes, Any] = {}
+_SEAL_CONTEXTS_MAX = 8
 
-    def __init__(self, context: ts.Context, params: HEParams) -> None:
+
+def _shared_seal_context(parms_bytes: bytes) -> Any:
+    ctx = _SEAL_CONTEXTS.get(parms_bytes)
+    if ctx is None:
+        parms = load_encryption_parameters(parms_bytes)
+        with tenseal_errors("building the CKKS context"):
+            ctx = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
+        if not ctx.parameters_set():
+            raise InsecureParametersError(
+                f"SEAL refuses the received encryption parameters: {ctx.parameter_error_message()}"
+            )
+        while len(_SEAL_CONTEXTS) >= _SEAL_CONTEXTS_MAX:
+            _SEAL_CONTEXTS.pop(next(iter(_SEAL_CONTEXTS)))
+        _SEAL_CONTEXTS[parms_bytes] = ctx
+    return ctx
+
+
+class _SealHandles:
+    """sealapi objects derived from one SEALContext."""
+
+    def __init__(self, seal_context: Any, params: HEParams) -> None:
         self.params = params
-        self.seal_context = context.seal_context().data
+        self.seal_context = seal_context
         self.encoder = sa.CKKSEncoder(self.seal_context)
         self.evaluator = sa.Evaluator(self.seal_context)
         self.first_parms_id = self.seal_context.first_parms_id()
@@ -66,12 +91,28 @@ class _SealHandles:
 class PublicContext:
     """A seller's view of a session: public key, needed Galois keys, no secret key."""
 
-    def __init__(self, context: ts.Context, params: HEParams) -> None:
-        self.context = context
+    def __init__(
+        self, data: bytes, msg: Any, params: HEParams, n_threads: int | None = None
+    ) -> None:
+        """Use :func:`load_public_context` (it validates ``data`` and its parsed ``msg``)."""
         self.params = params
-        self.handles = _SealHandles(context, params)
-        self.encryptor = sa.Encryptor(self.handles.seal_context, context.public_key().data)
-        self.galois_keys = context.galois_keys().data if context.has_galois_keys() else None
+        self._data, self._n_threads, self._context = data, n_threads, None
+        seal_context = _shared_seal_context(bytes(msg.encryption_parameters))
+        self.handles = _SealHandles(seal_context, params)
+        pk = load_seal_key(sa.PublicKey(), seal_context, bytes(msg.public_context.public_key), "the public key")
+        self.encryptor = sa.Encryptor(seal_context, pk)
+        gk = bytes(msg.public_context.galois_keys)
+        self.galois_keys = load_seal_key(sa.GaloisKeys(), seal_context, gk, "the Galois keys") if gk else None
+
+    @property
+    def context(self) -> ts.Context:
+        """The same public context as a TenSEAL object (built on first use: only the naive
+        baseline and introspection need it)."""
+        if self._context is None:
+            self._context = load_tenseal_context(self._data, self._n_threads, "public context")
+            if self._context.has_secret_key() or self._context.is_private():
+                raise CryptoError("refusing a context that contains a secret key")
+        return self._context
 
     def require_rotations(self, steps: tuple[int, ...]) -> None:
         """Fail early (not deep inside SEAL) when a rotation key the plan needs is missing."""
@@ -101,7 +142,7 @@ class SessionKeys:
             raise CryptoError("SessionKeys needs a private context; use SessionKeys.generate()")
         self._plan = plan
         self._ctx: ts.Context | None = context
-        self._handles: _SealHandles | None = _SealHandles(context, plan.params)
+        self._handles: _SealHandles | None = _SealHandles(context.seal_context().data, plan.params)
         sk = context.secret_key().data
         self._decryptor: Any = sa.Decryptor(self._handles.seal_context, sk)
         self._sym_encryptor: Any = sa.Encryptor(self._handles.seal_context, sk)
@@ -289,9 +330,4 @@ def load_public_context(
         raise CodecError(
             f"the received context's scale ({scale!r}) is not 2^{params.global_scale_bits}"
         )
-    ctx = load_tenseal_context(bytes(data), n_threads, "public context")
-    if ctx.has_secret_key() or ctx.is_private():
-        raise CryptoError("refusing a context that contains a secret key")
-    if not ctx.has_public_key():
-        raise CodecError("the received context has no public key; it cannot be used to score")
-    return PublicContext(ctx, params)
+    return PublicContext(bytes(data), msg, params, n_threads)
