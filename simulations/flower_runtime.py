@@ -3,7 +3,10 @@
 ``flower-simulation`` runs the ServerApp (around the buyer already built) and one virtual
 ClientApp per seller under Flower's Ray simulation engine, in this process; seller data goes to
 disk first so each virtual SuperNode loads only its own file (memory stays bounded with
-thousands of sellers). ``flower-deployment`` starts a real SuperLink and one SuperNode per seller
+thousands of sellers). Flower starts the ServerApp while Ray is still booting its workers, and
+each worker imports torch and TenSEAL on its first message, so before the Offer goes out the
+buyer sends one no-op warm-up wave: Ray's start-up (a fixed cost) stays out of the valuation
+phase and out of the first wave's ``flower.timeout-s``. ``flower-deployment`` starts a real SuperLink and one SuperNode per seller
 on 127.0.0.1 with TLS and node authentication, runs the app with ``flwr run``, reads the buyer's
 ``valuation.json`` back and stops every process it started, also on failure and Ctrl-C.
 """
@@ -18,8 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
 from tip_fed.config import TipConfig
 from tip_fed.errors import TipError
+from tip_fed.flower.client_app import make_client_app
+from tip_fed.flower.server_app import Session, run_session, wait_for_nodes
 from tip_fed.protocol import Buyer, Valuation
 from tip_fed.protocol.data import save_dataset
 
@@ -27,6 +35,8 @@ from simulations.flower_apps import APP_DIR, VALUATION_FILE, partition_loader, r
 from simulations.flower_deploy import LocalDeployment, flower_env
 from simulations.market import Market
 from simulations.runner import max_samples
+
+WARM_UP_ACTION = "warm_up"
 
 
 @contextmanager
@@ -49,19 +59,37 @@ def export_market(market: Market, directory: Path) -> dict[str, Path]:
     return {sid: save_dataset(data, directory / f"{sid}.safetensors") for sid, data in market.sellers.items()}
 
 
+def warm_up(grid: Grid, session: Session) -> None:
+    """One no-op message to each of the first ``wave_size`` sellers, so every Ray worker has started
+    and loaded the ClientApp before the Offer goes out; replies (errors included) are dropped."""
+    cfg = session.flower
+    nodes = wait_for_nodes(grid, max(cfg.min_sellers, len(session.expected)), cfg.node_wait_s)[: cfg.wave_size]
+    messages = [Message(content=RecordDict(), dst_node_id=n, message_type=f"query.{WARM_UP_ACTION}") for n in nodes]
+    list(grid.send_and_receive(messages, timeout=cfg.timeout_s))
+
+
+def _warm_up_reply(msg: Message, context: Context) -> Message:
+    """The ClientApp's answer to a warm-up message: an empty reply."""
+    return Message(RecordDict(), reply_to=msg)
+
+
 def exchange_flower_simulation(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
     """One session under ``flwr.simulation.run_simulation`` (Ray), one virtual SuperNode per seller."""
-    from flwr.simulation import run_simulation
-
-    from tip_fed.flower.client_app import make_client_app
-    from tip_fed.flower.server_app import Session, make_server_app
+    from flwr.simulation import run_simulation  # pulls in Ray
 
     result: dict[str, Valuation] = {}
     session = Session(buyer, max_samples(market), list(market.sellers), config.flower)
     with tempfile.TemporaryDirectory(prefix="tip-flower-sim-") as tmp:
         export_market(market, Path(tmp) / "sellers")
-        server = make_server_app(lambda ctx: session, lambda v, ctx: result.update(valuation=v))
+        server = ServerApp()
+
+        @server.main()
+        def main(grid: Grid, context: Context) -> None:
+            warm_up(grid, session)
+            result["valuation"] = run_session(grid, session)
+
         client = make_client_app(partition_loader(Path(tmp) / "sellers"))
+        client.query(WARM_UP_ACTION)(_warm_up_reply)
         backend = {
             "client_resources": {"num_cpus": config.flower.num_cpus, "num_gpus": 0.0},
             "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": progress},

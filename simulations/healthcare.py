@@ -18,7 +18,9 @@ site's recorded labels. Each replicate draws a buyer-train site, a different obj
 Scale mode: :func:`synthetic_sites` generates any number of hospitals from a logistic outcome
 model with per-site covariate shift, size and label quality; it is used when more sellers are
 requested than real sites exist (``--set sellers=1000``) or with ``healthcare.dataset =
-"synthetic"``. Synthetic data never feeds the default real-data run.
+"synthetic"``. Synthetic data never feeds the default real-data run. ``healthcare.samples-per-seller
+= S`` gives every synthetic site exactly S rows (the buyer's two included), so a scale benchmark
+values sellers x S samples instead of a random total.
 """
 
 from __future__ import annotations
@@ -129,13 +131,15 @@ def synthetic_sites(
     """Generate ``n_sites`` synthetic hospitals for scale runs.
 
     Outcome: logistic in the features with one shared weight vector. Per site: size log-uniform
-    in ``rows``; covariate shift N(0, shift²) per feature (case mix); label-flip rate 0 for good
-    sites and U(0.2, 0.6) for a ``bad_fraction`` of sites (the quality knob).
+    in ``rows``, bounds included (``(S, S)``: exactly S rows); covariate shift N(0, shift²) per
+    feature (case mix); label-flip rate 0 for good sites and U(0.2, 0.6) for a ``bad_fraction`` of
+    sites (the quality knob).
     """
     w = rng.normal(size=features) / np.sqrt(features) * 3.0
     out = []
     for s in range(n_sites):
-        n = int(np.exp(rng.uniform(np.log(rows[0]), np.log(rows[1] + 1))))
+        # clamped: exp(log(min)) can round just below min, and one draw per site keeps the stream fixed
+        n = min(max(int(np.exp(rng.uniform(np.log(rows[0]), np.log(rows[1] + 1)))), rows[0]), rows[1])
         mu = rng.normal(scale=shift, size=features)
         x = (rng.normal(size=(n, features)) + mu).astype(np.float32)
         y_true = (rng.random(n) < 1 / (1 + np.exp(-(x @ w)))).astype(np.int64)
@@ -158,6 +162,9 @@ def settings(config: TipConfig) -> tuple[int, int, bool]:
     if scale and config.sellers == 0 and h.dataset != "synthetic":
         raise ConfigError(f"healthcare.sellers = {sellers} needs {sellers + 2} sites but healthcare.sites = {h.sites}; "
                           "raise healthcare.sites or use --set sellers=N for a synthetic scale run")
+    if h.samples_per_seller is not None and not scale:
+        raise ConfigError("healthcare.samples-per-seller applies to synthetic sites only; add "
+                          "--set healthcare.dataset=synthetic (or --set sellers=N above the real sites) or unset it")
     return (1 if scale and config.sellers else reps), sellers, scale
 
 
@@ -167,7 +174,8 @@ def build(config: TipConfig) -> list[Market]:
     reps, k, scale = settings(config)
     rng = np.random.default_rng(config.seed)
     if scale:
-        pool = synthetic_sites(k + 2, rng, features=h.synthetic_features, rows=h.synthetic_rows,
+        lo, hi = h.synthetic_rows if h.samples_per_seller is None else (h.samples_per_seller,) * 2
+        pool = synthetic_sites(k + 2, rng, features=h.synthetic_features, rows=(lo, hi),
                                bad_fraction=h.synthetic_bad_fraction, shift=h.synthetic_shift)
         for site in pool[:2]:  # the buyer's own sites are clean
             site.y = site.y_true

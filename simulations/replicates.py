@@ -150,6 +150,13 @@ def pooled_payouts(out: Path, n_reps: int) -> tuple[list[dict[str, Any]], dict[s
     return rows, {"reference": reference, "rules": summary}
 
 
+def valuation_seconds(out: Path, n_reps: int) -> float | None:
+    """Summed valuation-phase seconds of every replicate's session; None when a runtime could not time one."""
+    phases = [read_json(out / "replicates" / f"rep-{rep:03d}" / "metrics.json")["run"].get("valuation_seconds")
+              for rep in range(n_reps)]
+    return None if None in phases else float(sum(phases))
+
+
 def run_replicated(config: TipConfig, markets: list[Market], out: Path, *, progress: bool, started: float) -> RunResult:
     """Value every replicate market in its own session and write per-replicate and pooled results."""
     rows: list[dict[str, Any]] = []
@@ -174,7 +181,8 @@ def run_replicated(config: TipConfig, markets: list[Market], out: Path, *, progr
     write_csv(out / "payouts.csv", ("replicate", "seller_id", "rule", "payout", "share"), pay_rows)
     m["distribution"] = stats.value_distribution([r["tip"] for r in rows])
     m["run"] = {"seconds": time.perf_counter() - started, "replicates": len(markets),
-                "sellers_per_replicate": len(markets[0].sellers), "runtime": config.runtime}
+                "sellers_per_replicate": len(markets[0].sellers), "runtime": config.runtime,
+                "valuation_seconds": valuation_seconds(out, len(markets))}
     write_json(out / "manifest.json", {
         "scenario": markets[0].name, "config": config.to_dict(), "replicated": True,
         "replicates": [mk.info for mk in markets], "versions": _versions(),

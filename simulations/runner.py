@@ -70,8 +70,37 @@ def build_market(config: TipConfig) -> Market:
     return built[0] if isinstance(built, list) else built
 
 
-def make_buyer(market: Market, config: TipConfig) -> Buyer:
-    """The market's buyer with the run's settings."""
+class TimedBuyer(Buyer):
+    """A Buyer that notes when its Offer went out and when its last Reply was settled.
+
+    That span is the valuation phase, the part of a run whose cost grows with the sellers; every
+    runtime that drives this buyer object (all but ``flower-deployment``, which rebuilds the buyer in
+    Flower's own process) gets it timed without the runtime knowing.
+    """
+
+    offered_at: float | None = None
+    settled_at: float | None = None
+
+    def offer(self, *args: Any, **kwargs: Any) -> bytes:
+        data = super().offer(*args, **kwargs)
+        self.offered_at, self.settled_at = time.perf_counter(), None
+        return data
+
+    def settle(self, *args: Any, **kwargs: Any) -> Valuation:
+        valuation = super().settle(*args, **kwargs)
+        self.settled_at = time.perf_counter()
+        return valuation
+
+    @property
+    def valuation_seconds(self) -> float | None:
+        """Seconds from the latest Offer to its settlement; None until both happened."""
+        if self.offered_at is None or self.settled_at is None:
+            return None
+        return self.settled_at - self.offered_at
+
+
+def make_buyer(market: Market, config: TipConfig) -> TimedBuyer:
+    """The market's buyer with the run's settings, timing its valuation phase."""
     settings = BuyerSettings(
         projection=config.projection,
         preconditioner=config.preconditioner,
@@ -79,7 +108,7 @@ def make_buyer(market: Market, config: TipConfig) -> Buyer:
         protocol=config.protocol,
         seed=config.seed,
     )
-    return Buyer(market.model, market.task, market.objective, market.train, settings)
+    return TimedBuyer(market.model, market.task, market.objective, market.train, settings)
 
 
 def max_samples(market: Market) -> int:
@@ -229,8 +258,11 @@ def write_run(
         plain_all += [s["score_plaintext"] for s in samples]
 
     m: dict[str, Any] = {"fidelity": metrics.fidelity(enc_all, plain_all)}
+    phase = buyer.valuation_seconds if isinstance(buyer, TimedBuyer) else None
     m["run"] = {
         "seconds": seconds, "sellers": len(valuation.sellers), "missing": valuation.missing,
+        "valuation_seconds": phase,
+        "valuation_seconds_per_seller": phase / len(valuation.sellers) if phase is not None and valuation.sellers else None,
         "rejected": valuation.rejected,
         "expected_best": market.expected_best,
         "top_by_score": ranked[0].seller_id if ranked else None,

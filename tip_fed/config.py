@@ -140,8 +140,8 @@ class FlowerConfig:
     num_cpus: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.timeout_s > 0, "flower.timeout-s", "must be > 0 (seconds to wait for one wave of replies)")
-        _require(self.wave_size >= 1, "flower.wave-size", "must be >= 1 (sellers queried at once)")
+        _require(self.timeout_s > 0, "flower.timeout-s", "must be > 0 (seconds to wait for a seller's reply)")
+        _require(self.wave_size >= 1, "flower.wave-size", "must be >= 1 (most Offers in flight at once)")
         _require(self.min_sellers >= 1, "flower.min-sellers", "must be >= 1")
         _require(self.node_wait_s >= 0, "flower.node-wait-s", "must be >= 0")
         _require(self.num_cpus > 0, "flower.num-cpus", "must be > 0 (CPUs per simulated seller)")
@@ -184,6 +184,7 @@ class HealthcareConfig:
     synthetic_features: int = 10
     synthetic_bad_fraction: float = 0.3
     synthetic_shift: float = 0.5
+    samples_per_seller: int | None = None  # synthetic only: every site holds exactly this many rows
 
     def __post_init__(self) -> None:
         _require(self.dataset in ("diabetes", "breast-cancer", "synthetic"), "healthcare.dataset",
@@ -196,6 +197,8 @@ class HealthcareConfig:
         _require(len(self.synthetic_rows) == 2 and 4 <= self.synthetic_rows[0] <= self.synthetic_rows[1],
                  "healthcare.synthetic-rows", "must be [min, max] rows per synthetic site with 4 <= min <= max")
         _require(0 <= self.synthetic_bad_fraction <= 1, "healthcare.synthetic-bad-fraction", "must be in [0, 1]")
+        _require(self.samples_per_seller is None or self.samples_per_seller >= 4, "healthcare.samples-per-seller",
+                 "must be >= 4 rows per synthetic site (leave it unset for log-uniform sizes in synthetic-rows)")
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ def test_flower_simulation_matches_inprocess(scenario):
     config, market, buyer, ref = scenario
     valuation = exchange_flower_simulation(config, market, buyer, False)
     _assert_same_valuation(valuation, ref)
+    assert buyer.valuation_seconds is not None  # the buyer object ran the session: its phase is timed
 
 
 def test_flower_deployment_with_tls_and_node_auth_matches_inprocess(scenario, tmp_path):

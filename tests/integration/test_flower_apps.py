@@ -5,6 +5,7 @@ per-node Context that persists across messages, as a SuperNode's does. Decrypted
 checked against the in-process runtime; failing and silent sellers against the valuation lists.
 """
 
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class LocalGrid(Grid):
         }
         self.silent = set(silent)
         self.sent: list[list[int]] = []
+        self.replies: dict[str, Message] = {}
         self._run = None
 
     def get_node_ids(self):
@@ -59,10 +61,19 @@ class LocalGrid(Grid):
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        """Deliver at once (replies wait to be pulled); silent nodes' messages are never answered."""
+        messages = list(messages)
+        self.sent.append([m.metadata.dst_node_id for m in messages])
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(m.metadata.message_id)
+            if m.metadata.dst_node_id not in self.silent:
+                self.replies[m.metadata.message_id] = self._deliver(m)
+        return ids
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     @property
     def run(self):
@@ -114,7 +125,7 @@ def seller_files(tmp_path):
 
 def _run(grid, buyer, expected=(), **flower):
     done = {}
-    cfg = FlowerConfig(timeout_s=5, node_wait_s=0, **flower)
+    cfg = FlowerConfig(timeout_s=1, node_wait_s=0, **flower)
     app = make_server_app(lambda ctx: Session(buyer, 20, expected, cfg), lambda v, ctx: done.update(v=v))
     server_ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     app(grid, server_ctx)
@@ -124,7 +135,7 @@ def _run(grid, buyer, expected=(), **flower):
 def test_flower_apps_value_every_seller_like_the_inprocess_runtime(buyer_parts, seller_files):
     # Prepare: node 1..4 each hold one seller file, as SuperNodes started with --node-config
     grid = LocalGrid(make_client_app(), {i + 1: {"data-path": str(p)} for i, p in enumerate(seller_files.values())})
-    # Execute: in waves of 3 nodes
+    # Execute: at most 3 Offers in flight
     valuation = _run(grid, _buyer(buyer_parts), expected=list(seller_files), wave_size=3)
     # Assert: same numbers as the in-process runtime on the same data (fresh keys: CKKS noise only)
     assert grid.sent == [[1, 2, 3], [4]]

@@ -41,3 +41,26 @@ def test_sellers_knob_switches_to_synthetic_scale_mode():
     assert np.mean([s.info["label_noise"] > 0 for s in sites]) == pytest.approx(0.25, abs=0.07)
     with pytest.raises(ConfigError, match="sites"):
         healthcare.settings(load_config("configs/healthcare.toml", ["healthcare.sellers=11"]))
+
+
+def test_samples_per_seller_gives_every_synthetic_site_exactly_that_many_rows():
+    config = load_config("configs/healthcare.toml", ["sellers=30", "healthcare.samples-per-seller=100"])
+    (market,) = healthcare.build(config)
+    assert [len(d["y"]) for d in market.sellers.values()] == [100] * 30
+    assert all(info["rows"] == 100 for info in market.info["sites"].values())  # buyer's sites too
+    default = healthcare.build(load_config("configs/healthcare.toml", ["sellers=30"]))[0]
+    assert len({len(d["y"]) for d in default.sellers.values()}) > 1  # unset: log-uniform sizes as before
+
+
+@pytest.mark.parametrize("value", [0, 3, -5])
+def test_samples_per_seller_below_four_rows_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="healthcare.samples-per-seller must be >= 4"):
+        load_config("configs/healthcare.toml", [f"healthcare.samples-per-seller={value}"])
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config("configs/healthcare.toml", ["healthcare.samples-per-seller=1.5"])
+
+
+def test_samples_per_seller_is_refused_for_real_sites():
+    config = load_config("configs/healthcare.toml", ["healthcare.samples-per-seller=50"])
+    with pytest.raises(ConfigError, match="synthetic sites only"):
+        healthcare.build(config)

@@ -36,7 +36,7 @@ from .codec import (
 )
 from .params import HEParams, PackingPlan, check_params, security_bits
 
-__all__ = ["SessionKeys", "PublicContext", "load_public_context"]
+__all__ = ["SessionKeys", "PublicContext", "load_public_context", "clear_context_cache"]
 
 
 #: SEALContexts by serialised encryption parameters, shared by every session in the process. A
@@ -60,6 +60,11 @@ def _shared_seal_context(parms_bytes: bytes) -> Any:
             _SEAL_CONTEXTS.pop(next(iter(_SEAL_CONTEXTS)))
         _SEAL_CONTEXTS[parms_bytes] = ctx
     return ctx
+
+
+def clear_context_cache() -> None:
+    """Forget the shared SEALContexts (benchmarks measuring a seller's very first Offer)."""
+    _SEAL_CONTEXTS.clear()
 
 
 class _SealHandles:

@@ -1,10 +1,13 @@
 """The buyer as a Flower ServerApp: one valuation session over the Grid.
 
-The buyer waits for enough sellers, sends every one the same Offer in waves of ``wave_size``
-nodes (so buyer memory stays bounded with thousands of sellers: replies are decrypted and dropped
-wave by wave), separates error replies from Replies, and settles. Sellers that refuse are listed
-under ``rejected`` with their reason; sellers that do not answer within the timeout under
-``missing``. Flower-level failures (a crashed ClientApp) count as refusals.
+The buyer waits for enough sellers and sends every one the same Offer, keeping at most
+``wave_size`` Offers in flight: as each Reply arrives the next seller gets its Offer, and the
+Reply is decrypted and dropped at once, so buyer memory stays bounded with thousands of sellers.
+A bounded window also keeps Flower's own bookkeeping flat: its simulation engine scans every
+stored message for every node on each 0.1 s tick, a cost of nodes x messages in flight. Error
+replies are separated from Replies. Sellers that refuse are listed under ``rejected`` with their
+reason; sellers that do not answer within ``timeout_s`` of their Offer under ``missing``.
+Flower-level failures (a crashed ClientApp) count as refusals.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
@@ -23,6 +26,7 @@ from tip_fed.flower import records
 from tip_fed.protocol import Buyer, Valuation
 
 logger = logging.getLogger(__name__)
+_POLL_S = 0.05  # pause between polls for replies while none arrives
 
 
 @dataclass
@@ -55,25 +59,19 @@ def run_session(grid: Grid, session: Session) -> Valuation:
             f"only {len(nodes)} seller node(s) connected within {cfg.node_wait_s:.0f} s, fewer than "
             f"flower.min-sellers = {cfg.min_sellers}; start more SuperNodes or lower the setting"
         )
-    logger.info("query.value: offering to %d seller nodes in waves of %d", len(nodes), cfg.wave_size)
+    logger.info("query.value: offering to %d seller nodes, at most %d at a time", len(nodes), cfg.wave_size)
     content = records.encode_offer(session.buyer.offer(max_samples=session.max_samples))
     rejected: dict[str, str] = {}
     silent: list[int] = []
 
     def replies() -> Iterator[bytes]:
-        for start in range(0, len(nodes), cfg.wave_size):
-            wave = nodes[start : start + cfg.wave_size]
-            messages = [
-                Message(content=content, dst_node_id=node, message_type=records.QUERY_TYPE) for node in wave
-            ]
-            answered: set[int] = set()
-            for reply in grid.send_and_receive(messages, timeout=cfg.timeout_s):
-                node = reply.metadata.src_node_id
-                answered.add(node)
-                data = _reply_bytes(reply, node, rejected)
-                if data is not None:
-                    yield data
-            silent.extend(n for n in wave if n not in answered)
+        for node, reply in exchange(grid, nodes, content, cfg):
+            if reply is None:
+                silent.append(node)
+                continue
+            data = _reply_bytes(reply, node, rejected)
+            if data is not None:
+                yield data
 
     valuation = session.buyer.settle(replies(), expected=session.expected)
     valuation.rejected.update(rejected)
@@ -85,6 +83,40 @@ def run_session(grid: Grid, session: Session) -> Valuation:
         logger.warning("query.value: no reply from %s (nodes %s)", valuation.missing, silent)
     logger.info("query.value: valued %d sellers", len(valuation.sellers))
     return valuation
+
+
+def exchange(
+    grid: Grid, nodes: Sequence[int], content: RecordDict, cfg: FlowerConfig
+) -> Iterator[tuple[int, Message | None]]:
+    """Send ``content`` to every node, at most ``cfg.wave_size`` outstanding; yield ``(node,
+    reply)`` as replies arrive and ``(node, None)`` for a node silent ``cfg.timeout_s`` after
+    its message went out (or whose message the Grid would not take)."""
+    pending = list(nodes)
+    in_flight: dict[str, tuple[int, float]] = {}  # message id -> (node, sent at)
+    while pending or in_flight:
+        room = cfg.wave_size - len(in_flight)
+        if room > 0 and pending:
+            batch, pending = pending[:room], pending[room:]
+            messages = [Message(content=content, dst_node_id=n, message_type=records.QUERY_TYPE) for n in batch]
+            stored = set(grid.push_messages(messages))
+            sent_at = time.monotonic()
+            for msg, node in zip(messages, batch, strict=True):
+                if msg.metadata.message_id in stored:
+                    in_flight[msg.metadata.message_id] = (node, sent_at)
+                else:
+                    yield node, None
+        answered = list(grid.pull_messages(list(in_flight))) if in_flight else []
+        for reply in answered:
+            entry = in_flight.pop(reply.metadata.reply_to_message_id, None)
+            if entry is not None:
+                yield entry[0], reply
+        now = time.monotonic()
+        for mid, (node, sent_at) in list(in_flight.items()):
+            if now - sent_at > cfg.timeout_s:
+                del in_flight[mid]
+                yield node, None
+        if not answered and in_flight:
+            time.sleep(_POLL_S)
 
 
 def _reply_bytes(reply: Message, node: int, rejected: dict[str, str]) -> bytes | None:

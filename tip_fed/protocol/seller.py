@@ -102,7 +102,9 @@ class Seller:
         params = params_from_pb(offer.he)
         check_params(params)
         plan = plan_from_pb(offer.packing, params)
-        context = load_public_context(offer.public_context, params)
+        t_ctx = time.perf_counter()
+        context = load_public_context(offer.public_context, params)  # early: a bad context fails fast
+        t_ctx = time.perf_counter() - t_ctx  # HE work: reported under encrypted_s
         model = decode_model(offer.model, expected_fingerprint=self.policy.expected_fingerprint)
         spec = spec_from_pb(offer.projection)
         if plan.dim != spec.dim:
@@ -142,7 +144,10 @@ class Seller:
             scores=cts,
             clipped=n_clipped,
             timings=pb.Timings(
-                gradients_s=t_grad - t0, commit_s=t_commit - t_grad, encrypted_s=t_end - t_commit, total_s=t_end - t0
+                gradients_s=t_grad - t0 - t_ctx,
+                commit_s=t_commit - t_grad,
+                encrypted_s=t_end - t_commit + t_ctx,
+                total_s=t_end - t0,
             ),
             dp_epsilon=noise.epsilon or 0.0,
             dp_delta=noise.delta if noise.enabled else 0.0,
