@@ -267,3 +267,57 @@ def test_task_must_return_one_loss_per_sample() -> None:
     batch = {"x": torch.randn(3, 6, dtype=torch.float64), "y": torch.randint(0, 4, (3,))}
     with pytest.raises(DataError, match="one loss per sample"):
         projected_grads(model, spec, MeanLossTask(), batch)
+
+
+class InPlace(torch.nn.Module):
+    """In-place ops on projected outputs, including the lowest one (which joins the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(6, 8)
+        self.second = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(x)
+        hidden.tanh_()
+        out = self.second(hidden)
+        out += 1.0
+        return out
+
+
+def test_extraction_leaves_parameters_untouched_and_allows_inplace_ops() -> None:
+    torch.manual_seed(6)
+    model = InPlace().double()
+    model.first.bias.requires_grad_(False)  # a user's frozen parameter stays frozen
+    spec = ProjectionSpec.for_model(model, rank=3, seed=4)
+    batch = {"x": torch.randn(5, 6, dtype=torch.float64), "y": torch.randint(0, 4, (5,))}
+
+    grads = projected_grads(model, spec, "classification", batch)
+
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [True, False, True, True]
+    expected = torch.stack([
+        explicit_projected(model, spec, "classification", {k: v[i:i + 1] for k, v in batch.items()})
+        for i in range(5)
+    ])
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_parameters_restored_when_the_task_fails_and_unused_layers_are_rejected() -> None:
+    model = mlp()
+    spec = ProjectionSpec.for_model(model, rank=2)
+    batch = {"x": torch.randn(3, 6, dtype=torch.float64), "y": torch.randint(0, 4, (3,))}
+    with pytest.raises(DataError, match="one loss per sample"):
+        projected_grads(model, spec, MeanLossTask(), batch)
+    assert all(p.requires_grad for p in model.parameters())
+
+    class IgnoresModel:
+        name = "ignores-model"
+
+        def per_sample_loss(self, model, batch):
+            model(batch["x"])
+            return batch["x"].sum(dim=1)
+
+    with pytest.raises(ModelError, match="does not depend on any projected layer"):
+        projected_grads(model, spec, IgnoresModel(), batch)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
