@@ -96,7 +96,9 @@ def test_three_of_ten_sellers_killed_or_hung_mid_round(tmp_path):
     assert elapsed < timeout_s + 15, f"the round took {elapsed:.1f} s with a {timeout_s} s per-call timeout"
     assert sorted(valuation.missing) == sorted(killed | hung)
     assert sorted(failures) == sorted(killed | hung)
-    assert all("DEADLINE" in failures[s] for s in hung)
+    # frozen mid-call: the deadline expires; frozen during the TLS handshake: no connection
+    for s in hung:
+        assert "DEADLINE" in failures[s] or "UNAVAILABLE" in failures[s], failures[s]
     assert sorted(v.seller_id for v in valuation.sellers) == sorted(set(files) - killed - hung)
     assert valuation.rejected == {}
 
