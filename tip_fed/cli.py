@@ -6,7 +6,6 @@ Every user-facing failure is a TipError, printed as one line (no traceback) with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set seed=3 --set projection.rank=16 (repeatable)")
     sim.add_argument("--quiet", action="store_true", help="no progress bars")
+    sim.add_argument("--force", action="store_true",
+                     help="write into a non-empty --out directory (its old result files are replaced)")
 
     exp = sub.add_parser("export-sellers", help="write each seller's data of a scenario to DIR/<seller_id>.safetensors")
     exp.add_argument("config", help="TOML config, e.g. configs/causal.toml")
@@ -182,19 +183,31 @@ def _tls_init(args: argparse.Namespace) -> None:
     print(f"client certificate {client.cert} and key {client.key}")
 
 
+def _simulate(args: argparse.Namespace) -> None:
+    """Check the config and the output directory first (light imports), then run and summarise."""
+    from tip_fed.config import load_config
+    from tip_fed.errors import ConfigError
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    if out.is_file():
+        raise ConfigError(f"--out {out} is a file; give a directory for the results")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ConfigError(f"--out {out} is not empty: results of two runs would mix; choose another --out, "
+                          "empty it, or pass --force to replace its result files")
+    from simulations.runner import run_scenario
+    from tip_fed.market.summary import summary_lines
+
+    result = run_scenario(config, out, progress=not args.quiet)
+    print("\n".join(summary_lines(result.metrics, str(result.out_dir))))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tip-fed`` console script."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "simulate":
-            from simulations.runner import run_scenario
-            from tip_fed.config import load_config
-
-            config = load_config(args.config, args.overrides)
-            result = run_scenario(config, args.out, progress=not args.quiet)
-            if not args.quiet:
-                print(json.dumps(result.metrics, indent=2, default=str))
-            print(f"results written to {result.out_dir}/ (report: {result.out_dir}/report.md)")
+            _simulate(args)
         elif args.command == "export-sellers":
             from simulations.runner import export_sellers
             from tip_fed.config import load_config

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "tip-fed"
-ARGS = ["simulate", "configs/causal.toml", "--quiet", "--set", "quick=true"]
+ARGS = ["simulate", "configs/causal.toml", "--quiet", "--force", "--set", "quick=true"]
 # Encrypted scores carry fresh CKKS noise each run (~1e-9 of the score bound); everything else is exact.
 NOISY = {"score", "mean_score", "seconds"}
 

@@ -1,0 +1,66 @@
+"""What ``tip-fed simulate`` says before and after a run: early refusals and the closing summary."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tip_fed import cli
+from tip_fed.market.summary import MAX_LINES, summary_lines
+
+
+def test_a_misspelled_config_is_reported_before_heavy_imports():
+    """A fresh interpreter: the error arrives without torch, tenseal or the scenarios being imported."""
+    code = ("import sys; from tip_fed import cli; rc = cli.main(['simulate', 'configs/nope.toml']); "
+            "heavy = [m for m in ('torch', 'tenseal', 'simulations.runner', 'flwr') if m in sys.modules]; "
+            "print(rc, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2 []"
+    assert "configs/nope.toml" in out.stderr and "does not exist" in out.stderr
+
+
+def test_a_non_empty_out_is_refused_unless_forced(tmp_path, capsys):
+    (tmp_path / "valuations.csv").write_text("seller_id\nold-run\n")
+    assert cli.main(["simulate", "configs/causal.toml", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--force" in err
+    assert (tmp_path / "valuations.csv").read_text() == "seller_id\nold-run\n"  # nothing lost
+
+
+def test_a_file_as_out_is_refused(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("x")
+    assert cli.main(["simulate", "configs/causal.toml", "--out", str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+SINGLE = {
+    "run": {"sellers": 4, "seconds": 2.4, "valuation_seconds": 0.39, "top_by_score": "digits-4",
+            "top_by_benefit": "digits-4", "missing": []},
+    "validity": {"spearman": 1.0, "pearson": 0.99, "top1_match": True, "n_sellers": 4},
+    "fidelity": {"pearson": 1.0, "max_rel_error": 5e-10, "n_scores": 244},
+    "payouts": {"reference": "benefit", "rules": {"flat": {"gini": 0.0}, "proportional": {"gini": 0.75}}},
+}
+REPLICATED = {
+    "run": {"replicates": 3, "sellers_per_replicate": 8, "runtime": "inprocess", "seconds": 61.0},
+    "validity": {"spearman": {"pooled": 0.88}, "spearman_pooled": 0.88, "top1_rate": 2 / 3,
+                 "paired_vs_gradient_cosine": {"spearman": {"delta_z": 0.4, "p_wilcoxon": 0.25, "p_bootstrap": 0.001,
+                                                            "n_replicates": 3}}},
+    "fidelity": {"pearson": 1.0, "max_rel_error": 1e-9, "n_scores": 24},
+}
+
+
+@pytest.mark.parametrize("metrics", [SINGLE, REPLICATED, {}], ids=["single", "replicated", "empty"])
+def test_the_summary_is_short_and_says_only_what_was_computed(metrics):
+    lines = summary_lines(metrics, "out")
+    assert 1 <= len(lines) <= MAX_LINES
+    assert lines[-1].startswith("results     out/")
+    text = "\n".join(lines)
+    if metrics is SINGLE:
+        assert "4 sellers" in text and "digits-4" in text and "Spearman with realised benefit 1" in text
+        assert "missing" not in text
+    if metrics is REPLICATED:
+        assert "8 sellers x 3 replicates" in text and "0.88" in text and "67 % of replicates" in text
+        assert "n_replicates 3" in text  # the p-values are shown with the number of replicates behind them
+    if not metrics:
+        assert "validity" not in text and "fidelity" not in text
