@@ -64,3 +64,17 @@ def test_the_summary_is_short_and_says_only_what_was_computed(metrics):
         assert "n_replicates 3" in text  # the p-values are shown with the number of replicates behind them
     if not metrics:
         assert "validity" not in text and "fidelity" not in text
+
+
+def test_the_front_door_exports_what_a_user_needs_and_stays_light():
+    code = ("import sys, tip_fed; light = 'torch' not in sys.modules; "
+            "from tip_fed import Buyer, Seller, TipError, load_dataset, SellerPolicy; "
+            "print(light, Buyer.__module__, Seller.__module__, issubclass(TipError, Exception))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "tip_fed.protocol.buyer", "tip_fed.protocol.seller", "True"]
+    import tip_fed
+
+    missing = [n for n in tip_fed.__all__ if not hasattr(tip_fed, n)]
+    assert not missing
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        tip_fed.Nope  # noqa: B018
