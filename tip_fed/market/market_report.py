@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from tip_fed.market import plots
+from tip_fed.market.glossary import RULES, SCORE, absent_rules
 from tip_fed.market.results import atomic_write, read_csv, read_json
+from tip_fed.market.stats import MIN_BOOTSTRAP_REPLICATES
 
 METHODS = ("tip", "gradient_cosine", "data_cosine", "random", "data_size")
 
@@ -53,19 +55,25 @@ def _validity_section(m: dict[str, Any], out: Path) -> list[str]:
     rows = []
     for name in METHODS:
         s, p = blocks[name]["spearman"], blocks[name]["pearson"]
-        rows.append([name, s["pooled"], f"[{_f(s['ci_low'])}, {_f(s['ci_high'])}]", s["mean_abs"],
+        ci = f"[{_f(s['ci_low'])}, {_f(s['ci_high'])}]" if s.get("ci_low") is not None else "–"
+        rows.append([name, s["pooled"], ci, s["mean_abs"],
                      _f(paper[name]) if name in paper else "–", p["pooled"]])
     parts = ["## Does the encrypted score predict realised benefit?", "",
              "Per replicate: signed correlation across sellers of each method's score with the realised benefit; "
-             "pooled over replicates by Fisher z (weights n − 3), 95% CI by bootstrap over replicates. "
+             "pooled over replicates by Fisher z (weights n − 3), 95% CI by bootstrap over replicates "
+             f"(shown only with ≥ {MIN_BOOTSTRAP_REPLICATES} replicates: fewer give too few distinct resamples). "
              "The paper's numbers (Maryland HSCRC, 50 replicates, §6.2) are mean **|Spearman|**, which hides the sign; "
              "ours are signed.", ""]
     parts += _table(["method", "pooled signed Spearman", "95% CI", "mean abs Spearman", "paper mean abs Spearman",
                      "pooled signed Pearson"], rows)
     pt = v["paired_vs_gradient_cosine"]["spearman"]
-    parts += [f"Paired test TIP vs gradient cosine (Spearman, per-replicate Δz): Δz = {_f(pt['delta_z'])} "
-              f"[{_f(pt['ci_low'])}, {_f(pt['ci_high'])}], bootstrap p = {_f(pt['p_bootstrap'])}, "
-              f"Wilcoxon p = {_f(pt['p_wilcoxon'])} over {pt['n_replicates']} replicates.", "",
+    n = pt["n_replicates"]
+    boot = (f", 95% CI [{_f(pt['ci_low'])}, {_f(pt['ci_high'])}], bootstrap p = {_f(pt['p_bootstrap'])}"
+            if pt.get("p_bootstrap") is not None else "")
+    parts += [f"Paired test TIP vs gradient cosine (Spearman, per-replicate Δz of Fisher z; positive = TIP better): "
+              f"Δz = {_f(pt['delta_z'])}{boot}; sign-flip p = {_f(pt.get('p_sign_flip'))}, "
+              f"Wilcoxon p = {_f(pt['p_wilcoxon'])} over {n} replicates."
+              + (f" With {n} replicates no two-sided test can give p below {_f(2 / 2**n)}." if n < 8 else ""), "",
               f"Top-1 agreement (highest score = highest benefit): TIP {_f(v['top1_rate'])}, "
               f"gradient cosine {_f(b['gradient_cosine'].get('top1_rate'))}.", ""]
     plots.method_bars(list(METHODS), [blocks[n]["spearman"]["pooled"] for n in METHODS],
@@ -74,17 +82,17 @@ def _validity_section(m: dict[str, Any], out: Path) -> list[str]:
     return parts + ["![methods](methods.png)", ""]
 
 
-def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path) -> list[str]:
+def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path,
+                    coalition_max: int | None) -> list[str]:
     pm = m.get("payouts", {})
-    parts = ["## Payouts", "",
-             "Rules: `flat` (per record), `proportional` (positive TIP score; harmful paid zero), `softmax` "
-             "(temperature on spread-scaled scores), `budget_balanced` (reserve price, budget paid exactly), and from "
-             "ground truth (simulation only): `benefit` (own realised benefit), `loo` (leave-one-seller-out), "
-             f"`shapley` (seller-level Shapley of the coalition fine-tuning utility). Reference: `{pm.get('reference')}`; "
-             "numbers are averaged over replicates.", ""]
+    parts = ["## Payouts", "", RULES, "", f"Reference: `{pm.get('reference')}`; numbers are averaged over replicates. "
+             "Spearman vs reference: do the rules rank sellers alike; L1 of shares: 0 = same split of the budget, "
+             "2 = disjoint; Gini: 0 = everyone paid the same.", ""]
     rules = pm.get("rules", {})
     parts += _table(["rule", "Spearman vs reference", "L1 of shares vs reference", "Gini of payouts"],
                     [[r, c.get("spearman_vs_reference"), c.get("l1_vs_reference"), c.get("gini")] for r, c in rules.items()])
+    per_rep = m.get("run", {}).get("sellers_per_replicate", 0)
+    parts += absent_rules(set(rules), per_rep, coalition_max)
     if payouts:
         first = payouts[0].get("replicate", "")
         rep_rows = [r for r in payouts if r.get("replicate", "") == first]
@@ -107,11 +115,12 @@ def render_market_report(out_dir: str | Path) -> Path:
     parts = [f"# tip_fed market report: {manifest.get('scenario', 'market')}", "",
              f"{run.get('replicates', '?')} replicate(s) × {run.get('sellers_per_replicate', '?')} sellers, each replicate "
              f"valued in its own encrypted session (runtime `{run.get('runtime', '?')}`); {_f(run.get('seconds'), 1)} s in all. "
-             "Scores are `v · Σ g_i` decrypted per seller; positive = predicted to lower the buyer's objective loss. "
-             "Realised benefit = objective loss before − after fine-tuning a copy of the buyer's model on that seller's data.", ""]
+             "Realised benefit = objective loss before − after fine-tuning a copy of the buyer's model on that seller's "
+             "data alone: what the score tries to predict.", "",
+             *([manifest["description"], ""] if manifest.get("description") else []), SCORE, ""]
     fid = m.get("fidelity", {})
-    parts += [f"Encryption fidelity over all sellers: Pearson {_f(fid.get('pearson'), 8)}, max relative error "
-              f"{_f(fid.get('max_rel_error'))}.", ""]
+    parts += [f"Encryption fidelity over all sellers (decrypted vs plaintext scores; CKKS precision): Pearson "
+              f"{_f(fid.get('pearson'), 8)}, max relative error {_f(fid.get('max_rel_error'))}.", ""]
     if isinstance(m.get("validity", {}).get("spearman"), dict):
         parts += _validity_section(m, out)
     elif "validity" in m:
@@ -125,12 +134,13 @@ def render_market_report(out_dir: str | Path) -> Path:
     multi = run.get("replicates", 1) > 1
     plots.sorted_values(_scaled_within(scores, "tip") if multi else tip, harmful,
                         out / "seller_values.png", ylabel="TIP score" + (" (÷ replicate RMS)" if multi else ""),
-                        title="Seller values, sorted (red = harmful by realised benefit)")
+                        title="Seller values, sorted", labels=None if multi else [r["seller_id"] for r in scores])
     unit = " (÷ replicate RMS)" if multi else ""
     plots.scatter_fit(_scaled_within(scores, "tip") if multi else tip,
                       _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores],
                       out / "score_vs_benefit.png", xlabel="TIP score (encrypted)" + unit,
-                      ylabel="realised benefit (loss before − after)" + unit, title="Encrypted score vs realised benefit")
+                      ylabel="realised benefit (loss before − after)" + unit, title="Encrypted score vs realised benefit",
+                      labels=None if multi else [r["seller_id"] for r in scores])
     dist = m.get("distribution", {})
     series = {"positive TIP value" + (" (÷ replicate RMS)" if multi else ""): _scaled_within(scores, "tip") if multi else tip}
     series["positive realised benefit" + unit] = _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores]
@@ -138,7 +148,10 @@ def render_market_report(out_dir: str | Path) -> Path:
     if shap:
         series["shapley payouts"] = shap
     plots.lorenz_curves(series, out / "lorenz.png")
-    parts += ["## Distribution of value", ""]
+    parts += ["## Distribution of value", "",
+              "Gini: 0 = value spread equally, near 1 = one seller holds all of it (positive scores only). "
+              "Top-10% share: fraction of the positive score held by the best 10 % of sellers. "
+              "The Lorenz curve plots the same: the further below the diagonal, the more concentrated.", ""]
     parts += _table(["Gini (positive part)", "top-10% share", "fraction with negative score", "sellers"],
                     [[dist.get("gini"), dist.get("top10_share"), dist.get("fraction_negative"), dist.get("n_sellers")]])
     parts += ["![sorted seller values](seller_values.png)", "", "![Lorenz curve](lorenz.png)", "",
@@ -151,7 +164,7 @@ def render_market_report(out_dir: str | Path) -> Path:
         parts += _table(["decile", "sellers", "benefit"], [["top", d["top_n"], d["top_benefit"]],
                                                           ["bottom", d["bottom_n"], d["bottom_benefit"]]])
         parts += [f"Top decile lowers the objective loss more than the bottom decile: **{_f(d['top_beats_bottom'])}**.", ""]
-    parts += _payout_section(m, payouts, out)
+    parts += _payout_section(m, payouts, out, manifest.get("config", {}).get("payouts", {}).get("coalition_max"))
     parts += ["## Files", "", "`scores.csv` (every method's score and the benefit, per replicate and seller), "
               "`replicates.csv` (per-replicate correlations), `payouts.csv`, `metrics.json`, and per-session results "
               "under `replicates/rep-NNN/` (valuations, ground truth, payouts, manifest).", ""]

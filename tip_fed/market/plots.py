@@ -25,22 +25,47 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
-def sorted_values(values: Sequence[float], harmful: Sequence[bool], path: Path, *, ylabel: str, title: str) -> None:
-    """Bars of seller values sorted high to low; red = harmful by realised benefit (ground truth)."""
+def _symlog_if_wide(ax, values: np.ndarray, axis: str) -> bool:  # type: ignore[no-untyped-def]
+    """A signed-log axis when values span orders of magnitude, so small and negative ones stay visible.
+
+    Linear within the smallest non-zero magnitude, logarithmic beyond it, in both directions.
+    """
+    mags = np.abs(values[np.isfinite(values)])
+    mags = mags[mags > 0]
+    if mags.size < 2 or mags.max() / np.median(mags) <= 100:
+        return False
+    linthresh = float(10 ** np.floor(np.log10(mags.min())))
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh, linscale=0.5)
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(lo * 4 if lo < 0 else -linthresh, hi * 4 if hi > 0 else linthresh)
+    return True
+
+
+def sorted_values(values: Sequence[float], harmful: Sequence[bool], path: Path, *, ylabel: str, title: str,
+                  labels: Sequence[str] | None = None,
+                  legend: tuple[str, str] | None = None) -> None:
+    """Bars of seller values sorted high to low; red = harmful. Every seller stays visible at any spread:
+    the axis turns signed-log when values span more than 100x, and sellers are named up to 40 of them."""
     plt = _plt()
-    order = np.argsort(-np.asarray(values, float))
+    order = np.argsort(-np.asarray(values, float), kind="stable")
     v = np.asarray(values, float)[order]
     colors = [RED if harmful[i] else BLUE for i in order]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.45 * v.size + 2)) if v.size <= 40 else 8, 3.8))
     ax.bar(range(v.size), v, color=colors, width=1.0 if v.size > 60 else 0.8)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("sellers, sorted by value")
-    ax.set_ylabel(ylabel)
+    wide = _symlog_if_wide(ax, v, "y")
+    if labels is not None and v.size <= 40:
+        ax.set_xticks(range(v.size), [labels[i] for i in order], rotation=40, ha="right", fontsize=8)
+        ax.set_xlabel("sellers, sorted by value")
+    else:
+        ax.set_xlabel(f"{v.size} sellers, sorted by value")
+    ax.set_ylabel(ylabel + (" (signed-log axis)" if wide else ""))
     ax.set_title(title)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=BLUE, label="helpful (realised benefit > 0)"),
-                       Patch(color=RED, label="harmful (realised benefit <= 0)")], fontsize=8, loc="upper right")
+    legend = legend or ("helpful (realised benefit > 0)", "harmful (realised benefit <= 0)")
+    ax.legend(handles=[Patch(color=BLUE, label=legend[0]), Patch(color=RED, label=legend[1])], fontsize=8,
+              loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -63,13 +88,19 @@ def lorenz_curves(series: Mapping[str, Sequence[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def scatter_fit(x: Sequence[float], y: Sequence[float], path: Path, *, xlabel: str, ylabel: str, title: str) -> None:
-    """Scatter with a least-squares line and the signed Pearson r in the legend."""
+def scatter_fit(x: Sequence[float], y: Sequence[float], path: Path, *, xlabel: str, ylabel: str, title: str,
+                labels: Sequence[str] | None = None) -> None:
+    """Scatter with a least-squares line and the signed Pearson r; a signed-log x axis (and no line,
+    which would be meaningless there) when x spans orders of magnitude; points named up to 30."""
     plt = _plt()
     xa, ya = np.asarray(x, float), np.asarray(y, float)
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     ax.scatter(xa, ya, s=14, color=BLUE, alpha=0.7, zorder=3)
-    if xa.size >= 2 and np.ptp(xa) > 0:
+    if labels is not None and xa.size <= 30:
+        for xi, yi, name in zip(xa, ya, labels, strict=True):
+            ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    wide = _symlog_if_wide(ax, xa, "x")
+    if xa.size >= 2 and np.ptp(xa) > 0 and not wide:
         slope, intercept = np.polyfit(xa, ya, 1)
         xs = np.linspace(xa.min(), xa.max(), 50)
         r = float(np.corrcoef(xa, ya)[0, 1]) if np.ptp(ya) > 0 else float("nan")
@@ -77,9 +108,26 @@ def scatter_fit(x: Sequence[float], y: Sequence[float], path: Path, *, xlabel: s
         ax.legend(fontsize=8, loc="upper left")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel(xlabel + (" (signed-log axis)" if wide else ""))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def identity_scatter(x: Sequence[float], y: Sequence[float], path: Path, *, xlabel: str, ylabel: str,
+                     title: str) -> None:
+    """Scatter of two measurements of the same quantity against the y = x line (e.g. fidelity)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter(x, y, s=6, color=BLUE)
+    lo, hi = min([*x, *y]), max([*x, *y])
+    ax.plot([lo, hi], [lo, hi], color=GREY, linewidth=0.8, linestyle="--", label="y = x")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

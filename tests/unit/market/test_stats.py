@@ -15,7 +15,8 @@ def test_pooled_point_estimate_is_weighted_fisher_z():
     out = stats.pool(rs, ns)
     assert out["pooled"] == pytest.approx(math.tanh(z), abs=1e-12)
     assert out["mean"] == pytest.approx(np.mean(rs)) and out["mean_abs"] == pytest.approx(np.mean(np.abs(rs)))
-    assert out["ci_low"] <= out["pooled"] <= out["ci_high"]
+    many = stats.pool(rs * 3, ns * 3)
+    assert many["ci_low"] <= many["pooled"] <= many["ci_high"]
 
 
 def test_bootstrap_ci_agrees_with_normal_theory_for_many_replicates():
@@ -40,9 +41,34 @@ def test_paired_test_detects_a_difference_and_not_a_non_difference():
     b = np.tanh(rng.normal(0.4, 0.2, 30))
     out = stats.paired(list(a), list(b), [8] * 30)
     assert out["delta_z"] == pytest.approx(np.mean(np.arctanh(a) - np.arctanh(b)))
-    assert out["p_bootstrap"] < 0.01 and out["p_wilcoxon"] < 0.01 and out["ci_low"] > 0
+    assert out["p_bootstrap"] < 0.01 and out["p_wilcoxon"] < 0.01 and out["p_sign_flip"] < 0.01 and out["ci_low"] > 0
     same = stats.paired(list(a), list(a), [8] * 30)
     assert same["delta_z"] == 0 and same["p_bootstrap"] == 1.0 and same["p_wilcoxon"] == 1.0
+    assert same["p_sign_flip"] == 1.0
+
+
+def _sign_flip_p(dz, w):
+    """Exact two-sided sign-flip p by enumerating every sign pattern (independent of scipy)."""
+    import itertools
+
+    obs = abs(np.dot(dz, w))
+    hits = [abs(np.dot(np.array(signs) * dz, w)) >= obs - 1e-12 for signs in itertools.product((1, -1), repeat=dz.size)]
+    return float(np.mean(hits))
+
+
+@pytest.mark.parametrize("n", [3, 5, 7])
+def test_few_replicates_give_honest_p_values_and_no_bootstrap(n):
+    """All replicates favour A: with 3 of them no test may claim p < 0.25 (2 of 8 sign patterns are as extreme)."""
+    rng = np.random.default_rng(n)
+    a, b = np.tanh(rng.normal(1.2, 0.1, n)), np.tanh(rng.normal(0.2, 0.1, n))
+    ns = list(rng.integers(6, 30, n))
+    out = stats.paired(list(a), list(b), ns)
+    dz, w = np.arctanh(a) - np.arctanh(b), np.asarray(ns, float) - 3
+    assert out["p_sign_flip"] == pytest.approx(_sign_flip_p(dz, w))
+    assert out["p_sign_flip"] >= 2 / 2**n - 1e-12
+    assert out["p_bootstrap"] is None and out["ci_low"] is None and out["ci_high"] is None
+    pooled = stats.pool(list(a), ns)
+    assert pooled["ci_low"] is None and pooled["pooled"] is not None
 
 
 def _gini_pairs(v):
