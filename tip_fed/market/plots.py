@@ -52,6 +52,7 @@ def sorted_values(values: Sequence[float], harmful: Sequence[bool], path: Path, 
     colors = [RED if harmful[i] else BLUE for i in order]
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.45 * v.size + 2)) if v.size <= 40 else 8, 3.8))
     ax.bar(range(v.size), v, color=colors, width=1.0 if v.size > 60 else 0.8)
+    ax.scatter(range(v.size), v, color=colors, s=10, zorder=3)  # a seller worth ~0 still shows as a dot
     ax.axhline(0, color="black", linewidth=0.8)
     wide = _symlog_if_wide(ax, v, "y")
     if labels is not None and v.size <= 40:

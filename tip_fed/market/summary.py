@@ -45,7 +45,7 @@ def _validity(m: Mapping[str, Any]) -> list[str]:
     paired = _get(v, "paired_vs_gradient_cosine.spearman")
     if isinstance(paired, Mapping):
         lines.append("            vs gradient cosine: " + ", ".join(
-            f"{k} {_num(paired[k])}" for k in ("delta_z", "p_wilcoxon", "p_bootstrap", "n_replicates") if k in paired))
+            f"{k} {_num(paired[k])}" for k in ("delta_z", "p_sign_flip", "p_wilcoxon", "n_replicates") if paired.get(k) is not None))
     return lines
 
 
