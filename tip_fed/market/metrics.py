@@ -42,7 +42,7 @@ def fidelity(encrypted: Sequence[float], plaintext: Sequence[float]) -> dict[str
     err = np.abs(e - p)
     scale = float(np.max(np.abs(p))) if p.size else 0.0
     return {
-        "pearson": pearson(e, p),
+        "pearson": pearson(e.tolist(), p.tolist()),
         "max_abs_error": float(err.max()) if err.size else None,
         "max_rel_error": float(err.max() / scale) if err.size and scale > 0 else None,
         "n_scores": int(e.size),

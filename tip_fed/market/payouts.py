@@ -48,7 +48,10 @@ class PayoutInputs:
 class PayoutRule(Protocol):
     """A named way to split ``budget`` among sellers."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The rule's name in results files."""
+        ...
 
     def pay(self, inputs: PayoutInputs, budget: float) -> dict[str, float]:
         """Payout per seller id; the sum never exceeds ``budget``."""
@@ -169,7 +172,7 @@ def shapley_values(inputs: PayoutInputs, *, exact_max: int = 10, permutations: i
     rng = np.random.default_rng(seed)
     for _ in range(permutations):
         order = [ids[i] for i in rng.permutation(n)]
-        prev, coalition = 0.0, frozenset()
+        prev, coalition = 0.0, frozenset[str]()
         for s in order:
             coalition = coalition | {s}
             cur = inputs.value(coalition)

@@ -20,12 +20,12 @@ R_CLIP = 0.9999  # |r| = 1 happens with 8 sellers; arctanh(1) is infinite
 MIN_BOOTSTRAP_REPLICATES = 10
 
 
-def fisher_z(r: Sequence[float]) -> np.ndarray:
+def fisher_z(r: Sequence[float] | np.ndarray) -> np.ndarray:
     """Fisher's z of correlations, clipped to ``±R_CLIP`` so perfect ranks stay finite."""
     return np.arctanh(np.clip(np.asarray(r, float), -R_CLIP, R_CLIP))
 
 
-def _weights(ns: Sequence[int]) -> np.ndarray:
+def _weights(ns: Sequence[int] | np.ndarray) -> np.ndarray:
     w = np.asarray(ns, float) - 3.0
     if w.size == 0 or np.any(w <= 0):
         raise DataError("Fisher-z pooling needs at least 4 sellers in every replicate (weights n - 3)")
@@ -71,11 +71,11 @@ def paired(
     :data:`MIN_BOOTSTRAP_REPLICATES`.
     """
     keep = [i for i in range(len(ns)) if rs_a[i] is not None and rs_b[i] is not None]
-    empty = {"delta_z": None, "ci_low": None, "ci_high": None, "p_sign_flip": None, "p_bootstrap": None,
+    empty: dict[str, float | int | None] = {"delta_z": None, "ci_low": None, "ci_high": None, "p_sign_flip": None, "p_bootstrap": None,
              "p_wilcoxon": None, "n_replicates": len(keep)}
     if len(keep) < 2:
         return empty
-    dz = fisher_z([rs_a[i] for i in keep]) - fisher_z([rs_b[i] for i in keep])
+    dz = fisher_z([float(rs_a[i]) for i in keep]) - fisher_z([float(rs_b[i]) for i in keep])  # type: ignore[arg-type]
     w = _weights([ns[i] for i in keep])
     out = {**empty, "delta_z": float((w * dz).sum() / w.sum()), "n_replicates": int(dz.size)}
     if not np.any(dz != 0):
