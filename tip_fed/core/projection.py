@@ -9,12 +9,19 @@ Philox output with arithmetic only.
 
 A layer with weight gradient ``W_grad`` (shape ``[out, in]``) is projected to
 ``P_out @ W_grad @ P_in.T`` (shape ``[rank_out, rank_in]``), flattened row-major; layers are
-concatenated in spec order. Entries have variance ``1/rank``, so
-``E[<P_out X P_in.T, P_out Y P_in.T>] = <X, Y>``.
+concatenated in spec order.
 
-Generator (version 1), exactly:
+Each side's matrix ``P`` (``[rank, features]``) is exact where it can be and well-conditioned
+where it cannot: when ``rank == features`` it is the identity (the side is not projected at
+all, so nothing is lost or reweighted); below, its rows are orthonormal, scaled by
+``sqrt(features / rank)``, so every singular value is the same (condition number 1) and
+``E[PᵀP] = I``, i.e. ``E[<P_out X P_in.T, P_out Y P_in.T>] = <X, Y>``. A matrix of raw
+random rows instead has a spread of singular values; as a square matrix it can be singular
+(a ±1 2x2 matrix is singular for half the seeds), silently dropping gradient directions.
 
-1. Key. ``msg = "tip_fed/projection/v1\\n{seed}\\n{layer_name}\\n{side}"`` encoded as UTF-8,
+Generator (version 2), exactly:
+
+1. Key. ``msg = "tip_fed/projection/v2\\n{seed}\\n{layer_name}\\n{side}"`` encoded as UTF-8,
    where ``seed`` is the decimal integer and ``side`` is ``"in"`` (for ``P_in``) or ``"out"``
    (for ``P_out``). ``d = sha256(msg)``; ``k0 = int.from_bytes(d[0:8], "little")``,
    ``k1 = int.from_bytes(d[8:16], "little")``.
@@ -23,19 +30,28 @@ Generator (version 1), exactly:
    the 256-bit counters ``1, 2, 3, ...`` (word 0 least significant); each block yields four
    uint64 words ``w`` in order. This is ``numpy.random.Philox(key=k0 + (k1 << 64))
    .random_raw(n)``.
-3. Entries of a ``[rank, features]`` matrix are produced in row-major order; ``scale =
-   1.0 / sqrt(rank)`` in float64.
+3. Raw rows. ``rank * features`` values in row-major order, ``[rank, features]``:
 
-   * ``rademacher``: entry ``j`` uses bit ``j % 64`` (least significant first) of word
-     ``j // 64``; bit 0 gives ``+scale``, bit 1 gives ``-scale``.
+   * ``rademacher``: value ``j`` uses bit ``j % 64`` (least significant first) of word
+     ``j // 64``; bit 0 gives ``+1.0``, bit 1 gives ``-1.0``.
    * ``gaussian`` (Marsaglia polar method, no transcendental library calls): words are taken
      in pairs ``(w[2k], w[2k+1])``; ``u = float(w[2k] >> 11) * 2**-52 - 1.0``, ``v`` likewise
      from ``w[2k+1]``; ``s = u*u + v*v``; the pair is rejected unless ``0 < s < 1``. For an
-     accepted pair ``f = sqrt((-2.0 * log(s)) / s)`` and it yields ``u*f`` then ``v*f``;
-     entries are these values times ``scale``. ``log`` is :func:`_log` below, built only
-     from ``frexp`` and correctly rounded arithmetic, so every IEEE-754 platform gets the same
-     bits. An odd final value is dropped.
-4. Matrices are generated in float64 and rounded once to the requested dtype.
+     accepted pair ``f = sqrt((-2.0 * log(s)) / s)`` and it yields ``u*f`` then ``v*f``.
+     ``log`` is :func:`_log` below, built only from ``frexp`` and correctly rounded
+     arithmetic, so every IEEE-754 platform gets the same bits. An odd final value is dropped.
+
+4. Matrix. If ``rank == features``: the identity. Otherwise candidate rows are the raw rows
+   of step 3, then (only if some are rejected) the raw rows of the matrices keyed with side
+   ``"{side}+1"``, ``"{side}+2"``, ... Candidates are orthonormalised in order by classical
+   Gram-Schmidt applied twice: ``c = Q x`` then ``x = x - c[0] Q[0] - c[1] Q[1] - ...``
+   (subtracted one row at a time, in order), twice; a candidate whose residual has
+   ``|x|² <= 1e-12 |x₀|²`` is rejected (linearly dependent, possible with ±1 rows), else
+   ``x / sqrt(|x|²)`` becomes the next row. Every dot product and squared norm is a
+   *pairwise tree sum*: products zero-padded to a power-of-two length ``L``, then repeatedly
+   ``s[i] = s[2i] + s[2i+1]``, so the summation order (hence every bit) is fixed. Finally all
+   rows are multiplied by ``sqrt(features / rank)``.
+5. Matrices are generated in float64 and rounded once to the requested dtype.
 
 ``tests/unit/core/projection_vector.json`` publishes a spec and the first entries of each
 kind for other implementations to check against.
@@ -68,9 +84,9 @@ __all__ = [
     "projection_matrices",
 ]
 
-GENERATOR = "philox4x64-10/sha256/v1"
+GENERATOR = "philox4x64-10/sha256/orthonormal/v2"
 KINDS = ("rademacher", "gaussian")
-_SPEC_VERSION = 1
+_SPEC_VERSION = 2
 _SPEC_KEYS = {"version", "generator", "seed", "kind", "layers"}
 _LAYER_KEYS = {"name", "in_features", "out_features", "rank_in", "rank_out"}
 _MAX_SEED = 2**63 - 1
@@ -294,7 +310,7 @@ def find_projectable_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]
 
 
 def _philox_key(seed: int, name: str, side: str) -> int:
-    message = f"tip_fed/projection/v1\n{seed}\n{name}\n{side}".encode()
+    message = f"tip_fed/projection/v2\n{seed}\n{name}\n{side}".encode()
     digest = hashlib.sha256(message).digest()
     return int.from_bytes(digest[0:8], "little") + (int.from_bytes(digest[8:16], "little") << 64)
 
@@ -348,12 +364,57 @@ def _gaussian(bits: np.random.Philox, count: int) -> np.ndarray:
     return np.concatenate(chunks)[:count]
 
 
-@functools.lru_cache(maxsize=256)
-def _matrix(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
+def _raw_rows(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
+    """Step 3 of the generator: ``[rank, features]`` raw ±1 or standard-normal values."""
     bits = np.random.Philox(key=_philox_key(seed, name, side))
     count = rank * features
-    signs = _rademacher(bits, count) if kind == "rademacher" else _gaussian(bits, count)
-    matrix = (signs * (1.0 / math.sqrt(rank))).reshape(rank, features)
+    values = _rademacher(bits, count) if kind == "rademacher" else _gaussian(bits, count)
+    return values.reshape(rank, features)
+
+
+def _tree_sum(values: np.ndarray) -> np.ndarray:
+    """Sum over the last axis in a fixed pairwise order (same bits on every platform)."""
+    length = values.shape[-1]
+    padded = 1 << max(length - 1, 0).bit_length()
+    if padded != length:
+        pad = np.zeros(values.shape[:-1] + (padded - length,), dtype=values.dtype)
+        values = np.concatenate([values, pad], axis=-1)
+    while values.shape[-1] > 1:
+        values = values[..., 0::2] + values[..., 1::2]
+    return values[..., 0]
+
+
+_DEPENDENT = 1e-12  # residual |x|² below this fraction of the candidate's |x|²: rejected
+
+
+def _generate(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
+    """Step 4 of the generator: identity at full rank, else scaled orthonormal rows."""
+    if rank == features:
+        return np.eye(features, dtype=np.float64)
+    rows = np.zeros((rank, features), dtype=np.float64)
+    accepted, attempt = 0, 0
+    while accepted < rank:
+        stream_side = side if attempt == 0 else f"{side}+{attempt}"
+        for candidate in _raw_rows(seed, kind, name, stream_side, rank, features):
+            x = candidate.copy()
+            for _ in range(2):
+                coefficients = _tree_sum(rows[:accepted] * x)
+                for j in range(accepted):
+                    x = x - coefficients[j] * rows[j]
+            norm2 = float(_tree_sum(x * x))
+            if norm2 <= _DEPENDENT * float(_tree_sum(candidate * candidate)):
+                continue
+            rows[accepted] = x / math.sqrt(norm2)
+            accepted += 1
+            if accepted == rank:
+                break
+        attempt += 1
+    return rows * math.sqrt(features / rank)
+
+
+@functools.lru_cache(maxsize=256)
+def _matrix(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
+    matrix = _generate(seed, kind, name, side, rank, features)
     matrix.setflags(write=False)
     return matrix
 
