@@ -9,7 +9,10 @@ Philox output with arithmetic only.
 
 A layer with weight gradient ``W_grad`` (shape ``[out, in]``) is projected to
 ``P_out @ W_grad @ P_in.T`` (shape ``[rank_out, rank_in]``), flattened row-major; layers are
-concatenated in spec order.
+concatenated in spec order. A layer with ``bias`` set includes its bias gradient: ``W_grad``
+is then ``[out, in + 1]``, the bias gradient as its last column (the layer input with a
+constant 1 appended), and ``P_in`` has ``in + 1`` columns. Training moves biases too, so a
+score without them misses part of what a record changes.
 
 Each side's matrix ``P`` (``[rank, features]``) is exact where it can be and well-conditioned
 where it cannot: when ``rank == features`` it is the identity (the side is not projected at
@@ -30,7 +33,9 @@ Generator (version 2), exactly:
    the 256-bit counters ``1, 2, 3, ...`` (word 0 least significant); each block yields four
    uint64 words ``w`` in order. This is ``numpy.random.Philox(key=k0 + (k1 << 64))
    .random_raw(n)``.
-3. Raw rows. ``rank * features`` values in row-major order, ``[rank, features]``:
+3. Raw rows. ``rank * features`` values in row-major order, ``[rank, features]``, where
+   ``features`` is ``in_features`` (+1 when the layer has ``bias``) for ``"in"`` and
+   ``out_features`` for ``"out"``:
 
    * ``rademacher``: value ``j`` uses bit ``j % 64`` (least significant first) of word
      ``j // 64``; bit 0 gives ``+1.0``, bit 1 gives ``-1.0``.
@@ -80,6 +85,7 @@ __all__ = [
     "LayerProjection",
     "ProjectionSpec",
     "find_projectable_layers",
+    "has_bias",
     "layer_dims",
     "projection_matrices",
 ]
@@ -88,7 +94,7 @@ GENERATOR = "philox4x64-10/sha256/orthonormal/v2"
 KINDS = ("rademacher", "gaussian")
 _SPEC_VERSION = 2
 _SPEC_KEYS = {"version", "generator", "seed", "kind", "layers"}
-_LAYER_KEYS = {"name", "in_features", "out_features", "rank_in", "rank_out"}
+_LAYER_KEYS = {"name", "in_features", "out_features", "rank_in", "rank_out", "bias"}
 _MAX_SEED = 2**63 - 1
 
 
@@ -102,13 +108,14 @@ def _check_int(value: Any, what: str, minimum: int, maximum: int | None = None) 
 
 @dataclass(frozen=True)
 class LayerProjection:
-    """Projection of one weight ``[out_features, in_features]`` to ``[rank_out, rank_in]``."""
+    """Projection of one weight ``[out_features, in_features (+1 with bias)]`` to ``[rank_out, rank_in]``."""
 
     name: str
     in_features: int
     out_features: int
     rank_in: int
     rank_out: int
+    bias: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "\n" in self.name:
@@ -118,8 +125,15 @@ class LayerProjection:
             )
         _check_int(self.in_features, f"layer {self.name!r}: in_features", 1)
         _check_int(self.out_features, f"layer {self.name!r}: out_features", 1)
-        _check_int(self.rank_in, f"layer {self.name!r}: rank_in", 1, self.in_features)
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"layer {self.name!r}: bias must be true or false, got {self.bias!r}.")
+        _check_int(self.rank_in, f"layer {self.name!r}: rank_in", 1, self.in_dim)
         _check_int(self.rank_out, f"layer {self.name!r}: rank_out", 1, self.out_features)
+
+    @property
+    def in_dim(self) -> int:
+        """Columns of the projected gradient's input side: in_features, +1 for the bias."""
+        return self.in_features + int(self.bias)
 
     @property
     def dim(self) -> int:
@@ -133,6 +147,7 @@ class LayerProjection:
             "out_features": self.out_features,
             "rank_in": self.rank_in,
             "rank_out": self.rank_out,
+            "bias": self.bias,
         }
 
 
@@ -233,11 +248,13 @@ class ProjectionSpec:
         seed: int = 0,
         kind: str = "rademacher",
         include: Sequence[str] | None = None,
+        bias: bool = True,
     ) -> ProjectionSpec:
         """Spec over every Linear / transformers Conv1D of ``model`` whose name matches ``include``.
 
         ``rank`` is ``r`` or ``(rank_in, rank_out)``, clipped to each layer's dimensions.
         ``include`` holds fnmatch patterns over qualified module names (None: all layers).
+        ``bias``: include the bias gradient of every chosen layer that has a bias.
         """
         if isinstance(rank, (tuple, list)):
             if len(rank) != 2:
@@ -262,11 +279,16 @@ class ProjectionSpec:
                 f"include={list(include) if include is not None else None}; the model has "
                 f"{len(candidates)} such layers (first: {found}). Adjust the include patterns."
             )
-        layers = tuple(
-            LayerProjection(name, d_in, d_out, min(rank_in, d_in), min(rank_out, d_out))
-            for name, (d_in, d_out) in chosen
-        )
-        return cls(layers=layers, seed=seed, kind=kind)
+        if not isinstance(bias, bool):
+            raise ConfigError(f"bias must be true or false, got {bias!r}.")
+        modules = dict(model.named_modules())
+        layers: list[LayerProjection] = []
+        for name, (d_in, d_out) in chosen:
+            with_bias = bias and has_bias(modules[name])
+            d_in_total = d_in + int(with_bias)
+            layers.append(LayerProjection(name, d_in, d_out, min(rank_in, d_in_total),
+                                          min(rank_out, d_out), with_bias))
+        return cls(layers=tuple(layers), seed=seed, kind=kind)
 
 
 def _check_keys(data: Mapping[str, Any], expected: set[str], what: str) -> None:
@@ -294,6 +316,11 @@ def layer_dims(module: torch.nn.Module) -> tuple[int, int] | None:
         # Conv1D stores its weight as [in, out] and computes y = x W + b.
         return (int(module.weight.shape[0]), int(module.weight.shape[1]))
     return None
+
+
+def has_bias(module: torch.nn.Module) -> bool:
+    """Whether a Linear / Conv1D has a bias parameter."""
+    return isinstance(getattr(module, "bias", None), torch.nn.Parameter)
 
 
 def find_projectable_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -425,7 +452,7 @@ def projection_matrices(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P_in [rank_in, in_features], P_out [rank_out, out_features])`` for one layer of ``spec``.
+    """``(P_in [rank_in, in_dim], P_out [rank_out, out_features])`` for one layer of ``spec``.
 
     Same bits on every machine for a given (seed, kind, layer name, shape); see the module
     docstring. Returns fresh tensors (the float64 originals are cached).
@@ -436,7 +463,7 @@ def projection_matrices(
         layer = spec.layer(layer)
     elif layer not in spec.layers:
         raise ConfigError(f"layer {layer.name!r} with these shapes is not part of the spec.")
-    p_in = _matrix(spec.seed, spec.kind, layer.name, "in", layer.rank_in, layer.in_features)
+    p_in = _matrix(spec.seed, spec.kind, layer.name, "in", layer.rank_in, layer.in_dim)
     p_out = _matrix(spec.seed, spec.kind, layer.name, "out", layer.rank_out, layer.out_features)
     return (
         torch.tensor(p_in, dtype=dtype, device=device),

@@ -35,7 +35,7 @@ MASK64 = (1 << 64) - 1
 
 def small_spec(kind: str = "rademacher", seed: int = 7) -> ProjectionSpec:
     return ProjectionSpec(
-        layers=(LayerProjection("a.fc1", 12, 9, 4, 3), LayerProjection("b", 9, 3, 2, 3)),
+        layers=(LayerProjection("a.fc1", 12, 9, 4, 3), LayerProjection("b", 9, 3, 2, 3, True)),
         seed=seed,
         kind=kind,
     )
@@ -118,7 +118,7 @@ def test_matrices_follow_the_documented_generator(kind: str) -> None:
     for layer in spec.layers:
         # Execute
         p_in, p_out = projection_matrices(spec, layer, torch.float64)
-        ref_in = reference_matrix(spec.seed, kind, layer.name, "in", layer.rank_in, layer.in_features)
+        ref_in = reference_matrix(spec.seed, kind, layer.name, "in", layer.rank_in, layer.in_dim)
         ref_out = reference_matrix(
             spec.seed, kind, layer.name, "out", layer.rank_out, layer.out_features
         )
@@ -257,7 +257,8 @@ def test_two_logit_output_layer_is_never_dropped() -> None:
     exact = []
     for i in range(12):  # explicit per-sample weight gradient of the output layer
         loss = torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
-        exact.append(torch.autograd.grad(loss, model[2].weight)[0])
+        weight, bias = torch.autograd.grad(loss, [model[2].weight, model[2].bias])
+        exact.append(torch.cat([weight, bias[:, None]], 1))  # bias: the constant-1 input column
     for seed in range(8):
         spec = ProjectionSpec.for_model(model, rank=8, seed=seed)
         out_layer = spec.layer("2")
@@ -312,8 +313,14 @@ class TwoLayer(torch.nn.Module):
 
 def test_for_model_finds_linear_layers_in_order_with_clipped_ranks() -> None:
     spec = ProjectionSpec.for_model(TwoLayer(), rank=4, seed=3)
-    assert [(l.name, l.in_features, l.out_features, l.rank_in, l.rank_out) for l in spec.layers] == [
-        ("body.0", 5, 16, 4, 4), ("body.2", 16, 3, 4, 3), ("head", 3, 2, 3, 2)]
+    rows = [(l.name, l.in_features, l.out_features, l.rank_in, l.rank_out, l.bias) for l in spec.layers]
+    assert rows == [("body.0", 5, 16, 4, 4, True), ("body.2", 16, 3, 4, 3, True), ("head", 3, 2, 4, 2, True)]
+    assert spec.layer("head").in_dim == 4  # in_features + the bias column: clipped to 4, not 3
+    unbiased = ProjectionSpec.for_model(TwoLayer(), rank=4, seed=3, bias=False)
+    assert [(l.rank_in, l.bias) for l in unbiased.layers] == [(4, False), (4, False), (3, False)]
+    mixed = TwoLayer()
+    mixed.head = torch.nn.Linear(3, 2, bias=False)
+    assert [l.bias for l in ProjectionSpec.for_model(mixed, rank=4).layers] == [True, True, False]
     tuple_spec = ProjectionSpec.for_model(TwoLayer(), rank=(2, 5), include=["body.*"])
     assert [(l.rank_in, l.rank_out) for l in tuple_spec.layers] == [(2, 5), (2, 3)]
     with pytest.raises(ModelError, match="matched"):
@@ -328,6 +335,7 @@ def test_for_model_finds_transformers_conv1d() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8))
     spec = ProjectionSpec.for_model(model, rank=2, include=["*.mlp.*", "*attn.c_attn"])
     dims = {l.name: (l.in_features, l.out_features) for l in spec.layers}
+    assert all(l.bias and l.in_dim == l.in_features + 1 for l in spec.layers)
     assert dims == {"transformer.h.0.attn.c_attn": (8, 24), "transformer.h.0.mlp.c_fc": (8, 32),
                     "transformer.h.0.mlp.c_proj": (32, 8)}
 
@@ -347,6 +355,9 @@ def test_for_model_finds_transformers_conv1d() -> None:
         (lambda d: d["layers"][0].update(rank_in=13), ConfigError),
         (lambda d: d["layers"][0].update(rank_out=0), ConfigError),
         (lambda d: d["layers"][0].pop("name"), DataError),
+        (lambda d: d["layers"][0].pop("bias"), DataError),
+        (lambda d: d["layers"][1].update(bias=1), ConfigError),
+        (lambda d: d["layers"][1].update(rank_in=11), ConfigError),
         (lambda d: d["layers"].append(dict(d["layers"][0])), ConfigError),
     ],
 )
@@ -371,7 +382,7 @@ def write_vector(path: Path = VECTOR) -> None:
     Keys, raw words and first entries come from this module's independent reference (pure
     Python Philox, numpy QR); only ``sha256`` (bit-exactness) is taken from tip_fed itself.
     """
-    layers = (LayerProjection("encoder.layer.0.dense", 10, 6, 3, 2),
+    layers = (LayerProjection("encoder.layer.0.dense", 10, 6, 3, 2, True),
               LayerProjection("lm_head", 5, 7, 5, 4))
     cases = []
     for kind in ("rademacher", "gaussian"):
@@ -380,7 +391,7 @@ def write_vector(path: Path = VECTOR) -> None:
         for layer in spec.layers:
             entry: dict[str, object] = {"name": layer.name}
             ours = projection_matrices(spec, layer, torch.float64)
-            sides = (("in", layer.rank_in, layer.in_features), ("out", layer.rank_out, layer.out_features))
+            sides = (("in", layer.rank_in, layer.in_dim), ("out", layer.rank_out, layer.out_features))
             for (side, rank, features), matrix in zip(sides, ours):
                 key = reference_key(spec.seed, layer.name, side)
                 ref = reference_matrix(spec.seed, kind, layer.name, side, rank, features)
