@@ -25,9 +25,14 @@ DISCLOSURES = ("aggregate", "per-sample")
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    """LoGra-style per-layer projection of per-sample gradients."""
+    """LoGra-style per-layer projection of per-sample gradients (weights and biases).
 
-    rank: int = 8
+    ``rank`` is per side and clipped to each layer's size (a clipped side is exact). 64, not 8:
+    on the causal market, per-sample Spearman against kronfluence's unprojected EKFAC is
+    0.48-0.78 at rank 8 and 0.98-1.00 at 64 (identity: 0.89-0.98 vs 1.00).
+    """
+
+    rank: int = 64
     kind: str = "rademacher"
     include: tuple[str, ...] = ()
 

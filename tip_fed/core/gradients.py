@@ -9,8 +9,10 @@ orientation). Its projection is
 
 so one forward hook (projected activations) and one backward pass of the summed loss down to
 the layer outputs (projected output gradients) give all ``G_i``. ``G_i`` is flattened
-row-major (``[rank_out, rank_in]``) and layers are concatenated in spec order. Biases are not
-projected. Samples must not interact in the forward pass (the model runs in eval mode, so
+row-major (``[rank_out, rank_in]``) and layers are concatenated in spec order. For a layer
+whose spec entry has ``bias``, ``a`` carries a constant 1 as its last feature, so
+``delta_it · 1`` (the bias gradient) is the last column of the same Kronecker product and is
+projected with the weights. Samples must not interact in the forward pass (the model runs in eval mode, so
 dropout and batch-norm statistics are off); padding then cannot change a sample's gradient,
 because padded positions get zero gradient.
 
@@ -34,7 +36,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tip_fed.core.projection import ProjectionSpec, layer_dims, projection_matrices
+from tip_fed.core.projection import ProjectionSpec, has_bias, layer_dims, projection_matrices
 from tip_fed.core.tasks import Task, batch_size, get_task
 from tip_fed.errors import ConfigError, DataError, ModelError
 
@@ -127,6 +129,11 @@ def _resolve_layers(model: torch.nn.Module, spec: ProjectionSpec) -> list[torch.
                 f"{layer.out_features}). Use the model the spec was built for, or rebuild it "
                 "with ProjectionSpec.for_model."
             )
+        if layer.bias and not has_bias(module):
+            raise ModelError(
+                f"the model does not match the projection spec: layer {layer.name!r} has no "
+                "bias but the spec includes one. Rebuild the spec with ProjectionSpec.for_model."
+            )
         resolved.append(module)
     return resolved
 
@@ -183,11 +190,15 @@ def _one_pass(
     # Zero scalar that connects the lowest projected outputs to the graph (see module docstring).
     anchor = torch.zeros((), requires_grad=True)
 
-    def make_hook(layer_pass: _LayerPass, name: str, p_in: torch.Tensor, p_out: torch.Tensor) -> Any:
+    def make_hook(
+        layer_pass: _LayerPass, name: str, bias: bool, p_in: torch.Tensor, p_out: torch.Tensor
+    ) -> Any:
         def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> Any:
             if not inputs or not isinstance(inputs[0], torch.Tensor):
                 raise ModelError(f"layer {name!r} was called without a positional input tensor.")
             activation = _flatten_tokens(inputs[0].detach(), n, name).to(dtype)
+            if bias:  # constant 1 input: the bias gradient joins the weight gradient
+                activation = torch.cat([activation, activation.new_ones(*activation.shape[:2], 1)], 2)
             call = len(layer_pass.activations)
             layer_pass.activations.append(activation @ p_in.T)
             if not output.requires_grad:  # lowest projected layer on this path
@@ -204,7 +215,7 @@ def _one_pass(
     handles = []
     for layer, module in zip(spec.layers, modules):
         p_in, p_out = projection_matrices(spec, layer, dtype, module.weight.device)
-        hook = make_hook(passes[layer.name], layer.name, p_in, p_out)
+        hook = make_hook(passes[layer.name], layer.name, layer.bias, p_in, p_out)
         handles.append(module.register_forward_hook(hook))
     detached = {key: value.detach() for key, value in batch.items()}
     try:

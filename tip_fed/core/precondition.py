@@ -16,7 +16,15 @@ Kinds (math as in LogIX, which TIP builds on):
 
 Defaults are relative to the spectrum, so scaling all gradients by ``c`` scales ``λ`` by
 ``c²`` and leaves the scores' ranking unchanged. A given ``damping`` is absolute and used for
-every layer. Everything is float64; ``apply`` returns float64.
+every layer.
+
+**Floor.** ``λ`` is never below ``1e-6 ×`` the mean eigenvalue of the *whole* curvature (all
+layers together). A per-layer default can fall under it only when one layer's curvature is
+a millionth of the rest (e.g. a layer whose gradients are rounding noise): ``0.1 ×`` its own
+mean would then be ~1e-17 and ``P`` would amplify that noise by ~1e16 into the query (a
+query block of norm 1e7 next to blocks of norm 1e3). Such a default is lifted to the floor
+(``to_dict`` reports the λ used); an explicit ``damping`` below the floor is refused with a
+ConfigError that states the floor. Everything is float64; ``apply`` returns float64.
 """
 
 from __future__ import annotations
@@ -33,10 +41,11 @@ from tip_fed.core.gradients import KfacStats
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.errors import ConfigError, DataError
 
-__all__ = ["KINDS", "Preconditioner", "fit_preconditioner"]
+__all__ = ["DAMPING_FLOOR", "KINDS", "Preconditioner", "fit_preconditioner"]
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
 _RELATIVE_DAMPING = 0.1
+DAMPING_FLOOR = 1e-6  # smallest λ relative to the mean eigenvalue over all layers
 _SINGULAR = 1e-12  # smallest allowed denominator relative to the largest
 
 
@@ -184,20 +193,33 @@ def _symmetric_eig(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.clamp(min=0.0), vectors
 
 
+def _floor(total: float, count: int, where: str) -> float:
+    """Smallest λ allowed: DAMPING_FLOOR × mean eigenvalue over everything preconditioned."""
+    mean = total / max(count, 1)
+    if not mean > 0.0:
+        raise DataError(f"{where}: the curvature is zero (all gradients zero?); "
+                        "check the training data and the loss.")
+    return DAMPING_FLOOR * mean
+
+
 def _denominator(
-    eigenvalues: torch.Tensor, damping: float | None, where: str
+    eigenvalues: torch.Tensor, damping: float | None, floor: float, where: str
 ) -> tuple[torch.Tensor, float]:
-    """``eigenvalues + λ`` with λ relative by default; ConfigError if (nearly) singular."""
+    """``eigenvalues + λ``: λ relative by default, lifted to ``floor``; explicit λ >= floor."""
     if damping is None:
-        damping = _RELATIVE_DAMPING * float(eigenvalues.mean())
-        if damping == 0.0:
-            raise DataError(f"{where}: the curvature is zero (all gradients zero?); "
-                            "check the training data and the loss.")
+        damping = max(_RELATIVE_DAMPING * float(eigenvalues.mean()), floor)
+    elif damping < floor:
+        raise ConfigError(
+            f"{where}: damping {damping:.3g} is below the floor {floor:.3g} "
+            f"({DAMPING_FLOOR:g} x the mean curvature eigenvalue {floor / DAMPING_FLOOR:.3g}); "
+            "so small a damping lets P amplify rounding noise into the query. Use damping >= "
+            f"{floor:.3g}, or leave it unset for {_RELATIVE_DAMPING:g} x the mean eigenvalue."
+        )
     denominator = eigenvalues + damping
     if float(denominator.min()) <= _SINGULAR * float(denominator.max()):
         raise ConfigError(
             f"{where}: the damped curvature is singular (smallest eigenvalue + damping = "
-            f"{float(denominator.min()):.3g}); use damping > 0 or None (relative default)."
+            f"{float(denominator.min()):.3g}); use a larger damping or None (relative default)."
         )
     return denominator, damping
 
@@ -225,7 +247,7 @@ def _check_stats(stats: Mapping[str, KfacStats] | None, spec: ProjectionSpec, ki
 
 def _fit_kronecker(kind: str, spec: ProjectionSpec, grads: torch.Tensor | None,
                    stats: Mapping[str, KfacStats], damping: float | None) -> _Kronecker:
-    blocks = []
+    fitted = []
     for layer, start in zip(spec.layers, spec.offsets()):
         entry = stats[layer.name]
         eig_a, basis_a = _symmetric_eig(entry.activation_cov.to(torch.float64).cpu())
@@ -235,7 +257,11 @@ def _fit_kronecker(kind: str, spec: ProjectionSpec, grads: torch.Tensor | None,
         else:
             block = grads[:, start:start + layer.dim].reshape(-1, layer.rank_out, layer.rank_in)
             eigenvalues = (basis_s.T @ block @ basis_a).pow(2).mean(dim=0)
-        denominator, used = _denominator(eigenvalues, damping, f"{kind} layer {layer.name!r}")
+        fitted.append((layer, start, basis_s, basis_a, eigenvalues))
+    floor = _floor(sum(float(f[4].sum()) for f in fitted), spec.dim, kind)
+    blocks = []
+    for layer, start, basis_s, basis_a, eigenvalues in fitted:
+        denominator, used = _denominator(eigenvalues, damping, floor, f"{kind} layer {layer.name!r}")
         blocks.append(_Block(layer.name, start, layer.rank_out, layer.rank_in,
                              basis_s, basis_a, denominator, used))
     return _Kronecker(kind, spec.dim, blocks, None if grads is None else grads.shape[0])
@@ -264,7 +290,8 @@ def fit_preconditioner(
         grads = _check_grads(train_grads, spec, kind)
         fisher = grads.T @ grads / grads.shape[0]
         eigenvalues, basis = _symmetric_eig(fisher)
-        denominator, used = _denominator(eigenvalues, damping, "raw")
+        floor = _floor(float(eigenvalues.sum()), spec.dim, "raw")
+        denominator, used = _denominator(eigenvalues, damping, floor, "raw")
         return _Eigen(spec.dim, basis, denominator, used, grads.shape[0], eigenvalues)
     _check_stats(kfac_stats, spec, kind)
     grads = _check_grads(train_grads, spec, kind) if kind == "ekfac" else None

@@ -9,12 +9,22 @@ Philox output with arithmetic only.
 
 A layer with weight gradient ``W_grad`` (shape ``[out, in]``) is projected to
 ``P_out @ W_grad @ P_in.T`` (shape ``[rank_out, rank_in]``), flattened row-major; layers are
-concatenated in spec order. Entries have variance ``1/rank``, so
-``E[<P_out X P_in.T, P_out Y P_in.T>] = <X, Y>``.
+concatenated in spec order. A layer with ``bias`` set includes its bias gradient: ``W_grad``
+is then ``[out, in + 1]``, the bias gradient as its last column (the layer input with a
+constant 1 appended), and ``P_in`` has ``in + 1`` columns. Training moves biases too, so a
+score without them misses part of what a record changes.
 
-Generator (version 1), exactly:
+Each side's matrix ``P`` (``[rank, features]``) is exact where it can be and well-conditioned
+where it cannot: when ``rank == features`` it is the identity (the side is not projected at
+all, so nothing is lost or reweighted); below, its rows are orthonormal, scaled by
+``sqrt(features / rank)``, so every singular value is the same (condition number 1) and
+``E[PᵀP] = I``, i.e. ``E[<P_out X P_in.T, P_out Y P_in.T>] = <X, Y>``. A matrix of raw
+random rows instead has a spread of singular values; as a square matrix it can be singular
+(a ±1 2x2 matrix is singular for half the seeds), silently dropping gradient directions.
 
-1. Key. ``msg = "tip_fed/projection/v1\\n{seed}\\n{layer_name}\\n{side}"`` encoded as UTF-8,
+Generator (version 2), exactly:
+
+1. Key. ``msg = "tip_fed/projection/v2\\n{seed}\\n{layer_name}\\n{side}"`` encoded as UTF-8,
    where ``seed`` is the decimal integer and ``side`` is ``"in"`` (for ``P_in``) or ``"out"``
    (for ``P_out``). ``d = sha256(msg)``; ``k0 = int.from_bytes(d[0:8], "little")``,
    ``k1 = int.from_bytes(d[8:16], "little")``.
@@ -23,19 +33,30 @@ Generator (version 1), exactly:
    the 256-bit counters ``1, 2, 3, ...`` (word 0 least significant); each block yields four
    uint64 words ``w`` in order. This is ``numpy.random.Philox(key=k0 + (k1 << 64))
    .random_raw(n)``.
-3. Entries of a ``[rank, features]`` matrix are produced in row-major order; ``scale =
-   1.0 / sqrt(rank)`` in float64.
+3. Raw rows. ``rank * features`` values in row-major order, ``[rank, features]``, where
+   ``features`` is ``in_features`` (+1 when the layer has ``bias``) for ``"in"`` and
+   ``out_features`` for ``"out"``:
 
-   * ``rademacher``: entry ``j`` uses bit ``j % 64`` (least significant first) of word
-     ``j // 64``; bit 0 gives ``+scale``, bit 1 gives ``-scale``.
+   * ``rademacher``: value ``j`` uses bit ``j % 64`` (least significant first) of word
+     ``j // 64``; bit 0 gives ``+1.0``, bit 1 gives ``-1.0``.
    * ``gaussian`` (Marsaglia polar method, no transcendental library calls): words are taken
      in pairs ``(w[2k], w[2k+1])``; ``u = float(w[2k] >> 11) * 2**-52 - 1.0``, ``v`` likewise
      from ``w[2k+1]``; ``s = u*u + v*v``; the pair is rejected unless ``0 < s < 1``. For an
-     accepted pair ``f = sqrt((-2.0 * log(s)) / s)`` and it yields ``u*f`` then ``v*f``;
-     entries are these values times ``scale``. ``log`` is :func:`_log` below, built only
-     from ``frexp`` and correctly rounded arithmetic, so every IEEE-754 platform gets the same
-     bits. An odd final value is dropped.
-4. Matrices are generated in float64 and rounded once to the requested dtype.
+     accepted pair ``f = sqrt((-2.0 * log(s)) / s)`` and it yields ``u*f`` then ``v*f``.
+     ``log`` is :func:`_log` below, built only from ``frexp`` and correctly rounded
+     arithmetic, so every IEEE-754 platform gets the same bits. An odd final value is dropped.
+
+4. Matrix. If ``rank == features``: the identity. Otherwise candidate rows are the raw rows
+   of step 3, then (only if some are rejected) the raw rows of the matrices keyed with side
+   ``"{side}+1"``, ``"{side}+2"``, ... Candidates are orthonormalised in order by classical
+   Gram-Schmidt applied twice: ``c = Q x`` then ``x = x - c[0] Q[0] - c[1] Q[1] - ...``
+   (subtracted one row at a time, in order), twice; a candidate whose residual has
+   ``|x|² <= 1e-12 |x₀|²`` is rejected (linearly dependent, possible with ±1 rows), else
+   ``x / sqrt(|x|²)`` becomes the next row. Every dot product and squared norm is a
+   *pairwise tree sum*: products zero-padded to a power-of-two length ``L``, then repeatedly
+   ``s[i] = s[2i] + s[2i+1]``, so the summation order (hence every bit) is fixed. Finally all
+   rows are multiplied by ``sqrt(features / rank)``.
+5. Matrices are generated in float64 and rounded once to the requested dtype.
 
 ``tests/unit/core/projection_vector.json`` publishes a spec and the first entries of each
 kind for other implementations to check against.
@@ -64,15 +85,16 @@ __all__ = [
     "LayerProjection",
     "ProjectionSpec",
     "find_projectable_layers",
+    "has_bias",
     "layer_dims",
     "projection_matrices",
 ]
 
-GENERATOR = "philox4x64-10/sha256/v1"
+GENERATOR = "philox4x64-10/sha256/orthonormal/v2"
 KINDS = ("rademacher", "gaussian")
-_SPEC_VERSION = 1
+_SPEC_VERSION = 2
 _SPEC_KEYS = {"version", "generator", "seed", "kind", "layers"}
-_LAYER_KEYS = {"name", "in_features", "out_features", "rank_in", "rank_out"}
+_LAYER_KEYS = {"name", "in_features", "out_features", "rank_in", "rank_out", "bias"}
 _MAX_SEED = 2**63 - 1
 
 
@@ -86,13 +108,14 @@ def _check_int(value: Any, what: str, minimum: int, maximum: int | None = None) 
 
 @dataclass(frozen=True)
 class LayerProjection:
-    """Projection of one weight ``[out_features, in_features]`` to ``[rank_out, rank_in]``."""
+    """Projection of one weight ``[out_features, in_features (+1 with bias)]`` to ``[rank_out, rank_in]``."""
 
     name: str
     in_features: int
     out_features: int
     rank_in: int
     rank_out: int
+    bias: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "\n" in self.name:
@@ -102,8 +125,15 @@ class LayerProjection:
             )
         _check_int(self.in_features, f"layer {self.name!r}: in_features", 1)
         _check_int(self.out_features, f"layer {self.name!r}: out_features", 1)
-        _check_int(self.rank_in, f"layer {self.name!r}: rank_in", 1, self.in_features)
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"layer {self.name!r}: bias must be true or false, got {self.bias!r}.")
+        _check_int(self.rank_in, f"layer {self.name!r}: rank_in", 1, self.in_dim)
         _check_int(self.rank_out, f"layer {self.name!r}: rank_out", 1, self.out_features)
+
+    @property
+    def in_dim(self) -> int:
+        """Columns of the projected gradient's input side: in_features, +1 for the bias."""
+        return self.in_features + int(self.bias)
 
     @property
     def dim(self) -> int:
@@ -117,6 +147,7 @@ class LayerProjection:
             "out_features": self.out_features,
             "rank_in": self.rank_in,
             "rank_out": self.rank_out,
+            "bias": self.bias,
         }
 
 
@@ -217,11 +248,13 @@ class ProjectionSpec:
         seed: int = 0,
         kind: str = "rademacher",
         include: Sequence[str] | None = None,
+        bias: bool = True,
     ) -> ProjectionSpec:
         """Spec over every Linear / transformers Conv1D of ``model`` whose name matches ``include``.
 
         ``rank`` is ``r`` or ``(rank_in, rank_out)``, clipped to each layer's dimensions.
         ``include`` holds fnmatch patterns over qualified module names (None: all layers).
+        ``bias``: include the bias gradient of every chosen layer that has a bias.
         """
         if isinstance(rank, (tuple, list)):
             if len(rank) != 2:
@@ -246,11 +279,16 @@ class ProjectionSpec:
                 f"include={list(include) if include is not None else None}; the model has "
                 f"{len(candidates)} such layers (first: {found}). Adjust the include patterns."
             )
-        layers = tuple(
-            LayerProjection(name, d_in, d_out, min(rank_in, d_in), min(rank_out, d_out))
-            for name, (d_in, d_out) in chosen
-        )
-        return cls(layers=layers, seed=seed, kind=kind)
+        if not isinstance(bias, bool):
+            raise ConfigError(f"bias must be true or false, got {bias!r}.")
+        modules = dict(model.named_modules())
+        layers: list[LayerProjection] = []
+        for name, (d_in, d_out) in chosen:
+            with_bias = bias and has_bias(modules[name])
+            d_in_total = d_in + int(with_bias)
+            layers.append(LayerProjection(name, d_in, d_out, min(rank_in, d_in_total),
+                                          min(rank_out, d_out), with_bias))
+        return cls(layers=tuple(layers), seed=seed, kind=kind)
 
 
 def _check_keys(data: Mapping[str, Any], expected: set[str], what: str) -> None:
@@ -280,6 +318,11 @@ def layer_dims(module: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def has_bias(module: torch.nn.Module) -> bool:
+    """Whether a Linear / Conv1D has a bias parameter."""
+    return isinstance(getattr(module, "bias", None), torch.nn.Parameter)
+
+
 def find_projectable_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Qualified name -> (in_features, out_features) for every Linear / Conv1D, in module order."""
     found: dict[str, tuple[int, int]] = {}
@@ -294,7 +337,7 @@ def find_projectable_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]
 
 
 def _philox_key(seed: int, name: str, side: str) -> int:
-    message = f"tip_fed/projection/v1\n{seed}\n{name}\n{side}".encode()
+    message = f"tip_fed/projection/v2\n{seed}\n{name}\n{side}".encode()
     digest = hashlib.sha256(message).digest()
     return int.from_bytes(digest[0:8], "little") + (int.from_bytes(digest[8:16], "little") << 64)
 
@@ -348,12 +391,57 @@ def _gaussian(bits: np.random.Philox, count: int) -> np.ndarray:
     return np.concatenate(chunks)[:count]
 
 
-@functools.lru_cache(maxsize=256)
-def _matrix(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
+def _raw_rows(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
+    """Step 3 of the generator: ``[rank, features]`` raw ±1 or standard-normal values."""
     bits = np.random.Philox(key=_philox_key(seed, name, side))
     count = rank * features
-    signs = _rademacher(bits, count) if kind == "rademacher" else _gaussian(bits, count)
-    matrix = (signs * (1.0 / math.sqrt(rank))).reshape(rank, features)
+    values = _rademacher(bits, count) if kind == "rademacher" else _gaussian(bits, count)
+    return values.reshape(rank, features)
+
+
+def _tree_sum(values: np.ndarray) -> np.ndarray:
+    """Sum over the last axis in a fixed pairwise order (same bits on every platform)."""
+    length = values.shape[-1]
+    padded = 1 << max(length - 1, 0).bit_length()
+    if padded != length:
+        pad = np.zeros(values.shape[:-1] + (padded - length,), dtype=values.dtype)
+        values = np.concatenate([values, pad], axis=-1)
+    while values.shape[-1] > 1:
+        values = values[..., 0::2] + values[..., 1::2]
+    return values[..., 0]
+
+
+_DEPENDENT = 1e-12  # residual |x|² below this fraction of the candidate's |x|²: rejected
+
+
+def _generate(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
+    """Step 4 of the generator: identity at full rank, else scaled orthonormal rows."""
+    if rank == features:
+        return np.eye(features, dtype=np.float64)
+    rows = np.zeros((rank, features), dtype=np.float64)
+    accepted, attempt = 0, 0
+    while accepted < rank:
+        stream_side = side if attempt == 0 else f"{side}+{attempt}"
+        for candidate in _raw_rows(seed, kind, name, stream_side, rank, features):
+            x = candidate.copy()
+            for _ in range(2):
+                coefficients = _tree_sum(rows[:accepted] * x)
+                for j in range(accepted):
+                    x = x - coefficients[j] * rows[j]
+            norm2 = float(_tree_sum(x * x))
+            if norm2 <= _DEPENDENT * float(_tree_sum(candidate * candidate)):
+                continue
+            rows[accepted] = x / math.sqrt(norm2)
+            accepted += 1
+            if accepted == rank:
+                break
+        attempt += 1
+    return rows * math.sqrt(features / rank)
+
+
+@functools.lru_cache(maxsize=256)
+def _matrix(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
+    matrix = _generate(seed, kind, name, side, rank, features)
     matrix.setflags(write=False)
     return matrix
 
@@ -364,7 +452,7 @@ def projection_matrices(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P_in [rank_in, in_features], P_out [rank_out, out_features])`` for one layer of ``spec``.
+    """``(P_in [rank_in, in_dim], P_out [rank_out, out_features])`` for one layer of ``spec``.
 
     Same bits on every machine for a given (seed, kind, layer name, shape); see the module
     docstring. Returns fresh tensors (the float64 originals are cached).
@@ -375,7 +463,7 @@ def projection_matrices(
         layer = spec.layer(layer)
     elif layer not in spec.layers:
         raise ConfigError(f"layer {layer.name!r} with these shapes is not part of the spec.")
-    p_in = _matrix(spec.seed, spec.kind, layer.name, "in", layer.rank_in, layer.in_features)
+    p_in = _matrix(spec.seed, spec.kind, layer.name, "in", layer.rank_in, layer.in_dim)
     p_out = _matrix(spec.seed, spec.kind, layer.name, "out", layer.rank_out, layer.out_features)
     return (
         torch.tensor(p_in, dtype=dtype, device=device),

@@ -23,7 +23,7 @@ def spec_to_pb(spec: ProjectionSpec) -> pb.ProjectionSpec:
         layers=[
             pb.LayerProjection(
                 name=l.name, in_features=l.in_features, out_features=l.out_features,
-                rank_in=l.rank_in, rank_out=l.rank_out,
+                rank_in=l.rank_in, rank_out=l.rank_out, bias=l.bias,
             )
             for l in spec.layers
         ],
@@ -50,7 +50,7 @@ def layer_dict(layer: LayerProjection | pb.LayerProjection) -> dict[str, object]
     """Plain dict of one layer projection."""
     return {
         "name": layer.name, "in_features": layer.in_features, "out_features": layer.out_features,
-        "rank_in": layer.rank_in, "rank_out": layer.rank_out,
+        "rank_in": layer.rank_in, "rank_out": layer.rank_out, "bias": layer.bias,
     }
 
 

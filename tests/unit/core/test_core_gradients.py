@@ -67,16 +67,27 @@ def unpadded(batch: dict, row: int) -> dict:
 
 
 def explicit_projected(model, spec: ProjectionSpec, task, single: dict) -> torch.Tensor:
-    """Independent reference: full weight gradient of one sample's loss, then projected."""
+    """Independent reference: full weight (and bias) gradient of one sample's loss, then projected."""
     model.eval()
     modules = dict(model.named_modules())
-    weights = [modules[layer.name].weight for layer in spec.layers]
+    params = []
+    for layer in spec.layers:
+        params.append(modules[layer.name].weight)
+        params.extend([modules[layer.name].bias] if layer.bias else [])
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:  # a frozen parameter's gradient is still part of the score
+        p.requires_grad_(True)
     loss = get_task(task).per_sample_loss(model, single)
     assert loss.shape == (1,)
-    grads = torch.autograd.grad(loss[0], weights)
+    grads = list(torch.autograd.grad(loss[0], params))
+    for p in frozen:
+        p.requires_grad_(False)
     blocks = []
-    for layer, grad in zip(spec.layers, grads):
+    for layer in spec.layers:
+        grad = grads.pop(0)
         w_grad = grad if isinstance(modules[layer.name], torch.nn.Linear) else grad.T
+        if layer.bias:  # bias gradient as the last input column
+            w_grad = torch.cat([w_grad, grads.pop(0)[:, None]], dim=1)
         p_in, p_out = projection_matrices(spec, layer, torch.float64)
         blocks.append((p_out @ w_grad @ p_in.T).reshape(-1))
     return torch.cat(blocks)
@@ -204,7 +215,9 @@ def test_kfac_statistics_of_an_mlp() -> None:
     ])
     for layer, start in zip(spec.layers, spec.offsets()):
         p_in, _ = projection_matrices(spec, layer, torch.float64)
-        pa = inputs[layer.name].detach() @ p_in.T
+        a = inputs[layer.name].detach()
+        a = torch.cat([a, torch.ones(8, 1, dtype=a.dtype)], 1) if layer.bias else a
+        pa = a @ p_in.T
         g = explicit[:, start:start + layer.dim].reshape(8, layer.rank_out, layer.rank_in)
         pd = torch.einsum("noi,ni->no", g, pa) / (pa * pa).sum(1, keepdim=True)
         entry = stats[layer.name]
@@ -235,6 +248,10 @@ def test_spec_model_mismatch_and_bad_inputs() -> None:
     model = mlp()
     batch = {"x": torch.randn(3, 6, dtype=torch.float64), "y": torch.randint(0, 4, (3,))}
     other = ProjectionSpec(layers=(LayerProjection("0", 7, 10, 2, 2),), seed=0)
+    unbiased = torch.nn.Sequential(torch.nn.Linear(6, 10, bias=False)).double()
+    with pytest.raises(ModelError, match="has no bias"):
+        projected_grads(unbiased, ProjectionSpec(layers=(LayerProjection("0", 6, 10, 2, 2, True),), seed=0),
+                        "classification", batch)
     with pytest.raises(ModelError, match="does not match the projection spec: layer '0' has"):
         projected_grads(model, other, "classification", batch)
     missing = ProjectionSpec(layers=(LayerProjection("encoder.9", 6, 10, 2, 2),), seed=0)

@@ -106,15 +106,11 @@ def full_grads(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def realised_benefit(
-    model: torch.nn.Module, sample: dict, objective: dict, lr: float, weights_only: bool = False
+    model: torch.nn.Module, sample: dict, objective: dict, lr: float
 ) -> float:
-    """loss_before - loss_after on the objective after one SGD step on ``sample``'s loss.
-
-    ``weights_only`` steps only Linear weights (what the projection covers, biases excluded).
-    """
+    """loss_before - loss_after on the objective after one SGD step on ``sample``'s loss."""
     stepped = copy.deepcopy(model)
-    params = ([m.weight for m in stepped.modules() if isinstance(m, torch.nn.Linear)]
-              if weights_only else list(stepped.parameters()))
+    params = list(stepped.parameters())
     loss = ClassificationTask().per_sample_loss(stepped, sample)[0]
     grads = torch.autograd.grad(loss, params)
     with torch.no_grad():
@@ -144,12 +140,12 @@ def test_positive_score_means_one_sgd_step_lowers_the_objective_loss() -> None:
 
 
 def test_projected_scores_track_realised_benefit() -> None:
-    """Projected scores estimate the weight-gradient scores: each projection correlates
+    """Projected scores (weights and biases) estimate the full-gradient scores: each projection correlates
     positively with the realised benefit, and their average (JL is unbiased) closely."""
     model = mlp()
     train, objective = make_data(40, 3), make_data(60, 4)
     benefit = np.array([
-        realised_benefit(model, {k: v[i:i + 1] for k, v in train.items()}, objective, 1e-4, True)
+        realised_benefit(model, {k: v[i:i + 1] for k, v in train.items()}, objective, 1e-4)
         for i in range(40)
     ])
     total = np.zeros(40)

@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 
 from tip_fed.core.gradients import KfacStats
-from tip_fed.core.precondition import fit_preconditioner
+from tip_fed.core.precondition import DAMPING_FLOOR, fit_preconditioner
 from tip_fed.core.projection import LayerProjection, ProjectionSpec
 from tip_fed.errors import ConfigError, DataError
 
@@ -182,7 +182,7 @@ def test_errors() -> None:
         fit_preconditioner("raw", spec, torch.randn(0, 6))
     with pytest.raises(DataError, match="zero"):
         fit_preconditioner("raw", spec, torch.zeros(10, 6))
-    with pytest.raises(ConfigError, match="singular"):
+    with pytest.raises(ConfigError, match="below the floor"):
         fit_preconditioner("raw", spec, g[:3], damping=0.0)  # rank 3 < dim 6
     with pytest.raises(DataError):
         fit_preconditioner("kfac", spec)
@@ -197,3 +197,30 @@ def test_errors() -> None:
         p.apply(torch.randn(5))
     with pytest.raises(DataError):
         p.apply(torch.randn(2, 2, 6))
+
+
+@pytest.mark.parametrize("kind", ["raw", "kfac", "ekfac"])
+def test_damping_floor_keeps_a_noise_layer_out_of_the_query(kind: str) -> None:
+    """A layer whose gradients are rounding noise got λ ~ 1e-17 and a query block of norm ~1e7."""
+    # Prepare: layer l0 carries the signal; l1's gradients are 1e-9 noise (curvature ~1e-18).
+    spec = spec_of((3, 2), (2, 2))
+    torch.manual_seed(0)
+    g = torch.randn(50, spec.dim, dtype=torch.float64)
+    g[:, 6:] *= 1e-9
+    stats = {}
+    for layer, start in zip(spec.layers, spec.offsets()):
+        block = g[:, start:start + layer.dim].reshape(50, layer.rank_out, layer.rank_in)
+        a = torch.einsum("noi,noj->ij", block, block) / 50  # one token, Kronecker-shaped factors
+        s = torch.einsum("noi,npi->op", block, block) / (50 * float(a.trace()))
+        stats[layer.name] = stats_for(layer.name, a.numpy(), s.numpy())
+    objective = g.mean(dim=0)
+    # Execute
+    p = fit_preconditioner(kind, spec, g, stats if kind != "raw" else None)
+    query = p.apply(objective)
+    # Assert: λ is at least the floor, and the noise block stays below the signal block.
+    mean_eigenvalue = float((g.T @ g / 50).trace()) / spec.dim
+    used = p.damping if kind == "raw" else min(p.damping.values())
+    assert used >= 0.99 * DAMPING_FLOOR * mean_eigenvalue
+    assert float(query[6:].norm()) < float(query[:6].norm())
+    with pytest.raises(ConfigError, match="below the floor"):
+        fit_preconditioner(kind, spec, g, stats if kind != "raw" else None, damping=7.8e-17)

@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tip/v1/valuation.proto\x12\x06tip.v1\"c\n\x0cHEParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x19\n\x11global_scale_bits\x18\x03 \x01(\r\"\x92\x01\n\x07Packing\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\npadded_dim\x18\x03 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\r\x12\x13\n\x0breplication\x18\x05 \x01(\r\x12\x0c\n\x04\x62\x61\x62y\x18\x06 \x01(\r\x12\r\n\x05giant\x18\x07 \x01(\r\x12\x16\n\x0erows_per_block\x18\x08 \x01(\r\"m\n\x0fLayerProjection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\r\x12\x14\n\x0cout_features\x18\x03 \x01(\r\x12\x0f\n\x07rank_in\x18\x04 \x01(\r\x12\x10\n\x08rank_out\x18\x05 \x01(\r\"y\n\x0eProjectionSpec\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\'\n\x06layers\x18\x03 \x03(\x0b\x32\x17.tip.v1.LayerProjection\x12\x11\n\tgenerator\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\r\"_\n\x0cModelPayload\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"\xa5\x03\n\x05Offer\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x05model\x18\x03 \x01(\x0b\x32\x14.tip.v1.ModelPayload\x12*\n\nprojection\x18\x04 \x01(\x0b\x32\x16.tip.v1.ProjectionSpec\x12\x0c\n\x04task\x18\x05 \x01(\t\x12 \n\x02he\x18\x06 \x01(\x0b\x32\x14.tip.v1.HEParameters\x12 \n\x07packing\x18\x07 \x01(\x0b\x32\x0f.tip.v1.Packing\x12\x16\n\x0epublic_context\x18\x08 \x01(\x0c\x12\r\n\x05query\x18\t \x03(\x0c\x12\x12\n\nquery_norm\x18\n \x01(\x01\x12&\n\ndisclosure\x18\x0b \x01(\x0e\x32\x12.tip.v1.Disclosure\x12\x17\n\x0fgrad_norm_bound\x18\x0c \x01(\x01\x12\x14\n\x0cquery_budget\x18\r \x01(\r\x12\x13\n\x0bmax_samples\x18\x0e \x01(\r\x12\x12\n\ndp_epsilon\x18\x0f \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x10 \x01(\x01\"V\n\x07Timings\x12\x13\n\x0bgradients_s\x18\x01 \x01(\x01\x12\x10\n\x08\x63ommit_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x65ncrypted_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\xfb\x01\n\x05Reply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tseller_id\x18\x03 \x01(\t\x12\x11\n\tn_samples\x18\x04 \x01(\r\x12\x12\n\ncommitment\x18\x05 \x01(\x0c\x12\x0e\n\x06n_rows\x18\x06 \x01(\r\x12\x0e\n\x06scores\x18\x07 \x03(\x0c\x12 \n\x07timings\x18\x08 \x01(\x0b\x32\x0f.tip.v1.Timings\x12\x0f\n\x07\x63lipped\x18\t \x01(\r\x12\x12\n\ndp_epsilon\x18\n \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x0b \x01(\x01\x12\x11\n\tnoise_std\x18\x0c \x01(\x01\",\n\x0cValueRequest\x12\x1c\n\x05offer\x18\x01 \x01(\x0b\x32\r.tip.v1.Offer\"-\n\rValueResponse\x12\x1c\n\x05reply\x18\x01 \x01(\x0b\x32\r.tip.v1.Reply\"\x0f\n\rHealthRequest\"P\n\x0eHealthResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tseller_id\x18\x02 \x01(\t\x12\x11\n\tn_samples\x18\x03 \x01(\r*]\n\nDisclosure\x12\x1a\n\x16\x44ISCLOSURE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44ISCLOSURE_AGGREGATE\x10\x01\x12\x19\n\x15\x44ISCLOSURE_PER_SAMPLE\x10\x02\x32w\n\x06Seller\x12\x34\n\x05Value\x12\x14.tip.v1.ValueRequest\x1a\x15.tip.v1.ValueResponse\x12\x37\n\x06Health\x12\x15.tip.v1.HealthRequest\x1a\x16.tip.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tip/v1/valuation.proto\x12\x06tip.v1\"c\n\x0cHEParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x19\n\x11global_scale_bits\x18\x03 \x01(\r\"\x92\x01\n\x07Packing\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\npadded_dim\x18\x03 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\r\x12\x13\n\x0breplication\x18\x05 \x01(\r\x12\x0c\n\x04\x62\x61\x62y\x18\x06 \x01(\r\x12\r\n\x05giant\x18\x07 \x01(\r\x12\x16\n\x0erows_per_block\x18\x08 \x01(\r\"{\n\x0fLayerProjection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\r\x12\x14\n\x0cout_features\x18\x03 \x01(\r\x12\x0f\n\x07rank_in\x18\x04 \x01(\r\x12\x10\n\x08rank_out\x18\x05 \x01(\r\x12\x0c\n\x04\x62ias\x18\x06 \x01(\x08\"y\n\x0eProjectionSpec\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\'\n\x06layers\x18\x03 \x03(\x0b\x32\x17.tip.v1.LayerProjection\x12\x11\n\tgenerator\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\r\"_\n\x0cModelPayload\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"\xa5\x03\n\x05Offer\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12#\n\x05model\x18\x03 \x01(\x0b\x32\x14.tip.v1.ModelPayload\x12*\n\nprojection\x18\x04 \x01(\x0b\x32\x16.tip.v1.ProjectionSpec\x12\x0c\n\x04task\x18\x05 \x01(\t\x12 \n\x02he\x18\x06 \x01(\x0b\x32\x14.tip.v1.HEParameters\x12 \n\x07packing\x18\x07 \x01(\x0b\x32\x0f.tip.v1.Packing\x12\x16\n\x0epublic_context\x18\x08 \x01(\x0c\x12\r\n\x05query\x18\t \x03(\x0c\x12\x12\n\nquery_norm\x18\n \x01(\x01\x12&\n\ndisclosure\x18\x0b \x01(\x0e\x32\x12.tip.v1.Disclosure\x12\x17\n\x0fgrad_norm_bound\x18\x0c \x01(\x01\x12\x14\n\x0cquery_budget\x18\r \x01(\r\x12\x13\n\x0bmax_samples\x18\x0e \x01(\r\x12\x12\n\ndp_epsilon\x18\x0f \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x10 \x01(\x01\"V\n\x07Timings\x12\x13\n\x0bgradients_s\x18\x01 \x01(\x01\x12\x10\n\x08\x63ommit_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x65ncrypted_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\xfb\x01\n\x05Reply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tseller_id\x18\x03 \x01(\t\x12\x11\n\tn_samples\x18\x04 \x01(\r\x12\x12\n\ncommitment\x18\x05 \x01(\x0c\x12\x0e\n\x06n_rows\x18\x06 \x01(\r\x12\x0e\n\x06scores\x18\x07 \x03(\x0c\x12 \n\x07timings\x18\x08 \x01(\x0b\x32\x0f.tip.v1.Timings\x12\x0f\n\x07\x63lipped\x18\t \x01(\r\x12\x12\n\ndp_epsilon\x18\n \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x0b \x01(\x01\x12\x11\n\tnoise_std\x18\x0c \x01(\x01\",\n\x0cValueRequest\x12\x1c\n\x05offer\x18\x01 \x01(\x0b\x32\r.tip.v1.Offer\"-\n\rValueResponse\x12\x1c\n\x05reply\x18\x01 \x01(\x0b\x32\r.tip.v1.Reply\"\x0f\n\rHealthRequest\"P\n\x0eHealthResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tseller_id\x18\x02 \x01(\t\x12\x11\n\tn_samples\x18\x03 \x01(\r*]\n\nDisclosure\x12\x1a\n\x16\x44ISCLOSURE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44ISCLOSURE_AGGREGATE\x10\x01\x12\x19\n\x15\x44ISCLOSURE_PER_SAMPLE\x10\x02\x32w\n\x06Seller\x12\x34\n\x05Value\x12\x14.tip.v1.ValueRequest\x1a\x15.tip.v1.ValueResponse\x12\x37\n\x06Health\x12\x15.tip.v1.HealthRequest\x1a\x16.tip.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tip.v1.valuation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISCLOSURE']._serialized_start=1573
-  _globals['_DISCLOSURE']._serialized_end=1666
+  _globals['_DISCLOSURE']._serialized_start=1587
+  _globals['_DISCLOSURE']._serialized_end=1680
   _globals['_HEPARAMETERS']._serialized_start=34
   _globals['_HEPARAMETERS']._serialized_end=133
   _globals['_PACKING']._serialized_start=136
   _globals['_PACKING']._serialized_end=282
   _globals['_LAYERPROJECTION']._serialized_start=284
-  _globals['_LAYERPROJECTION']._serialized_end=393
-  _globals['_PROJECTIONSPEC']._serialized_start=395
-  _globals['_PROJECTIONSPEC']._serialized_end=516
-  _globals['_MODELPAYLOAD']._serialized_start=518
-  _globals['_MODELPAYLOAD']._serialized_end=613
-  _globals['_OFFER']._serialized_start=616
-  _globals['_OFFER']._serialized_end=1037
-  _globals['_TIMINGS']._serialized_start=1039
-  _globals['_TIMINGS']._serialized_end=1125
-  _globals['_REPLY']._serialized_start=1128
-  _globals['_REPLY']._serialized_end=1379
-  _globals['_VALUEREQUEST']._serialized_start=1381
-  _globals['_VALUEREQUEST']._serialized_end=1425
-  _globals['_VALUERESPONSE']._serialized_start=1427
-  _globals['_VALUERESPONSE']._serialized_end=1472
-  _globals['_HEALTHREQUEST']._serialized_start=1474
-  _globals['_HEALTHREQUEST']._serialized_end=1489
-  _globals['_HEALTHRESPONSE']._serialized_start=1491
-  _globals['_HEALTHRESPONSE']._serialized_end=1571
-  _globals['_SELLER']._serialized_start=1668
-  _globals['_SELLER']._serialized_end=1787
+  _globals['_LAYERPROJECTION']._serialized_end=407
+  _globals['_PROJECTIONSPEC']._serialized_start=409
+  _globals['_PROJECTIONSPEC']._serialized_end=530
+  _globals['_MODELPAYLOAD']._serialized_start=532
+  _globals['_MODELPAYLOAD']._serialized_end=627
+  _globals['_OFFER']._serialized_start=630
+  _globals['_OFFER']._serialized_end=1051
+  _globals['_TIMINGS']._serialized_start=1053
+  _globals['_TIMINGS']._serialized_end=1139
+  _globals['_REPLY']._serialized_start=1142
+  _globals['_REPLY']._serialized_end=1393
+  _globals['_VALUEREQUEST']._serialized_start=1395
+  _globals['_VALUEREQUEST']._serialized_end=1439
+  _globals['_VALUERESPONSE']._serialized_start=1441
+  _globals['_VALUERESPONSE']._serialized_end=1486
+  _globals['_HEALTHREQUEST']._serialized_start=1488
+  _globals['_HEALTHREQUEST']._serialized_end=1503
+  _globals['_HEALTHRESPONSE']._serialized_start=1505
+  _globals['_HEALTHRESPONSE']._serialized_end=1585
+  _globals['_SELLER']._serialized_start=1682
+  _globals['_SELLER']._serialized_end=1801
 # @@protoc_insertion_point(module_scope)

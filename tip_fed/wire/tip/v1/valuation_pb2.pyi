@@ -47,18 +47,20 @@ class Packing(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., dim: _Optional[int] = ..., padded_dim: _Optional[int] = ..., chunks: _Optional[int] = ..., replication: _Optional[int] = ..., baby: _Optional[int] = ..., giant: _Optional[int] = ..., rows_per_block: _Optional[int] = ...) -> None: ...
 
 class LayerProjection(_message.Message):
-    __slots__ = ("name", "in_features", "out_features", "rank_in", "rank_out")
+    __slots__ = ("name", "in_features", "out_features", "rank_in", "rank_out", "bias")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     RANK_IN_FIELD_NUMBER: _ClassVar[int]
     RANK_OUT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     in_features: int
     out_features: int
     rank_in: int
     rank_out: int
-    def __init__(self, name: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., rank_in: _Optional[int] = ..., rank_out: _Optional[int] = ...) -> None: ...
+    bias: bool
+    def __init__(self, name: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., rank_in: _Optional[int] = ..., rank_out: _Optional[int] = ..., bias: _Optional[bool] = ...) -> None: ...
 
 class ProjectionSpec(_message.Message):
     __slots__ = ("seed", "kind", "layers", "generator", "version")
