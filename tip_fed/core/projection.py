@@ -49,7 +49,9 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,8 +141,11 @@ class ProjectionSpec:
             raise ConfigError(
                 "ProjectionSpec needs at least one layer; build it with ProjectionSpec.for_model()."
             )
-        names = [layer.name for layer in self.layers]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        seen: set[str] = set()
+        repeated: set[str] = set()
+        for layer in self.layers:  # set-based: linear in the number of layers
+            (repeated if layer.name in seen else seen).add(layer.name)
+        duplicates = sorted(repeated)
         if duplicates:
             raise ConfigError(f"ProjectionSpec lists layers more than once: {duplicates}.")
         _check_int(self.seed, "projection seed", 0, _MAX_SEED)
@@ -348,7 +353,48 @@ def _gaussian(bits: np.random.Philox, count: int) -> np.ndarray:
     return np.concatenate(chunks)[:count]
 
 
-@functools.lru_cache(maxsize=256)
+#: Bytes of float64 projection matrices kept between calls. Bounded by bytes, not entries: the
+#: buyer picks the shapes, and a count bound would let a few rank-F specs pin gigabytes.
+MATRIX_CACHE_BYTES = 256 << 20
+
+
+def _byte_bounded_cache(max_bytes: int) -> Callable[[Callable[..., np.ndarray]], Callable[..., np.ndarray]]:
+    """LRU cache of read-only arrays holding at most ``max_bytes``; larger arrays are not kept."""
+
+    def decorate(make: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        entries: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        lock = threading.Lock()
+        held = [0]
+
+        @functools.wraps(make)
+        def cached(*key: Any) -> np.ndarray:
+            with lock:
+                if key in entries:
+                    entries.move_to_end(key)
+                    return entries[key]
+            value = make(*key)
+            if value.nbytes <= max_bytes:
+                with lock:
+                    if key not in entries:
+                        entries[key] = value
+                        held[0] += value.nbytes
+                    while held[0] > max_bytes:
+                        held[0] -= entries.popitem(last=False)[1].nbytes
+            return value
+
+        def clear() -> None:
+            with lock:
+                entries.clear()
+                held[0] = 0
+
+        cached.cache_clear = clear  # type: ignore[attr-defined]
+        cached.cache_bytes = lambda: held[0]  # type: ignore[attr-defined]
+        return cached
+
+    return decorate
+
+
+@_byte_bounded_cache(MATRIX_CACHE_BYTES)
 def _matrix(seed: int, kind: str, name: str, side: str, rank: int, features: int) -> np.ndarray:
     bits = np.random.Philox(key=_philox_key(seed, name, side))
     count = rank * features
