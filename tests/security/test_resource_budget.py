@@ -276,3 +276,26 @@ def test_big_messages_need_a_client_certificate_and_fit_the_budget(make_buyer, d
     assert running.security == "mtls"
     assert anonymous["s"].startswith(f"{running.address}: UNAVAILABLE"), anonymous  # handshake refused
     assert known["s"].startswith(f"{running.address}: RESOURCE_EXHAUSTED"), known  # above the derived limit
+
+
+def test_over_mtls_the_budget_is_keyed_by_the_client_certificate(make_buyer, data, pki, caplog):
+    """Mallory's complete Offer under alice's session id is answered for mallory; alice is still
+    answered once, and each is refused a second time: the peer is the certificate subject."""
+    running = start_server(Seller("s", data), tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))
+    endpoint = [SellerEndpoint("s", running.address)]
+    alice, mallory = make_buyer(), make_buyer()
+    offer = alice.offer(max_samples=100)
+    forged = pb.Offer.FromString(mallory.offer(max_samples=100))
+    forged.session_id = alice.session_id
+    forged = forged.SerializeToString()
+    try:
+        with caplog.at_level("INFO", logger="tip_fed.grpc.server"):
+            first = [value_sellers(endpoint, blob, tls=_client(pki, who), timeout_s=60, retries=0)
+                     for who, blob in (("mallory", forged), ("alice", offer))]
+            again = [value_sellers(endpoint, blob, tls=_client(pki, who), timeout_s=60, retries=0)[1]["s"]
+                     for who, blob in (("mallory", forged), ("alice", offer))]
+    finally:
+        running.stop(0)
+    assert all(failures == {} for _, failures in first), first
+    assert all("RESOURCE_EXHAUSTED: seller s already answered 1 query" in text for text in again), again
+    assert any("from x509:" in r.getMessage() and "CN=alice" in r.getMessage() for r in caplog.records)
