@@ -151,7 +151,8 @@ def _add_budget_arguments(srv: argparse.ArgumentParser) -> None:
     helps = {
         "offer_memory_mb": "most memory one Offer may cost, MiB",
         "in_flight_memory_mb": "most memory all Offers being answered at once may cost, MiB",
-        "max_sessions": "Offers answered at once; more are refused with RESOURCE_EXHAUSTED",
+        "max_sessions": "Offers handled at once; more wait, up to --max-calls",
+        "max_calls": "calls held at once, running or waiting; more are refused with RESOURCE_EXHAUSTED",
         "he_key_memory_mb": "most CKKS context and key memory of one Offer, MiB",
         "projection_memory_mb": "most projection-matrix memory of one Offer, MiB",
         "max_layers": "most projected layers one Offer may list",

@@ -170,14 +170,16 @@ class SellerBudgetConfig:
     Every Offer is costed from its own fields before anything is allocated (projection matrices,
     gradient matrix, model by dtype, CKKS key material, query ciphertexts, the message itself) and
     refused with a ResourceLimitError naming the setting to raise. The defaults fit a 24 GB machine:
-    at most 4 Offers at once, 2 GiB each, 8 GiB together, leaving room for the seller's own data.
+    at most 4 Offers handled at once (up to 64 calls waiting, the rest refused), 2 GiB each, 8 GiB
+    together, leaving room for the seller's own data.
     The seller's largest accepted gRPC message follows from ``offer-memory-mb`` (see
     tip_fed.protocol.resources.max_offer_bytes).
     """
 
     offer_memory_mb: int = 2048  # most memory one Offer may cost (MiB)
     in_flight_memory_mb: int = 8192  # most memory all Offers being answered at once may cost (MiB)
-    max_sessions: int = 4  # Offers answered at once; more are refused (RESOURCE_EXHAUSTED), not queued
+    max_sessions: int = 4  # Offers handled at once; more wait for a slot (at most max-calls in all)
+    max_calls: int = 64  # calls a seller service holds at once, running or waiting; more are refused
     he_key_memory_mb: int = 256  # CKKS context tables + public and Galois keys of one Offer (MiB)
     projection_memory_mb: int = 512  # projection matrices of one Offer (MiB; rank x features per layer)
     max_layers: int = 1024  # projected layers one Offer may list
@@ -186,7 +188,7 @@ class SellerBudgetConfig:
     session_window_s: float = 86400.0  # how long an answered session is remembered (seconds)
 
     def __post_init__(self) -> None:
-        for name in ("offer_memory_mb", "in_flight_memory_mb", "max_sessions", "he_key_memory_mb",
+        for name in ("offer_memory_mb", "in_flight_memory_mb", "max_sessions", "max_calls", "he_key_memory_mb",
                      "projection_memory_mb", "max_layers", "kept_sessions"):
             _require(getattr(self, name) >= 1, f"seller-budget.{_toml_key(name)}", "must be >= 1")
         _require(self.in_flight_memory_mb >= self.offer_memory_mb, "seller-budget.in-flight-memory-mb",

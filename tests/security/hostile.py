@@ -12,9 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tip_fed.bench.hostile import BUILDERS, big_context, fake_offer, huge_dim, many_layers, rank_f, uint8_weights
+from tip_fed.bench.hostile import (
+    BUILDERS,
+    big_context,
+    fake_offer,
+    huge_dim,
+    many_layers,
+    rank_f,
+    uint8_weights,
+)
 
-__all__ = ["BUILDERS", "big_context", "fake_offer", "huge_dim", "many_layers", "rank_f", "uint8_weights", "run_in_child"]
+__all__ = ["BUILDERS", "big_context", "fake_offer", "huge_dim", "many_layers", "rank_f", "run_in_child", "uint8_weights"]
 
 _CHILD = r"""
 import json, sys, torch
@@ -59,7 +67,7 @@ def run_in_child(tmp: Path, data_path: Path, honest: bytes, offers: dict[str, by
         paths.append(str(path))
     args = [str(data_path), json.dumps(budget or {}), str(tmp / "honest.offer"), *paths]
     proc = subprocess.run([sys.executable, "-c", _CHILD, *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"child failed: {proc.stderr[-3000:]}")
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

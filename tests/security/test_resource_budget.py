@@ -15,11 +15,30 @@ import torch
 from tip_fed.config import SellerBudgetConfig
 from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
-from tip_fed.core.projection import MATRIX_CACHE_BYTES, LayerProjection, ProjectionSpec, _byte_bounded_cache, _matrix
+from tip_fed.core.projection import (
+    MATRIX_CACHE_BYTES,
+    LayerProjection,
+    ProjectionSpec,
+    _byte_bounded_cache,
+    _matrix,
+)
 from tip_fed.core.tasks import get_task
 from tip_fed.crypto import keys
-from tip_fed.errors import BudgetExceededError, ConfigError, DataError, FingerprintMismatchError, ModelError, ProtocolError
-from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers
+from tip_fed.errors import (
+    BudgetExceededError,
+    ConfigError,
+    DataError,
+    FingerprintMismatchError,
+    ModelError,
+    ProtocolError,
+)
+from tip_fed.grpc import (
+    ClientTLS,
+    SellerEndpoint,
+    ServerTLS,
+    start_server,
+    value_sellers,
+)
 from tip_fed.grpc.server import MiB, seller_message_limit
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.data import save_dataset
@@ -153,16 +172,24 @@ def test_answered_sessions_keep_a_callers_dict_in_place():
     assert counts == {"old": 1, "new": 1}
 
 
-def test_in_flight_refuses_instead_of_queueing():
+def test_in_flight_refuses_memory_and_bounds_sessions():
     flight = InFlight(SellerBudgetConfig(offer_memory_mb=10, in_flight_memory_mb=10, max_sessions=2))
     with flight.reserve(6 * MiB):
-        with pytest.raises(ResourceLimitError, match="in-flight-memory-mb"):
-            with flight.reserve(5 * MiB):
-                pass
+        with pytest.raises(ResourceLimitError, match="in-flight-memory-mb"), flight.reserve(5 * MiB):
+            pass
+        entered = threading.Event()
+
+        def third():
+            with flight.reserve(0):
+                entered.set()
+
         with flight.reserve(4 * MiB):
-            with pytest.raises(ResourceLimitError, match="max-sessions"):
-                with flight.reserve(0):
-                    pass
+            waiter = threading.Thread(target=third)
+            waiter.start()
+            # two sessions hold the slots: the third waits (it is not admitted while they run)
+            assert not entered.wait(0.5) and flight.sessions == 2
+        waiter.join(60)
+        assert entered.is_set()
     assert (flight.sessions, flight.bytes) == (0, 0)
 
 

@@ -178,7 +178,7 @@ def run(quick: bool) -> dict[str, Any]:
                 b = buyer()
                 offer = b.offer(max_samples=n_rows)
                 t0 = time.perf_counter()
-                replies, failures = value_sellers(endpoint, offer, tls=tls["alice"], timeout_s=600, retries=0)
+                _, failures = value_sellers(endpoint, offer, tls=tls["alice"], timeout_s=600, retries=0)
                 if failures:
                     raise RuntimeError(f"the honest buyer was refused: {failures}")
                 return time.perf_counter() - t0

@@ -39,7 +39,13 @@ from tip_fed.errors import (
 )
 from tip_fed.protocol import PROTOCOL_VERSION, Seller, SellerPolicy
 from tip_fed.protocol.data import load_dataset
-from tip_fed.protocol.resources import MESSAGE_COPIES, MiB, ResourceBudget, ResourceLimitError, max_offer_bytes
+from tip_fed.protocol.resources import (
+    MESSAGE_COPIES,
+    MiB,
+    ResourceBudget,
+    ResourceLimitError,
+    max_offer_bytes,
+)
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 log = logging.getLogger("tip_fed.grpc.server")
@@ -47,10 +53,9 @@ log = logging.getLogger("tip_fed.grpc.server")
 #: The buyer's default message limit (its Offers go out, Replies come in); a seller service
 #: derives its own from its resource budget (:func:`seller_message_limit`).
 DEFAULT_MAX_MESSAGE_BYTES = GrpcConfig().max_message_mb * MiB
-#: Calls grpcio accepts at once per Offer the seller answers at once (costing and refusing the rest
-#: is cheap), plus spare calls for Health; grpcio refuses any call beyond that.
-_CALLS_PER_SESSION = 2
-_SPARE_CALLS = 2
+#: Handler threads beyond the seller's concurrent Offers, so Health and refusals keep answering
+#: while ``max_sessions`` Offers are scored.
+_SPARE_THREADS = 2
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Seller"].full_name
 
 # Most specific first: the precondition errors are ProtocolError subclasses.
@@ -235,9 +240,10 @@ def start_server(
 ) -> RunningServer:
     """Start serving ``seller`` over mutual TLS (server-only TLS or plaintext only when asked).
 
-    ``max_message_bytes`` defaults to :func:`seller_message_limit` of the seller's budget. At
-    most twice ``budget.max_sessions`` calls (plus two for Health) are accepted at once; grpcio
-    refuses any call beyond that with RESOURCE_EXHAUSTED instead of queueing it.
+    ``max_message_bytes`` defaults to :func:`seller_message_limit` of the seller's budget.
+    ``budget.max_sessions`` + 2 handler threads read and answer calls (a call's message is read
+    by its thread, so at most that many messages are held); up to ``budget.max_calls`` calls wait
+    for a thread, and grpcio refuses any call beyond that with RESOURCE_EXHAUSTED.
     """
     _check_security(tls, insecure, server_tls_only)
     if not 0 <= port <= 65535:
@@ -246,9 +252,9 @@ def start_server(
     limit = seller_message_limit(budget) if max_message_bytes is None else max_message_bytes
     # No SO_REUSEPORT: a second seller on the same port must fail, not silently share connections.
     options = [*channel_options(limit), ("grpc.so_reuseport", 0)]
-    calls = budget.max_sessions * _CALLS_PER_SESSION + _SPARE_CALLS
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=calls), options=options,
-                         maximum_concurrent_rpcs=calls)
+    threads = budget.max_sessions + _SPARE_THREADS
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options,
+                         maximum_concurrent_rpcs=max(budget.max_calls, threads))
     server.add_generic_rpc_handlers((SellerService(seller).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

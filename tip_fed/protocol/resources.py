@@ -31,15 +31,15 @@ from tip_fed.protocol.convert import params_from_pb, plan_from_pb
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 __all__ = [
+    "InFlight",
+    "OfferCost",
     "ResourceBudget",
     "ResourceLimitError",
-    "OfferCost",
     "WeightsHeader",
-    "read_weights_header",
-    "cost_offer",
     "check_cost",
-    "InFlight",
+    "cost_offer",
     "max_offer_bytes",
+    "read_weights_header",
 ]
 
 MiB = 1 << 20
@@ -64,6 +64,7 @@ _SETTINGS = {
     "offer_memory_mb": ("seller-budget.offer-memory-mb", "--offer-memory-mb"),
     "in_flight_memory_mb": ("seller-budget.in-flight-memory-mb", "--in-flight-memory-mb"),
     "max_sessions": ("seller-budget.max-sessions", "--max-sessions"),
+    "max_calls": ("seller-budget.max-calls", "--max-calls"),
     "he_key_memory_mb": ("seller-budget.he-key-memory-mb", "--he-key-memory-mb"),
     "projection_memory_mb": ("seller-budget.projection-memory-mb", "--projection-memory-mb"),
     "max_layers": ("seller-budget.max-layers", "--max-layers"),
@@ -172,14 +173,14 @@ class OfferCost:
         return ", ".join(f"{k} {v / MiB:.0f} MiB" for v, k in big) or "all parts under 1 MiB"
 
 
-def _layer_costs(spec: pb.ProjectionSpec, budget: ResourceBudget) -> tuple[int, int, int, list[tuple[int, int, int, int]]]:
-    """(matrix entries, projected dim, sum of layer widths, shapes); set-based duplicate check."""
+def _layer_costs(spec: pb.ProjectionSpec, budget: ResourceBudget) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+    """(matrix entries, projected dim, shapes); one pass, set-based duplicate check."""
     layers = spec.layers
     if len(layers) > budget.max_layers:
         raise ResourceLimitError(f"the offer's projection spec lists {len(layers)} layers, above {budget.max_layers}",
                                  "max_layers")
     seen: set[str] = set()
-    entries = dim = widths = 0
+    entries = dim = 0
     shapes = []
     for layer in layers:
         if layer.name in seen:
@@ -188,9 +189,8 @@ def _layer_costs(spec: pb.ProjectionSpec, budget: ResourceBudget) -> tuple[int, 
         r_in, r_out, f_in, f_out = layer.rank_in, layer.rank_out, layer.in_features, layer.out_features
         entries += r_in * f_in + r_out * f_out
         dim += r_in * r_out
-        widths += f_in + f_out
         shapes.append((r_in, r_out, f_in, f_out))
-    return entries, dim, widths, shapes
+    return entries, dim, shapes
 
 
 def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_sample: int = 1,
@@ -202,7 +202,7 @@ def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_s
     duplicate layers, an inconsistent packing). Compare the result with :func:`check_cost`.
     """
     budget = budget or ResourceBudget()
-    entries, dim, widths, shapes = _layer_costs(offer.projection, budget)
+    entries, dim, shapes = _layer_costs(offer.projection, budget)
     weights = read_weights_header(offer.model.weights)
     elem = 8 if weights.float64 else 4
     # The float64 originals stay cached; each batch converts a copy to the model's dtype.
@@ -210,7 +210,9 @@ def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_s
     model = weights.stored_bytes + weights.n_elements * elem
     gradients = GRADIENT_COPIES * n_samples * dim * 8
     b, t = max(1, min(batch_size, n_samples)), max(1, tokens_per_sample)
-    batch = sum(b * t * (3 * (f_in + f_out) + 2 * (r_in + r_out)) * 8 + 2 * b * r_in * r_out * 8
+    # Per batch and layer: the input and output kept for backward and the output gradient, the
+    # projected activations and gradients, the float64 per-sample block and its running sum.
+    batch = sum(b * t * (2 * (f_in + f_out) + 2 * (r_in + r_out)) * elem + 2 * b * r_in * r_out * 8
                 for r_in, r_out, f_in, f_out in shapes) + len(shapes) * _LAYER_BYTES
     params = params_from_pb(offer.he)
     check_params(params)
@@ -265,23 +267,23 @@ def max_offer_bytes(budget: ResourceBudget) -> int:
 class InFlight:
     """Memory reserved by the Offers being answered now, and how many there are.
 
-    A reservation is refused (never queued) when it would pass ``max_sessions`` Offers or
-    ``in_flight_memory_mb`` in total, so a flood of costly Offers cannot pile up on a seller.
+    At most ``max_sessions`` Offers hold a reservation at once; another waits for a slot (the
+    callers are bounded: a service's threads, see :func:`tip_fed.grpc.server.start_server`). A
+    reservation that would pass ``in_flight_memory_mb`` in total is refused, never queued, so a
+    flood of costly Offers cannot pile up memory on a seller.
     """
 
     def __init__(self, budget: ResourceBudget) -> None:
         self.budget = budget
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self.sessions = 0
         self.bytes = 0
 
     @contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
         """Hold ``nbytes`` and one session slot for the duration of the block."""
-        with self._lock:
-            if self.sessions + 1 > self.budget.max_sessions:
-                raise ResourceLimitError(
-                    f"this seller is already answering {self.sessions} offers, its limit", "max_sessions")
+        with self._cond:
+            self._cond.wait_for(lambda: self.sessions < self.budget.max_sessions)
             if self.bytes + nbytes > self.budget.in_flight_memory_mb * MiB:
                 raise ResourceLimitError(
                     f"offers being answered already hold about {self.bytes / MiB:.0f} MiB and this one needs "
@@ -292,6 +294,7 @@ class InFlight:
         try:
             yield
         finally:
-            with self._lock:
+            with self._cond:
                 self.sessions -= 1
                 self.bytes -= nbytes
+                self._cond.notify()
