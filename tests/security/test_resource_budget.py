@@ -317,12 +317,33 @@ def test_over_mtls_the_budget_is_keyed_by_the_client_certificate(make_buyer, dat
     forged = forged.SerializeToString()
     try:
         with caplog.at_level("INFO", logger="tip_fed.grpc.server"):
+            _, fake = value_sellers(endpoint, hostile.fake_offer(alice.session_id), tls=_client(pki, "mallory"),
+                                    timeout_s=60, retries=0)
             first = [value_sellers(endpoint, blob, tls=_client(pki, who), timeout_s=60, retries=0)
                      for who, blob in (("mallory", forged), ("alice", offer))]
             again = [value_sellers(endpoint, blob, tls=_client(pki, who), timeout_s=60, retries=0)[1]["s"]
                      for who, blob in (("mallory", forged), ("alice", offer))]
     finally:
         running.stop(0)
+    assert "INVALID_ARGUMENT: the offer carries no model weights" in fake["s"]
     assert all(failures == {} for _, failures in first), first
     assert all("RESOURCE_EXHAUSTED: seller s already answered 1 query" in text for text in again), again
     assert any("from x509:" in r.getMessage() and "CN=alice" in r.getMessage() for r in caplog.records)
+
+
+def test_without_client_certificates_a_fake_offer_from_the_same_address_spends_nothing(make_buyer, data):
+    """Plaintext on one host: every caller has the same peer (the address), so only spending after
+    validation protects the real buyer; a reconnect from another port is still the same peer."""
+    running = start_server(Seller("s", data), insecure=True)
+    endpoint = [SellerEndpoint("s", running.address)]
+    alice = make_buyer()
+    offer = alice.offer(max_samples=100)
+    try:
+        _, fake = value_sellers(endpoint, hostile.fake_offer(alice.session_id), insecure=True, timeout_s=60)
+        replies, failures = value_sellers(endpoint, offer, insecure=True, timeout_s=60)
+        _, again = value_sellers(endpoint, offer, insecure=True, timeout_s=60)  # a new channel, a new port
+    finally:
+        running.stop(0)
+    assert "INVALID_ARGUMENT" in fake["s"] and failures == {}
+    assert alice.settle(list(replies.values())).sellers[0].n_samples == N_ROWS
+    assert "RESOURCE_EXHAUSTED: seller s already answered 1 query" in again["s"]
