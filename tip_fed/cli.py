@@ -113,18 +113,23 @@ def _audit(args: argparse.Namespace) -> int:
 def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """``tip-fed seller serve`` (native gRPC seller service) and ``tip-fed tls init``."""
     seller = sub.add_parser("seller", help="run a seller").add_subparsers(dest="seller_command", required=True)
-    srv = seller.add_parser("serve", help="serve one seller's data as a tip.v1.Seller gRPC service (TLS by default)")
+    srv = seller.add_parser("serve", help="serve one seller's data as a tip.v1.Seller gRPC service (mutual TLS by default)")
     srv.add_argument("--data", required=True, help="the seller's dataset (.safetensors, see 'tip-fed export-sellers')")
     srv.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one (printed)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--seller-id", help="public seller id (default: the data file's name without extension)")
     srv.add_argument("--tls-cert", help="server certificate (PEM)")
     srv.add_argument("--tls-key", help="server private key (PEM)")
-    srv.add_argument("--tls-client-ca", help="require buyers to present a client certificate signed by this CA (mTLS)")
+    srv.add_argument("--tls-client-ca", help="CA that signed the buyers' client certificates (mutual TLS, required "
+                     "unless --server-tls-only or --insecure); a buyer makes one with 'tip-fed tls init DIR' (DIR/ca.crt)")
+    srv.add_argument("--server-tls-only", action="store_true",
+                     help="TLS without client certificates: any client that trusts the server certificate may call")
     srv.add_argument("--insecure", action="store_true", help="serve without TLS (trusted networks and tests only)")
     srv.add_argument("--max-queries-per-session", type=int, default=1, help="queries answered per session (default 1)")
     srv.add_argument("--expected-fingerprint", help="refuse offers whose model fingerprint differs (hex)")
-    srv.add_argument("--max-message-mb", type=int, default=512, help="largest gRPC message in MiB (default 512)")
+    srv.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB (default: the largest Offer "
+                     "--offer-memory-mb could accept)")
+    _add_budget_arguments(srv)
     srv.add_argument("--dp-epsilon", type=float, help="add Gaussian noise to every released score: epsilon per query "
                      "(the stricter of this and the buyer's request applies; default: only what the buyer asks)")
     srv.add_argument("--dp-delta", type=float, default=1e-6, help="delta of --dp-epsilon (default 1e-6)")
@@ -138,9 +143,35 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     ini.add_argument("--client-name", default="buyer", help="client certificate file name (default buyer)")
 
 
+def _add_budget_arguments(srv: argparse.ArgumentParser) -> None:
+    """One flag per [seller-budget] setting, with the config's defaults (declared once, in tip_fed.config)."""
+    import dataclasses
+
+    from tip_fed.config import SellerBudgetConfig
+
+    helps = {
+        "offer_memory_mb": "most memory one Offer may cost, MiB",
+        "in_flight_memory_mb": "most memory all Offers being answered at once may cost, MiB",
+        "max_sessions": "Offers handled at once; more wait, up to --max-calls",
+        "max_calls": "calls held at once, running or waiting; more are refused with RESOURCE_EXHAUSTED",
+        "he_key_memory_mb": "most CKKS context and key memory of one Offer, MiB",
+        "projection_memory_mb": "most projection-matrix memory of one Offer, MiB",
+        "max_layers": "most projected layers one Offer may list",
+        "offer_work_s": "most rough single-core seconds one Offer may cost",
+        "kept_sessions": "answered sessions remembered for the query budget",
+        "session_window_s": "seconds an answered session is remembered",
+    }
+    for f in dataclasses.fields(SellerBudgetConfig):
+        srv.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                         help=f"{helps[f.name]} (default {f.default}; config seller-budget.{f.name.replace('_', '-')})")
+
+
 def _seller_serve(args: argparse.Namespace) -> None:
     import logging
 
+    import dataclasses
+
+    from tip_fed.config import SellerBudgetConfig
     from tip_fed.errors import ConfigError
     from tip_fed.grpc.server import MiB, RunningServer, ServerTLS, serve
     from tip_fed.protocol import Seller, SellerPolicy
@@ -152,6 +183,7 @@ def _seller_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS plus client certificates")
     if args.max_queries_per_session < 1:
         raise ConfigError("--max-queries-per-session must be >= 1")
+    budget = SellerBudgetConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SellerBudgetConfig)})
     tls = ServerTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None) \
         if args.tls_cert else None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -162,10 +194,11 @@ def _seller_serve(args: argparse.Namespace) -> None:
 
     serve(
         args.data, seller_id=args.seller_id, host=args.host, port=args.port, tls=tls, insecure=args.insecure,
+        server_tls_only=args.server_tls_only,
         policy=SellerPolicy(max_queries_per_session=args.max_queries_per_session,
                             expected_fingerprint=args.expected_fingerprint,
-                            noise=NoisePolicy(args.dp_epsilon, args.dp_delta)),
-        max_message_bytes=args.max_message_mb * MiB, announce=announce,
+                            noise=NoisePolicy(args.dp_epsilon, args.dp_delta), budget=budget),
+        max_message_bytes=args.max_message_mb * MiB if args.max_message_mb else None, announce=announce,
     )
 
 

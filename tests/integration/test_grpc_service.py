@@ -77,7 +77,7 @@ SECURITY = {
 
 def _serve(seller, pki, mode, **kw):
     server_tls = SECURITY[mode][0](pki)
-    running = start_server(seller, tls=server_tls, insecure=server_tls is None, **kw)
+    running = start_server(seller, tls=server_tls, insecure=server_tls is None, server_tls_only=mode == "tls", **kw)
     return running, SECURITY[mode][1](pki)
 
 
@@ -233,7 +233,11 @@ def test_a_taken_port_is_refused_not_shared(pki):
     ([], "a seller service needs TLS"),
     (["--tls-cert", "x.crt"], "--tls-cert and --tls-key go together"),
     (["--insecure", "--tls-client-ca", "ca.crt"], "--tls-client-ca needs --tls-cert"),
-    (["--tls-cert", "missing.crt", "--tls-key", "missing.key"], "cannot read --tls-key file missing.key"),
+    (["--tls-cert", "missing.crt", "--tls-key", "missing.key", "--tls-client-ca", "ca.crt"],
+     "cannot read --tls-key file missing.key"),
+    (["--tls-cert", "s.crt", "--tls-key", "s.key"], "requires client certificates by default (mutual TLS)"),
+    (["--tls-cert", "s.crt", "--tls-key", "s.key"], "'tip-fed tls init"),
+    (["--insecure", "--server-tls-only"], "--server-tls-only needs --tls-cert"),
     (["--insecure", "--max-queries-per-session", "0"], "--max-queries-per-session must be >= 1"),
 ])
 def test_seller_serve_user_errors_are_one_line(tmp_path, capsys, args, message):

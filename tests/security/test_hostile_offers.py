@@ -1,15 +1,17 @@
 """Hostile offers found by (or written after) fuzzing: each is a clean TipError on the seller."""
 
 import json
-import time
 
 import pytest
 
 from tip_fed.core.models import MLP
 from tip_fed.errors import DataError, ModelError
 from tip_fed.protocol import Seller, SellerPolicy
+from tip_fed.protocol.data import save_dataset
 from tip_fed.protocol.model import encode_model, fingerprint
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+from . import hostile
 
 
 def _offer_with_model(offer_bytes, payload):
@@ -18,18 +20,19 @@ def _offer_with_model(offer_bytes, payload):
     return offer.SerializeToString()
 
 
-def test_model_config_bomb_is_refused_before_allocation(make_buyer, seller_data):
+def test_model_config_bomb_is_refused_before_allocation(make_buyer, seller_data, tmp_path):
     """A 10-billion-parameter config with the fingerprint recomputed (anyone can): refused on the
-    meta device in well under a second, instead of allocating 40 GB on the seller."""
+    meta device, so a fresh seller process's peak RSS does not grow, instead of allocating 40 GB."""
     buyer = make_buyer()
     offer = pb.Offer.FromString(buyer.offer(max_samples=100))
     m = offer.model
     m.config_json = json.dumps({"sizes": [10, 100_000, 100_000, 2]})
     m.fingerprint = fingerprint(m.architecture, m.config_json, m.weights)
-    t0 = time.monotonic()
-    with pytest.raises(ModelError, match="do not fit"):
+    with pytest.raises(ModelError, match="refused before building it"):
         Seller("s0", seller_data["s0"]).respond(offer.SerializeToString())
-    assert time.monotonic() - t0 < 5
+    data = save_dataset(seller_data["s0"], tmp_path / "s0.safetensors")
+    out = hostile.run_in_child(tmp_path, data, buyer.offer(max_samples=100), {"bomb": offer.SerializeToString()})
+    assert out["bomb"]["error"] == "ModelError" and out["bomb"]["rss_growth_mb"] < 48, out
 
 
 @pytest.mark.parametrize("config", ['{"sizes": [1, "a"]}', '{"sizes": 5}', '{"sizes": [2, null]}'])

@@ -15,6 +15,8 @@ released and TenSEAL's context is made public; later decryption raises :class:`C
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -34,37 +36,53 @@ from .codec import (
     seal_to_bytes,
     tenseal_errors,
 )
-from .params import HEParams, PackingPlan, check_params, security_bits
+from .params import HEParams, PackingPlan, check_params, context_memory_bytes, security_bits
 
-__all__ = ["SessionKeys", "PublicContext", "load_public_context", "clear_context_cache"]
+__all__ = ["SessionKeys", "PublicContext", "load_public_context", "clear_context_cache", "context_cache_bytes"]
 
 
 #: SEALContexts by serialised encryption parameters, shared by every session in the process. A
 #: SEALContext holds only public parameters (primes, NTT tables, no key), and building one costs
-#: ~40 ms at N = 8192, which a seller would otherwise pay on every Offer.
-_SEAL_CONTEXTS: dict[bytes, Any] = {}
-_SEAL_CONTEXTS_MAX = 8
+#: ~40 ms at N = 8192, which a seller would otherwise pay on every Offer. Bounded by estimated
+#: bytes, not entries: the buyer picks N and the primes, and one N = 32768 context with 15 primes
+#: weighs as much as hundreds of N = 8192 ones.
+SEAL_CONTEXT_CACHE_BYTES = 256 << 20
+_SEAL_CONTEXTS: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+_SEAL_CONTEXTS_LOCK = threading.Lock()
 
 
-def _shared_seal_context(parms_bytes: bytes) -> Any:
-    ctx = _SEAL_CONTEXTS.get(parms_bytes)
-    if ctx is None:
-        parms = load_encryption_parameters(parms_bytes)
-        with tenseal_errors("building the CKKS context"):
-            ctx = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
-        if not ctx.parameters_set():
-            raise InsecureParametersError(
-                f"SEAL refuses the received encryption parameters: {ctx.parameter_error_message()}"
-            )
-        while len(_SEAL_CONTEXTS) >= _SEAL_CONTEXTS_MAX:
-            _SEAL_CONTEXTS.pop(next(iter(_SEAL_CONTEXTS)))
-        _SEAL_CONTEXTS[parms_bytes] = ctx
+def _shared_seal_context(parms_bytes: bytes, params: HEParams) -> Any:
+    with _SEAL_CONTEXTS_LOCK:
+        hit = _SEAL_CONTEXTS.get(parms_bytes)
+        if hit is not None:
+            _SEAL_CONTEXTS.move_to_end(parms_bytes)
+            return hit[0]
+    parms = load_encryption_parameters(parms_bytes)
+    with tenseal_errors("building the CKKS context"):
+        ctx = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
+    if not ctx.parameters_set():
+        raise InsecureParametersError(
+            f"SEAL refuses the received encryption parameters: {ctx.parameter_error_message()}"
+        )
+    size = context_memory_bytes(params)
+    if size <= SEAL_CONTEXT_CACHE_BYTES:
+        with _SEAL_CONTEXTS_LOCK:
+            _SEAL_CONTEXTS[parms_bytes] = (ctx, size)
+            while sum(n for _, n in _SEAL_CONTEXTS.values()) > SEAL_CONTEXT_CACHE_BYTES:
+                _SEAL_CONTEXTS.popitem(last=False)
     return ctx
+
+
+def context_cache_bytes() -> int:
+    """Estimated bytes of the SEALContexts kept in the shared cache."""
+    with _SEAL_CONTEXTS_LOCK:
+        return sum(n for _, n in _SEAL_CONTEXTS.values())
 
 
 def clear_context_cache() -> None:
     """Forget the shared SEALContexts (benchmarks measuring a seller's very first Offer)."""
-    _SEAL_CONTEXTS.clear()
+    with _SEAL_CONTEXTS_LOCK:
+        _SEAL_CONTEXTS.clear()
 
 
 class _SealHandles:
@@ -102,7 +120,7 @@ class PublicContext:
         """Use :func:`load_public_context` (it validates ``data`` and its parsed ``msg``)."""
         self.params = params
         self._data, self._n_threads, self._context = data, n_threads, None
-        seal_context = _shared_seal_context(bytes(msg.encryption_parameters))
+        seal_context = _shared_seal_context(bytes(msg.encryption_parameters), params)
         self.handles = _SealHandles(seal_context, params)
         pk = load_seal_key(sa.PublicKey(), seal_context, bytes(msg.public_context.public_key), "the public key")
         self.encryptor = sa.Encryptor(seal_context, pk)

@@ -1,10 +1,13 @@
 """A seller as a native gRPC service: ``tip.v1.Seller`` (Value, Health) around :class:`~tip_fed.protocol.Seller`.
 
 The service only carries bytes: every check of the Offer is the protocol Seller's. What this
-module adds is what a network service needs: TLS (server-authenticated, or mutual with a client
-CA) unless the operator explicitly opts out, message limits large enough for ciphertext payloads
-(grpcio refuses anything above 4 MiB by default), TipErrors mapped to gRPC status codes with the
-error message as details (never a traceback), and a graceful stop on SIGTERM/SIGINT.
+module adds is what a network service needs: mutual TLS by default (server-only TLS and plaintext
+are explicit opt-outs), the buyer's authenticated identity passed to the Seller (client
+certificate subject, else the network address), a message limit derived from the largest Offer
+the seller's resource budget could accept, a bound on concurrent calls and on request bytes in
+flight (excess calls are refused with RESOURCE_EXHAUSTED, never queued without bound), TipErrors
+mapped to gRPC status codes with the error message as details (never a traceback), and a
+graceful stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
+from tip_fed.config import GrpcConfig
 from tip_fed.errors import (
     BudgetExceededError,
     CodecError,
@@ -35,17 +39,29 @@ from tip_fed.errors import (
 )
 from tip_fed.protocol import PROTOCOL_VERSION, Seller, SellerPolicy
 from tip_fed.protocol.data import load_dataset
+from tip_fed.protocol.resources import (
+    MESSAGE_COPIES,
+    MiB,
+    ResourceBudget,
+    ResourceLimitError,
+    max_offer_bytes,
+)
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 log = logging.getLogger("tip_fed.grpc.server")
 
-MiB = 1 << 20
-DEFAULT_MAX_MESSAGE_BYTES = 512 * MiB
+#: The buyer's default message limit (its Offers go out, Replies come in); a seller service
+#: derives its own from its resource budget (:func:`seller_message_limit`).
+DEFAULT_MAX_MESSAGE_BYTES = GrpcConfig().max_message_mb * MiB
+#: Handler threads beyond the seller's concurrent Offers, so Health and refusals keep answering
+#: while ``max_sessions`` Offers are scored.
+_SPARE_THREADS = 2
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Seller"].full_name
 
 # Most specific first: the precondition errors are ProtocolError subclasses.
 _STATUS: tuple[tuple[type[TipError], grpc.StatusCode], ...] = (
     (BudgetExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FingerprintMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (VersionMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (InsecureParametersError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -72,11 +88,31 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+def seller_message_limit(budget: ResourceBudget) -> int:
+    """Default message limit of a seller service: the largest Offer its budget could accept
+    (at least gRPC's 4 MiB default, so small budgets still hear Health and refusals)."""
+    return max(4 * MiB, max_offer_bytes(budget))
+
+
+def peer_identity(context: grpc.ServicerContext) -> str:
+    """Who sent a call: the client certificate's subject under mutual TLS, else the network
+    address without the port (a reconnect from another port is the same peer)."""
+    auth = context.auth_context()
+    for key in ("x509_subject", "x509_common_name"):
+        values = auth.get(key)
+        if values:
+            return "x509:" + values[0].decode("utf-8", "replace")
+    peer = context.peer()
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
 @dataclass(frozen=True)
 class ServerTLS:
     """PEM files for the server side: its certificate and key, and optionally a CA for client certificates.
 
-    With ``client_ca`` set, only buyers holding a certificate signed by that CA can connect (mTLS).
+    With ``client_ca`` set, only buyers holding a certificate signed by that CA can connect (mTLS,
+    the default of :func:`start_server`); without it any client may connect, which
+    :func:`start_server` accepts only with ``server_tls_only=True``.
     """
 
     cert: Path
@@ -100,29 +136,50 @@ def _read(path: Path, what: str) -> bytes:
 
 
 class SellerService:
-    """The ``tip.v1.Seller`` handlers. One Offer is scored at a time: a Seller keeps per-session budgets."""
+    """The ``tip.v1.Seller`` handlers. The Seller costs, validates and locks per Offer; the service
+    bounds the request bytes it holds at once."""
 
     def __init__(self, seller: Seller):
         self.seller = seller
         self._lock = threading.Lock()
+        self._held = 0  # bytes of requests being handled now, times the copies made of them
+        self._limit = seller.policy.budget.in_flight_memory_mb * MiB
 
     def value(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         """Answer a ValueRequest (raw bytes, so malformed input is ours to report, not grpcio's)."""
+        peer = peer_identity(context)
+        held = len(request) * MESSAGE_COPIES
+        with self._lock:
+            over = self._held + held > self._limit
+            if not over:
+                self._held += held
+        if over:
+            exc = ResourceLimitError(
+                f"requests being handled already hold about {self._held / MiB:.0f} MiB; this one needs "
+                f"{held / MiB:.0f} MiB more", "in_flight_memory_mb")
+            log.warning("refused an offer from %s: RESOURCE_EXHAUSTED: %s", peer, exc)
+            self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            return self._value(request, peer, context)
+        finally:
+            with self._lock:
+                self._held -= held
+
+    def _value(self, request: bytes, peer: str, context: grpc.ServicerContext) -> bytes:
         try:
             offer = pb.ValueRequest.FromString(request).offer.SerializeToString()
         except DecodeError as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid tip.v1 ValueRequest: {exc}")
         try:
-            with self._lock:
-                reply = self.seller.respond(offer)
+            reply = self.seller.respond(offer, peer=peer)
         except TipError as exc:
             code = status_for(exc)
-            log.warning("refused an offer from %s: %s: %s", context.peer(), code.name, exc)
+            log.warning("refused an offer from %s: %s: %s", peer, code.name, exc)
             self._abort(context, code, str(exc))
         except Exception:  # noqa: BLE001 - the traceback stays in the seller's log, never on the wire
-            log.exception("internal error while answering an offer from %s", context.peer())
+            log.exception("internal error while answering an offer from %s", peer)
             self._abort(context, grpc.StatusCode.INTERNAL, f"seller {self.seller.seller_id} failed internally; see its log")
-        log.info("answered an offer from %s (%d bytes in, %d bytes out)", context.peer(), len(request), len(reply))
+        log.info("answered an offer from %s (%d bytes in, %d bytes out)", peer, len(request), len(reply))
         return pb.ValueResponse(reply=pb.Reply.FromString(reply)).SerializeToString()
 
     def health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
@@ -178,20 +235,26 @@ def start_server(
     port: int = 0,
     tls: ServerTLS | None = None,
     insecure: bool = False,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    workers: int = 4,
+    server_tls_only: bool = False,
+    max_message_bytes: int | None = None,
 ) -> RunningServer:
-    """Start serving ``seller``. TLS is required unless ``insecure=True`` is passed explicitly."""
-    if tls is None and not insecure:
-        raise ConfigError("a seller service needs TLS: pass --tls-cert and --tls-key (see 'tip-fed tls init'), "
-                          "or --insecure to serve in plaintext on a trusted network")
-    if tls is not None and insecure:
-        raise ConfigError("--insecure and TLS files were both given; choose one")
+    """Start serving ``seller`` over mutual TLS (server-only TLS or plaintext only when asked).
+
+    ``max_message_bytes`` defaults to :func:`seller_message_limit` of the seller's budget.
+    ``budget.max_sessions`` + 2 handler threads read and answer calls (a call's message is read
+    by its thread, so at most that many messages are held); up to ``budget.max_calls`` calls wait
+    for a thread, and grpcio refuses any call beyond that with RESOURCE_EXHAUSTED.
+    """
+    _check_security(tls, insecure, server_tls_only)
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range 0-65535 (0 picks a free port)")
+    budget = seller.policy.budget
+    limit = seller_message_limit(budget) if max_message_bytes is None else max_message_bytes
     # No SO_REUSEPORT: a second seller on the same port must fail, not silently share connections.
-    options = [*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    options = [*channel_options(limit), ("grpc.so_reuseport", 0)]
+    threads = budget.max_sessions + _SPARE_THREADS
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options,
+                         maximum_concurrent_rpcs=max(budget.max_calls, threads))
     server.add_generic_rpc_handlers((SellerService(seller).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -205,6 +268,23 @@ def start_server(
     server.start()
     security = "insecure" if tls is None else ("mtls" if tls.client_ca else "tls")
     return RunningServer(server, host, bound, security)
+
+
+def _check_security(tls: ServerTLS | None, insecure: bool, server_tls_only: bool) -> None:
+    """Mutual TLS unless one explicit opt-out says otherwise."""
+    if tls is None and not insecure:
+        raise ConfigError("a seller service needs TLS: pass --tls-cert, --tls-key and --tls-client-ca (mutual TLS; "
+                          "'tip-fed tls init DIR' makes the files), or --insecure to serve in plaintext on a "
+                          "trusted network")
+    if tls is not None and insecure:
+        raise ConfigError("--insecure and TLS files were both given; choose one")
+    if tls is not None and tls.client_ca is None and not server_tls_only:
+        raise ConfigError("a seller service requires client certificates by default (mutual TLS): pass "
+                          "--tls-client-ca with the CA that signed your buyers' certificates ('tip-fed tls init "
+                          "DIR' on the buyer's side makes DIR/ca.crt and a client certificate DIR/buyer.crt), or "
+                          "--server-tls-only to accept any client that trusts your certificate")
+    if server_tls_only and (tls is None or tls.client_ca is not None):
+        raise ConfigError("--server-tls-only needs --tls-cert and --tls-key and no --tls-client-ca")
 
 
 def serve_until_signal(running: RunningServer, *, grace_s: float = 5.0,
@@ -237,16 +317,19 @@ def serve(
     port: int = 0,
     tls: ServerTLS | None = None,
     insecure: bool = False,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    server_tls_only: bool = False,
+    max_message_bytes: int | None = None,
     announce: Callable[[RunningServer, Seller], None] | None = None,
 ) -> None:
     """Load a seller's dataset file and serve it until SIGTERM/SIGINT (what ``tip-fed seller serve`` runs).
 
     ``seller_id`` defaults to the file stem, so ``digits-4.safetensors`` serves seller ``digits-4``.
     """
+    _check_security(tls, insecure, server_tls_only)  # before loading the data
     path = Path(data)
     seller = Seller(seller_id or path.stem, load_dataset(path), policy=policy)
-    running = start_server(seller, host=host, port=port, tls=tls, insecure=insecure, max_message_bytes=max_message_bytes)
+    running = start_server(seller, host=host, port=port, tls=tls, insecure=insecure, server_tls_only=server_tls_only,
+                           max_message_bytes=max_message_bytes)
     if announce:
         announce(running, seller)
     serve_until_signal(running, on_stop=lambda why: log.info("%s: stopping seller %s", why, seller.seller_id))

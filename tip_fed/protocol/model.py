@@ -17,6 +17,7 @@ from torch import nn
 
 from tip_fed.core import models
 from tip_fed.errors import FingerprintMismatchError, ModelError, ProtocolError, TipError
+from tip_fed.protocol.resources import read_weights_header
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 
@@ -67,11 +68,13 @@ def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None =
         raise ProtocolError(f"model config is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise ProtocolError("model config must be a JSON object")
+    # Sized from the header alone (float dtypes only, bytes by dtype) before any tensor is loaded.
+    header = read_weights_header(payload.weights)
+    _check_size(payload.architecture, config, header.n_elements)
     try:
         state = st_load(payload.weights)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise ModelError(f"model weights are not valid safetensors: {exc}") from exc
-    _check_size(payload.architecture, config, sum(t.numel() for t in state.values()))
     model = models.build(payload.architecture, config)
     try:
         model.load_state_dict(state, strict=True)

@@ -17,11 +17,11 @@ from torch import nn
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, get_task
-from tip_fed.crypto.keys import load_public_context
+from tip_fed.crypto.keys import PublicContext, load_public_context
 from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.packing import score_rows
-from tip_fed.crypto.params import check_params
-from tip_fed.errors import BudgetExceededError, DataError, ProtocolError, SessionError
+from tip_fed.crypto.params import PackingPlan, check_params
+from tip_fed.errors import DataError, ProtocolError, SessionError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
@@ -29,6 +29,8 @@ from tip_fed.protocol.disclosure import NoisePolicy, gaussian_sigma, offer_noise
 from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
 from tip_fed.protocol.messages import PROTOCOL_VERSION, SELLER_ID, decode_offer, disclosure_name
 from tip_fed.protocol.model import decode_model
+from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, check_cost, cost_offer
+from tip_fed.protocol.sessions import AnsweredSessions, session_key
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 _KEPT_SESSIONS = 64
@@ -46,6 +48,8 @@ class SellerPolicy:
     noise: NoisePolicy = field(default_factory=NoisePolicy)
     # Keep encoded score plaintexts (MiB) for repeated queries over the same gradients; 0 = off.
     encoding_cache_mb: int = 0
+    # What one Offer, and all Offers at once, may cost this seller (checked before allocating).
+    budget: ResourceBudget = field(default_factory=ResourceBudget)
 
 
 class Seller:
@@ -59,9 +63,9 @@ class Seller:
         The private records as a dict of tensors with a shared first (sample) dimension, in the
         format of the buyer's task (e.g. ``{"x": float[n, d], "y": long[n]}``).
     answered:
-        Queries already answered per session id. A runtime that recreates the seller for every
-        message (Flower ClientApps are stateless) passes the same dict each time, so the query
-        budget holds across messages; it is updated in place.
+        Queries already answered per session (see :mod:`tip_fed.protocol.sessions`). A runtime that
+        recreates the seller for every message (Flower ClientApps are stateless) passes the same
+        dict each time, so the query budget holds across messages; it is updated in place.
     """
 
     def __init__(
@@ -79,26 +83,54 @@ class Seller:
         self.n_samples = check_batch(data)
         self._data = dict(data)
         self.policy = policy or SellerPolicy()
-        self._answered: dict[str, int] = answered if answered is not None else {}
+        budget = self.policy.budget
+        self._sessions = AnsweredSessions(answered, capacity=budget.kept_sessions, window_s=budget.session_window_s)
+        self._in_flight = InFlight(budget)
         # Services answer offers on many threads: check-and-spend of the budget must be atomic,
         # or one offer sent N times at once would be answered N times.
         self._lock = threading.Lock()
+        # Costing and validation run concurrently; the scoring itself (shared RNG, encoding
+        # cache) runs one Offer at a time.
+        self._compute_lock = threading.Lock()
+        self._tokens = _tokens_per_sample(self._data)
         self._rng = np.random.default_rng(seed)
         self._committed: dict[str, np.ndarray] = {}
         mb = self.policy.encoding_cache_mb
         self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
 
-    def respond(self, offer_bytes: bytes) -> bytes:
-        """Answer one Offer with a Reply (both as bytes)."""
+    def respond(self, offer_bytes: bytes, *, peer: str | None = None) -> bytes:
+        """Answer one Offer with a Reply (both as bytes).
+
+        ``peer`` is the buyer's authenticated identity as the carrier knows it (a client
+        certificate subject, a network address); the query budget is kept per (session, peer).
+        The Offer is costed against ``policy.budget`` before anything is allocated, and the
+        budget is spent only once the whole Offer has validated.
+        """
         t0 = time.perf_counter()
         offer = decode_offer(offer_bytes)
-        self._spend_budget(offer)
-        disclosure = disclosure_name(offer.disclosure)
+        key = session_key(offer.session_id, peer)
+        limit = min(offer.query_budget, self.policy.max_queries_per_session)
+        with self._lock:
+            self._sessions.check(key, limit, self.seller_id)  # early refusal; spends nothing
         if self.n_samples > offer.max_samples:
             raise ProtocolError(
                 f"seller {self.seller_id} holds {self.n_samples} samples but the offer accepts at most "
                 f"{offer.max_samples}; ask the buyer for a larger max_samples"
             )
+        cost = self.cost(offer, len(offer_bytes))
+        with self._in_flight.reserve(cost.total_bytes):
+            return self._answer(offer, key, limit, t0)
+
+    def cost(self, offer: pb.Offer, message_bytes: int | None = None) -> OfferCost:
+        """What answering ``offer`` would cost this seller; ResourceLimitError if over budget."""
+        budget = self.policy.budget
+        cost = cost_offer(offer, self.n_samples, batch_size=self.policy.batch_size, tokens_per_sample=self._tokens,
+                          budget=budget, message_bytes=message_bytes)
+        check_cost(cost, budget)
+        return cost
+
+    def _answer(self, offer: pb.Offer, key: str, limit: int, t0: float) -> bytes:
+        disclosure = disclosure_name(offer.disclosure)
         params = params_from_pb(offer.he)
         check_params(params)
         plan = plan_from_pb(offer.packing, params)
@@ -117,7 +149,18 @@ class Seller:
             if noise.epsilon is not None
             else 0.0
         )
+        with self._lock:
+            self._sessions.spend(key, limit, self.seller_id)  # the whole Offer validated
+        try:
+            with self._compute_lock:
+                return self._score(offer, context, plan, model, spec, task, per_sample, dp_std, noise, t0, t_ctx)
+        except BaseException:
+            with self._lock:
+                self._sessions.refund(key)  # nothing was answered
+            raise
 
+    def _score(self, offer: pb.Offer, context: PublicContext, plan: PackingPlan, model: nn.Module, spec: ProjectionSpec, task: Task,
+               per_sample: bool, dp_std: float, noise: NoisePolicy, t0: float, t_ctx: float) -> bytes:
         grads = self.projected_gradients(model, spec, task)
         clipped, factors = clip_rows(grads, offer.grad_norm_bound)
         n_clipped = int((factors < 1.0).sum())
@@ -187,16 +230,9 @@ class Seller:
             ):
                 del self._committed[next(iter(self._committed))]
 
-    def _spend_budget(self, offer: pb.Offer) -> None:
-        limit = min(offer.query_budget, self.policy.max_queries_per_session)
-        with self._lock:
-            self._spend_locked(offer, limit)
 
-    def _spend_locked(self, offer: pb.Offer, limit: int) -> None:
-        used = self._answered.get(offer.session_id, 0)
-        if used >= limit:
-            raise BudgetExceededError(
-                f"seller {self.seller_id} already answered {used} quer{'y' if used == 1 else 'ies'} in session "
-                f"{offer.session_id[:8]}…, its budget; start a new session with fresh keys"
-            )
-        self._answered[offer.session_id] = used + 1
+def _tokens_per_sample(data: Batch) -> int:
+    """Positions per record the model sees (token ids: their length; feature rows: 1)."""
+    tokens = [int(np.prod(v.shape[1:])) for v in data.values()
+              if v.ndim >= 2 and not torch.is_floating_point(v) and v.dtype != torch.bool]
+    return max(tokens, default=1)

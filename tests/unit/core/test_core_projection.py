@@ -24,9 +24,9 @@ from tip_fed.core.gradients import projected_grads
 from tip_fed.core.projection import (
     LayerProjection,
     ProjectionSpec,
-    _log,
     projection_matrices,
 )
+from tip_fed.core.projection_matrix import _log
 from tip_fed.errors import ConfigError, DataError, ModelError
 
 VECTOR = Path(__file__).with_name("projection_vector.json")
