@@ -73,15 +73,20 @@ def _start(tmp_path: Path, runtime: str, *extra: str) -> subprocess.Popen:
 def _kill_when(buyer: subprocess.Popen, recorder: Recorder, scoring, tmp_path: Path, budget_s: float = 400) -> None:
     """Record processes until ``scoring(recorder)`` says the sellers work on the Offer, then SIGKILL the buyer."""
     deadline = time.monotonic() + budget_s
-    while not scoring(recorder):
-        code = buyer.poll()
-        assert code is None, f"the buyer ended ({code}) before it was killed: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
-        assert time.monotonic() < deadline, f"the sellers never started scoring; seen: {recorder.names()}"
+    try:
+        while not scoring(recorder):
+            code = buyer.poll()
+            assert code is None, f"the buyer ended ({code}) before it was killed: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"the sellers never started scoring; seen: {recorder.names()}"
+            recorder.scan()
+            time.sleep(0.05)
         recorder.scan()
-        time.sleep(0.05)
-    recorder.scan()
-    os.kill(buyer.pid, signal.SIGKILL)
-    assert buyer.wait(30) == -signal.SIGKILL
+        os.kill(buyer.pid, signal.SIGKILL)
+        assert buyer.wait(30) == -signal.SIGKILL
+    finally:
+        if buyer.poll() is None:
+            buyer.kill()
+            buyer.wait()
 
 
 def _assert_nothing_left(recorder: Recorder, tmp_path: Path) -> None:
@@ -129,12 +134,7 @@ def test_kill_9_of_a_grpc_buyer_leaves_no_seller_process_and_no_key_or_data(tmp_
             return False
         return any(_cpu_s(p) > baseline[p.pid] + 0.3 for p in sellers)
 
-    try:
-        _kill_when(buyer, recorder, scoring, tmp_path)
-    finally:
-        if buyer.poll() is None:
-            buyer.kill()
-            buyer.wait()
+    _kill_when(buyer, recorder, scoring, tmp_path)
     names = recorder.names()
     assert sum("seller serve" in n for n in names) == 4 and any("simulations.reaper" in n for n in names), names
     _assert_nothing_left(recorder, tmp_path)
@@ -148,12 +148,7 @@ def test_kill_9_of_a_flower_deployment_buyer_leaves_no_flower_process_and_no_key
         """A seller's ClientApp process runs (it handles the buyer's messages)."""
         return any("flwr-clientapp" in rec.commands.get(key, "") for key, p in rec.seen.items() if _running(p))
 
-    try:
-        _kill_when(buyer, recorder, scoring, tmp_path)
-    finally:
-        if buyer.poll() is None:
-            buyer.kill()
-            buyer.wait()
+    _kill_when(buyer, recorder, scoring, tmp_path)
     names = " | ".join(recorder.names())
     for program in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
                     "simulations.reaper"):
