@@ -29,7 +29,7 @@ from types import TracebackType
 
 from tip_fed.errors import TipError
 
-from simulations.reaper import TAG, Reaper, launcher, new_token, stop_tagged
+from simulations.reaper import TAG, Reaper, ReaperError, launcher, new_token, stop_tagged
 
 
 class ProcessStartError(TipError):
@@ -159,6 +159,9 @@ class PrivateRun:
         self.root = Path(tempfile.mkdtemp(prefix=self.prefix))
         try:
             self.reaper = Reaper.launch(self.root, grace_s=self.grace_s)
+        except ReaperError as exc:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise ProcessStartError(f"{exc}; without it a killed run would leave keys and processes behind") from exc
         except BaseException:
             shutil.rmtree(self.root, ignore_errors=True)
             raise

@@ -34,13 +34,17 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 TAG = "TIP_FED_RUN"
 PR_SET_PDEATHSIG = 1
+
+
+class ReaperError(RuntimeError):
+    """The reaper process could not be started, so a run would not be cleaned up if it were killed."""
 
 
 def new_token() -> str:
@@ -122,24 +126,31 @@ class Reaper:
     directory: Path
     token: str
     proc: subprocess.Popen[bytes]
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def launch(cls, directory: Path, *, grace_s: float = 3.0) -> Reaper:
+    def launch(cls, directory: Path, *, grace_s: float = 3.0, startup_timeout_s: float = 30.0) -> Reaper:
         """Start a reaper that, when this process dies, stops the tagged processes and deletes ``directory``."""
         token = new_token()
         proc = subprocess.Popen(
             [sys.executable, "-m", "simulations.reaper", "watch", str(directory), own_token(token), str(grace_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, env={k: v for k, v in os.environ.items() if k != TAG},
         )
-        return cls(Path(directory), token, proc)
+        reaper = cls(Path(directory), token, proc)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], startup_timeout_s)
+        line = proc.stdout.readline() if ready else b""
+        proc.stdout.close()
+        if line.strip() != b"watching":
+            reaper.close(5.0)
+            raise ReaperError(f"the reaper process did not start within {startup_timeout_s:g} s (exit code "
+                              f"{proc.returncode}); check that 'python -m simulations.reaper' runs with {sys.executable}")
+        return reaper
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Let the reaper run its sweep now (nothing is left after a normal stop) and wait for it."""
-        with self._lock:
-            if self.proc.stdin and not self.proc.stdin.closed:
-                self.proc.stdin.close()
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -187,6 +198,8 @@ def _watch(directory: Path, token: str, grace_s: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # an explicit stop still cleans up (finally)
     try:
+        os.write(sys.stdout.fileno(), b"watching\n")
+        os.close(sys.stdout.fileno())
         _wait_for_parent_death()
     finally:
         for _ in range(3):
