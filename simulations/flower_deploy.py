@@ -2,22 +2,20 @@
 
 Used by ``runtime=flower-deployment`` (start, value, stop) and by ``tip-fed deploy up/down``
 (start, leave running, stop later from the state file). Every process is a real Flower process
-talking HTTPS on 127.0.0.1; each is stopped by PID, together with the processes Flower spawned
-under it (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``), found through /proc,
-never by name.
+talking HTTPS on 127.0.0.1. Every process carries the deployment's run token (see
+:mod:`simulations.reaper`), and so does everything Flower spawns below it, detached or orphaned
+(``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``): stopping the deployment stops
+exactly the processes carrying its token, never a process found by name.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from tip_fed import tls
 from tip_fed.errors import TipError
 
 from simulations.processes import Child, ProcessGroup, ProcessStartError
+from simulations.reaper import Reaper, stop_tagged
 
 BIN = Path(sys.executable).parent
 CONNECTION = "tip-local"
@@ -66,101 +65,26 @@ def wait_for_port(port: int, child: Child, timeout_s: float = 60.0) -> None:
     raise ProcessStartError(f"{child.name} did not listen on 127.0.0.1:{port} within {timeout_s:g} s:\n{child.tail()}")
 
 
-def descendants(pids: list[int]) -> list[int]:
-    """Every live process below ``pids`` (children, grandchildren, ...), from /proc."""
-    parent_of: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], set(pids)
-    while frontier:
-        frontier = {p for p, parent in parent_of.items() if parent in frontier and p not in found}
-        found.extend(sorted(frontier))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone: it has exited, only its parent has not reaped it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def stop_pids(pids: list[int], grace_s: float = 5.0) -> None:
-    """SIGTERM ``pids`` and their descendants, SIGKILL whatever is still alive after ``grace_s``."""
-    every = list(dict.fromkeys([*pids, *descendants(pids)]))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in every:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace_s
-        while any(alive(p) for p in every) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not any(alive(p) for p in every):
-            return
-
-
-class FlowerProcesses(ProcessGroup):
-    """A ProcessGroup that also stops what Flower spawned below each started process.
-
-    Flower detaches some of its children (``flower-superexec`` starts a new session), and a
-    child outlives a parent that crashed, so descendants are recorded every second while the
-    group runs, not only looked up at the end: an orphan is still stopped by its recorded PID.
-    """
-
-    def __init__(self, log_dir: str | Path, *, grace_s: float = 5.0):
-        super().__init__(log_dir, grace_s=grace_s)
-        self.spawned: set[int] = set()
-        self._done = threading.Event()
-        self._watcher: threading.Thread | None = None
-
-    def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Child:
-        """Start ``argv`` (see ProcessGroup.start) and keep recording what it spawns."""
-        child = super().start(name, argv, env=env)
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="flower-descendants", daemon=True)
-            self._watcher.start()
-        return child
-
-    def _watch(self) -> None:
-        while not self._done.wait(1.0):
-            self.record()
-
-    def record(self) -> None:
-        """Remember every current descendant of the started processes."""
-        self.spawned.update(descendants([c.pid for c in self.children if c.proc.poll() is None]))
-
-    def stop_all(self) -> None:
-        """Stop started processes and every descendant seen, by PID."""
-        self._done.set()
-        self.record()
-        super().stop_all()
-        stop_pids(sorted(p for p in self.spawned if alive(p) and _is_flower(p)), self.grace_s)
-
-
 @dataclass
 class LocalDeployment:
-    """Paths, ports and processes of one loopback deployment rooted at ``root``."""
+    """Paths, ports and processes of one loopback deployment rooted at ``root``.
+
+    With ``reaper`` (a run's deployment in a :class:`~simulations.processes.PrivateRun`) every
+    process dies with this one; without (``tip-fed deploy up``) they keep running until ``down``.
+    """
 
     root: Path
     port: int = 0
     nodes: dict[str, int] = field(default_factory=dict)  # seller name -> Flower node id
+    reaper: Reaper | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
         self.home = self.root / "flwr-home"
         self.certs = self.root / "certs"
         self.keys = self.root / "keys"
-        self.group = FlowerProcesses(self.root / "logs")
-        self.env = flower_env(self.home)
+        self.group = ProcessGroup(self.root / "logs", reaper=self.reaper, die_with_parent=self.reaper is not None)
+        self.env = {**flower_env(self.home), **self.group.child_env()}
         self.port = self.port or free_port()
 
     def prepare(self) -> None:
@@ -233,6 +157,7 @@ class LocalDeployment:
         state = {
             "root": str(self.root), "port": self.port, "connection": CONNECTION, "flwr_home": str(self.home),
             "nodes": self.nodes, "processes": {c.name: c.pid for c in self.group.children},
+            "token": self.group.token,
         }
         path = self.root / STATE_FILE
         path.write_text(json.dumps(state, indent=2) + "\n")
@@ -245,19 +170,11 @@ def down(root: Path, grace_s: float = 5.0) -> list[int]:
     if not path.is_file():
         raise TipError(f"no running deployment under {root}: {path} does not exist")
     state = json.loads(path.read_text())
-    pids = [pid for pid in state["processes"].values() if _is_flower(pid)]
-    stop_pids(pids, grace_s)
+    if not state.get("token"):
+        raise TipError(f"{path} names no run token (written by an older tip-fed); stop the PIDs it lists by hand")
+    pids = stop_tagged(state["token"], grace_s)
     path.unlink()
     return pids
-
-
-def _is_flower(pid: int) -> bool:
-    """True if ``pid`` is still a Flower process (guards against a recycled PID)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"flower-super" in cmdline or b"flwr" in cmdline
 
 
 def up(root: Path, sellers_dir: Path, port: int = 0) -> LocalDeployment:

@@ -34,6 +34,7 @@ from tip_fed.protocol.data import save_dataset
 from simulations.flower_apps import APP_DIR, VALUATION_FILE, partition_loader, run_config_overrides
 from simulations.flower_deploy import LocalDeployment, flower_env
 from simulations.market import Market
+from simulations.processes import PrivateRun
 from simulations.runner import max_samples
 
 WARM_UP_ACTION = "warm_up"
@@ -107,10 +108,12 @@ def exchange_flower_deployment(config: TipConfig, market: Market, buyer: Buyer, 
 
     The ServerApp runs in Flower's own process and rebuilds the buyer from the same config, so
     ``buyer`` here is unused: only the settled valuation comes back, through ``valuation.json``.
+    Keys, seller data and every Flower process live in a :class:`PrivateRun`: gone when this
+    returns, fails, or this process is killed.
     """
-    with tempfile.TemporaryDirectory(prefix="tip-flower-dep-") as tmp:
-        root = Path(tmp)
-        deployment = LocalDeployment(root)
+    with PrivateRun("tip-flower-dep-") as run:
+        root = run.root
+        deployment = LocalDeployment(root, reaper=run.reaper)
         with deployment.group:
             deployment.up(export_market(market, root / "sellers"))
             return run_app(deployment, config, root / "result", stream=progress)

@@ -2,15 +2,19 @@
 
 This is the native gRPC deployment run on one machine: each seller process gets only its own data
 file and listens on 127.0.0.1 on a port it picks itself (reported in its ready line); a throwaway
-CA issues the sellers' server certificate and the buyer's client certificate. The buyer then
-values all sellers concurrently with :func:`tip_fed.grpc.value_sellers`. Every process started here
-is stopped by PID when the exchange ends, also on failure or Ctrl-C.
+CA issues each seller a server certificate naming its seller id, and the buyer a client
+certificate. The buyer values all sellers concurrently with :func:`tip_fed.grpc.value_sellers`,
+binding each seller's id to its certificate (``ClientTLS(bind_seller_id=True)``): a seller that
+answers for another seller's id is refused.
+
+Keys, certificates, seller data and logs live in a :class:`~simulations.processes.PrivateRun`
+(owner-only temporary directory). When the exchange ends, fails, is interrupted with Ctrl-C or
+the buyer is killed outright, every seller process is stopped and the directory deleted.
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from tip_fed.config import TipConfig
@@ -20,7 +24,7 @@ from tip_fed.protocol import Buyer, Valuation
 from tip_fed.tls import CertPaths, create_ca, issue_cert
 
 from simulations.market import Market
-from simulations.processes import ProcessGroup
+from simulations.processes import PrivateRun, ProcessGroup
 
 READY = r"ready on 127\.0\.0\.1:(?P<port>\d+) "
 
@@ -45,15 +49,16 @@ def exchange_grpc(config: TipConfig, market: Market, buyer: Buyer, progress: boo
     from simulations.runner import max_samples, write_seller_files
 
     settings = config.grpc
-    with tempfile.TemporaryDirectory(prefix="tip-fed-grpc-") as tmp, ProcessGroup(Path(tmp) / "logs") as group:
-        root = Path(tmp)
+    with PrivateRun("tip-fed-grpc-") as run, ProcessGroup(run.root / "logs", reaper=run.reaper) as group:
+        root = run.root
         files = write_seller_files(market, root / "data")
         ca = create_ca(root / "tls")
-        server = issue_cert(ca, root / "tls", "seller")
         client = issue_cert(ca, root / "tls", "buyer", client=True)
-        tls = ClientTLS(ca.cert, client.cert, client.key)
+        tls = ClientTLS(ca.cert, client.cert, client.key, bind_seller_id=True)
+        certs = {sid: issue_cert(ca, root / "tls", f"seller-{i}", seller_id=sid) for i, sid in enumerate(files)}
 
-        children = {sid: group.start(sid, seller_command(config, sid, path, server, ca)) for sid, path in files.items()}
+        children = {sid: group.start(sid, seller_command(config, sid, path, certs[sid], ca))
+                    for sid, path in files.items()}
         endpoints = []
         for sid, child in children.items():
             port = group.wait_for(child, READY, settings.startup_timeout_s)["port"]
@@ -67,5 +72,7 @@ def exchange_grpc(config: TipConfig, market: Market, buyer: Buyer, progress: boo
             max_message_bytes=settings.max_message_mb * MiB,
         )
         valuation = buyer.settle(list(replies.values()), expected=list(market.sellers))
-        valuation.manifest["transport"] = {"runtime": "grpc", "security": "mtls", "failures": failures}
+        valuation.manifest["transport"] = {
+            "runtime": "grpc", "security": "mtls", "seller_identity": "certificate", "failures": failures,
+        }
         return valuation

@@ -51,6 +51,10 @@ class SessionError(ProtocolError):
     """A message belongs to another session, replays one, or arrives after settlement."""
 
 
+class SellerIdentityError(ProtocolError):
+    """A reply claims a seller id other than the one its authenticated peer holds."""
+
+
 class BudgetExceededError(ProtocolError):
     """A seller refused a query because the session's query budget is spent."""
 

@@ -3,13 +3,20 @@
 Private keys are written with owner-only permissions (0600) and never logged. Certificates carry
 ``subjectAltName`` entries for the hosts they serve (``127.0.0.1`` and ``localhost`` by default),
 which both grpcio and Flower's HTTPS links require.
+
+A seller's certificate can also carry its **seller id** (:func:`seller_name`, as a DNS name in
+its ``subjectAltName``). A buyer that dials a seller with that name as the TLS target name (see
+``ClientTLS(bind_seller_id=True)``) then knows from the handshake itself that the peer holds a
+key the CA certified for that seller id: a seller cannot answer for another.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +30,7 @@ from tip_fed.errors import ConfigError
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 VALID_DAYS = 365
+_DNS_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -33,12 +41,28 @@ class CertPaths:
     key: Path
 
 
+def seller_name(seller_id: str) -> str:
+    """The DNS name that stands for ``seller_id`` in certificates and as the buyer's TLS target name.
+
+    A seller id that is already a lowercase DNS name (``digits-4``, ``hospital-07``) is used as it
+    is; any other id maps to ``id-<sha256 of the id>`` so that ids differing only in case or in
+    characters DNS does not allow never share a name.
+    """
+    if not seller_id:
+        raise ConfigError("a seller id must not be empty")
+    if len(seller_id) <= 253 and _DNS_NAME.fullmatch(seller_id):
+        return seller_id
+    return "id-" + hashlib.sha256(seller_id.encode()).hexdigest()[:60]
+
+
 def write_secret(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 before any byte is written, so a secret is never world-readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
     finally:
         os.close(fd)
     os.chmod(path, 0o600)
@@ -98,8 +122,15 @@ def issue_cert(
     hosts: Sequence[str] = DEFAULT_HOSTS,
     *,
     client: bool = False,
+    seller_id: str | None = None,
 ) -> CertPaths:
-    """Issue ``<name>.crt``/``<name>.key`` signed by ``ca`` for server (default) or client use."""
+    """Issue ``<name>.crt``/``<name>.key`` signed by ``ca`` for server (default) or client use.
+
+    With ``seller_id`` the server certificate also names that seller: ``DNS:seller_name(seller_id)``
+    among its subject alternative names, the name the buyer verifies.
+    """
+    if client and seller_id is not None:
+        raise ConfigError("a seller id belongs in a seller's server certificate, not in a client certificate")
     if not name or "/" in name:
         raise ConfigError(f"certificate name {name!r} must be a plain file name")
     try:
@@ -122,7 +153,8 @@ def issue_cert(
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
     if not client:
-        builder = builder.add_extension(_san(hosts), critical=False)
+        names = [*hosts, seller_name(seller_id)] if seller_id is not None else list(hosts)
+        builder = builder.add_extension(_san(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
     d = Path(directory)
     paths = CertPaths(d / f"{name}.crt", d / f"{name}.key")

@@ -1,7 +1,8 @@
 """Faults and load on real processes: ``tip-fed seller serve`` services over TLS on 127.0.0.1.
 
-* 3 of 10 sellers are killed (2) or hung (1) mid-round: the other 7 are valued within the
-  per-call timeout and the 3 are named as missing.
+* 3 of 10 sellers are killed (2) or hung (1) mid-round: the other 7 are valued, the round ends
+  while the hung seller is still frozen (the per-call deadline, not the seller, ends its call) and
+  the 3 are named as missing.
 * one seller service answers 20 concurrent buyer sessions without error, with bounded memory.
 
 Every process a test starts is stopped by PID (ProcessGroup), also when the test fails.
@@ -12,10 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 from simulations.processes import ProcessGroup
@@ -87,14 +88,18 @@ def test_three_of_ten_sellers_killed_or_hung_mid_round(tmp_path):
 
         buyer = make_buyer(market, config)
         offer = buyer.offer(max_samples=20)
-        t0 = time.monotonic()
         replies, failures = value_sellers(endpoints, offer, tls=tls, timeout_s=timeout_s, retries=0,
                                           before_call=sabotage)
-        elapsed = time.monotonic() - t0
+        # the round ended while the hung seller was still frozen: it never waited for it to come back
+        hung_states = {sid: psutil.Process(children[sid].pid).status() for sid in hung}
         valuation = buyer.settle(list(replies.values()), expected=list(files))
         for sid in hung:
             os.kill(children[sid].pid, signal.SIGKILL)  # a stopped process ignores SIGTERM
-    assert elapsed < timeout_s + 15, f"the round took {elapsed:.1f} s with a {timeout_s} s per-call timeout"
+        killed_codes = {sid: children[sid].proc.wait(10) for sid in killed}
+    assert hung_states == {sid: psutil.STATUS_STOPPED for sid in hung}
+    assert killed_codes == {sid: -signal.SIGKILL for sid in killed}
+    for s in killed:  # a dead seller is reported unreachable, not slow
+        assert "UNAVAILABLE" in failures[s], failures[s]
     assert sorted(valuation.missing) == sorted(killed | hung)
     assert sorted(failures) == sorted(killed | hung)
     # frozen mid-call: the deadline expires; frozen during the TLS handshake: no connection

@@ -17,8 +17,9 @@ import pytest
 
 from tip_fed.config import load_config
 
-from simulations.flower_deploy import CONNECTION, LocalDeployment, alive, descendants, stop_pids
+from simulations.flower_deploy import CONNECTION, LocalDeployment
 from simulations.flower_runtime import exchange_flower_simulation, export_market, run_app
+from simulations.reaper import descendants, running, stop_tagged, tagged
 from simulations.runner import build_market, exchange_inprocess, make_buyer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -77,7 +78,7 @@ def test_flower_deployment_with_tls_and_node_auth_matches_inprocess(scenario, tm
         listed = deployment.flwr("supernode", "list", CONNECTION)
         intruder_code = intruder.proc.wait(timeout=60)
         started = [c.pid for c in deployment.group.children]
-        started += descendants([c.pid for c in deployment.group.children if c.proc.poll() is None])
+        started += [p.pid for c in deployment.group.children for p in descendants(c.pid)]
     # Assert: same valuations and ranking as in-process; the unregistered SuperNode was refused
     _assert_same_valuation(valuation, ref)
     log = intruder.log.read_text(errors="replace")
@@ -85,7 +86,7 @@ def test_flower_deployment_with_tls_and_node_auth_matches_inprocess(scenario, tm
     assert all(str(node_id) in listed for node_id in deployment.nodes.values())
     assert len(deployment.nodes) == 3
     # every process the test started (and what Flower spawned below them) is gone
-    assert [pid for pid in started if alive(pid)] == []
+    assert running(started) == [] and tagged(deployment.group.token) == []
 
 
 def test_deploy_up_and_down_cli_stop_exactly_what_they_started(scenario, tmp_path):
@@ -103,14 +104,15 @@ def test_deploy_up_and_down_cli_stop_exactly_what_they_started(scenario, tmp_pat
     try:
         assert upped.returncode == 0, upped.stderr
         assert sorted(state["processes"]) == ["superlink", "supernode-digits-4"]
-        assert all(alive(p) for p in pids)
-        spawned = descendants(pids)
+        assert running(pids) == pids
+        spawned = [p.pid for pid in pids for p in descendants(pid)]
         downed = subprocess.run([str(cli), "deploy", "down", str(root)], capture_output=True, text=True, timeout=120)
     finally:
-        stop_pids(pids)  # only if the assertions above failed before 'down' ran
+        if state.get("token"):
+            stop_tagged(state["token"], 5.0)  # only if the assertions above failed before 'down' ran
     # Assert: down stopped those PIDs and what Flower spawned under them; the state file is gone
     assert downed.returncode == 0, downed.stderr
-    assert [p for p in pids + spawned if alive(p)] == []
+    assert running(pids + spawned) == [] and tagged(state["token"]) == []
     assert not (root / "deployment.json").exists()
     assert "ca.crt" in {p.name for p in (root / "certs").iterdir()}
     assert oct((root / "keys" / "digits-4").stat().st_mode & 0o777) == "0o600"

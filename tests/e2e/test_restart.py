@@ -74,14 +74,16 @@ def test_killed_and_restarted_buyer_run_matches_a_clean_run(tmp_path):
     out = tmp_path / "restarted"
     first = _simulate(out)
     # kill it while it is writing results: as soon as the first results file appears
-    deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and not any(out.glob("*.csv")):
-        time.sleep(0.02)
-    if first.poll() is None:
-        os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
-    if out.is_dir():
-        _no_partial_files(out)
+    deadline = time.monotonic() + 300
+    while first.poll() is None and not any(out.glob("*.csv")):
+        assert time.monotonic() < deadline, "no results file appeared"
+        time.sleep(0.005)
+    assert first.poll() is None, "the run finished before it could be killed, so nothing was tested"
+    os.killpg(first.pid, signal.SIGKILL)
+    assert first.wait(timeout=60) == -signal.SIGKILL, "the run was not killed mid-write"
+    written = {p.name for p in out.iterdir()}
+    assert "metrics.json" not in written or "report.md" not in written, f"the run had finished writing: {written}"
+    _no_partial_files(out)
     again = _simulate(out)
     assert again.wait(timeout=600) == 0, again.stderr.read()
     _no_partial_files(out)

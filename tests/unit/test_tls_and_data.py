@@ -6,9 +6,9 @@ import subprocess
 import pytest
 import torch
 
-from tip_fed.errors import DataError
+from tip_fed.errors import ConfigError, DataError
 from tip_fed.protocol.data import load_dataset, save_dataset
-from tip_fed.tls import create_ca, create_node_key, issue_cert
+from tip_fed.tls import create_ca, create_node_key, issue_cert, seller_name, write_secret
 
 
 def _mode(path):
@@ -26,6 +26,24 @@ def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path):
     assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text
     for key in (ca.key, server.key, client.key):
         assert _mode(key) == 0o600
+
+
+def test_a_seller_certificate_names_its_seller_id(tmp_path):
+    ca = create_ca(tmp_path)
+    cert = issue_cert(ca, tmp_path, "seller-0", seller_id="Clinic A")
+    text = subprocess.run(["openssl", "x509", "-in", str(cert.cert), "-noout", "-text"], capture_output=True, text=True).stdout
+    assert f"DNS:{seller_name('Clinic A')}" in text and "IP Address:127.0.0.1" in text
+    plain = subprocess.run(["openssl", "x509", "-in", str(issue_cert(ca, tmp_path, "s").cert), "-noout", "-text"],
+                           capture_output=True, text=True).stdout
+    assert seller_name("Clinic A") not in plain
+    with pytest.raises(ConfigError, match="client certificate"):
+        issue_cert(ca, tmp_path, "buyer", client=True, seller_id="Clinic A")
+
+
+def test_secrets_are_written_whole_and_owner_only(tmp_path):
+    data = bytes(range(256)) * 40000  # 10 MB: more than one write() may take
+    write_secret(tmp_path / "k" / "big.key", data)
+    assert (tmp_path / "k" / "big.key").read_bytes() == data and _mode(tmp_path / "k" / "big.key") == 0o600
 
 
 def test_node_keys_are_openssh_ecdsa(tmp_path):

@@ -96,22 +96,14 @@ def _vm_rss_kb(pid: int) -> int:
 
 def tree_rss_mb(root: int) -> float:
     """Summed VmRSS of ``root`` and all its descendants (Ray workers included)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += _vm_rss_kb(pid)
-        todo.extend(children.get(pid, []))
-    return total / 1024
+    import psutil
+
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    return sum(_vm_rss_kb(p.pid) for p in procs) / 1024
 
 
 def machine() -> dict[str, Any]:

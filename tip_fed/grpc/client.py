@@ -6,6 +6,13 @@ got and, for every other seller, a one-line reason. Each call has a deadline. On
 (the seller could not be reached, or went away) is retried, with exponential backoff: a seller that
 was slow past the deadline or refused the Offer has spent that session's query budget and would
 refuse a second copy, so retrying it only delays the round.
+
+Seller identity comes from the authenticated peer, not from what a reply says. With
+``ClientTLS(bind_seller_id=True)`` the buyer dials each seller with the seller's id as the TLS
+target name (:func:`tip_fed.tls.seller_name`), so the handshake succeeds only with a peer holding a
+certificate the CA issued for that seller id; and any Reply (or Health answer) whose seller id
+is not the one dialed is refused with :class:`~tip_fed.errors.SellerIdentityError`, whatever the
+transport security.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from tip_fed.errors import ConfigError, ProtocolError, SellerUnavailableError
+from tip_fed.errors import ConfigError, ProtocolError, SellerIdentityError, SellerUnavailableError, TipError
 from tip_fed.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
+from tip_fed.tls import seller_name
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -41,11 +49,21 @@ class SellerEndpoint:
 @dataclass(frozen=True)
 class ClientTLS:
     """PEM files for the buyer: the CA that signed the sellers' certificates, and a client
-    certificate and key when sellers require mutual TLS."""
+    certificate and key when sellers require mutual TLS.
+
+    ``bind_seller_id=True`` accepts a seller only if its certificate names the seller id the
+    buyer expects at that endpoint (``tip_fed.tls.issue_cert(..., seller_id=...)``); without it
+    any certificate from the CA valid for the address is accepted.
+    """
 
     root_ca: str | Path
     cert: str | Path | None = None
     key: str | Path | None = None
+    bind_seller_id: bool = False
+
+    def target_name(self, endpoint: SellerEndpoint) -> str | None:
+        """The name the seller's certificate must carry: its seller id when bound, else the address's host."""
+        return seller_name(endpoint.name) if self.bind_seller_id else None
 
     def credentials(self) -> grpc.ChannelCredentials:
         """grpcio channel credentials; ConfigError naming a file that cannot be read."""
@@ -66,16 +84,43 @@ def _read(path: str | Path) -> bytes:
 
 
 def open_channel(
-    address: str, *, tls: ClientTLS | None, insecure: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    address: str,
+    *,
+    tls: ClientTLS | None,
+    insecure: bool = False,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    target_name: str | None = None,
 ) -> grpc.Channel:
-    """A channel to one seller: TLS unless ``insecure=True`` is passed explicitly."""
+    """A channel to one seller: TLS unless ``insecure=True`` is passed explicitly.
+
+    ``target_name`` replaces the address's host as the name the server certificate must carry.
+    """
     if tls is None and not insecure:
         raise ConfigError("connecting to sellers needs TLS: pass tls=ClientTLS(root_ca=...) "
                           "or insecure=True for plaintext on a trusted network")
-    options = channel_options(max_message_bytes)
+    options: list[tuple[str, int | str]] = [*channel_options(max_message_bytes)]
     if tls is None:
         return grpc.insecure_channel(address, options=options)
+    if target_name:
+        options.append(("grpc.ssl_target_name_override", target_name))
     return grpc.secure_channel(address, tls.credentials(), options=options)
+
+
+def _channel(endpoint: SellerEndpoint, tls: ClientTLS | None, insecure: bool,
+             max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """A channel to ``endpoint`` that authenticates the seller id when ``tls`` binds it."""
+    return open_channel(endpoint.address, tls=tls, insecure=insecure, max_message_bytes=max_message_bytes,
+                        target_name=tls.target_name(endpoint) if tls else None)
+
+
+def check_identity(endpoint: SellerEndpoint, claimed: str) -> None:
+    """SellerIdentityError unless the seller at ``endpoint`` speaks for the seller id it was dialed as."""
+    if claimed != endpoint.name:
+        raise SellerIdentityError(
+            f"the seller dialed as {endpoint.name!r} at {endpoint.address} answered as {claimed[:64]!r}; "
+            "its answer is refused (a seller answers only for its own id; check the endpoint list and "
+            "that each seller's certificate names its own id)"
+        )
 
 
 def describe(err: grpc.RpcError) -> str:
@@ -89,7 +134,7 @@ def health(
     endpoint: SellerEndpoint, *, tls: ClientTLS | None, insecure: bool = False, timeout_s: float = 5.0
 ) -> pb.HealthResponse:
     """One Health call; SellerUnavailableError with the reason if it fails."""
-    with open_channel(endpoint.address, tls=tls, insecure=insecure) as channel:
+    with _channel(endpoint, tls, insecure) as channel:
         call = channel.unary_unary(
             f"/{SERVICE_NAME}/Health",
             request_serializer=pb.HealthRequest.SerializeToString,
@@ -114,10 +159,7 @@ def wait_until_healthy(
                 raise SellerUnavailableError(f"{exc}; not healthy after {timeout_s:g} s") from exc
             time.sleep(0.2)
             continue
-        if reply.seller_id != endpoint.name:
-            raise SellerUnavailableError(
-                f"the service at {endpoint.address} is seller {reply.seller_id!r}, not {endpoint.name!r}; check the address"
-            )
+        check_identity(endpoint, reply.seller_id)
         return reply
 
 
@@ -138,7 +180,8 @@ def value_sellers(
     ``replies`` holds Reply bytes for :meth:`tip_fed.protocol.Buyer.settle`; ``failures`` one reason
     per seller that gave none (unreachable, deadline of ``timeout_s`` per call exceeded, refused).
     ``before_call`` runs in the worker thread just before each endpoint's first attempt (progress
-    reporting, fault injection in tests).
+    reporting, fault injection in tests). A reply whose seller id is not the endpoint's name is
+    refused (a failure, never a reply).
     """
     names = [e.name for e in endpoints]
     if len(set(names)) != len(names):
@@ -153,8 +196,7 @@ def value_sellers(
         raise ProtocolError(
             f"the offer to send is not a valid tip.v1 Offer: {exc}; pass the bytes of Buyer.offer()"
         ) from exc
-    channels = {e.name: open_channel(e.address, tls=tls, insecure=insecure, max_message_bytes=max_message_bytes)
-                for e in endpoints}
+    channels = {e.name: _channel(e, tls, insecure, max_message_bytes) for e in endpoints}
 
     def one(endpoint: SellerEndpoint) -> bytes:
         call = channels[endpoint.name].unary_unary(f"/{SERVICE_NAME}/Value")
@@ -162,8 +204,9 @@ def value_sellers(
             before_call(endpoint)
         for attempt in range(retries + 1):
             try:
-                raw = call(request, timeout=timeout_s)
-                return pb.ValueResponse.FromString(raw).reply.SerializeToString()
+                reply = pb.ValueResponse.FromString(call(request, timeout=timeout_s)).reply
+                check_identity(endpoint, reply.seller_id)
+                return reply.SerializeToString()
             except DecodeError as exc:
                 raise SellerUnavailableError(f"{endpoint.address} sent a malformed ValueResponse: {exc}") from exc
             except grpc.RpcError as exc:
@@ -183,7 +226,7 @@ def value_sellers(
             name = jobs[job].name
             try:
                 replies[name] = job.result()
-            except SellerUnavailableError as exc:
+            except TipError as exc:  # unreachable, refused, or answering for another seller
                 failures[name] = str(exc)
     finally:
         # Closing first cancels calls still in flight, so Ctrl-C does not wait out their deadlines.

@@ -1,0 +1,121 @@
+"""gRPC seller identity comes from the authenticated peer, not from what the reply says.
+
+Real grpcio servers on 127.0.0.1 wrap real protocol Sellers; each honest seller's certificate
+names its seller id. The attacker is a seller of the same market (it holds a certificate from
+the same CA, for its own id) or a stranger with a CA-signed certificate for no seller at all: it
+answers at an endpoint the buyer dials as ``digits-4``, or answers as ``digits-4`` where the buyer
+dialed another seller. Every such answer is refused and never counted; the honest sellers of the
+same round are valued.
+"""
+
+import pytest
+import torch
+
+from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
+from tip_fed.core.models import MLP
+from tip_fed.core.tasks import get_task
+from tip_fed.errors import SellerIdentityError, TipError
+from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
+from tip_fed.protocol import Buyer, BuyerSettings, Seller
+from tip_fed.tls import create_ca, issue_cert, seller_name
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+TASK = get_task("classification")
+
+
+def _data(n, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g) + shift
+    return {"x": x, "y": (x[:, 0] > shift).long()}
+
+
+def _buyer():
+    torch.manual_seed(0)
+    settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
+                             protocol=ProtocolConfig(disclosure="aggregate"))
+    return Buyer(MLP([10, 8, 2]).eval(), TASK, objective=_data(20, 2, 0.5), train=_data(40, 3), settings=settings)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ca = create_ca(d)
+    return {
+        "ca": ca,
+        "client": issue_cert(ca, d, "buyer", client=True),
+        "digits-1": issue_cert(ca, d, "seller-1", seller_id="digits-1"),
+        "digits-4": issue_cert(ca, d, "seller-4", seller_id="digits-4"),
+        "anonymous": issue_cert(ca, d, "anonymous"),  # valid for 127.0.0.1, names no seller
+    }
+
+
+def _server(seller, cert):
+    return start_server(seller, tls=ServerTLS(cert.cert, cert.key))
+
+
+def _tls(pki, bind=True):
+    return ClientTLS(pki["ca"].cert, pki["client"].cert, pki["client"].key, bind_seller_id=bind)
+
+
+def test_a_seller_answering_for_another_sellers_id_is_refused(pki):
+    # Prepare: honest digits-1; the rogue holds digits-1's certificate (a market member's own key)
+    # but its service answers as digits-4; the genuine digits-4 also runs
+    honest = _server(Seller("digits-1", _data(8, 5)), pki["digits-1"])
+    rogue = _server(Seller("digits-4", _data(8, 6, 1.0)), pki["digits-1"])
+    genuine = _server(Seller("digits-4", _data(8, 7)), pki["digits-4"])
+    tls = _tls(pki)
+    try:
+        buyer = _buyer()
+        offer = buyer.offer(max_samples=20)
+        # Execute: the buyer's list says digits-1 at the honest address, digits-4 at the rogue's
+        # (the rogue's own certificate is for digits-1, so it cannot pass the handshake as digits-4)
+        replies, failures = value_sellers(
+            [SellerEndpoint("digits-1", honest.address), SellerEndpoint("digits-4", rogue.address)],
+            offer, tls=tls, timeout_s=30, retries=0)
+        # the rogue dialed as digits-1 (its certificate's id): handshake passes, its reply claims digits-4
+        offer2 = buyer.offer(max_samples=20)
+        replies2, failures2 = value_sellers(
+            [SellerEndpoint("digits-1", rogue.address), SellerEndpoint("digits-4", genuine.address)],
+            offer2, tls=tls, timeout_s=30, retries=0)
+        with pytest.raises(SellerIdentityError, match="answered as 'digits-4'"):
+            wait_until_healthy(SellerEndpoint("digits-1", rogue.address), tls=tls, timeout_s=10)
+    finally:
+        for s in (honest, rogue, genuine):
+            s.stop(0)
+    # Assert: the handshake refused the rogue at digits-4's endpoint; digits-1 was valued
+    assert list(replies) == ["digits-1"] and list(failures) == ["digits-4"]
+    assert "UNAVAILABLE" in failures["digits-4"]
+    first = pb.Offer.FromString(offer).session_id
+    valuation = buyer.settle(list(replies.values()), session_id=first, expected=["digits-1", "digits-4"])
+    assert [v.seller_id for v in valuation.sellers] == ["digits-1"] and valuation.missing == ["digits-4"]
+    # a reply claiming another id is refused, not counted; the genuine digits-4 is valued
+    assert list(replies2) == ["digits-4"] and list(failures2) == ["digits-1"]
+    assert "answered as 'digits-4'" in failures2["digits-1"]
+    second = pb.Offer.FromString(offer2).session_id
+    valuation2 = buyer.settle(list(replies2.values()), session_id=second, expected=["digits-1", "digits-4"])
+    assert [v.seller_id for v in valuation2.sellers] == ["digits-4"] and valuation2.rejected == {}
+
+
+def test_a_certificate_that_names_no_seller_is_refused_when_ids_are_bound(pki):
+    # Prepare: a stranger with a CA-signed certificate for the address only, answering as digits-4
+    stranger = _server(Seller("digits-4", _data(8, 6)), pki["anonymous"])
+    endpoint = SellerEndpoint("digits-4", stranger.address)
+    try:
+        offer = _buyer().offer(max_samples=20)
+        # Execute: bound (the runtime's default) and unbound (address-only TLS)
+        bound = value_sellers([endpoint], offer, tls=_tls(pki), timeout_s=30, retries=0)
+        unbound = value_sellers([endpoint], offer, tls=_tls(pki, bind=False), timeout_s=30, retries=0)
+        with pytest.raises(TipError, match="UNAVAILABLE"):
+            wait_until_healthy(endpoint, tls=_tls(pki), timeout_s=1)
+    finally:
+        stranger.stop(0)
+    # Assert: bound, no reply; unbound TLS checks only the address, which the stranger's certificate covers
+    assert bound[0] == {} and "UNAVAILABLE" in bound[1]["digits-4"]
+    assert list(unbound[0]) == ["digits-4"]
+
+
+def test_seller_names_are_dns_names_and_never_collide():
+    assert seller_name("digits-4") == "digits-4" and seller_name("hospital-07") == "hospital-07"
+    odd = [seller_name(s) for s in ("Digits-4", "digits_4", "digits 4", "é")]
+    assert len(set(odd)) == 4 and all(n.startswith("id-") and len(n) <= 63 for n in odd)
+    assert "digits-4" not in odd
