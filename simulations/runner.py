@@ -176,13 +176,14 @@ EXCHANGES: dict[str, Exchange] = {
 }
 
 
-def export_sellers(config: TipConfig, out_dir: str | Path) -> list[Path]:
-    """Write every seller's private data of the scenario to ``out_dir/<seller_id>.safetensors``.
+def export_sellers(config: TipConfig, out_dir: str | Path, replicate: int = 0) -> list[Path]:
+    """Write every seller's private data of the scenario (its ``replicate``-th market, for a replicated
+    one) to ``out_dir/<seller_id>.safetensors``.
 
     This is how a simulated market is turned into separate seller processes (gRPC services or
-    Flower SuperNodes), each given only its own file.
+    Flower SuperNodes), each given only its own file; the buyer must be told the same replicate.
     """
-    return list(write_seller_files(build_market(config), out_dir).values())
+    return list(write_seller_files(build_market(config, replicate), out_dir).values())
 
 
 def write_seller_files(market: Market, out_dir: str | Path) -> dict[str, Path]:

@@ -117,3 +117,14 @@ def test_dp_noised_run_is_held_to_its_noise_not_to_ckks(tmp_path):
     seeds = json.loads((tmp_path / "replicates" / "rep-000" / "manifest.json").read_text())["seeds"]
     assert seeds == {"config": 5, "replicate": 0, "projection": projection_seed(5, 0)}
     assert np.isfinite(fid["pearson"])
+
+
+def test_export_sellers_writes_the_replicate_asked_for(config, markets, tmp_path, capsys):
+    from tip_fed.cli import main
+
+    args = ["export-sellers", str(HEALTHCARE), *(x for s in TINY for x in ("--set", s))]
+    assert main([*args, "--out", str(tmp_path / "r1"), "--replicate", "1"]) == 0
+    assert sorted(p.stem for p in (tmp_path / "r1").glob("*.safetensors")) == sorted(markets[1].sellers)
+    assert sorted(markets[1].sellers) != sorted(markets[0].sellers)
+    assert main([*args, "--out", str(tmp_path / "r2"), "--replicate", "2"]) == 2
+    assert "replicate 2 does not exist" in capsys.readouterr().err
