@@ -1,14 +1,16 @@
 """Scenario-bound Flower apps, the components ``flwr run .`` loads (see ``[tool.flwr.app]``).
 
-The ServerApp (buyer) rebuilds the scenario's market and buyer from the run config and writes
-``valuation.json`` into ``out-dir``. The ClientApp (seller) finds its private data by
+The ServerApp (buyer) rebuilds the scenario's market and buyer from the run config (the
+``replicate`` key says which of a replicated scenario's markets) and writes ``valuation.json``
+into ``out-dir``. The ClientApp (seller) finds its private data by
 ``--node-config data-path=...`` (deployment: one SuperNode per seller file); in a simulation, by
 its ``partition-id``, in ``data-dir`` (files from ``tip-fed export-sellers``) or, when that is
-empty, in the scenario rebuilt locally.
+empty, in the run config's replicate of the scenario rebuilt locally.
 
 Run config (every key has a default, since ``run_simulation`` passes an empty one):
 ``config`` (TOML path, relative to the app directory; "" = built-in defaults), ``set``
-(``key=value`` overrides separated by ``;``, as ``tip-fed simulate --set``), ``out-dir``, ``data-dir``.
+(``key=value`` overrides separated by ``;``, as ``tip-fed simulate --set``), ``replicate`` (which
+market of a replicated scenario, 0 for a single-market one), ``out-dir``, ``data-dir``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from simulations.market import Market
 from simulations.runner import build_market, make_buyer, max_samples
 
 APP_DIR = Path(__file__).resolve().parents[1]
-DEFAULTS = {"config": "configs/causal.toml", "set": "", "out-dir": "out/flower", "data-dir": ""}
+DEFAULTS = {"config": "configs/causal.toml", "set": "", "replicate": 0, "out-dir": "out/flower", "data-dir": ""}
 VALUATION_FILE = "valuation.json"
 
 
@@ -64,10 +66,18 @@ def _load(path: str, overrides: tuple[str, ...]) -> TipConfig:
     return load_config(full, overrides)
 
 
+def replicate_from_context(context: Context) -> int:
+    """The run config's ``replicate``: which market of a replicated scenario this run values."""
+    value = context.run_config.get("replicate", DEFAULTS["replicate"])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"run config 'replicate' must be an integer >= 0, got {value!r}")
+    return value
+
+
 @functools.lru_cache(maxsize=2)
-def _market(config: TipConfig) -> Market:
-    """One market per process and config: simulated ClientApps share a worker process."""
-    return build_market(config)
+def _market(config: TipConfig, replicate: int) -> Market:
+    """One market per process, config and replicate: simulated ClientApps share a worker process."""
+    return build_market(config, replicate)
 
 
 def _show_logs() -> None:
@@ -83,7 +93,7 @@ def _show_logs() -> None:
 def _session(context: Context) -> Session:
     _show_logs()
     config = config_from_context(context)
-    market = _market(config)
+    market = _market(config, replicate_from_context(context))
     return Session(make_buyer(market, config), max_samples(market), list(market.sellers), config.flower)
 
 
@@ -112,7 +122,7 @@ def partition_loader(data_dir: str | Path | None) -> SellerLoader:
             if index >= len(files):
                 raise ConfigError(f"partition {index} has no seller file: {directory} holds {len(files)}")
             return Seller(files[index].stem, load_dataset(files[index]), answered=answered)
-        sellers = _market(config_from_context(context)).sellers
+        sellers = _market(config_from_context(context), replicate_from_context(context)).sellers
         if index >= len(sellers):
             raise ConfigError(f"partition {index} has no seller: the scenario has {len(sellers)} sellers")
         seller_id = list(sellers)[index]

@@ -106,24 +106,27 @@ def exchange_flower_simulation(config: TipConfig, market: Market, buyer: Buyer, 
 def exchange_flower_deployment(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
     """One session over a real loopback deployment (TLS, SuperNode auth), driven by ``flwr run``.
 
-    The ServerApp runs in Flower's own process and rebuilds the buyer from the same config, so
-    ``buyer`` here is unused: only the settled valuation comes back, through ``valuation.json``.
-    Keys, seller data and every Flower process live in a :class:`PrivateRun`: gone when this
-    returns, fails, or this process is killed.
+    The ServerApp runs in Flower's own process and rebuilds the buyer from the same config and
+    the market's replicate index, so ``buyer`` here is unused: only the settled valuation comes
+    back, through ``valuation.json``. Keys, seller data and every Flower process live in a
+    :class:`PrivateRun`: gone when this returns, fails, or this process is killed.
     """
     with PrivateRun("tip-flower-dep-") as run:
         root = run.root
         deployment = LocalDeployment(root, reaper=run.reaper)
         with deployment.group:
             deployment.up(export_market(market, root / "sellers"))
-            return run_app(deployment, config, root / "result", stream=progress)
+            return run_app(deployment, config, root / "result", replicate=market.replicate or 0, stream=progress)
 
 
-def run_app(deployment: LocalDeployment, config: TipConfig, out_dir: Path, *, stream: bool = False) -> Valuation:
-    """``flwr run`` the scenario app on ``deployment`` and return the buyer's valuation."""
+def run_app(
+    deployment: LocalDeployment, config: TipConfig, out_dir: Path, *, replicate: int = 0, stream: bool = False
+) -> Valuation:
+    """``flwr run`` the scenario app on ``deployment`` for market ``replicate`` and return the buyer's valuation."""
     run_config = deployment.root / "run-config.toml"
     overrides = ";".join(run_config_overrides(config))
-    run_config.write_text(f"config = \"\"\nset = {json.dumps(overrides)}\nout-dir = {json.dumps(str(out_dir))}\n")
+    run_config.write_text(f"config = \"\"\nset = {json.dumps(overrides)}\nreplicate = {int(replicate)}\n"
+                          f"out-dir = {json.dumps(str(out_dir))}\n")
     timeout = config.flower.node_wait_s + config.flower.timeout_s * (1 + len(deployment.nodes) // config.flower.wave_size) + 300
     output = deployment.flwr("run", str(APP_DIR), "tip-local", "--stream", "--run-config", str(run_config),
                              timeout_s=timeout, cwd=APP_DIR)

@@ -203,5 +203,6 @@ def build(config: TipConfig) -> list[Market]:
                 "objective_site": objective.name,
                 "sites": {s.name: s.info for s in [train, objective, *sellers]},
             },
+            replicate=r,
         ))
     return markets

@@ -166,4 +166,5 @@ def build(config: TipConfig) -> list[Market]:
         info={"replicate": 0, "model": c.model, "vocab_size": vocab, "block_len": L,
               "text": "pydoc_data.topics (Python language reference) + sklearn/datasets/descr/*.rst",
               "train_topics": train_t, "objective_topics": obj_t, "seller_kinds": kinds},
+        replicate=0,
     )]

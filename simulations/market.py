@@ -13,7 +13,12 @@ from tip_fed.protocol.data import Batch
 
 @dataclass
 class Market:
-    """A buyer (model, task, training and objective data) and sellers (id -> private data)."""
+    """A buyer (model, task, training and objective data) and sellers (id -> private data).
+
+    ``replicate`` is the market's index among its scenario's replicates (None for a scenario that
+    builds one market): every party that rebuilds the market needs it to rebuild the same one,
+    and the buyer's projection seed is drawn from it.
+    """
 
     name: str
     model: nn.Module
@@ -23,3 +28,4 @@ class Market:
     sellers: dict[str, Batch]
     expected_best: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    replicate: int | None = None

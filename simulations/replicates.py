@@ -25,8 +25,11 @@ from tip_fed.market.market_report import render_market_report
 from tip_fed.market.results import read_csv, read_json, write_csv, write_json
 from tip_fed.protocol.data import iter_batches
 
+from simulations.fidelity import check_session
 from simulations.market import Market
-from simulations.runner import EXCHANGES, RunResult, _versions, make_buyer, plaintext_reference, write_run
+from simulations.runner import (
+    EXCHANGES, RunResult, _versions, make_buyer, plaintext_reference, projection_seed, write_run,
+)
 
 METHODS = ("tip", *baselines.METHODS)
 SCORE_COLUMNS = ("replicate", "seller_id", "n_samples", "tip", "tip_plaintext", *baselines.METHODS, "benefit")
@@ -61,6 +64,7 @@ def value_replicate(
     valuation = EXCHANGES[config.runtime](config, market, buyer, progress)
     ids = [v.seller_id for v in valuation.sellers]
     plain = {s: plaintext_reference(buyer, market, s) for s in ids}
+    tolerance = check_session(buyer, valuation, plain)  # before the costly ground truth
     obj = _grads(market, buyer, market.objective)
     base = baselines.score_all({s: _grads(market, buyer, market.sellers[s]) for s in ids}, obj,
                                {s: market.sellers[s] for s in ids}, market.objective, seed=config.seed * 7919 + rep)
@@ -69,7 +73,8 @@ def value_replicate(
                                  epochs=gt.epochs, batch_size=gt.batch_size, seed=seed, layers=gt.layers) for s in ids}
     utility = coalition_utility(market.model, market.task, {s: market.sellers[s] for s in ids}, market.objective,
                                 lr=gt.lr, epochs=gt.epochs, batch_size=gt.batch_size, seed=seed, layers=gt.layers)
-    write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, utility=utility, render=False)
+    write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, utility=utility,
+              tolerance=tolerance, render=False)
     by_id = valuation.by_id()
     deciles = decile_check({s: by_id[s].total for s in ids}, utility)
     return [
@@ -186,6 +191,7 @@ def run_replicated(config: TipConfig, markets: list[Market], out: Path, *, progr
     write_json(out / "manifest.json", {
         "scenario": markets[0].name, "config": config.to_dict(), "replicated": True,
         "replicates": [mk.info for mk in markets], "versions": _versions(),
+        "projection_seeds": [projection_seed(config.seed, mk.replicate) for mk in markets],
     })
     write_json(out / "metrics.json", m)
     render_market_report(out)

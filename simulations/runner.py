@@ -35,6 +35,7 @@ from tip_fed.protocol import Buyer, BuyerSettings, Seller, Valuation
 from tip_fed.protocol.data import check_batch, iter_batches, save_dataset
 
 from simulations import causal, healthcare, llm_corpus
+from simulations.fidelity import check_session
 from simulations.market import Market
 
 # A builder returns one Market, or a list of Markets (one per replicate, each valued in its own session).
@@ -64,10 +65,29 @@ def build_markets(config: TipConfig) -> Market | list[Market]:
     return builder(config)
 
 
-def build_market(config: TipConfig) -> Market:
-    """Build the configured scenario's market (the first replicate's, for replicated scenarios)."""
+def build_market(config: TipConfig, replicate: int = 0) -> Market:
+    """Build the configured scenario's market; for a replicated scenario, replicate ``replicate``'s.
+
+    Every party that rebuilds a market from the config (a Flower ServerApp, a simulated ClientApp)
+    must be told which replicate it is valuing, or it rebuilds replicate 0's buyer and sellers.
+    """
     built = build_markets(config)
-    return built[0] if isinstance(built, list) else built
+    markets = built if isinstance(built, list) else [built]
+    if isinstance(replicate, bool) or not isinstance(replicate, int) or not 0 <= replicate < len(markets):
+        raise ConfigError(
+            f"replicate {replicate!r} does not exist: scenario {config.scenario!r} builds {len(markets)} "
+            f"market(s) with this config; pass a replicate in 0..{len(markets) - 1}"
+        )
+    return markets[replicate]
+
+
+def projection_seed(seed: int, replicate: int | None) -> int:
+    """The buyer's projection seed: ``seed`` for a single market; for a replicate, one drawn from
+    ``(seed, replicate)`` with numpy's SeedSequence, so replicates never share one projection."""
+    if replicate is None:
+        return seed
+    state = np.random.SeedSequence(seed, spawn_key=(replicate,)).generate_state(1, np.uint64)
+    return int(state[0]) >> 1  # projection seeds are at most 2**63 - 1
 
 
 class TimedBuyer(Buyer):
@@ -100,13 +120,16 @@ class TimedBuyer(Buyer):
 
 
 def make_buyer(market: Market, config: TipConfig) -> TimedBuyer:
-    """The market's buyer with the run's settings, timing its valuation phase."""
+    """The market's buyer with the run's settings, timing its valuation phase.
+
+    Deterministic in (market, config): a runtime that rebuilds the buyer elsewhere gets this one.
+    """
     settings = BuyerSettings(
         projection=config.projection,
         preconditioner=config.preconditioner,
         crypto=config.crypto,
         protocol=config.protocol,
-        seed=config.seed,
+        seed=projection_seed(config.seed, market.replicate),
     )
     return TimedBuyer(market.model, market.task, market.objective, market.train, settings)
 
@@ -153,13 +176,14 @@ EXCHANGES: dict[str, Exchange] = {
 }
 
 
-def export_sellers(config: TipConfig, out_dir: str | Path) -> list[Path]:
-    """Write every seller's private data of the scenario to ``out_dir/<seller_id>.safetensors``.
+def export_sellers(config: TipConfig, out_dir: str | Path, replicate: int = 0) -> list[Path]:
+    """Write every seller's private data of the scenario (its ``replicate``-th market, for a replicated
+    one) to ``out_dir/<seller_id>.safetensors``.
 
     This is how a simulated market is turned into separate seller processes (gRPC services or
-    Flower SuperNodes), each given only its own file.
+    Flower SuperNodes), each given only its own file; the buyer must be told the same replicate.
     """
-    return list(write_seller_files(build_market(config), out_dir).values())
+    return list(write_seller_files(build_market(config, replicate), out_dir).values())
 
 
 def write_seller_files(market: Market, out_dir: str | Path) -> dict[str, Path]:
@@ -199,6 +223,7 @@ def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = Tru
 
     bar.set_postfix_str("plaintext reference and ground truth")
     plain = {v.seller_id: plaintext_reference(buyer, market, v.seller_id) for v in valuation.sellers}
+    tolerance = check_session(buyer, valuation, plain)
     truth = {}
     if config.ground_truth.enabled:
         gt = config.ground_truth
@@ -210,7 +235,7 @@ def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = Tru
     bar.update()
 
     bar.set_postfix_str("writing results")
-    result = write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0)
+    result = write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance)
     bar.update()
     bar.close()
     return result
@@ -227,11 +252,13 @@ def write_run(
     seconds: float,
     *,
     utility: Utility | None = None,
+    tolerance: dict[str, Any] | None = None,
     render: bool = True,
 ) -> RunResult:
     """Write manifest, CSVs, metrics, payouts and report for one settled session.
 
-    ``utility`` (coalition -> realised benefit, simulation only) enables the loo/shapley payouts.
+    ``utility`` (coalition -> realised benefit, simulation only) enables the loo/shapley payouts;
+    ``tolerance`` is what :func:`simulations.fidelity.check_session` passed the session with.
     """
     ranked = sorted(valuation.sellers, key=lambda v: v.total, reverse=True)
     rank = {v.seller_id: i + 1 for i, v in enumerate(ranked)}
@@ -257,7 +284,7 @@ def write_run(
         enc_all += [s["score"] for s in samples]
         plain_all += [s["score_plaintext"] for s in samples]
 
-    m: dict[str, Any] = {"fidelity": metrics.fidelity(enc_all, plain_all)}
+    m: dict[str, Any] = {"fidelity": {**metrics.fidelity(enc_all, plain_all), **(tolerance or {})}}
     phase = buyer.valuation_seconds if isinstance(buyer, TimedBuyer) else None
     m["run"] = {
         "seconds": seconds, "sellers": len(valuation.sellers), "missing": valuation.missing,
@@ -291,6 +318,7 @@ def write_run(
         "market": market.info,
         "sellers": list(market.sellers),
         "session": valuation.manifest,
+        "seeds": {"config": config.seed, "replicate": market.replicate, "projection": buyer.spec.seed},
         "projection_dim": buyer.spec.dim,
         "versions": _versions(),
     }

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("config", help="TOML config, e.g. configs/causal.toml")
     exp.add_argument("--out", required=True, help="directory for the seller data files")
     exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    exp.add_argument("--replicate", type=int, default=0,
+                     help="which market of a replicated scenario (default 0); pass the same to the app's run config")
 
     rep = sub.add_parser("report", help="re-render report.md and plots from a results directory")
     rep.add_argument("dir", help="results directory written by 'tip-fed simulate'")
@@ -245,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from simulations.runner import export_sellers
             from tip_fed.config import load_config
 
-            for path in export_sellers(load_config(args.config, args.overrides), args.out):
+            for path in export_sellers(load_config(args.config, args.overrides), args.out, args.replicate):
                 print(path)
         elif args.command == "report":
             from tip_fed.market.report import render_report
