@@ -29,9 +29,9 @@ from simulations.runner import make_buyer, plaintext_reference
 from tip_fed.config import TipConfig
 
 kronfluence = pytest.importorskip("kronfluence", reason="install the dev extra: kronfluence==1.0.1")
-from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
-from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
-from kronfluence.task import Task  # noqa: E402
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.task import Task
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -106,7 +106,7 @@ def build_market(scenario: str, seed: int) -> tuple[Market, TipConfig]:
 def quiet_kronfluence(monkeypatch: pytest.MonkeyPatch) -> None:
     """kronfluence runs gc.collect() between phases (seconds in a large process); results are
     unchanged without it. Its per-phase INFO logs are silenced too."""
-    import kronfluence.utils.state as state
+    from kronfluence.utils import state
 
     monkeypatch.setattr(state, "gc", types.SimpleNamespace(collect=lambda: 0))
     logging.getLogger("kronfluence").setLevel(logging.WARNING)

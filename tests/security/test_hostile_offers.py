@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tip_fed.core.models import MLP
-from tip_fed.errors import DataError, ModelError
+from tip_fed.errors import DataError, ModelError, ProtocolError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.data import save_dataset
 from tip_fed.protocol.model import encode_model, fingerprint
@@ -55,3 +55,14 @@ def test_model_that_does_not_fit_the_sellers_records_is_a_data_error(make_buyer,
     seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(max_queries_per_session=5))
     with pytest.raises(DataError, match="do not fit the model"):
         seller.respond(offer)
+
+
+def test_model_config_with_a_huge_module_count_is_refused_before_building(make_buyer, seller_data):
+    """sizes = [1] * 40,001 is a 120 KB config asking for 40,000 modules (any count, at 3 bytes a
+    layer): refused when the Offer is decoded, before any skeleton is built."""
+    offer = pb.Offer.FromString(make_buyer().offer(max_samples=100))
+    m = offer.model
+    m.config_json = json.dumps({"sizes": [1] * 40_001})
+    m.fingerprint = fingerprint(m.architecture, m.config_json, m.weights)
+    with pytest.raises(ProtocolError, match="model config is 120014 characters, above the 65536"):
+        Seller("s0", seller_data["s0"]).respond(offer.SerializeToString())

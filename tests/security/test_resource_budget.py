@@ -342,3 +342,34 @@ def test_without_client_certificates_a_fake_offer_from_the_same_address_spends_n
     assert "INVALID_ARGUMENT" in fake["s"] and failures == {}
     assert alice.settle(list(replies.values())).sellers[0].n_samples == N_ROWS
     assert "RESOURCE_EXHAUSTED: seller s already answered 1 query" in again["s"]
+
+
+@pytest.mark.parametrize("budget, limit", [
+    ({"offer_work_s": 1e-6}, "offer_work_s"),
+    ({"offer_memory_mb": 1, "in_flight_memory_mb": 1}, "offer_memory_mb"),
+    ({"he_key_memory_mb": 1}, "he_key_memory_mb"),
+])
+def test_every_per_offer_limit_is_enforced_on_an_honest_offer_when_set_low(make_buyer, data, budget, limit):
+    seller = Seller("s", data, policy=SellerPolicy(budget=SellerBudgetConfig(**budget)))
+    with pytest.raises(ResourceLimitError) as refused:
+        seller.respond(make_buyer().offer(max_samples=100))
+    assert refused.value.limit == limit and f"seller-budget.{limit.replace('_', '-')}" in str(refused.value)
+
+
+def test_weights_header_is_checked_before_it_is_parsed():
+    from safetensors.torch import save as st_save
+
+    from tip_fed.protocol.resources import read_weights_header
+
+    blob = st_save({"w": torch.zeros(3, 2), "b": torch.zeros(3, dtype=torch.float64)})
+    header = read_weights_header(blob)
+    assert (header.n_elements, header.stored_bytes, header.n_tensors) == (9, 6 * 4 + 3 * 8, 2)
+    with pytest.raises(ResourceLimitError, match="weights header is"):
+        read_weights_header(blob, max_header_bytes=8)
+    lying = bytearray(blob)
+    lying[8:8 + int.from_bytes(blob[:8], "little")] = lying[8:8 + int.from_bytes(blob[:8], "little")].replace(
+        b"[3,2]", b"[9,9]")
+    with pytest.raises(ModelError, match="does not fit"):
+        read_weights_header(bytes(lying))
+    with pytest.raises(ModelError, match="header of"):
+        read_weights_header((1 << 40).to_bytes(8, "little") + b"{}")

@@ -18,6 +18,9 @@ from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 PROTOCOL_VERSION = 1
 MAX_OFFER_BYTES = 1 << 30
 MAX_REPLY_BYTES = 1 << 30
+#: A model's builder config (layer sizes, GPT-2 settings) is a few KiB; a longer one could ask the
+#: seller to build millions of modules before their weights are compared with the shipped ones.
+MAX_MODEL_CONFIG_BYTES = 64 << 10
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 SELLER_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
@@ -72,6 +75,11 @@ def decode_offer(data: bytes) -> pb.Offer:
     check_session_id(offer.session_id, "the offer")
     if not offer.HasField("model") or not offer.model.weights:
         raise ProtocolError("the offer carries no model weights")
+    if len(offer.model.config_json) > MAX_MODEL_CONFIG_BYTES:
+        raise ProtocolError(
+            f"the offer's model config is {len(offer.model.config_json)} characters, above the "
+            f"{MAX_MODEL_CONFIG_BYTES} a model description may take; describe the model with its builder's settings"
+        )
     if not offer.projection.layers:
         raise ProtocolError("the offer's projection spec has no layers")
     if not offer.public_context:

@@ -53,6 +53,10 @@ MESSAGE_COPIES = 5
 #: Copies of the n x k gradient matrix alive at the peak (per-batch list, concatenation, float64
 #: cast, clipped copy, scaled rows, stacked score rows).
 GRADIENT_COPIES = 6
+#: Python objects per shipped tensor (module, parameter, state-dict entries), bytes.
+_TENSOR_BYTES = 4 << 10
+#: Memory of a parsed JSON header per byte of it.
+HEADER_PARSE_FACTOR = 16
 #: Per-layer bookkeeping (hooks, Python objects, spec entries), bytes and seconds.
 _LAYER_BYTES = 16 << 10
 _LAYER_S = 1e-4
@@ -93,19 +97,27 @@ class WeightsHeader:
     n_elements: int
     stored_bytes: int
     float64: bool
+    n_tensors: int = 0
+    header_bytes: int = 0
 
 
-def read_weights_header(weights: bytes) -> WeightsHeader:
+def read_weights_header(weights: bytes, max_header_bytes: int | None = None) -> WeightsHeader:
     """Parse only the safetensors header of the shipped weights (linear in its length).
 
     Non-float dtypes are refused (a uint8 blob would widen 4x when loaded into a float model);
     every tensor's byte range must match its shape times its dtype size and lie in the buffer.
+    A header above ``max_header_bytes`` is refused before it is parsed (parsing holds about
+    :data:`HEADER_PARSE_FACTOR` times its size).
     """
     if len(weights) < 8:
         raise ModelError("model weights are not valid safetensors: shorter than the 8-byte header length")
     size = int.from_bytes(weights[:8], "little")
     if size > len(weights) - 8:
         raise ModelError(f"model weights are not valid safetensors: header of {size} bytes in a {len(weights)}-byte blob")
+    if max_header_bytes is not None and size > max_header_bytes:
+        raise ResourceLimitError(
+            f"the offer's weights header is {size} bytes; parsing it would take about "
+            f"{size * HEADER_PARSE_FACTOR / MiB:.0f} MiB", "offer_memory_mb")
     try:
         header = json.loads(bytes(weights[8 : 8 + size]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -113,7 +125,7 @@ def read_weights_header(weights: bytes) -> WeightsHeader:
     if not isinstance(header, dict):
         raise ModelError("model weights are not valid safetensors: header is not a JSON object")
     data_bytes = len(weights) - 8 - size
-    n_elements = stored = 0
+    n_elements = stored = tensors = 0
     dtypes: list[str] = []
     for name, entry in header.items():
         if name == "__metadata__":
@@ -140,8 +152,9 @@ def read_weights_header(weights: bytes) -> WeightsHeader:
             )
         n_elements += count
         stored += nbytes
+        tensors += 1
         dtypes.append(dtype)
-    return WeightsHeader(n_elements, stored, bool(dtypes) and dtypes[0] == "F64")
+    return WeightsHeader(n_elements, stored, bool(dtypes) and dtypes[0] == "F64", tensors, size)
 
 
 @dataclass(frozen=True)
@@ -203,11 +216,12 @@ def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_s
     """
     budget = budget or ResourceBudget()
     entries, dim, shapes = _layer_costs(offer.projection, budget)
-    weights = read_weights_header(offer.model.weights)
+    weights = read_weights_header(offer.model.weights, budget.offer_memory_mb * MiB // HEADER_PARSE_FACTOR)
     elem = 8 if weights.float64 else 4
     # The float64 originals stay cached; each batch converts a copy to the model's dtype.
     projection = entries * (8 + elem)
-    model = weights.stored_bytes + weights.n_elements * elem
+    model = (weights.stored_bytes + weights.n_elements * elem + weights.n_tensors * _TENSOR_BYTES
+             + weights.header_bytes * HEADER_PARSE_FACTOR)
     gradients = GRADIENT_COPIES * n_samples * dim * 8
     b, t = max(1, min(batch_size, n_samples)), max(1, tokens_per_sample)
     # Per batch and layer: the input and output kept for backward and the output gradient, the

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from tip_fed.core.gradients import (
     kfac_statistics,
@@ -154,6 +161,7 @@ def test_bert_padded_batch_matches_each_sample_alone() -> None:
     model = tiny_bert()
     model.train()
     spec = ProjectionSpec.for_model(model, rank=3, seed=11)
+    assert all(l.bias for l in spec.layers)  # every BERT Linear has a bias: all in the score
     ids, mask = padded([9, 5, 3, 7], 9)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 2])}
 
@@ -172,6 +180,7 @@ def test_gpt2_padded_batch_matches_each_sample_alone(left: bool) -> None:
     model = tiny_gpt2()
     spec = ProjectionSpec.for_model(model, rank=(2, 3), seed=12)
     assert any(l.name == "lm_head" for l in spec.layers)
+    assert all(l.bias == (l.name != "lm_head") for l in spec.layers)  # Conv1D biases; lm_head has none
     ids, mask = padded([8, 4, 6], 8, left=left)
     batch = {"input_ids": ids, "attention_mask": mask}
 
@@ -179,6 +188,23 @@ def test_gpt2_padded_batch_matches_each_sample_alone(left: bool) -> None:
 
     assert (grads.abs().amax(dim=1) > 1e-4).all()
     for row in range(3):
+        expected = explicit_projected(model, spec, "causal-lm", unpadded(batch, row))
+        torch.testing.assert_close(grads[row], expected, rtol=1e-9, atol=1e-11)
+
+
+def test_llama_linear_layers_without_bias() -> None:
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = LlamaForCausalLM(config).double()
+    spec = ProjectionSpec.for_model(model, rank=3, seed=13, include=["model.*"])
+    assert spec.layers and not any(l.bias for l in spec.layers)
+    ids, mask = padded([7, 4], 7)
+    batch = {"input_ids": ids, "attention_mask": mask}
+
+    grads = projected_grads(model, spec, "causal-lm", batch)
+
+    for row in range(2):
         expected = explicit_projected(model, spec, "causal-lm", unpadded(batch, row))
         torch.testing.assert_close(grads[row], expected, rtol=1e-9, atol=1e-11)
 
