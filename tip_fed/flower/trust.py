@@ -35,8 +35,6 @@ from pathlib import Path
 
 from tip_fed.errors import ConfigError, TipError
 
-logger = logging.getLogger(__name__)
-
 PUBLISHERS = "trusted-publishers"  # node config: YAML file of trusted publisher keys
 SIGNATURE = "app-signature"  # run config: "<key-id>:<signed-at>:<base64url signature>"
 PUBLISHERS_ENV = "TIP_FED_TRUSTED_PUBLISHERS"  # the same, for a guarded SuperLink's ServerApps
