@@ -272,3 +272,31 @@ def test_fab_of_the_readme_sequence_ships_code_and_config_only(played):
 def test_every_process_of_the_sequence_is_stopped(played):
     assert played["downed"] is not None and played["downed"].returncode == 0, played["downed"]
     assert [p for p in played["all_pids"] if alive(p)] == []
+
+
+def test_flowers_own_trusted_entities_refuse_even_an_app_signed_by_the_trusted_key(tmp_path):
+    # Why tip_fed checks signatures itself: a SuperNode started with Flower's --trusted-entities
+    # (listing the publisher's key) refuses an app the publisher signed, because a FAB uploaded by
+    # 'flwr run <dir>' reaches it without the verifications only Flower Hub provides.
+    from simulations.flower_deploy import CONNECTION, LocalDeployment
+
+    deployment = LocalDeployment(tmp_path / "dep")
+    with deployment.group:
+        deployment.prepare()
+        deployment.start_superlink()
+        private, public = deployment.node_key("s")
+        deployment.nodes["s"] = deployment.register(public)
+        node = deployment.group.start("supernode-flower-trust", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{deployment.port}", "--port", str(free_port()),
+            "--root-certificates", str(deployment.certs / "ca.crt"), "--auth-supernode-private-key", str(private),
+            "--trusted-entities", str(deployment.trusted), "--node-config", f'data-path="{tmp_path / "x"}"',
+        ], env=deployment.env)  # Flower's own launchers, no tip_fed guard
+        app, _ = _stranger_app(tmp_path / "publisher", deployment.certs / "ca.crt", deployment.port)
+        marker = tmp_path / "marker.txt"
+        signature = trust.sign_fab(trust.build_fab(app), deployment.publisher)
+        deployment.flwr("run", str(app), CONNECTION, "--stream", "--run-config",
+                        f'marker="{marker}" app-signature="{signature}"', timeout_s=400)
+        log = node.log.read_text(errors="replace")
+    assert Path(f"{marker}.replies").read_text() == "1 1 1"  # the one node answered with an error
+    assert not marker.exists()
+    assert "App verification is not supported by the connected SuperLink" in log, log[-3000:]
