@@ -97,8 +97,8 @@ def _deploy(args: argparse.Namespace) -> None:
               f"(--node-config '{trust.PUBLISHERS}=\"/path/{trusted.name}\"'); public key {public}")
         return
     if args.deploy_command == "guard":
-        guard = trust.install_guard(Path(args.dir))
-        print(f"wrote {guard}; start the SuperNode with PATH={guard.parent}:$PATH and "
+        guard = trust.install_guard(Path(args.dir)).resolve()
+        print(f"wrote {guard}/flwr-clientapp and flwr-serverapp; start the SuperNode with PATH={guard}:$PATH and "
               f"--node-config '... {trust.PUBLISHERS}=\"/path/publisher.trusted.yaml\"'")
         return
     d = flower_deploy.up(Path(args.dir), Path(args.sellers), args.port)

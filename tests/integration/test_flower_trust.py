@@ -141,3 +141,25 @@ def test_repository_fab_holds_code_and_config_only():
     others = [n for n in names if not (n.endswith(".py") and n.split("/")[0] in ("tip_fed", "simulations"))
               and not (n.startswith("configs/") and n.endswith(".toml"))]
     assert sorted(others) == [".info/CONTENT", "pyproject.toml"]
+
+
+def test_deploy_keygen_guard_and_sign_commands(tmp_path, app, capsys):
+    import tomllib
+
+    from tip_fed.cli import main
+
+    assert main(["deploy", "keygen", str(tmp_path / "pub")]) == 0
+    assert main(["deploy", "guard", str(tmp_path / "bin")]) == 0
+    key, trusted = tmp_path / "pub" / "publisher", tmp_path / "pub" / "publisher.trusted.yaml"
+    assert main(["deploy", "sign", str(tmp_path / "market"), "--app", str(app), "--key", str(key),
+                 "--sellers", "a=1,b=2", "--out", str(tmp_path / "out"), "--set", "seed=3"]) == 0
+    run_config = tomllib.loads((tmp_path / "market" / "run-config.toml").read_text())
+    assert run_config["sellers"] == "a=1,b=2" and run_config["set"] == "seed=3"
+    assert run_config["out-dir"] == str((tmp_path / "out").resolve())
+    assert trust.verify_fab(trust.build_fab(app), run_config[trust.SIGNATURE], trust.load_trusted(trusted))
+    # without a deployment.json the key and the seller -> node bindings must be given, and valid
+    capsys.readouterr()
+    assert main(["deploy", "sign", str(tmp_path / "m2"), "--app", str(app)]) == 2
+    assert main(["deploy", "sign", str(tmp_path / "m2"), "--app", str(app), "--key", str(key)]) == 2
+    assert main(["deploy", "sign", str(tmp_path / "m2"), "--app", str(app), "--key", str(key), "--sellers", "a=x"]) == 2
+    assert capsys.readouterr().err.count("tip-fed: error:") == 3
