@@ -272,9 +272,10 @@ class LocalDeployment:
 
 def write_run_config(path: Path, app_dir: Path, key: Path, nodes: dict[str, int], out_dir: Path,
                      extra: dict[str, str] | None = None) -> Path:
-    """Sign the FAB ``flwr run app_dir`` will build with ``key`` and write the run config to ``path``."""
-    values = {**(extra or {}), "out-dir": str(Path(out_dir).resolve()), "sellers": format_bindings(nodes),
-              trust.SIGNATURE: trust.sign_fab(trust.build_fab(app_dir), key)}
+    """Sign the FAB ``flwr run app_dir`` will build, with these run-config values, using ``key``; write
+    the run config (values and signature) to ``path``."""
+    values = {**(extra or {}), "out-dir": str(Path(out_dir).resolve()), "sellers": format_bindings(nodes)}
+    values[trust.SIGNATURE] = trust.sign_fab(trust.build_fab(app_dir), key, values)
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     return path
 

@@ -176,7 +176,7 @@ def played(tmp_path_factory):
         s_key, _, s_trusted = trust.create_publisher_key(tmp / "stranger" / "keys", "stranger")
         with open(app / "deploy" / "keys" / "superlink.trusted.yaml", "a") as f:
             f.write(s_trusted.read_text())
-        signature = trust.sign_fab(trust.build_fab(s_app), s_key)
+        signature = trust.sign_fab(trust.build_fab(s_app), s_key, {"marker": str(marker)})
         second = _run([str(BIN / "flwr"), "run", str(s_app), "target", "--stream",
                        "--run-config", f'marker="{marker}" app-signature="{signature}"'], s_app, s_env, timeout=400)
         evidence["second"] = (second, marker.exists(), Path(f"{marker}.serverapp").exists(),
@@ -293,7 +293,7 @@ def test_flowers_own_trusted_entities_refuse_even_an_app_signed_by_the_trusted_k
         ], env=deployment.env)  # Flower's own launchers, no tip_fed guard
         app, _ = _stranger_app(tmp_path / "publisher", deployment.certs / "ca.crt", deployment.port)
         marker = tmp_path / "marker.txt"
-        signature = trust.sign_fab(trust.build_fab(app), deployment.publisher)
+        signature = trust.sign_fab(trust.build_fab(app), deployment.publisher, {"marker": str(marker)})
         deployment.flwr("run", str(app), CONNECTION, "--stream", "--run-config",
                         f'marker="{marker}" app-signature="{signature}"', timeout_s=400)
         log = node.log.read_text(errors="replace")

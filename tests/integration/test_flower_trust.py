@@ -67,16 +67,28 @@ def test_edited_app_extra_file_or_other_config_is_refused(app, publisher):
     signature = trust.sign_fab(trust.build_fab(app), private)
     keys = trust.load_trusted(trusted)
     (app / "tinyapp" / "apps.py").write_text("server = client = None  # edited\n")
-    with pytest.raises(trust.UntrustedAppError, match="does not match the signature"):
+    with pytest.raises(trust.UntrustedAppError, match="do not match the signature"):
         trust.verify_fab(trust.build_fab(app), signature, keys)
     (app / "tinyapp" / "apps.py").write_text("server = client = None\n")
     (app / "tinyapp" / "extra.py").write_text("import os\n")
-    with pytest.raises(trust.UntrustedAppError, match="does not match the signature"):
+    with pytest.raises(trust.UntrustedAppError, match="do not match the signature"):
         trust.verify_fab(trust.build_fab(app), signature, keys)
     (app / "tinyapp" / "extra.py").unlink()
     (app / "pyproject.toml").write_text(PYPROJECT.replace('app-signature = ""', 'app-signature = ""\nx = 1'))
-    with pytest.raises(trust.UntrustedAppError, match="does not match the signature"):
+    with pytest.raises(trust.UntrustedAppError, match="do not match the signature"):
         trust.verify_fab(trust.build_fab(app), signature, keys)
+
+
+def test_signed_app_replayed_with_other_run_config_is_refused(app, publisher):
+    private, _, trusted = publisher
+    keys, fab = trust.load_trusted(trusted), trust.build_fab(app)
+    signed = {"out-dir": "/srv/tip/out", "sellers": "a=1,b=2"}
+    signature = trust.sign_fab(fab, private, signed)
+    assert trust.verify_fab(fab, signature, keys, {**signed, trust.SIGNATURE: signature})
+    for changed in ({**signed, "out-dir": "/home/operator/.bashrc"}, {**signed, "sellers": "a=1,b=3"},
+                    {**signed, "set": "seed=4"}, {"out-dir": "/srv/tip/out"}):
+        with pytest.raises(trust.UntrustedAppError, match="run config do not match"):
+            trust.verify_fab(fab, signature, keys, changed)
 
 
 def test_stranger_key_missing_or_forged_signatures_are_refused(app, publisher, tmp_path):
@@ -89,11 +101,11 @@ def test_stranger_key_missing_or_forged_signatures_are_refused(app, publisher, t
     # the stranger's signature relabelled with the trusted key id
     kid = next(iter(keys))
     _, signed_at, sig = trust.sign_fab(fab, stranger_private).split(":")
-    with pytest.raises(trust.UntrustedAppError, match="does not match"):
+    with pytest.raises(trust.UntrustedAppError, match="do not match"):
         trust.verify_fab(fab, f"{kid}:{signed_at}:{sig}", keys)
     # a genuine signature with its timestamp changed
     _, signed_at, sig = trust.sign_fab(fab, private).split(":")
-    with pytest.raises(trust.UntrustedAppError, match="does not match"):
+    with pytest.raises(trust.UntrustedAppError, match="do not match"):
         trust.verify_fab(fab, f"{kid}:{int(signed_at) + 1}:{sig}", keys)
     for bad in ("", None, 3, "abc", f"{kid}:x:{sig}", f"{kid}:1:!!!"):
         with pytest.raises(trust.UntrustedAppError):
@@ -156,7 +168,7 @@ def test_deploy_keygen_guard_and_sign_commands(tmp_path, app, capsys):
     run_config = tomllib.loads((tmp_path / "market" / "run-config.toml").read_text())
     assert run_config["sellers"] == "a=1,b=2" and run_config["set"] == "seed=3"
     assert run_config["out-dir"] == str((tmp_path / "out").resolve())
-    assert trust.verify_fab(trust.build_fab(app), run_config[trust.SIGNATURE], trust.load_trusted(trusted))
+    assert trust.verify_fab(trust.build_fab(app), run_config[trust.SIGNATURE], trust.load_trusted(trusted), run_config)
     # without a deployment.json the key and the seller -> node bindings must be given, and valid
     capsys.readouterr()
     assert main(["deploy", "sign", str(tmp_path / "m2"), "--app", str(app)]) == 2

@@ -9,8 +9,9 @@ no locally built app can ever pass. Offline, the check therefore lives here, in 
 own process, before Flower installs or imports a single file of the FAB:
 
 * the publisher signs the FAB that ``flwr run <dir>`` builds (Flower builds it
-  deterministically) with an Ed25519 key, in Flower's own signature format
-  (``timestamp || sha256(FAB)``), and passes the signature as the ``app-signature`` run config;
+  deterministically) together with the run's other run-config overrides, with an Ed25519 key in
+  Flower's signature format (``timestamp || digest``), and passes the signature as the
+  ``app-signature`` run config;
 * the seller starts its SuperNode with ``flwr-clientapp`` resolving to :func:`guarded_app`
   (see :func:`install_guard`) and ``--node-config 'trusted-publishers="publishers.yaml"'``, a
   file in the ``--trusted-entities`` format (``key-id: "ssh-ed25519 AAAA..."``);
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from tip_fed.errors import ConfigError, TipError
@@ -80,8 +83,16 @@ def build_fab(app_dir: str | Path) -> bytes:
         raise ConfigError(f"cannot build the Flower App in {app_dir}: {exc}") from exc
 
 
-def sign_fab(fab: bytes, private_key: str | Path) -> str:
-    """``app-signature`` value for ``fab``, signed with an OpenSSH Ed25519 private key."""
+def signed_digest(fab: bytes, run_config: Mapping[str, object]) -> bytes:
+    """What a signature covers: the FAB and every run-config override but the signature itself, so a
+    signed app cannot be replayed with other settings (another ``out-dir``, other seller bindings)."""
+    config = json.dumps({k: v for k, v in run_config.items() if k != SIGNATURE}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(b"tip-fed app v1\0" + hashlib.sha256(fab).digest() + config.encode()).digest()
+
+
+def sign_fab(fab: bytes, private_key: str | Path, run_config: Mapping[str, object] | None = None) -> str:
+    """``app-signature`` value for ``fab`` run with the overrides ``run_config``, signed with an
+    OpenSSH Ed25519 private key (Flower's format: ``timestamp || digest``)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign, sign_message
@@ -94,7 +105,7 @@ def sign_fab(fab: bytes, private_key: str | Path) -> str:
         raise ConfigError(f"{private_key} is not an Ed25519 key; create one with 'tip-fed deploy keygen'")
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     signed_at = int(time.time())
-    signature = sign_message(key, create_message_to_sign(hashlib.sha256(fab).digest(), signed_at))
+    signature = sign_message(key, create_message_to_sign(signed_digest(fab, run_config or {}), signed_at))
     return f"{key_id(public)}:{signed_at}:{base64.urlsafe_b64encode(signature).decode().rstrip('=')}"
 
 
@@ -111,8 +122,9 @@ def load_trusted(path: str | Path) -> dict[str, str]:
     return {str(k): v for k, v in data.items()}
 
 
-def verify_fab(fab: bytes, signature: object, trusted: dict[str, str]) -> str:
-    """The id of the trusted publisher who signed ``fab``; UntrustedAppError otherwise."""
+def verify_fab(fab: bytes, signature: object, trusted: dict[str, str], run_config: Mapping[str, object] | None = None) -> str:
+    """The id of the trusted publisher who signed ``fab`` with these run-config overrides;
+    UntrustedAppError otherwise."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from flwr.supercore.primitives.asymmetric_ed25519 import (
@@ -137,21 +149,23 @@ def verify_fab(fab: bytes, signature: object, trusted: dict[str, str]) -> str:
     except (ValueError, TypeError) as exc:
         raise UntrustedAppError(f"signature or trusted key {kid} is malformed: {exc}") from exc
     if not isinstance(public, ed25519.Ed25519PublicKey) or not verify_signature(
-        public, create_message_to_sign(digest, int(signed_at)), raw
+        public, create_message_to_sign(signed_digest(fab, run_config or {}), int(signed_at)), raw
     ):
-        raise UntrustedAppError(f"app (FAB sha256 {digest.hex()[:16]}) does not match the signature of {kid}")
+        raise UntrustedAppError(f"app (FAB sha256 {digest.hex()[:16]}) and its run config do not match "
+                                f"the signature of {kid}")
     return kid
 
 
-def check_task(fab: bytes, node_config: dict, run_config: dict) -> str:
-    """Verify a task's FAB against the trusted publishers (node config, else the environment)."""
+def check_task(fab: bytes, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> str:
+    """Verify a task's FAB and run-config overrides against the trusted publishers (node config,
+    else the environment)."""
     path = node_config.get(PUBLISHERS) or os.environ.get(PUBLISHERS_ENV)
     if not isinstance(path, str) or not path:
         raise UntrustedAppError(
             f"no trusted publisher is configured, so no app runs here: start the SuperNode with "
             f"--node-config '{PUBLISHERS}=\"/path/publisher.trusted.yaml\"' (SuperLink: {PUBLISHERS_ENV}=...)"
         )
-    return verify_fab(fab, run_config.get(SIGNATURE), load_trusted(path))
+    return verify_fab(fab, run_config.get(SIGNATURE), load_trusted(path), run_config)
 
 
 def guarded_app(kind: str) -> None:
@@ -186,7 +200,7 @@ def guarded_app(kind: str) -> None:
     def install_from_fab(fab_file, *args, **kwargs):  # type: ignore[no-untyped-def]
         context, run = seen.get("context"), seen.get("run")
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
-        run_config = {**dict(getattr(context, "run_config", {}) or {}), **dict(getattr(run, "override_config", {}) or {})}
+        run_config = dict(getattr(run, "override_config", {}) or {})  # what 'flwr run' passed: all signed
         try:
             signer = check_task(content, dict(getattr(context, "node_config", {}) or {}), run_config)
         except TipError as exc:
