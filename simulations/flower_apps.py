@@ -10,7 +10,10 @@ empty, in the run config's replicate of the scenario rebuilt locally.
 Run config (every key has a default, since ``run_simulation`` passes an empty one):
 ``config`` (TOML path, relative to the app directory; "" = built-in defaults), ``set``
 (``key=value`` overrides separated by ``;``, as ``tip-fed simulate --set``), ``replicate`` (which
-market of a replicated scenario, 0 for a single-market one), ``out-dir``, ``data-dir``.
+market of a replicated scenario, 0 for a single-market one), ``out-dir``, ``data-dir``,
+``sellers`` (deployment: ``seller-id=node-id,...`` of the registered SuperNode keys; the buyer counts
+a reply only from the node registered for its seller id) and ``app-signature`` (read by the
+sellers' guard, :mod:`tip_fed.flower.trust`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from flwr.app import Context
 from tip_fed.config import TipConfig, load_config
 from tip_fed.errors import ConfigError
 from tip_fed.flower.client_app import DATA_PATH, SellerLoader, make_client_app, seller_from_node_config
-from tip_fed.flower.server_app import Session, make_server_app
+from tip_fed.flower.server_app import Session, make_server_app, parse_bindings
 from tip_fed.market.results import write_json
 from tip_fed.protocol import Seller, Valuation
 from tip_fed.protocol.data import load_dataset
@@ -33,7 +36,8 @@ from simulations.market import Market
 from simulations.runner import build_market, make_buyer, max_samples
 
 APP_DIR = Path(__file__).resolve().parents[1]
-DEFAULTS = {"config": "configs/causal.toml", "set": "", "replicate": 0, "out-dir": "out/flower", "data-dir": ""}
+DEFAULTS = {"config": "configs/causal.toml", "set": "", "replicate": 0, "out-dir": "out/flower", "data-dir": "",
+            "sellers": "", "app-signature": ""}
 VALUATION_FILE = "valuation.json"
 
 
@@ -94,7 +98,8 @@ def _session(context: Context) -> Session:
     _show_logs()
     config = config_from_context(context)
     market = _market(config, replicate_from_context(context))
-    return Session(make_buyer(market, config), max_samples(market), list(market.sellers), config.flower)
+    return Session(make_buyer(market, config), max_samples(market), list(market.sellers), config.flower,
+                   nodes=parse_bindings(_get(context, "sellers")))
 
 
 def _write_valuation(valuation: Valuation, context: Context) -> None:

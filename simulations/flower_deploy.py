@@ -1,5 +1,11 @@
 """A local Flower deployment on loopback: one SuperLink, N seller SuperNodes, TLS and node auth.
 
+Sellers run only signed code: the deployment makes a publisher key (``keys/publisher``), every
+SuperNode trusts only its public half (``trusted-publishers`` node config) and launches its
+ClientApps through tip_fed's guard (``guard-bin/flwr-clientapp``, :mod:`tip_fed.flower.trust`),
+and :meth:`LocalDeployment.write_run_config` signs the FAB the buyer runs. The run config also
+names the node id registered for each seller, so the buyer counts a reply only from that node.
+
 Used by ``runtime=flower-deployment`` (start, value, stop) and by ``tip-fed deploy up/down``
 (start, leave running, stop later from the state file). Every process is a real Flower process
 talking HTTPS on 127.0.0.1. Every process carries the deployment's run token (see
@@ -20,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tip_fed import tls
-from tip_fed.errors import TipError
+from tip_fed.errors import ConfigError, TipError
+from tip_fed.flower import trust
+from tip_fed.flower.server_app import format_bindings, parse_bindings
 
 from simulations.processes import Child, ProcessGroup, ProcessStartError
 from simulations.reaper import Reaper, stop_tagged
@@ -28,6 +36,7 @@ from simulations.reaper import Reaper, stop_tagged
 BIN = Path(sys.executable).parent
 CONNECTION = "tip-local"
 STATE_FILE = "deployment.json"
+RUN_CONFIG_FILE = "run-config.toml"
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -83,6 +92,10 @@ class LocalDeployment:
         self.home = self.root / "flwr-home"
         self.certs = self.root / "certs"
         self.keys = self.root / "keys"
+        self.publisher = self.keys / "publisher"
+        self.trusted = self.keys / "publisher.trusted.yaml"
+        self.superlink_trusted = self.keys / "superlink.trusted.yaml"  # publishers whose ServerApps the SuperLink runs
+        self.guard_bin = self.root / "guard-bin"
         self.group = ProcessGroup(self.root / "logs", reaper=self.reaper, die_with_parent=self.reaper is not None)
         self.env = {**flower_env(self.home), **self.group.child_env()}
         self.port = self.port or free_port()
@@ -91,21 +104,30 @@ class LocalDeployment:
         """Create the CA, the SuperLink certificate and the ``flwr`` CLI connection (no keys yet)."""
         ca = tls.create_ca(self.certs)
         tls.issue_cert(ca, self.certs, "superlink")
+        trust.create_publisher_key(self.keys, self.publisher.name)
+        self.superlink_trusted.write_text(self.trusted.read_text())
+        trust.install_guard(self.guard_bin)
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
         )
 
+    def guarded_env(self, **extra: str) -> dict[str, str]:
+        """Flower environment whose ``flwr-clientapp`` / ``flwr-serverapp`` are tip_fed's signature guard."""
+        return {**self.env, "PATH": f"{self.guard_bin}{os.pathsep}{self.env['PATH']}", **extra}
+
     def start_superlink(self) -> None:
-        """SuperLink with HTTPS and SuperNode authentication on 127.0.0.1:port."""
+        """SuperLink with HTTPS and SuperNode authentication on 127.0.0.1:port; it runs only ServerApps
+        signed by a key in ``keys/superlink.trusted.yaml``."""
         child = self.group.start("superlink", [
             str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
             "--ssl-ca-certfile", str(self.certs / "ca.crt"),
             "--ssl-certfile", str(self.certs / "superlink.crt"), "--ssl-keyfile", str(self.certs / "superlink.key"),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--database", str(self.root / "superlink.db"),
-        ], env=self.env)
+        ], env=self.guarded_env(**{trust.PUBLISHERS_ENV: str(self.superlink_trusted),
+                                   trust.GUARD_LOG_ENV: str(self.group.log_dir / "superlink-guard.log")}))
         wait_for_port(self.port, child)
 
     def node_key(self, name: str) -> tuple[Path, Path]:
@@ -121,13 +143,21 @@ class LocalDeployment:
         return digits[-1]
 
     def start_supernode(self, name: str, private_key: Path, data_path: Path, seller_id: str | None = None) -> Child:
-        """A seller SuperNode with its own data file, authenticating with ``private_key``."""
-        node_config = f'data-path="{data_path}" seller-id="{seller_id or data_path.stem}"'
+        """A seller SuperNode with its own data file, authenticating with ``private_key``, running
+        ClientApps only through the guard and only from apps the publisher key signed."""
+        node_config = (f'data-path="{data_path}" seller-id="{seller_id or data_path.stem}" '
+                       f'{trust.PUBLISHERS}="{self.trusted}"')
+        env = self.guarded_env()
         return self.group.start(f"supernode-{name}", [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
             "--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key", str(private_key),
             "--node-config", node_config,
-        ], env=self.env)
+        ], env=env)
+
+    def write_run_config(self, app_dir: Path, out_dir: Path, extra: dict[str, str] | None = None) -> Path:
+        """``run-config.toml`` for ``flwr run app_dir``: the publisher's signature of that FAB, the
+        seller -> node bindings and ``out-dir`` (plus ``extra`` keys)."""
+        return write_run_config(self.root / RUN_CONFIG_FILE, app_dir, self.publisher, self.nodes, out_dir, extra)
 
     def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None) -> str:
         """Run the ``flwr`` CLI against this deployment; TipError with its output if it fails."""
@@ -158,10 +188,40 @@ class LocalDeployment:
             "root": str(self.root), "port": self.port, "connection": CONNECTION, "flwr_home": str(self.home),
             "nodes": self.nodes, "processes": {c.name: c.pid for c in self.group.children},
             "token": self.group.token,
+            "publisher_key": str(self.publisher), "trusted_publishers": str(self.trusted),
         }
         path = self.root / STATE_FILE
         path.write_text(json.dumps(state, indent=2) + "\n")
         return path
+
+
+def write_run_config(path: Path, app_dir: Path, key: Path, nodes: dict[str, int], out_dir: Path,
+                     extra: dict[str, str] | None = None) -> Path:
+    """Sign the FAB ``flwr run app_dir`` will build, with these run-config values, using ``key``; write
+    the run config (values and signature) to ``path``."""
+    values = {**(extra or {}), "out-dir": str(Path(out_dir).resolve()), "sellers": format_bindings(nodes)}
+    values[trust.SIGNATURE] = trust.sign_fab(trust.build_fab(app_dir), key, values)
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def sign(root: Path, app_dir: Path, out_dir: Path, key: Path | None = None, sellers: str | None = None,
+         overrides: Sequence[str] = ()) -> Path:
+    """``tip-fed deploy sign``: run config for the app in ``app_dir`` on the deployment under ``root``.
+
+    ``key`` and ``sellers`` default to the publisher key and node ids ``deploy up`` recorded."""
+    state_path = Path(root) / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    key = key or (Path(state["publisher_key"]) if "publisher_key" in state else None)
+    if key is None:
+        raise ConfigError(f"no publisher key: {state_path} does not exist; pass --key (from 'tip-fed deploy keygen')")
+    nodes = parse_bindings(sellers) if sellers is not None else {k: int(v) for k, v in state.get("nodes", {}).items()}
+    if not nodes:
+        raise ConfigError("no seller -> node bindings: pass --sellers 'SELLER_ID=NODE_ID,...' "
+                          "(node ids as printed by 'flwr supernode register')")
+    extra = {"set": ";".join(overrides)} if overrides else None
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return write_run_config(Path(root) / RUN_CONFIG_FILE, app_dir, key, nodes, out_dir, extra)
 
 
 def down(root: Path, grace_s: float = 5.0) -> list[int]:

@@ -123,10 +123,8 @@ def run_app(
     deployment: LocalDeployment, config: TipConfig, out_dir: Path, *, replicate: int = 0, stream: bool = False
 ) -> Valuation:
     """``flwr run`` the scenario app on ``deployment`` for market ``replicate`` and return the buyer's valuation."""
-    run_config = deployment.root / "run-config.toml"
     overrides = ";".join(run_config_overrides(config))
-    run_config.write_text(f"config = \"\"\nset = {json.dumps(overrides)}\nreplicate = {int(replicate)}\n"
-                          f"out-dir = {json.dumps(str(out_dir))}\n")
+    run_config = deployment.write_run_config(APP_DIR, out_dir, {"config": "", "set": overrides, "replicate": int(replicate)})
     timeout = config.flower.node_wait_s + config.flower.timeout_s * (1 + len(deployment.nodes) // config.flower.wave_size) + 300
     output = deployment.flwr("run", str(APP_DIR), "tip-local", "--stream", "--run-config", str(run_config),
                              timeout_s=timeout, cwd=APP_DIR)

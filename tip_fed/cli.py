@@ -63,22 +63,56 @@ def _add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     dup.add_argument("--port", type=int, default=0, help="SuperLink port on 127.0.0.1 (default: a free one)")
     ddn = cmds.add_parser("down", help="stop exactly the processes 'deploy up' started (by PID)")
     ddn.add_argument("dir", help="deployment directory given to 'deploy up'")
+    dsg = cmds.add_parser("sign", help="sign the FAB 'flwr run APP' builds; write DIR/run-config.toml for 'flwr run'")
+    dsg.add_argument("dir", help="deployment directory (its deployment.json gives the key and the node ids)")
+    dsg.add_argument("--app", default=".", help="Flower App directory to sign (default: .)")
+    dsg.add_argument("--out", help="where the buyer writes valuation.json (default: DIR/result)")
+    dsg.add_argument("--key", help="publisher private key (default: the one 'deploy up' made, DIR/keys/publisher)")
+    dsg.add_argument("--sellers", help="SELLER_ID=NODE_ID,... of the registered SuperNode keys (default: from deployment.json)")
+    dsg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="scenario override for the buyer, as for 'tip-fed simulate --set' (repeatable)")
+    dkg = cmds.add_parser("keygen", help="Ed25519 publisher key; sellers trust its .trusted.yaml")
+    dkg.add_argument("dir", help="directory for publisher, publisher.pub, publisher.trusted.yaml")
+    dgd = cmds.add_parser("guard", help="write DIR/flwr-clientapp: put DIR first on a SuperNode's PATH so it runs only signed apps")
+    dgd.add_argument("dir", help="directory for the flwr-clientapp guard")
 
 
 def _deploy(args: argparse.Namespace) -> None:
     from simulations import flower_deploy
 
+    from tip_fed.flower import trust
+
     if args.deploy_command == "down":
         pids = flower_deploy.down(Path(args.dir))
         print(f"stopped {len(pids)} processes (and their children): {' '.join(map(str, pids))}")
+        return
+    if args.deploy_command == "sign":
+        root = Path(args.dir)
+        path = flower_deploy.sign(root, Path(args.app), Path(args.out or root / "result"),
+                                  Path(args.key) if args.key else None, args.sellers, args.overrides)
+        print(f"signed the Flower App in {Path(args.app).resolve()}; run config: {path}\n"
+              f"  flwr run {args.app} <connection> --stream --run-config {path}\n"
+              "(sign again after any change to the app: sellers refuse a FAB that differs from the signed one)")
+        return
+    if args.deploy_command == "keygen":
+        private, public, trusted = trust.create_publisher_key(Path(args.dir))
+        print(f"publisher key {private} (keep private); give sellers {trusted} "
+              f"(--node-config '{trust.PUBLISHERS}=\"/path/{trusted.name}\"'); public key {public}")
+        return
+    if args.deploy_command == "guard":
+        guard = trust.install_guard(Path(args.dir)).resolve()
+        print(f"wrote {guard}/flwr-clientapp and flwr-serverapp; start the SuperNode with PATH={guard}:$PATH and "
+              f"--node-config '... {trust.PUBLISHERS}=\"/path/publisher.trusted.yaml\"'")
         return
     d = flower_deploy.up(Path(args.dir), Path(args.sellers), args.port)
     print(f"SuperLink https://127.0.0.1:{d.port} (TLS, SuperNode auth); SuperNodes: "
           + ", ".join(f"{name} (node {node})" for name, node in d.nodes.items()))
     print(f"state and PIDs: {d.root / flower_deploy.STATE_FILE}; logs: {d.root / 'logs'}")
-    print("run a valuation:\n"
+    print(f"sellers run only apps signed by {d.publisher} (trusted: {d.trusted})\n"
+          "run a valuation (sign the app, then run it with the signed run config):\n"
+          f"  tip-fed deploy sign {d.root} --app .\n"
           f"  FLWR_HOME={d.home} flwr run . {flower_deploy.CONNECTION} --stream "
-          f"--run-config 'out-dir=\"{d.root / 'result'}\"'\n"
+          f"--run-config {d.root / flower_deploy.RUN_CONFIG_FILE}\n"
           f"stop it: tip-fed deploy down {d.root}")
 
 

@@ -22,7 +22,7 @@ from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError, ProtocolError
 from tip_fed.flower import records
 from tip_fed.flower.client_app import make_client_app, seller_from_node_config
-from tip_fed.flower.server_app import Session, make_server_app
+from tip_fed.flower.server_app import Session, format_bindings, make_server_app, parse_bindings
 from tip_fed.protocol import Buyer, BuyerSettings, Seller
 from tip_fed.protocol.data import load_dataset, save_dataset
 
@@ -121,10 +121,10 @@ def seller_files(tmp_path):
     return {f"s{i}": save_dataset(_data(12 + i, 10 + i, 0.3 * i), tmp_path / f"s{i}.safetensors") for i in range(4)}
 
 
-def _run(grid, buyer, expected=(), **flower):
+def _run(grid, buyer, expected=(), nodes=None, **flower):
     done = {}
     cfg = FlowerConfig(timeout_s=1, node_wait_s=0, **flower)
-    app = make_server_app(lambda ctx: Session(buyer, 20, expected, cfg), lambda v, ctx: done.update(v=v))
+    app = make_server_app(lambda ctx: Session(buyer, 20, expected, cfg, nodes=nodes or {}), lambda v, ctx: done.update(v=v))
     server_ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     app(grid, server_ctx)
     return done["v"]
@@ -177,6 +177,33 @@ def test_crashing_client_app_and_unnamed_silence_are_reported_by_node(buyer_part
     assert sorted(v.seller_id for v in valuation.sellers) == ["s1", "s3"]
     assert list(valuation.rejected) == ["node-1"] and "loader bug" in valuation.rejected["node-1"]
     assert valuation.missing == ["node-3"]
+
+
+def test_reply_claiming_another_sellers_id_is_refused_and_unbound_nodes_are_not_counted(buyer_parts, seller_files):
+    # Prepare: nodes 1-3 are registered for s0-s2; node 3 claims to be s0; node 4, registered for
+    # nobody, holds other data and claims to be s1 (a rogue SuperNode with a stranger's key)
+    files = list(seller_files.values())
+    configs = {1: {"data-path": str(files[0])}, 2: {"data-path": str(files[1])},
+               3: {"data-path": str(files[2]), "seller-id": "s0"}, 4: {"data-path": str(files[3]), "seller-id": "s1"}}
+    grid = LocalGrid(make_client_app(), configs)
+    # Execute
+    valuation = _run(grid, _buyer(buyer_parts), expected=["s0", "s1", "s2"], nodes={"s0": 1, "s1": 2, "s2": 3})
+    # Assert: the rogue never got the Offer; each seller id is valued only from its own node
+    assert sorted(n for wave in grid.sent for n in wave) == [1, 2, 3]
+    by_id = valuation.by_id()
+    assert sorted(by_id) == ["s0", "s1"] and by_id["s1"].n_samples == 13  # s1's own 13 records, not the rogue's 15
+    assert set(valuation.rejected) == {"node-3", "node-4"}
+    assert "registered for seller 's2' but its reply claims seller 's0'" in valuation.rejected["node-3"]
+    assert "not registered for any seller" in valuation.rejected["node-4"]
+    assert valuation.missing == ["s2"]
+
+
+def test_seller_node_bindings_parse_and_refuse_ambiguity():
+    assert parse_bindings(format_bindings({"a": 1, "b-2": 18446744073709551615})) == {"a": 1, "b-2": 2**64 - 1}
+    assert parse_bindings("") == {}
+    for bad in ("a", "a=x", "=3", "a=1,a=2", "a=1,b=1"):
+        with pytest.raises(ConfigError):
+            parse_bindings(bad)
 
 
 def test_query_budget_holds_across_stateless_client_app_messages(buyer_parts, seller_files):

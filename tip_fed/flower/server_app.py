@@ -8,22 +8,28 @@ stored message for every node on each 0.1 s tick, a cost of nodes x messages in 
 replies are separated from Replies. Sellers that refuse are listed under ``rejected`` with their
 reason; sellers that do not answer within ``timeout_s`` of their Offer under ``missing``.
 Flower-level failures (a crashed ClientApp) count as refusals.
+
+In a deployment a seller is known by the node key its operator registered, not by what its reply
+says: with ``Session.nodes`` (seller id -> registered node id) only those nodes get the Offer, a
+reply counts only under the seller id its node is registered for, and any other connected node
+(a key someone else registered) is listed under ``rejected`` and never counted.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
-from tip_fed.errors import ProtocolError, TipError
+from tip_fed.errors import ConfigError, ProtocolError, TipError
 from tip_fed.flower import records
 from tip_fed.protocol import Buyer, Valuation
+from tip_fed.protocol.messages import decode_reply
 
 logger = logging.getLogger(__name__)
 _POLL_S = 0.05  # pause between polls for replies while none arrives
@@ -37,14 +43,34 @@ class Session:
     max_samples: int
     expected: Sequence[str] = ()
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    nodes: Mapping[str, int] = field(default_factory=dict)  # seller id -> registered node id; empty: any node
 
 
-def wait_for_nodes(grid: Grid, want: int, wait_s: float) -> list[int]:
-    """Node ids once ``want`` are connected, or whatever is connected after ``wait_s`` seconds."""
+def parse_bindings(text: str) -> dict[str, int]:
+    """``"s1=123,s2=456"`` (the ``sellers`` run config) -> ``{"s1": 123, "s2": 456}``."""
+    bindings: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        seller, sep, node = item.partition("=")
+        if not sep or not seller.strip() or not node.strip().isdigit():
+            raise ConfigError(f"'sellers' entry {item!r} must look like SELLER_ID=NODE_ID, e.g. digits-1=8234...")
+        if seller.strip() in bindings or int(node) in bindings.values():
+            raise ConfigError(f"'sellers' names seller {seller.strip()!r} or node {node.strip()} twice")
+        bindings[seller.strip()] = int(node)
+    return bindings
+
+
+def format_bindings(nodes: Mapping[str, int]) -> str:
+    """Inverse of :func:`parse_bindings`."""
+    return ",".join(f"{seller}={node}" for seller, node in nodes.items())
+
+
+def wait_for_nodes(grid: Grid, want: int, wait_s: float, required: Sequence[int] = ()) -> list[int]:
+    """Node ids once ``want`` (and every ``required`` node) are connected, or whatever is connected
+    after ``wait_s`` seconds."""
     deadline = time.monotonic() + wait_s
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= want or time.monotonic() >= deadline:
+        if (len(nodes) >= want and set(required) <= set(nodes)) or time.monotonic() >= deadline:
             return nodes
         time.sleep(0.5)
 
@@ -53,7 +79,12 @@ def run_session(grid: Grid, session: Session) -> Valuation:
     """Offer, collect and settle one session over ``grid``; see the module docstring."""
     cfg = session.flower
     want = max(cfg.min_sellers, len(session.expected))
-    nodes = wait_for_nodes(grid, want, cfg.node_wait_s)
+    bound = {node: seller for seller, node in session.nodes.items()}
+    connected = wait_for_nodes(grid, want, cfg.node_wait_s, required=sorted(bound))
+    rejected: dict[str, str] = {}
+    nodes = [n for n in connected if not bound or n in bound]
+    for stranger in sorted(set(connected) - set(nodes)):
+        rejected[f"node-{stranger}"] = "node is not registered for any seller of this market; not offered, not counted"
     if len(nodes) < cfg.min_sellers:
         raise TipError(
             f"only {len(nodes)} seller node(s) connected within {cfg.node_wait_s:.0f} s, fewer than "
@@ -61,7 +92,6 @@ def run_session(grid: Grid, session: Session) -> Valuation:
         )
     logger.info("query.value: offering to %d seller nodes, at most %d at a time", len(nodes), cfg.wave_size)
     content = records.encode_offer(session.buyer.offer(max_samples=session.max_samples))
-    rejected: dict[str, str] = {}
     silent: list[int] = []
 
     def replies() -> Iterator[bytes]:
@@ -69,7 +99,7 @@ def run_session(grid: Grid, session: Session) -> Valuation:
             if reply is None:
                 silent.append(node)
                 continue
-            data = _reply_bytes(reply, node, rejected)
+            data = _reply_bytes(reply, node, rejected, bound.get(node))
             if data is not None:
                 yield data
 
@@ -119,18 +149,27 @@ def exchange(
             time.sleep(_POLL_S)
 
 
-def _reply_bytes(reply: Message, node: int, rejected: dict[str, str]) -> bytes | None:
-    """Reply bytes, or None after recording why this node's answer is unusable."""
+def _reply_bytes(reply: Message, node: int, rejected: dict[str, str], bound: str | None = None) -> bytes | None:
+    """Reply bytes, or None after recording why this node's answer is unusable.
+
+    With ``bound`` (the seller id registered for ``node``) the reason is filed under that id and a
+    Reply claiming any other seller id is refused."""
+    name = bound or f"node-{node}"
     if reply.has_error():
-        rejected[f"node-{node}"] = f"ClientApp failed (code {reply.error.code}): {reply.error.reason}"
+        rejected[name] = f"ClientApp failed (code {reply.error.code}): {reply.error.reason}"
         return None
     try:
         data, seller, error = records.decode_reply(reply.content)
+        claimed = decode_reply(data).seller_id if data is not None and bound is not None else None
     except ProtocolError as exc:
-        rejected[f"node-{node}"] = str(exc)
+        rejected[name] = str(exc)
         return None
     if error is not None:
-        rejected[seller or f"node-{node}"] = error
+        rejected[bound or seller or name] = error
+        return None
+    if bound is not None and claimed != bound:
+        rejected[f"node-{node}"] = (f"node {node} is registered for seller {bound!r} but its reply claims "
+                                    f"seller {str(claimed)[:64]!r}; not counted")
         return None
     return data
 
