@@ -64,19 +64,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from tip_fed.config import TipConfig, load_config
-    from tip_fed.core.projection import ProjectionSpec
-    from tip_fed.core.tasks import get_task
-    from tip_fed.protocol import (
-        PROTOCOL_VERSION,
-        Buyer,
-        BuyerSettings,
-        Seller,
-        SellerPolicy,
-        SellerValuation,
-        Valuation,
-    )
-    from tip_fed.protocol.data import load_dataset
+    from tip_fed.config import TipConfig as TipConfig
+    from tip_fed.config import load_config as load_config
+    from tip_fed.core.projection import ProjectionSpec as ProjectionSpec
+    from tip_fed.core.tasks import get_task as get_task
+    from tip_fed.protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
+    from tip_fed.protocol import Buyer as Buyer
+    from tip_fed.protocol import BuyerSettings as BuyerSettings
+    from tip_fed.protocol import Seller as Seller
+    from tip_fed.protocol import SellerPolicy as SellerPolicy
+    from tip_fed.protocol import SellerValuation as SellerValuation
+    from tip_fed.protocol import Valuation as Valuation
+    from tip_fed.protocol.data import load_dataset as load_dataset
 
 
 def __getattr__(name: str) -> Any:
