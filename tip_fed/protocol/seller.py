@@ -17,6 +17,7 @@ from torch import nn
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, get_task
+from tip_fed.crypto.key_identity import public_key_digest
 from tip_fed.crypto.keys import load_public_context
 from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.packing import score_rows
@@ -25,7 +26,8 @@ from tip_fed.errors import BudgetExceededError, DataError, ProtocolError, Sessio
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
-from tip_fed.protocol.disclosure import NoisePolicy, gaussian_sigma, offer_noise, release_sensitivity
+from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, offer_noise, release_rows, seed_commitment
+from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
 from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
 from tip_fed.protocol.messages import PROTOCOL_VERSION, SELLER_ID, decode_offer, disclosure_name
 from tip_fed.protocol.model import decode_model
@@ -46,6 +48,11 @@ class SellerPolicy:
     noise: NoisePolicy = field(default_factory=NoisePolicy)
     # Keep encoded score plaintexts (MiB) for repeated queries over the same gradients; 0 = off.
     encoding_cache_mb: int = 0
+    # Privacy ledger file (per-buyer lifetime budget, answered public keys); None = in memory only.
+    ledger: str | None = None
+    lifetime: LedgerPolicy = field(default_factory=LedgerPolicy)
+    # Per-sample scores without noise are exact linear functionals of each record: refused unless set.
+    exact_per_sample: bool = False
 
 
 class Seller:
@@ -84,12 +91,17 @@ class Seller:
         # or one offer sent N times at once would be answered N times.
         self._lock = threading.Lock()
         self._rng = np.random.default_rng(seed)
-        self._committed: dict[str, np.ndarray] = {}
+        self._committed: dict[str, tuple[np.ndarray, bytes | None]] = {}
+        self._ledger = PrivacyLedger(self.policy.ledger, self.policy.lifetime)
         mb = self.policy.encoding_cache_mb
         self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
 
-    def respond(self, offer_bytes: bytes) -> bytes:
-        """Answer one Offer with a Reply (both as bytes)."""
+    def respond(self, offer_bytes: bytes, *, peer: str | None = None) -> bytes:
+        """Answer one Offer with a Reply (both as bytes).
+
+        ``peer`` is the buyer's authenticated identity (mTLS client certificate, Flower node); the
+        privacy ledger charges the answer to it (None: the identity all unauthenticated buyers share).
+        """
         t0 = time.perf_counter()
         offer = decode_offer(offer_bytes)
         self._spend_budget(offer)
@@ -112,11 +124,13 @@ class Seller:
         task = get_task(offer.task)
         noise = self.policy.noise.stricter(offer_noise(offer))
         per_sample = disclosure == "per-sample"
-        dp_std = (
-            gaussian_sigma(noise.epsilon, noise.delta, release_sensitivity(offer.query_norm, self.n_samples, per_sample))
-            if noise.epsilon is not None
-            else 0.0
-        )
+        if per_sample and not noise.enabled and not self.policy.exact_per_sample:
+            raise ProtocolError(
+                f"seller {self.seller_id} releases per-sample scores only with differential-privacy noise; "
+                "set protocol.dp-epsilon in the offer, or ask for aggregate disclosure"
+            )
+        key = public_key_digest(offer.public_context, params)
+        self._ledger.charge(buyer=peer, key=key, session_id=offer.session_id, noise_multiplier=noise.noise_multiplier)
 
         grads = self.projected_gradients(model, spec, task)
         clipped, factors = clip_rows(grads, offer.grad_norm_bound)
@@ -127,11 +141,12 @@ class Seller:
         root = commitment.commit(self._data, g)
         t_commit = time.perf_counter()
 
+        seed = new_noise_seed() if noise.enabled else None
         rows = self.scoring_rows(g, offer.grad_norm_bound) / offer.grad_norm_bound
-        mean = rows.mean(axis=0, keepdims=True)
-        matrix = np.vstack([rows, mean]) if per_sample else mean
-        cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng, dp_std=dp_std, cache=self._encodings)
-        self._keep(offer.session_id, g)
+        matrix, row_noise = release_rows(rows, per_sample, seed, noise.gradient_std)
+        cache = None if noise.enabled else self._encodings  # noisy rows never repeat
+        cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng, row_noise=row_noise, cache=cache)
+        self._keep(offer.session_id, g, seed)
         t_end = time.perf_counter()
 
         reply = pb.Reply(
@@ -151,7 +166,8 @@ class Seller:
             ),
             dp_epsilon=noise.epsilon or 0.0,
             dp_delta=noise.delta if noise.enabled else 0.0,
-            noise_std=dp_std,
+            noise_std=noise.gradient_std,
+            noise_commitment=b"" if seed is None else seed_commitment(seed, offer.session_id, self.seller_id),
         )
         return reply.SerializeToString()
 
@@ -168,22 +184,22 @@ class Seller:
 
     def deliver(self, session_id: str) -> Delivery:
         """After a purchase: the records and the gradients committed to in that session, for the audit."""
-        g = self._committed.get(session_id)
-        if g is None:
+        kept = self._committed.get(session_id)
+        if kept is None:
             raise SessionError(
                 f"seller {self.seller_id} has no commitment for session {session_id[:8]}…; it never answered "
                 f"that session or it was forgotten (the last {_KEPT_SESSIONS} sessions, at most "
                 f"{_KEPT_BYTES >> 20} MiB of gradients, are kept); deliver right after the purchase"
             )
-        return Delivery(data=dict(self._data), gradients=g.copy())
+        return Delivery(data=dict(self._data), gradients=kept[0].copy(), noise_seed=kept[1])
 
-    def _keep(self, session_id: str, gradients: np.ndarray) -> None:
+    def _keep(self, session_id: str, gradients: np.ndarray, seed: bytes | None) -> None:
         """Remember committed gradients for delivery; bounded in sessions and bytes (a long-running
         service must not grow with every buyer), oldest sessions forgotten first."""
         with self._lock:
-            self._committed[session_id] = gradients
+            self._committed[session_id] = (gradients, seed)
             while len(self._committed) > _KEPT_SESSIONS or (
-                len(self._committed) > 1 and sum(g.nbytes for g in self._committed.values()) > _KEPT_BYTES
+                len(self._committed) > 1 and sum(g.nbytes for g, _ in self._committed.values()) > _KEPT_BYTES
             ):
                 del self._committed[next(iter(self._committed))]
 
