@@ -116,7 +116,7 @@ def test_seller_noise_is_added_inside_the_encryption_and_stated(model, seller_da
     assert abs(resid.mean()) < 6 * v.noise["std"] / math.sqrt(n)
     controls = buyer._controls()
     assert controls["dp_requested"] == {"epsilon": 8.0, "delta": 1e-5}
-    assert controls["dp_session_composed"]["epsilon"] == pytest.approx(8.0, rel=0.05)  # one query: the accountant gives eps back
+    assert 8.0 <= controls["dp_session_composed"]["epsilon"] < 10.0  # one query: the accountant's bound on eps
 
 
 def test_aggregate_noise_and_manifest_state_epsilon_delta(model, seller_data, make_buyer):
@@ -125,7 +125,7 @@ def test_aggregate_noise_and_manifest_state_epsilon_delta(model, seller_data, ma
     valuation = buyer.settle([Seller(s, d).respond(offer) for s, d in seller_data.items()])
     controls = valuation.manifest["disclosure_controls"]
     composed = controls["dp_session_composed"]
-    # two queries composed by the PLD accountant at delta 2e-6: tighter than basic composition (2.0)
+    # two queries composed by the RDP accountant at delta 2e-6: tighter than basic composition (2.0)
     assert composed["delta"] == 2e-6 and 1.0 < composed["epsilon"] < 2.0
     for v in valuation.sellers:
         assert v.noise["epsilon"] == 1.0 and v.noise["std"] > 0 and v.noise["total_std"] == v.noise["std"]

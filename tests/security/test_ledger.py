@@ -57,7 +57,7 @@ def _prober(model, eps=None, budget=1):
 
 def test_basis_vector_sessions_are_refused_once_the_lifetime_budget_is_spent(model, seller_data, tmp_path):
     data = seller_data["s2"]
-    per_query, lifetime = NoisePolicy(1.0, 1e-6), LedgerPolicy(epsilon=8.0, delta=1e-5)
+    per_query, lifetime = NoisePolicy(1.0, 1e-6), LedgerPolicy(epsilon=4.0, delta=1e-5)
     seller = Seller("s2", data, policy=SellerPolicy(noise=per_query, ledger=str(tmp_path / "ledger.json"),
                                                     lifetime=lifetime))
     buyer = _prober(model)
@@ -83,12 +83,12 @@ def test_basis_vector_sessions_are_refused_once_the_lifetime_budget_is_spent(mod
     err = (est - truth[coords]) * np.sqrt(counts)  # each reading has noise std C * sigma_C
     implied = buyer.grad_norm_bound * per_query.gradient_std
     rel = np.linalg.norm(est - truth[coords]) / np.linalg.norm(truth[coords])
-    print(f"\n{answered} sessions answered before refusal (composed epsilon {expected_eps:.3f} <= 8 at delta 1e-5); "
+    print(f"\n{answered} sessions answered before refusal (composed epsilon {expected_eps:.3f} <= 4 at delta 1e-5); "
           f"reconstruction error per coordinate: measured rms {np.sqrt(np.mean(err**2)):.4g}, implied by "
           f"(eps, delta) = (1, 1e-6) per session: {implied:.4g} (relative error of the sum {rel:.3g}; "
           f"without noise it is ~1e-7)")
     # the reconstruction is exactly as bad as the stated noise: chi-square bounds on len(coords) readings
-    assert 0.4 * implied < np.sqrt(np.mean(err**2)) < 1.8 * implied
+    assert 0.35 * implied < np.sqrt(np.mean(err**2)) < 1.8 * implied
     assert answered >= 5
     # the refusal survives a restart: a new seller on the same ledger file refuses at once
     again = Seller("s2", data, policy=SellerPolicy(noise=per_query, ledger=str(tmp_path / "ledger.json"),
@@ -153,6 +153,7 @@ def test_ledger_charges_are_atomic_and_refusals_record_nothing(tmp_path):
 def test_composition_is_the_accountants_not_basic_composition():
     m = NoisePolicy(1.0, 1e-6).noise_multiplier
     one = composed_epsilon({m: 1}, 1e-6)
-    assert one == pytest.approx(1.0, rel=0.05)  # one analytic-Gaussian release: its own epsilon back
+    # one analytic-Gaussian release is exactly (1, 1e-6)-DP: a valid accountant cannot report less
+    assert 1.0 - 1e-9 <= one < 1.5
     hundred = composed_epsilon({m: 100}, 1e-5)
-    assert 5.0 < hundred < 100.0 and math.isfinite(hundred)  # ~sqrt(k) growth, far below basic composition
+    assert 5.0 < hundred < 20.0 and math.isfinite(hundred)  # ~sqrt(k) growth, far below basic composition (100)

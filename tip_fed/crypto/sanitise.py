@@ -23,10 +23,11 @@ them with advantage at most ``||d_out||_2 / (2 flood_std) + sum_all |d| / (2 B)`
 (:func:`statistical_distance_bound`). The output slots limit it: their flooding must stay below
 the released precision. With the default parameters (N = 8192, scale 2^40, last prime 2^60) the
 residual noise is ~2^-29 to 2^-24 in slot units (measured in ``tests/security/test_sanitise.py``),
-``flood_std`` = 2^-16, so the statistical parameter is ~8 bits per output slot (advantage <= 2^-8
-for one released value, growing with the square root of the number of released values), and
-~40 bits per slot for the imaginary and non-output parts (B = 2^12). A 40-bit parameter on the
-output slots needs ``flood_std >= 2^40 ||d||`` ~ 2^16 slot units, larger than the scores
+``flood_std`` = 2^-18 (below the release rounding step, 1e-8 of the score bound ~ 2^-16.6 slot
+units), so the statistical parameter is ~6 bits per output slot (advantage <= 2^-6 for one
+released value, growing with the square root of the number of released values), and ~40 bits per
+slot for the imaginary and non-output parts (B = 2^12). A 40-bit parameter on the output slots
+needs ``flood_std >= 2^40 ||d||`` ~ 2^16 slot units, larger than the scores
 themselves: it would take a ~2^32 larger scale and last modulus (N = 16384 or 32768 parameters),
 which this planner does not offer. With differential privacy on, the output slots also carry the
 gradient-space Gaussian (std 2^10 sigma_C / n slot units for the aggregate, 2^10 sigma_C per
@@ -48,9 +49,9 @@ from .keys import SessionKeys
 
 __all__ = ["FLOOD_STD", "decrypt_complex", "sanitising_fill", "statistical_distance_bound"]
 
-#: Std (slot units) of the Gaussian flooding added to output slots: 2^-16 of a score whose bound
-#: is 2^10 is a relative error of ~1.5e-8, the size of the default release rounding (1e-8 steps).
-FLOOD_STD: float = 2.0**-16
+#: Std (slot units) of the Gaussian flooding added to output slots: 2^-18 of a score whose bound
+#: is 2^10 is a relative error of ~4e-9, below the default release rounding (1e-8 steps).
+FLOOD_STD: float = 2.0**-18
 
 
 def sanitising_fill(
