@@ -30,7 +30,7 @@ from tip_fed.errors import (
 )
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
 from tip_fed.grpc.server import MiB, SERVICE_NAME, status_for
-from tip_fed.protocol import Buyer, BuyerSettings, Seller
+from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.tls import create_ca, issue_cert
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -95,7 +95,7 @@ def _plain(buyer, model, data):
 @pytest.mark.parametrize("mode", ["insecure", "tls", "mtls"])
 def test_buyer_values_a_seller_service(model, pki, mode):
     data = _data(12, 7, 0.3)
-    running, client_tls = _serve(Seller("clinic-a", data), pki, mode)
+    running, client_tls = _serve(Seller("clinic-a", data, policy=SellerPolicy(exact_per_sample=True)), pki, mode)
     try:
         endpoint = SellerEndpoint("clinic-a", running.address)
         health = wait_until_healthy(endpoint, tls=client_tls, insecure=client_tls is None, timeout_s=10)
@@ -116,13 +116,13 @@ def test_buyer_values_a_seller_service(model, pki, mode):
 
 def test_tls_is_required_unless_insecure_is_explicit(model):
     with pytest.raises(ConfigError, match="needs TLS"):
-        start_server(Seller("s", _data(3, 1)))
+        start_server(Seller("s", _data(3, 1), policy=SellerPolicy(exact_per_sample=True)))
     with pytest.raises(ConfigError, match="needs TLS"):
         value_sellers([SellerEndpoint("s", "127.0.0.1:1")], b"")
 
 
 def test_wrong_credentials_are_reported_not_raised(model, pki):
-    running, _ = _serve(Seller("s", _data(4, 1)), pki, "mtls")
+    running, _ = _serve(Seller("s", _data(4, 1), policy=SellerPolicy(exact_per_sample=True)), pki, "mtls")
     try:
         offer = _buyer(model).offer(max_samples=10)
         endpoint = [SellerEndpoint("s", running.address)]
@@ -135,7 +135,7 @@ def test_wrong_credentials_are_reported_not_raised(model, pki):
 
 
 def test_refusals_map_to_status_codes_with_the_sellers_message(model, pki):
-    running, _ = _serve(Seller("s", _data(4, 1)), pki, "insecure")
+    running, _ = _serve(Seller("s", _data(4, 1), policy=SellerPolicy(exact_per_sample=True)), pki, "insecure")
     endpoint = [SellerEndpoint("s", running.address)]
     try:
         buyer = _buyer(model)
@@ -177,7 +177,7 @@ def test_every_error_kind_has_a_status_code(error, code):
 
 
 def test_down_and_hung_sellers_are_reported_and_the_others_are_valued(model, pki):
-    running, client_tls = _serve(Seller("up", _data(6, 4)), pki, "tls")
+    running, client_tls = _serve(Seller("up", _data(6, 4), policy=SellerPolicy(exact_per_sample=True)), pki, "tls")
     dead = f"127.0.0.1:{_free_port()}"
     hung = socket.create_server(("127.0.0.1", 0))  # the kernel accepts connections; nobody ever answers
     hung_address = f"127.0.0.1:{hung.getsockname()[1]}"
@@ -205,8 +205,8 @@ def test_offers_above_grpcs_4_mib_default_pass(pki):
     data = _data(5, 9)
     offer = buyer.offer(max_samples=10)
     assert len(offer) > 4 * MiB
-    running, client_tls = _serve(Seller("s", data), pki, "tls")
-    small, _ = _serve(Seller("s", data), pki, "tls", max_message_bytes=4 * MiB)
+    running, client_tls = _serve(Seller("s", data, policy=SellerPolicy(exact_per_sample=True)), pki, "tls")
+    small, _ = _serve(Seller("s", data, policy=SellerPolicy(exact_per_sample=True)), pki, "tls", max_message_bytes=4 * MiB)
     try:
         replies, failures = value_sellers([SellerEndpoint("s", running.address)], offer, tls=client_tls, timeout_s=60)
         _, refused = value_sellers([SellerEndpoint("s", small.address)], offer, tls=client_tls, timeout_s=60)
@@ -221,10 +221,10 @@ def test_offers_above_grpcs_4_mib_default_pass(pki):
 
 
 def test_a_taken_port_is_refused_not_shared(pki):
-    first = start_server(Seller("a", _data(3, 1)), insecure=True)
+    first = start_server(Seller("a", _data(3, 1), policy=SellerPolicy(exact_per_sample=True)), insecure=True)
     try:
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{first.port}"):
-            start_server(Seller("b", _data(3, 2)), insecure=True, port=first.port)
+            start_server(Seller("b", _data(3, 2), policy=SellerPolicy(exact_per_sample=True)), insecure=True, port=first.port)
     finally:
         first.stop(0)
 

@@ -52,27 +52,27 @@ def sellers(seller_data):
 def test_per_sample_and_totals_match_plaintext(model, sellers, kind):
     buyer = _buyer(model, kind=kind)
     offer = buyer.offer(max_samples=100)
-    replies = [Seller(sid, d, seed=1).respond(offer) for sid, d in sellers.items()]
+    replies = [Seller(sid, d, seed=1, policy=SellerPolicy(exact_per_sample=True)).respond(offer) for sid, d in sellers.items()]
     valuation = buyer.settle(replies, expected=list(sellers) + ["ghost"])
     assert valuation.missing == ["ghost"] and valuation.rejected == {}
     for v in valuation.sellers:
         plain = _plain(buyer, model, sellers[v.seller_id])
-        scale = np.abs(plain).max()
+        tol = 1e-6 * buyer.query_norm * buyer.grad_norm_bound  # CKKS + sanitising noise: 1e-6 of the score bound
         assert v.n_samples == len(plain)
-        assert np.max(np.abs(v.per_sample - plain)) <= 1e-6 * scale
-        assert abs(v.total - plain.sum()) <= 1e-6 * np.abs(plain).sum()
-        assert abs(v.total - v.per_sample.sum()) <= 1e-6 * np.abs(plain).sum()
+        assert np.max(np.abs(v.per_sample - plain)) <= tol
+        assert abs(v.total - plain.sum()) <= len(plain) * tol
+        assert abs(v.total - v.per_sample.sum()) <= len(plain) * tol
 
 
 def test_aggregate_disclosure_reveals_one_number(model, sellers):
     buyer = _buyer(model, disclosure="aggregate")
     offer = buyer.offer(max_samples=100)
-    reply = Seller("s1", sellers["s1"]).respond(offer)
+    reply = Seller("s1", sellers["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     assert pb.Reply.FromString(reply).n_rows == 1
     v = buyer.settle([reply]).sellers[0]
     plain = _plain(buyer, model, sellers["s1"])
     assert v.per_sample is None
-    assert abs(v.total - plain.sum()) <= 1e-6 * np.abs(plain).sum()
+    assert abs(v.total - plain.sum()) <= len(plain) * 1e-6 * buyer.query_norm * buyer.grad_norm_bound
 
 
 def test_secret_key_never_leaves_the_buyer(model, sellers):
@@ -80,7 +80,7 @@ def test_secret_key_never_leaves_the_buyer(model, sellers):
     offer = buyer.offer(max_samples=100)
     session = buyer._sessions[buyer.session_id]
     secret = session.keys.secret_key_bytes_for_test()
-    reply = Seller("s0", sellers["s0"]).respond(offer)
+    reply = Seller("s0", sellers["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     assert len(secret) > 1000
     for outgoing in (offer, reply):
         assert secret not in outgoing
@@ -90,7 +90,7 @@ def test_secret_key_never_leaves_the_buyer(model, sellers):
 def test_settle_destroys_the_key_and_refuses_a_second_settlement(model, sellers):
     buyer = _buyer(model)
     offer = buyer.offer(max_samples=100)
-    reply = Seller("s0", sellers["s0"]).respond(offer)
+    reply = Seller("s0", sellers["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     buyer.settle([reply])
     assert buyer._sessions[buyer.session_id].keys.destroyed
     with pytest.raises(SessionError, match="already settled"):
@@ -101,8 +101,8 @@ def test_bad_replies_are_rejected_with_reasons_and_the_rest_still_valued(model, 
     buyer = _buyer(model)
     other = _buyer(model)
     offer = buyer.offer(max_samples=100)
-    good = Seller("s1", sellers["s1"]).respond(offer)
-    foreign = Seller("s2", sellers["s2"]).respond(other.offer(max_samples=100))
+    good = Seller("s1", sellers["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
+    foreign = Seller("s2", sellers["s2"], policy=SellerPolicy(exact_per_sample=True)).respond(other.offer(max_samples=100))
     wrong_rows = pb.Reply.FromString(good)
     wrong_rows.seller_id, wrong_rows.n_rows = "liar", 3
     valuation = buyer.settle([good, b"\x00garbage", foreign, good, wrong_rows.SerializeToString()])
@@ -117,14 +117,14 @@ def test_bad_replies_are_rejected_with_reasons_and_the_rest_still_valued(model, 
 def test_seller_enforces_query_budget(model, sellers):
     buyer = _buyer(model, budget=1)
     offer = buyer.offer(max_samples=100)
-    seller = Seller("s0", sellers["s0"])
+    seller = Seller("s0", sellers["s0"], policy=SellerPolicy(exact_per_sample=True))
     seller.respond(offer)
     with pytest.raises(BudgetExceededError, match="budget"):
         seller.respond(offer)
     # a seller may be stricter than the buyer asks, never looser
     buyer2 = _buyer(model, budget=5)
     offer2 = buyer2.offer(max_samples=100)
-    strict = Seller("s0", sellers["s0"], policy=SellerPolicy(max_queries_per_session=1))
+    strict = Seller("s0", sellers["s0"], policy=SellerPolicy(max_queries_per_session=1, exact_per_sample=True))
     strict.respond(offer2)
     with pytest.raises(BudgetExceededError):
         strict.respond(offer2)
@@ -139,7 +139,7 @@ def _mutate(offer_bytes, fn):
 def test_seller_refuses_wrong_version_and_tampered_model(model, sellers):
     buyer = _buyer(model)
     offer = buyer.offer(max_samples=100)
-    seller = Seller("s0", sellers["s0"], policy=SellerPolicy(max_queries_per_session=10))
+    seller = Seller("s0", sellers["s0"], policy=SellerPolicy(max_queries_per_session=10, exact_per_sample=True))
     with pytest.raises(VersionMismatchError, match="protocol version 2"):
         seller.respond(_mutate(offer, lambda o: setattr(o, "protocol_version", 2)))
 
@@ -150,7 +150,7 @@ def test_seller_refuses_wrong_version_and_tampered_model(model, sellers):
 
     with pytest.raises(FingerprintMismatchError):
         seller.respond(_mutate(offer, tamper))
-    pinned = Seller("s0", sellers["s0"], policy=SellerPolicy(expected_fingerprint="f" * 64))
+    pinned = Seller("s0", sellers["s0"], policy=SellerPolicy(expected_fingerprint="f" * 64, exact_per_sample=True))
     with pytest.raises(FingerprintMismatchError, match="expect"):
         pinned.respond(offer)
 
@@ -158,10 +158,10 @@ def test_seller_refuses_wrong_version_and_tampered_model(model, sellers):
 def test_seller_refuses_insecure_parameters_and_oversized_data(model, sellers):
     buyer = _buyer(model)
     offer = buyer.offer(max_samples=10)
-    small = Seller("s0", sellers["s0"], policy=SellerPolicy(max_queries_per_session=10))
+    small = Seller("s0", sellers["s0"], policy=SellerPolicy(max_queries_per_session=10, exact_per_sample=True))
     with pytest.raises(InsecureParametersError, match="128"):
         small.respond(_mutate(offer, lambda o: o.he.coeff_mod_bit_sizes.extend([60, 60])))
-    seller = Seller("s2", sellers["s2"], policy=SellerPolicy(max_queries_per_session=10))
+    seller = Seller("s2", sellers["s2"], policy=SellerPolicy(max_queries_per_session=10, exact_per_sample=True))
     with pytest.raises(ProtocolError, match="at most 10"):
         seller.respond(offer)
     with pytest.raises(ProtocolError, match="empty"):

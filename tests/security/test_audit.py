@@ -12,10 +12,13 @@ import torch
 from tip_fed.cli import main
 from tip_fed.core.influence import clip_rows
 from tip_fed.errors import DataError
-from tip_fed.protocol import Seller
+from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.audit import Delivery, SessionRecord, audit
 
 from .conftest import make_data
+
+# these sellers release exact per-sample scores (the audit without noise); noisy audits below
+EXACT = SellerPolicy(exact_per_sample=True)
 
 
 class ScalingSeller(Seller):
@@ -48,7 +51,7 @@ class SwappingSeller(Seller):
 
 def _session(make_buyer, sellers, disclosure="per-sample"):
     buyer = make_buyer(disclosure=disclosure)
-    offer = buyer.offer(max_samples=100)
+    offer = buyer.offer(max_samples=200)
     valuation = buyer.settle([s.respond(offer) for s in sellers])
     assert valuation.rejected == {}
     return buyer, valuation, {s.seller_id: s.deliver(valuation.session_id) for s in sellers}
@@ -56,7 +59,7 @@ def _session(make_buyer, sellers, disclosure="per-sample"):
 
 @pytest.mark.parametrize("disclosure", ["per-sample", "aggregate"])
 def test_honest_sellers_pass_the_audit(make_buyer, seller_data, disclosure):
-    sellers = [Seller(sid, d) for sid, d in seller_data.items()]
+    sellers = [Seller(sid, d, policy=EXACT) for sid, d in seller_data.items()]
     buyer, valuation, deliveries = _session(make_buyer, sellers, disclosure)
     report = audit(buyer.record(valuation), deliveries)
     assert report.passed, report.to_markdown()
@@ -66,7 +69,7 @@ def test_honest_sellers_pass_the_audit(make_buyer, seller_data, disclosure):
 
 @pytest.mark.parametrize("disclosure", ["per-sample", "aggregate"])
 def test_seller_scaling_its_gradients_by_3_is_caught(make_buyer, seller_data, disclosure):
-    honest, cheat = Seller("s0", seller_data["s0"]), ScalingSeller("s1", seller_data["s1"])
+    honest, cheat = Seller("s0", seller_data["s0"], policy=EXACT), ScalingSeller("s1", seller_data["s1"], policy=EXACT)
     buyer, valuation, deliveries = _session(make_buyer, [honest, cheat], disclosure)
     report = audit(buyer.record(valuation), deliveries).by_id()
     assert report["s0"].passed
@@ -80,7 +83,7 @@ def test_seller_scaling_its_gradients_by_3_is_caught(make_buyer, seller_data, di
 
 
 def test_seller_scoring_other_gradients_than_it_committed_is_caught(make_buyer, seller_data):
-    cheat = InflatingSeller("s2", seller_data["s2"])
+    cheat = InflatingSeller("s2", seller_data["s2"], policy=EXACT)
     buyer, valuation, deliveries = _session(make_buyer, [cheat])
     result = audit(buyer.record(valuation), deliveries).sellers[0]
     assert result.commitment_ok and result.max_gradient_deviation < 1e-6
@@ -90,7 +93,7 @@ def test_seller_scoring_other_gradients_than_it_committed_is_caught(make_buyer, 
 
 def test_seller_swapping_data_after_scoring_is_caught(make_buyer, seller_data):
     decoy = make_data(33, 999, shift=2.0)
-    cheat = SwappingSeller("s1", seller_data["s1"], decoy=decoy)
+    cheat = SwappingSeller("s1", seller_data["s1"], decoy=decoy, policy=EXACT)
     buyer, valuation, deliveries = _session(make_buyer, [cheat])
     result = audit(buyer.record(valuation), deliveries).sellers[0]
     assert result.verdict == "commitment-mismatch" and not result.commitment_ok
@@ -103,20 +106,20 @@ def test_seller_swapping_data_after_scoring_is_caught(make_buyer, seller_data):
 
 
 def test_delivering_fewer_records_is_caught(make_buyer, seller_data):
-    buyer, valuation, deliveries = _session(make_buyer, [Seller("s1", seller_data["s1"])])
+    buyer, valuation, deliveries = _session(make_buyer, [Seller("s1", seller_data["s1"], policy=EXACT)])
     short = Delivery(data={k: v[:-1] for k, v in deliveries["s1"].data.items()})
     result = audit(buyer.record(valuation), {"s1": short}).sellers[0]
     assert not result.passed and not result.n_samples_ok
 
 
 def test_audit_of_unknown_seller_is_a_data_error(make_buyer, seller_data):
-    buyer, valuation, deliveries = _session(make_buyer, [Seller("s0", seller_data["s0"])])
+    buyer, valuation, deliveries = _session(make_buyer, [Seller("s0", seller_data["s0"], policy=EXACT)])
     with pytest.raises(DataError, match="not valued"):
         audit(buyer.record(valuation), {"nobody": deliveries["s0"]})
 
 
 def test_tip_fed_audit_cli_writes_reports_and_flags(make_buyer, seller_data, tmp_path, capsys):
-    sellers = [Seller("s0", seller_data["s0"]), ScalingSeller("s1", seller_data["s1"])]
+    sellers = [Seller("s0", seller_data["s0"], policy=EXACT), ScalingSeller("s1", seller_data["s1"], policy=EXACT)]
     buyer, valuation, deliveries = _session(make_buyer, sellers)
     record_path = buyer.record(valuation).save(tmp_path / "session.json")
     assert stat.S_IMODE(record_path.stat().st_mode) == 0o600  # holds the private query and model
@@ -140,9 +143,110 @@ def test_session_record_holds_no_key_material(make_buyer, seller_data):
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
     secret = buyer._sessions[buyer.session_id].keys.secret_key_bytes_for_test()
-    valuation = buyer.settle([Seller("s0", seller_data["s0"]).respond(offer)])
+    valuation = buyer.settle([Seller("s0", seller_data["s0"], policy=EXACT).respond(offer)])
     text = json.dumps(buyer.record(valuation).to_dict())
     import base64
 
     assert base64.b64encode(secret[:48]).decode() not in text and secret[:48].hex() not in text
     assert torch.is_tensor(buyer.query)
+
+
+# ---- noise committed to by seed, forgery and padding (threat model S2, S9, S10) ------------------
+class ForgingSeller(Seller):
+    """Answers honestly with DP noise, then replaces its encrypted total by an encryption of a value
+    of its choice (it holds the public key), and claims a tiny epsilon so the declared noise is huge."""
+
+    def __init__(self, *args, forged_slot_value, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forged = forged_slot_value
+
+    def respond(self, offer_bytes, *, peer=None):
+        import tenseal.sealapi as sa
+
+        from tip_fed.crypto.codec import seal_to_bytes
+        from tip_fed.crypto.keys import load_public_context
+        from tip_fed.protocol.convert import params_from_pb, plan_from_pb
+        from tip_fed.protocol.disclosure import NoisePolicy
+        from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+        reply = pb.Reply.FromString(super().respond(offer_bytes, peer=peer))
+        offer = pb.Offer.FromString(offer_bytes)
+        params = params_from_pb(offer.he)
+        plan = plan_from_pb(offer.packing, params)
+        ctx = load_public_context(offer.public_context, params)
+        h = ctx.handles
+        r = plan.block_rows(1)[0]
+        values = np.zeros(plan.slots)
+        values[plan.output_slots(r, 1)] = self.forged
+        pt, ct = sa.Plaintext(), sa.Ciphertext()
+        h.encoder.encode(values.tolist(), h.first_parms_id, h.output_scale(masked=plan.diagonals(r) < plan.chunk_dim), pt)
+        ctx.encryptor.encrypt(pt, ct)
+        h.evaluator.mod_switch_to_inplace(ct, h.last_parms_id)
+        del reply.scores[:]
+        reply.scores.append(seal_to_bytes(ct, "forged"))
+        reply.dp_epsilon, reply.dp_delta = 0.05, 1e-6  # "my noise is enormous, tolerate anything"
+        reply.noise_std = NoisePolicy(0.05, 1e-6).gradient_std
+        return reply.SerializeToString()
+
+
+import numpy as np  # noqa: E402
+
+from tip_fed.protocol.disclosure import NoisePolicy  # noqa: E402
+
+
+@pytest.mark.parametrize("disclosure,eps", [("aggregate", 1.0), ("per-sample", 4.0)])
+def test_noisy_sellers_are_audited_exactly_through_their_revealed_seed(make_buyer, seller_data, disclosure, eps):
+    sellers = [Seller(sid, d, policy=SellerPolicy(noise=NoisePolicy(eps))) for sid, d in seller_data.items()]
+    buyer, valuation, deliveries = _session(make_buyer, sellers, disclosure)
+    record = buyer.record(valuation)
+    report = audit(record, deliveries)
+    assert report.passed, report.to_markdown()
+    for s in report.sellers:
+        v = valuation.by_id()[s.seller_id]
+        # no allowance for the noise: the tolerance is far below one noise std
+        assert s.score_tolerance < 1e-3 * v.noise["std"] and s.max_score_deviation <= s.score_tolerance
+    # without the seed, or with another seed, the noise cannot be checked: flagged
+    d = deliveries["s1"]
+    for seed in (None, bytes(32)):
+        bad = audit(record, {"s1": Delivery(data=d.data, gradients=d.gradients, noise_seed=seed)}).sellers[0]
+        assert bad.verdict == "noise-mismatch", bad.reasons
+
+
+def test_forged_total_with_a_fake_noise_claim_is_caught(make_buyer, seller_data):
+    """A seller encrypting a total of its choice and claiming noise it never added (which used to
+    widen the audit tolerance to most of the score range) is flagged: the revealed seed pins the noise."""
+    from tip_fed.protocol.buyer import QUERY_NORM
+
+    honest = Seller("s0", seller_data["s0"], policy=SellerPolicy(noise=NoisePolicy(1.0)))
+    forger = ForgingSeller("s1", seller_data["s1"], policy=SellerPolicy(noise=NoisePolicy(1.0)),
+                           forged_slot_value=0.9 * QUERY_NORM)
+    buyer, valuation, deliveries = _session(make_buyer, [honest, forger], "aggregate")
+    v = valuation.by_id()
+    n = seller_data["s1"]["x"].shape[0]  # the forgery went through settlement: 0.9 of the largest possible total
+    assert v["s1"].total == pytest.approx(0.9 * buyer.query_norm * buyer.grad_norm_bound * n, rel=1e-4)
+    report = audit(buyer.record(valuation), deliveries).by_id()
+    assert report["s0"].passed
+    assert report["s1"].verdict == "score-mismatch", report["s1"].reasons
+    assert report["s1"].total_deviation > 1e4 * report["s1"].score_tolerance
+    print(f"\nforged total {v['s1'].total:.4g} vs honest recomputation; deviation {report['s1'].total_deviation:.4g},"
+          f" tolerance {report['s1'].score_tolerance:.3g}")
+
+
+def test_a_dataset_duplicated_5_times_is_flagged(make_buyer, seller_data):
+    base = seller_data["s1"]
+    padded = {k: v.repeat(5, *([1] * (v.ndim - 1))) for k, v in base.items()}
+    jitter = {k: v.clone() for k, v in base.items()}
+    jitter["x"] = torch.cat([jitter["x"], jitter["x"][:10] + 1e-5])  # near-duplicates of 10 records
+    jitter["y"] = torch.cat([jitter["y"], jitter["y"][:10]])
+    sellers = [Seller("honest", base, policy=EXACT), Seller("padded", padded, policy=EXACT),
+               Seller("jitter", jitter, policy=EXACT)]
+    buyer, valuation, deliveries = _session(make_buyer, sellers, "aggregate")
+    v = valuation.by_id()
+    assert v["padded"].total == pytest.approx(5 * v["honest"].total, rel=1e-4)  # padding inflates 5x
+    report = audit(buyer.record(valuation), deliveries).by_id()
+    assert report["honest"].passed
+    n = base["x"].shape[0]
+    assert report["padded"].verdict == "duplicate-records"
+    assert report["padded"].flagged_samples == list(range(n, 5 * n))
+    assert report["jitter"].verdict == "duplicate-records"
+    assert report["jitter"].flagged_samples == list(range(n, n + 10))

@@ -40,7 +40,7 @@ def world(make_buyer):
     other = make_buyer(disclosure="per-sample")
     foreign_offer = other.offer(max_samples=50)
     offer = buyer.offer(max_samples=50)
-    seller = Seller("s1", make_data(12, 5), policy=SellerPolicy(max_queries_per_session=10**9))
+    seller = Seller("s1", make_data(12, 5), policy=SellerPolicy(max_queries_per_session=10**9, exact_per_sample=True))
     reply = seller.respond(offer)
     W.update({
         "buyer": buyer,
@@ -50,7 +50,7 @@ def world(make_buyer):
         "foreign_offer": pb.Offer.FromString(foreign_offer),
         "reply": pb.Reply.FromString(reply),
         "reply_bytes": reply,
-        "foreign_reply": pb.Reply.FromString(Seller("s9", make_data(3, 6)).respond(foreign_offer)),
+        "foreign_reply": pb.Reply.FromString(Seller("s9", make_data(3, 6), policy=SellerPolicy(exact_per_sample=True)).respond(foreign_offer)),
         "seller": seller,
     })
     yield W
@@ -233,8 +233,8 @@ def test_buyer_reply_handler_on_mutated_replies(data):
 def test_settle_rejects_every_bad_reply_and_keeps_the_good_one(make_buyer, data):
     buyer = make_buyer(disclosure="aggregate")
     offer = buyer.offer(max_samples=50)
-    good = Seller("good", make_data(7, 8)).respond(offer)
-    w = _Ctx(reply=pb.Reply.FromString(Seller("bad", make_data(4, 9)).respond(offer)),
+    good = Seller("good", make_data(7, 8), policy=SellerPolicy(exact_per_sample=True)).respond(offer)
+    w = _Ctx(reply=pb.Reply.FromString(Seller("bad", make_data(4, 9), policy=SellerPolicy(exact_per_sample=True)).respond(offer)),
              offer=pb.Offer.FromString(offer), foreign_reply=pb.Reply.FromString(good))
     bad = [data.draw(mutate_reply(w)) for _ in range(4)] + [data.draw(st.binary(max_size=64))]
     valuation = buyer.settle([*bad, good], expected=["good", "bad"])

@@ -29,7 +29,7 @@ def test_model_config_bomb_is_refused_before_allocation(make_buyer, seller_data,
     m.config_json = json.dumps({"sizes": [10, 100_000, 100_000, 2]})
     m.fingerprint = fingerprint(m.architecture, m.config_json, m.weights)
     with pytest.raises(ModelError, match="refused before building it"):
-        Seller("s0", seller_data["s0"]).respond(offer.SerializeToString())
+        Seller("s0", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer.SerializeToString())
     data = save_dataset(seller_data["s0"], tmp_path / "s0.safetensors")
     out = hostile.run_in_child(tmp_path, data, buyer.offer(max_samples=100), {"bomb": offer.SerializeToString()})
     assert out["bomb"]["error"] == "ModelError" and out["bomb"]["rss_growth_mb"] < 48, out
@@ -43,7 +43,7 @@ def test_malformed_model_configs_are_model_errors(make_buyer, seller_data, confi
     m.config_json = config
     m.fingerprint = fingerprint(m.architecture, m.config_json, m.weights)
     with pytest.raises(ModelError):
-        Seller("s0", seller_data["s0"]).respond(offer.SerializeToString())
+        Seller("s0", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer.SerializeToString())
 
 
 def test_model_that_does_not_fit_the_sellers_records_is_a_data_error(make_buyer, seller_data):
@@ -52,7 +52,7 @@ def test_model_that_does_not_fit_the_sellers_records_is_a_data_error(make_buyer,
     offer = pb.Offer.FromString(_offer_with_model(buyer.offer(max_samples=100), encode_model(MLP([7, 16, 2]))))
     offer.projection.layers[0].in_features = 7  # spec consistent with the model, not with the data
     offer = offer.SerializeToString()
-    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(max_queries_per_session=5))
+    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(max_queries_per_session=5, exact_per_sample=True))
     with pytest.raises(DataError, match="do not fit the model"):
         seller.respond(offer)
 

@@ -123,7 +123,7 @@ def test_every_session_has_a_fresh_key(make_buyer):
 def test_record_and_delivery_files_are_owner_only_and_atomic(make_buyer, seller_data, tmp_path):
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
-    seller = Seller("s0", seller_data["s0"])
+    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True))
     valuation = buyer.settle([seller.respond(offer)])
     path = buyer.record(valuation).save(tmp_path / "r" / "session.json")
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
@@ -142,7 +142,7 @@ def test_secret_key_absent_from_grpc_runtime_logs(make_buyer, seller_data, caplo
     offer = buyer.offer(max_samples=100)
     keys = buyer._sessions[buyer.session_id].keys
     blobs, windows, texts = _forms(keys)
-    running = start_server(Seller("s1", seller_data["s1"]), insecure=True)
+    running = start_server(Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)), insecure=True)
     try:
         endpoint = SellerEndpoint("s1", running.address)
         replies, failures = value_sellers([endpoint], offer, insecure=True, timeout_s=60, retries=0)

@@ -3,18 +3,18 @@
 import pytest
 
 from tip_fed.errors import BudgetExceededError
-from tip_fed.protocol import Seller
+from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 
 def test_reply_replayed_into_a_later_session_is_rejected_even_with_its_session_id_rewritten(make_buyer, seller_data):
     buyer = make_buyer()
-    old = Seller("s1", seller_data["s1"]).respond(buyer.offer(max_samples=100))
+    old = Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(buyer.offer(max_samples=100))
     buyer.settle([old])
     offer = buyer.offer(max_samples=100)
     forged = pb.Reply.FromString(old)
     forged.session_id = pb.Offer.FromString(offer).session_id
-    fresh = Seller("s0", seller_data["s0"]).respond(offer)
+    fresh = Seller("s0", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     valuation = buyer.settle([old, forged.SerializeToString(), fresh], expected=["s0", "s1"])
     assert [v.seller_id for v in valuation.sellers] == ["s0"]
     assert "belongs to session" in valuation.rejected["s1"] or "outside the possible range" in valuation.rejected["s1"]
@@ -24,7 +24,7 @@ def test_reply_replayed_into_a_later_session_is_rejected_even_with_its_session_i
 def test_forged_reply_under_the_right_session_id_decrypts_out_of_range(make_buyer, seller_data):
     other = make_buyer()
     buyer = make_buyer()
-    stolen = Seller("s1", seller_data["s1"]).respond(other.offer(max_samples=100))
+    stolen = Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(other.offer(max_samples=100))
     offer = buyer.offer(max_samples=100)
     forged = pb.Reply.FromString(stolen)
     forged.session_id = pb.Offer.FromString(offer).session_id
@@ -35,8 +35,8 @@ def test_forged_reply_under_the_right_session_id_decrypts_out_of_range(make_buye
 def test_duplicate_seller_id_counts_once(make_buyer, seller_data):
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
-    first = Seller("dup", seller_data["s0"]).respond(offer)
-    impostor = Seller("dup", seller_data["s2"]).respond(offer)
+    first = Seller("dup", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
+    impostor = Seller("dup", seller_data["s2"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     valuation = buyer.settle([first, impostor])
     assert len(valuation.sellers) == 1 and valuation.sellers[0].n_samples == 5
     assert "second reply" in valuation.rejected["dup"]
@@ -45,7 +45,7 @@ def test_duplicate_seller_id_counts_once(make_buyer, seller_data):
 def test_offer_replayed_to_a_seller_is_refused(make_buyer, seller_data):
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
-    seller = Seller("s0", seller_data["s0"])
+    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True))
     seller.respond(offer)
     with pytest.raises(BudgetExceededError):
         seller.respond(offer)
@@ -59,7 +59,7 @@ def test_one_offer_sent_concurrently_is_answered_once(make_buyer, seller_data):
 
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
-    seller = Seller("s0", seller_data["s0"])
+    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True))
 
     def attempt(_):
         try:

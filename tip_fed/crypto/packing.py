@@ -23,11 +23,13 @@ on the output mask.
 Output protection (§3.7): after a fold, every slot that is not a requested score holds a partial
 sum of the seller's data, so such a reply is multiplied by a 0/1 mask (the last rescale). A full
 block (r = S, no fold) holds nothing but its rows' scores (absent rows are exact zeros), so it
-skips the mask. Every reply then gets a fresh public-key encryption of a fill vector added:
-uniform values in [-fill_bound, fill_bound] in every non-output slot (from the caller's ``rng``)
-and Gaussian flooding noise (std ``flood_std``, from OS entropy) in the output slots. The added
-encryption also re-randomises the ciphertext. Replies carry no integrity check: a flipped byte
-can still parse, so the protocol must hash/sign what it sends.
+skips the mask. Every reply is then sanitised (:mod:`tip_fed.crypto.sanitise`): a fresh
+public-key encryption of a complex fill vector is added, whose real part is uniform in
+[-fill_bound, fill_bound] in every non-output slot (from the caller's ``rng``) and Gaussian
+flooding noise in the output slots, and whose imaginary part is uniform noise in every slot (both
+from OS entropy): the computation's residual noise is hidden in every slot, real and imaginary.
+The added encryption also re-randomises the ciphertext. Replies carry no integrity check: a
+flipped byte can still parse, so the protocol must hash/sign what it sends.
 
 Performance (benchmarks/README.md): a seller's encoded diagonals depend only on its rows and the
 parameters, so an :class:`~tip_fed.crypto.EncodingCache` skips encoding on repeated queries;
@@ -35,7 +37,9 @@ parameters, so an :class:`~tip_fed.crypto.EncodingCache` skips encoding on repea
 one-score-per-ciphertext baseline lives in :mod:`tip_fed.crypto.naive`.
 
 Value limits: rows must have L2 norm <= 1 and the query norm must be <= MAX_QUERY_NORM (2^12),
-so |y_j| <= 2^12 and nothing overflows the last level's 60-bit prime.
+so |y_j| <= 2^12 and nothing overflows the last level's 60-bit prime. Gaussian ``row_noise``
+(differential privacy in gradient space) is added to the rows after that check; it must leave
+8 standard deviations of every score below the last level's headroom.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from .encoding_cache import EncodedBlock, EncodingCache
 from .keys import PublicContext, SessionKeys
 from .parallel import map_forked
 from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, HEParams, PackingPlan
+from .sanitise import FLOOD_STD, sanitising_fill
 
 __all__ = [
     "encrypt_query",
@@ -337,8 +342,9 @@ class _Scorer:
         n_in: int,
         fill: np.ndarray,
         flood_std: float,
+        imag_bound: float,
     ) -> bytes:
-        """Mask to the output slots (after a fold), add Enc(fill + flooding noise), serialise.
+        """Mask to the output slots (after a fold), add Enc(sanitising fill), serialise.
 
         ``fill`` (uniform values for the non-output slots) is drawn by the caller, block by
         block in order, so the result does not depend on which process scores the block.
@@ -360,13 +366,9 @@ class _Scorer:
         else:
             scale = h.output_scale(masked=folded)
         t = self._tick("mask", t)
-        fill = fill.copy()
-        # The buyer sees the fill values, so a non-cryptographic ``rng`` could be reconstructed
-        # from them; the flooding noise therefore comes from a separate OS-entropy generator.
-        flood = np.random.default_rng(secrets.randbits(128))
-        fill[out_slots] = flood.normal(0.0, flood_std, n_in) if flood_std > 0 else 0.0
+        values = sanitising_fill(fill, out_slots, flood_std, imag_bound)
         noise = sa.Ciphertext()
-        self.ctx.encryptor.encrypt(self._encode(fill, h.first_parms_id, scale), noise)
+        self.ctx.encryptor.encrypt(self._encode(values, h.first_parms_id, scale), noise)
         ev.mod_switch_to_inplace(noise, h.last_parms_id)
         if res is None:
             res = noise
@@ -385,20 +387,22 @@ def score_rows(
     rows: np.ndarray,
     *,
     rng: np.random.Generator,
+    row_noise: np.ndarray | None = None,
     fill_bound: float = DEFAULT_FILL_BOUND,
-    flood_std: float = 2.0**-24,
-    dp_std: float = 0.0,
+    flood_std: float = FLOOD_STD,
+    imag_bound: float = DEFAULT_FILL_BOUND,
     cache: EncodingCache | None = None,
     timings: dict[str, float] | None = None,
     workers: int = 1,
 ) -> list[bytes]:
-    """Seller side: Enc(rows @ x), up to ``plan.rows_per_block`` scores per ciphertext.
+    """Seller side: Enc((rows + row_noise) @ x), up to ``plan.rows_per_block`` scores per ciphertext.
 
     Returns ``plan.blocks(len(rows))`` ciphertexts (block sizes ``plan.block_rows``) in which only the requested scores decrypt to
     anything but fresh randomness. ``rng`` drives the uniform fill of the non-output slots; seed
     it from OS entropy (``np.random.default_rng()``) in production, a fixed seed only in tests.
-    ``dp_std`` adds Gaussian differential-privacy noise (OS entropy, slot units) to every output
-    slot on top of the flooding noise; it must leave the scores below the last level's headroom.
+    ``rows`` must have norm <= 1; ``row_noise`` (same shape, differential-privacy noise in
+    gradient space, see :func:`tip_fed.protocol.disclosure.release_rows`) is added after that check.
+    ``flood_std`` and ``imag_bound`` size the sanitising noise (:mod:`tip_fed.crypto.sanitise`).
     ``cache`` reuses encoded diagonals across queries over the same rows (see
     :mod:`tip_fed.crypto.encoding_cache`; results are bit-identical); ``timings`` (if given)
     accumulates seconds per phase for benchmarks (phases run in workers are not counted);
@@ -415,30 +419,19 @@ def score_rows(
     # Fill values must stay below q0 / (2 * scale) at the last level, like the scores.
     headroom = plan.params.coeff_mod_bit_sizes[0] - plan.params.global_scale_bits
     limit = min(_MAX_FILL_BOUND, 2.0 ** (headroom - 1))
-    if not (
-        isinstance(fill_bound, (int, float))
-        and math.isfinite(fill_bound)
-        and 0 < fill_bound <= limit
-    ):
-        raise ConfigError(
-            f"fill_bound must be in (0, {limit:g}] for these parameters, got {fill_bound!r}"
-        )
+    for name, bound, low in (("fill_bound", fill_bound, 0.0), ("imag_bound", imag_bound, -1.0)):
+        if not (isinstance(bound, (int, float)) and math.isfinite(bound) and low < bound <= limit):
+            raise ConfigError(f"{name} must be in ({max(low, 0):g}, {limit:g}] for these parameters, got {bound!r}")
     if not (
         isinstance(flood_std, (int, float)) and math.isfinite(flood_std) and 0 <= flood_std <= 1
     ):
         raise ConfigError(f"flood_std must be in [0, 1], got {flood_std!r}")
-    # Scores (<= MAX_QUERY_NORM) plus 8 sigma of noise must not wrap around the last prime.
-    dp_limit = (2.0 ** (headroom - 1) - MAX_QUERY_NORM) / 8
-    if not (isinstance(dp_std, (int, float)) and math.isfinite(dp_std) and 0 <= dp_std <= dp_limit):
-        raise ConfigError(
-            f"dp_std must be in [0, {dp_limit:g}] for these parameters (more noise would overflow "
-            f"the last CKKS level), got {dp_std!r}; use a larger epsilon or aggregate disclosure"
-        )
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
     matrix = _rows_matrix(rows, plan.dim)
+    if row_noise is not None:
+        matrix = matrix + _row_noise(row_noise, matrix.shape, headroom)
     scorer = _Scorer(ctx, plan, query, timings)
-    noise = math.hypot(flood_std, dp_std)
     # Fills drawn here, in block order: same replies for the same rng whatever ``workers`` is.
     items = [
         (matrix[s : s + r], r, rng.uniform(-fill_bound, fill_bound, plan.slots))
@@ -448,13 +441,31 @@ def score_rows(
     def one(block: np.ndarray, r: int, fill: np.ndarray, encoded: EncodedBlock | None) -> bytes:
         if encoded is None:
             encoded = scorer.encoded(block, r, cache)
-        return scorer.protect(scorer.bsgs(encoded, r), r, block.shape[0], fill, noise)
+        return scorer.protect(scorer.bsgs(encoded, r), r, block.shape[0], fill, flood_std, imag_bound)
 
     with tenseal_errors("scoring rows", CryptoError):
         if cache is not None and workers > 1 and len(items) > 1:
             # Encoded here, before the fork, so the cache outlives the workers.
             return map_forked(one, [(*it, scorer.encoded(it[0], it[1], cache)) for it in items], workers)
         return map_forked(one, [(*it, None) for it in items], workers)
+
+
+def _row_noise(noise: object, shape: tuple[int, ...], headroom: int) -> np.ndarray:
+    """Checked gradient-space noise: same shape as the rows, finite, and small enough that every
+    score stays below the last level's headroom with 8 standard deviations to spare (the noise
+    is independent of the query, so a score's noise is Gaussian with std ||x|| * per-coordinate std)."""
+    arr = np.asarray(noise, dtype=np.float64)
+    if arr.shape != shape or not np.all(np.isfinite(arr)):
+        raise DataError(f"row noise must be a finite array of the rows' shape {shape}, got {arr.shape}")
+    per_coord = float(np.sqrt(np.mean(arr**2)))
+    limit = (2.0 ** (headroom - 1) - MAX_QUERY_NORM) / (8 * MAX_QUERY_NORM)
+    if per_coord > limit:
+        raise ConfigError(
+            f"gradient noise of std {per_coord:.4g} (units of the norm bound) exceeds {limit:.4g}, what "
+            "these CKKS parameters can hold without overflowing the last level; use a larger epsilon "
+            "or aggregate disclosure"
+        )
+    return arr
 
 
 def bsgs_slots_unmasked(

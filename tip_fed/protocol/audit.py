@@ -39,17 +39,23 @@ from tip_fed.core.tasks import batch_size, get_task
 from tip_fed.errors import DataError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.data import Batch, dataset_gradients, load_dataset, save_dataset
+from tip_fed.protocol.disclosure import release_rows, seed_commitment
+from tip_fed.protocol.duplicates import NEAR_DUP_TOL, duplicated_records
 from tip_fed.protocol.model import decode_model
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 GRADIENTS_KEY = "__tip_fed_committed_gradients__"
+NOISE_SEED_KEY = "__tip_fed_noise_seed__"
 # float32 gradients recomputed in other batches differ by ~1e-7 of their norm; a cheat is O(1).
 GRAD_TOL = 1e-5
 # CKKS error of one decrypted score relative to the score bound (measured ~1e-10; generous).
 SCORE_TOL = 1e-6
-# Declared DP noise is allowed up to this many standard deviations.
-NOISE_SIGMAS = 6.0
-VERDICTS = ("ok", "commitment-mismatch", "count-mismatch", "gradient-mismatch", "score-mismatch")
+# A delivery in which more than this fraction of records repeat another record is flagged.
+DUPLICATE_FRACTION = 0.01
+VERDICTS = (
+    "ok", "commitment-mismatch", "count-mismatch", "gradient-mismatch", "noise-mismatch", "score-mismatch",
+    "duplicate-records",
+)
 
 
 @dataclass
@@ -58,14 +64,19 @@ class Delivery:
 
     data: dict[str, torch.Tensor]
     gradients: np.ndarray | None = None
+    noise_seed: bytes | None = None  # the seed of the seller's DP noise, committed to in its Reply
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file; the committed gradients travel under a reserved key."""
+        """One safetensors file; the committed gradients and noise seed travel under reserved keys."""
         tensors = dict(self.data)
-        if GRADIENTS_KEY in tensors:
-            raise DataError(f"a data column may not be named {GRADIENTS_KEY}")
+        for reserved in (GRADIENTS_KEY, NOISE_SEED_KEY):
+            if reserved in tensors:
+                raise DataError(f"a data column may not be named {reserved}")
         if self.gradients is not None:
             tensors[GRADIENTS_KEY] = torch.from_numpy(np.ascontiguousarray(self.gradients, dtype=np.float64))
+        if self.noise_seed is not None:  # one copy per record: every column shares the sample dimension
+            n = batch_size(self.data)
+            tensors[NOISE_SEED_KEY] = torch.tensor(list(self.noise_seed), dtype=torch.uint8).repeat(n, 1)
         return save_dataset(tensors, path)
 
     @classmethod
@@ -73,9 +84,16 @@ class Delivery:
         """Read a delivery file (a plain dataset file is a delivery without gradients)."""
         tensors = load_dataset(path)
         grads = tensors.pop(GRADIENTS_KEY, None)
+        seed = tensors.pop(NOISE_SEED_KEY, None)
         if not tensors:
             raise DataError(f"delivery {path} holds no records")
-        return cls(data=tensors, gradients=None if grads is None else grads.numpy().astype(np.float64))
+        if seed is not None and (seed.dtype != torch.uint8 or seed.ndim != 2 or not bool((seed == seed[0]).all())):
+            raise DataError(f"delivery {path} has a malformed noise seed (expected one uint8 row repeated per record)")
+        return cls(
+            data=tensors,
+            gradients=None if grads is None else grads.numpy().astype(np.float64),
+            noise_seed=None if seed is None else bytes(seed[0].tolist()),
+        )
 
 
 @dataclass
@@ -146,7 +164,7 @@ class SessionRecord:
     def save(self, path: str | Path) -> Path:
         """Write as JSON, atomically and readable by the owner only."""
         p = Path(path)
-        _write_private(p, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        write_private(p, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
         return p
 
     @classmethod
@@ -256,8 +274,8 @@ class AuditReport:
         """Write ``audit.json`` and ``audit.md`` atomically into ``out_dir``."""
         out = Path(out_dir)
         js, md = out / "audit.json", out / "audit.md"
-        _write_private(js, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", mode=0o644)
-        _write_private(md, self.to_markdown(), mode=0o644)
+        write_private(js, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", mode=0o644)
+        write_private(md, self.to_markdown(), mode=0o644)
         return js, md
 
 
@@ -329,13 +347,16 @@ class _Context:
                     f"(max {max_grad_dev:.3g} of the norm bound; tolerance {GRAD_TOL:g})"
                 )
 
-        plain = recomputed @ self.query.numpy()
-        noise = float((valued.get("noise") or {}).get("std", 0.0))
-        per_tol = SCORE_TOL * self.record.score_bound + self.record.release_quantum / 2 + NOISE_SIGMAS * noise
-        total_dev = abs(float(valued["total"]) - float(plain.sum()))
-        total_tol = n * (SCORE_TOL * self.record.score_bound + NOISE_SIGMAS * noise) + self.record.release_quantum / 2
+        per_sample = valued.get("per_sample") is not None
+        seed, noise_ok = self._noise_seed(valued, delivery, reasons)
+        plain, total, scale = self._released(recomputed, per_sample, seed, float((valued.get("noise") or {}).get("gradient_std", 0.0)))
+        # No allowance for noise: with the seed revealed the released values are recomputed exactly,
+        # up to the CKKS error (which grows with the norm of the scored rows) and the rounding.
+        per_tol = SCORE_TOL * self.record.score_bound * scale + self.record.release_quantum / 2
+        total_dev = abs(float(valued["total"]) - total)
+        total_tol = n * SCORE_TOL * self.record.score_bound * scale + self.record.release_quantum / 2
         max_dev, per_bad = total_dev, False
-        if valued.get("per_sample") is not None and n_ok:
+        if per_sample and n_ok:
             dev = np.abs(np.asarray(valued["per_sample"], dtype=np.float64) - plain)
             max_dev = float(dev.max())
             bad = np.flatnonzero(dev > per_tol)
@@ -349,11 +370,20 @@ class _Context:
         score_bad = total_dev > total_tol or not math.isfinite(total_dev)
         if score_bad:
             reasons.append(f"the decrypted total differs from the recomputed one by {total_dev:.3g} (tolerance {total_tol:.3g})")
+        dups = duplicated_records(delivery.data)
+        if dups:
+            reasons.append(
+                f"{len(dups)} of {n} records repeat another record (standardised RMS distance <= {NEAR_DUP_TOL:g}): "
+                "padding inflates the total"
+            )
+            flagged |= set(dups)
         checks = [
             ("commitment-mismatch", not commitment_ok),
             ("count-mismatch", not n_ok),
             ("gradient-mismatch", max_grad_dev is not None and max_grad_dev > GRAD_TOL),
+            ("noise-mismatch", not noise_ok),
             ("score-mismatch", score_bad or per_bad),
+            ("duplicate-records", len(dups) > DUPLICATE_FRACTION * n),
         ]
         verdict = next((name for name, failed in checks if failed), "ok")
         return SellerAudit(
@@ -369,6 +399,39 @@ class _Context:
             reasons=reasons,
         )
 
+    def _noise_seed(self, valued: Mapping[str, Any], delivery: Delivery, reasons: list[str]) -> tuple[bytes | None, bool]:
+        """The delivered noise seed if it opens the Reply's commitment; (None, False) otherwise."""
+        noise = valued.get("noise")
+        if not noise:
+            if delivery.noise_seed is not None:
+                reasons.append("a noise seed was delivered but the reply declared no noise")
+                return None, False
+            return None, True
+        if delivery.noise_seed is None:
+            reasons.append("the reply declared differential-privacy noise but the delivery reveals no noise seed")
+            return None, False
+        try:
+            opened = seed_commitment(delivery.noise_seed, self.record.session_id, str(valued["seller_id"])).hex()
+        except TipError as exc:
+            reasons.append(f"the delivered noise seed is malformed: {exc}")
+            return None, False
+        if opened != noise.get("commitment"):
+            reasons.append("the delivered noise seed does not open the commitment in the reply")
+            return None, False
+        return delivery.noise_seed, True
+
+    def _released(
+        self, gradients: np.ndarray, per_sample: bool, seed: bytes | None, std: float
+    ) -> tuple[np.ndarray, float, float]:
+        """What an honest seller releases for these gradients and seed: (per-sample scores, total,
+        largest scored row norm in units of C)."""
+        bound = self.record.grad_norm_bound
+        clean, noise = release_rows(gradients / bound, per_sample, seed, std if seed is not None else 0.0)
+        rows = clean + noise
+        scores = (rows @ self.query.numpy()) * bound
+        scale = max(1.0, float(np.linalg.norm(rows, axis=1).max()))
+        return scores[:-1] if per_sample else scores, float(scores[-1]) * gradients.shape[0], scale
+
     def _gradients(self, data: Batch) -> np.ndarray:
         try:
             g = dataset_gradients(self.model, self.spec, self.task, data, self.batch)
@@ -378,13 +441,16 @@ class _Context:
         return clipped.numpy()
 
 
-def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
-    """Atomic write (temp file + rename) created with ``mode``: readers never see half a file."""
+def write_private(path: Path, text: str, mode: int = 0o600) -> None:
+    """Atomic write (temp file, fsync, rename) created with ``mode``: readers never see half a
+    file, and a crash right after the rename keeps the new contents."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

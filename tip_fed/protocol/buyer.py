@@ -31,7 +31,8 @@ from tip_fed.protocol.convert import params_to_pb, plan_to_pb, spec_to_pb
 from tip_fed.protocol.messages import DISCLOSURE_NAMES, PROTOCOL_VERSION, decode_reply
 from tip_fed.protocol.model import encode_model
 from tip_fed.protocol.data import Batch, iter_batches
-from tip_fed.protocol.disclosure import gaussian_sigma, release_quantum, release_sensitivity, round_release
+from tip_fed.protocol.disclosure import NoisePolicy, release_quantum, round_release
+from tip_fed.protocol.ledger import composed_epsilon
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 QUERY_NORM = 2.0**10
@@ -61,7 +62,9 @@ class SellerValuation:
     commitment: str
     clipped: int
     timings: dict[str, float]
-    noise: dict[str, float] | None = None  # DP noise the seller declared: epsilon, delta, std (score units)
+    # DP noise the seller declared: epsilon, delta, gradient_std (units of C), std and total_std (score
+    # units), commitment (hex of the seed commitment, opened at delivery)
+    noise: dict[str, Any] | None = None
 
     @property
     def mean(self) -> float:
@@ -277,11 +280,15 @@ class Buyer:
         blocks = session.plan.blocks(rows)
         if len(reply.scores) != blocks:
             raise ProtocolError(f"seller {reply.seller_id} sent {len(reply.scores)} ciphertexts; expected {blocks}")
+        per_sample = session.disclosure == "per-sample"
+        noise = _declared_noise(reply, per_sample)
         y = decrypt_scores(session.keys, session.plan, list(reply.scores), rows)
-        # Rows have norm <= 1 and the query norm is QUERY_NORM, so |y| <= QUERY_NORM plus declared
-        # noise. Anything larger was not encrypted under this session's key (a replayed or forged
-        # reply decrypts to values spread over the whole modulus) or was tampered with.
-        limit = QUERY_NORM * (1 + 1e-6) + 8 * reply.noise_std + 1e-3
+        # Rows have norm <= 1 and the query norm is QUERY_NORM, so |y| <= QUERY_NORM plus the
+        # declared gradient noise seen through the query (std QUERY_NORM * noise_std per row, / n for
+        # the aggregate mean). Anything larger was not encrypted under this session's key (a replayed
+        # or forged reply decrypts to values spread over the whole modulus) or was tampered with.
+        row_std = reply.noise_std if per_sample else reply.noise_std / reply.n_samples
+        limit = QUERY_NORM * (1 + 1e-6 + 8 * row_std) + 1e-3
         if not np.all(np.abs(y) <= limit):
             raise ProtocolError(
                 f"seller {reply.seller_id}'s scores decrypt outside the possible range (|y| <= {limit:.6g}): "
@@ -290,17 +297,18 @@ class Buyer:
         unit = self.query_norm * self.grad_norm_bound / QUERY_NORM
         scores = y * unit
         quantum = self.release_quantum
-        per_sample = None
-        if session.disclosure == "per-sample":
-            per_sample = np.array([round_release(float(s), quantum) for s in scores[:-1]], dtype=np.float64)
-        noise = _declared_noise(reply, session.disclosure == "per-sample")
+        per_sample_scores = None
+        if per_sample:
+            per_sample_scores = np.array([round_release(float(s), quantum) for s in scores[:-1]], dtype=np.float64)
         if noise is not None:
-            noise["std"] *= unit
+            # score units: a per-sample score's noise, and the total's (sum of n rows' or one sum's noise)
+            noise["std"] = reply.noise_std * self.query_norm * self.grad_norm_bound
+            noise["total_std"] = noise["std"] * (math.sqrt(reply.n_samples) if per_sample else 1.0)
         return SellerValuation(
             seller_id=reply.seller_id,
             n_samples=reply.n_samples,
             total=round_release(float(scores[-1]) * reply.n_samples, quantum),
-            per_sample=per_sample,
+            per_sample=per_sample_scores,
             commitment=reply.commitment.hex(),
             clipped=reply.clipped,
             timings={
@@ -339,7 +347,13 @@ class Buyer:
         eps = proto.dp_epsilon
         return {
             "dp_requested": None if eps is None else {"epsilon": eps, "delta": proto.dp_delta},
-            "dp_session_composed": None if eps is None else {"epsilon": budget * eps, "delta": budget * proto.dp_delta},
+            # a session answers up to `budget` queries: composed by the accountant the sellers' ledgers use
+            "dp_session_composed": None if eps is None else {
+                "epsilon": composed_epsilon({NoisePolicy(eps, proto.dp_delta).noise_multiplier: budget},
+                                            budget * proto.dp_delta),
+                "delta": budget * proto.dp_delta,
+            },
+            "dp_mechanism": "Gaussian noise on clipped projected gradients (sum or rows), std from (epsilon, delta) only",
             "release_digits": proto.release_digits,
             "release_quantum": self.release_quantum,
             "fresh_key_per_session": True,
@@ -376,20 +390,19 @@ def _reply_label(data: bytes, index: int) -> str:
     return f"reply[{index}]"
 
 
-def _declared_noise(reply: pb.Reply, per_sample: bool) -> dict[str, float] | None:
+def _declared_noise(reply: pb.Reply, per_sample: bool) -> dict[str, Any] | None:
     """The DP noise a reply declares, checked against what its (epsilon, delta) imply.
 
-    The audit tolerates declared noise, so a seller must not be able to claim noise it did not
-    use: its std must be exactly the Gaussian-mechanism std for its epsilon, delta and size.
+    The gradient-noise std depends only on (epsilon, delta) (never on the query or the seller's
+    size), so any other declared std is a lie; noise must come with a seed commitment, which the
+    audit opens to recompute the released values exactly.
     """
     if reply.dp_epsilon == 0:
-        if reply.noise_std != 0:
+        if reply.noise_std != 0 or reply.noise_commitment:
             raise ProtocolError(f"seller {reply.seller_id} declares noise std {reply.noise_std} without an epsilon")
         return None
     try:
-        expected = gaussian_sigma(
-            reply.dp_epsilon, reply.dp_delta, release_sensitivity(QUERY_NORM, reply.n_samples, per_sample)
-        )
+        expected = NoisePolicy(reply.dp_epsilon, reply.dp_delta).gradient_std
     except TipError as exc:
         raise ProtocolError(f"seller {reply.seller_id} declares an invalid privacy guarantee: {exc}") from exc
     if not math.isclose(reply.noise_std, expected, rel_tol=1e-9):
@@ -397,4 +410,14 @@ def _declared_noise(reply: pb.Reply, per_sample: bool) -> dict[str, float] | Non
             f"seller {reply.seller_id} declares noise std {reply.noise_std:.6g}, but (epsilon, delta) = "
             f"({reply.dp_epsilon:g}, {reply.dp_delta:g}) imply {expected:.6g}"
         )
-    return {"epsilon": reply.dp_epsilon, "delta": reply.dp_delta, "std": reply.noise_std}
+    if len(reply.noise_commitment) != 32:
+        raise ProtocolError(
+            f"seller {reply.seller_id} declares noise without a 32-byte commitment to its seed; the audit "
+            "could not check what it released"
+        )
+    return {
+        "epsilon": reply.dp_epsilon,
+        "delta": reply.dp_delta,
+        "gradient_std": reply.noise_std,
+        "commitment": reply.noise_commitment.hex(),
+    }

@@ -51,3 +51,31 @@ def commit(batch: Mapping[str, torch.Tensor], gradients: np.ndarray) -> bytes:
     """Merkle root over every (sample, gradient) pair of a seller's data."""
     n = int(gradients.shape[0])
     return merkle_root([leaf_hash(sample_bytes(batch, i), gradients[i]) for i in range(n)])
+
+
+def merkle_proof(leaves: Sequence[bytes], index: int) -> list[tuple[bytes, bool]]:
+    """Authentication path of leaf ``index``: (sibling hash, sibling is on the left) per level.
+
+    Levels where the node is the odd one out (promoted unchanged) contribute nothing.
+    """
+    if not 0 <= index < len(leaves):
+        raise IndexError(f"leaf {index} out of range for {len(leaves)} leaves")
+    path: list[tuple[bytes, bool]] = []
+    level, i = list(leaves), index
+    while len(level) > 1:
+        sibling = i ^ 1
+        if sibling < len(level):
+            path.append((level[sibling], sibling < i))
+        nxt = [hashlib.sha256(NODE + level[j] + level[j + 1]).digest() for j in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level, i = nxt, i // 2
+    return path
+
+
+def verify_proof(root: bytes, leaf: bytes, path: Sequence[tuple[bytes, bool]]) -> bool:
+    """True when ``path`` leads from ``leaf`` to ``root``."""
+    node = leaf
+    for sibling, left in path:
+        node = hashlib.sha256(NODE + (sibling + node if left else node + sibling)).digest()
+    return node == root

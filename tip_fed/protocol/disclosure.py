@@ -1,40 +1,49 @@
-"""Disclosure controls: Gaussian-mechanism noise on released scores, and rounding of released values.
+"""Disclosure controls: Gaussian noise in gradient space, its seed commitment, and rounding.
 
-Why the seller adds the noise: the protection is against the *buyer* (a crafted query, e.g. a
-basis vector, reads one gradient coordinate per score), so the noise goes into the encrypted result
-before it leaves the seller, never into the buyer's decryption.
+Why gradient space: the protection is against the *buyer*, who chooses the encrypted query and
+can declare anything about it. Noise calibrated to a declared query norm protects nothing when
+the declaration is false. So the seller perturbs what it owns before any query touches it:
 
-Neighbouring datasets differ in one record (replace-one, the seller's size n is public). Every row
-sent to the scorer is a clipped gradient divided by the public norm bound (L2 norm <= 1) and the
-query is scaled to L2 norm ``query_norm``, so one released slot moves by at most
-``2 * query_norm`` when one record is replaced, and the seller mean by ``2 * query_norm / n``.
-The released vector's L2 sensitivity is therefore
+* aggregate disclosure: the sum of the clipped projected gradients gets ``N(0, sigma^2 I_k)``,
+* per-sample disclosure: every clipped projected gradient row gets its own ``N(0, sigma^2 I_k)``,
 
-* aggregate disclosure:   ``2 * query_norm / n``
-* per-sample disclosure:  ``2 * query_norm * sqrt(1 + 1 / n**2)``
+and everything the buyer decrypts (any linear functional, for any query, of these noisy vectors)
+is post-processing of that Gaussian mechanism. sigma depends only on the seller's clip bound C.
 
-and independent N(0, sigma^2) noise on every released slot, with sigma from the analytic Gaussian
-mechanism (Balle & Wang 2018), gives (epsilon, delta)-DP per query. A session of ``budget``
-queries composes to (budget * epsilon, budget * delta) (basic composition).
+Neighbouring datasets: replace one record (the record count ``n`` is published in every Reply, so
+add/remove neighbours would not describe what is released). Rows are clipped to norm C, so the
+L2 sensitivity of the gradient sum, and of the matrix of rows (only one row changes), is ``2C``.
+All quantities below are in units of C (rows are ``g / C``): sensitivity 2, noise std
+``sigma_C = gaussian_sigma(epsilon, delta, 2)`` (analytic Gaussian mechanism, Balle & Wang 2018),
+noise multiplier ``sigma_C / 2`` (what an accountant composes, see :mod:`tip_fed.protocol.ledger`).
 
-Limit (stated in docs/threat-model.md): the seller cannot see the encrypted query, so the guarantee
-assumes the buyer's query really has the norm it declares in the Offer.
+The noise is drawn from a fresh 256-bit seed. The Reply carries a hiding, binding commitment to the
+seed (SHA-256 with a domain tag and the session and seller ids); the seed is revealed only with the
+purchased records, so the buyer's audit can recompute the released values exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 from dataclasses import dataclass
+
+import numpy as np
 
 from tip_fed.errors import ConfigError, ProtocolError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 _SQRT2 = math.sqrt(2.0)
+#: L2 sensitivity of the clipped gradient sum (and of the row matrix) in units of C, replace-one.
+SENSITIVITY = 2.0
+SEED_BYTES = 32
+_SEED_TAG = b"tip-fed/noise-seed/v1\x00"
 
 
 @dataclass(frozen=True)
 class NoisePolicy:
-    """A Gaussian-mechanism target: (epsilon, delta) per query; ``None`` epsilon = no noise."""
+    """A Gaussian-mechanism target: (epsilon, delta) per answered query; ``None`` epsilon = no noise."""
 
     epsilon: float | None = None
     delta: float = 1e-6
@@ -56,6 +65,18 @@ class NoisePolicy:
         if not active:
             return self
         return NoisePolicy(min(p.epsilon for p in active if p.epsilon), min(p.delta for p in active))
+
+    @property
+    def gradient_std(self) -> float:
+        """Std of the Gaussian added per gradient coordinate, in units of C (0 when off)."""
+        if self.epsilon is None:
+            return 0.0
+        return gaussian_sigma(self.epsilon, self.delta, SENSITIVITY)
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """sigma / sensitivity, what a privacy accountant composes (None when off)."""
+        return None if self.epsilon is None else self.gradient_std / SENSITIVITY
 
 
 def _phi(x: float) -> float:
@@ -92,14 +113,49 @@ def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
     return hi
 
 
-def release_sensitivity(query_norm: float, n_samples: int, per_sample: bool) -> float:
-    """L2 sensitivity of the slots a seller releases (replace-one neighbours; see module doc)."""
-    if n_samples < 1:
-        raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
-    mean_part = 2.0 * query_norm / n_samples
-    return math.hypot(2.0 * query_norm, mean_part) if per_sample else mean_part
+# ---- the noise seed ----------------------------------------------------------------------------
+def new_noise_seed() -> bytes:
+    """A fresh 256-bit seed from the OS (never derived from anything the buyer can see)."""
+    return secrets.token_bytes(SEED_BYTES)
 
 
+def seed_commitment(seed: bytes, session_id: str, seller_id: str) -> bytes:
+    """SHA-256 commitment to a noise seed, bound to one session and seller (hiding: the seed has
+    256 bits of entropy; binding: collision resistance)."""
+    if len(seed) != SEED_BYTES:
+        raise ProtocolError(f"a noise seed has {SEED_BYTES} bytes, got {len(seed)}")
+    h = hashlib.sha256(_SEED_TAG)
+    for part in (session_id.encode(), seller_id.encode(), seed):
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()
+
+
+def release_rows(rows: np.ndarray, per_sample: bool, seed: bytes | None, std: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a seller scores, as (clean part, noise part); their sum is what is released.
+
+    ``rows`` are clipped gradients in units of C (norm <= 1). Aggregate: one row, the mean of the
+    noisy sum ``(sum rows + z) / n``. Per-sample: every row plus its own noise, then the mean of
+    those noisy rows. ``std`` is the gradient-noise std in units of C; the noise is a deterministic
+    function of ``seed`` so the audit can regenerate it.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    n, k = rows.shape
+    mean = rows.mean(axis=0, keepdims=True)
+    clean = np.vstack([rows, mean]) if per_sample else mean
+    if std == 0:
+        return clean, np.zeros_like(clean)
+    if seed is None or not (math.isfinite(std) and std > 0):
+        raise ConfigError(f"gradient noise needs a seed and a finite std > 0, got std {std!r}")
+    gen = np.random.Generator(np.random.Philox(np.random.SeedSequence(int.from_bytes(seed, "big"))))
+    if per_sample:
+        z = gen.standard_normal((n, k)) * std
+        noise = np.vstack([z, z.mean(axis=0, keepdims=True)])
+    else:
+        noise = gen.standard_normal((1, k)) * (std / n)
+    return clean, noise
+
+
+# ---- rounding ----------------------------------------------------------------------------------
 def release_quantum(score_bound: float, digits: int) -> float:
     """Rounding step of released scores: ``score_bound * 10**-digits`` (0 digits = no rounding)."""
     if digits < 0:
@@ -115,7 +171,10 @@ def round_release(value: float, quantum: float) -> float:
 
 
 def offer_noise(offer: pb.Offer) -> NoisePolicy:
-    """The noise an (already validated) Offer asks for; no noise when its epsilon is 0."""
+    """The noise an (already validated) Offer asks for; no noise when its epsilon is 0.
+
+    A buyer can only ask for *more* noise than the seller's policy: the seller applies the stricter.
+    """
     if offer.dp_epsilon <= 0:
         return NoisePolicy()
     try:

@@ -17,6 +17,7 @@ from torch import nn
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, get_task
+from tip_fed.crypto.key_identity import public_key_digest
 from tip_fed.crypto.keys import PublicContext, load_public_context
 from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.packing import score_rows
@@ -25,7 +26,8 @@ from tip_fed.errors import DataError, ProtocolError, SessionError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
-from tip_fed.protocol.disclosure import NoisePolicy, gaussian_sigma, offer_noise, release_sensitivity
+from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, offer_noise, release_rows, seed_commitment
+from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
 from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
 from tip_fed.protocol.messages import PROTOCOL_VERSION, SELLER_ID, decode_offer, disclosure_name
 from tip_fed.protocol.model import decode_model
@@ -50,6 +52,11 @@ class SellerPolicy:
     encoding_cache_mb: int = 0
     # What one Offer, and all Offers at once, may cost this seller (checked before allocating).
     budget: ResourceBudget = field(default_factory=ResourceBudget)
+    # Privacy ledger file (per-buyer lifetime budget, answered public keys); None = in memory only.
+    ledger: str | None = None
+    lifetime: LedgerPolicy = field(default_factory=LedgerPolicy)
+    # Per-sample scores without noise are exact linear functionals of each record: refused unless set.
+    exact_per_sample: bool = False
 
 
 class Seller:
@@ -94,7 +101,8 @@ class Seller:
         self._compute_lock = threading.Lock()
         self._tokens = _tokens_per_sample(self._data)
         self._rng = np.random.default_rng(seed)
-        self._committed: dict[str, np.ndarray] = {}
+        self._committed: dict[str, tuple[np.ndarray, bytes | None]] = {}
+        self._ledger = PrivacyLedger(self.policy.ledger, self.policy.lifetime)
         mb = self.policy.encoding_cache_mb
         self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
 
@@ -102,7 +110,8 @@ class Seller:
         """Answer one Offer with a Reply (both as bytes).
 
         ``peer`` is the buyer's authenticated identity as the carrier knows it (a client
-        certificate subject, a network address); the query budget is kept per (session, peer).
+        certificate subject, a network address); the query budget is kept per (session, peer) and
+        the privacy ledger charges the answer to it (None: the identity all unauthenticated buyers share).
         The Offer is costed against ``policy.budget`` before anything is allocated, and the
         budget is spent only once the whole Offer has validated.
         """
@@ -119,7 +128,7 @@ class Seller:
             )
         cost = self.cost(offer, len(offer_bytes))
         with self._in_flight.reserve(cost.total_bytes):
-            return self._answer(offer, key, limit, t0)
+            return self._answer(offer, key, limit, t0, peer)
 
     def cost(self, offer: pb.Offer, message_bytes: int | None = None) -> OfferCost:
         """What answering ``offer`` would cost this seller; ResourceLimitError if over budget."""
@@ -129,7 +138,7 @@ class Seller:
         check_cost(cost, budget)
         return cost
 
-    def _answer(self, offer: pb.Offer, key: str, limit: int, t0: float) -> bytes:
+    def _answer(self, offer: pb.Offer, key: str, limit: int, t0: float, peer: str | None) -> bytes:
         disclosure = disclosure_name(offer.disclosure)
         params = params_from_pb(offer.he)
         check_params(params)
@@ -144,23 +153,28 @@ class Seller:
         task = get_task(offer.task)
         noise = self.policy.noise.stricter(offer_noise(offer))
         per_sample = disclosure == "per-sample"
-        dp_std = (
-            gaussian_sigma(noise.epsilon, noise.delta, release_sensitivity(offer.query_norm, self.n_samples, per_sample))
-            if noise.epsilon is not None
-            else 0.0
-        )
+        if per_sample and not noise.enabled and not self.policy.exact_per_sample:
+            raise ProtocolError(
+                f"seller {self.seller_id} releases per-sample scores only with differential-privacy noise; "
+                "set protocol.dp-epsilon in the offer, or ask for aggregate disclosure"
+            )
+        public_key = public_key_digest(offer.public_context, params)
         with self._lock:
-            self._sessions.spend(key, limit, self.seller_id)  # the whole Offer validated
+            self._sessions.check(key, limit, self.seller_id)
+            # the whole Offer validated: charge the buyer's lifetime privacy budget, then the session's
+            self._ledger.charge(buyer=peer, key=public_key, session_id=offer.session_id,
+                                noise_multiplier=noise.noise_multiplier)
+            self._sessions.spend(key, limit, self.seller_id)
         try:
             with self._compute_lock:
-                return self._score(offer, context, plan, model, spec, task, per_sample, dp_std, noise, t0, t_ctx)
+                return self._score(offer, context, plan, model, spec, task, per_sample, noise, t0, t_ctx)
         except BaseException:
             with self._lock:
                 self._sessions.refund(key)  # nothing was answered
             raise
 
     def _score(self, offer: pb.Offer, context: PublicContext, plan: PackingPlan, model: nn.Module, spec: ProjectionSpec, task: Task,
-               per_sample: bool, dp_std: float, noise: NoisePolicy, t0: float, t_ctx: float) -> bytes:
+               per_sample: bool, noise: NoisePolicy, t0: float, t_ctx: float) -> bytes:
         grads = self.projected_gradients(model, spec, task)
         clipped, factors = clip_rows(grads, offer.grad_norm_bound)
         n_clipped = int((factors < 1.0).sum())
@@ -170,11 +184,12 @@ class Seller:
         root = commitment.commit(self._data, g)
         t_commit = time.perf_counter()
 
+        seed = new_noise_seed() if noise.enabled else None
         rows = self.scoring_rows(g, offer.grad_norm_bound) / offer.grad_norm_bound
-        mean = rows.mean(axis=0, keepdims=True)
-        matrix = np.vstack([rows, mean]) if per_sample else mean
-        cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng, dp_std=dp_std, cache=self._encodings)
-        self._keep(offer.session_id, g)
+        matrix, row_noise = release_rows(rows, per_sample, seed, noise.gradient_std)
+        cache = None if noise.enabled else self._encodings  # noisy rows never repeat
+        cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng, row_noise=row_noise, cache=cache)
+        self._keep(offer.session_id, g, seed)
         t_end = time.perf_counter()
 
         reply = pb.Reply(
@@ -194,7 +209,8 @@ class Seller:
             ),
             dp_epsilon=noise.epsilon or 0.0,
             dp_delta=noise.delta if noise.enabled else 0.0,
-            noise_std=dp_std,
+            noise_std=noise.gradient_std,
+            noise_commitment=b"" if seed is None else seed_commitment(seed, offer.session_id, self.seller_id),
         )
         return reply.SerializeToString()
 
@@ -211,22 +227,22 @@ class Seller:
 
     def deliver(self, session_id: str) -> Delivery:
         """After a purchase: the records and the gradients committed to in that session, for the audit."""
-        g = self._committed.get(session_id)
-        if g is None:
+        kept = self._committed.get(session_id)
+        if kept is None:
             raise SessionError(
                 f"seller {self.seller_id} has no commitment for session {session_id[:8]}…; it never answered "
                 f"that session or it was forgotten (the last {_KEPT_SESSIONS} sessions, at most "
                 f"{_KEPT_BYTES >> 20} MiB of gradients, are kept); deliver right after the purchase"
             )
-        return Delivery(data=dict(self._data), gradients=g.copy())
+        return Delivery(data=dict(self._data), gradients=kept[0].copy(), noise_seed=kept[1])
 
-    def _keep(self, session_id: str, gradients: np.ndarray) -> None:
+    def _keep(self, session_id: str, gradients: np.ndarray, seed: bytes | None) -> None:
         """Remember committed gradients for delivery; bounded in sessions and bytes (a long-running
         service must not grow with every buyer), oldest sessions forgotten first."""
         with self._lock:
-            self._committed[session_id] = gradients
+            self._committed[session_id] = (gradients, seed)
             while len(self._committed) > _KEPT_SESSIONS or (
-                len(self._committed) > 1 and sum(g.nbytes for g in self._committed.values()) > _KEPT_BYTES
+                len(self._committed) > 1 and sum(g.nbytes for g, _ in self._committed.values()) > _KEPT_BYTES
             ):
                 del self._committed[next(iter(self._committed))]
 

@@ -137,7 +137,7 @@ class Timings(_message.Message):
     def __init__(self, gradients_s: _Optional[float] = ..., commit_s: _Optional[float] = ..., encrypted_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "seller_id", "n_samples", "commitment", "n_rows", "scores", "timings", "clipped", "dp_epsilon", "dp_delta", "noise_std")
+    __slots__ = ("protocol_version", "session_id", "seller_id", "n_samples", "commitment", "n_rows", "scores", "timings", "clipped", "dp_epsilon", "dp_delta", "noise_std", "noise_commitment")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SELLER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class Reply(_message.Message):
     DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    NOISE_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: str
     seller_id: str
@@ -162,7 +163,8 @@ class Reply(_message.Message):
     dp_epsilon: float
     dp_delta: float
     noise_std: float
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., seller_id: _Optional[str] = ..., n_samples: _Optional[int] = ..., commitment: _Optional[bytes] = ..., n_rows: _Optional[int] = ..., scores: _Optional[_Iterable[bytes]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., clipped: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
+    noise_commitment: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., seller_id: _Optional[str] = ..., n_samples: _Optional[int] = ..., commitment: _Optional[bytes] = ..., n_rows: _Optional[int] = ..., scores: _Optional[_Iterable[bytes]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., clipped: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., noise_std: _Optional[float] = ..., noise_commitment: _Optional[bytes] = ...) -> None: ...
 
 class ValueRequest(_message.Message):
     __slots__ = ("offer",)

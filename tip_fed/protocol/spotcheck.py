@@ -1,0 +1,129 @@
+"""Pre-purchase spot check: open k random committed records with Merkle proofs and test the total.
+
+Why: the audit only helps after a purchase. Before paying, the buyer can ask a seller to open k
+records chosen at random *after* the seller committed (its Reply holds the Merkle root). For each
+opened record the buyer checks the Merkle path to the committed root, recomputes the record's
+clipped projected gradient with its own model (a fabricated or scaled gradient is caught), and
+finally tests whether the seller's total is plausible given the opened records' scores: every
+score lies in [-B, B] with B = ||v|| C, so by Hoeffding's inequality (valid for sampling without
+replacement) the sample mean of k scores is within ``B sqrt(2 ln(2/alpha) / k)`` of the true mean
+except with probability alpha. A total whose mean lies further away is flagged.
+
+Catch probability: if a fraction f of a seller's n records is fabricated, opening k distinct
+records uniformly at random finds at least one with probability
+``1 - C(n - fn, k) / C(n, k)`` (>= ``1 - (1 - f)^k``), see :func:`catch_probability`.
+Cost to the seller: the k opened records are revealed before any purchase.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tip_fed.core.influence import clip_rows
+from tip_fed.core.projection import ProjectionSpec
+from tip_fed.core.tasks import get_task
+from tip_fed.errors import DataError
+from tip_fed.protocol import commitment
+from tip_fed.protocol.audit import GRAD_TOL, Delivery, SessionRecord
+from tip_fed.protocol.data import check_batch, dataset_gradients
+
+
+@dataclass
+class Opening:
+    """k opened records: their data, committed gradients and Merkle paths."""
+
+    indices: list[int]
+    data: dict[str, torch.Tensor]
+    gradients: np.ndarray
+    paths: list[list[tuple[bytes, bool]]]
+
+
+@dataclass
+class SpotCheck:
+    """Outcome of a spot check of one seller."""
+
+    seller_id: str
+    passed: bool
+    opened: int
+    bad_proofs: list[int] = field(default_factory=list)
+    bad_gradients: list[int] = field(default_factory=list)
+    total_gap: float = 0.0
+    total_threshold: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+
+
+def choose(n: int, k: int) -> list[int]:
+    """k distinct record indices out of n, from OS entropy (the seller must not predict them)."""
+    if not 1 <= k <= n:
+        raise DataError(f"a spot check opens 1..{n} records, asked for {k}")
+    rng = np.random.default_rng(secrets.randbits(128))
+    return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+
+
+def open_records(delivery: Delivery, indices: Sequence[int]) -> Opening:
+    """Seller side: the records at ``indices`` with their committed gradients and Merkle paths."""
+    if delivery.gradients is None:
+        raise DataError("opening records needs the committed gradients")
+    n = check_batch(delivery.data)
+    leaves = [commitment.leaf_hash(commitment.sample_bytes(delivery.data, i), delivery.gradients[i]) for i in range(n)]
+    idx = list(indices)
+    return Opening(
+        indices=idx,
+        data={k: v[idx] for k, v in delivery.data.items()},
+        gradients=delivery.gradients[idx].copy(),
+        paths=[commitment.merkle_proof(leaves, i) for i in idx],
+    )
+
+
+def spot_check(record: SessionRecord, valued: Mapping[str, Any], opening: Opening, *, alpha: float = 1e-3) -> SpotCheck:
+    """Buyer side: check an opening against the seller's committed root and its total."""
+    sid = str(valued["seller_id"])
+    root = bytes.fromhex(str(valued["commitment"]))
+    k = len(opening.indices)
+    out = SpotCheck(seller_id=sid, passed=True, opened=k)
+    for j, (i, path) in enumerate(zip(opening.indices, opening.paths, strict=True)):
+        leaf = commitment.leaf_hash(commitment.sample_bytes(opening.data, j), opening.gradients[j])
+        if not commitment.verify_proof(root, leaf, path):
+            out.bad_proofs.append(i)
+    spec = ProjectionSpec.from_dict(record.projection)
+    grads = dataset_gradients(record.model_module(), spec, get_task(record.task), opening.data, 64)
+    recomputed = clip_rows(grads, record.grad_norm_bound)[0].numpy()
+    dev = np.linalg.norm(recomputed - opening.gradients, axis=1) / record.grad_norm_bound
+    out.bad_gradients = [opening.indices[j] for j in np.flatnonzero(dev > GRAD_TOL)]
+    query = np.asarray(record.query, dtype=np.float64)
+    bound = record.score_bound
+    mean_opened = float((recomputed @ query).mean())
+    claimed = float(valued["total"]) / int(valued["n_samples"])
+    noise = valued.get("noise") or {}
+    out.total_gap = abs(claimed - mean_opened)
+    # Hoeffding for k scores in [-B, B], plus 4 std of declared noise on the claimed mean
+    out.total_threshold = bound * math.sqrt(2 * math.log(2 / alpha) / k) + 4 * float(noise.get("total_std", 0.0)) / int(
+        valued["n_samples"]
+    )
+    if out.bad_proofs:
+        out.reasons.append(f"{len(out.bad_proofs)} opened records do not match the committed root")
+    if out.bad_gradients:
+        out.reasons.append(f"{len(out.bad_gradients)} opened records' gradients differ from what their data give")
+    if out.total_gap > out.total_threshold:
+        out.reasons.append(
+            f"the claimed mean score {claimed:.4g} is {out.total_gap:.3g} from the opened records' mean "
+            f"{mean_opened:.4g} (threshold {out.total_threshold:.3g} at alpha {alpha:g})"
+        )
+    out.passed = not out.reasons
+    return out
+
+
+def catch_probability(n: int, bad: int, k: int) -> float:
+    """Probability that k distinct records drawn from n include at least one of ``bad`` ones."""
+    if bad <= 0:
+        return 0.0
+    if k > n - bad:
+        return 1.0
+    return 1.0 - math.comb(n - bad, k) / math.comb(n, k)
