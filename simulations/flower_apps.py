@@ -29,7 +29,7 @@ from tip_fed.errors import ConfigError
 from tip_fed.flower.client_app import DATA_PATH, SellerLoader, make_client_app, seller_from_node_config
 from tip_fed.flower.server_app import Session, make_server_app, parse_bindings
 from tip_fed.market.results import write_json
-from tip_fed.protocol import Seller, Valuation
+from tip_fed.protocol import Seller, SellerPolicy, Valuation
 from tip_fed.protocol.data import load_dataset
 
 from simulations.market import Market
@@ -39,6 +39,8 @@ APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULTS = {"config": "configs/causal.toml", "set": "", "replicate": 0, "out-dir": "out/flower", "data-dir": "",
             "sellers": "", "app-signature": ""}
 VALUATION_FILE = "valuation.json"
+# The scenario's simulated sellers release exact per-sample scores when the config asks for them.
+SIMULATED = SellerPolicy(exact_per_sample=True)
 
 
 def _get(context: Context, key: str) -> str:
@@ -126,12 +128,12 @@ def partition_loader(data_dir: str | Path | None) -> SellerLoader:
             files = sorted(Path(directory).glob("*.safetensors"))
             if index >= len(files):
                 raise ConfigError(f"partition {index} has no seller file: {directory} holds {len(files)}")
-            return Seller(files[index].stem, load_dataset(files[index]), answered=answered)
+            return Seller(files[index].stem, load_dataset(files[index]), answered=answered, policy=SIMULATED)
         sellers = _market(config_from_context(context), replicate_from_context(context)).sellers
         if index >= len(sellers):
             raise ConfigError(f"partition {index} has no seller: the scenario has {len(sellers)} sellers")
         seller_id = list(sellers)[index]
-        return Seller(seller_id, sellers[seller_id], answered=answered)
+        return Seller(seller_id, sellers[seller_id], answered=answered, policy=SIMULATED)
 
     return load
 

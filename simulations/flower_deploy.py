@@ -146,8 +146,9 @@ class LocalDeployment:
     def start_supernode(self, name: str, private_key: Path, data_path: Path, seller_id: str | None = None) -> Child:
         """A seller SuperNode with its own data file, authenticating with ``private_key``, running
         ClientApps only through the guard and only from apps the publisher key signed."""
+        # a simulated market's sellers opt into exact per-sample scores, as the in-process ones do
         node_config = (f'data-path="{data_path}" seller-id="{seller_id or data_path.stem}" '
-                       f'{trust.PUBLISHERS}="{self.trusted}"')
+                       f'{trust.PUBLISHERS}="{self.trusted}" exact-per-sample=true')
         env = self.guarded_env()
         return self.group.start(f"supernode-{name}", [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),

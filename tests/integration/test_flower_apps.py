@@ -23,7 +23,7 @@ from tip_fed.errors import ConfigError, ProtocolError
 from tip_fed.flower import records
 from tip_fed.flower.client_app import make_client_app, seller_from_node_config
 from tip_fed.flower.server_app import Session, format_bindings, make_server_app, parse_bindings
-from tip_fed.protocol import Buyer, BuyerSettings, Seller
+from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.data import load_dataset, save_dataset
 
 from simulations.flower_apps import config_from_context, run_config_overrides
@@ -132,7 +132,7 @@ def _run(grid, buyer, expected=(), nodes=None, **flower):
 
 def test_flower_apps_value_every_seller_like_the_inprocess_runtime(buyer_parts, seller_files):
     # Prepare: node 1..4 each hold one seller file, as SuperNodes started with --node-config
-    grid = LocalGrid(make_client_app(), {i + 1: {"data-path": str(p)} for i, p in enumerate(seller_files.values())})
+    grid = LocalGrid(make_client_app(), {i + 1: {"exact-per-sample": True, "data-path": str(p)} for i, p in enumerate(seller_files.values())})
     # Execute: at most 3 Offers in flight
     valuation = _run(grid, _buyer(buyer_parts), expected=list(seller_files), wave_size=3)
     # Assert: same numbers as the in-process runtime on the same data (fresh keys: CKKS noise only)
@@ -141,17 +141,29 @@ def test_flower_apps_value_every_seller_like_the_inprocess_runtime(buyer_parts, 
     assert valuation.rejected == {} and valuation.missing == []
     ref_buyer = _buyer(buyer_parts)
     offer = ref_buyer.offer(max_samples=20)
-    ref = ref_buyer.settle([Seller(s, load_dataset(p)).respond(offer) for s, p in seller_files.items()]).by_id()
+    ref = ref_buyer.settle([Seller(s, load_dataset(p), policy=SellerPolicy(exact_per_sample=True)).respond(offer) for s, p in seller_files.items()]).by_id()
     scale = max(np.abs(r.per_sample).max() for r in ref.values())  # CKKS noise is absolute at this scale
     for v in valuation.sellers:
         assert v.total == pytest.approx(ref[v.seller_id].total, rel=1e-5, abs=1e-6 * scale)
         np.testing.assert_allclose(v.per_sample, ref[v.seller_id].per_sample, rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_a_flower_seller_releases_exact_per_sample_scores_only_by_its_own_choice(buyer_parts, seller_files):
+    """The buyer asks for per-sample scores without noise: node 2 opted in, node 1 did not (default)."""
+    files = list(seller_files.values())
+    grid = LocalGrid(make_client_app(), {1: {"data-path": str(files[0])},
+                                         2: {"exact-per-sample": True, "data-path": str(files[1])}})
+    valuation = _run(grid, _buyer(buyer_parts), expected=["s0", "s1"])
+    assert [v.seller_id for v in valuation.sellers] == ["s1"]
+    assert "per-sample scores only with differential-privacy noise" in str(valuation.rejected), valuation.rejected
+    bad = LocalGrid(make_client_app(), {1: {"exact-per-sample": "yes", "data-path": str(files[0])}})
+    assert "must be true or false" in str(_run(bad, _buyer(buyer_parts), expected=["s0"]).rejected)
+
+
 def test_failing_seller_is_rejected_and_silent_seller_missing(buyer_parts, seller_files, tmp_path):
     # Prepare: node 2 points at a missing file (a TipError in the ClientApp), node 4 never answers
-    configs = {i + 1: {"data-path": str(p)} for i, p in enumerate(seller_files.values())}
-    configs[2] = {"data-path": str(tmp_path / "gone.safetensors"), "seller-id": "s1"}
+    configs = {i + 1: {"exact-per-sample": True, "data-path": str(p)} for i, p in enumerate(seller_files.values())}
+    configs[2] = {"exact-per-sample": True, "data-path": str(tmp_path / "gone.safetensors"), "seller-id": "s1"}
     grid = LocalGrid(make_client_app(), configs, silent=[4])
     # Execute
     valuation = _run(grid, _buyer(buyer_parts), expected=list(seller_files))
@@ -169,7 +181,7 @@ def test_crashing_client_app_and_unnamed_silence_are_reported_by_node(buyer_part
             raise RuntimeError("loader bug")
         return seller_from_node_config(context, answered)
 
-    configs = {i + 1: {"data-path": str(p)} for i, p in enumerate(seller_files.values())}
+    configs = {i + 1: {"exact-per-sample": True, "data-path": str(p)} for i, p in enumerate(seller_files.values())}
     grid = LocalGrid(make_client_app(loader), configs, silent=[3])
     # Execute: no expected seller list, so silence is reported by node id
     valuation = _run(grid, _buyer(buyer_parts))
@@ -183,8 +195,8 @@ def test_reply_claiming_another_sellers_id_is_refused_and_unbound_nodes_are_not_
     # Prepare: nodes 1-3 are registered for s0-s2; node 3 claims to be s0; node 4, registered for
     # nobody, holds other data and claims to be s1 (a rogue SuperNode with a stranger's key)
     files = list(seller_files.values())
-    configs = {1: {"data-path": str(files[0])}, 2: {"data-path": str(files[1])},
-               3: {"data-path": str(files[2]), "seller-id": "s0"}, 4: {"data-path": str(files[3]), "seller-id": "s1"}}
+    configs = {1: {"exact-per-sample": True, "data-path": str(files[0])}, 2: {"exact-per-sample": True, "data-path": str(files[1])},
+               3: {"exact-per-sample": True, "data-path": str(files[2]), "seller-id": "s0"}, 4: {"exact-per-sample": True, "data-path": str(files[3]), "seller-id": "s1"}}
     grid = LocalGrid(make_client_app(), configs)
     # Execute
     valuation = _run(grid, _buyer(buyer_parts), expected=["s0", "s1", "s2"], nodes={"s0": 1, "s1": 2, "s2": 3})
@@ -209,7 +221,7 @@ def test_seller_node_bindings_parse_and_refuse_ambiguity():
 def test_query_budget_holds_across_stateless_client_app_messages(buyer_parts, seller_files):
     # Prepare: one node; the ClientApp object is recreated per message, its Context persists
     path = seller_files["s0"]
-    grid = LocalGrid(make_client_app(), {1: {"data-path": str(path)}})
+    grid = LocalGrid(make_client_app(), {1: {"exact-per-sample": True, "data-path": str(path)}})
     buyer = _buyer(buyer_parts)
     offer = records.encode_offer(buyer.offer(max_samples=20))
     msg = Message(content=offer, dst_node_id=1, message_type=records.QUERY_TYPE)
@@ -245,7 +257,7 @@ def test_malformed_records_raise_protocol_error(content):
 
 
 def test_malformed_offer_becomes_an_error_reply_not_a_crash(seller_files):
-    grid = LocalGrid(make_client_app(), {1: {"data-path": str(seller_files["s0"])}})
+    grid = LocalGrid(make_client_app(), {1: {"exact-per-sample": True, "data-path": str(seller_files["s0"])}})
     garbage = records.encode_offer(b"\x00not a protobuf offer")
     reply = grid.send_and_receive([Message(content=garbage, dst_node_id=1, message_type=records.QUERY_TYPE)])[0]
     _, _, error = records.decode_reply(reply.content)

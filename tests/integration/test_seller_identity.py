@@ -16,7 +16,9 @@ from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import SellerIdentityError, TipError
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
-from tip_fed.protocol import Buyer, BuyerSettings, Seller
+from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
+
+EXACT = SellerPolicy(exact_per_sample=True)  # the buyer below asks for per-sample scores without noise
 from tip_fed.tls import create_ca, issue_cert, seller_name
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -50,7 +52,7 @@ def pki(tmp_path_factory):
 
 
 def _server(seller, cert):
-    return start_server(seller, tls=ServerTLS(cert.cert, cert.key))
+    return start_server(seller, tls=ServerTLS(cert.cert, cert.key), server_tls_only=True)  # identity of the seller is what is tested
 
 
 def _tls(pki, bind=True):
@@ -60,9 +62,9 @@ def _tls(pki, bind=True):
 def test_a_seller_answering_for_another_sellers_id_is_refused(pki):
     # Prepare: honest digits-1; the rogue holds digits-1's certificate (a market member's own key)
     # but its service answers as digits-4; the genuine digits-4 also runs
-    honest = _server(Seller("digits-1", _data(8, 5)), pki["digits-1"])
-    rogue = _server(Seller("digits-4", _data(8, 6, 1.0)), pki["digits-1"])
-    genuine = _server(Seller("digits-4", _data(8, 7)), pki["digits-4"])
+    honest = _server(Seller("digits-1", _data(8, 5), policy=EXACT), pki["digits-1"])
+    rogue = _server(Seller("digits-4", _data(8, 6, 1.0), policy=EXACT), pki["digits-1"])
+    genuine = _server(Seller("digits-4", _data(8, 7), policy=EXACT), pki["digits-4"])
     tls = _tls(pki)
     try:
         buyer = _buyer()
@@ -98,7 +100,7 @@ def test_a_seller_answering_for_another_sellers_id_is_refused(pki):
 
 def test_a_certificate_that_names_no_seller_is_refused_when_ids_are_bound(pki):
     # Prepare: a stranger with a CA-signed certificate for the address only, answering as digits-4
-    stranger = _server(Seller("digits-4", _data(8, 6)), pki["anonymous"])
+    stranger = _server(Seller("digits-4", _data(8, 6), policy=EXACT), pki["anonymous"])
     endpoint = SellerEndpoint("digits-4", stranger.address)
     try:
         offer = _buyer().offer(max_samples=20)

@@ -32,7 +32,7 @@ from tip_fed.config import SellerBudgetConfig
 from tip_fed.protocol import Seller, SellerPolicy
 
 data_path, budget, honest_path, *cases = sys.argv[1:]
-seller = Seller("s", load_file(data_path), policy=SellerPolicy(budget=SellerBudgetConfig(**json.loads(budget))))
+seller = Seller("s", load_file(data_path), policy=SellerPolicy(budget=SellerBudgetConfig(**json.loads(budget)), exact_per_sample=True))
 seller.respond(open(honest_path, "rb").read())  # warm-up: imports, tables, one honest answer
 
 

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.flower import records
-from tip_fed.protocol import Seller
+from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.data import load_dataset
 
 logger = logging.getLogger(__name__)
@@ -27,12 +27,16 @@ SellerLoader = Callable[[Context, dict[str, int]], Seller]
 
 DATA_PATH = "data-path"
 SELLER_ID = "seller-id"
+# The seller's own opt-in to releasing per-sample scores without differential-privacy noise.
+EXACT_PER_SAMPLE = "exact-per-sample"
 
 
 def seller_from_node_config(context: Context, answered: dict[str, int]) -> Seller:
-    """Seller from ``--node-config "data-path=... [seller-id=...]"`` (a safetensors dataset).
+    """Seller from ``--node-config "data-path=... [seller-id=...] [exact-per-sample=true]"`` (a
+    safetensors dataset).
 
     The seller id defaults to the data file's stem, as written by ``tip-fed export-sellers``.
+    Per-sample scores without noise are released only when the node config says so.
     """
     path = context.node_config.get(DATA_PATH)
     if not isinstance(path, str) or not path:
@@ -41,7 +45,11 @@ def seller_from_node_config(context: Context, answered: dict[str, int]) -> Selle
             f"--node-config \"{DATA_PATH}=/path/to/seller.safetensors\""
         )
     seller_id = context.node_config.get(SELLER_ID) or Path(path).stem
-    return Seller(str(seller_id), load_dataset(path), answered=answered)
+    exact = context.node_config.get(EXACT_PER_SAMPLE, False)
+    if not isinstance(exact, bool):
+        raise ConfigError(f"node config '{EXACT_PER_SAMPLE}' must be true or false, got {exact!r}")
+    return Seller(str(seller_id), load_dataset(path), answered=answered,
+                  policy=SellerPolicy(exact_per_sample=exact))
 
 
 def make_client_app(load_seller: SellerLoader = seller_from_node_config) -> ClientApp:
