@@ -45,6 +45,10 @@ def test_healthcare_quick(tmp_path):
     assert {"delta_z", "p_bootstrap", "p_wilcoxon"} <= set(v["paired_vs_gradient_cosine"]["spearman"])
     assert m["payouts"]["reference"] == "shapley"
     assert (out / "replicates" / "rep-002" / "valuations.csv").is_file()
+    # each replicate's buyer projects with its own recorded seed
+    seeds = [json.loads((out / "replicates" / f"rep-{r:03d}" / "manifest.json").read_text())["seeds"] for r in range(3)]
+    assert [s["replicate"] for s in seeds] == [0, 1, 2] and len({s["projection"] for s in seeds}) == 3
+    assert json.loads((out / "manifest.json").read_text())["projection_seeds"] == [s["projection"] for s in seeds]
     report = (out / "report.md").read_text()
     assert "0.900" in report and "0.855" in report  # the paper's figures beside ours
 

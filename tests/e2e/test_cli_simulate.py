@@ -31,6 +31,7 @@ def test_causal_simulation_writes_valid_results(tmp_path, seed):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fidelity"]["pearson"] >= 0.99999
     assert metrics["fidelity"]["max_rel_error"] <= 1e-6
+    assert metrics["fidelity"]["within_tolerance"] and metrics["fidelity"]["worst_error_over_tolerance"] <= 1
     # the seller holding the class the buyer's model never saw is valued first, and realises most benefit
     assert metrics["run"]["top_by_score"] == metrics["run"]["expected_best"] == "digits-4"
     assert metrics["run"]["top_by_benefit"] == "digits-4"
@@ -39,6 +40,9 @@ def test_causal_simulation_writes_valid_results(tmp_path, seed):
     assert {r["seller_id"] for r in rows} == {"digits-1", "digits-2", "digits-3", "digits-4"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["seed"] == seed and manifest["session"]["he_params"]["poly_modulus_degree"] == 8192
+    # a single market projects with the config seed; the manifest says so
+    assert manifest["seeds"] == {"config": seed, "replicate": None, "projection": seed}
+    assert manifest["session"]["projection"]["seed"] == seed
 
     # the report re-renders from the saved files alone
     (out / "report.md").unlink()
