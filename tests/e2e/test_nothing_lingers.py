@@ -52,7 +52,7 @@ class Recorder:
 
     def survivors(self) -> list[psutil.Process]:
         alive = []
-        for (pid, started), proc in self.seen.items():
+        for proc in self.seen.values():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
                 # is_running() compares the start time: a reused PID is not our process
                 if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
