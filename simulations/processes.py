@@ -75,7 +75,7 @@ class ProcessGroup:
         self.children: list[Child] = []
         self.reaper = reaper
         self.die_with_parent = die_with_parent
-        self.token = reaper.token if reaper else new_token()
+        self.token = new_token(reaper.token if reaper else None)  # the reaper's token, and the group's own
 
     def __enter__(self) -> ProcessGroup:
         return self

@@ -50,9 +50,10 @@ class ReaperError(RuntimeError):
     """The reaper process could not be started, so a run would not be cleaned up if it were killed."""
 
 
-def new_token() -> str:
-    """A fresh run token, appended to any token this process already carries (nested runs)."""
-    inherited = os.environ.get(TAG, "")
+def new_token(parent: str | None = None) -> str:
+    """A fresh token appended to ``parent``'s chain, or to the chain this process carries (nested runs):
+    a process is found by every token of its chain."""
+    inherited = os.environ.get(TAG, "") if parent is None else parent
     token = secrets.token_hex(12)
     return f"{inherited}:{token}" if inherited else token
 
