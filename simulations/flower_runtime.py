@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,7 +79,8 @@ def exchange_flower_simulation(config: TipConfig, market: Market, buyer: Buyer, 
 
     result: dict[str, Valuation] = {}
     session = Session(buyer, max_samples(market), list(market.sellers), config.flower)
-    with tempfile.TemporaryDirectory(prefix="tip-flower-sim-") as tmp:
+    with PrivateRun("tip-flower-sim-") as run:  # seller data deleted even if this process is killed
+        tmp = run.root
         export_market(market, Path(tmp) / "sellers")
         server = ServerApp()
 

@@ -75,7 +75,7 @@ class ProcessGroup:
         self.children: list[Child] = []
         self.reaper = reaper
         self.die_with_parent = die_with_parent
-        self.token = reaper.token if reaper else new_token()
+        self.token = new_token(reaper.token if reaper else None)  # the reaper's token, and the group's own
 
     def __enter__(self) -> ProcessGroup:
         return self
@@ -158,7 +158,7 @@ class PrivateRun:
     def __enter__(self) -> PrivateRun:
         self.root = Path(tempfile.mkdtemp(prefix=self.prefix))
         try:
-            self.reaper = Reaper.launch(self.root, grace_s=self.grace_s)
+            self.reaper = Reaper.launch(self.root)
         except ReaperError as exc:
             shutil.rmtree(self.root, ignore_errors=True)
             raise ProcessStartError(f"{exc}; without it a killed run would leave keys and processes behind") from exc

@@ -9,16 +9,18 @@ PID bookkeeping, no recycled PID ever signalled, no process tree that breaks whe
 A run that may be killed outright (SIGKILL leaves no ``finally`` to run) starts a reaper with
 :meth:`Reaper.launch`: a small process in its own session (a signal to the run's process group
 does not reach it) that watches the run two ways, a pipe whose only writer is the run (EOF when
-the run dies) and a pidfd on the run. When either fires it stops every process carrying the
-token (SIGTERM, then SIGKILL after a grace period) and deletes the run's private directory:
-the CA key, the buyer's and sellers' keys, seller data, logs and the children's TMPDIR. The
-reaper imports only the standard library and psutil, so it is ready in a fraction of a second.
+the run dies) and a pidfd on the run. When either fires it freezes every process carrying the
+token (SIGSTOP until no new one appears, so none can fork away), kills them all, and deletes the
+run's private directory: the CA key, the buyer's and sellers' keys, seller data, logs and the
+children's TMPDIR. A run that stops normally shuts its processes down gracefully first (SIGTERM,
+then SIGKILL after a grace period). A zombie counts as gone: an init that never reaps orphans
+must not make a stop wait. The reaper imports only the standard library and psutil.
 
 Direct children also get ``PR_SET_PDEATHSIG`` (Linux) through :func:`exec_with_parent`, so they
 die with the run even if the reaper itself was killed; the kernel fires it when the *thread*
 that started the child exits, so it is set only for children started from the main thread.
 
-Run as ``python -m simulations.reaper watch DIR TOKEN GRACE`` (the reaper) or
+Run as ``python -m simulations.reaper watch DIR TOKEN`` (the reaper) or
 ``python -m simulations.reaper exec PARENT_PID -- ARGV...`` (the launcher).
 """
 
@@ -33,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +50,10 @@ class ReaperError(RuntimeError):
     """The reaper process could not be started, so a run would not be cleaned up if it were killed."""
 
 
-def new_token() -> str:
-    """A fresh run token, appended to any token this process already carries (nested runs)."""
-    inherited = os.environ.get(TAG, "")
+def new_token(parent: str | None = None) -> str:
+    """A fresh token appended to ``parent``'s chain, or to the chain this process carries (nested runs):
+    a process is found by every token of its chain."""
+    inherited = os.environ.get(TAG, "") if parent is None else parent
     token = secrets.token_hex(12)
     return f"{inherited}:{token}" if inherited else token
 
@@ -75,22 +79,60 @@ def tagged(token: str) -> list[psutil.Process]:
     return found
 
 
+def _gone(proc: psutil.Process) -> bool:
+    """True once ``proc`` has exited; a zombie has (an init that never reaps would otherwise keep it "alive")."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return True
+    except psutil.AccessDenied:
+        return not proc.is_running()
+
+
+def wait_gone(procs: Iterable[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait up to ``timeout_s`` for ``procs`` to exit; returns those still running."""
+    alive = [p for p in procs if not _gone(p)]
+    deadline = time.monotonic() + timeout_s
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if not _gone(p)]
+    return alive
+
+
 def terminate(procs: Iterable[psutil.Process], grace_s: float) -> list[psutil.Process]:
     """SIGTERM ``procs``, SIGKILL those still alive after ``grace_s``; returns any that survived even that."""
     procs = list(procs)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    alive = wait_gone(procs, grace_s)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc.kill()
-    _, alive = psutil.wait_procs(alive, timeout=grace_s)
-    return alive
+    return wait_gone(alive, grace_s)
+
+
+def kill_tagged(token: str, timeout_s: float = 5.0, rounds: int = 20) -> list[int]:
+    """Freeze every process carrying ``token`` (SIGSTOP, until no new one appears: a stopped process
+    cannot fork), then SIGKILL them all. For a run that is already dead: nothing to shut down gracefully."""
+    frozen: dict[int, psutil.Process] = {}
+    for _ in range(rounds):
+        new = [p for p in tagged(token) if p.pid not in frozen]
+        if not new:
+            break
+        for proc in new:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                proc.suspend()
+                frozen[proc.pid] = proc
+    for proc in frozen.values():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+    wait_gone(frozen.values(), timeout_s)
+    return list(frozen)
 
 
 def stop_tagged(token: str, grace_s: float, rounds: int = 5) -> list[int]:
-    """Stop every process carrying ``token``, again while new ones appear; returns the PIDs stopped."""
+    """Stop every process carrying ``token`` gracefully, again while new ones appear; returns the PIDs stopped."""
     stopped: list[int] = []
     for _ in range(rounds):
         procs = tagged(token)
@@ -128,11 +170,11 @@ class Reaper:
     proc: subprocess.Popen[bytes]
 
     @classmethod
-    def launch(cls, directory: Path, *, grace_s: float = 3.0, startup_timeout_s: float = 30.0) -> Reaper:
+    def launch(cls, directory: Path, *, startup_timeout_s: float = 30.0) -> Reaper:
         """Start a reaper that, when this process dies, stops the tagged processes and deletes ``directory``."""
         token = new_token()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simulations.reaper", "watch", str(directory), own_token(token), str(grace_s)],
+            [sys.executable, "-m", "simulations.reaper", "watch", str(directory), own_token(token)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, env={k: v for k, v in os.environ.items() if k != TAG},
         )
@@ -194,7 +236,7 @@ def _wait_for_parent_death() -> None:
             return
 
 
-def _watch(directory: Path, token: str, grace_s: float) -> None:
+def _watch(directory: Path, token: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # an explicit stop still cleans up (finally)
     try:
@@ -203,7 +245,7 @@ def _watch(directory: Path, token: str, grace_s: float) -> None:
         _wait_for_parent_death()
     finally:
         for _ in range(3):
-            stop_tagged(token, grace_s)
+            kill_tagged(token)
             shutil.rmtree(directory, ignore_errors=True)
             if not directory.exists() and not tagged(token):
                 break
@@ -211,12 +253,12 @@ def _watch(directory: Path, token: str, grace_s: float) -> None:
 
 def main(args: Sequence[str]) -> None:
     """Entry point of the reaper and of the launcher."""
-    if len(args) == 4 and args[0] == "watch":
-        _watch(Path(args[1]), args[2], float(args[3]))
+    if len(args) == 3 and args[0] == "watch":
+        _watch(Path(args[1]), args[2])
     elif len(args) >= 4 and args[0] == "exec" and args[2] == "--":
         exec_with_parent(int(args[1]), args[3:])
     else:
-        sys.exit("usage: python -m simulations.reaper watch DIR TOKEN GRACE | exec PARENT_PID -- ARGV...")
+        sys.exit("usage: python -m simulations.reaper watch DIR TOKEN | exec PARENT_PID -- ARGV...")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class Recorder:
 
     def survivors(self) -> list[psutil.Process]:
         alive = []
-        for (pid, started), proc in self.seen.items():
+        for proc in self.seen.values():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
                 # is_running() compares the start time: a reused PID is not our process
                 if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
@@ -89,12 +89,18 @@ def _kill_when(buyer: subprocess.Popen, recorder: Recorder, scoring, tmp_path: P
             buyer.wait()
 
 
+def _listing(directory: Path) -> list[str]:
+    """Every path below ``directory`` (os.walk skips what disappears while it walks: the reaper is deleting)."""
+    return sorted(os.path.relpath(os.path.join(d, n), directory) for d, dirs, files in os.walk(directory)
+                  for n in dirs + files)
+
+
 def _assert_nothing_left(recorder: Recorder, tmp_path: Path) -> None:
     tmp = tmp_path / "t"
     deadline = time.monotonic() + CLEANUP_BOUND_S
     while True:
         survivors = recorder.survivors()
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if str(p.relative_to(tmp)) != TORCH_CACHE)
+        files = [f for f in _listing(tmp) if f != TORCH_CACHE]
         if (not survivors and not files) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -104,7 +110,7 @@ def _assert_nothing_left(recorder: Recorder, tmp_path: Path) -> None:
             proc.kill()
     assert described == [], f"still running {CLEANUP_BOUND_S:g} s after the buyer was killed"
     assert files == [], f"left on disk {CLEANUP_BOUND_S:g} s after the buyer was killed"
-    secrets = [p for p in tmp_path.rglob("*") if p.suffix in SECRET_SUFFIXES]
+    secrets = [f for f in _listing(tmp_path) if Path(f).suffix in SECRET_SUFFIXES]
     assert secrets == []
     # the run was interrupted mid-valuation: no results were written
     assert not (tmp_path / "out" / "valuations.csv").exists()

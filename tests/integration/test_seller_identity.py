@@ -121,3 +121,27 @@ def test_seller_names_are_dns_names_and_never_collide():
     odd = [seller_name(s) for s in ("Digits-4", "digits_4", "digits 4", "é")]
     assert len(set(odd)) == 4 and all(n.startswith("id-") and len(n) <= 63 for n in odd)
     assert "digits-4" not in odd
+
+
+def test_with_one_ca_per_seller_each_endpoint_trusts_only_its_sellers_ca(tmp_path):
+    # Prepare: each seller runs its own CA (the README's remote setup); the rogue's CA mints a
+    # certificate for digits-4, the genuine digits-4's CA its own
+    rogue_ca, genuine_ca = create_ca(tmp_path / "rogue"), create_ca(tmp_path / "genuine")
+    buyer_ca = create_ca(tmp_path / "buyer")
+    client = issue_cert(buyer_ca, tmp_path / "buyer", "buyer", client=True)
+    forged = issue_cert(rogue_ca, tmp_path / "rogue", "forged", seller_id="digits-4")
+    bundle = tmp_path / "sellers-ca.crt"
+    bundle.write_bytes(rogue_ca.cert.read_bytes() + genuine_ca.cert.read_bytes())
+    rogue = _server(Seller("digits-4", _data(8, 6, 1.0), policy=EXACT), forged)
+    try:
+        tls = ClientTLS(bundle, client.cert, client.key, bind_seller_id=True)
+        offer = _buyer().offer(max_samples=20)
+        # Execute: the same rogue address, trusted through the bundle, then through digits-4's own CA
+        bundled = value_sellers([SellerEndpoint("digits-4", rogue.address)], offer, tls=tls, timeout_s=30, retries=0)
+        pinned = value_sellers([SellerEndpoint("digits-4", rogue.address, root_ca=genuine_ca.cert)], offer,
+                               tls=tls, timeout_s=30, retries=0)
+    finally:
+        rogue.stop(0)
+    # Assert: a bundle of seller CAs lets any of them vouch for any id; a pinned CA does not
+    assert list(bundled[0]) == ["digits-4"]
+    assert pinned[0] == {} and "UNAVAILABLE" in pinned[1]["digits-4"]

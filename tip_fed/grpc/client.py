@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -36,10 +36,16 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 @dataclass(frozen=True)
 class SellerEndpoint:
-    """Where a seller listens. ``name`` is the seller id the buyer expects to answer there."""
+    """Where a seller listens. ``name`` is the seller id the buyer expects to answer there.
+
+    ``root_ca`` (optional) is the only CA trusted for this seller, instead of ``ClientTLS.root_ca``:
+    when each seller runs its own CA, pinning it per endpoint stops one seller's CA from
+    certifying another seller's id.
+    """
 
     name: str
     address: str
+    root_ca: str | Path | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.address or ":" not in self.address:
@@ -109,6 +115,8 @@ def open_channel(
 def _channel(endpoint: SellerEndpoint, tls: ClientTLS | None, insecure: bool,
              max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
     """A channel to ``endpoint`` that authenticates the seller id when ``tls`` binds it."""
+    if tls is not None and endpoint.root_ca is not None:
+        tls = replace(tls, root_ca=endpoint.root_ca)
     return open_channel(endpoint.address, tls=tls, insecure=insecure, max_message_bytes=max_message_bytes,
                         target_name=tls.target_name(endpoint) if tls else None)
 
