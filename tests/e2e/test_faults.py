@@ -52,7 +52,7 @@ def _start(group, tmp_path, files, extra=()):
         sid: group.start(sid, [
             str(CLI), "seller", "serve", "--data", str(path), "--seller-id", sid, "--port", "0",
             "--tls-cert", str(tmp_path / "tls" / "seller.crt"), "--tls-key", str(tmp_path / "tls" / "seller.key"),
-            *extra,
+            "--exact-per-sample", *extra,
         ])
         for sid, path in files.items()
     }
