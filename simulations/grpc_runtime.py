@@ -37,6 +37,7 @@ def seller_command(config: TipConfig, seller_id: str, data: Path, server: CertPa
         "--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-client-ca", str(ca.cert),
         "--max-queries-per-session", str(config.protocol.query_budget),
         "--max-message-mb", str(config.grpc.max_message_mb),
+        "--exact-per-sample",  # a simulation's sellers hold no one's private data
     ]
 
 

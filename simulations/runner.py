@@ -31,7 +31,8 @@ from tip_fed.market.payouts import PayoutInputs, Utility
 from tip_fed.market.results import (
     GROUND_TRUTH_COLUMNS, PAYOUT_COLUMNS, SAMPLE_COLUMNS, VALUATION_COLUMNS, write_csv, write_json,
 )
-from tip_fed.protocol import Buyer, BuyerSettings, Seller, Valuation
+from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy, Valuation
+from tip_fed.protocol.ledger import LedgerPolicy
 from tip_fed.protocol.data import check_batch, iter_batches, save_dataset
 
 from simulations import causal, healthcare, llm_corpus
@@ -142,7 +143,10 @@ def max_samples(market: Market) -> int:
 def exchange_inprocess(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
     """Buyer and sellers as objects in this process, exchanging protobuf bytes."""
     offer = buyer.offer(max_samples=max_samples(market))
-    sellers = [Seller(sid, data, seed=config.seed + i) for i, (sid, data) in enumerate(market.sellers.items())]
+    # a simulation's sellers hold no one's private data and answer one query each: exact per-sample
+    # scores are allowed, and any per-query epsilon (the lifetime ledger is a deployment control)
+    policy = SellerPolicy(exact_per_sample=True, lifetime=LedgerPolicy(epsilon=1e6))
+    sellers = [Seller(sid, data, seed=config.seed + i, policy=policy) for i, (sid, data) in enumerate(market.sellers.items())]
     replies = [s.respond(offer) for s in tqdm(sellers, desc="sellers", leave=False, disable=not progress)]
     return buyer.settle(replies, expected=list(market.sellers))
 

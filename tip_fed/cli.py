@@ -169,6 +169,12 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     srv.add_argument("--dp-epsilon", type=float, help="add Gaussian noise to every released score: epsilon per query "
                      "(the stricter of this and the buyer's request applies; default: only what the buyer asks)")
     srv.add_argument("--dp-delta", type=float, default=1e-6, help="delta of --dp-epsilon (default 1e-6)")
+    srv.add_argument("--ledger", help="privacy ledger file: per-buyer lifetime budget and answered keys, kept across "
+                     "restarts (default: in memory for this process only)")
+    srv.add_argument("--lifetime-epsilon", type=float, default=8.0, help="per-buyer lifetime epsilon (default 8)")
+    srv.add_argument("--lifetime-delta", type=float, default=1e-5, help="per-buyer lifetime delta (default 1e-5)")
+    srv.add_argument("--exact-per-sample", action="store_true", help="answer per-sample offers without noise "
+                     "(exact scores of every record: only for data that is not private)")
 
     tls = sub.add_parser("tls", help="TLS material").add_subparsers(dest="tls_command", required=True)
     ini = tls.add_parser("init", help="local CA (reused if DIR/ca.crt exists), a server and a client certificate")
@@ -212,6 +218,7 @@ def _seller_serve(args: argparse.Namespace) -> None:
     from tip_fed.grpc.server import MiB, RunningServer, ServerTLS, serve
     from tip_fed.protocol import Seller, SellerPolicy
     from tip_fed.protocol.disclosure import NoisePolicy
+    from tip_fed.protocol.ledger import LedgerPolicy
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together; give both (or --insecure)")
@@ -233,7 +240,9 @@ def _seller_serve(args: argparse.Namespace) -> None:
         server_tls_only=args.server_tls_only,
         policy=SellerPolicy(max_queries_per_session=args.max_queries_per_session,
                             expected_fingerprint=args.expected_fingerprint,
-                            noise=NoisePolicy(args.dp_epsilon, args.dp_delta), budget=budget),
+                            noise=NoisePolicy(args.dp_epsilon, args.dp_delta), budget=budget, ledger=args.ledger,
+                            lifetime=LedgerPolicy(args.lifetime_epsilon, args.lifetime_delta),
+                            exact_per_sample=args.exact_per_sample),
         max_message_bytes=args.max_message_mb * MiB if args.max_message_mb else None, announce=announce,
     )
 

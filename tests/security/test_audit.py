@@ -195,7 +195,7 @@ from tip_fed.protocol.disclosure import NoisePolicy  # noqa: E402
 
 
 @pytest.mark.parametrize("disclosure,eps", [("aggregate", 1.0), ("per-sample", 4.0)])
-def test_noisy_sellers_are_audited_exactly_through_their_revealed_seed(make_buyer, seller_data, disclosure, eps):
+def test_noisy_sellers_are_audited_exactly_through_their_revealed_seed(make_buyer, seller_data, disclosure, eps, tmp_path):
     sellers = [Seller(sid, d, policy=SellerPolicy(noise=NoisePolicy(eps))) for sid, d in seller_data.items()]
     buyer, valuation, deliveries = _session(make_buyer, sellers, disclosure)
     record = buyer.record(valuation)
@@ -205,8 +205,12 @@ def test_noisy_sellers_are_audited_exactly_through_their_revealed_seed(make_buye
         v = valuation.by_id()[s.seller_id]
         # no allowance for the noise: the tolerance is far below one noise std
         assert s.score_tolerance < 1e-3 * v.noise["std"] and s.max_score_deviation <= s.score_tolerance
-    # without the seed, or with another seed, the noise cannot be checked: flagged
+    # the seed travels in the delivery file
     d = deliveries["s1"]
+    loaded = Delivery.load(d.save(tmp_path / "s1.safetensors"))
+    assert loaded.noise_seed == d.noise_seed and len(d.noise_seed) == 32
+    assert audit(record, {"s1": loaded}).passed
+    # without the seed, or with another seed, the noise cannot be checked: flagged
     for seed in (None, bytes(32)):
         bad = audit(record, {"s1": Delivery(data=d.data, gradients=d.gradients, noise_seed=seed)}).sellers[0]
         assert bad.verdict == "noise-mismatch", bad.reasons

@@ -9,9 +9,11 @@ The buyer, from the :class:`SessionRecord` it kept (no secret key in it), then
 2. recomputes every projected gradient from the delivered records with its own model and spec,
    clipped to the public bound, and compares it with the committed one: a seller that scaled or
    fabricated its gradients (and committed to them) is flagged here, per sample;
-3. recomputes the plaintext scores and compares them with the decrypted ones within the CKKS
-   tolerance (plus rounding and any declared DP noise): a seller that committed to honest
-   gradients but scored others is flagged here.
+3. opens the seller's noise commitment with the delivered seed, regenerates its differential-
+   privacy noise and recomputes every released value; they must match the decrypted ones within
+   the CKKS tolerance and the rounding, with no allowance for noise: a seller that scored other
+   gradients than it committed to, or encrypted values of its own choice, is flagged here;
+4. flags duplicate and near-duplicate records (padding inflates a total).
 
 When only records are delivered (no gradients), step 1 uses the recomputed gradients, which is
 exact only on the same software stack; delivering the gradients makes the audit portable.
