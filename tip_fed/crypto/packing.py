@@ -45,7 +45,6 @@ so |y_j| <= 2^12 and nothing overflows the last level's 60-bit prime. Gaussian `
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from typing import Any
 
