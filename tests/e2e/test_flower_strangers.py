@@ -27,6 +27,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tip_fed import tls
@@ -34,10 +35,18 @@ from tip_fed.config import load_config
 from tip_fed.flower import trust
 from tip_fed.protocol import Valuation
 
-from simulations.flower_deploy import BIN, alive, descendants, flower_env, free_port, stop_pids
+from simulations.flower_deploy import BIN, flower_env, free_port
+from simulations.reaper import descendants, running, terminate
+
 from simulations.runner import build_market, exchange_inprocess, make_buyer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def stop_pids(pids):
+    """Stop these processes and everything below them (only processes this test started)."""
+    procs = [psutil.Process(p) for p in running(pids)]
+    terminate([*procs, *(d for p in procs for d in descendants(p.pid))], grace_s=5.0)
 
 ROOT = Path(__file__).resolve().parents[2]
 SETS = ["causal.seller-classes=[[1],[3],[4]]", "flower.node-wait-s=90", "flower.timeout-s=180"]
@@ -212,7 +221,7 @@ def played(tmp_path_factory):
         (app / "tip-fed-0.1.0.fab").write_bytes(b"an earlier FAB lying in the checkout")
         evidence["left"] = {rel: (app / rel).is_file() for rel in LEFT_BEHIND}
         evidence["fab"] = trust.build_fab(app)  # what 'flwr run .' would upload now
-        evidence["spawned"] = descendants(pids + [rogue.pid])
+        evidence["spawned"] = [p.pid for pid in pids + [rogue.pid] for p in descendants(pid)]
     finally:
         if rogue is not None:
             stop_pids([rogue.pid])
@@ -271,7 +280,7 @@ def test_fab_of_the_readme_sequence_ships_code_and_config_only(played):
 
 def test_every_process_of_the_sequence_is_stopped(played):
     assert played["downed"] is not None and played["downed"].returncode == 0, played["downed"]
-    assert [p for p in played["all_pids"] if alive(p)] == []
+    assert running(played["all_pids"]) == []
 
 
 def test_flowers_own_trusted_entities_refuse_even_an_app_signed_by_the_trusted_key(tmp_path):
