@@ -62,22 +62,27 @@ def full_then_project(model: torch.nn.Module, spec: ProjectionSpec, batch: dict[
     task = get_task("causal-lm")
     modules = dict(model.named_modules())
     layers = [modules[layer.name] for layer in spec.layers]
-    weights = [m.weight for m in layers]
+    # a layer with bias is projected as [W | b] (the bias is the gradient's last input column)
+    params = [p for layer, m in zip(spec.layers, layers) for p in ([m.weight, m.bias] if layer.bias else [m.weight])]
     n = batch["input_ids"].shape[0]
     full: list[list[torch.Tensor]] = []
     for i in range(n):
         sample = {k: v[i : i + 1] for k, v in batch.items()}
         loss = task.per_sample_loss(model, sample)[0]
-        full.append([g.detach() for g in torch.autograd.grad(loss, weights)])
+        grads = iter(g.detach() for g in torch.autograd.grad(loss, params))
+        per_layer = []
+        for layer, m in zip(spec.layers, layers):
+            w = next(grads)
+            w = w.T if not isinstance(m, torch.nn.Linear) else w  # Conv1D stores [in, out]
+            per_layer.append(torch.cat([w, next(grads)[:, None]], dim=1) if layer.bias else w)
+        full.append(per_layer)
     out = torch.empty(n, spec.dim)
     offsets = spec.offsets()
-    for j, (layer, module) in enumerate(zip(spec.layers, layers)):
+    for j, layer in enumerate(spec.layers):
         p_in, p_out = projection_matrices(spec, layer, torch.float32)
-        transpose = not isinstance(module, torch.nn.Linear)  # Conv1D stores [in, out]
         start = offsets[j]
         for i in range(n):
-            grad = full[i][j].T if transpose else full[i][j]
-            out[i, start : start + layer.dim] = (p_out @ grad @ p_in.T).reshape(-1)
+            out[i, start : start + layer.dim] = (p_out @ full[i][j] @ p_in.T).reshape(-1)
     return out
 
 
