@@ -67,7 +67,8 @@ def test_four_runtimes_give_the_same_valuations_and_payout_rankings(tmp_path):
         scores = _scores(outs[runtime])
         assert sorted(scores) == sorted(ref_scores), runtime
         for sid, ref in ref_scores.items():
-            assert abs(scores[sid] - ref) <= max(1e-5 * abs(ref), 1e-8 * scale), (runtime, sid, scores[sid], ref)
+            # sanitising noise: ~1e-8 of the largest total per session
+            assert abs(scores[sid] - ref) <= max(1e-5 * abs(ref), 1e-7 * scale), (runtime, sid, scores[sid], ref)
         assert _payout_rankings(outs[runtime]) == ref_payouts, runtime
 
 

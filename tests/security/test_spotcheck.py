@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tip_fed.protocol import Seller, SellerPolicy, commitment
-from tip_fed.protocol.spotcheck import catch_probability, choose, open_records, spot_check
+from tip_fed.protocol.spotcheck import catch_probability, choose, open_records, sampling_width, spot_check
 
 from .conftest import make_data
 
@@ -74,3 +74,34 @@ def test_fabricated_records_are_caught_at_the_stated_probability(make_buyer):
           f"k = 30 would give {catch_probability(n, bad, 30):.3f}")
     assert abs(caught / trials - p) < 4 * np.sqrt(p * (1 - p) / trials)
     assert catch_probability(n, bad, k) >= 1 - (1 - bad / n) ** k
+
+
+def test_opening_every_record_demands_the_exact_total(make_buyer):
+    """Sampling without replacement: with all n records opened there is no sampling error left."""
+    n = 200
+    record, valued, delivery = _session(make_buyer, Seller("s", make_data(n, 31)))
+    everything = open_records(delivery, list(range(n)))
+    honest = spot_check(record, valued, everything)
+    assert honest.passed, honest.reasons
+    assert honest.total_threshold < 1e-4 * record.score_bound  # CKKS error and rounding only
+    # the red team's forgery (+0.25 B per record) passed the with-replacement bound even fully opened
+    for shift in (0.25, 1e-3):
+        forged = dict(valued, total=valued["total"] + shift * record.score_bound * n)
+        caught = spot_check(record, forged, everything)
+        assert not caught.passed and "claimed mean score" in caught.reasons[-1]
+
+
+def test_forged_total_catch_rate_and_false_alarms_match_the_bound(make_buyer):
+    n, k, alpha, trials = 200, 40, 0.05, 60
+    record, valued, delivery = _session(make_buyer, Seller("s", make_data(n, 33)))
+    width = sampling_width(record.score_bound, k, n, alpha)
+    assert width < sampling_width(record.score_bound, k, 10**9, alpha)  # the finite population helps
+    # a forgery two widths off is caught unless the sample itself strays a width (prob <= alpha)
+    forged = dict(valued, total=valued["total"] + 2.01 * width * n)
+    caught = sum(not spot_check(record, forged, open_records(delivery, choose(n, k)), alpha=alpha).passed
+                 for _ in range(trials))
+    false_alarms = sum(not spot_check(record, valued, open_records(delivery, choose(n, k)), alpha=alpha).passed
+                       for _ in range(trials))
+    print(f"\nk={k} of n={n}, alpha={alpha}: forgery +2 widths caught {caught}/{trials}, honest flagged {false_alarms}/{trials}")
+    bound = alpha * trials + 3 * np.sqrt(alpha * (1 - alpha) * trials)
+    assert trials - caught <= bound and false_alarms <= bound

@@ -37,7 +37,7 @@ def run(quick: bool) -> dict[str, Any]:
     buyer = Buyer(model, get_task("causal-lm"), objective=token_batch(8, seed=1),
                   train=token_batch(16, seed=2), settings=settings)
     offer = buyer.offer(max_samples=n)
-    policy = SellerPolicy(batch_size=batch, encoding_cache_mb=256)
+    policy = SellerPolicy(batch_size=batch, encoding_cache_mb=256, exact_per_sample=True)  # synthetic records
     seller = Seller("bench-seller", token_batch(n, seed=3), policy=policy, seed=0)
     clear_context_cache()  # cold: as if this were the seller process's first Offer
     reply_bytes, wall = timed(lambda: seller.respond(offer))

@@ -200,7 +200,8 @@ class Seller:
             commitment=root,
             n_rows=int(matrix.shape[0]),
             scores=cts,
-            clipped=n_clipped,
+            # the exact count at a buyer-chosen bound tells neighbouring datasets apart: withheld under DP
+            clipped=0 if noise.enabled else n_clipped,
             timings=pb.Timings(
                 gradients_s=t_grad - t0 - t_ctx,
                 commit_s=t_commit - t_grad,

@@ -5,9 +5,13 @@ records chosen at random *after* the seller committed (its Reply holds the Merkl
 opened record the buyer checks the Merkle path to the committed root, recomputes the record's
 clipped projected gradient with its own model (a fabricated or scaled gradient is caught), and
 finally tests whether the seller's total is plausible given the opened records' scores: every
-score lies in [-B, B] with B = ||v|| C, so by Hoeffding's inequality (valid for sampling without
-replacement) the sample mean of k scores is within ``B sqrt(2 ln(2/alpha) / k)`` of the true mean
-except with probability alpha. A total whose mean lies further away is flagged.
+score lies in [-B, B] with B = ||v|| C, and the k opened records are drawn without replacement from
+the n committed ones, so by the Hoeffding-Serfling inequality (Bardenet & Maillard 2015, Cor. 2.5)
+the sample mean of k scores is within ``B sqrt(2 rho_k ln(2/alpha) / k)`` of the true mean except
+with probability alpha, where ``rho_k = min(1 - (k-1)/n, (1 - k/n)(1 + 1/k))`` is the finite-
+population correction: it falls to 0 as k reaches n, so opening every record demands the exact
+total (up to the CKKS error and rounding the audit also allows, and the declared DP noise). A total
+whose mean lies further away is flagged.
 
 Catch probability: if a fraction f of a seller's n records is fabricated, opening k distinct
 records uniformly at random finds at least one with probability
@@ -31,7 +35,7 @@ from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import DataError
 from tip_fed.protocol import commitment
-from tip_fed.protocol.audit import GRAD_TOL, Delivery, SessionRecord
+from tip_fed.protocol.audit import GRAD_TOL, SCORE_TOL, Delivery, SessionRecord
 from tip_fed.protocol.data import check_batch, dataset_gradients
 
 
@@ -102,11 +106,13 @@ def spot_check(record: SessionRecord, valued: Mapping[str, Any], opening: Openin
     mean_opened = float((recomputed @ query).mean())
     claimed = float(valued["total"]) / int(valued["n_samples"])
     noise = valued.get("noise") or {}
+    n = int(valued["n_samples"])
     out.total_gap = abs(claimed - mean_opened)
-    # Hoeffding for k scores in [-B, B], plus 4 std of declared noise on the claimed mean
-    out.total_threshold = bound * math.sqrt(2 * math.log(2 / alpha) / k) + 4 * float(noise.get("total_std", 0.0)) / int(
-        valued["n_samples"]
-    )
+    # sampling k of n scores in [-B, B], plus 4 std of the declared noise on the claimed mean, plus the
+    # CKKS error and rounding of the released total (the audit's tolerance, per record)
+    precision = SCORE_TOL * bound + record.release_quantum / (2 * n)
+    out.total_threshold = (sampling_width(bound, k, n, alpha) + 4 * float(noise.get("total_std", 0.0)) / n
+                           + precision)
     if out.bad_proofs:
         out.reasons.append(f"{len(out.bad_proofs)} opened records do not match the committed root")
     if out.bad_gradients:
@@ -118,6 +124,15 @@ def spot_check(record: SessionRecord, valued: Mapping[str, Any], opening: Openin
         )
     out.passed = not out.reasons
     return out
+
+
+def sampling_width(bound: float, k: int, n: int, alpha: float) -> float:
+    """Half-width that the mean of k of n values in [-bound, bound], drawn without replacement,
+    exceeds around the population mean with probability at most alpha (Hoeffding-Serfling)."""
+    if not 1 <= k <= n:
+        raise DataError(f"a spot check opens 1..{n} records, got {k}")
+    rho = min(1.0 - (k - 1) / n, (1.0 - k / n) * (1.0 + 1.0 / k))
+    return bound * math.sqrt(2.0 * rho * math.log(2.0 / alpha) / k)
 
 
 def catch_probability(n: int, bad: int, k: int) -> float:
