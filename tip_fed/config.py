@@ -215,7 +215,7 @@ class HealthcareConfig:
     sites: int = 12
     sellers: int = 8
     replicates: int = 20
-    min_site_rows: int = 15
+    min_site_rows: int = 15  # diabetes' 442 patients; configs/healthcare_cohort.toml sets 200 for flchain
     label_noise: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
     hidden: int = 16
     train_epochs: int = 50
@@ -226,8 +226,10 @@ class HealthcareConfig:
     samples_per_seller: int | None = None  # synthetic only: every site holds exactly this many rows
 
     def __post_init__(self) -> None:
-        _require(self.dataset in ("diabetes", "breast-cancer", "synthetic"), "healthcare.dataset",
-                 "must be 'diabetes', 'breast-cancer' or 'synthetic'")
+        _require(self.dataset in ("diabetes", "breast-cancer", "flchain", "synthetic"), "healthcare.dataset",
+                 "must be 'diabetes', 'breast-cancer', 'flchain' or 'synthetic'")
+        _require(self.min_site_rows >= 4, "healthcare.min-site-rows",
+                 "must be >= 4 patients per site (the flchain cohort config uses 200)")
         _require(self.sites >= 4, "healthcare.sites", "must be >= 4 (buyer-train, objective and two sellers)")
         _require(self.sellers >= 2, "healthcare.sellers", "must be >= 2")
         _require(self.replicates >= 1, "healthcare.replicates", "must be >= 1")

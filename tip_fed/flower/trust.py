@@ -75,10 +75,14 @@ def create_publisher_key(directory: str | Path, name: str = "publisher") -> tupl
 
 def build_fab(app_dir: str | Path) -> bytes:
     """The FAB exactly as ``flwr run <app_dir>`` builds and uploads it."""
+    import warnings
+
     from flwr.cli.build import build_fab_from_disk
 
     try:
-        return build_fab_from_disk(Path(app_dir))
+        with warnings.catch_warnings():  # Flower's ignore-file parsing uses a pattern style pathspec deprecates
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="pathspec")
+            return build_fab_from_disk(Path(app_dir))
     except ValueError as exc:
         raise ConfigError(f"cannot build the Flower App in {app_dir}: {exc}") from exc
 
