@@ -184,6 +184,7 @@ class SellerBudgetConfig:
     offer_memory_mb: int = 2048  # most memory one Offer may cost (MiB)
     in_flight_memory_mb: int = 8192  # most memory all Offers being answered at once may cost (MiB)
     max_sessions: int = 4  # Offers handled at once; more wait for a slot (at most max-calls in all)
+    max_offers_per_peer: int = 1  # Offers one buyer (client certificate, else address) may have in at once
     max_calls: int = 64  # calls a seller service holds at once, running or waiting; more are refused
     he_key_memory_mb: int = 256  # CKKS context tables + public and Galois keys of one Offer (MiB)
     projection_memory_mb: int = 512  # projection matrices of one Offer (MiB; rank x features per layer)
@@ -193,8 +194,8 @@ class SellerBudgetConfig:
     session_window_s: float = 86400.0  # how long an answered session is remembered (seconds)
 
     def __post_init__(self) -> None:
-        for name in ("offer_memory_mb", "in_flight_memory_mb", "max_sessions", "max_calls", "he_key_memory_mb",
-                     "projection_memory_mb", "max_layers", "kept_sessions"):
+        for name in ("offer_memory_mb", "in_flight_memory_mb", "max_sessions", "max_offers_per_peer", "max_calls",
+                     "he_key_memory_mb", "projection_memory_mb", "max_layers", "kept_sessions"):
             _require(getattr(self, name) >= 1, f"seller-budget.{_toml_key(name)}", "must be >= 1")
         _require(self.in_flight_memory_mb >= self.offer_memory_mb, "seller-budget.in-flight-memory-mb",
                  "must be >= seller-budget.offer-memory-mb (one Offer must fit in what may be in flight)")
