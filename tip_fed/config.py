@@ -175,8 +175,9 @@ class SellerBudgetConfig:
     Every Offer is costed from its own fields before anything is allocated (projection matrices,
     gradient matrix, model by dtype, CKKS key material, query ciphertexts, the message itself) and
     refused with a ResourceLimitError naming the setting to raise. The defaults fit a 24 GB machine:
-    at most 4 Offers handled at once (up to 64 calls waiting, the rest refused), 2 GiB each, 8 GiB
-    together, leaving room for the seller's own data.
+    at most 4 Offers handled at once (up to 64 calls waiting, the rest refused), at most 1 per buyer
+    (so one buyer's flood cannot queue ahead of the others: scoring runs one Offer at a time),
+    2 GiB and 300 estimated CPU seconds each, 8 GiB together, leaving room for the seller's own data.
     The seller's largest accepted gRPC message follows from ``offer-memory-mb`` (see
     tip_fed.protocol.resources.max_offer_bytes).
     """
@@ -189,7 +190,10 @@ class SellerBudgetConfig:
     he_key_memory_mb: int = 256  # CKKS context tables + public and Galois keys of one Offer (MiB)
     projection_memory_mb: int = 512  # projection matrices of one Offer (MiB; rank x features per layer)
     max_layers: int = 1024  # projected layers one Offer may list
-    offer_work_s: float = 3600.0  # rough single-core seconds one Offer may cost
+    # Estimated single-core seconds one Offer may cost. Twice the estimate of the heaviest honest
+    # benchmark Offer (GPT-2 style, 4 layers, 100 x 128 tokens: ~146 s estimated; the estimate runs
+    # 1-7x above measured seller CPU), so it bounds how long one admitted Offer holds the scoring.
+    offer_work_s: float = 300.0
     kept_sessions: int = 65536  # answered (session, buyer) pairs remembered for the query budget
     session_window_s: float = 86400.0  # how long an answered session is remembered (seconds)
 

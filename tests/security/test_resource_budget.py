@@ -465,3 +465,20 @@ def test_weights_header_is_checked_before_it_is_parsed():
         read_weights_header(bytes(lying))
     with pytest.raises(ModelError, match="header of"):
         read_weights_header((1 << 40).to_bytes(8, "little") + b"{}")
+
+
+def test_the_default_work_limit_refuses_an_offer_far_above_an_honest_one():
+    """A valid 2.4M-parameter MLP Offer costs a 60-record seller a few estimated seconds, but a
+    50,000-record seller about 6 minutes: refused by the default offer-work-s before any work;
+    the honest small-model Offer to the same large seller passes."""
+    settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
+                             protocol=ProtocolConfig(disclosure="aggregate"))
+    offers = {h: Buyer(MLP([10, h, 2]).eval(), get_task("classification"), objective=make_data(40, 2),
+                       train=make_data(120, 3), settings=settings).offer(max_samples=50_000) for h in (16, 200_000)}
+    small, large = Seller("s", make_data(60, 5)), Seller("s", make_data(50_000, 5))
+    assert SellerBudgetConfig().offer_work_s == 300
+    assert small.cost(pb.Offer.FromString(offers[200_000])).work_s < 30
+    assert large.cost(pb.Offer.FromString(offers[16])).work_s < 30
+    with pytest.raises(ResourceLimitError, match="seller-budget.offer-work-s") as refused:
+        large.cost(pb.Offer.FromString(offers[200_000]))
+    assert refused.value.limit == "offer_work_s"
