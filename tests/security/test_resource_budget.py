@@ -12,12 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig, SellerBudgetConfig
+from tip_fed.config import (
+    PreconditionerConfig,
+    ProjectionConfig,
+    ProtocolConfig,
+    SellerBudgetConfig,
+)
 from tip_fed.core.gradients import projected_grads
-from tip_fed.core.models import MLP
 from tip_fed.core.influence import clip_rows
+from tip_fed.core.models import MLP
 from tip_fed.core.projection import LayerProjection, ProjectionSpec
-from tip_fed.core.projection_matrix import MATRIX_CACHE_BYTES, _byte_bounded_cache, _matrix
+from tip_fed.core.projection_matrix import (
+    MATRIX_CACHE_BYTES,
+    _byte_bounded_cache,
+    _matrix,
+)
 from tip_fed.core.tasks import get_task
 from tip_fed.crypto import keys
 from tip_fed.errors import (
@@ -38,7 +47,12 @@ from tip_fed.grpc import (
 from tip_fed.grpc.server import MiB, seller_message_limit
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.data import save_dataset
-from tip_fed.protocol.resources import InFlight, PeerSlots, ResourceLimitError, max_offer_bytes
+from tip_fed.protocol.resources import (
+    InFlight,
+    PeerSlots,
+    ResourceLimitError,
+    max_offer_bytes,
+)
 from tip_fed.protocol.sessions import AnsweredSessions
 from tip_fed.tls import create_ca, issue_cert
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb

@@ -32,8 +32,8 @@ from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 __all__ = [
     "InFlight",
-    "PeerSlots",
     "OfferCost",
+    "PeerSlots",
     "ResourceBudget",
     "ResourceLimitError",
     "WeightsHeader",
