@@ -5,9 +5,9 @@ module adds is what a network service needs: mutual TLS by default (server-only 
 are explicit opt-outs), the buyer's authenticated identity passed to the Seller (client
 certificate subject, else the network address), a message limit derived from the largest Offer
 the seller's resource budget could accept, a bound on concurrent calls and on request bytes in
-flight (excess calls are refused with RESOURCE_EXHAUSTED, never queued without bound), TipErrors
-mapped to gRPC status codes with the error message as details (never a traceback), and a
-graceful stop on SIGTERM/SIGINT.
+flight and on each buyer's Offers at once (excess calls are refused with RESOURCE_EXHAUSTED, never
+queued without bound), TipErrors mapped to gRPC status codes with the error message as details
+(never a traceback), and a graceful stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
