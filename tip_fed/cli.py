@@ -195,6 +195,8 @@ def _add_budget_arguments(srv: argparse.ArgumentParser) -> None:
         "offer_memory_mb": "most memory one Offer may cost, MiB",
         "in_flight_memory_mb": "most memory all Offers being answered at once may cost, MiB",
         "max_sessions": "Offers handled at once; more wait, up to --max-calls",
+        "max_offers_per_peer": "Offers one buyer (client certificate, else address) may have in at once; "
+                               "more are refused with RESOURCE_EXHAUSTED",
         "max_calls": "calls held at once, running or waiting; more are refused with RESOURCE_EXHAUSTED",
         "he_key_memory_mb": "most CKKS context and key memory of one Offer, MiB",
         "projection_memory_mb": "most projection-matrix memory of one Offer, MiB",

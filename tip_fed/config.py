@@ -175,8 +175,9 @@ class SellerBudgetConfig:
     Every Offer is costed from its own fields before anything is allocated (projection matrices,
     gradient matrix, model by dtype, CKKS key material, query ciphertexts, the message itself) and
     refused with a ResourceLimitError naming the setting to raise. The defaults fit a 24 GB machine:
-    at most 4 Offers handled at once (up to 64 calls waiting, the rest refused), 2 GiB each, 8 GiB
-    together, leaving room for the seller's own data.
+    at most 4 Offers handled at once (up to 64 calls waiting, the rest refused), at most 1 per buyer
+    (so one buyer's flood cannot queue ahead of the others: scoring runs one Offer at a time),
+    2 GiB and 300 estimated CPU seconds each, 8 GiB together, leaving room for the seller's own data.
     The seller's largest accepted gRPC message follows from ``offer-memory-mb`` (see
     tip_fed.protocol.resources.max_offer_bytes).
     """
@@ -184,17 +185,21 @@ class SellerBudgetConfig:
     offer_memory_mb: int = 2048  # most memory one Offer may cost (MiB)
     in_flight_memory_mb: int = 8192  # most memory all Offers being answered at once may cost (MiB)
     max_sessions: int = 4  # Offers handled at once; more wait for a slot (at most max-calls in all)
+    max_offers_per_peer: int = 1  # Offers one buyer (client certificate, else address) may have in at once
     max_calls: int = 64  # calls a seller service holds at once, running or waiting; more are refused
     he_key_memory_mb: int = 256  # CKKS context tables + public and Galois keys of one Offer (MiB)
     projection_memory_mb: int = 512  # projection matrices of one Offer (MiB; rank x features per layer)
     max_layers: int = 1024  # projected layers one Offer may list
-    offer_work_s: float = 3600.0  # rough single-core seconds one Offer may cost
+    # Estimated single-core seconds one Offer may cost. Twice the estimate of the heaviest honest
+    # benchmark Offer (GPT-2 style, 4 layers, 100 x 128 tokens: ~146 s estimated; the estimate runs
+    # 1-7x above measured seller CPU), so it bounds how long one admitted Offer holds the scoring.
+    offer_work_s: float = 300.0
     kept_sessions: int = 65536  # answered (session, buyer) pairs remembered for the query budget
     session_window_s: float = 86400.0  # how long an answered session is remembered (seconds)
 
     def __post_init__(self) -> None:
-        for name in ("offer_memory_mb", "in_flight_memory_mb", "max_sessions", "max_calls", "he_key_memory_mb",
-                     "projection_memory_mb", "max_layers", "kept_sessions"):
+        for name in ("offer_memory_mb", "in_flight_memory_mb", "max_sessions", "max_offers_per_peer", "max_calls",
+                     "he_key_memory_mb", "projection_memory_mb", "max_layers", "kept_sessions"):
             _require(getattr(self, name) >= 1, f"seller-budget.{_toml_key(name)}", "must be >= 1")
         _require(self.in_flight_memory_mb >= self.offer_memory_mb, "seller-budget.in-flight-memory-mb",
                  "must be >= seller-budget.offer-memory-mb (one Offer must fit in what may be in flight)")

@@ -12,11 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from tip_fed.config import SellerBudgetConfig
+from tip_fed.config import (
+    PreconditionerConfig,
+    ProjectionConfig,
+    ProtocolConfig,
+    SellerBudgetConfig,
+)
 from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
+from tip_fed.core.models import MLP
 from tip_fed.core.projection import LayerProjection, ProjectionSpec
-from tip_fed.core.projection_matrix import MATRIX_CACHE_BYTES, _byte_bounded_cache, _matrix
+from tip_fed.core.projection_matrix import (
+    MATRIX_CACHE_BYTES,
+    _byte_bounded_cache,
+    _matrix,
+)
 from tip_fed.core.tasks import get_task
 from tip_fed.crypto import keys
 from tip_fed.errors import (
@@ -35,9 +45,14 @@ from tip_fed.grpc import (
     value_sellers,
 )
 from tip_fed.grpc.server import MiB, seller_message_limit
-from tip_fed.protocol import Seller, SellerPolicy
+from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.data import save_dataset
-from tip_fed.protocol.resources import InFlight, ResourceLimitError, max_offer_bytes
+from tip_fed.protocol.resources import (
+    InFlight,
+    PeerSlots,
+    ResourceLimitError,
+    max_offer_bytes,
+)
 from tip_fed.protocol.sessions import AnsweredSessions
 from tip_fed.tls import create_ca, issue_cert
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -244,6 +259,15 @@ def _client(pki, who):
     return ClientTLS(pki["ca"].cert, pki[who].cert, pki[who].key) if who else ClientTLS(pki["ca"].cert)
 
 
+def _assert_answered_exactly(alice, replies, failures, model, data):
+    """Alice was answered, and her total equals the plaintext projected-gradient reference."""
+    assert failures == {}, failures
+    valuation = alice.settle(list(replies.values()), expected=["s"])
+    g = projected_grads(model, alice.spec, get_task("classification"), data)
+    plain = (clip_rows(g.double(), alice.grad_norm_bound)[0] @ alice.query).numpy()
+    assert abs(valuation.sellers[0].total - plain.sum()) <= 1e-5 * np.abs(plain).sum()
+
+
 def test_honest_buyer_is_answered_while_hostile_offers_arrive(make_buyer, model, data, pki):
     seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True))
     running = start_server(seller, tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))
@@ -271,15 +295,97 @@ def test_honest_buyer_is_answered_while_hostile_offers_arrive(make_buyer, model,
             t.join(300)
     finally:
         running.stop(0)
-    assert failures == {}, failures
-    valuation = alice.settle(list(replies.values()), expected=["s"])
-    g = projected_grads(model, alice.spec, get_task("classification"), data)
-    plain = (clip_rows(g.double(), alice.grad_norm_bound)[0] @ alice.query).numpy()
-    assert abs(valuation.sellers[0].total - plain.sum()) <= 1e-5 * np.abs(plain).sum()
+    _assert_answered_exactly(alice, replies, failures, model, data)
     assert len(refusals) == 3 * len(attacks)
     for text in refusals:
         assert "RESOURCE_EXHAUSTED" in text or "INVALID_ARGUMENT" in text, text
-    assert sum("seller-budget." in text for text in refusals) == 3 * 4  # the four ResourceLimitErrors
+    # each call is refused by the costing step, or earlier because mallory already has an Offer in
+    crowded = sum("seller-budget.max-offers-per-peer" in text for text in refusals)
+    assert sum("seller-budget." in text for text in refusals) - crowded + sum(
+        "INVALID_ARGUMENT" in text for text in refusals) == 3 * len(attacks) - crowded
+
+
+def _mallory_offers(n):
+    """Valid Offers a wide model makes (each its own session): the budget accepts every one."""
+    settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
+                             protocol=ProtocolConfig(disclosure="aggregate"))
+    wide = Buyer(MLP([10, 20_000, 2]).eval(), get_task("classification"), objective=make_data(40, 2, shift=0.5),
+                 train=make_data(120, 3), settings=settings)
+    return [wide.offer(max_samples=100) for _ in range(n)]
+
+
+def test_one_buyers_flood_of_valid_offers_is_capped_and_others_are_answered(make_buyer, model, data, pki):
+    """Mallory (a valid certificate) floods with valid, costly Offers from many callers; alice's
+    honest Offer is answered, mallory has one Offer in at a time, every extra one is refused
+    with RESOURCE_EXHAUSTED naming seller-budget.max-offers-per-peer, and none waits in a queue.
+
+    Mallory's first admitted Offer is parked before scoring until alice's answer is in, so the
+    flood overlaps it whatever the machine's speed (outcomes, not times, are asserted)."""
+    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True))
+    assert seller.policy.budget.max_offers_per_peer == 1  # the default
+    answer = seller.respond
+    parked, release = threading.Event(), threading.Event()
+
+    def respond(offer: bytes, *, peer: str | None = None) -> bytes:
+        if "mallory" in (peer or "") and not parked.is_set():
+            parked.set()
+            assert release.wait(300)
+        return answer(offer, peer=peer)
+
+    seller.respond = respond
+    running = start_server(seller, tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))
+    endpoint = [SellerEndpoint("s", running.address)]
+    flood = _mallory_offers(8)
+    outcomes: list[str] = []
+
+    def attack(blob):
+        replies, failures = value_sellers(endpoint, blob, tls=_client(pki, "mallory"), timeout_s=300, retries=0)
+        outcomes.append("answered" if replies else failures["s"])
+
+    alice = make_buyer()
+    threads = [threading.Thread(target=attack, args=(flood[0],))]
+    try:
+        threads[0].start()
+        assert parked.wait(120)  # mallory's first Offer holds her one slot
+        threads += [threading.Thread(target=attack, args=(blob,)) for blob in flood[1:]]
+        for t in threads[1:]:
+            t.start()
+        for t in threads[1:]:
+            t.join(300)
+        replies, failures = value_sellers(endpoint, alice.offer(max_samples=100), tls=_client(pki, "alice"),
+                                          timeout_s=300, retries=0)
+        release.set()
+        threads[0].join(300)
+        # the slot is free again once mallory's Offer is answered: her next one is admitted
+        again, late = value_sellers(endpoint, flood[1], tls=_client(pki, "mallory"), timeout_s=300, retries=0)
+    finally:
+        release.set()
+        running.stop(0)
+    _assert_answered_exactly(alice, replies, failures, model, data)
+    assert len(outcomes) == len(flood) and outcomes.count("answered") == 1, outcomes
+    refused = [o for o in outcomes if o != "answered"]
+    assert len(refused) == len(flood) - 1
+    for text in refused:
+        assert "RESOURCE_EXHAUSTED" in text and "seller-budget.max-offers-per-peer" in text, text
+        assert "--max-offers-per-peer" in text
+    assert late == {} and len(again) == 1, late
+
+
+def test_peer_slots_are_per_peer_and_given_back():
+    slots = PeerSlots(SellerBudgetConfig(max_offers_per_peer=2))
+    slots.admit("mallory")
+    slots.admit("mallory")
+    with pytest.raises(ResourceLimitError, match="seller-budget.max-offers-per-peer") as full:
+        slots.admit("mallory")
+    assert full.value.limit == "max_offers_per_peer"
+    slots.admit("alice")  # another buyer is not affected
+    slots.release("mallory")
+    slots.admit("mallory")
+    for peer in ("mallory", "mallory", "alice"):
+        slots.release(peer)
+    assert slots.held == {}
+    with pytest.raises(ConfigError, match="max-offers-per-peer"):
+        SellerBudgetConfig(max_offers_per_peer=0)
 
 
 def test_big_messages_need_a_client_certificate_and_fit_the_budget(make_buyer, data, pki):
@@ -373,3 +479,20 @@ def test_weights_header_is_checked_before_it_is_parsed():
         read_weights_header(bytes(lying))
     with pytest.raises(ModelError, match="header of"):
         read_weights_header((1 << 40).to_bytes(8, "little") + b"{}")
+
+
+def test_the_default_work_limit_refuses_an_offer_far_above_an_honest_one():
+    """A valid 2.4M-parameter MLP Offer costs a 60-record seller a few estimated seconds, but a
+    50,000-record seller about 6 minutes: refused by the default offer-work-s before any work;
+    the honest small-model Offer to the same large seller passes."""
+    settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
+                             protocol=ProtocolConfig(disclosure="aggregate"))
+    offers = {h: Buyer(MLP([10, h, 2]).eval(), get_task("classification"), objective=make_data(40, 2),
+                       train=make_data(120, 3), settings=settings).offer(max_samples=50_000) for h in (16, 200_000)}
+    small, large = Seller("s", make_data(60, 5)), Seller("s", make_data(50_000, 5))
+    assert SellerBudgetConfig().offer_work_s == 300
+    assert small.cost(pb.Offer.FromString(offers[200_000])).work_s < 30
+    assert large.cost(pb.Offer.FromString(offers[16])).work_s < 30
+    with pytest.raises(ResourceLimitError, match="seller-budget.offer-work-s") as refused:
+        large.cost(pb.Offer.FromString(offers[200_000]))
+    assert refused.value.limit == "offer_work_s"

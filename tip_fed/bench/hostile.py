@@ -159,7 +159,7 @@ def run(quick: bool) -> dict[str, Any]:
     x = torch.randn(n_rows, 10)
     data = {"x": x, "y": (x[:, 0] > 0).long()}
     settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
-                             protocol=ProtocolConfig(disclosure="per-sample"))
+                             protocol=ProtocolConfig(disclosure="aggregate"))
     model = MLP([10, 16, 2]).eval()
 
     def buyer() -> Buyer:
@@ -212,14 +212,10 @@ def run(quick: bool) -> dict[str, Any]:
                     sent[0] += 1
 
             threads = [threading.Thread(target=attack, args=(blob,), daemon=True) for blob in offers.values()]
-            _reset_peak(proc.pid)
-            for t in threads:
-                t.start()
-            attacked = [honest() for _ in range(rounds)]
-            stop.set()
-            for t in threads:
-                t.join(600)
+            attacked = _under_attack(threads, stop, honest, rounds, proc.pid)
             attack_peak = _status_mb(proc.pid, "VmHWM:")
+            flood = _valid_flood(endpoint, tls, honest, rounds, proc.pid, n_rows, settings, data,
+                                 width=200_000 if quick else 1_000_000)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -235,4 +231,52 @@ def run(quick: bool) -> dict[str, Any]:
         "attack_offers_sent": sent[0],
         "peak_rss_mb_under_attack": attack_peak,
         "max_hostile_peak_rss_mb": max(h["peak_rss_mb"] for h in hostile.values()),
+        "valid_flood": flood,
     }
+
+
+def _under_attack(threads: list[threading.Thread], stop: threading.Event, honest: Any, rounds: int,
+                  pid: int) -> list[float]:
+    """Honest latencies while ``threads`` attack (the seller's peak RSS reset first); stops them."""
+    _reset_peak(pid)
+    for t in threads:
+        t.start()
+    attacked = [honest() for _ in range(rounds)]
+    stop.set()
+    for t in threads:
+        t.join(600)
+    return attacked
+
+
+def _valid_flood(endpoint: Any, tls: Any, honest: Any, rounds: int, pid: int, n_rows: int, settings: Any,
+                 data: dict[str, torch.Tensor], *, width: int, callers: int = 6) -> dict[str, Any]:
+    """One buyer's callers resend *valid* Offers of a wide MLP (the budget accepts each) while the
+    honest buyer values the seller: what the per-buyer cap leaves of the stall."""
+    from tip_fed.core.tasks import get_task
+    from tip_fed.grpc import value_sellers
+    from tip_fed.protocol import Buyer
+
+    wide = Buyer(MLP([10, width, 2]).eval(), get_task("classification"), objective=data, train=data, settings=settings)
+    pending = [wide.offer(max_samples=n_rows) for _ in range(callers + 4)]
+    offer_bytes = len(pending[0])
+    lock, stop = threading.Lock(), threading.Event()
+    counts = {"answered": 0, "refused_max_offers_per_peer": 0, "other": 0}
+
+    def attack() -> None:
+        while not stop.is_set():
+            with lock:
+                if not pending:
+                    return
+                blob = pending.pop()
+            failure = value_sellers(endpoint, blob, tls=tls["mallory"], timeout_s=600, retries=0)[1].get("seller")
+            capped = failure is not None and "max-offers-per-peer" in failure
+            with lock:
+                counts["answered" if failure is None else "refused_max_offers_per_peer" if capped else "other"] += 1
+                if capped:
+                    pending.append(blob)  # keep the flood going
+
+    threads = [threading.Thread(target=attack, daemon=True) for _ in range(callers)]
+    attacked = _under_attack(threads, stop, honest, rounds, pid)
+    return {"model": f"MLP([10, {width}, 2]) rank 4", "offer_bytes": offer_bytes, "callers": callers,
+            "honest_latency_s": attacked, "honest_median_s": statistics.median(attacked),
+            "peak_rss_mb": _status_mb(pid, "VmHWM:"), **counts}

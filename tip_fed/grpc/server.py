@@ -5,9 +5,9 @@ module adds is what a network service needs: mutual TLS by default (server-only 
 are explicit opt-outs), the buyer's authenticated identity passed to the Seller (client
 certificate subject, else the network address), a message limit derived from the largest Offer
 the seller's resource budget could accept, a bound on concurrent calls and on request bytes in
-flight (excess calls are refused with RESOURCE_EXHAUSTED, never queued without bound), TipErrors
-mapped to gRPC status codes with the error message as details (never a traceback), and a
-graceful stop on SIGTERM/SIGINT.
+flight and on each buyer's Offers at once (excess calls are refused with RESOURCE_EXHAUSTED, never
+queued without bound), TipErrors mapped to gRPC status codes with the error message as details
+(never a traceback), and a graceful stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from tip_fed.protocol.data import load_dataset
 from tip_fed.protocol.resources import (
     MESSAGE_COPIES,
     MiB,
+    PeerSlots,
     ResourceBudget,
     ResourceLimitError,
     max_offer_bytes,
@@ -137,17 +138,32 @@ def _read(path: Path, what: str) -> bytes:
 
 class SellerService:
     """The ``tip.v1.Seller`` handlers. The Seller costs, validates and locks per Offer; the service
-    bounds the request bytes it holds at once."""
+    bounds the request bytes it holds at once and the Offers each buyer has in at once."""
 
     def __init__(self, seller: Seller):
         self.seller = seller
         self._lock = threading.Lock()
         self._held = 0  # bytes of requests being handled now, times the copies made of them
         self._limit = seller.policy.budget.in_flight_memory_mb * MiB
+        self._peers = PeerSlots(seller.policy.budget)
 
     def value(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        """Answer a ValueRequest (raw bytes, so malformed input is ours to report, not grpcio's)."""
+        """Answer a ValueRequest (raw bytes, so malformed input is ours to report, not grpcio's).
+
+        A buyer's Offer beyond ``max_offers_per_peer`` is refused before anything else, so one
+        buyer's flood cannot queue ahead of the others (scoring runs one Offer at a time)."""
         peer = peer_identity(context)
+        try:
+            self._peers.admit(peer)
+        except ResourceLimitError as exc:
+            log.warning("refused an offer from %s: RESOURCE_EXHAUSTED: %s", peer, exc)
+            self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            return self._admitted(request, peer, context)
+        finally:
+            self._peers.release(peer)
+
+    def _admitted(self, request: bytes, peer: str, context: grpc.ServicerContext) -> bytes:
         held = len(request) * MESSAGE_COPIES
         with self._lock:
             over = self._held + held > self._limit

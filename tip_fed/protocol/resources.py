@@ -33,6 +33,7 @@ from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 __all__ = [
     "InFlight",
     "OfferCost",
+    "PeerSlots",
     "ResourceBudget",
     "ResourceLimitError",
     "WeightsHeader",
@@ -68,6 +69,7 @@ _SETTINGS = {
     "offer_memory_mb": ("seller-budget.offer-memory-mb", "--offer-memory-mb"),
     "in_flight_memory_mb": ("seller-budget.in-flight-memory-mb", "--in-flight-memory-mb"),
     "max_sessions": ("seller-budget.max-sessions", "--max-sessions"),
+    "max_offers_per_peer": ("seller-budget.max-offers-per-peer", "--max-offers-per-peer"),
     "max_calls": ("seller-budget.max-calls", "--max-calls"),
     "he_key_memory_mb": ("seller-budget.he-key-memory-mb", "--he-key-memory-mb"),
     "projection_memory_mb": ("seller-budget.projection-memory-mb", "--projection-memory-mb"),
@@ -312,3 +314,36 @@ class InFlight:
                 self.sessions -= 1
                 self.bytes -= nbytes
                 self._cond.notify()
+
+
+class PeerSlots:
+    """Offers each authenticated buyer has in the seller at once (being read, queued or scored).
+
+    Scoring runs one Offer at a time, so without a per-buyer bound one buyer holding a valid
+    certificate keeps the queue full of valid, costly Offers and every other buyer waits behind
+    all of them. A peer's Offer beyond ``max_offers_per_peer`` is refused at once, never queued:
+    each buyer then waits behind at most the other buyers' few Offers, not one buyer's flood.
+    """
+
+    def __init__(self, budget: ResourceBudget) -> None:
+        self.limit = budget.max_offers_per_peer
+        self._lock = threading.Lock()
+        self.held: dict[str, int] = {}
+
+    def admit(self, peer: str) -> None:
+        """Take one of ``peer``'s slots (give it back with :meth:`release`); ResourceLimitError if none is left."""
+        with self._lock:
+            n = self.held.get(peer, 0)
+            if n >= self.limit:
+                raise ResourceLimitError(
+                    f"this buyer already has {n} offer(s) being answered by this seller, the most one buyer may "
+                    f"have at once ({self.limit}); wait for the answer before sending another", "max_offers_per_peer")
+            self.held[peer] = n + 1
+
+    def release(self, peer: str) -> None:
+        """Give back a slot taken by :meth:`admit`."""
+        with self._lock:
+            if self.held[peer] <= 1:
+                del self.held[peer]
+            else:
+                self.held[peer] -= 1
