@@ -112,7 +112,8 @@ def test_three_of_ten_sellers_killed_or_hung_mid_round(tmp_path):
 def test_one_seller_service_answers_20_concurrent_sessions_with_bounded_memory(tmp_path):
     config, market, files, tls = _setup(tmp_path, 1)
     with ProcessGroup(tmp_path / "logs") as group:
-        children, endpoints = _start(group, tmp_path, files)
+        # 20 buyers on one host share an address: without client certificates the per-buyer cap sees one
+        children, endpoints = _start(group, tmp_path, files, extra=("--max-offers-per-peer", "20"))
         (endpoint,) = endpoints
         pid = children[endpoint.name].pid
         wait_until_healthy(endpoint, tls=tls, timeout_s=60)
