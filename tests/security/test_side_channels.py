@@ -41,7 +41,7 @@ def _attack(model, make_buyer, trials=12):
     """Per world-guess hits of the commitment test and the clipped-count test over ``trials`` replies."""
     probe = make_buyer(disclosure="aggregate")
     worlds, bound = _worlds(model, probe.spec)
-    buyer_kw = dict(disclosure="aggregate", dp_epsilon=1.0, dp_delta=1e-6, grad_norm_bound=bound)
+    buyer_kw = {"disclosure": "aggregate", "dp_epsilon": 1.0, "dp_delta": 1e-6, "grad_norm_bound": bound}
     expected = []
     for d in worlds:
         g, f = clip_rows(projected_grads(model, probe.spec, TASK, d).double(), bound)

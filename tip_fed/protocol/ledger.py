@@ -210,7 +210,7 @@ def _compose_one(entry: dict[str, Any], multiplier: float, delta: float, budget:
     eps = composed_epsilon(mult, delta)
     if eps > budget:
         raise PrivacyBudgetExhaustedError(
-            f"{what}: one more answer would compose to epsilon {eps:.3g} > {budget:g} at delta {delta:g}; {then}"
+            f"{what}: one more answer would compose to epsilon {eps:.4g} > {budget:g} at delta {delta:g}; {then}"
         )
     return eps, mult
 
