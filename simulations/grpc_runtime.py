@@ -38,6 +38,7 @@ def seller_command(config: TipConfig, seller_id: str, data: Path, server: CertPa
         "--max-queries-per-session", str(config.protocol.query_budget),
         "--max-message-mb", str(config.grpc.max_message_mb),
         "--exact-per-sample",  # a simulation's sellers hold no one's private data
+        "--max-exact", "-1", "--total-max-exact", "-1",
     ]
 
 

@@ -145,7 +145,8 @@ def exchange_inprocess(config: TipConfig, market: Market, buyer: Buyer, progress
     offer = buyer.offer(max_samples=max_samples(market))
     # a simulation's sellers hold no one's private data and answer one query each: exact per-sample
     # scores are allowed, and any per-query epsilon (the lifetime ledger is a deployment control)
-    policy = SellerPolicy(exact_per_sample=True, lifetime=LedgerPolicy(epsilon=1e6))
+    policy = SellerPolicy(exact_per_sample=True, lifetime=LedgerPolicy(epsilon=1e6, total_epsilon=1e6, max_exact=None,
+                                                                       total_max_exact=None))
     sellers = [Seller(sid, data, seed=config.seed + i, policy=policy) for i, (sid, data) in enumerate(market.sellers.items())]
     replies = [s.respond(offer) for s in tqdm(sellers, desc="sellers", leave=False, disable=not progress)]
     return buyer.settle(replies, expected=list(market.sellers))

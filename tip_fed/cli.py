@@ -173,6 +173,14 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                      "restarts (default: in memory for this process only)")
     srv.add_argument("--lifetime-epsilon", type=float, default=8.0, help="per-buyer lifetime epsilon (default 8)")
     srv.add_argument("--lifetime-delta", type=float, default=1e-5, help="per-buyer lifetime delta (default 1e-5)")
+    srv.add_argument("--total-epsilon", type=float, default=16.0,
+                     help="seller-wide lifetime epsilon over ALL buyers together (they may collude; default 16)")
+    srv.add_argument("--total-delta", type=float, default=1e-5, help="seller-wide lifetime delta (default 1e-5)")
+    srv.add_argument("--max-exact", type=int, default=1,
+                     help="exact (noise-free) answers per buyer; without --dp-epsilon this count is the only "
+                          "guarantee (default 1; -1 = unlimited)")
+    srv.add_argument("--total-max-exact", type=int, default=16,
+                     help="exact (noise-free) answers over all buyers together (default 16; -1 = unlimited)")
     srv.add_argument("--exact-per-sample", action="store_true", help="answer per-sample offers without noise "
                      "(exact scores of every record: only for data that is not private)")
 
@@ -243,7 +251,11 @@ def _seller_serve(args: argparse.Namespace) -> None:
         policy=SellerPolicy(max_queries_per_session=args.max_queries_per_session,
                             expected_fingerprint=args.expected_fingerprint,
                             noise=NoisePolicy(args.dp_epsilon, args.dp_delta), budget=budget, ledger=args.ledger,
-                            lifetime=LedgerPolicy(args.lifetime_epsilon, args.lifetime_delta),
+                            lifetime=LedgerPolicy(args.lifetime_epsilon, args.lifetime_delta,
+                                                  max_exact=None if args.max_exact == -1 else args.max_exact,
+                                                  total_epsilon=args.total_epsilon, total_delta=args.total_delta,
+                                                  total_max_exact=None if args.total_max_exact == -1
+                                                  else args.total_max_exact),
                             exact_per_sample=args.exact_per_sample),
         max_message_bytes=args.max_message_mb * MiB if args.max_message_mb else None, announce=announce,
     )

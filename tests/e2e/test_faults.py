@@ -53,7 +53,7 @@ def _start(group, tmp_path, files, extra=()):
         sid: group.start(sid, [
             str(CLI), "seller", "serve", "--data", str(path), "--seller-id", sid, "--port", "0",
             "--tls-cert", str(tmp_path / "tls" / "seller.crt"), "--tls-key", str(tmp_path / "tls" / "seller.key"),
-            "--server-tls-only", "--exact-per-sample",
+            "--server-tls-only", "--exact-per-sample", "--max-exact", "-1", "--total-max-exact", "-1",
             *extra,
         ])
         for sid, path in files.items()

@@ -260,8 +260,8 @@ def test_rogue_node_claiming_a_seller_id_is_not_counted_and_the_genuine_seller_i
     reference = exchange_inprocess(config, market, make_buyer(market, config), False).by_id()
     got = valuation.by_id()
     assert sorted(got) == SELLERS and valuation.missing == []
-    for sid in SELLERS:  # the genuine data: same commitment and total as the in-process reference
-        assert got[sid].commitment == reference[sid].commitment
+    for sid in SELLERS:  # the genuine data: same size and total as the in-process reference (roots are salted)
+        assert got[sid].n_samples == reference[sid].n_samples
         assert abs(got[sid].total - reference[sid].total) <= 1e-5 * abs(reference[sid].total)
     assert str(rogue_id) in listed
     assert "not registered for any seller" in valuation.rejected.get(f"node-{rogue_id}", ""), valuation.rejected

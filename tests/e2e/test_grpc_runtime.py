@@ -87,7 +87,7 @@ def test_three_tls_seller_processes_and_one_killed_mid_round(tmp_path):
             sid: group.start(sid, [
                 str(CLI), "seller", "serve", "--data", str(path), "--port", "0",
                 "--tls-cert", str(tmp_path / "tls" / "seller.crt"), "--tls-key", str(tmp_path / "tls" / "seller.key"),
-                "--server-tls-only", "--exact-per-sample",
+                "--server-tls-only", "--exact-per-sample", "--max-exact", "-1", "--total-max-exact", "-1",
             ])
             for sid, path in files.items()
         }

@@ -30,9 +30,11 @@ from safetensors.torch import load_file
 from tip_fed.errors import TipError
 from tip_fed.config import SellerBudgetConfig
 from tip_fed.protocol import Seller, SellerPolicy
+from tip_fed.protocol.ledger import LedgerPolicy
 
 data_path, budget, honest_path, *cases = sys.argv[1:]
-seller = Seller("s", load_file(data_path), policy=SellerPolicy(budget=SellerBudgetConfig(**json.loads(budget)), exact_per_sample=True))
+seller = Seller("s", load_file(data_path), policy=SellerPolicy(budget=SellerBudgetConfig(**json.loads(budget)), exact_per_sample=True,
+                lifetime=LedgerPolicy(max_exact=None, total_max_exact=None)))
 seller.respond(open(honest_path, "rb").read())  # warm-up: imports, tables, one honest answer
 
 

@@ -46,7 +46,7 @@ class SwappingSeller(Seller):
 
     def deliver(self, session_id):
         real = super().deliver(session_id)
-        return Delivery(data=dict(self._decoy._data), gradients=real.gradients)
+        return Delivery(data=dict(self._decoy._data), gradients=real.gradients, salt_seed=real.salt_seed)
 
 
 def _session(make_buyer, sellers, disclosure="per-sample"):
@@ -101,7 +101,8 @@ def test_seller_swapping_data_after_scoring_is_caught(make_buyer, seller_data):
     # swapping a single record is enough
     one = {k: v.clone() for k, v in seller_data["s1"].items()}
     one["x"][7] += 0.5
-    single = audit(buyer.record(valuation), {"s1": Delivery(data=one, gradients=deliveries["s1"].gradients)})
+    single = audit(buyer.record(valuation), {"s1": Delivery(data=one, gradients=deliveries["s1"].gradients,
+                                                                  salt_seed=deliveries["s1"].salt_seed)})
     assert not single.sellers[0].commitment_ok and 7 in single.sellers[0].flagged_samples
 
 
@@ -209,10 +210,12 @@ def test_noisy_sellers_are_audited_exactly_through_their_revealed_seed(make_buye
     d = deliveries["s1"]
     loaded = Delivery.load(d.save(tmp_path / "s1.safetensors"))
     assert loaded.noise_seed == d.noise_seed and len(d.noise_seed) == 32
+    assert loaded.salt_seed == d.salt_seed and len(d.salt_seed) == 32
     assert audit(record, {"s1": loaded}).passed
     # without the seed, or with another seed, the noise cannot be checked: flagged
     for seed in (None, bytes(32)):
-        bad = audit(record, {"s1": Delivery(data=d.data, gradients=d.gradients, noise_seed=seed)}).sellers[0]
+        bad = audit(record, {"s1": Delivery(data=d.data, gradients=d.gradients, noise_seed=seed,
+                                                         salt_seed=d.salt_seed)}).sellers[0]
         assert bad.verdict == "noise-mismatch", bad.reasons
 
 

@@ -20,6 +20,7 @@ from tip_fed.errors import BudgetExceededError, ConfigError, ProtocolError, TipE
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.buyer import QUERY_NORM
 from tip_fed.protocol.disclosure import NoisePolicy, _delta_of, gaussian_sigma, round_release
+from tip_fed.protocol.ledger import LedgerPolicy
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from .conftest import TASK, make_data
@@ -68,7 +69,8 @@ def test_basis_vector_probe_is_refused_once_the_budget_is_spent(model, seller_da
     # to the release precision: CKKS error and sanitising noise stay below 1e-6 of the score bound
     assert np.allclose(v.per_sample, coord, atol=1e-6 * buyer.query_norm * buyer.grad_norm_bound)
     # a seller honouring a buyer-declared budget of 3 still never goes beyond it
-    loose = Seller("s0", seller_data["s0"], policy=SellerPolicy(max_queries_per_session=100, exact_per_sample=True))
+    loose = Seller("s0", seller_data["s0"], policy=SellerPolicy(max_queries_per_session=100, exact_per_sample=True,
+                                                                lifetime=LedgerPolicy(max_exact=None)))
     offer3 = buyer.offer(max_samples=100)
     buyer_budget3 = pb.Offer.FromString(offer3)
     buyer_budget3.query_budget = 3

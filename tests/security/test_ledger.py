@@ -159,10 +159,61 @@ def test_composition_is_the_accountants_not_basic_composition():
     assert 5.0 < hundred < 20.0 and math.isfinite(hundred)  # ~sqrt(k) growth, far below basic composition (100)
 
 
-@pytest.mark.parametrize("flag,value", [("--lifetime-epsilon", "0"), ("--lifetime-epsilon", "nan"), ("--lifetime-delta", "1")])
+@pytest.mark.parametrize("flag,value", [("--lifetime-epsilon", "0"), ("--lifetime-epsilon", "nan"), ("--lifetime-delta", "1"),
+                                        ("--total-epsilon", "0"), ("--total-delta", "1"), ("--max-exact", "-2"),
+                                        ("--total-max-exact", "-3")])
 def test_seller_serve_refuses_a_bad_lifetime_budget_in_one_line(flag, value, tmp_path, capsys):
     from tip_fed.cli import main
 
     assert main(["seller", "serve", "--data", str(tmp_path / "d.safetensors"), "--port", "0", "--insecure",
                  "--ledger", str(tmp_path / "ledger.json"), flag, value]) == 2
-    assert "ledger lifetime" in capsys.readouterr().err
+    assert "ledger " in capsys.readouterr().err
+
+
+def test_sybil_identities_share_the_seller_wide_budget(model, seller_data):
+    """A buyer that mints a client certificate per refusal gets no more than the seller-wide budget."""
+    per_query = NoisePolicy(1.0, 1e-6)
+    lifetime = LedgerPolicy(epsilon=2.0, delta=1e-5, total_epsilon=3.0, total_delta=1e-5)
+    seller = Seller("s1", seller_data["s1"], policy=SellerPolicy(noise=per_query, lifetime=lifetime))
+    m = per_query.noise_multiplier
+    per_buyer = max(q for q in range(1, 50) if composed_epsilon({m: q}, 1e-5) <= 2.0)
+    overall = max(q for q in range(1, 50) if composed_epsilon({m: q}, 1e-5) <= 3.0)
+    assert per_buyer < overall  # one identity alone cannot spend the seller-wide budget
+    buyer, answered, identities = _prober(model), 0, 0
+    while identities < 10:
+        identities += 1
+        peer = f"x509:CN=sybil-{identities}"
+        try:
+            while True:
+                seller.respond(buyer.offer(max_samples=100), peer=peer)
+                answered += 1
+        except PrivacyBudgetExhaustedError as exc:
+            if "seller-wide" in str(exc):
+                assert "--total-epsilon" in str(exc)
+                break
+            assert "--lifetime-epsilon" in str(exc)
+    assert answered == overall and identities == -(-overall // per_buyer) > 1
+    eps, exact = seller._ledger.spent_total()
+    assert exact == 0 and eps == pytest.approx(composed_epsilon({m: overall}, 1e-5)) and eps <= 3.0
+
+
+def test_exact_answers_are_capped_by_default_per_buyer_and_seller_wide(model, seller_data):
+    """A seller without DP answers one exact query per buyer and a few over all buyers by default."""
+    assert (LedgerPolicy().max_exact, LedgerPolicy().total_max_exact) == (1, 16)
+    buyer = _prober(model)
+    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(lifetime=LedgerPolicy(total_max_exact=3)))
+    seller.respond(buyer.probe_offer(0), peer="x509:CN=a")
+    with pytest.raises(PrivacyBudgetExhaustedError, match="max_exact, seller serve --max-exact"):
+        seller.respond(buyer.probe_offer(1), peer="x509:CN=a")
+    seller.respond(buyer.probe_offer(1), peer="x509:CN=b")
+    seller.respond(buyer.probe_offer(2), peer="x509:CN=c")
+    with pytest.raises(PrivacyBudgetExhaustedError, match="total_max_exact, seller serve --total-max-exact"):
+        seller.respond(buyer.probe_offer(3), peer="x509:CN=d")
+    assert seller._ledger.spent_total() == (0.0, 3)
+    default = Seller("s0", seller_data["s0"])  # the default policy: dim basis sessions would rebuild the sum
+    answered = 0
+    with pytest.raises(PrivacyBudgetExhaustedError):
+        for k in range(buyer.spec.dim):
+            default.respond(buyer.probe_offer(k), peer=f"x509:CN=sybil-{k}")
+            answered += 1
+    assert answered == min(16, buyer.spec.dim) < buyer.spec.dim

@@ -47,6 +47,7 @@ from tip_fed.grpc import (
 from tip_fed.grpc.server import MiB, seller_message_limit
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.data import save_dataset
+from tip_fed.protocol.ledger import LedgerPolicy
 from tip_fed.protocol.resources import (
     InFlight,
     PeerSlots,
@@ -69,6 +70,9 @@ LIMITS = {
     "big_context": (ResourceLimitError, "he_key_memory_mb", "seller-budget.he-key-memory-mb"),
 }
 
+# these tests are about resources, not privacy: exact answers are not capped here
+UNCAPPED = LedgerPolicy(max_exact=None, total_max_exact=None)
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -83,7 +87,7 @@ def _hostile_offers(buyer):
 @pytest.mark.parametrize("name", sorted(LIMITS))
 def test_each_hostile_offer_is_refused_by_the_costing_step_with_its_limit(make_buyer, data, name):
     offer = _hostile_offers(make_buyer())[name]
-    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True))
+    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
     kind, limit, text = LIMITS[name]
     # the costing step alone refuses it ...
     with pytest.raises(kind, match=text) as costed:
@@ -117,7 +121,7 @@ def test_refusals_happen_before_the_allocation_in_a_real_process(make_buyer, dat
 
 def test_a_rivals_session_id_cannot_spend_the_real_buyers_budget(make_buyer, data):
     alice, mallory = make_buyer(), make_buyer()
-    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True))
+    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
     offer = alice.offer(max_samples=100)
     session = alice.session_id
     fake = hostile.fake_offer(session)
@@ -140,7 +144,7 @@ def test_budget_is_spent_only_after_the_whole_offer_validates(make_buyer, data):
     offer = buyer.offer(max_samples=100)
     late = pb.Offer.FromString(offer)  # fails at the model, after the context was loaded
     late.model.fingerprint = "0" * 64
-    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True))
+    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
     for _ in range(3):
         with pytest.raises(FingerprintMismatchError):
             seller.respond(late.SerializeToString())
@@ -149,7 +153,7 @@ def test_budget_is_spent_only_after_the_whole_offer_validates(make_buyer, data):
 
 def test_a_failed_scoring_gives_the_query_back(make_buyer):
     """Records that do not fit the model fail after the spend; nothing was answered, so nothing is spent."""
-    seller = Seller("s", {"x": torch.randn(4, 7), "y": torch.zeros(4, dtype=torch.long)}, policy=SellerPolicy(exact_per_sample=True))
+    seller = Seller("s", {"x": torch.randn(4, 7), "y": torch.zeros(4, dtype=torch.long)}, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
     offer = make_buyer().offer(max_samples=100)
     for _ in range(2):
         with pytest.raises(DataError, match="do not fit the model"):
@@ -227,7 +231,7 @@ def test_caches_are_bounded_by_bytes_not_entries(make_buyer, data):
     make("b", 300)
     assert calls[-1] == "b"
 
-    Seller("s", data, policy=SellerPolicy(exact_per_sample=True)).respond(make_buyer().offer(max_samples=100))
+    Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)).respond(make_buyer().offer(max_samples=100))
     assert 0 < _matrix.cache_bytes() <= MATRIX_CACHE_BYTES
     assert 0 < keys.context_cache_bytes() <= keys.SEAL_CONTEXT_CACHE_BYTES
 
@@ -235,7 +239,7 @@ def test_caches_are_bounded_by_bytes_not_entries(make_buyer, data):
 def test_a_context_above_the_cache_bound_is_not_kept(make_buyer, data, monkeypatch):
     keys.clear_context_cache()
     monkeypatch.setattr(keys, "SEAL_CONTEXT_CACHE_BYTES", 1024)
-    Seller("s", data, policy=SellerPolicy(exact_per_sample=True)).respond(make_buyer().offer(max_samples=100))
+    Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)).respond(make_buyer().offer(max_samples=100))
     assert keys.context_cache_bytes() == 0
 
 
@@ -269,7 +273,7 @@ def _assert_answered_exactly(alice, replies, failures, model, data):
 
 
 def test_honest_buyer_is_answered_while_hostile_offers_arrive(make_buyer, model, data, pki):
-    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True))
+    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
     running = start_server(seller, tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))
     endpoint = [SellerEndpoint("s", running.address)]
     alice = make_buyer()
@@ -321,7 +325,7 @@ def test_one_buyers_flood_of_valid_offers_is_capped_and_others_are_answered(make
 
     Mallory's first admitted Offer is parked before scoring until alice's answer is in, so the
     flood overlaps it whatever the machine's speed (outcomes, not times, are asserted)."""
-    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True))
+    seller = Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
     assert seller.policy.budget.max_offers_per_peer == 1  # the default
     answer = seller.respond
     parked, release = threading.Event(), threading.Event()
@@ -390,7 +394,7 @@ def test_peer_slots_are_per_peer_and_given_back():
 
 def test_big_messages_need_a_client_certificate_and_fit_the_budget(make_buyer, data, pki):
     budget = SellerBudgetConfig(offer_memory_mb=24, in_flight_memory_mb=64)
-    seller = Seller("s", data, policy=SellerPolicy(budget=budget, exact_per_sample=True))
+    seller = Seller("s", data, policy=SellerPolicy(budget=budget, exact_per_sample=True, lifetime=UNCAPPED))
     running = start_server(seller, tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))
     endpoint = [SellerEndpoint("s", running.address)]
     big = pb.Offer.FromString(make_buyer().offer(max_samples=100))
@@ -409,7 +413,7 @@ def test_big_messages_need_a_client_certificate_and_fit_the_budget(make_buyer, d
 def test_over_mtls_the_budget_is_keyed_by_the_client_certificate(make_buyer, data, pki, caplog):
     """Mallory's complete Offer under alice's session id is answered for mallory; alice is still
     answered once, and each is refused a second time: the peer is the certificate subject."""
-    running = start_server(Seller("s", data, policy=SellerPolicy(exact_per_sample=True)), tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))
+    running = start_server(Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)), tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))
     endpoint = [SellerEndpoint("s", running.address)]
     alice, mallory = make_buyer(), make_buyer()
     offer = alice.offer(max_samples=100)
@@ -435,7 +439,7 @@ def test_over_mtls_the_budget_is_keyed_by_the_client_certificate(make_buyer, dat
 def test_without_client_certificates_a_fake_offer_from_the_same_address_spends_nothing(make_buyer, data):
     """Plaintext on one host: every caller has the same peer (the address), so only spending after
     validation protects the real buyer; a reconnect from another port is still the same peer."""
-    running = start_server(Seller("s", data, policy=SellerPolicy(exact_per_sample=True)), insecure=True)
+    running = start_server(Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)), insecure=True)
     endpoint = [SellerEndpoint("s", running.address)]
     alice = make_buyer()
     offer = alice.offer(max_samples=100)
@@ -456,7 +460,7 @@ def test_without_client_certificates_a_fake_offer_from_the_same_address_spends_n
     ({"he_key_memory_mb": 1}, "he_key_memory_mb"),
 ])
 def test_every_per_offer_limit_is_enforced_on_an_honest_offer_when_set_low(make_buyer, data, budget, limit):
-    seller = Seller("s", data, policy=SellerPolicy(budget=SellerBudgetConfig(**budget), exact_per_sample=True))
+    seller = Seller("s", data, policy=SellerPolicy(budget=SellerBudgetConfig(**budget), exact_per_sample=True, lifetime=UNCAPPED))
     with pytest.raises(ResourceLimitError) as refused:
         seller.respond(make_buyer().offer(max_samples=100))
     assert refused.value.limit == limit and f"seller-budget.{limit.replace('_', '-')}" in str(refused.value)

@@ -20,6 +20,7 @@ from tip_fed.config import ProjectionConfig, ProtocolConfig
 from tip_fed.core.tasks import get_task
 from tip_fed.crypto.keys import clear_context_cache
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
+from tip_fed.protocol.ledger import LedgerPolicy
 from tip_fed.protocol.messages import decode_reply
 
 from .common import GPT2_INCLUDE, GPT2_RANK, gpt2_model, timed, token_batch
@@ -37,7 +38,8 @@ def run(quick: bool) -> dict[str, Any]:
     buyer = Buyer(model, get_task("causal-lm"), objective=token_batch(8, seed=1),
                   train=token_batch(16, seed=2), settings=settings)
     offer = buyer.offer(max_samples=n)
-    policy = SellerPolicy(batch_size=batch, encoding_cache_mb=256, exact_per_sample=True)  # synthetic records
+    policy = SellerPolicy(batch_size=batch, encoding_cache_mb=256, exact_per_sample=True,  # synthetic records
+                          lifetime=LedgerPolicy(max_exact=None, total_max_exact=None))
     seller = Seller("bench-seller", token_batch(n, seed=3), policy=policy, seed=0)
     clear_context_cache()  # cold: as if this were the seller process's first Offer
     reply_bytes, wall = timed(lambda: seller.respond(offer))

@@ -48,6 +48,7 @@ from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 GRADIENTS_KEY = "__tip_fed_committed_gradients__"
 NOISE_SEED_KEY = "__tip_fed_noise_seed__"
+SALT_SEED_KEY = "__tip_fed_salt_seed__"
 # float32 gradients recomputed in other batches differ by ~1e-7 of their norm; a cheat is O(1).
 GRAD_TOL = 1e-5
 # CKKS error of one decrypted score relative to the score bound (measured ~1e-10; generous).
@@ -67,18 +68,20 @@ class Delivery:
     data: dict[str, torch.Tensor]
     gradients: np.ndarray | None = None
     noise_seed: bytes | None = None  # the seed of the seller's DP noise, committed to in its Reply
+    salt_seed: bytes | None = None  # the seed of the commitment's per-record salts (hides the root)
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file; the committed gradients and noise seed travel under reserved keys."""
+        """One safetensors file; the committed gradients and the seeds travel under reserved keys."""
         tensors = dict(self.data)
-        for reserved in (GRADIENTS_KEY, NOISE_SEED_KEY):
+        for reserved in (GRADIENTS_KEY, NOISE_SEED_KEY, SALT_SEED_KEY):
             if reserved in tensors:
                 raise DataError(f"a data column may not be named {reserved}")
         if self.gradients is not None:
             tensors[GRADIENTS_KEY] = torch.from_numpy(np.ascontiguousarray(self.gradients, dtype=np.float64))
-        if self.noise_seed is not None:  # one copy per record: every column shares the sample dimension
-            n = batch_size(self.data)
-            tensors[NOISE_SEED_KEY] = torch.tensor(list(self.noise_seed), dtype=torch.uint8).repeat(n, 1)
+        n = batch_size(self.data)
+        for key, seed in ((NOISE_SEED_KEY, self.noise_seed), (SALT_SEED_KEY, self.salt_seed)):
+            if seed is not None:  # one copy per record: every column shares the sample dimension
+                tensors[key] = torch.tensor(list(seed), dtype=torch.uint8).repeat(n, 1)
         return save_dataset(tensors, path)
 
     @classmethod
@@ -86,15 +89,18 @@ class Delivery:
         """Read a delivery file (a plain dataset file is a delivery without gradients)."""
         tensors = load_dataset(path)
         grads = tensors.pop(GRADIENTS_KEY, None)
-        seed = tensors.pop(NOISE_SEED_KEY, None)
+        seeds = {key: tensors.pop(key, None) for key in (NOISE_SEED_KEY, SALT_SEED_KEY)}
         if not tensors:
             raise DataError(f"delivery {path} holds no records")
-        if seed is not None and (seed.dtype != torch.uint8 or seed.ndim != 2 or not bool((seed == seed[0]).all())):
-            raise DataError(f"delivery {path} has a malformed noise seed (expected one uint8 row repeated per record)")
+        for key, seed in seeds.items():
+            if seed is not None and (seed.dtype != torch.uint8 or seed.ndim != 2 or not bool((seed == seed[0]).all())):
+                raise DataError(f"delivery {path} has a malformed {key.strip('_')} (expected one uint8 row repeated per record)")
+        opened = {key: None if seed is None else bytes(seed[0].tolist()) for key, seed in seeds.items()}
         return cls(
             data=tensors,
             gradients=None if grads is None else grads.numpy().astype(np.float64),
-            noise_seed=None if seed is None else bytes(seed[0].tolist()),
+            noise_seed=opened[NOISE_SEED_KEY],
+            salt_seed=opened[SALT_SEED_KEY],
         )
 
 
@@ -331,9 +337,12 @@ class _Context:
             reasons.append(f"delivered gradients of shape {claimed.shape}; the records give {recomputed.shape}")
             claimed = None
         leaves = claimed if claimed is not None else recomputed
-        root = commitment.commit(delivery.data, leaves).hex()
+        root = _root(delivery, leaves)
         commitment_ok = root == valued["commitment"]
-        if not commitment_ok:
+        if root is None:
+            reasons.append("the delivery reveals no valid commitment salt seed, so its records cannot be matched "
+                           "to the committed root; ask the seller for its delivery file as written by the seller")
+        elif not commitment_ok:
             reasons.append(
                 f"the delivered data hash to root {root[:12]}… but the reply committed to "
                 f"{str(valued['commitment'])[:12]}…: records or gradients changed after scoring"
@@ -441,6 +450,13 @@ class _Context:
             raise DataError(f"cannot recompute gradients on the delivered records: {exc}") from exc
         clipped, _ = clip_rows(g, self.record.grad_norm_bound)
         return clipped.numpy()
+
+
+def _root(delivery: Delivery, gradients: np.ndarray) -> str | None:
+    """Hex root the delivered records and gradients commit to under the delivered salt seed."""
+    if delivery.salt_seed is None or len(delivery.salt_seed) != commitment.SALT_BYTES:
+        return None
+    return commitment.commit(delivery.data, gradients, delivery.salt_seed).hex()
 
 
 def write_private(path: Path, text: str, mode: int = 0o600) -> None:

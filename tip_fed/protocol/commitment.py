@@ -3,11 +3,20 @@
 The seller sends only the root with its scores. After a purchase it delivers the data; the buyer
 recomputes the leaves and the root, so data swapped after scoring is detected, and any single
 sample can be proven with a log-size path.
+
+The commitment is hiding: every leaf hash also takes a 32-byte salt of its own, derived from a
+fresh per-session salt seed that the seller keeps and reveals only at delivery (like its noise
+seed). Without salts the root is a deterministic function of the records at the buyer's model, so
+a buyer that knows every record but one recomputes the root for each candidate and tells
+neighbouring datasets apart whatever DP noise the scores carry. An opened record (spot check)
+travels with its own salt only, so the other leaves stay hidden.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import secrets
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,6 +24,20 @@ import torch
 
 LEAF = b"\x00"
 NODE = b"\x01"
+SALT_BYTES = 32
+_SALT_LABEL = b"tip-fed/v1/leaf-salt/"
+
+
+def new_salt_seed() -> bytes:
+    """A fresh per-session salt seed from OS entropy."""
+    return secrets.token_bytes(SALT_BYTES)
+
+
+def record_salt(salt_seed: bytes, index: int) -> bytes:
+    """Salt of leaf ``index``: HMAC-SHA256 of the index under the session's salt seed."""
+    if len(salt_seed) != SALT_BYTES:
+        raise ValueError(f"a salt seed is {SALT_BYTES} bytes, got {len(salt_seed)}")
+    return hmac.new(salt_seed, _SALT_LABEL + index.to_bytes(8, "big"), hashlib.sha256).digest()
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -28,10 +51,12 @@ def sample_bytes(batch: Mapping[str, torch.Tensor], i: int) -> bytes:
     return b"".join(k.encode() + b"=" + _tensor_bytes(batch[k][i]) for k in sorted(batch))
 
 
-def leaf_hash(sample: bytes, gradient: np.ndarray) -> bytes:
-    """Hash binding one sample to its projected gradient (float64 bytes)."""
+def leaf_hash(sample: bytes, gradient: np.ndarray, salt: bytes) -> bytes:
+    """Hash binding one sample to its projected gradient (float64 bytes), hidden by its salt."""
+    if len(salt) != SALT_BYTES:
+        raise ValueError(f"a leaf salt is {SALT_BYTES} bytes, got {len(salt)}")
     g = np.ascontiguousarray(gradient, dtype=np.float64).tobytes()
-    return hashlib.sha256(LEAF + len(sample).to_bytes(8, "big") + sample + g).digest()
+    return hashlib.sha256(LEAF + salt + len(sample).to_bytes(8, "big") + sample + g).digest()
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
@@ -47,10 +72,15 @@ def merkle_root(leaves: Sequence[bytes]) -> bytes:
     return level[0]
 
 
-def commit(batch: Mapping[str, torch.Tensor], gradients: np.ndarray) -> bytes:
-    """Merkle root over every (sample, gradient) pair of a seller's data."""
-    n = int(gradients.shape[0])
-    return merkle_root([leaf_hash(sample_bytes(batch, i), gradients[i]) for i in range(n)])
+def leaves(batch: Mapping[str, torch.Tensor], gradients: np.ndarray, salt_seed: bytes) -> list[bytes]:
+    """Salted leaf hashes of every (sample, gradient) pair of a seller's data."""
+    return [leaf_hash(sample_bytes(batch, i), gradients[i], record_salt(salt_seed, i))
+            for i in range(int(gradients.shape[0]))]
+
+
+def commit(batch: Mapping[str, torch.Tensor], gradients: np.ndarray, salt_seed: bytes) -> bytes:
+    """Merkle root over every (sample, gradient) pair of a seller's data, salted by ``salt_seed``."""
+    return merkle_root(leaves(batch, gradients, salt_seed))
 
 
 def merkle_proof(leaves: Sequence[bytes], index: int) -> list[tuple[bytes, bool]]:

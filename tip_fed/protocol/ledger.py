@@ -13,8 +13,16 @@ new session is refused, because publishing decryptions under one key across sess
 IND-CPA-D setting (a buyer can always make a fresh public key for an old secret key; this check
 catches accidental reuse, the fresh-key rule in the buyer catches the rest on the buyer's side).
 
-Exact (noise-free) releases cannot be composed into a finite epsilon. They are recorded and
-counted, and refused once ``max_exact`` is reached for that buyer (``None`` = not limited).
+Identities are cheap for a buyer that controls a certificate authority the seller trusts, and
+buyers may collude, so every charge is also composed into one seller-wide account over ALL buyers:
+the dataset's total privacy loss, refused once ``total_epsilon`` at ``total_delta`` would be
+exceeded. The per-buyer budget keeps one buyer from spending everyone's share.
+
+Exact (noise-free) releases cannot be composed into a finite epsilon: each one is an exact linear
+functional of the clipped gradients, and enough of them rebuild the gradient sum (or, with a trap
+model, records). They are counted per buyer and seller-wide and refused past ``max_exact`` (default
+1 per buyer) and ``total_max_exact`` (default 16 over all buyers): without DP this count is the
+only guarantee a seller has.
 
 Persistence: one JSON file, rewritten atomically (temp file, fsync, rename) under a file lock
 (``filelock``) so that a crash never leaves half a ledger and two seller processes sharing one
@@ -55,19 +63,29 @@ class KeyReuseError(SessionError):
 
 @dataclass(frozen=True)
 class LedgerPolicy:
-    """Lifetime budget per buyer identity: (epsilon, delta) composed over all answered queries."""
+    """Lifetime budgets: per buyer identity and seller-wide (all buyers together), composed over all
+    answered queries; exact (noise-free) answers counted per buyer and seller-wide (None = unlimited)."""
 
     epsilon: float = 8.0
     delta: float = 1e-5
-    max_exact: int | None = None
+    max_exact: int | None = 1
+    total_epsilon: float = 16.0
+    total_delta: float = 1e-5
+    total_max_exact: int | None = 16
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ConfigError(f"ledger lifetime epsilon must be a finite number > 0, got {self.epsilon!r}")
         if not (math.isfinite(self.delta) and 0 < self.delta < 1):
             raise ConfigError(f"ledger lifetime delta must be in (0, 1), got {self.delta!r}")
-        if self.max_exact is not None and self.max_exact < 0:
-            raise ConfigError(f"ledger max_exact must be >= 0 or unset, got {self.max_exact!r}")
+        if not (math.isfinite(self.total_epsilon) and self.total_epsilon > 0):
+            raise ConfigError(f"ledger total (seller-wide) epsilon must be a finite number > 0, got {self.total_epsilon!r}")
+        if not (math.isfinite(self.total_delta) and 0 < self.total_delta < 1):
+            raise ConfigError(f"ledger total (seller-wide) delta must be in (0, 1), got {self.total_delta!r}")
+        for name in ("max_exact", "total_max_exact"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"ledger {name} must be >= 0 or unset, got {value!r}")
 
 
 def composed_epsilon(multipliers: dict[float, int], delta: float) -> float:
@@ -87,7 +105,7 @@ class PrivacyLedger:
         self.path = None if path is None else Path(path)
         self.policy = policy or LedgerPolicy()
         self._lock = threading.Lock()
-        self._state: dict[str, Any] = {"version": _VERSION, "buyers": {}, "keys": {}}
+        self._state: dict[str, Any] = _empty()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file_lock = FileLock(str(self.path) + ".lock", timeout=30)
@@ -116,12 +134,18 @@ class PrivacyLedger:
             return 0.0, 0
         return composed_epsilon(_multipliers(entry), self.policy.delta), int(entry["exact"])
 
+    def spent_total(self) -> tuple[float, int]:
+        """(composed epsilon at the seller-wide delta, exact releases) over all buyers so far."""
+        with self._locked():
+            entry = self._state["total"]
+        return composed_epsilon(_multipliers(entry), self.policy.total_delta), int(entry["exact"])
+
     def charge(self, *, buyer: str | None, key: str, session_id: str, noise_multiplier: float | None) -> float:
         """Charge one answered query, or refuse it. Returns the buyer's composed epsilon after it.
 
         Raises KeyReuseError for a known public key under a new session, and
-        PrivacyBudgetExhaustedError when the lifetime budget (or the exact-release limit) would be
-        exceeded; nothing is recorded then.
+        PrivacyBudgetExhaustedError when the buyer's or the seller-wide lifetime budget (or an
+        exact-release limit) would be exceeded; nothing is recorded then.
         """
         who = buyer or ANONYMOUS
         with self._locked():
@@ -132,28 +156,28 @@ class PrivacyLedger:
                     "session needs a fresh key pair (reusing one lets decryptions be combined across sessions)"
                 )
             entry = self._state["buyers"].get(who, {"gaussian": {}, "exact": 0, "sessions": 0})
-            mult = _multipliers(entry)
+            total = self._state["total"]
+            policy = self.policy
             if noise_multiplier is None:
-                limit = self.policy.max_exact
-                if limit is not None and entry["exact"] + 1 > limit:
-                    raise PrivacyBudgetExhaustedError(
-                        f"buyer {who!r} already received {entry['exact']} exact (noise-free) answers from this "
-                        f"seller, its limit; ask for differential-privacy noise (dp-epsilon) instead"
-                    )
-                eps = composed_epsilon(mult, self.policy.delta)
+                _check_exact(entry, policy.max_exact, f"buyer {who!r} already received", "max_exact", "--max-exact")
+                _check_exact(total, policy.total_max_exact, "all buyers together already received",
+                             "total_max_exact", "--total-max-exact")
+                eps = composed_epsilon(_multipliers(entry), policy.delta)
                 entry["exact"] += 1
+                total["exact"] += 1
             else:
                 if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
                     raise ConfigError(f"noise multiplier must be a finite number > 0, got {noise_multiplier!r}")
-                mult[noise_multiplier] = mult.get(noise_multiplier, 0) + 1
-                eps = composed_epsilon(mult, self.policy.delta)
-                if eps > self.policy.epsilon:
-                    raise PrivacyBudgetExhaustedError(
-                        f"buyer {who!r} has spent its lifetime privacy budget at this seller: one more answer "
-                        f"would compose to epsilon {eps:.3g} > {self.policy.epsilon:g} at delta "
-                        f"{self.policy.delta:g}; nothing more will be answered to this buyer"
-                    )
-                entry["gaussian"] = {repr(m): c for m, c in mult.items()}
+                eps, mine = _compose_one(
+                    entry, noise_multiplier, policy.delta, policy.epsilon,
+                    f"buyer {who!r} has spent its lifetime privacy budget at this seller",
+                    "nothing more will be answered to this buyer (LedgerPolicy.epsilon, --lifetime-epsilon)")
+                _, everyone = _compose_one(
+                    total, noise_multiplier, policy.total_delta, policy.total_epsilon,
+                    "this seller's data has spent its seller-wide privacy budget over all buyers",
+                    "nothing more will be answered to any buyer (LedgerPolicy.total_epsilon, --total-epsilon)")
+                _commit_multipliers(entry, mine)
+                _commit_multipliers(total, everyone)
             if owner is None:
                 entry["sessions"] += 1
             entry["updated"] = time.time()
@@ -164,13 +188,44 @@ class PrivacyLedger:
             return eps
 
 
+def _empty() -> dict[str, Any]:
+    return {"version": _VERSION, "buyers": {}, "keys": {}, "total": {"gaussian": {}, "exact": 0}}
+
+
+def _check_exact(entry: dict[str, Any], limit: int | None, who: str, setting: str, flag: str) -> None:
+    """Refuse one more exact (noise-free) answer past ``limit``."""
+    if limit is not None and entry["exact"] + 1 > limit:
+        raise PrivacyBudgetExhaustedError(
+            f"{who} {entry['exact']} exact (noise-free) answers from this seller, the limit "
+            f"(LedgerPolicy.{setting}, seller serve {flag}); ask for differential-privacy noise (dp-epsilon), "
+            "or have the seller raise the limit"
+        )
+
+
+def _compose_one(entry: dict[str, Any], multiplier: float, delta: float, budget: float, what: str,
+                 then: str) -> tuple[float, dict[float, int]]:
+    """(epsilon, multipliers) of ``entry`` with one more Gaussian answer; refused past ``budget``."""
+    mult = _multipliers(entry)
+    mult[multiplier] = mult.get(multiplier, 0) + 1
+    eps = composed_epsilon(mult, delta)
+    if eps > budget:
+        raise PrivacyBudgetExhaustedError(
+            f"{what}: one more answer would compose to epsilon {eps:.4g} > {budget:g} at delta {delta:g}; {then}"
+        )
+    return eps, mult
+
+
+def _commit_multipliers(entry: dict[str, Any], mult: dict[float, int]) -> None:
+    entry["gaussian"] = {repr(m): c for m, c in mult.items()}
+
+
 def _multipliers(entry: dict[str, Any]) -> dict[float, int]:
     return {float(m): int(c) for m, c in entry.get("gaussian", {}).items()}
 
 
 def _load(path: Path) -> dict[str, Any]:
     if not path.exists():
-        return {"version": _VERSION, "buyers": {}, "keys": {}}
+        return _empty()
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -183,4 +238,5 @@ def _load(path: Path) -> dict[str, Any]:
     )
     if not ok:
         raise DataError(f"privacy ledger {path} is not a version-{_VERSION} tip-fed ledger; restore it from a backup")
+    state.setdefault("total", {"gaussian": {}, "exact": 0})  # ledgers written before the seller-wide account
     return state

@@ -101,7 +101,7 @@ class Seller:
         self._compute_lock = threading.Lock()
         self._tokens = _tokens_per_sample(self._data)
         self._rng = np.random.default_rng(seed)
-        self._committed: dict[str, tuple[np.ndarray, bytes | None]] = {}
+        self._committed: dict[str, tuple[np.ndarray, bytes | None, bytes]] = {}
         self._ledger = PrivacyLedger(self.policy.ledger, self.policy.lifetime)
         mb = self.policy.encoding_cache_mb
         self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
@@ -181,7 +181,8 @@ class Seller:
         t_grad = time.perf_counter()
 
         g = clipped.numpy()
-        root = commitment.commit(self._data, g)
+        salt_seed = commitment.new_salt_seed()  # hides the root; revealed only at delivery
+        root = commitment.commit(self._data, g, salt_seed)
         t_commit = time.perf_counter()
 
         seed = new_noise_seed() if noise.enabled else None
@@ -189,7 +190,7 @@ class Seller:
         matrix, row_noise = release_rows(rows, per_sample, seed, noise.gradient_std)
         cache = None if noise.enabled else self._encodings  # noisy rows never repeat
         cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng, row_noise=row_noise, cache=cache)
-        self._keep(offer.session_id, g, seed)
+        self._keep(offer.session_id, g, seed, salt_seed)
         t_end = time.perf_counter()
 
         reply = pb.Reply(
@@ -235,15 +236,15 @@ class Seller:
                 f"that session or it was forgotten (the last {_KEPT_SESSIONS} sessions, at most "
                 f"{_KEPT_BYTES >> 20} MiB of gradients, are kept); deliver right after the purchase"
             )
-        return Delivery(data=dict(self._data), gradients=kept[0].copy(), noise_seed=kept[1])
+        return Delivery(data=dict(self._data), gradients=kept[0].copy(), noise_seed=kept[1], salt_seed=kept[2])
 
-    def _keep(self, session_id: str, gradients: np.ndarray, seed: bytes | None) -> None:
+    def _keep(self, session_id: str, gradients: np.ndarray, seed: bytes | None, salt_seed: bytes) -> None:
         """Remember committed gradients for delivery; bounded in sessions and bytes (a long-running
         service must not grow with every buyer), oldest sessions forgotten first."""
         with self._lock:
-            self._committed[session_id] = (gradients, seed)
+            self._committed[session_id] = (gradients, seed, salt_seed)
             while len(self._committed) > _KEPT_SESSIONS or (
-                len(self._committed) > 1 and sum(g.nbytes for g, _ in self._committed.values()) > _KEPT_BYTES
+                len(self._committed) > 1 and sum(kept[0].nbytes for kept in self._committed.values()) > _KEPT_BYTES
             ):
                 del self._committed[next(iter(self._committed))]
 

@@ -41,12 +41,13 @@ from tip_fed.protocol.data import check_batch, dataset_gradients
 
 @dataclass
 class Opening:
-    """k opened records: their data, committed gradients and Merkle paths."""
+    """k opened records: their data, committed gradients, leaf salts and Merkle paths."""
 
     indices: list[int]
     data: dict[str, torch.Tensor]
     gradients: np.ndarray
     paths: list[list[tuple[bytes, bool]]]
+    salts: list[bytes]
 
 
 @dataclass
@@ -73,16 +74,17 @@ def choose(n: int, k: int) -> list[int]:
 
 def open_records(delivery: Delivery, indices: Sequence[int]) -> Opening:
     """Seller side: the records at ``indices`` with their committed gradients and Merkle paths."""
-    if delivery.gradients is None:
-        raise DataError("opening records needs the committed gradients")
-    n = check_batch(delivery.data)
-    leaves = [commitment.leaf_hash(commitment.sample_bytes(delivery.data, i), delivery.gradients[i]) for i in range(n)]
+    if delivery.gradients is None or delivery.salt_seed is None:
+        raise DataError("opening records needs the committed gradients and the commitment's salt seed")
+    check_batch(delivery.data)
+    leaves = commitment.leaves(delivery.data, delivery.gradients, delivery.salt_seed)
     idx = list(indices)
     return Opening(
         indices=idx,
         data={k: v[idx] for k, v in delivery.data.items()},
         gradients=delivery.gradients[idx].copy(),
         paths=[commitment.merkle_proof(leaves, i) for i in idx],
+        salts=[commitment.record_salt(delivery.salt_seed, i) for i in idx],  # only the opened records' salts
     )
 
 
@@ -92,8 +94,12 @@ def spot_check(record: SessionRecord, valued: Mapping[str, Any], opening: Openin
     root = bytes.fromhex(str(valued["commitment"]))
     k = len(opening.indices)
     out = SpotCheck(seller_id=sid, passed=True, opened=k)
-    for j, (i, path) in enumerate(zip(opening.indices, opening.paths, strict=True)):
-        leaf = commitment.leaf_hash(commitment.sample_bytes(opening.data, j), opening.gradients[j])
+    for j, (i, path, salt) in enumerate(zip(opening.indices, opening.paths, opening.salts, strict=True)):
+        try:
+            leaf = commitment.leaf_hash(commitment.sample_bytes(opening.data, j), opening.gradients[j], salt)
+        except ValueError:
+            out.bad_proofs.append(i)
+            continue
         if not commitment.verify_proof(root, leaf, path):
             out.bad_proofs.append(i)
     spec = ProjectionSpec.from_dict(record.projection)

@@ -12,17 +12,21 @@ def _data():
     return {"x": torch.arange(12, dtype=torch.float32).reshape(4, 3), "y": torch.tensor([0, 1, 0, 1])}
 
 
+SEED = bytes(range(32))
+
+
 def test_root_is_deterministic_and_sensitive():
     data, g = _data(), np.arange(8, dtype=float).reshape(4, 2)
-    root = commitment.commit(data, g)
-    assert root == commitment.commit(_data(), g.copy()) and len(root) == 32
+    root = commitment.commit(data, g, SEED)
+    assert root == commitment.commit(_data(), g.copy(), SEED) and len(root) == 32
+    assert commitment.commit(data, g, commitment.new_salt_seed()) != root  # salted: the same data, another root
     swapped = _data()
     swapped["y"][2] = 1
-    assert commitment.commit(swapped, g) != root
+    assert commitment.commit(swapped, g, SEED) != root
     g2 = g.copy()
     g2[3, 1] *= 3
-    assert commitment.commit(data, g2) != root
-    assert commitment.commit({"x": data["x"][[1, 0, 2, 3]], "y": data["y"][[1, 0, 2, 3]]}, g) != root
+    assert commitment.commit(data, g2, SEED) != root
+    assert commitment.commit({"x": data["x"][[1, 0, 2, 3]], "y": data["y"][[1, 0, 2, 3]]}, g, SEED) != root
 
 
 def test_merkle_root_matches_hand_computation():
