@@ -12,12 +12,20 @@ talking HTTPS on 127.0.0.1. Every process carries the deployment's run token (se
 :mod:`simulations.reaper`), and so does everything Flower spawns below it, detached or orphaned
 (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``): stopping the deployment stops
 exactly the processes carrying its token, never a process found by name.
+
+Only the deployment's own ``flower-superexec`` processes may claim a task from a Runtime API:
+the SuperLink and every SuperNode run in Flower's ``process`` isolation with
+``--superexec-auth-secret-file``, and their superexecs (started here, not by Flower) sign each
+``AcquireTask`` with the same secret. The SuperLink's secret and each seller's own secret are
+random 32-byte files, mode 0600, in ``keys/`` (mode 0700); a seller's secret is shared only with
+its own superexec, so one seller's secret opens no other seller's Runtime API.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -86,13 +94,14 @@ class LocalDeployment:
     root: Path
     port: int = 0
     nodes: dict[str, int] = field(default_factory=dict)  # seller name -> Flower node id
+    runtime_ports: dict[str, int] = field(default_factory=dict)  # seller name -> its SuperNode's Runtime API port
     reaper: Reaper | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
         self.home = self.root / "flwr-home"
         self.certs = self.root / "certs"
-        self.keys = self.root / "keys"
+        self.keys = self.root / "keys"  # private: publisher key, node keys, Runtime API secrets
         self.publisher = self.keys / "publisher"
         self.trusted = self.keys / "publisher.trusted.yaml"
         self.superlink_trusted = self.keys / "superlink.trusted.yaml"  # publishers whose ServerApps the SuperLink runs
@@ -101,8 +110,26 @@ class LocalDeployment:
         self.env = {**flower_env(self.home), **self.group.child_env()}
         self.port = self.port or free_port()
 
+    def superexec_secret(self, owner: str) -> Path:
+        """A fresh random shared secret for ``owner``'s Runtime API (owner-only file in ``keys/``)."""
+        path = self.keys / f"{owner}.superexec-secret"
+        tls.write_secret(path, secrets.token_bytes(32))
+        return path
+
+    def start_superexec(self, name: str, runtime_port: int, secret: Path, parent: Child,
+                        env: dict[str, str], tls_ca: Path | None = None) -> Child:
+        """The one ``flower-superexec`` allowed to claim tasks on 127.0.0.1:``runtime_port``: it signs
+        its ``AcquireTask`` calls with ``secret``; it exits with ``parent``."""
+        transport = ["--root-certificates", str(tls_ca)] if tls_ca else ["--insecure"]
+        return self.group.start(f"superexec-{name}", [
+            str(BIN / "flower-superexec"), *transport, "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--superexec-auth-secret-file", str(secret), "--parent-pid", str(parent.pid),
+        ], env=env)
+
     def prepare(self) -> None:
         """Create the CA, the SuperLink certificate and the ``flwr`` CLI connection (no keys yet)."""
+        self.keys.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.keys, 0o700)
         ca = tls.create_ca(self.certs)
         tls.issue_cert(ca, self.certs, "superlink")
         trust.create_publisher_key(self.keys, self.publisher.name)
@@ -120,16 +147,21 @@ class LocalDeployment:
 
     def start_superlink(self) -> None:
         """SuperLink with HTTPS and SuperNode authentication on 127.0.0.1:port; it runs only ServerApps
-        signed by a key in ``keys/superlink.trusted.yaml``."""
+        signed by a key in ``keys/superlink.trusted.yaml``, launched by its superexec, the only client
+        holding the SuperLink's Runtime API secret (Flower 1.42 serves that API on the same port)."""
+        secret = self.superexec_secret("superlink")
+        env = self.guarded_env(**{trust.PUBLISHERS_ENV: str(self.superlink_trusted),
+                                  trust.GUARD_LOG_ENV: str(self.group.log_dir / "superlink-guard.log")})
         child = self.group.start("superlink", [
             str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
             "--ssl-ca-certfile", str(self.certs / "ca.crt"),
             "--ssl-certfile", str(self.certs / "superlink.crt"), "--ssl-keyfile", str(self.certs / "superlink.key"),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--database", str(self.root / "superlink.db"),
-        ], env=self.guarded_env(**{trust.PUBLISHERS_ENV: str(self.superlink_trusted),
-                                   trust.GUARD_LOG_ENV: str(self.group.log_dir / "superlink-guard.log")}))
+            "--isolation", "process", "--superexec-auth-secret-file", str(secret),
+        ], env=env)
         wait_for_port(self.port, child)
+        self.start_superexec("superlink", self.port, secret, child, env, tls_ca=self.certs / "ca.crt")
 
     def node_key(self, name: str) -> tuple[Path, Path]:
         """A fresh SuperNode key pair (OpenSSH EC P-384) under ``keys/``."""
@@ -145,16 +177,22 @@ class LocalDeployment:
 
     def start_supernode(self, name: str, private_key: Path, data_path: Path, seller_id: str | None = None) -> Child:
         """A seller SuperNode with its own data file, authenticating with ``private_key``, running
-        ClientApps only through the guard and only from apps the publisher key signed."""
+        ClientApps only through the guard and only from apps the publisher key signed, launched by
+        its own superexec, the only client holding this seller's Runtime API secret."""
         # a simulated market's sellers opt into exact per-sample scores, as the in-process ones do
         node_config = (f'data-path="{data_path}" seller-id="{seller_id or data_path.stem}" '
                        f'{trust.PUBLISHERS}="{self.trusted}" exact-per-sample=true')
         env = self.guarded_env()
-        return self.group.start(f"supernode-{name}", [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+        secret, runtime_port = self.superexec_secret(f"supernode-{name}"), free_port()
+        child = self.group.start(f"supernode-{name}", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(runtime_port),
             "--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key", str(private_key),
-            "--node-config", node_config,
+            "--node-config", node_config, "--isolation", "process", "--superexec-auth-secret-file", str(secret),
         ], env=env)
+        self.start_superexec(f"supernode-{name}", runtime_port, secret, child, env)
+        self.runtime_ports[name] = runtime_port
+        return child
 
     def write_run_config(self, app_dir: Path, out_dir: Path, extra: dict[str, str] | None = None) -> Path:
         """``run-config.toml`` for ``flwr run app_dir``: the publisher's signature of that FAB, the
@@ -188,7 +226,7 @@ class LocalDeployment:
         """Write PIDs, ports and the connection so ``tip-fed deploy down`` can stop exactly these processes."""
         state = {
             "root": str(self.root), "port": self.port, "connection": CONNECTION, "flwr_home": str(self.home),
-            "nodes": self.nodes, "processes": {c.name: c.pid for c in self.group.children},
+            "nodes": self.nodes, "runtime_ports": self.runtime_ports, "processes": {c.name: c.pid for c in self.group.children},
             "token": self.group.token,
             "publisher_key": str(self.publisher), "trusted_publishers": str(self.trusted),
         }

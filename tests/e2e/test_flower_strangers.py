@@ -190,7 +190,8 @@ def played(tmp_path_factory):
                        "--run-config", f'marker="{marker}" app-signature="{signature}"'], s_app, s_env, timeout=400)
         evidence["second"] = (second, marker.exists(), Path(f"{marker}.serverapp").exists(),
                               Path(f"{marker}.replies").read_text() if Path(f"{marker}.replies").exists() else "",
-                              {n: (app / "deploy" / "logs" / f"supernode-{n}.log").read_text(errors="replace")
+                              {n: _read(app / "deploy" / "logs" / f"supernode-{n}.log")
+                               + _read(app / "deploy" / "logs" / f"superexec-supernode-{n}.log")  # its ClientApps
                                for n in SELLERS})
         # 3. a rogue SuperNode with a key the stranger registered itself, claiming digits-4
         rogue_key, rogue_pub = tls.create_node_key(tmp / "stranger" / "keys", "rogue")
@@ -260,9 +261,11 @@ def test_rogue_node_claiming_a_seller_id_is_not_counted_and_the_genuine_seller_i
     reference = exchange_inprocess(config, market, make_buyer(market, config), False).by_id()
     got = valuation.by_id()
     assert sorted(got) == SELLERS and valuation.missing == []
+    scale = max(abs(r.per_sample).max() for r in reference.values())  # CKKS noise is absolute at this scale
     for sid in SELLERS:  # the genuine data: same size and total as the in-process reference (roots are salted)
         assert got[sid].n_samples == reference[sid].n_samples
-        assert abs(got[sid].total - reference[sid].total) <= 1e-5 * abs(reference[sid].total)
+        assert abs(got[sid].total - reference[sid].total) <= max(1e-5 * abs(reference[sid].total),
+                                                                 reference[sid].n_samples * 1e-6 * scale)
     assert str(rogue_id) in listed
     assert "not registered for any seller" in valuation.rejected.get(f"node-{rogue_id}", ""), valuation.rejected
     assert set(valuation.rejected) == {f"node-{rogue_id}"}
