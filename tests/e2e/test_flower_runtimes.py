@@ -107,7 +107,8 @@ def test_deploy_up_and_down_cli_stop_exactly_what_they_started(scenario, tmp_pat
     pids = list(state["processes"].values())
     try:
         assert upped.returncode == 0, upped.stderr
-        assert sorted(state["processes"]) == ["superlink", "supernode-digits-4"]
+        assert sorted(state["processes"]) == ["superexec-superlink", "superexec-supernode-digits-4", "superlink",
+                                              "supernode-digits-4"]
         assert running(pids) == pids
         spawned = [p.pid for pid in pids for p in descendants(pid)]
         downed = subprocess.run([str(cli), "deploy", "down", str(root)], capture_output=True, text=True, timeout=120)
