@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "tip-fed"
 ARGS = ["simulate", "configs/causal.toml", "--quiet", "--force", "--set", "quick=true"]
 # Encrypted scores carry fresh CKKS noise each run (~1e-9 of the score bound); everything else is exact.
-NOISY = {"score", "mean_score", "seconds"}
+NOISY = {"score", "mean_score", "seconds", "commitment"}  # fresh noise and commitment salt every session
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -42,6 +42,8 @@ def _assert_same_results(a: Path, b: Path) -> None:
                 if key in NOISY:
                     continue
                 assert x[key] == y[key], f"{name}: {key} differs ({x[key]} vs {y[key]})"
+            if "commitment" in x:  # salted per session: a root of the right size, never the same twice
+                assert len(x["commitment"]) == len(y["commitment"]) == 64 and x["commitment"] != y["commitment"]
             if x.get("score"):
                 bound = json.loads((a / "manifest.json").read_text())["session"]["disclosure_controls"]
                 assert abs(float(x["score"]) - float(y["score"])) <= 100 * bound["release_quantum"] * 60
