@@ -150,8 +150,15 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def _flatten_tokens(tensor: torch.Tensor, n: int, name: str) -> torch.Tensor:
-    """``[n, features]`` or ``[n, ..., features]`` -> ``[n, T, features]``."""
+def _flatten_tokens(tensor: torch.Tensor, n: int, name: str, length: int | None = None) -> torch.Tensor:
+    """``[n, features]`` or ``[n, ..., features]`` -> ``[n, T, features]``.
+
+    ``[n * length, features]`` (a batch flattened sample-major, ``x.view(-1, features)``, as
+    OPT's decoder MLP does) is unflattened to ``[n, length, features]``; ``length`` is the
+    batch's sequence length.
+    """
+    if tensor.dim() == 2 and length is not None and length > 1 and tensor.shape[0] == n * length:
+        return tensor.reshape(n, length, tensor.shape[-1])
     if tensor.dim() < 2 or tensor.shape[0] != n:
         raise ModelError(
             f"layer {name!r} saw a tensor of shape {tuple(tensor.shape)}, not one with the "
@@ -182,6 +189,8 @@ def _one_pass(
 ) -> tuple[int, dict[str, _LayerPass]]:
     """Forward + one backward of the summed loss; projected activations and output grads."""
     n = batch_size(batch)
+    lengths = {int(value.shape[1]) for value in batch.values() if value.dim() >= 2}
+    length = lengths.pop() if len(lengths) == 1 else None  # the batch's sequence length, if it has one
     if torch.is_inference_mode_enabled():
         raise ConfigError("projected gradients cannot be computed under torch.inference_mode().")
     modules = _resolve_layers(model, spec)
@@ -196,7 +205,7 @@ def _one_pass(
         def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> Any:
             if not inputs or not isinstance(inputs[0], torch.Tensor):
                 raise ModelError(f"layer {name!r} was called without a positional input tensor.")
-            activation = _flatten_tokens(inputs[0].detach(), n, name).to(dtype)
+            activation = _flatten_tokens(inputs[0].detach(), n, name, length).to(dtype)
             if bias:  # constant 1 input: the bias gradient joins the weight gradient
                 activation = torch.cat([activation, activation.new_ones(*activation.shape[:2], 1)], 2)
             call = len(layer_pass.activations)
@@ -205,7 +214,7 @@ def _one_pass(
                 output = output + anchor
 
             def project_delta(delta: torch.Tensor) -> None:
-                layer_pass.deltas[call] = _flatten_tokens(delta, n, name).to(dtype) @ p_out.T
+                layer_pass.deltas[call] = _flatten_tokens(delta, n, name, length).to(dtype) @ p_out.T
 
             output.register_hook(project_delta)
             return output

@@ -1,6 +1,8 @@
 """The buyer's model as it travels in an Offer: builder name, config, safetensors weights, fingerprint.
 
-Weights travel as safetensors (never pickles), so loading an Offer cannot execute code.
+Weights travel as safetensors (never pickles), so loading an Offer cannot execute code. A weight
+the architecture ties to another (a language model's output layer sharing its input embedding)
+travels once, under its first name in ``state_dict`` order; the rebuilt model re-ties it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def encode_model(model: nn.Module) -> pb.ModelPayload:
     """Serialize ``model`` into a payload any seller can rebuild."""
     architecture, config = models.describe(model)
     config_json = json.dumps(config, sort_keys=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    aliases = tied_aliases(model)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items() if k not in aliases}
     weights = st_save(tensors)
     return pb.ModelPayload(
         architecture=architecture,
@@ -76,15 +79,50 @@ def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None =
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise ModelError(f"model weights are not valid safetensors: {exc}") from exc
     model = models.build(payload.architecture, config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelError(f"model weights do not fit the announced architecture: {str(exc)[:300]}") from exc
-    first = next(iter(state.values()), None)
-    if first is not None and first.dtype == torch.float64:
-        model.double()
+    _load_weights(model, state)
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
+        model.to(dtype)
     model.eval()
     return model
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``state_dict`` keys that name the same tensor as an earlier key (``alias -> first name``).
+
+    Works on the meta device too: ties are the same Parameter object, found by identity.
+    """
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
+    return aliases
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` with every key accounted for: each of the model's tensors once, tied ones
+    either once (re-tied by the architecture) or under every name with equal values."""
+    aliases = tied_aliases(model)
+    shipped: dict[str, str] = {}  # tie group (its first name) -> the shipped key seen first
+    for key, tensor in state.items():
+        group = aliases.get(key, key)
+        if group in shipped and not torch.equal(tensor, state[shipped[group]]):
+            raise ModelError(f"model weights: {key!r} and {shipped[group]!r} are one tied tensor in the announced "
+                             "architecture but the offer ships different values for them")
+        shipped.setdefault(group, key)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelError(f"model weights do not fit the announced architecture: {str(exc)[:300]}") from exc
+    missing = [key for key in missing if aliases.get(key, key) not in shipped]
+    if missing or unexpected:
+        raise ModelError(
+            f"model weights do not fit the announced architecture: missing {missing[:5]} "
+            f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
+        )
 
 
 def _check_size(architecture: str, config: dict[str, Any], n_weights: int) -> None:
@@ -94,12 +132,15 @@ def _check_size(architecture: str, config: dict[str, Any], n_weights: int) -> No
     try:
         with torch.device("meta"):
             skeleton = models.build(architecture, config)
-        n_model = sum(t.numel() for t in skeleton.state_dict().values())
+        state = skeleton.state_dict(keep_vars=True)
+        aliases = tied_aliases(skeleton)
+        n_all = sum(t.numel() for t in state.values())
+        n_model = n_all - sum(state[key].numel() for key in aliases)
     except TipError:
         raise
     except Exception as exc:  # noqa: BLE001 - untrusted config into third-party builders: any failure is a bad model
         raise ModelError(f"cannot build the announced {architecture!r} model from its config: {str(exc)[:300]}") from None
-    if n_model != n_weights:
+    if n_weights not in (n_model, n_all):  # tied tensors shipped once (n_model) or under every name (n_all)
         raise ModelError(
             f"model weights do not fit the announced architecture: it has {n_model} parameters but "
             f"the offer ships {n_weights} weights (refused before building it)"
