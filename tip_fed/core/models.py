@@ -75,11 +75,12 @@ TRANSFORMERS_TASKS = {
     "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
 }
-#: Most layers (any ``*layers`` count in a config) a transformers description may ask for.
+#: Most layers (or experts per layer) a transformers description may ask for.
 MAX_TRANSFORMER_LAYERS = 512
 _REFUSED_KEYS = ("auto_map", "trust_remote_code", "quantization_config", "use_kernels", "kernel_config")
 _IMPLEMENTATION_KEYS = ("attn_implementation", "experts_implementation")
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
+                     "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _NOISY_KEYS = ("transformers_version", "architectures", "torch_dtype", "dtype")
 
 
@@ -156,9 +157,10 @@ def _build_transformers(config: Mapping[str, Any]) -> nn.Module:
     _check_config(cfg)
     try:
         hf_config = transformers.AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ModelError(f"cannot build a {model_type!r} config: {str(exc)[:300]}") from exc
-    return getattr(transformers, str(name))(hf_config)
+        return getattr(transformers, str(name))(hf_config)
+    except Exception as exc:  # noqa: BLE001 - a config transformers rejects, in any of its ways, is a bad model
+        raise ModelError(f"cannot build a {name} from this {model_type!r} config, transformers rejects it: "
+                         f"{str(exc)[:300]}; fix the config (describe() writes a valid one from a live model)") from None
 
 
 def _clean(value: Any) -> Any:

@@ -23,6 +23,10 @@ from tip_fed.protocol.resources import read_weights_header
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 
+#: Buffer elements (position ids, rotary tables) a model may hold beyond twice its parameter count.
+_BUFFER_ALLOWANCE = 1 << 22
+
+
 def fingerprint(architecture: str, config_json: str, weights: bytes) -> str:
     """sha256 binding the architecture, its config and the exact weight bytes."""
     h = hashlib.sha256()
@@ -136,10 +140,16 @@ def _check_size(architecture: str, config: dict[str, Any], n_weights: int) -> No
         aliases = tied_aliases(skeleton)
         n_all = sum(t.numel() for t in state.values())
         n_model = n_all - sum(state[key].numel() for key in aliases)
+        n_buffers = sum(b.numel() for b in skeleton.buffers())  # non-persistent ones too: never shipped
     except TipError:
         raise
     except Exception as exc:  # noqa: BLE001 - untrusted config into third-party builders: any failure is a bad model
         raise ModelError(f"cannot build the announced {architecture!r} model from its config: {str(exc)[:300]}") from None
+    if n_buffers > 2 * n_model + _BUFFER_ALLOWANCE:
+        raise ModelError(
+            f"the announced model would allocate {n_buffers} buffer elements for {n_model} parameters "
+            "(refused before building it): its config asks for tables far larger than its weights"
+        )
     if n_weights not in (n_model, n_all):  # tied tensors shipped once (n_model) or under every name (n_all)
         raise ModelError(
             f"model weights do not fit the announced architecture: it has {n_model} parameters but "

@@ -200,6 +200,10 @@ def _transformers_payload(model_class: str, config: dict) -> dict:
      "no hub kernels"),
     (_transformers_payload("LlamaForCausalLM", {**DECODER, "model_type": "llama", "num_hidden_layers": 10**6}),
      "refused before building"),
+    (_transformers_payload("MixtralForCausalLM", {**DECODER, "model_type": "mixtral", "num_local_experts": 10**6}),
+     "num_local_experts = 1000000 is above"),
+    (_transformers_payload("Qwen2ForCausalLM", {**DECODER, "model_type": "qwen2", "layer_types": ["full_attention"] * 5}),
+     "cannot build a Qwen2ForCausalLM from this 'qwen2' config"),
     (_transformers_payload("EvilForCausalLM", {"model_type": "evil"}), "model_type 'evil' is not supported"),
     (_transformers_payload("LlamaModel", {**DECODER, "model_type": "llama"}),
      "use LlamaForCausalLM .causal-lm. or LlamaForSequenceClassification"),
@@ -209,7 +213,7 @@ def _transformers_payload(model_class: str, config: dict) -> dict:
 def test_unsafe_or_unsupported_transformers_configs(config, message):
     with pytest.raises(ModelError, match=message) as info:
         models.build("transformers", config)
-    assert "supported" in str(info.value) or "refused" in str(info.value)
+    assert any(word in str(info.value) for word in ("supported", "refused", "fix the config"))
 
 
 def test_load_local_errors(tmp_path):
@@ -250,3 +254,20 @@ def test_custom_subclass_of_a_transformers_class_is_refused():
     model = Mine(transformers.LlamaConfig(**{k: v for k, v in DECODER.items()}))
     with pytest.raises(ModelError, match="cannot describe a .*Mine"):
         models.describe(model)
+
+
+def test_a_config_asking_for_buffers_far_beyond_its_weights_is_refused(monkeypatch):
+    """Buffers are never shipped, so the weights cannot bound them: the skeleton's count does."""
+
+    class Tables(torch.nn.Module):
+        def __init__(self, rows: int) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+            self.register_buffer("table", torch.zeros(rows), persistent=False)
+
+    monkeypatch.setitem(models.BUILDERS, "tables", lambda config: Tables(config["rows"]))
+    payload = encode_model(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    payload.architecture, payload.config_json = "tables", json.dumps({"rows": 10**12})
+    payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
+    with pytest.raises(ModelError, match="1000000000000 buffer elements for 10 parameters .refused before building"):
+        decode_model(payload)
