@@ -24,6 +24,10 @@ leaf, so later in-place ops on it stay legal). Backward runs to the anchor, and 
 on each projected output projects its gradient ``delta`` as soon as autograd has it, so no
 full-size ``delta`` outlives its use and no parameter ``.grad`` is ever computed.
 
+A weight tied to another module (a language model's output layer sharing the input embedding)
+is projected as the gradient through the projected layer's own calls; the embedding lookup's
+share of the shared tensor's gradient is not part of that layer's block.
+
 KFAC statistics come from the same pass (see :class:`KfacStats` for the normalisation).
 """
 

@@ -126,7 +126,17 @@ class SequenceClassificationTask:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
         if "token_type_ids" in batch:
             inputs["token_type_ids"] = batch["token_type_ids"]
-        logits = _logits(model(**inputs))
+        try:
+            output = model(**inputs)
+        except ValueError as exc:  # decoder classifiers pool the last non-pad token: they need its id
+            if "padding token" not in str(exc):
+                raise
+            raise ModelError(
+                f"{type(model).__name__} pools each sequence's last non-padding token and its config has no "
+                "pad_token_id; set model.config.pad_token_id to the tokenizer's pad id (and pad batches "
+                "with it) before valuing."
+            ) from exc
+        logits = _logits(output)
         labels = batch["labels"]
         if labels.dtype.is_floating_point:
             if logits.shape[-1] != 1:

@@ -271,3 +271,11 @@ def test_a_config_asking_for_buffers_far_beyond_its_weights_is_refused(monkeypat
     payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
     with pytest.raises(ModelError, match="1000000000000 buffer elements for 10 parameters .refused before building"):
         decode_model(payload)
+
+
+def test_decoder_classifier_without_a_pad_token_is_a_model_error():
+    model_class, config = CASES["qwen2-seqcls"]
+    model = models.build("transformers", {"model_class": model_class,
+                                          "config": {**config, "pad_token_id": None, "model_type": "qwen2"}})
+    with pytest.raises(ModelError, match="set model.config.pad_token_id"):
+        get_task("sequence-classification").per_sample_loss(model, batch_for(model))
