@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tip_fed.core.sequential import describe_sequential, sequential_from_spec
@@ -33,8 +34,13 @@ __all__ = [
     "describe",
     "load_local",
     "load_pretrained",
+    "load_state",
+    "load_weights",
+    "save_weights",
     "sequential_from_spec",
     "supported_transformers",
+    "tied_aliases",
+    "weights_state",
 ]
 
 
@@ -234,6 +240,79 @@ def build(architecture: str, config: Mapping[str, Any]) -> nn.Module:
     model = builder(config)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------- weights
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``state_dict`` keys that name the same tensor as an earlier key (``alias -> first name``).
+
+    Works on the meta device too: ties are the same Parameter object, found by identity.
+    """
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
+    return aliases
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` with every key accounted for: each of the model's tensors once, tied ones
+    either once (re-tied by the architecture) or under every name with equal values."""
+    aliases = tied_aliases(model)
+    shipped: dict[str, str] = {}  # tie group (its first name) -> the shipped key seen first
+    for key, tensor in state.items():
+        group = aliases.get(key, key)
+        if group in shipped and not torch.equal(tensor, state[shipped[group]]):
+            raise ModelError(f"model weights: {key!r} and {shipped[group]!r} are one tied tensor in the announced "
+                             "architecture but the offer ships different values for them")
+        shipped.setdefault(group, key)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelError(f"model weights do not fit the announced architecture: {str(exc)[:300]}") from exc
+    missing = [key for key in missing if aliases.get(key, key) not in shipped]
+    if missing or unexpected:
+        raise ModelError(
+            f"model weights do not fit the announced architecture: missing {missing[:5]} "
+            f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
+        )
+
+
+def weights_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state as contiguous CPU copies, each tied tensor once (under its first name)."""
+    aliases = tied_aliases(model)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items() if k not in aliases}
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """Write ``model``'s weights as safetensors (tied tensors once), readable by :func:`load_weights`."""
+    from safetensors.torch import save_file
+
+    save_file(weights_state(model), str(path))
+    return Path(path)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors weights file into ``model`` (e.g. one built by :func:`sequential_from_spec`).
+
+    Every tensor of the model must be in the file, under its ``state_dict`` name, and nothing else.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ModelError(f"weights file {str(path)!r} does not exist; write it with tip_fed.core.models.save_weights "
+                         "or safetensors.torch.save_file(model.state_dict(), path)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{str(path)!r} is not a safetensors file: {str(exc)[:200]}") from exc
+    load_state(model, state)
+    return model.eval()
 
 
 # ---------------------------------------------------------------- loading saved models

@@ -40,9 +40,7 @@ def encode_model(model: nn.Module) -> pb.ModelPayload:
     """Serialize ``model`` into a payload any seller can rebuild."""
     architecture, config = models.describe(model)
     config_json = json.dumps(config, sort_keys=True)
-    aliases = tied_aliases(model)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items() if k not in aliases}
-    weights = st_save(tensors)
+    weights = st_save(models.weights_state(model))
     return pb.ModelPayload(
         architecture=architecture,
         config_json=config_json,
@@ -83,50 +81,12 @@ def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None =
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise ModelError(f"model weights are not valid safetensors: {exc}") from exc
     model = models.build(payload.architecture, config)
-    _load_weights(model, state)
+    models.load_state(model, state)
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
         model.to(dtype)
     model.eval()
     return model
-
-
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """``state_dict`` keys that name the same tensor as an earlier key (``alias -> first name``).
-
-    Works on the meta device too: ties are the same Parameter object, found by identity.
-    """
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in first:
-            aliases[key] = first[id(tensor)]
-        else:
-            first[id(tensor)] = key
-    return aliases
-
-
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load ``state`` with every key accounted for: each of the model's tensors once, tied ones
-    either once (re-tied by the architecture) or under every name with equal values."""
-    aliases = tied_aliases(model)
-    shipped: dict[str, str] = {}  # tie group (its first name) -> the shipped key seen first
-    for key, tensor in state.items():
-        group = aliases.get(key, key)
-        if group in shipped and not torch.equal(tensor, state[shipped[group]]):
-            raise ModelError(f"model weights: {key!r} and {shipped[group]!r} are one tied tensor in the announced "
-                             "architecture but the offer ships different values for them")
-        shipped.setdefault(group, key)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise ModelError(f"model weights do not fit the announced architecture: {str(exc)[:300]}") from exc
-    missing = [key for key in missing if aliases.get(key, key) not in shipped]
-    if missing or unexpected:
-        raise ModelError(
-            f"model weights do not fit the announced architecture: missing {missing[:5]} "
-            f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
-        )
 
 
 def _check_size(architecture: str, config: dict[str, Any], n_weights: int) -> None:
@@ -137,7 +97,7 @@ def _check_size(architecture: str, config: dict[str, Any], n_weights: int) -> No
         with torch.device("meta"):
             skeleton = models.build(architecture, config)
         state = skeleton.state_dict(keep_vars=True)
-        aliases = tied_aliases(skeleton)
+        aliases = models.tied_aliases(skeleton)
         n_all = sum(t.numel() for t in state.values())
         n_model = n_all - sum(state[key].numel() for key in aliases)
         n_buffers = sum(b.numel() for b in skeleton.buffers())  # non-persistent ones too: never shipped

@@ -84,6 +84,26 @@ def test_a_model_declared_in_toml_builds():
     assert model(torch.randn(2, 64)).shape == (2, 10)
 
 
+def test_declared_model_with_a_weights_file_reproduces_the_trained_model(tmp_path):
+    torch.manual_seed(2)
+    trained = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    spec = describe(trained)[1]["layers"]
+    models.save_weights(trained, tmp_path / "w.safetensors")
+
+    declared = models.load_weights(sequential_from_spec(json.loads(json.dumps(spec))), tmp_path / "w.safetensors")
+
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(declared(x), trained(x))
+    with pytest.raises(ModelError, match="do not fit"):
+        models.load_weights(sequential_from_spec(spec[:1]), tmp_path / "w.safetensors")
+    with pytest.raises(ModelError, match="does not exist"):
+        models.load_weights(declared, tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x80\x03pickle")
+    with pytest.raises(ModelError, match="not a safetensors file"):
+        models.load_weights(declared, tmp_path / "bad.safetensors")
+
+
 def test_mlp_keeps_its_own_architecture():
     payload = encode_model(MLP([8, 6, 3]))
     assert payload.architecture == "mlp"
