@@ -71,6 +71,8 @@ def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None =
         config: dict[str, Any] = json.loads(payload.config_json)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"model config is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError("model config is nested too deeply to be a model description") from None
     if not isinstance(config, dict):
         raise ProtocolError("model config must be a JSON object")
     # Sized from the header alone (float dtypes only, bytes by dtype) before any tensor is loaded.

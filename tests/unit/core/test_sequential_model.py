@@ -16,7 +16,7 @@ from torch import nn
 
 from tip_fed.core import models, sequential
 from tip_fed.core.models import MLP, describe, sequential_from_spec
-from tip_fed.errors import ModelError
+from tip_fed.errors import ModelError, ProtocolError
 from tip_fed.protocol.model import decode_model, encode_model, fingerprint
 
 
@@ -176,4 +176,12 @@ def test_hostile_spec_in_a_signed_payload_is_refused_by_the_seller_side_decoder(
     payload.config_json = json.dumps({"layers": [], "extra": 1})
     payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
     with pytest.raises(ModelError, match=r"is \{\"layers\": \[...\]\}"):
+        decode_model(payload)
+
+
+def test_deeply_nested_config_is_a_protocol_error():
+    payload = encode_model(nn.Sequential(nn.Linear(4, 2)))
+    payload.config_json = '{"layers": ' + "[" * 30_000 + "]" * 30_000 + "}"
+    payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
+    with pytest.raises(ProtocolError, match="nested too deeply"):
         decode_model(payload)
