@@ -187,11 +187,12 @@ def _describe_transformers(model: nn.Module) -> dict[str, Any] | None:
         return None
     if getattr(transformers, cls.__name__, None) is not cls:
         return None
-    model_type = getattr(model.config, "model_type", None)
+    hf_config: Any = model.config
+    model_type = getattr(hf_config, "model_type", None)
     _check_class(cls.__name__, model_type)
-    cfg = _clean(model.config.to_dict())
+    cfg = _clean(hf_config.to_dict())
     _check_config(cfg)
-    attn = getattr(model.config, "_attn_implementation", None)
+    attn = getattr(hf_config, "_attn_implementation", None)
     if attn in ("eager", "sdpa"):
         cfg["attn_implementation"] = attn
     cfg["model_type"] = model_type

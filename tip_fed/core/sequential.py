@@ -59,7 +59,7 @@ def _float(lo: float, hi: float, *, open_hi: bool = False, open_lo: bool = False
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError("true or false")
+        raise TypeError("true or false")
     return value
 
 
@@ -74,7 +74,9 @@ def _choice(*options: str) -> Callable[[Any], str]:
 def _shape(value: Any) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if not isinstance(value, list) or not 1 <= len(value) <= 8:
+    if not isinstance(value, list):
+        raise TypeError(f"an integer or a list of 1 to 8 integers in [1, {MAX_FEATURES}]")
+    if not 1 <= len(value) <= 8:
         raise ValueError(f"an integer or a list of 1 to 8 integers in [1, {MAX_FEATURES}]")
     return [_int(1, MAX_FEATURES)(v) for v in value]
 
@@ -134,7 +136,7 @@ def _check_layer(index: int, entry: Any) -> tuple[str, _Layer, dict[str, Any]]:
                          f"{type(entry).__name__}")
     kind = entry.get("type")
     layer = LAYERS.get(kind) if isinstance(kind, str) else None
-    if layer is None:
+    if layer is None or not isinstance(kind, str):
         raise _unsupported(f"sequential layer #{index} has type {str(kind)[:40]!r}")
     unknown = sorted(str(k)[:40] for k in entry if k != "type" and k not in layer.args)
     if unknown:
@@ -146,7 +148,7 @@ def _check_layer(index: int, entry: Any) -> tuple[str, _Layer, dict[str, Any]]:
             raise ModelError(f"sequential layer #{index} ({kind}) needs {name!r}")
         try:
             args[name] = check(entry.get(name, default))
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ModelError(f"sequential layer #{index} ({kind}): {name} must be {exc}, got "
                              f"{str(entry.get(name))[:40]}") from None
     return kind, layer, args

@@ -22,7 +22,6 @@ from tip_fed.errors import FingerprintMismatchError, ModelError, ProtocolError, 
 from tip_fed.protocol.resources import read_weights_header
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-
 #: Buffer elements (position ids, rotary tables) a model may hold beyond twice its parameter count.
 _BUFFER_ALLOWANCE = 1 << 22
 

@@ -19,10 +19,10 @@ import transformers
 
 from tip_fed.core import models
 from tip_fed.core.gradients import kfac_statistics, projected_grads
+from tip_fed.core.models import tied_aliases
 from tip_fed.core.projection import ProjectionSpec, projection_matrices
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ModelError
-from tip_fed.core.models import tied_aliases
 from tip_fed.protocol.model import decode_model, encode_model, fingerprint
 
 VOCAB = 128
