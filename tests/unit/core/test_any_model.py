@@ -280,3 +280,32 @@ def test_decoder_classifier_without_a_pad_token_is_a_model_error():
                                           "config": {**config, "pad_token_id": None, "model_type": "qwen2"}})
     with pytest.raises(ModelError, match="set model.config.pad_token_id"):
         get_task("sequence-classification").per_sample_loss(model, batch_for(model))
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma", "phi3", "gpt_neox", "falcon", "bloom", "gptj",
+                                        "roberta", "distilbert", "deberta-v2", "electra", "qwen3"])
+def test_describe_then_build_reproduces_more_architectures_on_meta(model_type):
+    """Default-size configs on the meta device (no memory): the description rebuilds the same tensors."""
+    tasks = models.supported_transformers()
+    for task in ("causal-lm", "sequence-classification"):
+        name = tasks[task].get(model_type)
+        if name is None:
+            continue
+        with torch.device("meta"):
+            model = getattr(transformers, name)(transformers.AutoConfig.for_model(model_type))
+            architecture, config = models.describe(model)
+            rebuilt = models.build(architecture, json.loads(json.dumps(config)))
+        assert type(rebuilt) is type(model)
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+        assert tied_aliases(rebuilt) == tied_aliases(model)
+
+
+def test_a_transformers_config_bomb_is_refused_before_building():
+    """A fingerprint anyone can recompute, a 10^10-token vocabulary: sized on the meta device, refused."""
+    payload = encode_model(tiny("llama"))
+    config = json.loads(payload.config_json)
+    config["config"]["vocab_size"] = 10**10
+    payload.config_json = json.dumps(config)
+    payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
+    with pytest.raises(ModelError, match="refused before building it"):
+        decode_model(payload)
