@@ -131,7 +131,7 @@ def test_by_reference_off_always_ships_weights(small):
         sent: dict[str, OfferSent] = {}
         for _ in range(2):
             offer = buyer.offer(max_samples=10)
-            replies, failures = value_sellers(endpoint, offer, insecure=True, timeout_s=60, by_reference=False,
+            _, failures = value_sellers(endpoint, offer, insecure=True, timeout_s=60, by_reference=False,
                                               sent=sent)
             assert failures == {} and sent["s"] == OfferSent(len(pb.ValueRequest(offer=pb.Offer.FromString(offer))
                                                                  .SerializeToString()), True)

@@ -27,7 +27,13 @@ from filelock import FileLock
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from tip_fed.errors import ConfigError, FingerprintMismatchError, ModelNotHeldError, ProtocolError, TipError
+from tip_fed.errors import (
+    ConfigError,
+    FingerprintMismatchError,
+    ModelNotHeldError,
+    ProtocolError,
+    TipError,
+)
 from tip_fed.protocol.audit import write_private
 from tip_fed.protocol.model import decode_model, fingerprint
 from tip_fed.protocol.resources import WeightsHeader, read_weights_header
