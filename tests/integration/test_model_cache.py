@@ -7,7 +7,10 @@ inside its byte bound.
 """
 
 import json
+import re
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,11 +21,12 @@ from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
-from tip_fed.errors import FingerprintMismatchError, ModelError, ModelNotHeldError
+from tip_fed.errors import FingerprintMismatchError, ModelError, ModelNotHeldError, ProtocolError
 from tip_fed.grpc import SellerEndpoint, start_server, value_sellers
 from tip_fed.grpc.client import OfferSent
 from tip_fed.grpc.server import status_for
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
+from tip_fed.protocol.data import save_dataset
 from tip_fed.protocol.ledger import LedgerPolicy
 from tip_fed.protocol.model import encode_model, fingerprint
 from tip_fed.protocol.model_cache import ModelCache, strip_weights
@@ -241,3 +245,42 @@ def test_a_held_model_still_meets_the_expected_fingerprint(small):
     seller.policy.expected_fingerprint = "f" * 64
     with pytest.raises(FingerprintMismatchError, match="not the one this seller was told to expect"):
         seller.respond(strip_weights(buyer.offer(max_samples=10)))
+
+
+def test_seller_serve_keeps_verified_models_in_its_cache_dir_across_restarts(small, tmp_path):
+    """The real ``tip-fed seller serve`` process: --model-cache-dir survives a restart, files are 0600."""
+    data = save_dataset(_data(6, 1), tmp_path / "s.safetensors")
+    cache_dir = tmp_path / "models"
+    buyer = _buyer(small)
+    shipped = []
+    for _ in range(2):  # the second process starts with only what the first left on disk
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tip_fed.cli", "seller", "serve", "--data", str(data), "--port", "0", "--insecure",
+             "--exact-per-sample", "--max-exact", "-1", "--total-max-exact", "-1", "--model-cache-mb", "16",
+             "--model-cache-dir", str(cache_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            match = re.search(r"ready on (127\.0\.0\.1:\d+) ", proc.stdout.readline())
+            assert match, "the seller did not start"
+            sent: dict[str, OfferSent] = {}
+            replies, failures = value_sellers([SellerEndpoint("s", match.group(1))], buyer.offer(max_samples=10),
+                                              insecure=True, timeout_s=60, sent=sent)
+            assert failures == {} and buyer.settle(list(replies.values())).sellers[0].seller_id == "s"
+            shipped.append(sent["s"].weights_shipped)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert shipped == [True, False]
+    (path,) = cache_dir.glob("*.model")
+    assert path.stem == buyer.model_fingerprint and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_reference_must_name_a_sha256_fingerprint_and_an_architecture(small):
+    seller, buyer = _held_seller(small)
+    offer = pb.Offer.FromString(strip_weights(buyer.offer(max_samples=10)))
+    offer.model.fingerprint = "../../etc/passwd"
+    with pytest.raises(ProtocolError, match="expected 64 hex characters"):
+        seller.respond(offer.SerializeToString())
+    offer.model.fingerprint, offer.model.architecture = buyer.model_fingerprint, ""
+    with pytest.raises(ProtocolError, match="without naming its architecture"):
+        seller.respond(offer.SerializeToString())
