@@ -284,3 +284,15 @@ def test_a_reference_must_name_a_sha256_fingerprint_and_an_architecture(small):
     offer.model.fingerprint, offer.model.architecture = buyer.model_fingerprint, ""
     with pytest.raises(ProtocolError, match="without naming its architecture"):
         seller.respond(offer.SerializeToString())
+
+
+def test_strip_weights_keeps_everything_but_the_weights(small):
+    offer = _buyer(small).offer(max_samples=10)
+    stripped = pb.Offer.FromString(strip_weights(offer))
+    original = pb.Offer.FromString(offer)
+    assert original.model.weights and not stripped.model.weights
+    assert stripped.model.fingerprint == original.model.fingerprint != ""
+    original.model.ClearField("weights")
+    assert stripped == original
+    with pytest.raises(ProtocolError, match="not a valid tip.v1 Offer"):
+        strip_weights(b"\xff\xfe garbage")
