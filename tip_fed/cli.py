@@ -183,6 +183,11 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                      help="exact (noise-free) answers over all buyers together (default 16; -1 = unlimited)")
     srv.add_argument("--exact-per-sample", action="store_true", help="answer per-sample offers without noise "
                      "(exact scores of every record: only for data that is not private)")
+    srv.add_argument("--model-cache-mb", type=int, default=2048,
+                     help="MiB of buyers' model weights kept (verified, by fingerprint) so a repeat Offer need not "
+                          "ship them again (default 2048; 0 = off: every Offer must carry its weights)")
+    srv.add_argument("--model-cache-dir", help="keep cached models in this directory across restarts (owner-only "
+                     "files, re-verified when read; default: in memory only)")
 
     tls = sub.add_parser("tls", help="TLS material").add_subparsers(dest="tls_command", required=True)
     ini = tls.add_parser("init", help="local CA (reused if DIR/ca.crt exists), a server and a client certificate")
@@ -236,6 +241,8 @@ def _seller_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS plus client certificates")
     if args.max_queries_per_session < 1:
         raise ConfigError("--max-queries-per-session must be >= 1")
+    if args.model_cache_mb < 0:
+        raise ConfigError("--model-cache-mb must be >= 0 (0 turns the model cache off)")
     budget = SellerBudgetConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SellerBudgetConfig)})
     tls = ServerTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None) \
         if args.tls_cert else None
@@ -256,7 +263,8 @@ def _seller_serve(args: argparse.Namespace) -> None:
                                                   total_epsilon=args.total_epsilon, total_delta=args.total_delta,
                                                   total_max_exact=None if args.total_max_exact == -1
                                                   else args.total_max_exact),
-                            exact_per_sample=args.exact_per_sample),
+                            exact_per_sample=args.exact_per_sample, model_cache_mb=args.model_cache_mb,
+                            model_cache_dir=args.model_cache_dir),
         max_message_bytes=args.max_message_mb * MiB if args.max_message_mb else None, announce=announce,
     )
 

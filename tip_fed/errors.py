@@ -61,3 +61,18 @@ class BudgetExceededError(ProtocolError):
 
 class SellerUnavailableError(TipError):
     """A seller could not be reached, did not answer in time, or refused a call over the network."""
+
+
+class ModelNotHeldError(ProtocolError):
+    """An Offer referenced a model by fingerprint that the seller does not hold: send it with its weights."""
+
+    #: First word of the message, so a buyer recognises the refusal across any carrier (gRPC details,
+    #: Flower error replies) and resends the same Offer with the weights.
+    MARKER = "model-not-held"
+
+    def __init__(self, seller_id: str, fingerprint: str) -> None:
+        super().__init__(
+            f"{self.MARKER}: seller {seller_id} holds no model with fingerprint {fingerprint[:16]}…; send the same "
+            "offer with its weights (value_sellers and the Flower buyer do this by themselves)"
+        )
+        self.fingerprint = fingerprint

@@ -121,10 +121,11 @@ def seller_files(tmp_path):
     return {f"s{i}": save_dataset(_data(12 + i, 10 + i, 0.3 * i), tmp_path / f"s{i}.safetensors") for i in range(4)}
 
 
-def _run(grid, buyer, expected=(), nodes=None, **flower):
+def _run(grid, buyer, expected=(), nodes=None, by_reference=True, **flower):
     done = {}
     cfg = FlowerConfig(timeout_s=1, node_wait_s=0, **flower)
-    app = make_server_app(lambda ctx: Session(buyer, 20, expected, cfg, nodes=nodes or {}), lambda v, ctx: done.update(v=v))
+    app = make_server_app(lambda ctx: Session(buyer, 20, expected, cfg, nodes=nodes or {}, by_reference=by_reference),
+                          lambda v, ctx: done.update(v=v))
     server_ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     app(grid, server_ctx)
     return done["v"]
@@ -134,7 +135,7 @@ def test_flower_apps_value_every_seller_like_the_inprocess_runtime(buyer_parts, 
     # Prepare: node 1..4 each hold one seller file, as SuperNodes started with --node-config
     grid = LocalGrid(make_client_app(), {i + 1: {"exact-per-sample": True, "data-path": str(p)} for i, p in enumerate(seller_files.values())})
     # Execute: at most 3 Offers in flight
-    valuation = _run(grid, _buyer(buyer_parts), expected=list(seller_files), wave_size=3)
+    valuation = _run(grid, _buyer(buyer_parts), expected=list(seller_files), wave_size=3, by_reference=False)
     # Assert: same numbers as the in-process runtime on the same data (fresh keys: CKKS noise only)
     assert grid.sent == [[1, 2, 3], [4]]
     assert sorted(v.seller_id for v in valuation.sellers) == sorted(seller_files)
@@ -199,7 +200,8 @@ def test_reply_claiming_another_sellers_id_is_refused_and_unbound_nodes_are_not_
                3: {"exact-per-sample": True, "data-path": str(files[2]), "seller-id": "s0"}, 4: {"exact-per-sample": True, "data-path": str(files[3]), "seller-id": "s1"}}
     grid = LocalGrid(make_client_app(), configs)
     # Execute
-    valuation = _run(grid, _buyer(buyer_parts), expected=["s0", "s1", "s2"], nodes={"s0": 1, "s1": 2, "s2": 3})
+    valuation = _run(grid, _buyer(buyer_parts), expected=["s0", "s1", "s2"], nodes={"s0": 1, "s1": 2, "s2": 3},
+                     by_reference=False)
     # Assert: the rogue never got the Offer; each seller id is valued only from its own node
     assert sorted(n for wave in grid.sent for n in wave) == [1, 2, 3]
     by_id = valuation.by_id()
@@ -290,3 +292,31 @@ def test_app_defaults_match_pyproject_run_config():
     pyproject = tomllib.loads((CAUSAL.parents[1] / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULTS
     assert "federations" not in pyproject["tool"]["flwr"]
+
+
+def test_flower_sellers_with_a_model_cache_dir_are_offered_no_weights_the_second_time(buyer_parts, seller_files, tmp_path):
+    # Prepare: nodes 1 and 2 keep verified models on disk (ClientApps are recreated per message); node 3 does not
+    files = list(seller_files.values())
+    configs = {i + 1: {"exact-per-sample": True, "data-path": str(files[i])} for i in range(3)}
+    configs[1]["model-cache-dir"] = str(tmp_path / "models-1")
+    configs[2]["model-cache-dir"] = str(tmp_path / "models-2")
+    grid = LocalGrid(make_client_app(), configs)
+    buyer = _buyer(buyer_parts)
+    # Execute: two sessions of the same buyer, by reference
+    first = _run(grid, buyer, expected=["s0", "s1", "s2"])
+    second = _run(grid, buyer, expected=["s0", "s1", "s2"])
+    # Assert: every node lacked the model at first; then only the node without a cache got weights again
+    assert grid.sent == [[1, 2, 3], [1, 2, 3], [1, 2, 3], [3]]
+    assert first.rejected == second.rejected == {} and first.missing == second.missing == []
+    assert [len(list((tmp_path / f"models-{n}").glob("*.model"))) for n in (1, 2)] == [1, 1]
+    a, b = first.by_id(), second.by_id()
+    scale = max(np.abs(v.per_sample).max() for v in a.values())
+    for sid in ("s0", "s1", "s2"):
+        np.testing.assert_allclose(b[sid].per_sample, a[sid].per_sample, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_node_model_cache_settings_are_checked(tmp_path, seller_files):
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(seller_files["s0"]), "model-cache-dir": str(tmp_path),
+                                                    "model-cache-mb": -1}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="'model-cache-mb' an integer >= 0"):
+        seller_from_node_config(ctx, {})

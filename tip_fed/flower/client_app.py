@@ -29,11 +29,15 @@ DATA_PATH = "data-path"
 SELLER_ID = "seller-id"
 # The seller's own opt-in to releasing per-sample scores without differential-privacy noise.
 EXACT_PER_SAMPLE = "exact-per-sample"
+# Where this node keeps models it verified, so Offers may reference them (a ClientApp is recreated
+# for every message: the cache lives on disk), and its bound in MiB.
+MODEL_CACHE_DIR = "model-cache-dir"
+MODEL_CACHE_MB = "model-cache-mb"
 
 
 def seller_from_node_config(context: Context, answered: dict[str, int]) -> Seller:
-    """Seller from ``--node-config "data-path=... [seller-id=...] [exact-per-sample=true]"`` (a
-    safetensors dataset).
+    """Seller from ``--node-config "data-path=... [seller-id=...] [exact-per-sample=true]
+    [model-cache-dir=... [model-cache-mb=2048]]"`` (a safetensors dataset).
 
     The seller id defaults to the data file's stem, as written by ``tip-fed export-sellers``.
     Per-sample scores without noise are released only when the node config says so.
@@ -48,8 +52,13 @@ def seller_from_node_config(context: Context, answered: dict[str, int]) -> Selle
     exact = context.node_config.get(EXACT_PER_SAMPLE, False)
     if not isinstance(exact, bool):
         raise ConfigError(f"node config '{EXACT_PER_SAMPLE}' must be true or false, got {exact!r}")
+    cache_dir, cache_mb = context.node_config.get(MODEL_CACHE_DIR, ""), context.node_config.get(MODEL_CACHE_MB, 2048)
+    if not isinstance(cache_dir, str) or not isinstance(cache_mb, int) or isinstance(cache_mb, bool) or cache_mb < 0:
+        raise ConfigError(f"node config '{MODEL_CACHE_DIR}' must be a directory path and '{MODEL_CACHE_MB}' an "
+                          f"integer >= 0, got {cache_dir!r} and {cache_mb!r}")
     return Seller(str(seller_id), load_dataset(path), answered=answered,
-                  policy=SellerPolicy(exact_per_sample=exact))
+                  policy=SellerPolicy(exact_per_sample=exact, model_cache_mb=cache_mb if cache_dir else 0,
+                                      model_cache_dir=cache_dir or None))
 
 
 def make_client_app(load_seller: SellerLoader = seller_from_node_config) -> ClientApp:

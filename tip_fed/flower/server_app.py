@@ -9,6 +9,9 @@ replies are separated from Replies. Sellers that refuse are listed under ``rejec
 reason; sellers that do not answer within ``timeout_s`` of their Offer under ``missing``.
 Flower-level failures (a crashed ClientApp) count as refusals.
 
+The Offer goes out by model reference first (no weights, :mod:`tip_fed.protocol.model_cache`);
+nodes whose seller answers that it does not hold the model get the same session's full Offer.
+
 In a deployment a seller is known by the node key its operator registered, not by what its reply
 says: with ``Session.nodes`` (seller id -> registered node id) only those nodes get the Offer, a
 reply counts only under the seller id its node is registered for, and any other connected node
@@ -26,10 +29,11 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
-from tip_fed.errors import ConfigError, ProtocolError, TipError
+from tip_fed.errors import ConfigError, ModelNotHeldError, ProtocolError, TipError
 from tip_fed.flower import records
 from tip_fed.protocol import Buyer, Valuation
 from tip_fed.protocol.messages import decode_reply
+from tip_fed.protocol.model_cache import strip_weights
 
 logger = logging.getLogger(__name__)
 _POLL_S = 0.05  # pause between polls for replies while none arrives
@@ -44,6 +48,7 @@ class Session:
     expected: Sequence[str] = ()
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     nodes: Mapping[str, int] = field(default_factory=dict)  # seller id -> registered node id; empty: any node
+    by_reference: bool = True  # Offer without weights first; the full Offer only to sellers lacking the model
 
 
 def parse_bindings(text: str) -> dict[str, int]:
@@ -91,17 +96,29 @@ def run_session(grid: Grid, session: Session) -> Valuation:
             f"flower.min-sellers = {cfg.min_sellers}; start more SuperNodes or lower the setting"
         )
     logger.info("query.value: offering to %d seller nodes, at most %d at a time", len(nodes), cfg.wave_size)
-    content = records.encode_offer(session.buyer.offer(max_samples=session.max_samples))
+    offer = session.buyer.offer(max_samples=session.max_samples)
+    content = records.encode_offer(strip_weights(offer) if session.by_reference else offer)
     silent: list[int] = []
+    lacking: list[int] = []
 
-    def replies() -> Iterator[bytes]:
-        for node, reply in exchange(grid, nodes, content, cfg):
+    def collect(targets: Sequence[int], message: RecordDict, by_reference: bool) -> Iterator[bytes]:
+        for node, reply in exchange(grid, targets, message, cfg):
+            if by_reference and reply is not None and _model_not_held(reply):
+                lacking.append(node)
+                continue
             if reply is None:
                 silent.append(node)
                 continue
             data = _reply_bytes(reply, node, rejected, bound.get(node))
             if data is not None:
                 yield data
+
+    def replies() -> Iterator[bytes]:
+        yield from collect(nodes, content, session.by_reference)
+        if lacking:
+            logger.info("query.value: %d of %d seller nodes lack the model; sending them its weights",
+                        len(lacking), len(nodes))
+            yield from collect(list(lacking), records.encode_offer(offer), False)
 
     valuation = session.buyer.settle(replies(), expected=session.expected)
     valuation.rejected.update(rejected)
@@ -147,6 +164,17 @@ def exchange(
                 yield node, None
         if not answered and in_flight:
             time.sleep(_POLL_S)
+
+
+def _model_not_held(reply: Message) -> bool:
+    """True for an error reply saying the seller lacks the referenced model (it gets the weights next)."""
+    if reply.has_error():
+        return False
+    try:
+        _, _, error = records.decode_reply(reply.content)
+    except ProtocolError:
+        return False
+    return error is not None and error.startswith(f"{ModelNotHeldError.__name__}: {ModelNotHeldError.MARKER}")
 
 
 def _reply_bytes(reply: Message, node: int, rejected: dict[str, str], bound: str | None = None) -> bytes | None:

@@ -20,14 +20,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from tip_fed.errors import ConfigError, ProtocolError, SellerIdentityError, SellerUnavailableError, TipError
+from tip_fed.errors import (
+    ConfigError,
+    ModelNotHeldError,
+    ProtocolError,
+    SellerIdentityError,
+    SellerUnavailableError,
+    TipError,
+)
 from tip_fed.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
+from tip_fed.protocol.model_cache import strip_weights
 from tip_fed.tls import seller_name
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -80,6 +89,19 @@ class ClientTLS:
             private_key=_read(self.key) if self.key else None,
             certificate_chain=_read(self.cert) if self.cert else None,
         )
+
+
+@dataclass
+class OfferSent:
+    """What the buyer sent one seller in a round: Value request bytes (every attempt counted) and
+    whether the model's weights went out (False: the seller answered the Offer by reference)."""
+
+    offer_bytes: int = 0
+    weights_shipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """For a run manifest."""
+        return asdict(self)
 
 
 def _read(path: str | Path) -> bytes:
@@ -138,6 +160,12 @@ def describe(err: grpc.RpcError) -> str:
     return f"{code.name if code else 'UNKNOWN'}: {details}"
 
 
+def not_held(err: grpc.RpcError) -> bool:
+    """True when a seller refused an Offer by reference because it lacks the model (resend with weights)."""
+    return (isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and (err.details() or "").startswith(ModelNotHeldError.MARKER))
+
+
 def health(
     endpoint: SellerEndpoint, *, tls: ClientTLS | None, insecure: bool = False, timeout_s: float = 5.0
 ) -> pb.HealthResponse:
@@ -182,6 +210,8 @@ def value_sellers(
     backoff_s: float = 0.5,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     before_call: Callable[[SellerEndpoint], None] | None = None,
+    by_reference: bool = True,
+    sent: dict[str, OfferSent] | None = None,
 ) -> tuple[dict[str, bytes], dict[str, str]]:
     """Send ``offer`` to every seller concurrently; return ``(replies, failures)`` keyed by endpoint name.
 
@@ -190,6 +220,11 @@ def value_sellers(
     ``before_call`` runs in the worker thread just before each endpoint's first attempt (progress
     reporting, fault injection in tests). A reply whose seller id is not the endpoint's name is
     refused (a failure, never a reply).
+
+    With ``by_reference`` (the default) each seller first gets the Offer without the model's
+    weights (:func:`~tip_fed.protocol.model_cache.strip_weights`); only a seller that answers
+    :class:`~tip_fed.errors.ModelNotHeldError` gets the full Offer, in the same session. ``sent``,
+    when given, is filled with an :class:`OfferSent` per seller (bytes sent, weights shipped or not).
     """
     names = [e.name for e in endpoints]
     if len(set(names)) != len(names):
@@ -199,31 +234,49 @@ def value_sellers(
     if not endpoints:
         return {}, {}
     try:
-        request = pb.ValueRequest(offer=pb.Offer.FromString(offer)).SerializeToString()
+        parsed = pb.Offer.FromString(offer)
     except DecodeError as exc:
         raise ProtocolError(
             f"the offer to send is not a valid tip.v1 Offer: {exc}; pass the bytes of Buyer.offer()"
         ) from exc
+    request = pb.ValueRequest(offer=parsed).SerializeToString()
+    ships_weights = bool(parsed.model.weights)
+    reference = (pb.ValueRequest(offer=pb.Offer.FromString(strip_weights(offer))).SerializeToString()
+                 if by_reference and ships_weights else None)
+    del parsed
     channels = {e.name: _channel(e, tls, insecure, max_message_bytes) for e in endpoints}
+    counts = {e.name: OfferSent() for e in endpoints}
 
-    def one(endpoint: SellerEndpoint) -> bytes:
+    def send(endpoint: SellerEndpoint, data: bytes) -> bytes:
         call = channels[endpoint.name].unary_unary(f"/{SERVICE_NAME}/Value")
-        if before_call:
-            before_call(endpoint)
         for attempt in range(retries + 1):
+            counts[endpoint.name].offer_bytes += len(data)
             try:
-                reply = pb.ValueResponse.FromString(call(request, timeout=timeout_s)).reply
+                reply = pb.ValueResponse.FromString(call(data, timeout=timeout_s)).reply
                 check_identity(endpoint, reply.seller_id)
                 return reply.SerializeToString()
             except DecodeError as exc:
                 raise SellerUnavailableError(f"{endpoint.address} sent a malformed ValueResponse: {exc}") from exc
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
+                if data is reference and not_held(exc):
+                    raise ModelNotHeldError(endpoint.name, "") from exc
                 if code not in RETRYABLE or attempt == retries:
                     tries = f" after {attempt + 1} attempts" if attempt else ""
                     raise SellerUnavailableError(f"{endpoint.address}{tries}: {describe(exc)}") from exc
                 time.sleep(backoff_s * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def one(endpoint: SellerEndpoint) -> bytes:
+        if before_call:
+            before_call(endpoint)
+        if reference is not None:
+            try:
+                return send(endpoint, reference)
+            except ModelNotHeldError:
+                pass  # the seller lacks the model: the same session's Offer with its weights follows
+        counts[endpoint.name].weights_shipped = ships_weights
+        return send(endpoint, request)
 
     replies: dict[str, bytes] = {}
     failures: dict[str, str] = {}
@@ -241,4 +294,6 @@ def value_sellers(
         for channel in channels.values():
             channel.close()
         pool.shutdown(wait=True, cancel_futures=True)
+    if sent is not None:
+        sent.update(counts)
     return {n: replies[n] for n in names if n in replies}, {n: failures[n] for n in names if n in failures}

@@ -32,6 +32,7 @@ from tip_fed.errors import (
     ConfigError,
     FingerprintMismatchError,
     InsecureParametersError,
+    ModelNotHeldError,
     ProtocolError,
     SessionError,
     TipError,
@@ -64,6 +65,8 @@ _STATUS: tuple[tuple[type[TipError], grpc.StatusCode], ...] = (
     (BudgetExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FingerprintMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    # details start with ModelNotHeldError.MARKER: the buyer resends the Offer with its weights
+    (ModelNotHeldError, grpc.StatusCode.FAILED_PRECONDITION),
     (VersionMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (InsecureParametersError, grpc.StatusCode.FAILED_PRECONDITION),
     (SessionError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -190,7 +193,8 @@ class SellerService:
             reply = self.seller.respond(offer, peer=peer)
         except TipError as exc:
             code = status_for(exc)
-            log.warning("refused an offer from %s: %s: %s", peer, code.name, exc)
+            level = logging.INFO if isinstance(exc, ModelNotHeldError) else logging.WARNING  # the usual first step
+            log.log(level, "refused an offer from %s: %s: %s", peer, code.name, exc)
             self._abort(context, code, str(exc))
         except Exception:  # noqa: BLE001 - the traceback stays in the seller's log, never on the wire
             log.exception("internal error while answering an offer from %s", peer)

@@ -459,14 +459,14 @@ def _root(delivery: Delivery, gradients: np.ndarray) -> str | None:
     return commitment.commit(delivery.data, gradients, delivery.salt_seed).hex()
 
 
-def write_private(path: Path, text: str, mode: int = 0o600) -> None:
+def write_private(path: Path, text: str | bytes, mode: int = 0o600) -> None:
     """Atomic write (temp file, fsync, rename) created with ``mode``: readers never see half a
-    file, and a crash right after the rename keeps the new contents."""
+    file, and a crash right after the rename keeps the new contents. Text is written as UTF-8."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)

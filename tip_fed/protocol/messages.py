@@ -73,8 +73,10 @@ def decode_offer(data: bytes) -> pb.Offer:
     offer: pb.Offer = _parse(pb.Offer, data, MAX_OFFER_BYTES, "offer")
     check_version(offer.protocol_version, "the offer")
     check_session_id(offer.session_id, "the offer")
-    if not offer.HasField("model") or not offer.model.weights:
-        raise ProtocolError("the offer carries no model weights")
+    if not offer.HasField("model") or not (offer.model.weights or offer.model.fingerprint):
+        raise ProtocolError("the offer carries no model weights and no model reference (fingerprint)")
+    if not offer.model.weights and not offer.model.architecture:
+        raise ProtocolError("the offer references a model without naming its architecture")
     if len(offer.model.config_json) > MAX_MODEL_CONFIG_BYTES:
         raise ProtocolError(
             f"the offer's model config is {len(offer.model.config_json)} characters, above the "

@@ -209,16 +209,20 @@ def _layer_costs(spec: pb.ProjectionSpec, budget: ResourceBudget) -> tuple[int, 
 
 
 def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_sample: int = 1,
-               budget: ResourceBudget | None = None, message_bytes: int | None = None) -> OfferCost:
+               budget: ResourceBudget | None = None, message_bytes: int | None = None,
+               held: WeightsHeader | None = None) -> OfferCost:
     """Estimate what answering ``offer`` will cost a seller holding ``n_samples`` records.
 
     Reads the Offer's fields only; raises ResourceLimitError for the limits that bound the reading
     itself (layer count) and ModelError/ProtocolError for what cannot be costed (non-float weights,
     duplicate layers, an inconsistent packing). Compare the result with :func:`check_cost`.
+    ``held`` is the header of the weights the seller already holds for an Offer that references
+    its model without shipping it (see :mod:`tip_fed.protocol.model_cache`).
     """
     budget = budget or ResourceBudget()
     entries, dim, shapes = _layer_costs(offer.projection, budget)
-    weights = read_weights_header(offer.model.weights, budget.offer_memory_mb * MiB // HEADER_PARSE_FACTOR)
+    weights = held if held is not None else read_weights_header(
+        offer.model.weights, budget.offer_memory_mb * MiB // HEADER_PARSE_FACTOR)
     elem = 8 if weights.float64 else 4
     # The float64 originals stay cached; each batch converts a copy to the model's dtype.
     projection = entries * (8 + elem)

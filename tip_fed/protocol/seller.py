@@ -30,8 +30,8 @@ from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, offer_noise
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
 from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
 from tip_fed.protocol.messages import PROTOCOL_VERSION, SELLER_ID, decode_offer, disclosure_name
-from tip_fed.protocol.model import decode_model
-from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, check_cost, cost_offer
+from tip_fed.protocol.model_cache import HeldModel, ModelCache
+from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, check_cost, cost_offer
 from tip_fed.protocol.sessions import AnsweredSessions, session_key
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -57,6 +57,10 @@ class SellerPolicy:
     lifetime: LedgerPolicy = field(default_factory=LedgerPolicy)
     # Per-sample scores without noise are exact linear functionals of each record: refused unless set.
     exact_per_sample: bool = False
+    # Models held for Offers that reference them by fingerprint (MiB of weights; 0 = none held, every
+    # reference is answered "model not held"), optionally persisted in a directory.
+    model_cache_mb: int = 0
+    model_cache_dir: str | None = None
 
 
 class Seller:
@@ -105,6 +109,7 @@ class Seller:
         self._ledger = PrivacyLedger(self.policy.ledger, self.policy.lifetime)
         mb = self.policy.encoding_cache_mb
         self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
+        self.models = ModelCache(self.policy.model_cache_mb * 1024 * 1024, self.policy.model_cache_dir)
 
     def respond(self, offer_bytes: bytes, *, peer: str | None = None) -> bytes:
         """Answer one Offer with a Reply (both as bytes).
@@ -126,19 +131,22 @@ class Seller:
                 f"seller {self.seller_id} holds {self.n_samples} samples but the offer accepts at most "
                 f"{offer.max_samples}; ask the buyer for a larger max_samples"
             )
-        cost = self.cost(offer, len(offer_bytes))
+        held = self.models.resolve(offer.model, self.seller_id)  # ModelNotHeldError: nothing spent yet
+        cost = self.cost(offer, len(offer_bytes), held=held.header if held else None)
         with self._in_flight.reserve(cost.total_bytes):
-            return self._answer(offer, key, limit, t0, peer)
+            return self._answer(offer, key, limit, t0, peer, held)
 
-    def cost(self, offer: pb.Offer, message_bytes: int | None = None) -> OfferCost:
-        """What answering ``offer`` would cost this seller; ResourceLimitError if over budget."""
+    def cost(self, offer: pb.Offer, message_bytes: int | None = None, held: WeightsHeader | None = None) -> OfferCost:
+        """What answering ``offer`` would cost this seller (``held``: the weights of a referenced
+        model this seller holds); ResourceLimitError if over budget."""
         budget = self.policy.budget
         cost = cost_offer(offer, self.n_samples, batch_size=self.policy.batch_size, tokens_per_sample=self._tokens,
-                          budget=budget, message_bytes=message_bytes)
+                          budget=budget, message_bytes=message_bytes, held=held)
         check_cost(cost, budget)
         return cost
 
-    def _answer(self, offer: pb.Offer, key: str, limit: int, t0: float, peer: str | None) -> bytes:
+    def _answer(self, offer: pb.Offer, key: str, limit: int, t0: float, peer: str | None,
+                held: HeldModel | None = None) -> bytes:
         disclosure = disclosure_name(offer.disclosure)
         params = params_from_pb(offer.he)
         check_params(params)
@@ -146,7 +154,7 @@ class Seller:
         t_ctx = time.perf_counter()
         context = load_public_context(offer.public_context, params)  # early: a bad context fails fast
         t_ctx = time.perf_counter() - t_ctx  # HE work: reported under encrypted_s
-        model = decode_model(offer.model, expected_fingerprint=self.policy.expected_fingerprint)
+        model = self.models.load(offer.model, held, expected_fingerprint=self.policy.expected_fingerprint)
         spec = spec_from_pb(offer.projection)
         if plan.dim != spec.dim:
             raise ProtocolError(f"the offer's packing is for dimension {plan.dim} but its projection has {spec.dim}")
