@@ -52,6 +52,8 @@ _LAZY = {
     "ProjectionSpec": "tip_fed.core.projection",
     "get_task": "tip_fed.core.tasks",
     "load_dataset": "tip_fed.protocol.data",
+    "save_dataset": "tip_fed.protocol.data",
+    "value_files": "tip_fed.runtimes.value",
 }
 
 __all__ = [
@@ -89,8 +91,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from tip_fed.protocol import SellerValuation as SellerValuation
     from tip_fed.protocol import Valuation as Valuation
     from tip_fed.protocol.data import load_dataset as load_dataset
+    from tip_fed.protocol.data import save_dataset as save_dataset
     from tip_fed.runtimes.value import prepare as prepare
     from tip_fed.runtimes.value import value as value
+    from tip_fed.runtimes.value import value_files as value_files
     from tip_fed.runtimes.value import write_results as write_results
 
 

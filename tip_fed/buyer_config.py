@@ -237,8 +237,9 @@ def load_buyer_config(path: str | Path) -> BuyerConfig:
     objective = _file(base, data_table["objective"], "data.objective", name)
     train = _file(base, data_table["train"], "data.train", name) if "train" in data_table else None
     fmt = data.get("format")
-    if fmt is not None and not isinstance(fmt, Mapping):
-        raise ConfigError(f"{name}: [format] must be a table")
+    if fmt is not None:  # raw data formats (CSV, JSONL) parse their table here
+        raise ConfigError(f"{name}: [format] (raw CSV/JSONL records) is not supported by this version of tip_fed; "
+                          "remove it and give datasets as safetensors files (tip_fed.save_dataset)")
     try:
         settings = parse_settings(data, "")
     except ConfigError as exc:
@@ -248,7 +249,7 @@ def load_buyer_config(path: str | Path) -> BuyerConfig:
     if task not in TASKS:
         raise ConfigError(f"{name}: model.task = {task!r} is unknown; use one of {', '.join(sorted(TASKS))}")
     return BuyerConfig(source=source, model=model, task=task, objective=objective, train=train,
-                       data_format=data_format, input_format=dict(fmt) if fmt is not None else None, **settings)
+                       data_format=data_format, input_format=None, **settings)
 
 
 def load_sellers_config(path: str | Path) -> SellersConfig:

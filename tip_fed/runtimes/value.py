@@ -188,11 +188,14 @@ def value_files(buyer_toml: str | Path, sellers_toml: str | Path, out_dir: str |
     return ValueResult(Path(out_dir), metrics, valuation)
 
 
-def write_results(out_dir: str | Path, buyer: Buyer, valuation: Valuation, payouts_config: PayoutsConfig, *,
-                  runtime: str, seconds: float, valuation_seconds: float | None = None) -> dict[str, Any]:
+def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: Valuation,
+                  payouts_config: PayoutsConfig | None = None, *, runtime: str = "", seconds: float | None = None,
+                  valuation_seconds: float | None = None) -> dict[str, Any]:
     """valuations.csv, samples.csv (per-sample disclosure), payouts.csv, metrics.json, manifest.json and
     report.md for one settled session with no plaintext reference or ground truth; returns the metrics."""
     out = Path(out_dir)
+    prepared = buyer.prepared if isinstance(buyer, Buyer) else buyer
+    payouts_config = payouts_config or PayoutsConfig()
     ranked = sorted(valuation.sellers, key=lambda v: v.total, reverse=True)
     rank = {v.seller_id: i + 1 for i, v in enumerate(ranked)}
     write_csv(out / "valuations.csv", VALUATION_COLUMNS, [
@@ -206,7 +209,7 @@ def write_results(out_dir: str | Path, buyer: Buyer, valuation: Valuation, payou
     inputs = payouts.PayoutInputs(seller_ids=[v.seller_id for v in valuation.sellers],
                                   scores={v.seller_id: v.total for v in valuation.sellers},
                                   n_records={v.seller_id: v.n_samples for v in valuation.sellers})
-    pay_rows, comparison, reference = payouts.settle(payouts_config, inputs, seed=buyer.spec.seed)
+    pay_rows, comparison, reference = payouts.settle(payouts_config, inputs, seed=prepared.spec.seed)
     write_csv(out / "payouts.csv", PAYOUT_COLUMNS, pay_rows)
     n = len(valuation.sellers)
     metrics: dict[str, Any] = {
@@ -216,15 +219,14 @@ def write_results(out_dir: str | Path, buyer: Buyer, valuation: Valuation, payou
                 "top_by_score": ranked[0].seller_id if ranked else None},
         "payouts": {"reference": reference, "rules": comparison},
     }
-    settings = buyer.settings.to_dict()
     manifest = {
         "title": "value",
-        "task": buyer.task.name,
-        "config": {**settings, "payouts": _payouts_dict(payouts_config)},
+        "task": prepared.task,
+        "config": {**prepared.settings.to_dict(), "payouts": _payouts_dict(payouts_config)},
         "sellers": [*[v.seller_id for v in valuation.sellers], *valuation.missing],
         "session": valuation.manifest,
-        "seeds": {"projection": buyer.spec.seed},
-        "projection_dim": buyer.spec.dim,
+        "seeds": {"projection": prepared.spec.seed},
+        "projection_dim": prepared.spec.dim,
         "versions": _versions(),
     }
     write_json(out / "manifest.json", manifest)
