@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     if args.command == "buyer":
-        cfg = load_buyer_config(args.config)
         check_out_dir(out, args.force, "it would mix with another prepared query")
+        cfg = load_buyer_config(args.config)
         from tip_fed.buyer_config import prepare_from_config
 
         prepared = prepare_from_config(cfg)
@@ -58,12 +58,12 @@ def run(args: argparse.Namespace) -> None:
         print(f"saved to {out}/ (owner-only; it is your private objective)\n"
               f"  tip-fed value {args.config} --sellers sellers.toml --out results/ --prepared {out}")
         return
-    load_buyer_config(args.config)
     load_sellers_config(args.sellers)
     if args.prepared and not Path(args.prepared).is_dir():
         raise ConfigError(f"--prepared {args.prepared} is not a directory; make one with "
                           f"'tip-fed buyer prepare {args.config} --out DIR'")
     check_out_dir(out, args.force)
+    load_buyer_config(args.config)  # last: its task check loads torch
     from tip_fed.market.summary import summary_lines
     from tip_fed.runtimes.value import value_files
 

@@ -115,3 +115,19 @@ def test_cli_reports_config_errors_in_one_line(buyer_dir, capsys):
     err = capsys.readouterr().err
     assert err.startswith("tip-fed: error: buyer.toml: unknown key 'colour'") and err.count("\n") == 1
     assert not (buyer_dir / "q").exists()
+
+
+def test_config_errors_come_before_heavy_imports(buyer_dir):
+    """A typo in either file is reported before torch, TenSEAL or grpcio load."""
+    import subprocess
+    import sys
+
+    _write(buyer_dir, "colour = 1\n" + GOOD)
+    _write(buyer_dir, 'runtime = "grpc"\n[[sellers]]\nid = "a"\nendpoint = "h:1"\n', "s.toml")
+    code = ("import sys; from tip_fed.cli import main; main(sys.argv[1:]); "
+            "print(sorted(m for m in ('torch', 'tenseal', 'grpc') if m in sys.modules))")
+    for args in (["buyer", "prepare", "buyer.toml", "--out", "q"],
+                 ["value", "buyer.toml", "--sellers", "s.toml", "--out", "o"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=buyer_dir, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.stdout.strip() == "[]" and proc.stderr.startswith("tip-fed: error:"), proc.stderr
