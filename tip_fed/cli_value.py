@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
         prepared = prepare_from_config(cfg)
         prepared.save(out)
         print(f"prepared the {prepared.task} query of {cfg.source.name}: projection dimension {prepared.spec.dim}, "
-              f"{prepared.preconditioner.get('kind')} preconditioner, model {prepared.model_fingerprint[:12]}…")
+              f"{prepared.preconditioner.kind} preconditioner, model {prepared.model_fingerprint[:12]}…")
         print(f"saved to {out}/ (owner-only; it is your private objective)\n"
               f"  tip-fed value {args.config} --sellers sellers.toml --out results/ --prepared {out}")
         return

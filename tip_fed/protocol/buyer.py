@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from tip_fed.core.precondition import Preconditioner
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.crypto.keys import SessionKeys
 from tip_fed.crypto.packing import decrypt_scores, encrypt_query
@@ -173,8 +174,8 @@ class Buyer:
         return self._model
 
     @property
-    def preconditioner(self) -> dict[str, Any]:
-        """Summary of the fitted preconditioner (kind, dimension, damping used)."""
+    def preconditioner(self) -> Preconditioner:
+        """The fitted preconditioner ``P`` of the query."""
         return self.prepared.preconditioner
 
     @property
@@ -313,7 +314,7 @@ class Buyer:
             "session_id": session.session_id,
             "model_fingerprint": self.model_fingerprint,
             "projection": self.spec.to_dict(),
-            "preconditioner": self.preconditioner,
+            "preconditioner": self.preconditioner.to_dict(),
             "he_params": self.params.to_dict(),
             "packing": session.plan.to_dict(),
             "disclosure": session.disclosure,

@@ -2,7 +2,7 @@
 
 A :class:`PreparedQuery` holds everything a :class:`~tip_fed.protocol.buyer.Buyer` needs to make
 Offers and settle Replies: the model as sellers receive it (architecture, config, safetensors
-weights, fingerprint), the projection spec, the preconditioner's summary, the float64 query vector
+weights, fingerprint), the projection spec, the fitted preconditioner ``P``, the float64 query vector
 ``v = P · mean objective gradient``, its norm, the gradient-norm bound and the settings. Fitting it
 (per-sample gradients of the buyer's training and objective sets, curvature, query) is the
 expensive part; opening a session afterwards only costs fresh keys and one encryption.
@@ -30,7 +30,7 @@ from tip_fed.buyer_config import SETTING_SECTIONS, parse_settings
 from tip_fed.config import CryptoConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig, TipConfig
 from tip_fed.core.gradients import kfac_statistics, projected_grads
 from tip_fed.core.influence import query_vector
-from tip_fed.core.precondition import fit_preconditioner
+from tip_fed.core.precondition import Preconditioner, fit_preconditioner, load_preconditioner
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task
 from tip_fed.errors import ConfigError, DataError, TipError, VersionMismatchError
@@ -42,7 +42,7 @@ from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 FORMAT_VERSION = 1
 BOUND_HEADROOM = 2.0
 MANIFEST = "manifest.json"
-FILES = ("prepared.json", "model.safetensors", "query.safetensors")
+FILES = ("prepared.json", "model.safetensors", "query.safetensors", "preconditioner.safetensors")
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class PreparedQuery:
     task: str
     model: pb.ModelPayload
     spec: ProjectionSpec
-    preconditioner: dict[str, Any]
+    preconditioner: Preconditioner
     query: torch.Tensor  # float64 [spec.dim]
     query_norm: float
     grad_norm_bound: float
@@ -112,7 +112,7 @@ class PreparedQuery:
             "config_json": self.model.config_json,
             "model_fingerprint": self.model.fingerprint,
             "projection": self.spec.to_dict(),
-            "preconditioner": self.preconditioner,
+            "preconditioner": self.preconditioner.to_dict(),
             "query_norm": self.query_norm,
             "grad_norm_bound": self.grad_norm_bound,
             "settings": self.settings.to_dict(),
@@ -122,6 +122,7 @@ class PreparedQuery:
             "prepared.json": (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"),
             "model.safetensors": bytes(self.model.weights),
             "query.safetensors": st_save({"query": self.query.detach().to("cpu", torch.float64).contiguous()}),
+            "preconditioner.safetensors": st_save({k: v.contiguous() for k, v in self.preconditioner.tensors().items()}),
         }
         for name, data in contents.items():
             write_private(out / name, data)
@@ -192,7 +193,8 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
         raise DataError("the gradient-norm bound must be a finite number > 0")
     if not isinstance(meta["task"], str) or not isinstance(meta["preconditioner"], dict):
         raise DataError("task must be a name and preconditioner a mapping")
-    return PreparedQuery(task=meta["task"], model=payload, spec=spec, preconditioner=meta["preconditioner"],
+    preconditioner = load_preconditioner(meta["preconditioner"], st_load(raw["preconditioner.safetensors"]), spec)
+    return PreparedQuery(task=meta["task"], model=payload, spec=spec, preconditioner=preconditioner,
                          query=query, query_norm=norm, grad_norm_bound=bound,
                          settings=BuyerSettings.from_dict(meta["settings"]), input_format=meta.get("input_format"))
 
@@ -231,7 +233,7 @@ def fit_query(
     if bound is None:
         norms = torch.linalg.vector_norm(torch.cat([train_grads, obj_grads]), dim=1)
         bound = BOUND_HEADROOM * float(norms.max())
-    return PreparedQuery(task=task.name, model=payload, spec=spec, preconditioner=preconditioner.to_dict(),
+    return PreparedQuery(task=task.name, model=payload, spec=spec, preconditioner=preconditioner,
                          query=query, query_norm=norm, grad_norm_bound=float(bound), settings=settings,
                          input_format=input_format)
 
