@@ -385,14 +385,27 @@ def prepare_from_config(cfg: BuyerConfig) -> Any:
     from tip_fed.core.tasks import get_task
     from tip_fed.protocol.prepared import fit_query
 
+    from dataclasses import replace
+
     model = load_model(cfg.model)
     objective = load_data(cfg.objective, cfg.data_format)
     train = load_data(cfg.train, cfg.data_format) if cfg.train is not None else None
-    return fit_query(model, get_task(cfg.task), objective, train, cfg.settings(), cfg.input_format)
+    prepared = fit_query(model, get_task(cfg.task), objective, train, cfg.settings(), cfg.input_format)
+    return replace(prepared, sources=_sources(cfg))
 
 
-def check_prepared(cfg: BuyerConfig, prepared: Any, where: str) -> None:
-    """ConfigError unless ``prepared`` was fitted for this buyer.toml's task, settings and model."""
+def _sources(cfg: BuyerConfig) -> dict[str, str]:
+    """sha256 of the data files a query is fitted from, to tell later whether they changed."""
+    import hashlib
+
+    files = {"objective": cfg.objective, "train": cfg.train}
+    return {k: hashlib.sha256(p.read_bytes()).hexdigest() if p else "" for k, p in files.items()}
+
+
+def check_prepared(cfg: BuyerConfig, prepared: Any, where: str) -> Any:
+    """The prepared query to value with: ``prepared`` itself when it was fitted for this buyer.toml's
+    task, settings, model and data; re-queried with its saved preconditioner when only data.objective
+    changed; ConfigError for anything else (that needs a new fit)."""
     fix = f"run 'tip-fed buyer prepare {cfg.source.name} --out {where} --force' again"
     if prepared.task != cfg.task:
         raise ConfigError(f"the prepared query in {where} is for task {prepared.task!r}, {cfg.source.name} says "
@@ -402,6 +415,17 @@ def check_prepared(cfg: BuyerConfig, prepared: Any, where: str) -> None:
                           f"[projection]/[preconditioner]/[crypto]/[protocol]/seed/batch-size; {fix}")
     from tip_fed.protocol.model import model_fingerprint
 
-    if model_fingerprint(load_model(cfg.model)) != prepared.model_fingerprint:
+    model = load_model(cfg.model)
+    if model_fingerprint(model) != prepared.model_fingerprint:
         raise ConfigError(f"the prepared query in {where} was fitted for another model than {cfg.source.name}'s "
                           f"[model] (fingerprints differ); {fix}")
+    now = _sources(cfg)
+    if not prepared.sources or prepared.sources == now:
+        return prepared
+    if prepared.sources.get("train") != now["train"] or not cfg.train:
+        raise ConfigError(f"data.train of {cfg.source.name} changed since the query in {where} was prepared (or "
+                          f"there is none, so the preconditioner was fitted on the old objective); {fix}")
+    from dataclasses import replace
+
+    requeried = prepared.with_objective(load_data(cfg.objective, cfg.data_format), model=model)
+    return replace(requeried, sources=now)

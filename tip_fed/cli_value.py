@@ -72,4 +72,6 @@ def run(args: argparse.Namespace) -> None:
     ranked = sorted(result.valuation.sellers, key=lambda v: v.total, reverse=True)
     scores = ["score       " + ", ".join(f"{v.seller_id} {v.total:.4g}" for v in ranked[:5])
               + (f" (+{len(ranked) - 5} more)" if len(ranked) > 5 else "")]
-    print("\n".join([*lines[:1], *scores, *lines[1:]][:15]))
+    note = [f"query       recomputed for the changed data.objective with the preconditioner saved in {args.prepared}"
+            ] if result.requeried else []
+    print("\n".join([*lines[:1], *note, *scores, *lines[1:]][:15]))

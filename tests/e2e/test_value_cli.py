@@ -222,3 +222,41 @@ def test_prepared_query_for_other_settings_is_refused(workspace):
     run = _cli("value", "buyer-rank4.toml", "--sellers", "one.toml", "--out", "stale", "--prepared", "query-old",
                cwd=workspace)
     assert run.returncode == 2 and "other settings" in run.stderr and "buyer prepare" in run.stderr
+
+
+def test_changed_objective_is_requeried_with_the_saved_preconditioner(workspace):
+    """Fit once, query many times: only data.objective changed, so 'value --prepared' recomputes the query
+    from the saved preconditioner; the valuations are those of a full fit for the new objective."""
+    from tip_fed.config import ProjectionConfig
+    from tip_fed.protocol import Buyer, BuyerSettings
+
+    prep = _cli("buyer", "prepare", "buyer.toml", "--out", "query-requery", cwd=workspace)
+    assert prep.returncode == 0, prep.stderr
+    new_objective = _digits((4,), 12, 100)
+    save_dataset(new_objective, workspace / "objective-4.safetensors")
+    (workspace / "buyer-obj4.toml").write_text(
+        (workspace / "buyer.toml").read_text().replace('"objective.safetensors"', '"objective-4.safetensors"'))
+    _sellers_toml(workspace / "inproc-requery.toml", 'runtime = "inprocess"\n' + "".join(
+        f'[[sellers]]\nid = "{sid}"\ndata = "sellers/{sid}.safetensors"\n' for sid in SELLERS))
+
+    run = _cli("value", "buyer-obj4.toml", "--sellers", "inproc-requery.toml", "--out", "requery",
+               "--prepared", "query-requery", cwd=workspace)
+
+    assert run.returncode == 0, run.stderr
+    assert "recomputed for the changed data.objective" in run.stdout
+    from safetensors.torch import load_file
+
+    model = MLP([64, 16, 10])
+    model.load_state_dict(load_file(str(workspace / "model.safetensors")))
+    fresh = Buyer.prepare(model.eval(), get_task("classification"), new_objective,
+                          load_dataset(workspace / "train.safetensors"),
+                          BuyerSettings(projection=ProjectionConfig(rank=8), seed=7))
+    _check(_valuations(workspace / "requery"), _plaintext(workspace, fresh), fresh)
+
+    # a changed training set changes the preconditioner: that needs a new prepare
+    save_dataset(_digits((1, 2), 30, 0), workspace / "train-2.safetensors")
+    (workspace / "buyer-train2.toml").write_text(
+        (workspace / "buyer.toml").read_text().replace('"train.safetensors"', '"train-2.safetensors"'))
+    stale = _cli("value", "buyer-train2.toml", "--sellers", "inproc-requery.toml", "--out", "stale-train",
+                 "--prepared", "query-requery", cwd=workspace)
+    assert stale.returncode == 2 and "data.train of buyer-train2.toml changed" in stale.stderr

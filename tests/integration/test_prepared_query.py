@@ -152,3 +152,16 @@ def test_missing_file_and_version_mismatch(saved, tmp_path):
 def test_task_must_match(saved):
     with pytest.raises(ConfigError, match="not the prepared query's task"):
         Buyer.from_prepared(saved[0], task=get_task("causal-lm"))
+
+
+def test_a_new_objective_reuses_the_saved_preconditioner(model, saved):
+    """Fit the curvature once, query many times: re-querying a loaded query for another objective gives
+    what a full fit for that objective gives (same P, query and bound), computing only its gradients."""
+    other = make_data(25, 9, shift=-0.4)
+    fresh = Buyer.prepare(model, TASK, other, make_data(120, 3), SETTINGS)
+    requeried = PreparedQuery.load(saved[1]).with_objective(other)
+    assert torch.allclose(requeried.query, fresh.query, rtol=1e-12, atol=0)
+    assert requeried.grad_norm_bound == pytest.approx(fresh.grad_norm_bound, rel=1e-12)
+    assert not torch.allclose(requeried.query, saved[0].query)  # the objective changed the query
+    with pytest.raises(ConfigError, match="fingerprints differ"):
+        saved[0].with_objective(other, model=type(model)([10, 16, 2]))

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +88,36 @@ class PreparedQuery:
     query: torch.Tensor  # float64 [spec.dim]
     query_norm: float
     grad_norm_bound: float
+    train_grad_norm: float  # largest projected gradient norm of the set P was fitted on
     settings: BuyerSettings
     input_format: Any = None
+    # sha256 of the files the query was fitted from ("objective", "train"), when it was fitted from files
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_fingerprint(self) -> str:
         """Fingerprint sellers see in every Offer."""
         return self.model.fingerprint
+
+    def with_objective(self, objective: Batch, model: nn.Module | None = None, task: Task | None = None) -> PreparedQuery:
+        """The query for another objective set, reusing this projection and preconditioner: only the
+        objective's gradients are computed (fit the curvature once, query many times).
+
+        ``model`` defaults to the saved one (rebuilt, fingerprint checked); one given must have the
+        same fingerprint. ``task``: a custom Task object when the task is not built in.
+        """
+        from tip_fed.core.tasks import get_task
+        from tip_fed.protocol.model import decode_model
+
+        if model is None:
+            model = decode_model(self.model)
+        elif encode_model(model).fingerprint != self.model_fingerprint:
+            raise ConfigError("the model is not the one this query was prepared for (fingerprints differ); "
+                              "prepare a new query with fit_query / Buyer.prepare")
+        task = task if task is not None else get_task(self.task)
+        query, norm, bound = _query(model.eval(), self.spec, task, objective, self.settings, self.preconditioner,
+                                    self.train_grad_norm)
+        return replace(self, query=query, query_norm=norm, grad_norm_bound=bound)
 
     def save(self, directory: str | Path) -> Path:
         """Write the query to ``directory`` (0700; files 0600, atomic), the manifest last."""
@@ -115,8 +138,10 @@ class PreparedQuery:
             "preconditioner": self.preconditioner.to_dict(),
             "query_norm": self.query_norm,
             "grad_norm_bound": self.grad_norm_bound,
+            "train_grad_norm": self.train_grad_norm,
             "settings": self.settings.to_dict(),
             "input_format": _format_dict(self.input_format),
+            "sources": self.sources,
         }
         contents = {
             "prepared.json": (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"),
@@ -185,18 +210,22 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
     query = st_load(raw["query.safetensors"]).get("query")
     if query is None or query.dtype != torch.float64 or tuple(query.shape) != (spec.dim,):
         raise DataError(f"the query must be a float64 vector of the projection dimension {spec.dim}")
-    norm, bound = float(meta["query_norm"]), float(meta["grad_norm_bound"])
+    norm, bound, train_norm = float(meta["query_norm"]), float(meta["grad_norm_bound"]), float(meta["train_grad_norm"])
     if not bool(torch.isfinite(query).all()) or not math.isclose(norm, float(torch.linalg.vector_norm(query)),
                                                                   rel_tol=1e-9):
         raise DataError("the query norm does not match the query vector")
-    if not (math.isfinite(bound) and bound > 0):
-        raise DataError("the gradient-norm bound must be a finite number > 0")
+    if not (math.isfinite(bound) and bound > 0 and math.isfinite(train_norm) and train_norm >= 0):
+        raise DataError("the gradient-norm bound must be a finite number > 0 (and the train gradient norm >= 0)")
     if not isinstance(meta["task"], str) or not isinstance(meta["preconditioner"], dict):
         raise DataError("task must be a name and preconditioner a mapping")
+    sources = meta.get("sources", {})
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise DataError("sources must map names to sha256 hex strings")
     preconditioner = load_preconditioner(meta["preconditioner"], st_load(raw["preconditioner.safetensors"]), spec)
     return PreparedQuery(task=meta["task"], model=payload, spec=spec, preconditioner=preconditioner,
-                         query=query, query_norm=norm, grad_norm_bound=bound,
-                         settings=BuyerSettings.from_dict(meta["settings"]), input_format=meta.get("input_format"))
+                         query=query, query_norm=norm, grad_norm_bound=bound, train_grad_norm=train_norm,
+                         settings=BuyerSettings.from_dict(meta["settings"]), input_format=meta.get("input_format"),
+                         sources=sources)
 
 
 def fit_query(
@@ -216,12 +245,23 @@ def fit_query(
     payload = encode_model(model)
     train_batches = list(iter_batches(train if train is not None else objective, settings.batch_size))
     train_grads = torch.cat([projected_grads(model, spec, task, b) for b in train_batches]).double()
-    obj_grads = torch.cat(
-        [projected_grads(model, spec, task, b) for b in iter_batches(objective, settings.batch_size)]
-    ).double()
     cfg = settings.preconditioner
     stats = kfac_statistics(model, spec, task, train_batches) if cfg.kind in ("kfac", "ekfac") else None
     preconditioner = fit_preconditioner(cfg.kind, spec, train_grads=train_grads, kfac_stats=stats, damping=cfg.damping)
+    train_norm = float(torch.linalg.vector_norm(train_grads, dim=1).max())
+    query, norm, bound = _query(model, spec, task, objective, settings, preconditioner, train_norm)
+    return PreparedQuery(task=task.name, model=payload, spec=spec, preconditioner=preconditioner,
+                         query=query, query_norm=norm, grad_norm_bound=bound, train_grad_norm=train_norm,
+                         settings=settings, input_format=input_format)
+
+
+def _query(model: nn.Module, spec: ProjectionSpec, task: Task, objective: Batch, settings: BuyerSettings,
+           preconditioner: Preconditioner, train_norm: float) -> tuple[torch.Tensor, float, float]:
+    """``v = P · mean objective gradient``, its norm, and the gradient-norm bound (the configured one,
+    else twice the largest projected gradient norm of the training and objective sets)."""
+    obj_grads = torch.cat(
+        [projected_grads(model, spec, task, b) for b in iter_batches(objective, settings.batch_size)]
+    ).double()
     query = query_vector(preconditioner, obj_grads).double()
     norm = float(torch.linalg.vector_norm(query))
     if not math.isfinite(norm) or norm == 0.0:
@@ -231,9 +271,6 @@ def fit_query(
         )
     bound = settings.protocol.grad_norm_bound
     if bound is None:
-        norms = torch.linalg.vector_norm(torch.cat([train_grads, obj_grads]), dim=1)
-        bound = BOUND_HEADROOM * float(norms.max())
-    return PreparedQuery(task=task.name, model=payload, spec=spec, preconditioner=preconditioner,
-                         query=query, query_norm=norm, grad_norm_bound=float(bound), settings=settings,
-                         input_format=input_format)
+        bound = BOUND_HEADROOM * max(train_norm, float(torch.linalg.vector_norm(obj_grads, dim=1).max()))
+    return query, norm, float(bound)
 

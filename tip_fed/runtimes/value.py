@@ -164,6 +164,7 @@ class ValueResult:
     out_dir: Path
     metrics: dict[str, Any]
     valuation: Valuation
+    requeried: bool = False  # data.objective changed since prepare: the query was recomputed with the saved P
 
 
 def value_files(buyer_toml: str | Path, sellers_toml: str | Path, out_dir: str | Path, *,
@@ -172,9 +173,11 @@ def value_files(buyer_toml: str | Path, sellers_toml: str | Path, out_dir: str |
     t0 = time.perf_counter()
     cfg = load_buyer_config(buyer_toml)
     sellers = load_sellers_config(sellers_toml)
+    requeried = False
     if prepared_dir is not None:
-        prepared = PreparedQuery.load(prepared_dir)
-        check_prepared(cfg, prepared, str(prepared_dir))
+        saved = PreparedQuery.load(prepared_dir)
+        prepared = check_prepared(cfg, saved, str(prepared_dir))
+        requeried = prepared is not saved
     else:
         prepared = prepare_from_config(cfg)
     buyer = Buyer.from_prepared(prepared)
@@ -185,7 +188,7 @@ def value_files(buyer_toml: str | Path, sellers_toml: str | Path, out_dir: str |
         raise SellerUnavailableError("no seller was valued: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
     metrics = write_results(out_dir, buyer, valuation, cfg.payouts, runtime=sellers.runtime,
                             seconds=time.perf_counter() - t0, valuation_seconds=time.perf_counter() - t1)
-    return ValueResult(Path(out_dir), metrics, valuation)
+    return ValueResult(Path(out_dir), metrics, valuation, requeried)
 
 
 def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: Valuation,
