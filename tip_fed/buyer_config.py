@@ -48,8 +48,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tip_fed.config import RUNTIMES, CryptoConfig, GrpcConfig, PayoutsConfig, PreconditionerConfig, ProjectionConfig
-from tip_fed.config import ProtocolConfig, config_from_dict
+from tip_fed.config import (
+    RUNTIMES,
+    CryptoConfig,
+    GrpcConfig,
+    PayoutsConfig,
+    PreconditionerConfig,
+    ProjectionConfig,
+    ProtocolConfig,
+    config_from_dict,
+)
 from tip_fed.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -286,7 +294,7 @@ def load_sellers_config(path: str | Path) -> SellersConfig:
             id=sid, endpoint=endpoint if isinstance(endpoint, str) else None,
             data=_file(base, entry["data"], f"{where}data", name) if "data" in entry else None,
             ca=_file(base, entry["ca"], f"{where}ca", name) if "ca" in entry else None))
-    tls = _tls(_table(data, "tls", name, required=False), base, name, runtime)
+    tls = _tls(_table(data, "tls", name, required=False), base, name, runtime, all(s.ca for s in sellers))
     try:
         grpc = config_from_dict({"grpc": _table(data, "grpc", name, required=False)}).grpc
     except ConfigError as exc:
@@ -295,7 +303,8 @@ def load_sellers_config(path: str | Path) -> SellersConfig:
                          source=source)
 
 
-def _tls(table: dict[str, Any], base: Path, name: str, runtime: str) -> ClientTLSFiles:
+def _tls(table: dict[str, Any], base: Path, name: str, runtime: str, pinned: bool) -> ClientTLSFiles:
+    """``pinned``: every seller names its own CA, so [tls] needs none."""
     _keys(table, ("ca", "cert", "key", "insecure", "bind-seller-id"), "tls.", name)
     for flag in ("insecure", "bind-seller-id"):
         if not isinstance(table.get(flag, False), bool):
@@ -306,9 +315,9 @@ def _tls(table: dict[str, Any], base: Path, name: str, runtime: str) -> ClientTL
         raise ConfigError(f"{name}: tls.insecure = true does not go with tls.ca/cert/key; choose one")
     if ("cert" in files) != ("key" in files):
         raise ConfigError(f"{name}: tls.cert and tls.key go together (the buyer's client certificate and its key)")
-    if runtime == "grpc" and not insecure and "ca" not in files:
-        raise ConfigError(f"{name}: runtime = 'grpc' needs [tls] ca = \"ca.crt\" (with cert and key for mutual TLS), "
-                          "or [tls] insecure = true on a trusted network")
+    if runtime == "grpc" and not insecure and "ca" not in files and not pinned:
+        raise ConfigError(f"{name}: runtime = 'grpc' needs [tls] ca = \"ca.crt\" (with cert and key for mutual TLS) "
+                          "or a ca for every seller, or [tls] insecure = true on a trusted network")
     return ClientTLSFiles(ca=files.get("ca"), cert=files.get("cert"), key=files.get("key"), insecure=insecure,
                           bind_seller_id=table.get("bind-seller-id", False))
 
@@ -319,18 +328,18 @@ def load_model(source: ModelSource) -> Any:
     """The buyer's torch model (eval mode) from a :class:`ModelSource`; ModelError if unusable."""
     from tip_fed.core import models
 
-    if source.kind == "path":
-        assert source.path is not None
+    if source.kind == "path" and source.path is not None:
         return _load_local(source.path)
+    if source.weights is None:
+        raise ConfigError(f"model.{source.kind} needs model.weights = \"file.safetensors\" (the trained weights)")
     model = models.MLP(source.sizes, bias=source.bias) if source.kind == "mlp" else _sequential_from_spec(source.layers)
-    assert source.weights is not None
     return _load_weights(model, source.weights)
 
 
 def _load_weights(model: Any, path: Path) -> Any:
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    import torch
 
     from tip_fed.errors import ModelError
 
@@ -382,10 +391,10 @@ def load_data(path: Path, data_format: str) -> Any:
 
 def prepare_from_config(cfg: BuyerConfig) -> Any:
     """Fit the buyer's :class:`~tip_fed.protocol.prepared.PreparedQuery` from a parsed buyer.toml."""
+    from dataclasses import replace
+
     from tip_fed.core.tasks import get_task
     from tip_fed.protocol.prepared import fit_query
-
-    from dataclasses import replace
 
     model = load_model(cfg.model)
     objective = load_data(cfg.objective, cfg.data_format)

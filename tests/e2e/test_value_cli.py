@@ -158,8 +158,8 @@ def test_prepare_then_value_over_grpc_matches_plaintext(workspace, seller_servic
     ghost = _free_port()  # listed but nobody listens there
     lines = [f'[[sellers]]\nid = "{sid}"\nendpoint = "127.0.0.1:{port}"\n' for sid, port in seller_services.items()]
     lines.append(f'[[sellers]]\nid = "ghost"\nendpoint = "127.0.0.1:{ghost}"\n')
-    sellers = _sellers_toml(workspace / "sellers.toml", 'runtime = "grpc"\n[tls]\ninsecure = true\n'
-                            '[grpc]\ntimeout-s = 60\nretries = 0\n' + "".join(lines))
+    _sellers_toml(workspace / "sellers.toml", 'runtime = "grpc"\n[tls]\ninsecure = true\n'
+                  '[grpc]\ntimeout-s = 60\nretries = 0\n' + "".join(lines))
 
     # Execute
     prep = _cli("buyer", "prepare", "buyer.toml", "--out", "query", cwd=workspace)

@@ -83,12 +83,13 @@ def test_value_from_sellers_toml_over_mutual_tls(model, seller_data, prepared, m
 
 
 def test_a_seller_answering_under_another_id_is_refused(seller_data, prepared, mtls_sellers):
-    """With bind-seller-id the TLS name must be the listed id: listing s1's endpoint as s2 fails."""
+    """With bind-seller-id the TLS name must be the listed id: listing s1's endpoint as s2 fails.
+    (Each seller pins its CA here, so [tls] names only the client certificate.)"""
     d, ca, client, servers = mtls_sellers
     (d / "swapped.toml").write_text(
-        f'runtime = "grpc"\n[tls]\nca = "{ca.cert.name}"\ncert = "{client.cert.name}"\nkey = "{client.key.name}"\n'
+        f'runtime = "grpc"\n[tls]\ncert = "{client.cert.name}"\nkey = "{client.key.name}"\n'
         f'bind-seller-id = true\n[grpc]\nretries = 0\n[[sellers]]\nid = "s2"\nendpoint = "{servers["s1"].address}"\n'
-        f'[[sellers]]\nid = "s1"\nendpoint = "{servers["s1"].address}"\n')
+        f'ca = "{ca.cert.name}"\n[[sellers]]\nid = "s1"\nendpoint = "{servers["s1"].address}"\nca = "{ca.cert.name}"\n')
     valuation = tip_fed.value(prepared, load_sellers_config(d / "swapped.toml"), max_samples=100)
     assert [v.seller_id for v in valuation.sellers] == ["s1"] and valuation.missing == ["s2"]
 

@@ -27,10 +27,20 @@ import torch
 from torch import nn
 
 from tip_fed.buyer_config import SETTING_SECTIONS, parse_settings
-from tip_fed.config import CryptoConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig, TipConfig
+from tip_fed.config import (
+    CryptoConfig,
+    PreconditionerConfig,
+    ProjectionConfig,
+    ProtocolConfig,
+    TipConfig,
+)
 from tip_fed.core.gradients import kfac_statistics, projected_grads
 from tip_fed.core.influence import query_vector
-from tip_fed.core.precondition import Preconditioner, fit_preconditioner, load_preconditioner
+from tip_fed.core.precondition import (
+    Preconditioner,
+    fit_preconditioner,
+    load_preconditioner,
+)
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task
 from tip_fed.errors import ConfigError, DataError, TipError, VersionMismatchError

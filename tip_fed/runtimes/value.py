@@ -21,14 +21,27 @@ from pathlib import Path
 from typing import Any
 
 from tip_fed import __version__
-from tip_fed.buyer_config import WIRED_RUNTIMES, SellersConfig, check_prepared, load_buyer_config
-from tip_fed.buyer_config import load_data, load_sellers_config, prepare_from_config
+from tip_fed.buyer_config import (
+    WIRED_RUNTIMES,
+    SellersConfig,
+    check_prepared,
+    load_buyer_config,
+    load_data,
+    load_sellers_config,
+    prepare_from_config,
+)
 from tip_fed.config import GrpcConfig, PayoutsConfig
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.errors import ConfigError, SellerUnavailableError, TipError
 from tip_fed.market import payouts
 from tip_fed.market.report import render_report
-from tip_fed.market.results import PAYOUT_COLUMNS, SAMPLE_COLUMNS, VALUATION_COLUMNS, write_csv, write_json
+from tip_fed.market.results import (
+    PAYOUT_COLUMNS,
+    SAMPLE_COLUMNS,
+    VALUATION_COLUMNS,
+    write_csv,
+    write_json,
+)
 from tip_fed.protocol import Buyer, BuyerSettings, PreparedQuery, Seller, Valuation
 from tip_fed.protocol.data import Batch, check_batch
 
@@ -107,7 +120,12 @@ def _value_config(buyer: Buyer, cfg: SellersConfig, runtime: str | None, max_sam
 
     endpoints = [SellerEndpoint(s.id, s.endpoint or "", s.ca) for s in cfg.sellers]
     t = cfg.tls
-    tls = None if t.insecure else ClientTLS(t.ca, t.cert, t.key, bind_seller_id=t.bind_seller_id)  # type: ignore[arg-type]
+    tls = None
+    if not t.insecure:
+        root = t.ca or next((s.ca for s in cfg.sellers if s.ca), None)  # without [tls] ca, each seller pins its own
+        if root is None:
+            raise ConfigError("gRPC sellers need [tls] ca = \"ca.crt\" in sellers.toml, or [tls] insecure = true")
+        tls = ClientTLS(root, t.cert, t.key, bind_seller_id=t.bind_seller_id)
     return value_grpc(buyer, endpoints, tls, cfg.grpc, limit)
 
 
