@@ -9,6 +9,7 @@ error, never an empty results directory.
 import socket
 
 import pytest
+import torch
 
 import tip_fed
 from tip_fed.buyer_config import load_sellers_config
@@ -113,3 +114,38 @@ def buyer_files(model, tmp_path):
                                          '"w.safetensors"\n[data]\nobjective = "obj.safetensors"\n'
                                          '[projection]\nrank = 4\n')
     return tmp_path
+
+
+def test_a_save_pretrained_language_model_from_buyer_toml(tmp_path):
+    """[model] path = a Hugging Face save_pretrained directory, task causal-lm: prepared from buyer.toml,
+    valued in-process, totals equal the plaintext reference."""
+    import transformers
+
+    from tip_fed.buyer_config import load_buyer_config, prepare_from_config
+    from tip_fed.protocol.model import model_fingerprint
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "lm")
+
+    def tokens(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(0, 64, (n, 12), generator=g), "attention_mask": torch.ones(n, 12).long()}
+
+    tip_fed.save_dataset(tokens(6, 1), tmp_path / "obj.safetensors")
+    (tmp_path / "buyer.toml").write_text('[model]\ntask = "causal-lm"\npath = "lm"\n[data]\nobjective = '
+                                         '"obj.safetensors"\n[projection]\nrank = 4\n[preconditioner]\nkind = "ekfac"\n')
+    prepared = prepare_from_config(load_buyer_config(tmp_path / "buyer.toml"))
+    sellers = {"a": tokens(5, 2), "b": tokens(7, 3)}
+
+    valuation = tip_fed.value(prepared, sellers)
+
+    buyer = Buyer.from_prepared(prepared)
+    lm = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "lm").eval()
+    task = get_task("causal-lm")
+    assert prepared.model_fingerprint == model_fingerprint(lm)
+    for v in valuation.sellers:
+        g = projected_grads(lm, buyer.spec, task, sellers[v.seller_id]).double()
+        plain = (clip_rows(g, buyer.grad_norm_bound)[0] @ buyer.query).numpy()
+        assert abs(v.total - plain.sum()) <= len(plain) * 1e-6 * buyer.query_norm * buyer.grad_norm_bound
+    assert [v.seller_id for v in valuation.sellers] == ["a", "b"]
