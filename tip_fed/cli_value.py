@@ -74,4 +74,5 @@ def run(args: argparse.Namespace) -> None:
               + (f" (+{len(ranked) - 5} more)" if len(ranked) > 5 else "")]
     note = [f"query       recomputed for the changed data.objective with the preconditioner saved in {args.prepared}"
             ] if result.requeried else []
-    print("\n".join([*lines[:1], *note, *scores, *lines[1:]][:15]))
+    rejected = [f"rejected    {sid}: {reason[:120]}" for sid, reason in result.valuation.rejected.items()][:3]
+    print("\n".join([*lines[:1], *note, *scores, *rejected, *lines[1:]][:15]))
