@@ -102,6 +102,17 @@ def test_files_are_owner_only(saved):
     assert {stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()} == {0o600}
 
 
+def test_an_existing_open_directory_is_closed_to_others(saved, tmp_path):
+    d = tmp_path / "shared"
+    d.mkdir(mode=0o755)
+    (d / "prepared.json").write_text("{}")
+    (d / "prepared.json").chmod(0o644)
+    saved[0].save(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == {0o600}
+    assert torch.equal(PreparedQuery.load(d).query, saved[0].query)
+
+
 def _copy(saved, tmp_path):
     out = tmp_path / "copy"
     saved[0].save(out)
