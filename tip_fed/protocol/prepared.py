@@ -127,7 +127,8 @@ class PreparedQuery:
         task = task if task is not None else get_task(self.task)
         query, norm, bound = _query(model.eval(), self.spec, task, objective, self.settings, self.preconditioner,
                                     self.train_grad_norm)
-        return replace(self, query=query, query_norm=norm, grad_norm_bound=bound)
+        sources = {k: v for k, v in self.sources.items() if k != "objective"}  # fitted from data, not that file
+        return replace(self, query=query, query_norm=norm, grad_norm_bound=bound, sources=sources)
 
     def save(self, directory: str | Path) -> Path:
         """Write the query to ``directory`` (0700; files 0600, atomic), the manifest last."""
