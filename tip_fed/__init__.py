@@ -1,7 +1,9 @@
 """tip_fed: secure federated data valuation with influence functions under CKKS encryption.
 
 The front door: everything a buyer or a seller needs is importable from here, e.g.
-``from tip_fed import Buyer, Seller, TipError``. Names are resolved on first use, so that
+``from tip_fed import Buyer, Seller, TipError``, or the buyer's workflow in two calls:
+``query = tip_fed.prepare(model, "classification", objective)`` (``query.save(dir)`` keeps it) and
+``tip_fed.value(query, "sellers.toml")``. Names are resolved on first use, so that
 ``import tip_fed`` (and the CLI's early checks) stay light: torch and TenSEAL load only when a
 role is actually used.
 """
@@ -32,6 +34,13 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "Buyer": "tip_fed.protocol",
+    "PreparedQuery": "tip_fed.protocol",
+    "prepare": "tip_fed.runtimes.value",
+    "value": "tip_fed.runtimes.value",
+    "write_results": "tip_fed.runtimes.value",
+    "load_buyer_config": "tip_fed.buyer_config",
+    "load_sellers_config": "tip_fed.buyer_config",
+    "prepare_from_config": "tip_fed.buyer_config",
     "BuyerSettings": "tip_fed.protocol",
     "Seller": "tip_fed.protocol",
     "SellerPolicy": "tip_fed.protocol",
@@ -43,6 +52,8 @@ _LAZY = {
     "ProjectionSpec": "tip_fed.core.projection",
     "get_task": "tip_fed.core.tasks",
     "load_dataset": "tip_fed.protocol.data",
+    "save_dataset": "tip_fed.protocol.data",
+    "value_files": "tip_fed.runtimes.value",
 }
 
 __all__ = [
@@ -64,18 +75,27 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from tip_fed.buyer_config import load_buyer_config as load_buyer_config
+    from tip_fed.buyer_config import load_sellers_config as load_sellers_config
+    from tip_fed.buyer_config import prepare_from_config as prepare_from_config
     from tip_fed.config import TipConfig as TipConfig
     from tip_fed.config import load_config as load_config
     from tip_fed.core.projection import ProjectionSpec as ProjectionSpec
     from tip_fed.core.tasks import get_task as get_task
     from tip_fed.protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
     from tip_fed.protocol import Buyer as Buyer
+    from tip_fed.protocol import PreparedQuery as PreparedQuery
     from tip_fed.protocol import BuyerSettings as BuyerSettings
     from tip_fed.protocol import Seller as Seller
     from tip_fed.protocol import SellerPolicy as SellerPolicy
     from tip_fed.protocol import SellerValuation as SellerValuation
     from tip_fed.protocol import Valuation as Valuation
     from tip_fed.protocol.data import load_dataset as load_dataset
+    from tip_fed.protocol.data import save_dataset as save_dataset
+    from tip_fed.runtimes.value import prepare as prepare
+    from tip_fed.runtimes.value import value as value
+    from tip_fed.runtimes.value import value_files as value_files
+    from tip_fed.runtimes.value import write_results as write_results
 
 
 def __getattr__(name: str) -> Any:

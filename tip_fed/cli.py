@@ -1,4 +1,4 @@
-"""The ``tip-fed`` command: run simulations and re-render reports.
+"""The ``tip-fed`` command: value sellers for your own model, run simulations, re-render reports.
 
 Every user-facing failure is a TipError, printed as one line (no traceback) with exit code 2.
 """
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tip_fed import __version__
+from tip_fed import __version__, cli_value
 from tip_fed.errors import TipError
 
 
@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sections", default="packing,gradients,seller,scale",
                        help="comma-separated subset of packing,gradients,seller,scale (default: all)")
     _add_grpc_parsers(sub)
+    cli_value.add_parsers(sub)
     _add_audit_parser(sub)
     _add_deploy_parser(sub)
     return p
@@ -286,15 +287,10 @@ def _tls_init(args: argparse.Namespace) -> None:
 def _simulate(args: argparse.Namespace) -> None:
     """Check the config and the output directory first (light imports), then run and summarise."""
     from tip_fed.config import load_config
-    from tip_fed.errors import ConfigError
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out)
-    if out.is_file():
-        raise ConfigError(f"--out {out} is a file; give a directory for the results")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise ConfigError(f"--out {out} is not empty: results of two runs would mix; choose another --out, "
-                          "empty it, or pass --force to replace its result files")
+    cli_value.check_out_dir(out, args.force)
     from simulations.runner import run_scenario
     from tip_fed.market.summary import summary_lines
 
@@ -333,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tip_fed.bench import run_bench
 
             run_bench(quick=args.quick, out=args.out, sections=args.sections.split(","))
+        elif args.command in ("buyer", "value"):
+            cli_value.run(args)
         elif args.command == "seller":
             _seller_serve(args)
         elif args.command == "tls":

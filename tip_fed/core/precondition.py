@@ -41,7 +41,7 @@ from tip_fed.core.gradients import KfacStats
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.errors import ConfigError, DataError
 
-__all__ = ["DAMPING_FLOOR", "KINDS", "Preconditioner", "fit_preconditioner"]
+__all__ = ["DAMPING_FLOOR", "KINDS", "Preconditioner", "fit_preconditioner", "load_preconditioner"]
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
 _RELATIVE_DAMPING = 0.1
@@ -71,8 +71,12 @@ class Preconditioner(ABC):
         return (out[0] if v.dim() == 1 else out).to(v.device)
 
     def to_dict(self) -> dict[str, Any]:
-        """Summary for reports and manifests (not enough to rebuild ``P``)."""
+        """Summary for reports and manifests; with :meth:`tensors`, what :func:`load_preconditioner` rebuilds from."""
         return {"kind": self.kind, "dim": self.dim, "damping": self.damping}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted float64 factors by name (none for ``identity``), for saving next to :meth:`to_dict`."""
+        return {}
 
 
 def _as_rows(v: Any, dim: int, what: str) -> torch.Tensor:
@@ -123,6 +127,9 @@ class _Eigen(Preconditioner):
         return {**super().to_dict(), "num_samples": self._num_samples,
                 "eigenvalue_range": list(self._eig_range)}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"basis": self._basis, "denominator": self._denominator}
+
 
 @dataclass(frozen=True)
 class _Block:
@@ -161,6 +168,10 @@ class _Kronecker(Preconditioner):
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "num_samples": self._num_samples,
                 "layers": [block.name for block in self._blocks]}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{part}": getattr(b, part) for i, b in enumerate(self._blocks)
+                for part in ("basis_out", "basis_in", "denominator")}
 
 
 def _check_damping(damping: float | None) -> float | None:
@@ -296,3 +307,48 @@ def fit_preconditioner(
     _check_stats(kfac_stats, spec, kind)
     grads = _check_grads(train_grads, spec, kind) if kind == "ekfac" else None
     return _fit_kronecker(kind, spec, grads, kfac_stats, damping)
+
+
+def load_preconditioner(summary: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                        spec: ProjectionSpec) -> Preconditioner:
+    """Rebuild a fitted ``P`` for ``spec`` from :meth:`Preconditioner.to_dict` and
+    :meth:`Preconditioner.tensors`; DataError on anything that does not fit (shapes, dtypes,
+    non-positive or non-finite denominators), since saved factors may have been edited."""
+    kind, dim = summary.get("kind"), spec.dim
+    if kind not in KINDS or summary.get("dim") != dim:
+        raise DataError(f"preconditioner summary {{kind: {kind!r}, dim: {summary.get('dim')!r}}} does not fit "
+                        f"a projection of dimension {dim}.")
+
+    def tensor(name: str, shape: tuple[int, ...], positive: bool = False) -> torch.Tensor:
+        t = tensors.get(name)
+        if t is None or t.dtype != torch.float64 or tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+            raise DataError(f"preconditioner factor {name!r} must be a finite float64 tensor of shape {shape}.")
+        if positive and float(t.min()) <= 0.0:
+            raise DataError(f"preconditioner factor {name!r} must be > 0 (damped eigenvalues).")
+        return t
+
+    loaded = _rebuild(str(kind), summary, spec, tensor)
+    if len(tensors) != len(loaded.tensors()):
+        raise DataError(f"the {kind} preconditioner has {len(loaded.tensors())} factors, not {len(tensors)}.")
+    return loaded
+
+
+def _rebuild(kind: str, summary: Mapping[str, Any], spec: ProjectionSpec, tensor: Any) -> Preconditioner:
+    dim = spec.dim
+    if kind == "identity":
+        return _Identity(dim)
+    if kind == "raw":
+        return _Eigen(dim, tensor("basis", (dim, dim)), tensor("denominator", (dim,), positive=True),
+                      float(summary["damping"]), int(summary["num_samples"]),
+                      torch.tensor(summary["eigenvalue_range"], dtype=torch.float64))
+    damping = summary.get("damping")
+    if summary.get("layers") != [layer.name for layer in spec.layers] or not isinstance(damping, Mapping):
+        raise DataError("the preconditioner's layers are not the projection spec's layers.")
+    blocks = [
+        _Block(layer.name, start, layer.rank_out, layer.rank_in,
+               tensor(f"{i}.basis_out", (layer.rank_out, layer.rank_out)),
+               tensor(f"{i}.basis_in", (layer.rank_in, layer.rank_in)),
+               tensor(f"{i}.denominator", (layer.rank_out, layer.rank_in), positive=True), float(damping[layer.name]))
+        for i, (layer, start) in enumerate(zip(spec.layers, spec.offsets(), strict=True))
+    ]
+    return _Kronecker(kind, dim, blocks, summary.get("num_samples"))

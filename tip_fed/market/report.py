@@ -44,7 +44,10 @@ def _payouts_section(rows: list[dict[str, str]], summary: dict[str, Any], out: P
     sellers = list(dict.fromkeys(r["seller_id"] for r in rows))
     plots.payout_shares(shares, sellers, out / "payout_shares.png", title="Payout shares per rule")
     comp = [{"rule": k, **v} for k, v in summary.get("rules", {}).items()]
-    parts = ["## Payouts", "", RULES, "", f"Reference rule (ground truth): `{summary.get('reference')}`.", ""]
+    reference = summary.get("reference")
+    parts = ["## Payouts", "", RULES, ""]
+    parts += [f"Reference rule (ground truth): `{reference}`.", ""] if reference else \
+        ["No reference rule: ground truth (realised benefit) exists only in simulation.", ""]
     if comp:
         parts += [_table(comp, ["rule", "spearman_vs_reference", "l1_vs_reference", "gini"]), ""]
     parts += absent_rules(set(shares) | set(summary.get("rules", {})), len(sellers), coalition_max)
@@ -61,7 +64,8 @@ def render_report(out_dir: str | Path) -> Path:
         return render_market_report(out)
     metrics = read_json(out / "metrics.json")
     valuations = read_csv(out / "valuations.csv")
-    parts = [f"# tip_fed valuation report: {manifest.get('scenario', 'run')}", ""]
+    parts = [f"# tip_fed valuation report: {manifest.get('scenario') or manifest.get('title', 'run')}", ""]
+    plaintext = any(r.get("score_plaintext") not in ("", None) for r in valuations)
     parts += [
         f"Session `{manifest.get('session', {}).get('session_id', '?')}`, "
         f"{len(valuations)} sellers valued, disclosure `{manifest.get('session', {}).get('disclosure', '?')}`, "
@@ -70,13 +74,16 @@ def render_report(out_dir: str | Path) -> Path:
         *([manifest["description"], ""] if manifest.get("description") else []),
         SCORE,
         "",
-        "`score` was decrypted from the seller's encrypted reply; `score_plaintext` is the plaintext reference "
-        "computed with both parties' data (simulation only); `clipped` counts records whose gradient was clipped "
-        "to the public norm bound.",
+        "`score` was decrypted from the seller's encrypted reply; "
+        + ("`score_plaintext` is the plaintext reference computed with both parties' data (simulation only); "
+           if plaintext else "")
+        + "`clipped` counts records whose gradient was clipped to the public norm bound.",
         "",
         "## Seller valuations",
         "",
-        _table(sorted(valuations, key=lambda r: int(r["rank"])), ["rank", "seller_id", "n_samples", "score", "score_plaintext", "mean_score", "clipped"]),
+        _table(sorted(valuations, key=lambda r: int(r["rank"])),
+               ["rank", "seller_id", "n_samples", "score", *(["score_plaintext"] if plaintext else []), "mean_score",
+                "clipped"]),
         "",
     ]
     truth = read_csv(out / "ground_truth.csv") if (out / "ground_truth.csv").is_file() else []
@@ -105,7 +112,7 @@ def render_report(out_dir: str | Path) -> Path:
         parts += _payouts_section(read_csv(out / "payouts.csv"), metrics.get("payouts", {}), out, coalition_max)
     if (out / "samples.csv").is_file():
         samples = read_csv(out / "samples.csv")
-        if samples:
+        if samples and plaintext:
             plots.identity_scatter([_num(s["score_plaintext"]) for s in samples], [_num(s["score"]) for s in samples],
                                    out / "fidelity.png", xlabel="plaintext score", ylabel="decrypted score",
                                    title="Encrypted vs plaintext per-sample scores")

@@ -60,7 +60,8 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
         lines.append(f"valued      {run['sellers']} sellers in {_num(run.get('seconds'))} s "
                      f"(valuation phase {_num(run.get('valuation_seconds'))} s)")
         if run.get("top_by_score") is not None:
-            lines.append(f"top seller  {run['top_by_score']} by score; {run.get('top_by_benefit')} by realised benefit")
+            by_benefit = f"; {run['top_by_benefit']} by realised benefit" if run.get("top_by_benefit") else ""
+            lines.append(f"top seller  {run['top_by_score']} by score{by_benefit}")
         if run.get("missing"):
             lines.append(f"missing     {', '.join(map(str, run['missing']))} (no reply; see report.md)")
     lines += _validity(metrics)

@@ -6,10 +6,14 @@ Typical use::
     offer = buyer.offer()
     replies = [seller.respond(offer) for seller in sellers]
     valuation = buyer.settle(replies)
+
+The costly fit can be done once and saved: ``Buyer.prepare(...).save(dir)``, then
+``Buyer.from_prepared(PreparedQuery.load(dir))``.
 """
 
 from tip_fed.protocol.buyer import Buyer, BuyerSettings, SellerValuation, Valuation
 from tip_fed.protocol.messages import PROTOCOL_VERSION
+from tip_fed.protocol.prepared import PreparedQuery
 from tip_fed.protocol.seller import Seller, SellerPolicy
 
-__all__ = ["PROTOCOL_VERSION", "Buyer", "BuyerSettings", "Seller", "SellerPolicy", "SellerValuation", "Valuation"]
+__all__ = ["PROTOCOL_VERSION", "Buyer", "BuyerSettings", "PreparedQuery", "Seller", "SellerPolicy", "SellerValuation", "Valuation"]

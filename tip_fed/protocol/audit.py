@@ -181,13 +181,7 @@ class SessionRecord:
         p = Path(path)
         if not p.is_file():
             raise DataError(f"session record {p} does not exist; save one with Buyer.record(valuation).save(path)")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"session record {p} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise DataError(f"session record {p} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(p, "session record"))
 
     def model_module(self) -> nn.Module:
         """Rebuild the buyer's model from the record (fingerprint checked)."""
@@ -460,8 +454,8 @@ def _root(delivery: Delivery, gradients: np.ndarray) -> str | None:
 
 
 def write_private(path: Path, text: str | bytes, mode: int = 0o600) -> None:
-    """Atomic write (temp file, fsync, rename) created with ``mode``: readers never see half a
-    file, and a crash right after the rename keeps the new contents. Text is written as UTF-8."""
+    """Atomic write (temp file, fsync, rename) of text or bytes created with ``mode``: readers never
+    see half a file, and a crash right after the rename keeps the new contents."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
     try:
@@ -474,3 +468,15 @@ def write_private(path: Path, text: str | bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json_object(path: Path, what: str, fix: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; DataError naming ``what`` and the file (and ``fix``) otherwise."""
+    hint = f"; {fix}" if fix else ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} {path} is not valid JSON: {exc}{hint}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{what} {path} must hold a JSON object{hint}")
+    return data

@@ -9,46 +9,29 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from tip_fed.config import CryptoConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig
-from tip_fed.core.gradients import kfac_statistics, projected_grads
-from tip_fed.core.influence import query_vector
-from tip_fed.core.precondition import Preconditioner, fit_preconditioner
-from tip_fed.core.projection import ProjectionSpec
-from tip_fed.core.tasks import Task
+from tip_fed.core.precondition import Preconditioner
+from tip_fed.core.tasks import Task, get_task
 from tip_fed.crypto.keys import SessionKeys
 from tip_fed.crypto.packing import decrypt_scores, encrypt_query
 from tip_fed.crypto.params import HEParams, PackingPlan, check_params, plan_packing
-from tip_fed.errors import ProtocolError, SessionError, TipError
+from tip_fed.errors import ConfigError, ProtocolError, SessionError, TipError
 from tip_fed.protocol.audit import SessionRecord, model_record
 from tip_fed.protocol.convert import params_to_pb, plan_to_pb, spec_to_pb
 from tip_fed.protocol.messages import DISCLOSURE_NAMES, PROTOCOL_VERSION, decode_reply
-from tip_fed.protocol.model import encode_model
-from tip_fed.protocol.data import Batch, iter_batches
+from tip_fed.protocol.model import decode_model
+from tip_fed.protocol.data import Batch
+from tip_fed.protocol.prepared import BuyerSettings, PreparedQuery, fit_query
 from tip_fed.protocol.disclosure import NoisePolicy, release_quantum, round_release
 from tip_fed.protocol.ledger import composed_epsilon
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 QUERY_NORM = 2.0**10
-BOUND_HEADROOM = 2.0
-
-
-@dataclass(frozen=True)
-class BuyerSettings:
-    """The buyer's choices; defaults match :mod:`tip_fed.config`."""
-
-    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
-    preconditioner: PreconditionerConfig = field(default_factory=PreconditionerConfig)
-    crypto: CryptoConfig = field(default_factory=CryptoConfig)
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    seed: int = 0
-    batch_size: int = 64
 
 
 @dataclass
@@ -135,7 +118,9 @@ class Buyer:
     """One data buyer with a model, a task, an objective set and (optionally) its training data.
 
     The preconditioner is fitted on ``train`` (the buyer's own training data, or the objective
-    set when absent); the query is ``v = P · mean objective gradient``.
+    set when absent); the query is ``v = P · mean objective gradient``. That fit is the costly
+    part: :meth:`prepare` does it alone, and :meth:`from_prepared` makes a buyer from a (saved)
+    :class:`~tip_fed.protocol.prepared.PreparedQuery` without refitting.
     """
 
     def __init__(
@@ -146,49 +131,52 @@ class Buyer:
         train: Batch | None = None,
         settings: BuyerSettings | None = None,
     ) -> None:
-        self.model = model.eval()
-        self.task = task
-        self.settings = settings or BuyerSettings()
-        self.spec = ProjectionSpec.for_model(
-            model,
-            rank=self.settings.projection.rank,
-            seed=self.settings.seed,
-            kind=self.settings.projection.kind,
-            include=list(self.settings.projection.include) or None,
-        )
+        self._adopt(self.prepare(model, task, objective, train, settings), model=model, task=task)
+
+    # Fit the query once (gradients, preconditioner, query, bound); save it with ``.save(dir)``.
+    prepare = staticmethod(fit_query)
+
+    @classmethod
+    def from_prepared(cls, prepared: PreparedQuery, *, task: Task | None = None) -> Buyer:
+        """A buyer that makes Offers from ``prepared`` without refitting (``task``: a custom Task
+        object for a prepared query whose task is not built in)."""
+        buyer = cls.__new__(cls)
+        buyer._adopt(prepared, model=None, task=task)
+        return buyer
+
+    def _adopt(self, prepared: PreparedQuery, *, model: nn.Module | None, task: Task | None) -> None:
+        if task is not None and task.name != prepared.task:
+            raise ConfigError(f"task {task.name!r} is not the prepared query's task {prepared.task!r}")
+        self.prepared = prepared
+        self.task = task if task is not None else get_task(prepared.task)
+        self.settings = prepared.settings
+        self.spec = prepared.spec
+        self.query = prepared.query
+        self.query_norm = prepared.query_norm
+        self.grad_norm_bound = prepared.grad_norm_bound
+        self.input_format = prepared.input_format
         self.params = HEParams(
             poly_modulus_degree=self.settings.crypto.poly_modulus_degree,
             coeff_mod_bit_sizes=tuple(self.settings.crypto.coeff_mod_bit_sizes),
             global_scale_bits=self.settings.crypto.global_scale_bits,
         )
         check_params(self.params)
-        self._payload = encode_model(model)
-        train_data = train if train is not None else objective
-        train_batches = list(iter_batches(train_data, self.settings.batch_size))
-        train_grads = torch.cat([projected_grads(model, self.spec, task, b) for b in train_batches]).double()
-        obj_grads = torch.cat(
-            [projected_grads(model, self.spec, task, b) for b in iter_batches(objective, self.settings.batch_size)]
-        ).double()
-        cfg = self.settings.preconditioner
-        stats = kfac_statistics(model, self.spec, task, train_batches) if cfg.kind in ("kfac", "ekfac") else None
-        self.preconditioner: Preconditioner = fit_preconditioner(
-            cfg.kind, self.spec, train_grads=train_grads, kfac_stats=stats, damping=cfg.damping
-        )
-        self.query = query_vector(self.preconditioner, obj_grads).double()
-        norm = float(torch.linalg.vector_norm(self.query))
-        if not math.isfinite(norm) or norm == 0.0:
-            raise TipError(
-                "the buyer's query vector is zero or not finite: the objective set gives no gradient signal "
-                "(check the objective data, the loss, and the projection rank)"
-            )
-        self.query_norm = norm
-        bound = self.settings.protocol.grad_norm_bound
-        if bound is None:
-            norms = torch.linalg.vector_norm(torch.cat([train_grads, obj_grads]), dim=1)
-            bound = BOUND_HEADROOM * float(norms.max())
-        self.grad_norm_bound = float(bound)
+        self._payload = prepared.model
+        self._model = model
         self._sessions: dict[str, _Session] = {}
         self.session_id: str | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The buyer's model (rebuilt from the prepared payload, fingerprint checked, on first use)."""
+        if self._model is None:
+            self._model = decode_model(self._payload)
+        return self._model
+
+    @property
+    def preconditioner(self) -> Preconditioner:
+        """The fitted preconditioner ``P`` of the query."""
+        return self.prepared.preconditioner
 
     @property
     def model_fingerprint(self) -> str:

@@ -1,0 +1,78 @@
+"""``tip-fed buyer prepare`` and ``tip-fed value``: the buyer's own model against real sellers.
+
+Both read and check their TOML files (and the output directory) before torch, TenSEAL or grpcio
+load, so a typo costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tip_fed.errors import ConfigError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The ``buyer prepare`` and ``value`` subcommands."""
+    buyer = sub.add_parser("buyer", help="the buyer's side: fit and save its private query")
+    cmds = buyer.add_subparsers(dest="buyer_command", required=True)
+    prep = cmds.add_parser("prepare", help="fit the query of buyer.toml once (gradients, preconditioner) and save it "
+                           "to an owner-only directory for 'tip-fed value --prepared'")
+    prep.add_argument("config", help="buyer.toml: [model], [data] and the protocol settings")
+    prep.add_argument("--out", required=True, help="directory for the prepared query (created 0700, files 0600)")
+    prep.add_argument("--force", action="store_true", help="replace a prepared query already in --out")
+
+    val = sub.add_parser("value", help="value the sellers of sellers.toml for the buyer of buyer.toml and write "
+                         "valuations, payouts, report.md and manifest.json")
+    val.add_argument("config", help="buyer.toml: [model], [data], protocol settings and [payouts]")
+    val.add_argument("--sellers", required=True, help="sellers.toml: runtime, [[sellers]], [tls], [grpc]")
+    val.add_argument("--out", required=True, help="results directory")
+    val.add_argument("--prepared", help="a query saved by 'tip-fed buyer prepare' (default: fit it now, in memory)")
+    val.add_argument("--force", action="store_true",
+                     help="write into a non-empty --out directory (its old result files are replaced)")
+
+
+def check_out_dir(out: Path, force: bool, what: str = "results of two runs would mix") -> None:
+    """ConfigError if ``out`` is a file, or a non-empty directory without ``force``."""
+    if out.is_file():
+        raise ConfigError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {out} is not empty: {what}; choose another --out, "
+                          "empty it, or pass --force to replace its files")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run ``buyer prepare`` or ``value``; every failure is a TipError."""
+    from tip_fed.buyer_config import load_buyer_config, load_sellers_config
+
+    out = Path(args.out)
+    if args.command == "buyer":
+        check_out_dir(out, args.force, "it would mix with another prepared query")
+        cfg = load_buyer_config(args.config)
+        from tip_fed.buyer_config import prepare_from_config
+
+        prepared = prepare_from_config(cfg)
+        prepared.save(out)
+        print(f"prepared the {prepared.task} query of {cfg.source.name}: projection dimension {prepared.spec.dim}, "
+              f"{prepared.preconditioner.kind} preconditioner, model {prepared.model_fingerprint[:12]}…")
+        print(f"saved to {out}/ (owner-only; it is your private objective)\n"
+              f"  tip-fed value {args.config} --sellers sellers.toml --out results/ --prepared {out}")
+        return
+    load_sellers_config(args.sellers)
+    if args.prepared and not Path(args.prepared).is_dir():
+        raise ConfigError(f"--prepared {args.prepared} is not a directory; make one with "
+                          f"'tip-fed buyer prepare {args.config} --out DIR'")
+    check_out_dir(out, args.force)
+    load_buyer_config(args.config)  # last: its task check loads torch
+    from tip_fed.market.summary import summary_lines
+    from tip_fed.runtimes.value import value_files
+
+    result = value_files(args.config, args.sellers, out, prepared_dir=args.prepared)
+    lines = summary_lines(result.metrics, str(out))
+    ranked = sorted(result.valuation.sellers, key=lambda v: v.total, reverse=True)
+    scores = ["score       " + ", ".join(f"{v.seller_id} {v.total:.4g}" for v in ranked[:5])
+              + (f" (+{len(ranked) - 5} more)" if len(ranked) > 5 else "")]
+    note = [f"query       recomputed for the changed data.objective with the preconditioner saved in {args.prepared}"
+            ] if result.requeried else []
+    rejected = [f"rejected    {sid}: {reason[:120]}" for sid, reason in result.valuation.rejected.items()][:3]
+    print("\n".join([*lines[:1], *note, *scores, *rejected, *lines[1:]][:15]))
