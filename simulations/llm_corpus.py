@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulations.market import Market
 from tip_fed.config import TipConfig
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
+
+from simulations.market import Market
 
 QUICK = {"doc_sellers": 8, "low_sellers": 1, "pretrain_steps": 30, "max_blocks": 4, "train_sample": 64}
 

@@ -17,11 +17,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from simulations.exchanges import EXCHANGES
-from simulations.fidelity import check_session
-from simulations.market import Market
-from simulations.results import RunResult, versions, write_run
-from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
 from tip_fed.config import TipConfig
 from tip_fed.core.gradients import projected_grads
 from tip_fed.market import baselines, metrics, stats
@@ -29,6 +24,12 @@ from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
 from tip_fed.market.market_report import render_market_report
 from tip_fed.market.results import read_csv, read_json, write_csv, write_json
 from tip_fed.protocol.data import iter_batches
+
+from simulations.exchanges import EXCHANGES
+from simulations.fidelity import check_session
+from simulations.market import Market
+from simulations.results import RunResult, versions, write_run
+from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
 
 METHODS = ("tip", *baselines.METHODS)
 SCORE_COLUMNS = ("replicate", "seller_id", "n_samples", "tip", "tip_plaintext", *baselines.METHODS, "benefit")
