@@ -19,28 +19,33 @@ sellers' guard, :mod:`tip_fed.flower.trust`).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
-
-from flwr.app import Context
+from typing import TYPE_CHECKING
 
 from tip_fed.config import TipConfig, load_config
 from tip_fed.errors import ConfigError
-from tip_fed.flower.client_app import DATA_PATH, SellerLoader, make_client_app, seller_from_node_config
+from tip_fed.flower.client_app import (
+    DATA_PATH,
+    SellerLoader,
+    make_client_app,
+    seller_from_node_config,
+)
+from tip_fed.flower.runs import files_loader, write_valuation
 from tip_fed.flower.server_app import Session, make_server_app, parse_bindings
-from tip_fed.market.results import write_json
-from tip_fed.protocol import Seller, SellerPolicy, Valuation
-from tip_fed.protocol.data import load_dataset
+from tip_fed.protocol import Seller
+from tip_fed.runtimes.flower_deployment import FlowerApp
 
 from simulations.market import Market
-from simulations.runner import build_market, make_buyer, max_samples
+from simulations.scenarios import SELLER_POLICY, build_market, make_buyer, max_samples
+
+if TYPE_CHECKING:  # only tip_fed.flower imports flwr; a Context is all this module reads
+    from flwr.app import Context
 
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULTS = {"config": "configs/causal.toml", "set": "", "replicate": 0, "out-dir": "out/flower", "data-dir": "",
             "sellers": "", "app-signature": ""}
-VALUATION_FILE = "valuation.json"
-# The scenario's simulated sellers release exact per-sample scores when the config asks for them.
-SIMULATED = SellerPolicy(exact_per_sample=True)
 
 
 def _get(context: Context, key: str) -> str:
@@ -49,8 +54,6 @@ def _get(context: Context, key: str) -> str:
 
 def run_config_overrides(config: TipConfig) -> list[str]:
     """``key=value`` overrides that rebuild exactly ``config`` from defaults (None values are defaults)."""
-    import json
-
     def walk(prefix: str, node: object) -> list[str]:
         if isinstance(node, dict):
             return [item for k, v in node.items() for item in walk(f"{prefix}{k}.", v) if v is not None]
@@ -104,10 +107,9 @@ def _session(context: Context) -> Session:
                    nodes=parse_bindings(_get(context, "sellers")))
 
 
-def _write_valuation(valuation: Valuation, context: Context) -> None:
-    path = Path(_get(context, "out-dir")).resolve() / VALUATION_FILE
-    write_json(path, valuation.to_dict())
-    logging.getLogger("tip_fed").info("valuation of %d sellers written to %s", len(valuation.sellers), path)
+def scenario_app(config: TipConfig, replicate: int = 0) -> FlowerApp:
+    """This app, with a run config that rebuilds exactly ``config``'s market ``replicate`` and its buyer."""
+    return FlowerApp(APP_DIR, {"config": "", "set": ";".join(run_config_overrides(config)), "replicate": int(replicate)})
 
 
 def partition_loader(data_dir: str | Path | None) -> SellerLoader:
@@ -120,23 +122,21 @@ def partition_loader(data_dir: str | Path | None) -> SellerLoader:
     def load(context: Context, answered: dict[str, int]) -> Seller:
         if DATA_PATH in context.node_config:
             return seller_from_node_config(context, answered)
+        directory = str(data_dir) if data_dir is not None else _get(context, "data-dir")
+        if directory:
+            files = {p.stem: p for p in sorted(Path(directory).glob("*.safetensors"))}
+            return files_loader(files, SELLER_POLICY)(context, answered)
         index = context.node_config.get("partition-id")
         if not isinstance(index, int):
             raise ConfigError("this node has neither 'data-path' nor 'partition-id' in its node config")
-        directory = str(data_dir) if data_dir is not None else _get(context, "data-dir")
-        if directory:
-            files = sorted(Path(directory).glob("*.safetensors"))
-            if index >= len(files):
-                raise ConfigError(f"partition {index} has no seller file: {directory} holds {len(files)}")
-            return Seller(files[index].stem, load_dataset(files[index]), answered=answered, policy=SIMULATED)
         sellers = _market(config_from_context(context), replicate_from_context(context)).sellers
         if index >= len(sellers):
             raise ConfigError(f"partition {index} has no seller: the scenario has {len(sellers)} sellers")
         seller_id = list(sellers)[index]
-        return Seller(seller_id, sellers[seller_id], answered=answered, policy=SIMULATED)
+        return Seller(seller_id, sellers[seller_id], answered=answered, policy=SELLER_POLICY)
 
     return load
 
 
-server_app = make_server_app(_session, _write_valuation)
+server_app = make_server_app(_session, write_valuation)
 client_app = make_client_app(partition_loader(None))

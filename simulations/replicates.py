@@ -25,11 +25,11 @@ from tip_fed.market.market_report import render_market_report
 from tip_fed.market.results import read_csv, read_json, write_csv, write_json
 from tip_fed.protocol.data import iter_batches
 
+from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
 from simulations.market import Market
-from simulations.runner import (
-    EXCHANGES, RunResult, _versions, make_buyer, plaintext_reference, projection_seed, write_run,
-)
+from simulations.results import RunResult, versions, write_run
+from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
 
 METHODS = ("tip", *baselines.METHODS)
 SCORE_COLUMNS = ("replicate", "seller_id", "n_samples", "tip", "tip_plaintext", *baselines.METHODS, "benefit")
@@ -190,7 +190,7 @@ def run_replicated(config: TipConfig, markets: list[Market], out: Path, *, progr
                 "valuation_seconds": valuation_seconds(out, len(markets))}
     write_json(out / "manifest.json", {
         "scenario": markets[0].name, "config": config.to_dict(), "replicated": True,
-        "replicates": [mk.info for mk in markets], "versions": _versions(),
+        "replicates": [mk.info for mk in markets], "versions": versions(),
         "projection_seeds": [projection_seed(config.seed, mk.replicate) for mk in markets],
     })
     write_json(out / "metrics.json", m)

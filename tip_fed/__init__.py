@@ -10,8 +10,7 @@ role is actually used.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tip_fed.errors import (
     BudgetExceededError,
@@ -28,6 +27,7 @@ from tip_fed.errors import (
     TipError,
     VersionMismatchError,
 )
+from tip_fed.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -98,14 +98,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from tip_fed.runtimes.value import write_results as write_results
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tip_fed' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -79,9 +79,8 @@ def _add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def _deploy(args: argparse.Namespace) -> None:
-    from simulations import flower_deploy
-
     from tip_fed.flower import trust
+    from tip_fed.runtimes import deployment as flower_deploy
 
     if args.deploy_command == "down":
         pids = flower_deploy.down(Path(args.dir))
@@ -305,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "simulate":
             _simulate(args)
         elif args.command == "export-sellers":
-            from simulations.runner import export_sellers
+            from simulations.scenarios import export_sellers
             from tip_fed.config import load_config
 
             for path in export_sellers(load_config(args.config, args.overrides), args.out, args.replicate):

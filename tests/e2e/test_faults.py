@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from simulations.processes import ProcessGroup
-from simulations.runner import build_market, make_buyer
+from tip_fed.runtimes.processes import ProcessGroup
+from simulations.scenarios import build_market, make_buyer
 from tip_fed.config import load_config
 from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
 from tip_fed.protocol.data import save_dataset

@@ -29,9 +29,12 @@ from flwr.supercore.runtime import RuntimeHttpClient
 
 from tip_fed.config import load_config
 
-from simulations.flower_deploy import LocalDeployment
-from simulations.flower_runtime import export_market, run_app
-from simulations.runner import build_market, exchange_inprocess, make_buyer
+from tip_fed.runtimes.deployment import LocalDeployment
+from tip_fed.runtimes.flower_deployment import run_app
+
+from simulations.exchanges import exchange_inprocess
+from simulations.flower_apps import scenario_app
+from simulations.scenarios import build_market, make_buyer, write_seller_files
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -81,9 +84,9 @@ def played(tmp_path_factory):
     config = load_config(ROOT / "configs" / "causal.toml", SETS)
     market = build_market(config)
     reference = exchange_inprocess(config, market, make_buyer(market, config), False)
-    deployment = LocalDeployment(tmp / "deploy")
+    deployment = LocalDeployment(tmp / "deploy", exact_per_sample=True)
     with deployment.group:
-        deployment.up(export_market(market, tmp / "sellers"))
+        deployment.up(write_seller_files(market, tmp / "sellers"))
         ca = deployment.certs / "ca.crt"
         names = sorted(deployment.runtime_ports)
         foreign = {n: (deployment.keys / f"supernode-{names[i - 1]}.superexec-secret").read_bytes()
@@ -98,7 +101,8 @@ def played(tmp_path_factory):
         stranger = Stranger(targets)
         stranger.start()
         try:
-            valuation = run_app(deployment, config, tmp / "result", replicate=market.replicate or 0)
+            valuation = run_app(deployment, scenario_app(config, market.replicate or 0), tmp / "result",
+                                flower=config.flower)
         finally:
             stranger.stop.set()
             stranger.join(30)

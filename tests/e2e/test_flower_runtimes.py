@@ -17,10 +17,13 @@ import pytest
 
 from tip_fed.config import load_config
 
-from simulations.flower_deploy import CONNECTION, LocalDeployment
-from simulations.flower_runtime import exchange_flower_simulation, export_market, run_app
-from simulations.reaper import descendants, running, stop_tagged, tagged
-from simulations.runner import build_market, exchange_inprocess, make_buyer
+from tip_fed.runtimes.deployment import CONNECTION, LocalDeployment
+from tip_fed.runtimes.flower_deployment import run_app
+from tip_fed.runtimes.reaper import descendants, running, stop_tagged, tagged
+
+from simulations.exchanges import exchange_flower_simulation, exchange_inprocess
+from simulations.flower_apps import scenario_app
+from simulations.scenarios import build_market, make_buyer, write_seller_files
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -70,15 +73,15 @@ def test_flower_deployment_with_tls_and_node_auth_matches_inprocess(scenario, tm
     # Prepare: CA + SuperLink certificate, SuperLink with --enable-supernode-auth, one registered
     # key and SuperNode per seller file; a fourth SuperNode with a key nobody registered
     config, market, _, ref = scenario
-    deployment = LocalDeployment(tmp_path)
+    deployment = LocalDeployment(tmp_path, exact_per_sample=True)
     started: list[int] = []
     with deployment.group:
-        deployment.up(export_market(market, tmp_path / "sellers"))
+        deployment.up(write_seller_files(market, tmp_path / "sellers"))
         intruder_key, _ = deployment.node_key("intruder")
         intruder = deployment.start_supernode("intruder", intruder_key, tmp_path / "sellers" / "digits-1.safetensors",
                                               seller_id="intruder")
         # Execute: a valuation through `flwr run`, over HTTPS
-        valuation = run_app(deployment, config, tmp_path / "result")
+        valuation = run_app(deployment, scenario_app(config), tmp_path / "result", flower=config.flower)
         listed = deployment.flwr("supernode", "list", CONNECTION)
         intruder_code = intruder.proc.wait(timeout=60)
         started = [c.pid for c in deployment.group.children]
@@ -97,7 +100,7 @@ def test_deploy_up_and_down_cli_stop_exactly_what_they_started(scenario, tmp_pat
     # Prepare: one seller file
     _, market, _, _ = scenario
     sellers = tmp_path / "sellers"
-    export_market(dataclasses.replace(market, sellers={"digits-4": market.sellers["digits-4"]}), sellers)
+    write_seller_files(dataclasses.replace(market, sellers={"digits-4": market.sellers["digits-4"]}), sellers)
     cli = Path(sys.executable).parent / "tip-fed"
     root = tmp_path / "dep"
     # Execute: deploy up leaves a SuperLink and a SuperNode running after the command exits

@@ -35,10 +35,11 @@ from tip_fed.config import load_config
 from tip_fed.flower import trust
 from tip_fed.protocol import Valuation
 
-from simulations.flower_deploy import BIN, flower_env, free_port
-from simulations.reaper import descendants, running, terminate
+from tip_fed.runtimes.deployment import BIN, flower_env, free_port
+from tip_fed.runtimes.reaper import descendants, running, terminate
 
-from simulations.runner import build_market, exchange_inprocess, make_buyer
+from simulations.exchanges import exchange_inprocess
+from simulations.scenarios import build_market, make_buyer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -290,7 +291,7 @@ def test_flowers_own_trusted_entities_refuse_even_an_app_signed_by_the_trusted_k
     # Why tip_fed checks signatures itself: a SuperNode started with Flower's --trusted-entities
     # (listing the publisher's key) refuses an app the publisher signed, because a FAB uploaded by
     # 'flwr run <dir>' reaches it without the verifications only Flower Hub provides.
-    from simulations.flower_deploy import CONNECTION, LocalDeployment
+    from tip_fed.runtimes.deployment import CONNECTION, LocalDeployment
 
     deployment = LocalDeployment(tmp_path / "dep")
     with deployment.group:

@@ -19,12 +19,12 @@ import numpy as np
 import psutil
 import pytest
 
-from simulations.processes import ProcessGroup
-from simulations.runner import (
-    build_market, make_buyer, max_samples, plaintext_reference, run_scenario, write_seller_files,
-)
-from tip_fed.config import load_config
+from simulations.runner import run_scenario
+from simulations.scenarios import build_market, make_buyer, max_samples, plaintext_reference, write_seller_files
+from tip_fed.config import GrpcConfig, load_config
 from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
+from tip_fed.runtimes import value_grpc
+from tip_fed.runtimes.processes import ProcessGroup
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "tip-fed"
@@ -97,11 +97,12 @@ def test_three_tls_seller_processes_and_one_killed_mid_round(tmp_path):
         for endpoint in endpoints:
             wait_until_healthy(endpoint, tls=tls, timeout_s=30)
 
-        # round 1: every seller valued, decryptions match the plaintext reference
+        # round 1 (the library driver): every seller valued, decryptions match the plaintext reference
         buyer = make_buyer(market, config)
-        replies, failures = value_sellers(endpoints, buyer.offer(max_samples=max_samples(market)), tls=tls, timeout_s=60)
-        valuation = buyer.settle(list(replies.values()), expected=list(SELLERS))
-        assert failures == {} and valuation.missing == [] and valuation.rejected == {}
+        valuation = value_grpc(buyer, endpoints, tls, GrpcConfig(timeout_s=60), max_samples(market))
+        assert valuation.missing == [] and valuation.rejected == {}
+        assert valuation.manifest["transport"] == {"runtime": "grpc", "security": "tls", "seller_identity": "address",
+                                                   "failures": {}}
         _check_against_plaintext(valuation, buyer, market)
 
         # round 2: digits-2 freezes as its Value call starts and is killed while the buyer waits on it

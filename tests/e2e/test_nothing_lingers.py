@@ -142,7 +142,7 @@ def test_kill_9_of_a_grpc_buyer_leaves_no_seller_process_and_no_key_or_data(tmp_
 
     _kill_when(buyer, recorder, scoring, tmp_path)
     names = recorder.names()
-    assert sum("seller serve" in n for n in names) == 4 and any("simulations.reaper" in n for n in names), names
+    assert sum("seller serve" in n for n in names) == 4 and any("tip_fed.runtimes.reaper" in n for n in names), names
     _assert_nothing_left(recorder, tmp_path)
 
 
@@ -157,7 +157,7 @@ def test_kill_9_of_a_flower_deployment_buyer_leaves_no_flower_process_and_no_key
     _kill_when(buyer, recorder, scoring, tmp_path)
     names = " | ".join(recorder.names())
     for program in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
-                    "simulations.reaper"):
+                    "tip_fed.runtimes.reaper"):
         assert program in names, f"{program} never ran: {names}"
     _assert_nothing_left(recorder, tmp_path)
 

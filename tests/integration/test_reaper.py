@@ -20,12 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from simulations.processes import PrivateRun, ProcessGroup
-from simulations.reaper import TAG, running, stop_tagged, tagged
+from tip_fed.runtimes.processes import PrivateRun, ProcessGroup
+from tip_fed.runtimes.reaper import TAG, running, stop_tagged, tagged
 
 PARENT = textwrap.dedent("""
     import sys, time
-    from simulations.processes import PrivateRun, ProcessGroup
+    from tip_fed.runtimes.processes import PrivateRun, ProcessGroup
     with PrivateRun("tip-reaper-test-") as run, ProcessGroup(run.root / "logs", reaper=run.reaper) as group:
         (run.root / "seller.key").write_text("secret")
         group.start("detaches", ["bash", "-c", "setsid sleep 300 & sleep 300"])
@@ -84,7 +84,7 @@ def test_a_normal_exit_stops_detached_descendants_and_deletes_the_directory(tmp_
 
 def test_without_a_reaper_children_outlive_their_parent_until_stopped_by_token(tmp_path):
     # `tip-fed deploy up` leaves its processes running; `deploy down` stops them by the token it saved
-    code = ("import sys; from simulations.processes import ProcessGroup;"
+    code = ("import sys; from tip_fed.runtimes.processes import ProcessGroup;"
             f"g = ProcessGroup({str(tmp_path / 'logs')!r}, die_with_parent=False);"
             "g.start('s', ['bash', '-c', 'setsid sleep 300 & sleep 300']); print(g.token)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -99,7 +99,7 @@ def test_without_a_reaper_children_outlive_their_parent_until_stopped_by_token(t
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_direct_children_die_with_their_parent_even_without_a_reaper(tmp_path):
-    code = ("import time; from simulations.processes import ProcessGroup;"
+    code = ("import time; from tip_fed.runtimes.processes import ProcessGroup;"
             f"g = ProcessGroup({str(tmp_path / 'logs')!r});"
             "c = g.start('s', ['sleep', '300']); print(c.pid, flush=True); time.sleep(300)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

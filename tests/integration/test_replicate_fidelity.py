@@ -15,9 +15,10 @@ from flwr.app import Context, RecordDict
 from tip_fed.config import load_config
 from tip_fed.errors import ConfigError
 
-from simulations import flower_apps, runner
+from simulations import exchanges, flower_apps
 from simulations.fidelity import FidelityError
-from simulations.runner import build_market, build_markets, make_buyer, projection_seed, run_scenario
+from simulations.runner import run_scenario
+from simulations.scenarios import build_market, build_markets, make_buyer, projection_seed
 
 HEALTHCARE = Path(__file__).resolve().parents[2] / "configs" / "healthcare.toml"
 TINY = ["seed=5", "healthcare.replicates=2", "healthcare.sellers=4", "healthcare.sites=6"]
@@ -83,13 +84,13 @@ def _corrupt_sellers(config, market, buyer, progress):
     """The real exchange, but every seller answers with another replicate's seller data."""
     other = build_market(config, 1 - market.replicate)
     swapped = dict(zip(market.sellers, other.sellers.values(), strict=True))
-    return runner.exchange_inprocess(config, dataclasses.replace(market, sellers=swapped), buyer, progress)
+    return exchanges.exchange_inprocess(config, dataclasses.replace(market, sellers=swapped), buyer, progress)
 
 
 def _wrong_buyer(config, market, buyer, progress):
     """The real exchange, valued by the other replicate's buyer (rebuilt without the replicate)."""
     other = make_buyer(build_market(config, 1 - market.replicate), config)
-    return runner.exchange_inprocess(config, market, other, progress)
+    return exchanges.exchange_inprocess(config, market, other, progress)
 
 
 @pytest.mark.parametrize(("exchange", "match"), [
@@ -97,7 +98,7 @@ def _wrong_buyer(config, market, buyer, progress):
     (_wrong_buyer, "valued by another buyer than this market's: model fingerprint .* projection seed"),
 ])
 def test_unfaithful_session_fails_and_writes_no_results(config, tmp_path, monkeypatch, exchange, match):
-    monkeypatch.setitem(runner.EXCHANGES, "inprocess", exchange)
+    monkeypatch.setitem(exchanges.EXCHANGES, "inprocess", exchange)
     with pytest.raises(FidelityError, match=match):
         run_scenario(config, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "metrics.json").exists()

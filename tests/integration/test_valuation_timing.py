@@ -3,7 +3,9 @@
 import json
 
 from tip_fed.config import load_config
-from simulations.runner import build_market, exchange_inprocess, make_buyer, run_scenario
+from simulations.exchanges import exchange_inprocess
+from simulations.runner import run_scenario
+from simulations.scenarios import build_market, make_buyer
 
 SYNTHETIC = ["healthcare.dataset=synthetic", "healthcare.samples-per-seller=10"]
 

@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from simulations import causal, healthcare
 from simulations.market import Market
-from simulations.runner import make_buyer, plaintext_reference
+from simulations.scenarios import make_buyer, plaintext_reference
 from tip_fed.config import TipConfig
 
 kronfluence = pytest.importorskip("kronfluence", reason="install the dev extra: kronfluence==1.0.1")

@@ -1,8 +1,9 @@
 """Many sellers end to end: ``tip-fed simulate`` on the healthcare market in scale mode.
 
-Each point runs ``tip-fed simulate configs/healthcare.toml --set sellers=N --set runtime=<runtime>
---set healthcare.dataset=synthetic --set healthcare.samples-per-seller=100`` in a child process, so
-every point values exactly N x 100 samples, and samples the summed resident memory of the whole
+Each point runs ``tip-fed simulate`` on the healthcare scenario (the settings of the repository's
+``configs/healthcare.toml``, written out in :data:`HEALTHCARE`, so an installed tip_fed needs no
+checkout) ``--set sellers=N --set runtime=<runtime> --set healthcare.dataset=synthetic --set
+healthcare.samples-per-seller=100`` in a child process, so every point values exactly N x 100 samples, and samples the summed resident memory of the whole
 process tree (the Flower/Ray workers included) every 0.2 s.
 
 Two times per point, because only one of them is per-seller work:
@@ -34,7 +35,13 @@ from typing import Any
 
 from .common import tree_rss_mb
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "healthcare.toml"
+#: The healthcare scenario as ``configs/healthcare.toml`` sets it, over the library defaults.
+HEALTHCARE: dict[str, str | int | float] = {
+    "scenario": "healthcare", "seed": 0, "projection.rank": 8, "preconditioner.kind": "identity",
+    "protocol.disclosure": "aggregate", "ground-truth.lr": 0.01, "ground-truth.epochs": 1,
+    "ground-truth.batch-size": 16, "healthcare.dataset": "diabetes", "healthcare.sites": 12,
+    "healthcare.sellers": 8, "healthcare.replicates": 20, "healthcare.hidden": 16, "healthcare.train-epochs": 50,
+}
 SAMPLES_PER_SELLER = 100
 #: The issue's acceptance criterion: peak RSS under 8 GB, valuation time per seller flat within +-20 %.
 RSS_LIMIT_MB = 8 * 1024
@@ -44,9 +51,15 @@ FLAT_WITHIN = 0.20
 WINDOW = 8
 
 
-def measure(sellers: int, runtime: str, out_dir: Path) -> dict[str, Any]:
-    """One simulate run: valuation-phase and whole-run seconds, peak tree RSS, sellers and samples valued."""
-    cmd = [sys.executable, "-m", "tip_fed.cli", "simulate", str(CONFIG), "--out", str(out_dir), "--quiet",
+def write_config(path: Path) -> Path:
+    """:data:`HEALTHCARE` as a TOML file (dotted keys) for ``tip-fed simulate``."""
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in HEALTHCARE.items()))
+    return path
+
+
+def measure(sellers: int, runtime: str, out_dir: Path, config: Path) -> dict[str, Any]:
+    """One simulate run of ``config``: valuation-phase and whole-run seconds, peak tree RSS, sellers and samples valued."""
+    cmd = [sys.executable, "-m", "tip_fed.cli", "simulate", str(config), "--out", str(out_dir), "--quiet",
            "--set", f"sellers={sellers}", "--set", f"runtime={runtime}", "--set", "healthcare.dataset=synthetic",
            "--set", f"healthcare.samples-per-seller={SAMPLES_PER_SELLER}",
            # Flower's simulation engine scans every stored message for every node each 0.1 s:
@@ -86,16 +99,18 @@ def _spread(values: list[float]) -> float:
     return max(values) / min(values) - 1.0
 
 
-def run(quick: bool, runtime: str | None = None) -> dict[str, Any]:
+def run(quick: bool, runtime: str | None = None, config: Path | None = None) -> dict[str, Any]:
     """The ``scale`` section: points at increasing seller counts, same runtime.
 
     Full mode: 100, 300 and 1000 sellers under ``flower-simulation``. Quick mode: 12 sellers
-    in-process (Ray's start-up alone would take most of the two-minute budget).
+    in-process (Ray's start-up alone would take most of the two-minute budget). ``config``: a
+    healthcare TOML to start from (default: :data:`HEALTHCARE`).
     """
     counts = (12,) if quick else (100, 300, 1000)
     runtime = runtime or ("inprocess" if quick else "flower-simulation")
     with tempfile.TemporaryDirectory(prefix="tip-bench-scale-") as tmp:
-        points = [measure(n, runtime, Path(tmp) / f"sellers-{n}") for n in counts]
+        config = config or write_config(Path(tmp) / "healthcare.toml")
+        points = [measure(n, runtime, Path(tmp) / f"sellers-{n}", config) for n in counts]
     first, last = points[0], points[-1]
     spread = _spread([p["valuation_seconds_per_seller"] for p in points])
     return {

@@ -20,8 +20,8 @@ Direct children also get ``PR_SET_PDEATHSIG`` (Linux) through :func:`exec_with_p
 die with the run even if the reaper itself was killed; the kernel fires it when the *thread*
 that started the child exits, so it is set only for children started from the main thread.
 
-Run as ``python -m simulations.reaper watch DIR TOKEN`` (the reaper) or
-``python -m simulations.reaper exec PARENT_PID -- ARGV...`` (the launcher).
+Run as ``python -m tip_fed.runtimes.reaper watch DIR TOKEN`` (the reaper) or
+``python -m tip_fed.runtimes.reaper exec PARENT_PID -- ARGV...`` (the launcher).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class Reaper:
         """Start a reaper that, when this process dies, stops the tagged processes and deletes ``directory``."""
         token = new_token()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simulations.reaper", "watch", str(directory), own_token(token)],
+            [sys.executable, "-m", "tip_fed.runtimes.reaper", "watch", str(directory), own_token(token)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, env={k: v for k, v in os.environ.items() if k != TAG},
         )
@@ -186,7 +186,7 @@ class Reaper:
         if line.strip() != b"watching":
             reaper.close(5.0)
             raise ReaperError(f"the reaper process did not start within {startup_timeout_s:g} s (exit code "
-                              f"{proc.returncode}); check that 'python -m simulations.reaper' runs with {sys.executable}")
+                              f"{proc.returncode}); check that 'python -m tip_fed.runtimes.reaper' runs with {sys.executable}")
         return reaper
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -216,7 +216,7 @@ def launcher(argv: Sequence[str]) -> list[str]:
     """``argv`` wrapped so that it dies with this process (Linux, main thread); unchanged otherwise."""
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return list(argv)
-    return [sys.executable, "-m", "simulations.reaper", "exec", str(os.getpid()), "--", *argv]
+    return [sys.executable, "-m", "tip_fed.runtimes.reaper", "exec", str(os.getpid()), "--", *argv]
 
 
 def _wait_for_parent_death() -> None:
@@ -258,7 +258,7 @@ def main(args: Sequence[str]) -> None:
     elif len(args) >= 4 and args[0] == "exec" and args[2] == "--":
         exec_with_parent(int(args[1]), args[3:])
     else:
-        sys.exit("usage: python -m simulations.reaper watch DIR TOKEN | exec PARENT_PID -- ARGV...")
+        sys.exit("usage: python -m tip_fed.runtimes.reaper watch DIR TOKEN | exec PARENT_PID -- ARGV...")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A runtime that starts real processes must leave none behind, whether the valuation succeeds,
 fails, is interrupted with Ctrl-C or is killed with SIGKILL. :class:`ProcessGroup` is a context
-manager that starts processes tagged with its run token (see :mod:`simulations.reaper`) and, on
+manager that starts processes tagged with its run token (see :mod:`tip_fed.runtimes.reaper`) and, on
 exit, stops its own children by their Popen handle (SIGTERM first, SIGKILL after a grace period),
 then every other process carrying the token: what Flower spawned and detached below them.
 Output goes to log files (never to pipes, which would block a chatty child) so readiness is found
@@ -26,10 +26,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from tip_fed.errors import TipError
-
-from simulations.reaper import TAG, Reaper, ReaperError, launcher, new_token, stop_tagged
+from tip_fed.runtimes.reaper import (
+    TAG,
+    Reaper,
+    ReaperError,
+    launcher,
+    new_token,
+    stop_tagged,
+)
 
 
 class ProcessStartError(TipError):
@@ -77,7 +84,7 @@ class ProcessGroup:
         self.die_with_parent = die_with_parent
         self.token = new_token(reaper.token if reaper else None)  # the reaper's token, and the group's own
 
-    def __enter__(self) -> ProcessGroup:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -155,7 +162,7 @@ class PrivateRun:
         self.root = Path()
         self.reaper: Reaper | None = None
 
-    def __enter__(self) -> PrivateRun:
+    def __enter__(self) -> Self:
         self.root = Path(tempfile.mkdtemp(prefix=self.prefix))
         try:
             self.reaper = Reaper.launch(self.root)

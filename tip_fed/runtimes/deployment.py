@@ -6,10 +6,10 @@ ClientApps through tip_fed's guard (``guard-bin/flwr-clientapp``, :mod:`tip_fed.
 and :meth:`LocalDeployment.write_run_config` signs the FAB the buyer runs. The run config also
 names the node id registered for each seller, so the buyer counts a reply only from that node.
 
-Used by ``runtime=flower-deployment`` (start, value, stop) and by ``tip-fed deploy up/down``
-(start, leave running, stop later from the state file). Every process is a real Flower process
+Used by :func:`tip_fed.runtimes.value_flower_deployment` (start, value, stop) and by ``tip-fed
+deploy up/down`` (start, leave running, stop later from the state file). Every process is a real Flower process
 talking HTTPS on 127.0.0.1. Every process carries the deployment's run token (see
-:mod:`simulations.reaper`), and so does everything Flower spawns below it, detached or orphaned
+:mod:`tip_fed.runtimes.reaper`), and so does everything Flower spawns below it, detached or orphaned
 (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``): stopping the deployment stops
 exactly the processes carrying its token, never a process found by name.
 
@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +38,8 @@ from tip_fed import tls
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.flower import trust
 from tip_fed.flower.server_app import format_bindings, parse_bindings
-
-from simulations.processes import Child, ProcessGroup, ProcessStartError
-from simulations.reaper import Reaper, stop_tagged
+from tip_fed.runtimes.processes import Child, ProcessGroup, ProcessStartError
+from tip_fed.runtimes.reaper import Reaper, stop_tagged
 
 BIN = Path(sys.executable).parent
 CONNECTION = "tip-local"
@@ -87,7 +86,7 @@ def wait_for_port(port: int, child: Child, timeout_s: float = 60.0) -> None:
 class LocalDeployment:
     """Paths, ports and processes of one loopback deployment rooted at ``root``.
 
-    With ``reaper`` (a run's deployment in a :class:`~simulations.processes.PrivateRun`) every
+    With ``reaper`` (a run's deployment in a :class:`~tip_fed.runtimes.processes.PrivateRun`) every
     process dies with this one; without (``tip-fed deploy up``) they keep running until ``down``.
     """
 
@@ -96,6 +95,7 @@ class LocalDeployment:
     nodes: dict[str, int] = field(default_factory=dict)  # seller name -> Flower node id
     runtime_ports: dict[str, int] = field(default_factory=dict)  # seller name -> its SuperNode's Runtime API port
     reaper: Reaper | None = None
+    exact_per_sample: bool = False  # sellers release per-sample scores without DP noise (simulated data only)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -179,9 +179,8 @@ class LocalDeployment:
         """A seller SuperNode with its own data file, authenticating with ``private_key``, running
         ClientApps only through the guard and only from apps the publisher key signed, launched by
         its own superexec, the only client holding this seller's Runtime API secret."""
-        # a simulated market's sellers opt into exact per-sample scores, as the in-process ones do
         node_config = (f'data-path="{data_path}" seller-id="{seller_id or data_path.stem}" '
-                       f'{trust.PUBLISHERS}="{self.trusted}" exact-per-sample=true')
+                       f'{trust.PUBLISHERS}="{self.trusted}" exact-per-sample={str(self.exact_per_sample).lower()}')
         env = self.guarded_env()
         secret, runtime_port = self.superexec_secret(f"supernode-{name}"), free_port()
         child = self.group.start(f"supernode-{name}", [
@@ -194,7 +193,7 @@ class LocalDeployment:
         self.runtime_ports[name] = runtime_port
         return child
 
-    def write_run_config(self, app_dir: Path, out_dir: Path, extra: dict[str, str] | None = None) -> Path:
+    def write_run_config(self, app_dir: Path, out_dir: Path, extra: Mapping[str, object] | None = None) -> Path:
         """``run-config.toml`` for ``flwr run app_dir``: the publisher's signature of that FAB, the
         seller -> node bindings and ``out-dir`` (plus ``extra`` keys)."""
         return write_run_config(self.root / RUN_CONFIG_FILE, app_dir, self.publisher, self.nodes, out_dir, extra)
@@ -203,7 +202,7 @@ class LocalDeployment:
         """Run the ``flwr`` CLI against this deployment; TipError with its output if it fails."""
         try:
             proc = subprocess.run(
-                [str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout_s,
+                [str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout_s, check=False,
                 env={**os.environ, **self.env}, cwd=cwd, stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired as exc:
@@ -214,13 +213,13 @@ class LocalDeployment:
         return proc.stdout + proc.stderr
 
     def up(self, sellers: dict[str, Path]) -> None:
-        """Prepare, start the SuperLink, register one key per seller and start its SuperNode."""
+        """Prepare, start the SuperLink, register one key per seller (id -> data file) and start its SuperNode."""
         self.prepare()
         self.start_superlink()
         for name, path in sellers.items():
             private, public = self.node_key(name)
             self.nodes[name] = self.register(public)
-            self.start_supernode(name, private, path)
+            self.start_supernode(name, private, path, seller_id=name)
 
     def save_state(self) -> Path:
         """Write PIDs, ports and the connection so ``tip-fed deploy down`` can stop exactly these processes."""
@@ -236,7 +235,7 @@ class LocalDeployment:
 
 
 def write_run_config(path: Path, app_dir: Path, key: Path, nodes: dict[str, int], out_dir: Path,
-                     extra: dict[str, str] | None = None) -> Path:
+                     extra: Mapping[str, object] | None = None) -> Path:
     """Sign the FAB ``flwr run app_dir`` will build, with these run-config values, using ``key``; write
     the run config (values and signature) to ``path``."""
     values = {**(extra or {}), "out-dir": str(Path(out_dir).resolve()), "sellers": format_bindings(nodes)}
@@ -280,16 +279,16 @@ def down(root: Path, grace_s: float = 5.0) -> list[int]:
 def up(root: Path, sellers_dir: Path, port: int = 0) -> LocalDeployment:
     """Start a deployment serving every ``*.safetensors`` seller file in ``sellers_dir`` and leave it running.
 
-    If any step fails, whatever was started is stopped again before the error propagates.
+    The files are a simulated market's (``tip-fed export-sellers``): its sellers release exact
+    per-sample scores, as in-process ones do. If any step fails, whatever was started is stopped
+    again before the error propagates.
     """
-    from tip_fed.errors import ConfigError
-
     files = {p.stem: p.resolve() for p in sorted(Path(sellers_dir).glob("*.safetensors"))}
     if not files:
         raise ConfigError(f"no seller files in {sellers_dir}; write them with 'tip-fed export-sellers CONFIG --out DIR'")
     if (Path(root) / STATE_FILE).exists():
         raise TipError(f"a deployment is already running under {root}; stop it with 'tip-fed deploy down {root}'")
-    deployment = LocalDeployment(Path(root), port)
+    deployment = LocalDeployment(Path(root), port, exact_per_sample=True)
     try:
         deployment.up(files)
         deployment.save_state()

@@ -1,0 +1,29 @@
+"""In-process runtime: the buyer and its sellers as objects in this process, exchanging protobuf bytes.
+
+The reference every other runtime is compared with: nothing but :meth:`Seller.respond` stands
+between the Offer and the Replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tqdm.auto import tqdm
+
+from tip_fed.errors import ConfigError
+from tip_fed.protocol import Buyer, Seller, Valuation
+
+
+def value_inprocess(buyer: Buyer, sellers: Mapping[str, Seller], max_samples: int, *,
+                    progress: bool = False) -> Valuation:
+    """Offer to every seller of ``sellers`` (seller id -> :class:`Seller`), collect and settle.
+
+    ``max_samples`` is the Offer's bound on records per seller (the largest seller's count); every
+    seller of the mapping is expected, so one that fails to answer is listed as missing.
+    """
+    wrong = [f"{key!r} holds seller {seller.seller_id!r}" for key, seller in sellers.items() if key != seller.seller_id]
+    if wrong:
+        raise ConfigError(f"sellers must be keyed by their own seller id: {', '.join(wrong)}")
+    offer = buyer.offer(max_samples=max_samples)
+    replies = [s.respond(offer) for s in tqdm(list(sellers.values()), desc="sellers", leave=False, disable=not progress)]
+    return buyer.settle(replies, expected=list(sellers))
