@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.flower import records
 from tip_fed.protocol import Seller, SellerPolicy
-from tip_fed.protocol.data import load_dataset
+from tip_fed.protocol.records import load_seller_data
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ EXACT_PER_SAMPLE = "exact-per-sample"
 
 
 def seller_from_node_config(context: Context, answered: dict[str, int]) -> Seller:
-    """Seller from ``--node-config "data-path=... [seller-id=...] [exact-per-sample=true]"`` (a
-    safetensors dataset).
+    """Seller from ``--node-config "data-path=... [seller-id=...] [exact-per-sample=true]"``: a
+    safetensors dataset, or raw records (.csv, .parquet, .jsonl, .txt) the buyer's input format encodes.
 
     The seller id defaults to the data file's stem, as written by ``tip-fed export-sellers``.
     Per-sample scores without noise are released only when the node config says so.
@@ -48,7 +48,7 @@ def seller_from_node_config(context: Context, answered: dict[str, int]) -> Selle
     exact = context.node_config.get(EXACT_PER_SAMPLE, False)
     if not isinstance(exact, bool):
         raise ConfigError(f"node config '{EXACT_PER_SAMPLE}' must be true or false, got {exact!r}")
-    return Seller(str(seller_id), load_dataset(path), answered=answered,
+    return Seller(str(seller_id), load_seller_data(path), answered=answered,
                   policy=SellerPolicy(exact_per_sample=exact))
 
 

@@ -31,6 +31,8 @@ from tip_fed.protocol.convert import params_to_pb, plan_to_pb, spec_to_pb
 from tip_fed.protocol.messages import DISCLOSURE_NAMES, PROTOCOL_VERSION, decode_reply
 from tip_fed.protocol.model import encode_model
 from tip_fed.protocol.data import Batch, iter_batches
+from tip_fed.protocol.formats import InputFormat, encode_records
+from tip_fed.protocol.records import RawRecords
 from tip_fed.protocol.disclosure import NoisePolicy, release_quantum, round_release
 from tip_fed.protocol.ledger import composed_epsilon
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -135,17 +137,23 @@ class Buyer:
     """One data buyer with a model, a task, an objective set and (optionally) its training data.
 
     The preconditioner is fitted on ``train`` (the buyer's own training data, or the objective
-    set when absent); the query is ``v = P · mean objective gradient``.
+    set when absent); the query is ``v = P · mean objective gradient``. With ``input_format``
+    (:mod:`tip_fed.protocol.formats`) every Offer carries it, so sellers holding raw records encode
+    them exactly as the buyer encodes its own raw ``objective``/``train`` records here.
     """
 
     def __init__(
         self,
         model: nn.Module,
         task: Task,
-        objective: Batch,
-        train: Batch | None = None,
+        objective: Batch | RawRecords,
+        train: Batch | RawRecords | None = None,
         settings: BuyerSettings | None = None,
+        input_format: InputFormat | None = None,
     ) -> None:
+        self.input_format = input_format
+        objective = encode_records(input_format, objective)
+        train = None if train is None else encode_records(input_format, train)
         self.model = model.eval()
         self.task = task
         self.settings = settings or BuyerSettings()
@@ -222,6 +230,7 @@ class Buyer:
             max_samples=max_samples,
             dp_epsilon=self.settings.protocol.dp_epsilon or 0.0,
             dp_delta=self.settings.protocol.dp_delta if self.settings.protocol.dp_epsilon else 0.0,
+            input=None if self.input_format is None else self.input_format.to_pb(),
         )
         self._sessions[session_id] = _Session(session_id, keys, plan, disclosure, max_samples)
         self.session_id = session_id
