@@ -16,6 +16,10 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tip_fed.core.models import MLP
+from tip_fed.core.tasks import get_task
+from tip_fed.protocol import Buyer, BuyerSettings
+from tip_fed.protocol.formats import TableFormat, TextFormat
+from tip_fed.protocol.records import RawRecords
 
 FEATURES = ["mean radius", "mean texture", "mean smoothness", "worst area", "worst concavity", "worst symmetry"]
 LABEL = "diagnosis"
@@ -86,5 +90,27 @@ def tiny_gpt2(vocab_size: int, n_positions: int = 64) -> transformers.GPT2LMHead
 
 def write_jsonl(path, texts: list[str], **extra_fields) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for i, text in enumerate(texts):
-            f.write(json.dumps({"id": i, "text": text, **{k: v[i] for k, v in extra_fields.items()}}) + "\n")
+        f.writelines(json.dumps({"id": i, "text": text, **{k: v[i] for k, v in extra_fields.items()}}) + "\n" for i, text in enumerate(texts))
+
+
+def text_records(texts: list[str], source: str = "the records") -> RawRecords:
+    return RawRecords.from_rows([{"text": t} for t in texts], source)
+
+
+def table_buyer(mine: pd.DataFrame, settings: BuyerSettings, *, objective: pd.DataFrame | None = None,
+                hidden: int = 8, steps: int = 40) -> Buyer:
+    """A buyer whose MLP is trained on its own rows ``mine``, standardised by a TableFormat fitted on them."""
+    rows = RawRecords.from_rows(mine.to_dict("records"), "buyer rows")
+    fmt = TableFormat.fit(rows, FEATURES, LABEL)
+    enc = fmt.encode(rows)
+    model = train_mlp(enc["x"], enc["y"], [len(FEATURES), hidden, 2], steps)
+    obj = rows if objective is None else RawRecords.from_rows(objective.to_dict("records"))
+    return Buyer(model, get_task("classification"), objective=obj, train=rows, settings=settings, input_format=fmt)
+
+
+def text_buyer(objective: list[str], tok: Tokenizer, settings: BuyerSettings, max_length: int, *,
+               train: list[str] | None = None) -> Buyer:
+    """A tiny-GPT-2 causal-LM buyer whose TextFormat carries ``tok`` (pads with <|pad|>)."""
+    fmt = TextFormat.from_tokenizer(tok, max_length, pad_id=tok.token_to_id("<|pad|>"))
+    return Buyer(tiny_gpt2(tok.get_vocab_size()), get_task("causal-lm"), objective=text_records(objective),
+                 train=None if train is None else text_records(train), settings=settings, input_format=fmt)

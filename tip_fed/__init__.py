@@ -43,6 +43,10 @@ _LAZY = {
     "ProjectionSpec": "tip_fed.core.projection",
     "get_task": "tip_fed.core.tasks",
     "load_dataset": "tip_fed.protocol.data",
+    "TableFormat": "tip_fed.protocol.formats",
+    "TextFormat": "tip_fed.protocol.formats",
+    "RawRecords": "tip_fed.protocol.records",
+    "load_seller_data": "tip_fed.protocol.records",
 }
 
 __all__ = [
@@ -76,6 +80,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from tip_fed.protocol import SellerValuation as SellerValuation
     from tip_fed.protocol import Valuation as Valuation
     from tip_fed.protocol.data import load_dataset as load_dataset
+    from tip_fed.protocol.formats import TableFormat as TableFormat
+    from tip_fed.protocol.formats import TextFormat as TextFormat
+    from tip_fed.protocol.records import RawRecords as RawRecords
+    from tip_fed.protocol.records import load_seller_data as load_seller_data
 
 
 def __getattr__(name: str) -> Any:

@@ -19,10 +19,9 @@ from tip_fed.core.tasks import get_task
 from tip_fed.errors import ProtocolError
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.audit import audit
-from tip_fed.protocol.formats import TableFormat, TextFormat
-from tip_fed.protocol.records import RawRecords, load_seller_data
+from tip_fed.protocol.records import load_seller_data
 
-from ..raw_data import FEATURES, LABEL, cancer_table, docstring_corpus, tiny_gpt2, train_mlp, train_tokenizer, write_jsonl
+from ..raw_data import FEATURES, LABEL, cancer_table, docstring_corpus, table_buyer, text_buyer, train_tokenizer, write_jsonl
 
 EXACT = SellerPolicy(exact_per_sample=True)
 MAX_LENGTH = 24
@@ -57,11 +56,7 @@ def table_market(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("table")
     frame = cancer_table()
     mine, objective = frame.iloc[:200], frame.iloc[200:260]
-    fmt = TableFormat.fit(RawRecords.from_rows(mine.to_dict("records"), "buyer rows"), FEATURES, LABEL)
-    train = fmt.encode(RawRecords.from_rows(mine.to_dict("records")))
-    model = train_mlp(train["x"], train["y"], [len(FEATURES), 16, 2])
-    buyer = Buyer(model, get_task("classification"), objective=RawRecords.from_rows(objective.to_dict("records")),
-                  train=RawRecords.from_rows(mine.to_dict("records")), settings=_settings(), input_format=fmt)
+    buyer = table_buyer(mine, _settings(), objective=objective, hidden=16, steps=100)
     paths = {}
     for i, (start, n) in enumerate([(260, 40), (300, 70), (370, 25)]):
         paths[f"clinic-{i}"] = tmp / f"clinic-{i}.csv"
@@ -124,11 +119,7 @@ def text_market(tmp_path_factory):
             unique.append(text)
     texts = unique
     assert len(texts) >= 160
-    model = tiny_gpt2(tok.get_vocab_size())
-    fmt = TextFormat.from_tokenizer(tok, MAX_LENGTH, pad_id=tok.token_to_id("<|pad|>"))
-    buyer = Buyer(model, get_task("causal-lm"), objective=RawRecords.from_rows([{"text": t} for t in texts[:30]]),
-                  train=RawRecords.from_rows([{"text": t} for t in texts[:80]]), settings=_settings(),
-                  input_format=fmt)
+    buyer = text_buyer(texts[:30], tok, _settings(), MAX_LENGTH, train=texts[:80])
     parts = {"corpus-a": texts[80:100], "corpus-b": texts[100:135], "corpus-c": texts[135:160]}
     paths = {}
     for sid, part in parts.items():

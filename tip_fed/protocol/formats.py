@@ -27,12 +27,12 @@ from tip_fed.protocol.records import RawRecords
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 __all__ = [
-    "InputFormat",
     "MAX_CLASSES",
     "MAX_FEATURES",
     "MAX_NAME_CHARS",
     "MAX_TEXT_LENGTH",
     "MAX_TOKENIZER_BYTES",
+    "InputFormat",
     "TableFormat",
     "TextFormat",
     "check_input_pb",

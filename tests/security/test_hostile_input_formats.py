@@ -1,0 +1,143 @@
+"""A hostile buyer attacks raw-data sellers through the input format of its Offer.
+
+Each attack takes an honest Offer, rewrites its input format, and sends it to a real seller
+holding raw records. Every one must be refused with a TipError that says what is wrong, before the
+seller tokenizes or allocates anything it sizes, and without spending the seller's budgets: the
+honest Offer of the same session is answered afterwards (per-session budget of one query, and the
+seller's ledger allows one exact answer per buyer).
+"""
+
+import pytest
+
+from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
+from tip_fed.errors import DataError, ProtocolError, TipError
+from tip_fed.protocol import BuyerSettings, Seller, formats
+from tip_fed.protocol.formats import MAX_TOKENIZER_BYTES
+from tip_fed.protocol.records import RawRecords
+from tip_fed.protocol.resources import ResourceLimitError
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+from ..raw_data import (
+    FEATURES,
+    cancer_table,
+    docstring_corpus,
+    table_buyer,
+    text_buyer,
+    text_records,
+    train_tokenizer,
+)
+
+SETTINGS = BuyerSettings(projection=ProjectionConfig(rank=2), preconditioner=PreconditionerConfig(kind="identity"),
+                         protocol=ProtocolConfig(disclosure="aggregate", query_budget=1))
+
+
+@pytest.fixture(scope="module")
+def text_market():
+    texts = docstring_corpus(60)
+    buyer = text_buyer(texts[:10], train_tokenizer(texts), SETTINGS, 16)
+    return buyer, text_records(texts[10:40], "corpus.jsonl")
+
+
+@pytest.fixture(scope="module")
+def table_market():
+    frame = cancer_table()
+    return table_buyer(frame.iloc[:150], SETTINGS), RawRecords.from_rows(frame.iloc[150:200].to_dict("records"),
+                                                                         "clinic.csv")
+
+
+def _tamper(offer: bytes, edit) -> bytes:
+    msg = pb.Offer.FromString(offer)
+    edit(msg.input)
+    return msg.SerializeToString()
+
+
+def _refused_then_honest_answered(buyer, records, edit, error, match, monkeypatch=None):
+    seller = Seller("victim", records)
+    offer = buyer.offer(max_samples=100)
+    if monkeypatch is not None:  # the tokenizer must never be parsed for this attack
+        def parse(_):
+            raise AssertionError("the seller parsed the hostile tokenizer")
+        monkeypatch.setattr(formats, "parse_tokenizer", parse)
+    with pytest.raises(error, match=match) as info:
+        seller.respond(_tamper(offer, edit))
+    assert isinstance(info.value, TipError)
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    # nothing was spent: the same session's honest offer is still answered, exactly once
+    assert buyer.settle([seller.respond(offer)]).rejected == {}
+
+
+def _huge_tokenizer(inp):
+    inp.text.tokenizer_json = b'{"x": "' + b"a" * MAX_TOKENIZER_BYTES + b'"}'
+
+
+def _set(**fields):
+    def edit(inp):
+        target = inp.text if inp.WhichOneof("kind") == "text" else inp.table
+        for name, value in fields.items():
+            if isinstance(value, list):
+                del getattr(target, name)[:]
+                getattr(target, name).extend(value)
+            else:
+                setattr(target, name, value)
+    return edit
+
+
+def test_oversized_tokenizer_is_refused_before_parsing(text_market, monkeypatch):
+    buyer, records = text_market
+    _refused_then_honest_answered(buyer, records, _huge_tokenizer, ProtocolError,
+                                  rf"tokenizer_json is {MAX_TOKENIZER_BYTES + 9} bytes, above .* not parsed",
+                                  monkeypatch)
+
+
+@pytest.mark.parametrize("blob, match", [
+    (b"not json at all", "not a valid tokenizers serialization: expected ident"),
+    (b'{"model": {"type": "BPE", "vocab": 5}}', "not a valid tokenizers serialization"),
+    (b"\xff\xfe{}", "not UTF-8 text"),
+])
+def test_malformed_tokenizer_is_a_protocol_error(text_market, blob, match):
+    buyer, records = text_market
+    _refused_then_honest_answered(buyer, records, _set(tokenizer_json=blob), ProtocolError, match)
+
+
+def test_huge_max_length_is_refused_by_costing_before_tokenizing(text_market, monkeypatch):
+    buyer, records = text_market
+    _refused_then_honest_answered(buyer, records, _set(max_length=10**7), ResourceLimitError,
+                                  r"the offer would take about \d+ MiB .* above", monkeypatch)
+
+
+def test_max_length_beyond_any_sense_is_refused_at_decoding(text_market, monkeypatch):
+    buyer, records = text_market
+    _refused_then_honest_answered(buyer, records, _set(max_length=2**31), ProtocolError,
+                                  r"max_length 2147483648 is outside \[1, 16777216\]", monkeypatch)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set(offset=[0.0]), r"6 features but 1 offsets and 6 scales; it needs one of each per feature"),
+    (_set(scale=[float("nan")] * 6), "scale has a non-finite value"),
+    (_set(offset=[float("inf")] * 6), "offset has a non-finite value"),
+    (_set(scale=[0.0] * 6), "zero scale"),
+    (_set(features=[f"c{i}" for i in range(10**6)], offset=[0.0] * 10**6, scale=[1.0] * 10**6),
+     r"lists 1000000 feature columns, above the 65536"),
+    (_set(classes=[str(i) for i in range(70_000)]), "lists 70000 classes, above the 65536"),
+    (_set(dtype="int8"), r"dtype 'int8' is not one of \['float32', 'float64'\]"),
+    (_set(features=["x" * 1000] + FEATURES[1:]), "name of 1000 characters, above 256"),
+    (_set(label_key="x"), "two distinct, non-empty batch keys"),
+])
+def test_hostile_table_formats_are_refused(table_market, edit, match):
+    buyer, records = table_market
+    _refused_then_honest_answered(buyer, records, edit, ProtocolError, match)
+
+
+def test_a_format_the_records_do_not_fit_is_a_data_error_and_spends_nothing(table_market):
+    buyer, records = table_market
+    _refused_then_honest_answered(buyer, records, _set(features=["age"] + FEATURES[1:]), DataError,
+                                  r"clinic.csv has no feature column 'age'")
+    _refused_then_honest_answered(buyer, records, _set(classes=["benign"]), DataError,
+                                  "label 'malignant' .* not one of the buyer's classes")
+
+
+def test_an_empty_input_format_is_refused(table_market):
+    buyer, records = table_market
+    _refused_then_honest_answered(buyer, records, lambda inp: inp.ClearField("table"), ProtocolError,
+                                  "input format is empty")
