@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +34,17 @@ def _wait_ready(proc: subprocess.Popen, timeout_s: float) -> re.Match:
     found: list[re.Match] = []
     lines: list[str] = []
 
-    def read() -> None:
+    def read() -> None:  # keeps draining the pipe, so the seller never blocks on a full one
         for line in proc.stdout:
             lines.append(line)
-            if (m := READY.search(line)) is not None:
+            if not found and (m := READY.search(line)) is not None:
                 found.append(m)
-                return
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    reader.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while not found and reader.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
     if not found:
         raise AssertionError(f"seller did not start (exit {proc.poll()}): {''.join(lines)[-2000:]}")
     return found[0]

@@ -19,7 +19,8 @@ from tip_fed.core.tasks import get_task
 from tip_fed.errors import ProtocolError
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.audit import audit
-from tip_fed.protocol.records import load_seller_data
+from tip_fed.protocol.formats import TextFormat
+from tip_fed.protocol.records import RawRecords, load_seller_data
 
 from ..raw_data import FEATURES, LABEL, cancer_table, docstring_corpus, table_buyer, text_buyer, train_tokenizer, write_jsonl
 
@@ -159,3 +160,33 @@ def test_text_scores_do_not_depend_on_padding(text_market):
     alone = np.concatenate([_plain(buyer, task, hf_batch(tok, [t])) for t in texts])
     assert hf_batch(tok, texts)["attention_mask"].float().mean() < 1
     np.testing.assert_allclose(padded, alone, rtol=1e-4, atol=1e-6 * np.abs(alone).max())
+
+
+def test_labelled_text_sellers_for_sequence_classification(tmp_path):
+    """JSONL records with a label field; a GPT-2 sequence classifier; reference via transformers."""
+    texts = docstring_corpus(120)
+    tok = train_tokenizer(texts[:60])
+    pad = tok.token_to_id("<|pad|>")
+    median = sorted(len(t) for t in texts)[len(texts) // 2]
+    kind = ["long" if len(t) > median else "short" for t in texts]
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=tok.get_vocab_size(), n_positions=64,
+                                  num_labels=2, pad_token_id=pad)
+    model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    fmt = TextFormat.from_tokenizer(tok, MAX_LENGTH, label_field="kind", classes=("short", "long"), pad_id=pad)
+    rows = [{"text": t, "kind": k} for t, k in zip(texts, kind)]
+    task = get_task("sequence-classification")
+    buyer = Buyer(model, task, objective=RawRecords.from_rows(rows[:40]), train=RawRecords.from_rows(rows[:60]),
+                  settings=_settings(), input_format=fmt)
+    parts = {"reviews-a": slice(60, 90), "reviews-b": slice(90, 120)}
+    paths = {sid: tmp_path / f"{sid}.jsonl" for sid in parts}
+    for sid, part in parts.items():
+        write_jsonl(paths[sid], texts[part], kind=kind[part])
+    offer = buyer.offer(max_samples=100)
+    valuation = buyer.settle([Seller(sid, load_seller_data(p), policy=EXACT).respond(offer) for sid, p in paths.items()])
+    plain = {}
+    for sid, part in parts.items():
+        ref = hf_batch(tok, texts[part])
+        ref["labels"] = torch.tensor([int(k == "long") for k in kind[part]])
+        plain[sid] = _plain(buyer, task, ref)
+    _check(valuation, buyer, plain)

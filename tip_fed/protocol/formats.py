@@ -17,6 +17,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,11 @@ class TableFormat:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        # lists from a config file become tuples, so formats compare and hash by value
+        for name in ("features", "offset", "scale"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(label_text(c) for c in self.classes))
         check_input_pb(pb.InputFormat(table=self._pb()))
 
     @classmethod
@@ -190,6 +196,8 @@ class TextFormat:
     add_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(label_text(c) for c in self.classes))
         check_input_pb(pb.InputFormat(text=self._pb()))
 
     @classmethod
@@ -198,11 +206,35 @@ class TextFormat:
         ``pad_id`` defaults to the tokenizer's pad token, else its end-of-text token, else 0."""
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         if "pad_id" not in kw:
-            pad = getattr(tokenizer, "pad_token_id", None)
-            if pad is None and backend.padding:
-                pad = backend.padding.get("pad_id")
-            kw["pad_id"] = int(pad or 0)
+            candidates = (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                          (backend.padding or {}).get("pad_id"))
+            kw["pad_id"] = int(next((c for c in candidates if c is not None), 0))
         return cls(backend.to_str(), max_length, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_length: int | None = None, **kw: Any) -> TextFormat:
+        """From a tokenizer saved with ``save_pretrained`` (a directory) or a bare ``tokenizer.json``.
+
+        ``max_length`` defaults to the saved ``model_max_length`` when that is a real bound.
+        """
+        p = Path(path)
+        if p.is_file():
+            if not max_length:
+                raise DataError(f"{p} is a bare tokenizer.json, which states no maximum length; pass max_length")
+            try:
+                return cls.from_tokenizer(parse_tokenizer(p.read_bytes()), max_length, **kw)
+            except ProtocolError as exc:
+                raise DataError(f"{p}: {exc}") from None
+        if not (p / "tokenizer.json").is_file():
+            raise DataError(f"{p} holds no tokenizer.json; save a fast tokenizer with save_pretrained({str(p)!r})")
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
+        if max_length is None and 0 < tok.model_max_length <= MAX_TEXT_LENGTH:
+            max_length = int(tok.model_max_length)
+        if not max_length:
+            raise DataError(f"the tokenizer in {p} states no model_max_length; pass max_length")
+        return cls.from_tokenizer(tok, max_length, **kw)
 
     def tokenizer(self) -> Any:
         """The parsed tokenizer (ProtocolError if the serialization is not a tokenizers JSON)."""

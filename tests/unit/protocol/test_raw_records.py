@@ -186,3 +186,29 @@ def test_jsonl_fields_survive_the_reader(tmp_path, tokenizer):
 def test_pandas_frames_become_records():
     frame = pd.DataFrame({"a": [1.0, 2.0], "y": ["u", "v"]})
     assert RawRecords.from_rows(frame.to_dict("records")).column("y") == ["u", "v"]
+
+
+def test_text_format_from_a_saved_tokenizer(tmp_path, tokenizer):
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>",
+                                              eos_token="<|endoftext|>", model_max_length=40)
+    hf.save_pretrained(tmp_path / "tok")
+    fmt = TextFormat.from_pretrained(tmp_path / "tok")
+    assert fmt.max_length == 40 and fmt.pad_id == tokenizer.token_to_id("<|pad|>")
+    texts = docstring_corpus(80)[20:25]
+    ref = hf(texts, padding=True, truncation=True, max_length=40, return_tensors="pt")
+    assert torch.equal(fmt.encode(RawRecords.from_rows([{"text": t} for t in texts]))["input_ids"], ref["input_ids"])
+    bare = TextFormat.from_pretrained(tmp_path / "tok" / "tokenizer.json", 8)
+    assert bare.max_length == 8
+    with pytest.raises(DataError, match="pass max_length"):
+        TextFormat.from_pretrained(tmp_path / "tok" / "tokenizer.json")
+    with pytest.raises(DataError, match="holds no tokenizer.json"):
+        TextFormat.from_pretrained(tmp_path)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match="bad.json: .* not a valid tokenizers serialization"):
+        TextFormat.from_pretrained(tmp_path / "bad.json", 8)
+
+
+def test_formats_built_from_config_lists_compare_by_value():
+    a = TableFormat(["a"], "y", [0, 1], [0.0], [1.0])
+    b = TableFormat(("a",), "y", ("0", "1"), (0.0,), (1.0,))
+    assert a == b and hash(a) == hash(b)
