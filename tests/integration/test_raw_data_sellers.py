@@ -93,6 +93,18 @@ def test_table_sellers_match_a_pandas_reference(table_market):
     assert torch.equal(delivered["y"], _pandas_batch(paths["registry"], mine)["y"])
 
 
+def test_tensor_and_raw_sellers_answer_the_same_offer_alike(table_market):
+    """A seller already holding the encoded tensors ignores the input format and scores the same."""
+    buyer, mine, paths = table_market
+    offer = buyer.offer(max_samples=100)
+    raw = Seller("raw", load_seller_data(paths["clinic-1"]), policy=EXACT)
+    tensors = Seller("tensors", _pandas_batch(paths["clinic-1"], mine), policy=EXACT)
+    v = buyer.settle([raw.respond(offer), tensors.respond(offer)]).by_id()
+    tol = 2e-6 * buyer.query_norm * buyer.grad_norm_bound
+    assert v["raw"].n_samples == v["tensors"].n_samples == 70
+    assert np.max(np.abs(v["raw"].per_sample - v["tensors"].per_sample)) <= tol
+
+
 def test_a_raw_seller_refuses_an_offer_without_input_format(table_market, model):
     buyer, _, paths = table_market
     seller = Seller("clinic-0", load_seller_data(paths["clinic-0"]), policy=EXACT)

@@ -107,6 +107,12 @@ def _number(value: Any, column: str, i: int) -> float:
     return x
 
 
+def _feature_matrix(records: RawRecords, features: Sequence[str]) -> np.ndarray:
+    """float64 [n, len(features)] of the named columns; DataError for a missing or non-numeric one."""
+    return np.array([[_number(v, f, i) for i, v in enumerate(records.column(f, "feature"))] for f in features],
+                    dtype=np.float64).T
+
+
 def _finite(values: Sequence[float], what: str) -> None:
     if not all(math.isfinite(v) for v in values):
         raise ProtocolError(f"the input format's {what} has a non-finite value; every {what} must be a finite number")
@@ -144,20 +150,17 @@ class TableFormat:
 
         Classes are the sorted distinct label values unless given; a constant feature keeps scale 1.
         """
-        x = np.array([[_number(v, f, i) for i, v in enumerate(records.column(f, "feature"))] for f in features],
-                     dtype=np.float64).T
+        x = _feature_matrix(records, features)
         std = x.std(axis=0)
         if classes is None and not regression:
             found = {label_text(v) for v in records.column(label, "label")}
             classes = sorted(found, key=lambda c: (_sort_number(c), c))
-        return cls(tuple(features), label, None if regression else tuple(label_text(c) for c in classes),
+        return cls(tuple(features), label, None if regression or classes is None else tuple(classes),
                    tuple(float(m) for m in x.mean(axis=0)), tuple(float(s) if s > 0 else 1.0 for s in std), **keys)
 
     def encode(self, records: RawRecords) -> dict[str, torch.Tensor]:
         """The task's batch from table rows; DataError naming the column and record that do not fit."""
-        x = np.array([[_number(v, f, i) for i, v in enumerate(records.column(f, "feature"))] for f in self.features],
-                     dtype=np.float64).T
-        x = (x - np.asarray(self.offset)) / np.asarray(self.scale)
+        x = (_feature_matrix(records, self.features) - np.asarray(self.offset)) / np.asarray(self.scale)
         return {self.features_key: torch.from_numpy(x).to(_DTYPES[self.dtype]),
                 self.label_key: _class_indices(records, self.label, self.classes, "label")}
 
