@@ -256,8 +256,16 @@ class TextFormat:
         tok = self.tokenizer()
         tok.no_padding()
         tok.enable_truncation(self.max_length)
-        encodings = tok.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+        try:
+            encodings = tok.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ProtocolError(f"the buyer's tokenizer failed on {records.source}: {str(exc)[:200]}") from None
         width = max(len(e.ids) for e in encodings)
+        if width > self.max_length:  # tokenizers does not truncate below the special tokens' count
+            raise ProtocolError(
+                f"the buyer's tokenizer makes {width}-token records under max_length {self.max_length}: its special "
+                "tokens alone exceed max_length; ask the buyer for a larger max_length"
+            )
         if width == 0:
             raise DataError(f"the buyer's tokenizer turns every record of {records.source} into 0 tokens")
         ids = torch.full((len(texts), width), self.pad_id, dtype=torch.long)
