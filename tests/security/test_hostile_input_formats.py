@@ -15,6 +15,7 @@ from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfi
 from tip_fed.errors import DataError, ProtocolError, TipError
 from tip_fed.protocol import BuyerSettings, Seller, formats
 from tip_fed.protocol.formats import MAX_TOKENIZER_BYTES
+from tip_fed.protocol.ledger import PrivacyBudgetExhaustedError
 from tip_fed.protocol.records import RawRecords
 from tip_fed.protocol.resources import ResourceLimitError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -131,12 +132,29 @@ def test_hostile_table_formats_are_refused(table_market, edit, match):
     _refused_then_honest_answered(buyer, records, edit, ProtocolError, match)
 
 
-def test_a_format_the_records_do_not_fit_is_a_data_error_and_spends_nothing(table_market):
+def test_a_format_naming_fields_the_records_lack_is_refused_before_any_charge(table_market):
     buyer, records = table_market
-    _refused_then_honest_answered(buyer, records, _set(features=["age"] + FEATURES[1:]), DataError,
-                                  r"clinic.csv has no feature column 'age'")
-    _refused_then_honest_answered(buyer, records, _set(classes=["benign"]), DataError,
-                                  "label 'malignant' .* not one of the buyer's classes")
+    _refused_then_honest_answered(buyer, records, _set(features=["age", *FEATURES[1:]]), DataError,
+                                  r"clinic.csv has no field 'age' in every record \(fields: 'diagnosis', ")
+
+
+@pytest.mark.parametrize("edit", [
+    _set(classes=["benign"]),  # is any record malignant?
+    _set(features=["diagnosis", *FEATURES[1:]]),  # read a text column as a number
+])
+def test_probing_record_values_through_refusals_is_charged_and_reveals_no_value(table_market, edit, caplog):
+    """Whether a format fits the records' values is information about them: the refusal names no
+    value and no record, and it costs the buyer its answer (here its one exact answer)."""
+    buyer, records = table_market
+    seller = Seller("victim", records)
+    offer = buyer.offer(max_samples=100)
+    with pytest.raises(DataError, match="records do not fit the offer's input format") as info:
+        seller.respond(_tamper(offer, edit))
+    message = str(info.value)
+    assert "malignant" not in message and "benign" not in message and "record " not in message
+    assert "malignant" in caplog.text or "benign" in caplog.text  # the seller's own log says which value
+    with pytest.raises(PrivacyBudgetExhaustedError, match="already received 1 exact"):
+        seller.respond(offer)
 
 
 def test_an_empty_input_format_is_refused(table_market):

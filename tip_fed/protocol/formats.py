@@ -17,6 +17,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "InputFormat",
     "TableFormat",
     "TextFormat",
+    "check_fields",
     "check_input_pb",
     "encode_records",
     "format_digest",
@@ -158,6 +160,11 @@ class TableFormat:
         return cls(tuple(features), label, None if regression or classes is None else tuple(classes),
                    tuple(float(m) for m in x.mean(axis=0)), tuple(float(s) if s > 0 else 1.0 for s in std), **keys)
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The record fields this format reads."""
+        return (*self.features, self.label)
+
     def encode(self, records: RawRecords) -> dict[str, torch.Tensor]:
         """The task's batch from table rows; DataError naming the column and record that do not fit."""
         x = (_feature_matrix(records, self.features) - np.asarray(self.offset)) / np.asarray(self.scale)
@@ -239,8 +246,17 @@ class TextFormat:
             raise DataError(f"the tokenizer in {p} states no model_max_length; pass max_length")
         return cls.from_tokenizer(tok, max_length, **kw)
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The record fields this format reads."""
+        return (self.text_field,) if self.label_field is None else (self.text_field, self.label_field)
+
     def tokenizer(self) -> Any:
-        """The parsed tokenizer (ProtocolError if the serialization is not a tokenizers JSON)."""
+        """The parsed tokenizer, parsed once (ProtocolError if the serialization is not a tokenizers JSON)."""
+        return self._parsed
+
+    @cached_property
+    def _parsed(self) -> Any:
         return parse_tokenizer(self.tokenizer_json.encode())
 
     def encode(self, records: RawRecords) -> dict[str, torch.Tensor]:
@@ -378,6 +394,18 @@ def format_from_pb(msg: pb.InputFormat) -> InputFormat:
                             "by Tokenizer.save or save_pretrained") from None
     return TextFormat(tokenizer_json, t.max_length, t.text_field, t.label_field or None, tuple(t.classes) or None,
                       t.pad_id, t.add_special_tokens)
+
+
+def check_fields(fmt: InputFormat, records: RawRecords) -> None:
+    """DataError if ``records`` lack a field ``fmt`` reads (a schema check: no record's values)."""
+    missing = [f for f in fmt.fields if f not in records.fields]
+    if missing:
+        have = sorted(records.fields)
+        shown = ", ".join(repr(k) for k in have[:20]) + (", ..." if len(have) > 20 else "")
+        raise DataError(
+            f"{records.source} has no field {missing[0]!r} in every record (fields: {shown}); the buyer's input "
+            f"format reads {list(fmt.fields)}: ask the buyer which columns it means, or rename yours"
+        )
 
 
 def format_digest(msg: pb.InputFormat) -> bytes:

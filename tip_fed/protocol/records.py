@@ -19,6 +19,7 @@ import csv
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ class RawRecords:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @cached_property
+    def fields(self) -> frozenset[str]:
+        """Fields every record has: the schema (a table's header), not any record's values."""
+        common = set(self.rows[0])
+        for row in self.rows[1:]:
+            common.intersection_update(row)
+        return frozenset(common)
 
     def column(self, name: str, what: str = "field") -> list[Any]:
         """Every record's value of ``name``; DataError naming the fields there are if one lacks it."""
@@ -135,7 +144,7 @@ def read_records(path: str | Path) -> RawRecords:
         raise DataError(f"{p} is not a valid CSV file: {exc}{_FIX}") from None
     if not rows:
         raise DataError(f"{p} holds no records; a seller needs at least one")
-    return RawRecords(tuple(rows), str(p))
+    return RawRecords(tuple(rows), p.name)  # the name only: messages about them may reach a buyer
 
 
 def load_seller_data(path: str | Path) -> Mapping[str, torch.Tensor] | RawRecords:

@@ -6,6 +6,7 @@ masked result ciphertexts do. Everything in the Offer is untrusted input and is 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable
@@ -23,11 +24,11 @@ from tip_fed.crypto.keys import PublicContext, load_public_context
 from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.packing import score_rows
 from tip_fed.crypto.params import PackingPlan, check_params
-from tip_fed.errors import DataError, ProtocolError, SessionError
+from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
-from tip_fed.protocol.formats import format_digest, format_from_pb
+from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields, format_digest, format_from_pb
 from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, offer_noise, release_rows, seed_commitment
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
 from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
@@ -37,6 +38,8 @@ from tip_fed.protocol.records import RawRecords
 from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, check_cost, cost_offer
 from tip_fed.protocol.sessions import AnsweredSessions, session_key
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 _KEPT_SESSIONS = 64
 _KEPT_BYTES = 256 << 20
@@ -95,7 +98,7 @@ class Seller:
         self._raw = data if isinstance(data, RawRecords) else None
         self.n_samples = len(data) if isinstance(data, RawRecords) else check_batch(data)
         self._data: Batch = {} if isinstance(data, RawRecords) else dict(data)
-        self._encoded: tuple[bytes, Batch] | None = None  # the last input format's digest and tensors
+        self._encoded: tuple[bytes, InputFormat, Batch] | None = None  # the last input format and its tensors
         self._scoring: Batch = self._data  # the tensors of the Offer being scored
         self.policy = policy or SellerPolicy()
         budget = self.policy.budget
@@ -172,7 +175,7 @@ class Seller:
                 "set protocol.dp-epsilon in the offer, or ask for aggregate disclosure"
             )
         public_key = public_key_digest(offer.public_context, params)
-        data = self._session_data(offer)  # encodes raw records: a bad format or record spends no budget
+        fmt = self._input_format(offer)  # validated, tokenizer parsed, fields checked: spends nothing
         with self._lock:
             self._sessions.check(key, limit, self.seller_id)
             # the whole Offer validated: charge the buyer's lifetime privacy budget, then the session's
@@ -180,6 +183,7 @@ class Seller:
                                 noise_multiplier=noise.noise_multiplier)
             self._sessions.spend(key, limit, self.seller_id)
         try:
+            data = self._session_data(fmt)  # reads record values: a failure here was charged like an answer
             with self._compute_lock:
                 return self._score(offer, context, plan, model, spec, task, per_sample, noise, t0, t_ctx, data)
         except BaseException:
@@ -235,20 +239,50 @@ class Seller:
         """Float64 projected per-sample gradients of the records being scored (before clipping)."""
         return dataset_gradients(model, spec, task, self._scoring, self.policy.batch_size)
 
-    def _session_data(self, offer: pb.Offer) -> Batch:
-        """The tensors an Offer is scored on: the seller's own, or its raw records in the Offer's
-        input format (the last format's tensors are reused while the buyer keeps sending it)."""
+    def _input_format(self, offer: pb.Offer) -> tuple[bytes, InputFormat] | None:
+        """The Offer's input format for raw records (None for a tensor seller): validated, its tokenizer
+        parsed and the fields it reads checked against the records' schema, so what fails here depends
+        on no record's values and is refused before anything is charged."""
         if self._raw is None:
-            return self._data
+            return None
         digest = format_digest(offer.input)
         with self._lock:
             cached = self._encoded
         if cached is not None and cached[0] == digest:
-            return cached[1]
-        data = format_from_pb(offer.input).encode(self._raw)
-        check_batch(data)
+            return digest, cached[1]
+        fmt = format_from_pb(offer.input)
+        if isinstance(fmt, TextFormat):
+            fmt.tokenizer()
+        check_fields(fmt, self._raw)
+        return digest, fmt
+
+    def _session_data(self, fmt: tuple[bytes, InputFormat] | None) -> Batch:
+        """The tensors an Offer is scored on: the seller's own, or its raw records in the Offer's input
+        format (reused while the buyer keeps sending the same format).
+
+        Whether a format fits the records' values is itself information about them, so a failure here
+        reaches the buyer without values or record numbers (the seller's log has them) and only after the
+        buyer's ledger was charged for the answer: a buyer cannot probe records for free.
+        """
+        if fmt is None or self._raw is None:
+            return self._data
+        digest, form = fmt
         with self._lock:
-            self._encoded = (digest, data)
+            cached = self._encoded
+        if cached is not None and cached[0] == digest:
+            return cached[2]
+        try:
+            data = form.encode(self._raw)
+            check_batch(data)
+        except TipError as exc:
+            log.warning("seller %s: the records do not fit an offer's input format: %s", self.seller_id, exc)
+            raise DataError(
+                f"seller {self.seller_id}'s records do not fit the offer's input format (a value is not numeric, "
+                "not one of its classes, or an empty text; the seller's log says which); the refusal counted "
+                "as an answer"
+            ) from None
+        with self._lock:
+            self._encoded = (digest, form, data)
         return data
 
     def scoring_rows(self, committed: np.ndarray, bound: float) -> np.ndarray:
