@@ -5,6 +5,7 @@ The process is started on 127.0.0.1 with a free port, valued with ``value_seller
 stops the process it started, by PID.
 """
 
+import contextlib
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
@@ -50,6 +52,44 @@ def _wait_ready(proc: subprocess.Popen, timeout_s: float) -> re.Match:
     return found[0]
 
 
+@contextlib.contextmanager
+def _serving(data: Path):
+    """``tip-fed seller serve --data DATA --insecure --port 0`` until the block ends; stopped by PID."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [str(CLI), "seller", "serve", "--data", str(data), "--insecure", "--port", "0", "--exact-per-sample",
+         "--max-exact", "-1", "--total-max-exact", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        yield _wait_ready(proc, 120)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".txt"])
+def test_seller_serve_reads_tables_and_plain_text(tmp_path, suffix):
+    path = tmp_path / f"site-7{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(docstring_corpus(30)) + "\n", encoding="utf-8")
+    else:
+        frame = pd.DataFrame({"age": range(30), "label": ["a", "b"] * 15})
+        if suffix == ".csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_parquet(path)
+    with _serving(path) as ready:
+        assert ready["id"] == "site-7" and int(ready["n"]) == 30
+        health = wait_until_healthy(SellerEndpoint("site-7", f"127.0.0.1:{ready['port']}"), tls=None, insecure=True,
+                                    timeout_s=30)
+        assert health.n_samples == 30
+
+
 def test_seller_serve_jsonl_matches_the_in_process_seller(tmp_path):
     texts = docstring_corpus(100)
     settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="kfac"),
@@ -58,27 +98,13 @@ def test_seller_serve_jsonl_matches_the_in_process_seller(tmp_path):
     data = tmp_path / "docs-corpus.jsonl"
     write_jsonl(data, texts[50:100])
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [str(CLI), "seller", "serve", "--data", str(data), "--insecure", "--port", "0", "--exact-per-sample",
-         "--max-exact", "-1", "--total-max-exact", "-1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        ready = _wait_ready(proc, 120)
+    with _serving(data) as ready:
         assert ready["id"] == "docs-corpus" and int(ready["n"]) == 50  # seller id = the file stem
         endpoint = SellerEndpoint("docs-corpus", f"127.0.0.1:{ready['port']}")
         wait_until_healthy(endpoint, tls=None, insecure=True, timeout_s=30)
         replies, failures = value_sellers([endpoint], buyer.offer(max_samples=100), insecure=True, timeout_s=120)
         assert failures == {}
         remote = buyer.settle(list(replies.values()), expected=["docs-corpus"])
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     assert remote.rejected == {} and remote.missing == []
 
     local = buyer.settle([Seller("docs-corpus", load_seller_data(data), policy=SellerPolicy(exact_per_sample=True))

@@ -202,3 +202,13 @@ def test_labelled_text_sellers_for_sequence_classification(tmp_path):
         ref["labels"] = torch.tensor([int(k == "long") for k in kind[part]])
         plain[sid] = _plain(buyer, task, ref)
     _check(valuation, buyer, plain)
+
+
+def test_seller_serve_says_in_one_line_what_is_wrong_with_a_data_file(tmp_path, capsys):
+    from tip_fed.cli import main
+
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
+    assert main(["seller", "serve", "--data", str(bad), "--port", "0", "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tip-fed: error: ") and "notes.jsonl, line 2: malformed JSON" in err and err.count("\n") == 1
