@@ -54,6 +54,10 @@ _LAZY = {
     "load_dataset": "tip_fed.protocol.data",
     "save_dataset": "tip_fed.protocol.data",
     "value_files": "tip_fed.runtimes.value",
+    "TableFormat": "tip_fed.protocol.formats",
+    "TextFormat": "tip_fed.protocol.formats",
+    "RawRecords": "tip_fed.protocol.records",
+    "load_seller_data": "tip_fed.protocol.records",
 }
 
 __all__ = [
@@ -96,6 +100,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from tip_fed.runtimes.value import value as value
     from tip_fed.runtimes.value import value_files as value_files
     from tip_fed.runtimes.value import write_results as write_results
+    from tip_fed.protocol.formats import TableFormat as TableFormat
+    from tip_fed.protocol.formats import TextFormat as TextFormat
+    from tip_fed.protocol.records import RawRecords as RawRecords
+    from tip_fed.protocol.records import load_seller_data as load_seller_data
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -150,7 +150,9 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     """``tip-fed seller serve`` (native gRPC seller service) and ``tip-fed tls init``."""
     seller = sub.add_parser("seller", help="run a seller").add_subparsers(dest="seller_command", required=True)
     srv = seller.add_parser("serve", help="serve one seller's data as a tip.v1.Seller gRPC service (mutual TLS by default)")
-    srv.add_argument("--data", required=True, help="the seller's dataset (.safetensors, see 'tip-fed export-sellers')")
+    srv.add_argument("--data", required=True, help="the seller's data: raw records (.csv, .parquet, .jsonl, .txt: one record per "
+                     "non-empty line) encoded by each buyer's input format, or tensors (.safetensors, see "
+                     "'tip-fed export-sellers')")
     srv.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one (printed)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--seller-id", help="public seller id (default: the data file's name without extension)")

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.flower import records
 from tip_fed.protocol import Seller, SellerPolicy
-from tip_fed.protocol.data import load_dataset
+from tip_fed.protocol.records import load_seller_data
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ MODEL_CACHE_MB = "model-cache-mb"
 
 def seller_from_node_config(context: Context, answered: dict[str, int]) -> Seller:
     """Seller from ``--node-config "data-path=... [seller-id=...] [exact-per-sample=true]
-    [model-cache-dir=... [model-cache-mb=2048]]"`` (a safetensors dataset).
+    [model-cache-dir=... [model-cache-mb=2048]]"``: a safetensors dataset, or raw records (.csv,
+    .parquet, .jsonl, .txt) the buyer's input format encodes.
 
     The seller id defaults to the data file's stem, as written by ``tip-fed export-sellers``.
     Per-sample scores without noise are released only when the node config says so.
@@ -56,7 +57,7 @@ def seller_from_node_config(context: Context, answered: dict[str, int]) -> Selle
     if not isinstance(cache_dir, str) or not isinstance(cache_mb, int) or isinstance(cache_mb, bool) or cache_mb < 0:
         raise ConfigError(f"node config '{MODEL_CACHE_DIR}' must be a directory path and '{MODEL_CACHE_MB}' an "
                           f"integer >= 0, got {cache_dir!r} and {cache_mb!r}")
-    return Seller(str(seller_id), load_dataset(path), answered=answered,
+    return Seller(str(seller_id), load_seller_data(path), answered=answered,
                   policy=SellerPolicy(exact_per_sample=exact, model_cache_mb=cache_mb if cache_dir else 0,
                                       model_cache_dir=cache_dir or None))
 

@@ -39,7 +39,7 @@ from tip_fed.errors import (
     VersionMismatchError,
 )
 from tip_fed.protocol import PROTOCOL_VERSION, Seller, SellerPolicy
-from tip_fed.protocol.data import load_dataset
+from tip_fed.protocol.records import load_seller_data
 from tip_fed.protocol.resources import (
     MESSAGE_COPIES,
     MiB,
@@ -341,13 +341,15 @@ def serve(
     max_message_bytes: int | None = None,
     announce: Callable[[RunningServer, Seller], None] | None = None,
 ) -> None:
-    """Load a seller's dataset file and serve it until SIGTERM/SIGINT (what ``tip-fed seller serve`` runs).
+    """Load a seller's data file and serve it until SIGTERM/SIGINT (what ``tip-fed seller serve`` runs).
 
-    ``seller_id`` defaults to the file stem, so ``digits-4.safetensors`` serves seller ``digits-4``.
+    The file is a tensor dataset (``.safetensors``) or raw records (``.csv``, ``.parquet``, ``.jsonl``,
+    ``.txt``; see :func:`~tip_fed.protocol.records.load_seller_data`) that each Offer's input format
+    encodes. ``seller_id`` defaults to the file stem, so ``digits-4.safetensors`` serves seller ``digits-4``.
     """
     _check_security(tls, insecure, server_tls_only)  # before loading the data
     path = Path(data)
-    seller = Seller(seller_id or path.stem, load_dataset(path), policy=policy)
+    seller = Seller(seller_id or path.stem, load_seller_data(path), policy=policy)
     running = start_server(seller, host=host, port=port, tls=tls, insecure=insecure, server_tls_only=server_tls_only,
                            max_message_bytes=max_message_bytes)
     if announce:

@@ -27,6 +27,8 @@ from tip_fed.protocol.messages import DISCLOSURE_NAMES, PROTOCOL_VERSION, decode
 from tip_fed.protocol.model import decode_model
 from tip_fed.protocol.data import Batch
 from tip_fed.protocol.prepared import BuyerSettings, PreparedQuery, fit_query
+from tip_fed.protocol.formats import InputFormat
+from tip_fed.protocol.records import RawRecords
 from tip_fed.protocol.disclosure import NoisePolicy, release_quantum, round_release
 from tip_fed.protocol.ledger import composed_epsilon
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -121,17 +123,20 @@ class Buyer:
     set when absent); the query is ``v = P · mean objective gradient``. That fit is the costly
     part: :meth:`prepare` does it alone, and :meth:`from_prepared` makes a buyer from a (saved)
     :class:`~tip_fed.protocol.prepared.PreparedQuery` without refitting.
+    With ``input_format`` (:mod:`tip_fed.protocol.formats`) every Offer carries it, so sellers
+    holding raw records encode them exactly as the buyer encodes its own raw records.
     """
 
     def __init__(
         self,
         model: nn.Module,
         task: Task,
-        objective: Batch,
-        train: Batch | None = None,
+        objective: Batch | RawRecords,
+        train: Batch | RawRecords | None = None,
         settings: BuyerSettings | None = None,
+        input_format: InputFormat | None = None,
     ) -> None:
-        self._adopt(self.prepare(model, task, objective, train, settings), model=model, task=task)
+        self._adopt(self.prepare(model, task, objective, train, settings, input_format), model=model, task=task)
 
     # Fit the query once (gradients, preconditioner, query, bound); save it with ``.save(dir)``.
     prepare = staticmethod(fit_query)
@@ -210,6 +215,7 @@ class Buyer:
             max_samples=max_samples,
             dp_epsilon=self.settings.protocol.dp_epsilon or 0.0,
             dp_delta=self.settings.protocol.dp_delta if self.settings.protocol.dp_epsilon else 0.0,
+            input=None if self.input_format is None else self.input_format.to_pb(),
         )
         self._sessions[session_id] = _Session(session_id, keys, plan, disclosure, max_samples)
         self.session_id = session_id

@@ -13,6 +13,7 @@ import re
 from google.protobuf.message import DecodeError
 
 from tip_fed.errors import ProtocolError, VersionMismatchError
+from tip_fed.protocol.formats import check_input_pb
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 PROTOCOL_VERSION = 1
@@ -105,6 +106,8 @@ def decode_offer(data: bytes) -> pb.Offer:
         raise ProtocolError(f"the offer's dp_epsilon {offer.dp_epsilon} must be finite and >= 0 (0 = no noise)")
     if offer.dp_epsilon > 0 and not 0 < offer.dp_delta < 1:
         raise ProtocolError(f"the offer's dp_delta {offer.dp_delta} must be in (0, 1) when noise is asked for")
+    if offer.HasField("input"):
+        check_input_pb(offer.input)  # bounds only: the tokenizer is parsed after costing
     return offer
 
 

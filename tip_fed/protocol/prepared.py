@@ -15,6 +15,7 @@ silently changing the valuation.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -46,6 +47,8 @@ from tip_fed.core.tasks import Task
 from tip_fed.errors import ConfigError, DataError, TipError, VersionMismatchError
 from tip_fed.protocol.audit import read_json_object, write_private
 from tip_fed.protocol.data import Batch, iter_batches
+from tip_fed.protocol.formats import InputFormat, encode_records, format_from_pb
+from tip_fed.protocol.records import RawRecords
 from tip_fed.protocol.model import encode_model, fingerprint
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -87,8 +90,8 @@ class BuyerSettings:
 class PreparedQuery:
     """The buyer's fitted query: everything an Offer needs but the session keys.
 
-    ``input_format`` is carried as given (None for tensor datasets); it is saved when it is None,
-    a JSON-ready mapping, or an object with ``to_dict()``.
+    ``input_format`` (None for tensor datasets) is how raw records become the task's tensors; it
+    travels in every Offer and is saved as its protobuf bytes.
     """
 
     task: str
@@ -100,7 +103,7 @@ class PreparedQuery:
     grad_norm_bound: float
     train_grad_norm: float  # largest projected gradient norm of the set P was fitted on
     settings: BuyerSettings
-    input_format: Any = None
+    input_format: InputFormat | None = None
     # sha256 of the files the query was fitted from ("objective", "train"), when it was fitted from files
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -109,7 +112,7 @@ class PreparedQuery:
         """Fingerprint sellers see in every Offer."""
         return self.model.fingerprint
 
-    def with_objective(self, objective: Batch, model: nn.Module | None = None, task: Task | None = None) -> PreparedQuery:
+    def with_objective(self, objective: Batch | RawRecords, model: nn.Module | None = None, task: Task | None = None) -> PreparedQuery:
         """The query for another objective set, reusing this projection and preconditioner: only the
         objective's gradients are computed (fit the curvature once, query many times).
 
@@ -125,6 +128,7 @@ class PreparedQuery:
             raise ConfigError("the model is not the one this query was prepared for (fingerprints differ); "
                               "prepare a new query with fit_query / Buyer.prepare")
         task = task if task is not None else get_task(self.task)
+        objective = encode_records(self.input_format, objective)
         query, norm, bound = _query(model.eval(), self.spec, task, objective, self.settings, self.preconditioner,
                                     self.train_grad_norm)
         sources = {k: v for k, v in self.sources.items() if k != "objective"}  # fitted from data, not that file
@@ -199,13 +203,22 @@ class PreparedQuery:
             raise DataError(f"prepared query {src} is invalid ({type(exc).__name__}: {exc}); {fix}") from None
 
 
-def _format_dict(input_format: Any) -> Any:
-    if input_format is None or isinstance(input_format, dict):
-        return input_format
-    to_dict = getattr(input_format, "to_dict", None)
-    if to_dict is None:
-        raise ConfigError(f"cannot save an input format of type {type(input_format).__name__}: it needs to_dict()")
-    return to_dict()
+def _format_dict(input_format: InputFormat | None) -> dict[str, str] | None:
+    """The input format as it travels in an Offer (its protobuf bytes, base64), or None."""
+    if input_format is None:
+        return None
+    return {"protobuf": base64.b64encode(input_format.to_pb().SerializeToString()).decode("ascii")}
+
+
+def _format_from(saved: Any) -> InputFormat | None:
+    """Inverse of :func:`_format_dict`, validated like the format of an incoming Offer."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("protobuf"), str):
+        raise DataError("input_format must be null or {\"protobuf\": base64}")
+    msg = pb.InputFormat()
+    msg.ParseFromString(base64.b64decode(saved["protobuf"], validate=True))
+    return format_from_pb(msg)
 
 
 def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
@@ -235,21 +248,23 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
     preconditioner = load_preconditioner(meta["preconditioner"], st_load(raw["preconditioner.safetensors"]), spec)
     return PreparedQuery(task=meta["task"], model=payload, spec=spec, preconditioner=preconditioner,
                          query=query, query_norm=norm, grad_norm_bound=bound, train_grad_norm=train_norm,
-                         settings=BuyerSettings.from_dict(meta["settings"]), input_format=meta.get("input_format"),
+                         settings=BuyerSettings.from_dict(meta["settings"]), input_format=_format_from(meta.get("input_format")),
                          sources=sources)
 
 
 def fit_query(
     model: nn.Module,
     task: Task,
-    objective: Batch,
-    train: Batch | None = None,
+    objective: Batch | RawRecords,
+    train: Batch | RawRecords | None = None,
     settings: BuyerSettings | None = None,
-    input_format: Any = None,
+    input_format: InputFormat | None = None,
 ) -> PreparedQuery:
     """Fit the buyer's query: projected gradients, preconditioner ``P`` on ``train`` (the objective
     set when absent), ``v = P · mean objective gradient`` and the gradient-norm bound."""
     settings = settings or BuyerSettings()
+    objective = encode_records(input_format, objective)
+    train = None if train is None else encode_records(input_format, train)
     model.eval()
     spec = ProjectionSpec.for_model(model, rank=settings.projection.rank, seed=settings.seed,
                                     kind=settings.projection.kind, include=list(settings.projection.include) or None)

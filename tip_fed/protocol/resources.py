@@ -65,6 +65,7 @@ _LAYER_S = 1e-4
 _FLOPS = 2e9
 _MATRIX_ENTRIES_S = 5e7
 _KEY_BYTES_S = 2e8
+_TOKENIZE_S = 1e-6
 _SETTINGS = {
     "offer_memory_mb": ("seller-budget.offer-memory-mb", "--offer-memory-mb"),
     "in_flight_memory_mb": ("seller-budget.in-flight-memory-mb", "--in-flight-memory-mb"),
@@ -174,12 +175,13 @@ class OfferCost:
     work_s: float
     layers: int
     dim: int
+    input_bytes: int = 0  # raw records encoded by the Offer's input format (parsed tokenizer, tensors)
 
     @property
     def total_bytes(self) -> int:
         """Everything at once: an upper estimate of the Offer's peak memory."""
         return (self.message_bytes + self.projection_bytes + self.model_bytes + self.gradient_bytes
-                + self.batch_bytes + self.he_key_bytes + self.query_bytes + self.scoring_bytes)
+                + self.batch_bytes + self.he_key_bytes + self.query_bytes + self.scoring_bytes + self.input_bytes)
 
     def breakdown(self) -> str:
         """``projection 1024 MiB, gradients 3 MiB, ...``: the parts above 1 MiB, largest first."""
@@ -229,6 +231,7 @@ def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_s
     model = (weights.stored_bytes + weights.n_elements * elem + weights.n_tensors * _TENSOR_BYTES
              + weights.header_bytes * HEADER_PARSE_FACTOR)
     gradients = GRADIENT_COPIES * n_samples * dim * 8
+    tokens_per_sample, inputs = _input_cost(offer, n_samples, tokens_per_sample)
     b, t = max(1, min(batch_size, n_samples)), max(1, tokens_per_sample)
     # Per batch and layer: the input and output kept for backward and the output gradient, the
     # projected activations and gradients, the float64 per-sample block and its running sum.
@@ -253,7 +256,20 @@ def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_s
             + plan.est_seconds(n_samples + 1) + len(shapes) * _LAYER_S)
     size = offer.ByteSize() if message_bytes is None else message_bytes
     return OfferCost(MESSAGE_COPIES * size, projection, model, gradients, batch, he_keys, query, scoring,
-                     work, len(shapes), dim)
+                     work + n_samples * t * _TOKENIZE_S, len(shapes), dim, inputs)
+
+
+def _input_cost(offer: pb.Offer, n_samples: int, tokens_per_sample: int) -> tuple[int, int]:
+    """(tokens per record, bytes) of encoding raw records with the Offer's input format: text is
+    costed at its max_length whatever the records hold, before anything is tokenized."""
+    kind = offer.input.WhichOneof("kind") if offer.HasField("input") else None
+    if kind == "text":
+        t = max(tokens_per_sample, offer.input.text.max_length)
+        # parsed tokenizer, token lists, ids + mask (+ labels) tensors and their batch slices
+        return t, len(offer.input.text.tokenizer_json) * HEADER_PARSE_FACTOR + n_samples * (t * 3 * 8 + 8)
+    if kind == "table":
+        return tokens_per_sample, n_samples * (len(offer.input.table.features) + 1) * 3 * 8
+    return tokens_per_sample, 0
 
 
 def check_cost(cost: OfferCost, budget: ResourceBudget) -> None:

@@ -6,8 +6,10 @@ masked result ciphertexts do. Everything in the Offer is untrusted input and is 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,18 +24,22 @@ from tip_fed.crypto.keys import PublicContext, load_public_context
 from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.packing import score_rows
 from tip_fed.crypto.params import PackingPlan, check_params
-from tip_fed.errors import DataError, ProtocolError, SessionError
+from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
+from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields, format_digest, format_from_pb
 from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, offer_noise, release_rows, seed_commitment
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
 from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
 from tip_fed.protocol.messages import PROTOCOL_VERSION, SELLER_ID, decode_offer, disclosure_name
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
 from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, check_cost, cost_offer
+from tip_fed.protocol.records import RawRecords
 from tip_fed.protocol.sessions import AnsweredSessions, session_key
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 _KEPT_SESSIONS = 64
 _KEPT_BYTES = 256 << 20
@@ -71,8 +77,10 @@ class Seller:
     seller_id:
         Public name of the seller, echoed in every Reply.
     data:
-        The private records as a dict of tensors with a shared first (sample) dimension, in the
-        format of the buyer's task (e.g. ``{"x": float[n, d], "y": long[n]}``).
+        The private records: a dict of tensors with a shared first (sample) dimension, in the
+        format of the buyer's task (e.g. ``{"x": float[n, d], "y": long[n]}``), or raw records
+        (:class:`~tip_fed.protocol.records.RawRecords`: table rows, text) that each Offer's input
+        format encodes into that session's tensors.
     answered:
         Queries already answered per session (see :mod:`tip_fed.protocol.sessions`). A runtime that
         recreates the seller for every message (Flower ClientApps are stateless) passes the same
@@ -82,7 +90,7 @@ class Seller:
     def __init__(
         self,
         seller_id: str,
-        data: Batch,
+        data: Batch | RawRecords,
         *,
         policy: SellerPolicy | None = None,
         seed: int | None = None,
@@ -91,8 +99,11 @@ class Seller:
         if not SELLER_ID.match(seller_id):
             raise DataError(f"seller id {seller_id!r} must be 1-128 characters of letters, digits, _.:@-")
         self.seller_id = seller_id
-        self.n_samples = check_batch(data)
-        self._data = dict(data)
+        self._raw = data if isinstance(data, RawRecords) else None
+        self.n_samples = len(data) if isinstance(data, RawRecords) else check_batch(data)
+        self._data: Batch = {} if isinstance(data, RawRecords) else dict(data)
+        self._encoded: tuple[bytes, InputFormat, Batch] | None = None  # the last input format and its tensors
+        self._scoring: Batch = self._data  # the tensors of the Offer being scored
         self.policy = policy or SellerPolicy()
         budget = self.policy.budget
         self._sessions = AnsweredSessions(answered, capacity=budget.kept_sessions, window_s=budget.session_window_s)
@@ -105,7 +116,7 @@ class Seller:
         self._compute_lock = threading.Lock()
         self._tokens = _tokens_per_sample(self._data)
         self._rng = np.random.default_rng(seed)
-        self._committed: dict[str, tuple[np.ndarray, bytes | None, bytes]] = {}
+        self._committed: dict[str, tuple[np.ndarray, bytes | None, bytes, Batch]] = {}
         self._ledger = PrivacyLedger(self.policy.ledger, self.policy.lifetime)
         mb = self.policy.encoding_cache_mb
         self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
@@ -130,6 +141,11 @@ class Seller:
             raise ProtocolError(
                 f"seller {self.seller_id} holds {self.n_samples} samples but the offer accepts at most "
                 f"{offer.max_samples}; ask the buyer for a larger max_samples"
+            )
+        if self._raw is not None and not offer.HasField("input"):
+            raise ProtocolError(
+                f"seller {self.seller_id} holds raw records ({self._raw.source}) and the offer carries no input "
+                "format to encode them; the buyer must send one (Buyer(..., input_format=TableFormat|TextFormat))"
             )
         held = self.models.resolve(offer.model, self.seller_id)  # ModelNotHeldError: nothing spent yet
         cost = self.cost(offer, len(offer_bytes), held=held.header if held else None)
@@ -167,6 +183,7 @@ class Seller:
                 "set protocol.dp-epsilon in the offer, or ask for aggregate disclosure"
             )
         public_key = public_key_digest(offer.public_context, params)
+        fmt = self._input_format(offer)  # validated, tokenizer parsed, fields checked: spends nothing
         with self._lock:
             self._sessions.check(key, limit, self.seller_id)
             # the whole Offer validated: charge the buyer's lifetime privacy budget, then the session's
@@ -174,15 +191,17 @@ class Seller:
                                 noise_multiplier=noise.noise_multiplier)
             self._sessions.spend(key, limit, self.seller_id)
         try:
+            data = self._session_data(fmt)  # reads record values: a failure here was charged like an answer
             with self._compute_lock:
-                return self._score(offer, context, plan, model, spec, task, per_sample, noise, t0, t_ctx)
+                return self._score(offer, context, plan, model, spec, task, per_sample, noise, t0, t_ctx, data)
         except BaseException:
             with self._lock:
                 self._sessions.refund(key)  # nothing was answered
             raise
 
     def _score(self, offer: pb.Offer, context: PublicContext, plan: PackingPlan, model: nn.Module, spec: ProjectionSpec, task: Task,
-               per_sample: bool, noise: NoisePolicy, t0: float, t_ctx: float) -> bytes:
+               per_sample: bool, noise: NoisePolicy, t0: float, t_ctx: float, data: Batch) -> bytes:
+        self._scoring = data  # under the compute lock: what projected_gradients reads
         grads = self.projected_gradients(model, spec, task)
         clipped, factors = clip_rows(grads, offer.grad_norm_bound)
         n_clipped = int((factors < 1.0).sum())
@@ -190,7 +209,7 @@ class Seller:
 
         g = clipped.numpy()
         salt_seed = commitment.new_salt_seed()  # hides the root; revealed only at delivery
-        root = commitment.commit(self._data, g, salt_seed)
+        root = commitment.commit(data, g, salt_seed)
         t_commit = time.perf_counter()
 
         seed = new_noise_seed() if noise.enabled else None
@@ -198,7 +217,7 @@ class Seller:
         matrix, row_noise = release_rows(rows, per_sample, seed, noise.gradient_std)
         cache = None if noise.enabled else self._encodings  # noisy rows never repeat
         cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng, row_noise=row_noise, cache=cache)
-        self._keep(offer.session_id, g, seed, salt_seed)
+        self._keep(offer.session_id, g, seed, salt_seed, data)
         t_end = time.perf_counter()
 
         reply = pb.Reply(
@@ -225,8 +244,54 @@ class Seller:
         return reply.SerializeToString()
 
     def projected_gradients(self, model: nn.Module, spec: ProjectionSpec, task: Task) -> torch.Tensor:
-        """Float64 projected per-sample gradients of this seller's records (before clipping)."""
-        return dataset_gradients(model, spec, task, self._data, self.policy.batch_size)
+        """Float64 projected per-sample gradients of the records being scored (before clipping)."""
+        return dataset_gradients(model, spec, task, self._scoring, self.policy.batch_size)
+
+    def _input_format(self, offer: pb.Offer) -> tuple[bytes, InputFormat] | None:
+        """The Offer's input format for raw records (None for a tensor seller): validated, its tokenizer
+        parsed and the fields it reads checked against the records' schema, so what fails here depends
+        on no record's values and is refused before anything is charged."""
+        if self._raw is None:
+            return None
+        digest = format_digest(offer.input)
+        with self._lock:
+            cached = self._encoded
+        if cached is not None and cached[0] == digest:
+            return digest, cached[1]
+        fmt = format_from_pb(offer.input)
+        if isinstance(fmt, TextFormat):
+            fmt.tokenizer()
+        check_fields(fmt, self._raw)
+        return digest, fmt
+
+    def _session_data(self, fmt: tuple[bytes, InputFormat] | None) -> Batch:
+        """The tensors an Offer is scored on: the seller's own, or its raw records in the Offer's input
+        format (reused while the buyer keeps sending the same format).
+
+        Whether a format fits the records' values is itself information about them, so a failure here
+        reaches the buyer without values or record numbers (the seller's log has them) and only after the
+        buyer's ledger was charged for the answer: a buyer cannot probe records for free.
+        """
+        if fmt is None or self._raw is None:
+            return self._data
+        digest, form = fmt
+        with self._lock:
+            cached = self._encoded
+        if cached is not None and cached[0] == digest:
+            return cached[2]
+        try:
+            data = form.encode(self._raw)
+            check_batch(data)
+        except TipError as exc:
+            log.warning("seller %s: the records do not fit an offer's input format: %s", self.seller_id, exc)
+            raise DataError(
+                f"seller {self.seller_id}'s records do not fit the offer's input format (a value is not numeric, "
+                "not one of its classes, or an empty text; the seller's log says which); the refusal counted "
+                "as an answer"
+            ) from None
+        with self._lock:
+            self._encoded = (digest, form, data)
+        return data
 
     def scoring_rows(self, committed: np.ndarray, bound: float) -> np.ndarray:
         """The gradients that are scored (norm <= ``bound``): exactly the committed ones.
@@ -244,17 +309,25 @@ class Seller:
                 f"that session or it was forgotten (the last {_KEPT_SESSIONS} sessions, at most "
                 f"{_KEPT_BYTES >> 20} MiB of gradients, are kept); deliver right after the purchase"
             )
-        return Delivery(data=dict(self._data), gradients=kept[0].copy(), noise_seed=kept[1], salt_seed=kept[2])
+        return Delivery(data=dict(kept[3]), gradients=kept[0].copy(), noise_seed=kept[1], salt_seed=kept[2])
 
-    def _keep(self, session_id: str, gradients: np.ndarray, seed: bytes | None, salt_seed: bytes) -> None:
-        """Remember committed gradients for delivery; bounded in sessions and bytes (a long-running
-        service must not grow with every buyer), oldest sessions forgotten first."""
+    def _keep(self, session_id: str, gradients: np.ndarray, seed: bytes | None, salt_seed: bytes, data: Batch) -> None:
+        """Remember committed gradients (and the tensors scored) for delivery; bounded in sessions and
+        bytes (a long-running service must not grow with every buyer), oldest sessions forgotten first."""
         with self._lock:
-            self._committed[session_id] = (gradients, seed, salt_seed)
+            self._committed[session_id] = (gradients, seed, salt_seed, data)
             while len(self._committed) > _KEPT_SESSIONS or (
-                len(self._committed) > 1 and sum(kept[0].nbytes for kept in self._committed.values()) > _KEPT_BYTES
+                len(self._committed) > 1 and _kept_bytes(self._committed.values(), self._data) > _KEPT_BYTES
             ):
                 del self._committed[next(iter(self._committed))]
+
+
+def _kept_bytes(kept: Iterable[tuple[np.ndarray, bytes | None, bytes, Batch]], own: Batch) -> int:
+    """Gradients plus the distinct encoded batches (sessions of one input format share theirs; a
+    tensor seller's own data is held anyway)."""
+    entries = list(kept)
+    batches = {id(k[3]): k[3] for k in entries if k[3] is not own}
+    return sum(k[0].nbytes for k in entries) + sum(t.nbytes for b in batches.values() for t in b.values())
 
 
 def _tokens_per_sample(data: Batch) -> int:

@@ -88,8 +88,54 @@ class ModelPayload(_message.Message):
     fingerprint: str
     def __init__(self, architecture: _Optional[str] = ..., config_json: _Optional[str] = ..., weights: _Optional[bytes] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
+class TableInput(_message.Message):
+    __slots__ = ("features", "label", "classes", "offset", "scale", "features_key", "label_key", "dtype")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_KEY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_KEY_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.RepeatedScalarFieldContainer[str]
+    label: str
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    offset: _containers.RepeatedScalarFieldContainer[float]
+    scale: _containers.RepeatedScalarFieldContainer[float]
+    features_key: str
+    label_key: str
+    dtype: str
+    def __init__(self, features: _Optional[_Iterable[str]] = ..., label: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., offset: _Optional[_Iterable[float]] = ..., scale: _Optional[_Iterable[float]] = ..., features_key: _Optional[str] = ..., label_key: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class TextInput(_message.Message):
+    __slots__ = ("tokenizer_json", "max_length", "text_field", "label_field", "classes", "pad_id", "add_special_tokens")
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    PAD_ID_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokenizer_json: bytes
+    max_length: int
+    text_field: str
+    label_field: str
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    pad_id: int
+    add_special_tokens: bool
+    def __init__(self, tokenizer_json: _Optional[bytes] = ..., max_length: _Optional[int] = ..., text_field: _Optional[str] = ..., label_field: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., pad_id: _Optional[int] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class InputFormat(_message.Message):
+    __slots__ = ("table", "text")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    table: TableInput
+    text: TextInput
+    def __init__(self, table: _Optional[_Union[TableInput, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ...) -> None: ...
+
 class Offer(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "model", "projection", "task", "he", "packing", "public_context", "query", "query_norm", "disclosure", "grad_norm_bound", "query_budget", "max_samples", "dp_epsilon", "dp_delta")
+    __slots__ = ("protocol_version", "session_id", "model", "projection", "task", "he", "packing", "public_context", "query", "query_norm", "disclosure", "grad_norm_bound", "query_budget", "max_samples", "dp_epsilon", "dp_delta", "input")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +152,7 @@ class Offer(_message.Message):
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: str
     model: ModelPayload
@@ -122,7 +169,8 @@ class Offer(_message.Message):
     max_samples: int
     dp_epsilon: float
     dp_delta: float
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelPayload, _Mapping]] = ..., projection: _Optional[_Union[ProjectionSpec, _Mapping]] = ..., task: _Optional[str] = ..., he: _Optional[_Union[HEParameters, _Mapping]] = ..., packing: _Optional[_Union[Packing, _Mapping]] = ..., public_context: _Optional[bytes] = ..., query: _Optional[_Iterable[bytes]] = ..., query_norm: _Optional[float] = ..., disclosure: _Optional[_Union[Disclosure, str]] = ..., grad_norm_bound: _Optional[float] = ..., query_budget: _Optional[int] = ..., max_samples: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
+    input: InputFormat
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelPayload, _Mapping]] = ..., projection: _Optional[_Union[ProjectionSpec, _Mapping]] = ..., task: _Optional[str] = ..., he: _Optional[_Union[HEParameters, _Mapping]] = ..., packing: _Optional[_Union[Packing, _Mapping]] = ..., public_context: _Optional[bytes] = ..., query: _Optional[_Iterable[bytes]] = ..., query_norm: _Optional[float] = ..., disclosure: _Optional[_Union[Disclosure, str]] = ..., grad_norm_bound: _Optional[float] = ..., query_budget: _Optional[int] = ..., max_samples: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., input: _Optional[_Union[InputFormat, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("gradients_s", "commit_s", "encrypted_s", "total_s")
