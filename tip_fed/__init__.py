@@ -35,9 +35,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "Buyer": "tip_fed.protocol",
     "PreparedQuery": "tip_fed.protocol",
-    "prepare": "tip_fed.runtimes.value",
-    "value": "tip_fed.runtimes.value",
-    "write_results": "tip_fed.runtimes.value",
+    "prepare": "tip_fed.workflow",
+    "value": "tip_fed.workflow",
+    "write_results": "tip_fed.workflow",
     "load_buyer_config": "tip_fed.buyer_config",
     "load_sellers_config": "tip_fed.buyer_config",
     "prepare_from_config": "tip_fed.buyer_config",
@@ -53,7 +53,7 @@ _LAZY = {
     "get_task": "tip_fed.core.tasks",
     "load_dataset": "tip_fed.protocol.data",
     "save_dataset": "tip_fed.protocol.data",
-    "value_files": "tip_fed.runtimes.value",
+    "value_files": "tip_fed.workflow",
     "TableFormat": "tip_fed.protocol.formats",
     "TextFormat": "tip_fed.protocol.formats",
     "RawRecords": "tip_fed.protocol.records",
@@ -96,10 +96,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from tip_fed.protocol import Valuation as Valuation
     from tip_fed.protocol.data import load_dataset as load_dataset
     from tip_fed.protocol.data import save_dataset as save_dataset
-    from tip_fed.runtimes.value import prepare as prepare
-    from tip_fed.runtimes.value import value as value
-    from tip_fed.runtimes.value import value_files as value_files
-    from tip_fed.runtimes.value import write_results as write_results
+    from tip_fed.workflow import prepare as prepare
+    from tip_fed.workflow import value as value
+    from tip_fed.workflow import value_files as value_files
+    from tip_fed.workflow import write_results as write_results
     from tip_fed.protocol.formats import TableFormat as TableFormat
     from tip_fed.protocol.formats import TextFormat as TextFormat
     from tip_fed.protocol.records import RawRecords as RawRecords

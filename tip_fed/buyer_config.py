@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from tip_fed.config import (
     RUNTIMES,
+    SETTING_SECTIONS,
     CryptoConfig,
     GrpcConfig,
     PayoutsConfig,
@@ -57,13 +58,13 @@ from tip_fed.config import (
     ProjectionConfig,
     ProtocolConfig,
     config_from_dict,
+    parse_settings,
 )
 from tip_fed.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from tip_fed.protocol.prepared import BuyerSettings
 
-SETTING_SECTIONS = ("projection", "preconditioner", "crypto", "protocol")
 DATA_FORMATS = ("safetensors",)  # raw formats (CSV, JSONL) register here with their loader
 WIRED_RUNTIMES = ("inprocess", "grpc")
 
@@ -139,19 +140,6 @@ class SellersConfig:
     grpc: GrpcConfig
     max_samples: int | None = None
     source: Path | None = None
-
-
-def parse_settings(data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The protocol sections plus ``seed`` and ``batch-size`` of ``data``, validated by their typed
-    classes; keyword arguments of :class:`~tip_fed.protocol.prepared.BuyerSettings`."""
-    cfg = config_from_dict({k: data[k] for k in (*SETTING_SECTIONS, "payouts") if k in data})
-    seed, batch = data.get("seed", 0), data.get("batch-size", 64)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ConfigError(f"{where}seed must be an integer in 0..2**63-1 (the projection seed), got {seed!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"{where}batch-size must be an integer >= 1 (samples per gradient batch), got {batch!r}")
-    return {**{k: getattr(cfg, k) for k in SETTING_SECTIONS}, "seed": seed, "batch_size": batch,
-            "payouts": cfg.payouts}
 
 
 def _read_toml(path: str | Path, what: str, example: str) -> tuple[Path, dict[str, Any]]:

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
     check_out_dir(out, args.force)
     load_buyer_config(args.config)  # last: its task check loads torch
     from tip_fed.market.summary import summary_lines
-    from tip_fed.runtimes.value import value_files
+    from tip_fed.workflow import value_files
 
     result = value_files(args.config, args.sellers, out, prepared_dir=args.prepared)
     lines = summary_lines(result.metrics, str(out))

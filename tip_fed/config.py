@@ -460,3 +460,20 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file '{p}' is not valid TOML: {exc}") from exc
     return config_from_dict(apply_overrides(data, overrides))
+
+
+#: The library sections a buyer sets (buyer.toml, a prepared query's settings).
+SETTING_SECTIONS = ("projection", "preconditioner", "crypto", "protocol")
+
+
+def parse_settings(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The protocol sections plus ``seed`` and ``batch-size`` of ``data``, validated by their typed
+    classes; keyword arguments of :class:`~tip_fed.protocol.prepared.BuyerSettings`."""
+    cfg = config_from_dict({k: data[k] for k in (*SETTING_SECTIONS, "payouts") if k in data})
+    seed, batch = data.get("seed", 0), data.get("batch-size", 64)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"{where}seed must be an integer in 0..2**63-1 (the projection seed), got {seed!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"{where}batch-size must be an integer >= 1 (samples per gradient batch), got {batch!r}")
+    return {**{k: getattr(cfg, k) for k in SETTING_SECTIONS}, "seed": seed, "batch_size": batch,
+            "payouts": cfg.payouts}

@@ -19,7 +19,7 @@ from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError, DataError, VersionMismatchError
 from tip_fed.protocol import Buyer, BuyerSettings, PreparedQuery, Seller, SellerPolicy
 from tip_fed.protocol.prepared import FILES, MANIFEST
-from tip_fed.runtimes.value import value
+from tip_fed.workflow import value
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from ..conftest import make_data

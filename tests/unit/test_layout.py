@@ -23,10 +23,12 @@ LAYERS = (
     {"tip_fed", "tip_fed.config", "tip_fed.tls", "tip_fed.wire"},
     {"tip_fed.core", "tip_fed.crypto"},
     {"tip_fed.protocol"},
-    {"tip_fed.flower", "tip_fed.grpc"},
+    {"tip_fed.flower", "tip_fed.grpc", "tip_fed.buyer_config"},
     {"tip_fed.runtimes", "tip_fed.market"},
+    {"tip_fed.workflow"},
     {"tip_fed.bench"},
     {"simulations"},
+    {"tip_fed.cli_value"},
     {"tip_fed.cli", "benchmarks"},
 )
 RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}

@@ -23,14 +23,14 @@ from tip_fed.crypto.params import HEParams, PackingPlan, check_params, plan_pack
 from tip_fed.errors import ConfigError, ProtocolError, SessionError, TipError
 from tip_fed.protocol.audit import SessionRecord, model_record
 from tip_fed.protocol.convert import params_to_pb, plan_to_pb, spec_to_pb
+from tip_fed.protocol.data import Batch
+from tip_fed.protocol.disclosure import NoisePolicy, release_quantum, round_release
+from tip_fed.protocol.formats import InputFormat
+from tip_fed.protocol.ledger import composed_epsilon
 from tip_fed.protocol.messages import DISCLOSURE_NAMES, PROTOCOL_VERSION, decode_reply
 from tip_fed.protocol.model import decode_model
-from tip_fed.protocol.data import Batch
 from tip_fed.protocol.prepared import BuyerSettings, PreparedQuery, fit_query
-from tip_fed.protocol.formats import InputFormat
 from tip_fed.protocol.records import RawRecords
-from tip_fed.protocol.disclosure import NoisePolicy, release_quantum, round_release
-from tip_fed.protocol.ledger import composed_epsilon
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 QUERY_NORM = 2.0**10

@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from tip_fed.buyer_config import SETTING_SECTIONS, parse_settings
 from tip_fed.config import (
+    SETTING_SECTIONS,
     CryptoConfig,
     PreconditionerConfig,
     ProjectionConfig,
     ProtocolConfig,
     TipConfig,
+    parse_settings,
 )
 from tip_fed.core.gradients import kfac_statistics, projected_grads
 from tip_fed.core.influence import query_vector
@@ -48,8 +49,8 @@ from tip_fed.errors import ConfigError, DataError, TipError, VersionMismatchErro
 from tip_fed.protocol.audit import read_json_object, write_private
 from tip_fed.protocol.data import Batch, iter_batches
 from tip_fed.protocol.formats import InputFormat, encode_records, format_from_pb
-from tip_fed.protocol.records import RawRecords
 from tip_fed.protocol.model import encode_model, fingerprint
+from tip_fed.protocol.records import RawRecords
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 FORMAT_VERSION = 1

@@ -19,23 +19,47 @@ from torch import nn
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, get_task
+from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.key_identity import public_key_digest
 from tip_fed.crypto.keys import PublicContext, load_public_context
-from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.packing import score_rows
 from tip_fed.crypto.params import PackingPlan, check_params
 from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
-from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
-from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields, format_digest, format_from_pb
-from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, offer_noise, release_rows, seed_commitment
-from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
 from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
-from tip_fed.protocol.messages import PROTOCOL_VERSION, SELLER_ID, decode_offer, disclosure_name
+from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
+from tip_fed.protocol.disclosure import (
+    NoisePolicy,
+    new_noise_seed,
+    offer_noise,
+    release_rows,
+    seed_commitment,
+)
+from tip_fed.protocol.formats import (
+    InputFormat,
+    TextFormat,
+    check_fields,
+    format_digest,
+    format_from_pb,
+)
+from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
+from tip_fed.protocol.messages import (
+    PROTOCOL_VERSION,
+    SELLER_ID,
+    decode_offer,
+    disclosure_name,
+)
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
-from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, check_cost, cost_offer
 from tip_fed.protocol.records import RawRecords
+from tip_fed.protocol.resources import (
+    InFlight,
+    OfferCost,
+    ResourceBudget,
+    WeightsHeader,
+    check_cost,
+    cost_offer,
+)
 from tip_fed.protocol.sessions import AnsweredSessions, session_key
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 

@@ -6,7 +6,7 @@ ClientApps through tip_fed's guard (``guard-bin/flwr-clientapp``, :mod:`tip_fed.
 and :meth:`LocalDeployment.write_run_config` signs the FAB the buyer runs. The run config also
 names the node id registered for each seller, so the buyer counts a reply only from that node.
 
-Used by :func:`tip_fed.runtimes.value_flower_deployment` (start, value, stop) and by ``tip-fed
+Used by :func:`tip_fed.workflow_flower_deployment` (start, value, stop) and by ``tip-fed
 deploy up/down`` (start, leave running, stop later from the state file). Every process is a real Flower process
 talking HTTPS on 127.0.0.1. Every process carries the deployment's run token (see
 :mod:`tip_fed.runtimes.reaper`), and so does everything Flower spawns below it, detached or orphaned
