@@ -317,55 +317,17 @@ def load_model(source: ModelSource) -> Any:
     from tip_fed.core import models
 
     if source.kind == "path" and source.path is not None:
-        return _load_local(source.path)
+        return models.load_local(source.path)
     if source.weights is None:
         raise ConfigError(f"model.{source.kind} needs model.weights = \"file.safetensors\" (the trained weights)")
-    model = models.MLP(source.sizes, bias=source.bias) if source.kind == "mlp" else _sequential_from_spec(source.layers)
-    return _load_weights(model, source.weights)
-
-
-def _load_weights(model: Any, path: Path) -> Any:
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from tip_fed.errors import ModelError
 
+    model = (models.MLP(source.sizes, bias=source.bias) if source.kind == "mlp"
+             else models.sequential_from_spec(source.layers))
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"model.weights {path} is not a valid safetensors file: {exc}") from None
-    if any(t.dtype == torch.float64 for t in state.values()):
-        model.double()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelError(f"model.weights {path} do not fit the model described in [model]: {str(exc)[:300]}") from None
-    return model.eval()
-
-
-def _load_local(path: Path) -> Any:
-    """A transformers model from a ``save_pretrained`` directory (no remote code, no network)."""
-    import json
-
-    from tip_fed.core import models
-    from tip_fed.errors import ModelError
-
-    try:
-        arch = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model.path {path} has no readable config.json ({exc}); save the model with "
-                         "save_pretrained(dir)") from None
-    cls = next((a for a in arch if a in models.TRANSFORMERS_CLASSES), None)
-    if cls is None:
-        raise ModelError(f"model.path {path}: architecture {arch} is not supported; use one of "
-                         f"{', '.join(models.TRANSFORMERS_CLASSES)}, or model.mlp with weights")
-    return models.load_pretrained(path, cls, local_files_only=True)
-
-
-def _sequential_from_spec(layers: tuple[Any, ...]) -> Any:
-    raise ConfigError("model.sequential is not supported by this version of tip_fed; describe a Linear/ReLU "
-                      "network as model.mlp = [sizes] with model.weights")
+        return models.load_weights(model, source.weights).eval()
+    except ModelError as exc:
+        raise ModelError(f"model.weights {source.weights} do not fit the model described in [model]: {exc}") from None
 
 
 def load_data(path: Path, data_format: str) -> Any:

@@ -312,6 +312,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{str(path)!r} is not a safetensors file: {str(exc)[:200]}") from exc
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # weights saved in float64 (or bf16) keep their precision
+        model.to(dtypes.pop())
     load_state(model, state)
     return model.eval()
 
