@@ -234,7 +234,9 @@ def test_forged_total_with_a_fake_noise_claim_is_caught(make_buyer, seller_data)
     report = audit(buyer.record(valuation), deliveries).by_id()
     assert report["s0"].passed
     assert report["s1"].verdict == "score-mismatch", report["s1"].reasons
-    assert report["s1"].total_deviation > 1e4 * report["s1"].score_tolerance
+    # the deviation is the forged total minus the honest total plus the seller's (random) noise draw,
+    # so its size varies from run to run; it stays orders of magnitude above the tolerance
+    assert report["s1"].total_deviation > 100 * report["s1"].score_tolerance
     print(f"\nforged total {v['s1'].total:.4g} vs honest recomputation; deviation {report['s1'].total_deviation:.4g},"
           f" tolerance {report['s1'].score_tolerance:.3g}")
 
