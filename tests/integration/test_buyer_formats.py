@@ -61,9 +61,9 @@ def _encode(df, train):
     return {"x": x, "y": y}
 
 
-@pytest.fixture(scope="module")
-def market(tmp_path_factory):
-    d = tmp_path_factory.mktemp("table-buyer")
+def write_table_market(d):
+    """buyer.toml (a Sequential trained on CSV train records), and three sellers' CSV, Parquet and
+    JSONL files; returns the model, the train frame and the sellers' frames."""
     df = _frame()
     train, objective = df.iloc[:200], df.iloc[200:260]
     sellers = {"csv-clinic": df.iloc[260:300], "parquet-clinic": df.iloc[300:370], "jsonl-clinic": df.iloc[370:395]}
@@ -82,11 +82,25 @@ def market(tmp_path_factory):
         opt.step()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "w.safetensors"))
     (d / "buyer.toml").write_text(BUYER)
+    return model.eval(), train, sellers
+
+
+def sellers_toml(d, runtime, extra=""):
+    """sellers.toml for ``runtime`` listing the three seller files of :func:`write_table_market`."""
     files = {"csv-clinic": "csv-clinic.csv", "parquet-clinic": "parquet-clinic.parquet",
              "jsonl-clinic": "jsonl-clinic.jsonl"}
-    (d / "sellers.toml").write_text('runtime = "inprocess"\n' + "".join(
+    path = d / f"sellers-{runtime}.toml"
+    path.write_text(f'runtime = "{runtime}"\n{extra}' + "".join(
         f'[[sellers]]\nid = "{sid}"\ndata = "{f}"\n' for sid, f in files.items()))
-    return d, model.eval(), train, sellers
+    return path
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    d = tmp_path_factory.mktemp("table-buyer")
+    model, train, sellers = write_table_market(d)
+    sellers_toml(d, "inprocess")
+    return d, model, train, sellers
 
 
 def test_csv_buyer_values_raw_sellers_like_a_pandas_reference(market):
@@ -94,7 +108,7 @@ def test_csv_buyer_values_raw_sellers_like_a_pandas_reference(market):
     d, model, train, sellers = market
 
     # Execute
-    result = tip_fed.value_files(d / "buyer.toml", d / "sellers.toml", d / "out")
+    result = tip_fed.value_files(d / "buyer.toml", d / "sellers-inprocess.toml", d / "out")
 
     # Assert
     prepared = Buyer.from_prepared(prepare_from_config(load_buyer_config(d / "buyer.toml")))
