@@ -73,7 +73,7 @@ def test_an_existing_superlink_equals_inprocess(market):
             deployment.up(files)
             nodes = "".join(f'[[sellers]]\nid = "{sid}"\nnode-id = {node}\n' for sid, node in deployment.nodes.items())
 
-            def sellers(key):
+            def remote_toml(key):
                 path = d / f"remote-{key.name}.toml"
                 path.write_text(f'runtime = "flower-deployment"\nmax-samples = 100\n{FLOWER}[superlink]\n'
                                 f'address = "127.0.0.1:{deployment.port}"\n'
@@ -83,7 +83,9 @@ def test_an_existing_superlink_equals_inprocess(market):
             # the same app signed with a key the deployment does not trust never runs
             stranger, _, _ = trust.create_publisher_key(run.root / "stranger", "stranger")
             with pytest.raises(TipError):
-                tip_fed.value(d / "query", sellers(stranger))
-            valuation = tip_fed.value(d / "query", sellers(deployment.publisher))
+                tip_fed.value(d / "query", remote_toml(stranger))
+            guard_log = (deployment.group.log_dir / "superlink-guard.log").read_text()
+            assert "REFUSED untrusted app" in guard_log, guard_log[-2000:]
+            valuation = tip_fed.value(d / "query", remote_toml(deployment.publisher))
     _assert_same(valuation, reference, sellers)
     assert valuation.manifest["transport"]["superlink"] == f"127.0.0.1:{deployment.port}"
