@@ -54,10 +54,14 @@ def test_flower_simulation_equals_inprocess(market):
 
 
 def test_local_flower_deployment_equals_inprocess(market):
+    """What ``tip-fed value buyer.toml --sellers sellers.toml --out DIR`` runs, query fitted in memory:
+    the ServerApp loads it from a private copy that is gone afterwards."""
     d, sellers, reference = market
-    valuation = tip_fed.value(d / "query", sellers_toml(d, "flower-deployment", FLOWER))
-    _assert_same(valuation, reference, sellers)
-    assert valuation.manifest["transport"]["superlink"] == "local"
+    result = tip_fed.value_files(d / "buyer.toml", sellers_toml(d, "flower-deployment", FLOWER), d / "out-deployment")
+    _assert_same(result.valuation, reference, sellers)
+    assert result.valuation.manifest["transport"]["superlink"] == "local"
+    assert result.metrics["run"]["runtime"] == "flower-deployment" and result.metrics["run"]["sellers"] == 3
+    assert (d / "out-deployment" / "report.md").is_file()
 
 
 def test_an_existing_superlink_equals_inprocess(market):
