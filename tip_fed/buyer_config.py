@@ -1,10 +1,11 @@
-"""``buyer.toml`` and ``sellers.toml``: what ``tip-fed buyer prepare`` and ``tip-fed value`` read.
+"""``buyer.toml``: what ``tip-fed buyer prepare`` and ``tip-fed value`` read about the buyer.
 
 Parsing is light (no torch, no TenSEAL, no grpcio), so a typo is reported before anything heavy
 loads. Unknown keys are errors, every message names the key and how to fix it, and paths are
 relative to the TOML file. The protocol sections (``[projection]``, ``[preconditioner]``,
-``[crypto]``, ``[protocol]``, ``[payouts]``, ``[grpc]``) are validated by their typed classes in
-:mod:`tip_fed.config`, exactly as in a scenario config.
+``[crypto]``, ``[protocol]``, ``[payouts]``) are validated by their typed classes in
+:mod:`tip_fed.config`, exactly as in a scenario config. ``sellers.toml`` is
+:mod:`tip_fed.sellers_config`.
 
 buyer.toml::
 
@@ -16,57 +17,76 @@ buyer.toml::
     weights = "model.safetensors"         # ... with its weights
     # path = "hf-model/"                  # or a Hugging Face save_pretrained directory
     # sequential = [...]                  # or a declarative torch Sequential + weights
-    [data]
-    objective = "objective.safetensors"   # what the buyer wants its model to do better on
-    train = "train.safetensors"           # optional: fits the preconditioner (default: objective)
-    format = "safetensors"
+    [data]                                # by extension: .safetensors (tensors in the task's format)
+    objective = "objective.csv"           # or raw records: .csv, .parquet, .jsonl, .txt (need [format])
+    train = "train.csv"                   # optional: fits the preconditioner (default: objective)
+    [format]                              # how raw records become tensors; sellers get it in each Offer
+    kind = "table"                        # table: standardised feature columns and a label
+    features = ["age", "bmi"]
+    label = "outcome"
+    # classes = ["no", "yes"]             # default: the sorted label values of the fitted-on records
+    # regression = false                  # true: the label is a number
+    # kind = "text"                       # text: the buyer's tokenizer.json travels in every Offer
+    # tokenizer = "tok/"                  # save_pretrained directory or tokenizer.json
+    #                                     #   (default: the [model] path directory)
+    # max-length = 128                    # tokens per record (default: the tokenizer's model_max_length)
+    # text-field = "text"                 # record field holding the text
+    # label-field = "label"               # sequence classification: the label field ...
+    # classes = ["neg", "pos"]            # ... and its classes
     [projection] / [preconditioner] / [crypto] / [protocol] / [payouts]
 
-sellers.toml::
-
-    runtime = "grpc"                      # or "inprocess"
-    max-samples = 10000                   # optional: largest seller (default: asked / counted)
-    [[sellers]]
-    id = "clinic-a"
-    endpoint = "10.0.0.5:50051"           # grpc: where 'tip-fed seller serve' listens
-    # data = "clinic-a.safetensors"       # inprocess: the seller's records
-    # ca = "clinic-a-ca.crt"              # optional: the only CA trusted for this seller
-    [tls]
-    ca = "tls/ca.crt"                     # CA of the sellers' server certificates
-    cert = "tls/buyer.crt"                # client certificate and key (mutual TLS)
-    key = "tls/buyer.key"
-    # insecure = true                     # plaintext gRPC (trusted networks, tests)
-    [grpc]
-    timeout-s = 600                       # deadline of one seller's answer; retries, max-message-mb
+A table format is fitted (feature offsets and scales, classes) on the buyer's train records, else
+its objective records, so it is part of the prepared query: ``tip-fed value --prepared`` refuses a
+query whose format differs from what buyer.toml gives now.
 """
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tip_fed.config import (
-    RUNTIMES,
     SETTING_SECTIONS,
     CryptoConfig,
-    GrpcConfig,
     PayoutsConfig,
     PreconditionerConfig,
     ProjectionConfig,
     ProtocolConfig,
-    config_from_dict,
     parse_settings,
 )
-from tip_fed.errors import ConfigError
+from tip_fed.errors import ConfigError, DataError
+from tip_fed.sellers_config import (
+    ClientTLSFiles,
+    SellerEntry,
+    SellersConfig,
+    data_file,
+    load_sellers_config,
+)
+from tip_fed.toml_files import (
+    check_keys,
+    existing_path,
+    flag,
+    positive_int,
+    read_toml,
+    string,
+    table,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tip_fed.protocol.prepared import BuyerSettings
+    from tip_fed.protocol.formats import InputFormat
+    from tip_fed.protocol.prepared import BuyerSettings, PreparedQuery
+    from tip_fed.protocol.records import RawRecords
 
-DATA_FORMATS = ("safetensors",)  # raw formats (CSV, JSONL) register here with their loader
-WIRED_RUNTIMES = ("inprocess", "grpc")
+__all__ = ["BuyerConfig", "ClientTLSFiles", "FormatSpec", "ModelSource", "SellerEntry", "SellersConfig",
+           "build_input_format", "check_prepared", "load_buyer_config", "load_data", "load_model",
+           "load_sellers_config", "prepare_from_config"]
+
+DOC = "the tip_fed.buyer_config docstring"
+TENSOR_SUFFIX = ".safetensors"
+FORMAT_KEYS = {"table": ("kind", "features", "label", "classes", "regression"),
+               "text": ("kind", "tokenizer", "max-length", "text-field", "label-field", "classes")}
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,28 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class FormatSpec:
+    """The ``[format]`` table as written: what :func:`build_input_format` makes the input format from."""
+
+    kind: str  # "table" | "text"
+    features: tuple[str, ...] = ()
+    label: str | None = None
+    classes: tuple[str, ...] | None = None
+    regression: bool = False
+    tokenizer: Path | None = None
+    max_length: int | None = None
+    text_field: str = "text"
+    label_field: str | None = None
+
+    def reads(self) -> dict[str, str]:
+        """Record field -> the [format] key that names it."""
+        if self.kind == "table":
+            return {**{f: "format.features" for f in self.features}, str(self.label): "format.label"}
+        fields = {self.text_field: "format.text-field"}
+        return fields if self.label_field is None else {**fields, self.label_field: "format.label-field"}
+
+
+@dataclass(frozen=True)
 class BuyerConfig:
     """A parsed ``buyer.toml``."""
 
@@ -91,7 +133,6 @@ class BuyerConfig:
     task: str
     objective: Path
     train: Path | None
-    data_format: str
     projection: ProjectionConfig
     preconditioner: PreconditionerConfig
     crypto: CryptoConfig
@@ -99,7 +140,7 @@ class BuyerConfig:
     payouts: PayoutsConfig
     seed: int = 0
     batch_size: int = 64
-    input_format: Mapping[str, Any] | None = None  # the [format] table of raw data formats, as written
+    input_format: FormatSpec | None = None  # the [format] table (raw records)
 
     def settings(self) -> BuyerSettings:
         """The protocol settings as the Buyer takes them."""
@@ -109,133 +150,104 @@ class BuyerConfig:
                              protocol=self.protocol, seed=self.seed, batch_size=self.batch_size)
 
 
-@dataclass(frozen=True)
-class SellerEntry:
-    """One seller of ``sellers.toml``: its id and where to reach it (endpoint) or its data (inprocess)."""
-
-    id: str
-    endpoint: str | None = None
-    data: Path | None = None
-    ca: Path | None = None
-
-
-@dataclass(frozen=True)
-class ClientTLSFiles:
-    """The buyer's TLS material for gRPC sellers (or ``insecure``)."""
-
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    insecure: bool = False
-    bind_seller_id: bool = False
-
-
-@dataclass(frozen=True)
-class SellersConfig:
-    """A parsed ``sellers.toml``."""
-
-    runtime: str
-    sellers: tuple[SellerEntry, ...]
-    tls: ClientTLSFiles
-    grpc: GrpcConfig
-    max_samples: int | None = None
-    source: Path | None = None
-
-
-def _read_toml(path: str | Path, what: str, example: str) -> tuple[Path, dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} file '{p}' does not exist; write one (see {example})")
-    try:
-        return p.resolve(), tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} file '{p}' is not valid TOML: {exc}") from None
-
-
-def _keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str, name: str) -> None:
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{name}: unknown key '{where}{unknown[0]}'; valid keys here: "
-                          + ", ".join(f"{where}{k}" for k in allowed))
-
-
-def _table(data: Mapping[str, Any], key: str, name: str, required: bool = True) -> dict[str, Any]:
-    value = data.get(key)
-    if value is None and not required:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{name}: [{key}] is {'missing' if value is None else 'not a table'}; add a [{key}] table")
-    return dict(value)
-
-
-def _file(base: Path, value: Any, key: str, name: str, *, directory: bool = False) -> Path:
-    """``value`` as a path relative to the TOML file; ConfigError unless it exists."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name}: {key} must be a path (a string), got {value!r}")
-    path = (base / value).resolve()
-    ok = path.is_dir() if directory else path.is_file()
-    if not ok:
-        kind = "directory" if directory else "file"
-        raise ConfigError(f"{name}: {key} = {value!r}: {kind} {path} does not exist; paths are relative to {name}")
-    return path
-
-
-def _model_source(table: dict[str, Any], base: Path, name: str) -> ModelSource:
-    _keys(table, ("task", "path", "mlp", "bias", "sequential", "weights"), "model.", name)
-    kinds = [k for k in ("path", "mlp", "sequential") if k in table]
+def _model_source(t: dict[str, Any], base: Path, name: str) -> ModelSource:
+    check_keys(t, ("task", "path", "mlp", "bias", "sequential", "weights"), "model.", name)
+    kinds = [k for k in ("path", "mlp", "sequential") if k in t]
     if len(kinds) != 1:
         raise ConfigError(f"{name}: [model] needs exactly one of path (a save_pretrained directory), "
                           f"mlp = [sizes] or sequential = [...] (with weights); got {kinds or 'none'}")
     kind = kinds[0]
     if kind == "path":
         for extra in ("weights", "bias"):
-            if extra in table:
+            if extra in t:
                 raise ConfigError(f"{name}: model.{extra} does not go with model.path (its weights are in the directory)")
-        return ModelSource("path", path=_file(base, table["path"], "model.path", name, directory=True))
-    if "weights" not in table:
+        return ModelSource("path", path=existing_path(base, t["path"], "model.path", name, directory=True))
+    if "weights" not in t:
         raise ConfigError(f"{name}: model.{kind} needs model.weights = \"file.safetensors\" (the trained weights)")
-    weights = _file(base, table["weights"], "model.weights", name)
+    weights = existing_path(base, t["weights"], "model.weights", name)
     if kind == "mlp":
-        sizes = table["mlp"]
+        sizes = t["mlp"]
         if not isinstance(sizes, list) or len(sizes) < 2 or not all(
                 isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
             raise ConfigError(f"{name}: model.mlp must list >= 2 layer sizes (positive integers), e.g. [64, 32, 10]")
-        bias = table.get("bias", True)
-        if not isinstance(bias, bool):
-            raise ConfigError(f"{name}: model.bias must be true or false")
-        return ModelSource("mlp", sizes=tuple(sizes), bias=bias, weights=weights)
-    if "bias" in table:
+        return ModelSource("mlp", sizes=tuple(sizes), bias=flag({"bias": t.get("bias", True)}, "bias", "model.", name),
+                           weights=weights)
+    if "bias" in t:
         raise ConfigError(f"{name}: model.bias goes with model.mlp; a sequential states bias per layer")
-    layers = table["sequential"]
+    layers = t["sequential"]
     if not isinstance(layers, list) or not layers:
         raise ConfigError(f"{name}: model.sequential must be a non-empty list of layers")
     return ModelSource("sequential", layers=tuple(layers), weights=weights)
 
 
+def _names(t: Mapping[str, Any], key: str, name: str, what: str) -> tuple[str, ...] | None:
+    value = t.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) and v != "" for v in value):
+        raise ConfigError(f"{name}: format.{key} must be a non-empty list of {what}, got {value!r}")
+    return tuple(str(v) for v in value) if key == "features" else tuple(value)
+
+
+def _format_spec(t: dict[str, Any], base: Path, name: str, model: ModelSource) -> FormatSpec:
+    kind = t.get("kind")
+    if kind not in FORMAT_KEYS:
+        raise ConfigError(f"{name}: format.kind must be \"table\" (CSV/Parquet columns) or \"text\" (JSONL/plain "
+                          f"text with the buyer's tokenizer), got {kind!r}")
+    check_keys(t, FORMAT_KEYS[kind], "format.", name)
+    classes = _names(t, "classes", name, "label values")
+    if kind == "table":
+        features = _names(t, "features", name, "column names")
+        label = string(t, "label", "format.", name)
+        if features is None or label is None:
+            raise ConfigError(f"{name}: format.kind = \"table\" needs features = [\"col\", ...] (the model's input "
+                              "columns, in order) and label = \"col\"")
+        regression = flag(t, "regression", "format.", name)
+        if regression and classes is not None:
+            raise ConfigError(f"{name}: format.classes does not go with format.regression = true")
+        return FormatSpec("table", features=features, label=label, classes=classes, regression=regression)
+    if "tokenizer" in t:
+        tokenizer = existing_path(base, t["tokenizer"], "format.tokenizer", name, directory=None)
+    elif model.kind == "path" and model.path is not None and (model.path / "tokenizer.json").is_file():
+        tokenizer = model.path
+    else:
+        raise ConfigError(f"{name}: format.tokenizer is missing and [model] path holds no tokenizer.json; set "
+                          "tokenizer = \"dir/\" (saved with save_pretrained) or \"tokenizer.json\"")
+    return FormatSpec("text", classes=classes, tokenizer=tokenizer,
+                      max_length=positive_int(t, "max-length", "format.", name, "tokens per record"),
+                      text_field=string(t, "text-field", "format.", name, "text") or "text",
+                      label_field=string(t, "label-field", "format.", name))
+
+
 def load_buyer_config(path: str | Path) -> BuyerConfig:
     """Parse and check ``buyer.toml`` (files exist, keys known, values valid), without heavy imports."""
-    source, data = _read_toml(path, "buyer config", "the tip_fed.buyer_config docstring")
+    source, data = read_toml(path, "buyer config", DOC)
     name, base = source.name, source.parent
-    _keys(data, ("model", "data", "format", *SETTING_SECTIONS, "payouts", "seed", "batch-size"), "", name)
-    model_table = _table(data, "model", name)
+    check_keys(data, ("model", "data", "format", *SETTING_SECTIONS, "payouts", "seed", "batch-size"), "", name)
+    model_table = table(data, "model", name)
     model = _model_source(model_table, base, name)
     task = model_table.get("task")
     if not isinstance(task, str):
         raise ConfigError(f"{name}: model.task is missing; set it to classification, causal-lm or "
                           "sequence-classification")
-    data_table = _table(data, "data", name)
-    _keys(data_table, ("objective", "train", "format"), "data.", name)
+    data_table = table(data, "data", name)
+    check_keys(data_table, ("objective", "train"), "data.", name)
     if "objective" not in data_table:
         raise ConfigError(f"{name}: data.objective is missing; give the buyer's objective set (a path)")
-    data_format = data_table.get("format", "safetensors")
-    if data_format not in DATA_FORMATS:
-        raise ConfigError(f"{name}: data.format = {data_format!r} is not supported; use one of {list(DATA_FORMATS)}")
-    objective = _file(base, data_table["objective"], "data.objective", name)
-    train = _file(base, data_table["train"], "data.train", name) if "train" in data_table else None
-    fmt = data.get("format")
-    if fmt is not None:  # raw data formats (CSV, JSONL) parse their table here
-        raise ConfigError(f"{name}: [format] (raw CSV/JSONL records) is not supported by this version of tip_fed; "
-                          "remove it and give datasets as safetensors files (tip_fed.save_dataset)")
+    objective = data_file(base, data_table["objective"], "data.objective", name)
+    train = data_file(base, data_table["train"], "data.train", name) if "train" in data_table else None
+    fmt = _format_spec(table(data, "format", name), base, name, model) if "format" in data else None
+    raw = [(k, p) for k, p in (("data.objective", objective), ("data.train", train))
+           if p is not None and p.suffix.lower() != TENSOR_SUFFIX]
+    if raw and fmt is None:
+        key, p = raw[0]
+        raise ConfigError(f"{name}: {key} = {p.name!r} holds raw records; add a [format] table saying how they "
+                          "become tensors: kind = \"table\" with features = [\"col\", ...] and label = \"col\", or "
+                          "kind = \"text\" with tokenizer = \"dir/\" (see the tip_fed.buyer_config docstring)")
+    if fmt is not None and fmt.kind == "table" and not raw:
+        raise ConfigError(f"{name}: format.kind = \"table\" is fitted on the buyer's raw records, but data.objective "
+                          "and data.train are safetensors; give data.train (or data.objective) as .csv/.parquet/.jsonl")
     try:
         settings = parse_settings(data, "")
     except ConfigError as exc:
@@ -245,69 +257,7 @@ def load_buyer_config(path: str | Path) -> BuyerConfig:
     if task not in TASKS:
         raise ConfigError(f"{name}: model.task = {task!r} is unknown; use one of {', '.join(sorted(TASKS))}")
     return BuyerConfig(source=source, model=model, task=task, objective=objective, train=train,
-                       data_format=data_format, input_format=None, **settings)
-
-
-def load_sellers_config(path: str | Path) -> SellersConfig:
-    """Parse and check ``sellers.toml`` (runtime, unique seller ids, endpoints or data, TLS files)."""
-    source, data = _read_toml(path, "sellers config", "the tip_fed.buyer_config docstring")
-    name, base = source.name, source.parent
-    _keys(data, ("runtime", "sellers", "tls", "grpc", "max-samples"), "", name)
-    runtime = data.get("runtime", "grpc")
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"{name}: runtime = {runtime!r} is unknown; use one of {', '.join(RUNTIMES)}")
-    max_samples = data.get("max-samples")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        raise ConfigError(f"{name}: max-samples must be an integer >= 1 (the largest seller's record count)")
-    entries = data.get("sellers")
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, Mapping) for e in entries):
-        raise ConfigError(f"{name}: list the sellers as [[sellers]] tables, each with an id and an endpoint or data")
-    sellers: list[SellerEntry] = []
-    for i, entry in enumerate(entries):
-        where = f"sellers[{i}]."
-        _keys(entry, ("id", "endpoint", "data", "ca"), where, name)
-        sid = entry.get("id")
-        if not isinstance(sid, str) or not sid:
-            raise ConfigError(f"{name}: {where}id is missing; give each seller its public id")
-        if sid in {s.id for s in sellers}:
-            raise ConfigError(f"{name}: seller id {sid!r} is listed twice; seller ids must be unique")
-        endpoint = entry.get("endpoint")
-        if runtime == "grpc" and not (isinstance(endpoint, str) and ":" in endpoint):
-            raise ConfigError(f"{name}: {where}endpoint must be host:port of the seller's 'tip-fed seller serve' "
-                              f"with runtime = 'grpc', got {endpoint!r}")
-        if runtime == "inprocess" and "data" not in entry:
-            raise ConfigError(f"{name}: {where}data is missing; runtime = 'inprocess' reads each seller's records")
-        sellers.append(SellerEntry(
-            id=sid, endpoint=endpoint if isinstance(endpoint, str) else None,
-            data=_file(base, entry["data"], f"{where}data", name) if "data" in entry else None,
-            ca=_file(base, entry["ca"], f"{where}ca", name) if "ca" in entry else None))
-    tls = _tls(_table(data, "tls", name, required=False), base, name, runtime, all(s.ca for s in sellers))
-    try:
-        grpc = config_from_dict({"grpc": _table(data, "grpc", name, required=False)}).grpc
-    except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-    return SellersConfig(runtime=runtime, sellers=tuple(sellers), tls=tls, grpc=grpc, max_samples=max_samples,
-                         source=source)
-
-
-def _tls(table: dict[str, Any], base: Path, name: str, runtime: str, pinned: bool) -> ClientTLSFiles:
-    """``pinned``: every seller names its own CA, so [tls] needs none."""
-    _keys(table, ("ca", "cert", "key", "insecure", "bind-seller-id"), "tls.", name)
-    for flag in ("insecure", "bind-seller-id"):
-        if not isinstance(table.get(flag, False), bool):
-            raise ConfigError(f"{name}: tls.{flag} must be true or false")
-    files = {k: _file(base, table[k], f"tls.{k}", name) for k in ("ca", "cert", "key") if k in table}
-    insecure = table.get("insecure", False)
-    if insecure and files:
-        raise ConfigError(f"{name}: tls.insecure = true does not go with tls.ca/cert/key; choose one")
-    if ("cert" in files) != ("key" in files):
-        raise ConfigError(f"{name}: tls.cert and tls.key go together (the buyer's client certificate and its key)")
-    if runtime == "grpc" and not insecure and "ca" not in files and not pinned:
-        raise ConfigError(f"{name}: runtime = 'grpc' needs [tls] ca = \"ca.crt\" (with cert and key for mutual TLS) "
-                          "or a ca for every seller, or [tls] insecure = true on a trusted network")
-    return ClientTLSFiles(ca=files.get("ca"), cert=files.get("cert"), key=files.get("key"), insecure=insecure,
-                          bind_seller_id=table.get("bind-seller-id", False))
+                       input_format=fmt, **settings)
 
 
 # ---- loading what a parsed buyer.toml names (heavy imports stay inside the functions) ----
@@ -330,16 +280,53 @@ def load_model(source: ModelSource) -> Any:
         raise ModelError(f"model.weights {source.weights} do not fit the model described in [model]: {exc}") from None
 
 
-def load_data(path: Path, data_format: str) -> Any:
-    """A dataset named in [data] (safetensors dict of tensors)."""
-    if data_format != "safetensors":
-        raise ConfigError(f"data.format = {data_format!r} is not supported; use one of {list(DATA_FORMATS)}")
-    from tip_fed.protocol.data import load_dataset
+def load_data(path: Path) -> Any:
+    """A dataset named in [data] or sellers.toml: tensors (.safetensors) or raw records (by extension)."""
+    from tip_fed.protocol.records import load_seller_data
 
-    return load_dataset(path)
+    return load_seller_data(path)
 
 
-def prepare_from_config(cfg: BuyerConfig) -> Any:
+def build_input_format(cfg: BuyerConfig, objective: Any, train: Any = None) -> InputFormat | None:
+    """The input format of ``[format]`` (None without one); a table format is fitted on ``train``'s
+    records, else ``objective``'s. ConfigError naming the [format] key the data does not fit."""
+    spec, name = cfg.input_format, cfg.source.name
+    if spec is None:
+        return None
+    from tip_fed.protocol.formats import TableFormat, TextFormat
+    from tip_fed.protocol.records import RawRecords
+
+    raw: dict[str, RawRecords] = {k: d for k, d in (("data.objective", objective), ("data.train", train))
+                                  if isinstance(d, RawRecords)}
+    for key, records in raw.items():
+        for field, names in spec.reads().items():
+            if field not in records.fields:
+                have = ", ".join(repr(f) for f in sorted(records.fields)[:20])
+                raise ConfigError(f"{name}: {names} names field {field!r}, which {key} ({records.source}) does not "
+                                  f"have in every record (it has {have}); fix {names} or the file")
+    try:
+        if spec.kind == "text":
+            return TextFormat.from_pretrained(spec.tokenizer or cfg.source.parent, spec.max_length, text_field=spec.text_field,
+                                              label_field=spec.label_field, classes=spec.classes)
+        fit_on = raw.get("data.train", raw.get("data.objective"))
+        if fit_on is None:
+            raise ConfigError(f"{name}: format.kind = \"table\" is fitted on raw records; give data.train or "
+                              "data.objective as .csv/.parquet/.jsonl")
+        return TableFormat.fit(fit_on, spec.features, str(spec.label), regression=spec.regression,
+                               classes=spec.classes)
+    except DataError as exc:
+        key = "format.tokenizer / format.max-length" if spec.kind == "text" else "format.features / format.label"
+        raise ConfigError(f"{name}: [format] does not fit the buyer's data ({key}): {exc}") from None
+
+
+def _load_inputs(cfg: BuyerConfig) -> tuple[Any, Any, InputFormat | None]:
+    """Objective, train and the input format they are encoded with."""
+    objective = load_data(cfg.objective)
+    train = load_data(cfg.train) if cfg.train is not None else None
+    return objective, train, build_input_format(cfg, objective, train)
+
+
+def prepare_from_config(cfg: BuyerConfig) -> PreparedQuery:
     """Fit the buyer's :class:`~tip_fed.protocol.prepared.PreparedQuery` from a parsed buyer.toml."""
     from dataclasses import replace
 
@@ -347,9 +334,13 @@ def prepare_from_config(cfg: BuyerConfig) -> Any:
     from tip_fed.protocol.prepared import fit_query
 
     model = load_model(cfg.model)
-    objective = load_data(cfg.objective, cfg.data_format)
-    train = load_data(cfg.train, cfg.data_format) if cfg.train is not None else None
-    prepared = fit_query(model, get_task(cfg.task), objective, train, cfg.settings(), cfg.input_format)
+    objective, train, fmt = _load_inputs(cfg)
+    try:
+        prepared = fit_query(model, get_task(cfg.task), objective, train, cfg.settings(), fmt)
+    except DataError as exc:
+        if fmt is None:
+            raise
+        raise ConfigError(f"{cfg.source.name}: [format] cannot encode the buyer's data: {exc}") from None
     return replace(prepared, sources=_sources(cfg))
 
 
@@ -361,10 +352,14 @@ def _sources(cfg: BuyerConfig) -> dict[str, str]:
     return {k: hashlib.sha256(p.read_bytes()).hexdigest() if p else "" for k, p in files.items()}
 
 
-def check_prepared(cfg: BuyerConfig, prepared: Any, where: str) -> Any:
+def _format_bytes(fmt: InputFormat | None) -> bytes:
+    return b"" if fmt is None else fmt.to_pb().SerializeToString(deterministic=True)
+
+
+def check_prepared(cfg: BuyerConfig, prepared: PreparedQuery, where: str) -> PreparedQuery:
     """The prepared query to value with: ``prepared`` itself when it was fitted for this buyer.toml's
-    task, settings, model and data; re-queried with its saved preconditioner when only data.objective
-    changed; ConfigError for anything else (that needs a new fit)."""
+    task, settings, model, data and [format]; re-queried with its saved preconditioner when only
+    data.objective changed; ConfigError for anything else (that needs a new fit)."""
     fix = f"run 'tip-fed buyer prepare {cfg.source.name} --out {where} --force' again"
     if prepared.task != cfg.task:
         raise ConfigError(f"the prepared query in {where} is for task {prepared.task!r}, {cfg.source.name} says "
@@ -379,12 +374,18 @@ def check_prepared(cfg: BuyerConfig, prepared: Any, where: str) -> Any:
         raise ConfigError(f"the prepared query in {where} was fitted for another model than {cfg.source.name}'s "
                           f"[model] (fingerprints differ); {fix}")
     now = _sources(cfg)
-    if not prepared.sources or prepared.sources == now:
-        return prepared
-    if prepared.sources.get("train") != now["train"] or not cfg.train:
+    changed = bool(prepared.sources) and prepared.sources != now
+    if changed and (prepared.sources.get("train") != now["train"] or not cfg.train):
         raise ConfigError(f"data.train of {cfg.source.name} changed since the query in {where} was prepared (or "
                           f"there is none, so the preconditioner was fitted on the old objective); {fix}")
+    objective, _, fmt = _load_inputs(cfg)
+    if _format_bytes(fmt) != _format_bytes(prepared.input_format):
+        saved = "none" if prepared.input_format is None else type(prepared.input_format).__name__
+        raise ConfigError(f"the prepared query in {where} was fitted with another input format ({saved}) than "
+                          f"{cfg.source.name}'s [format] gives now; {fix}")
+    if not changed:
+        return prepared
     from dataclasses import replace
 
-    requeried = prepared.with_objective(load_data(cfg.objective, cfg.data_format), model=model)
+    requeried = prepared.with_objective(objective, model=model)
     return replace(requeried, sources=now)

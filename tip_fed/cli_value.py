@@ -25,7 +25,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     val = sub.add_parser("value", help="value the sellers of sellers.toml for the buyer of buyer.toml and write "
                          "valuations, payouts, report.md and manifest.json")
     val.add_argument("config", help="buyer.toml: [model], [data], protocol settings and [payouts]")
-    val.add_argument("--sellers", required=True, help="sellers.toml: runtime, [[sellers]], [tls], [grpc]")
+    val.add_argument("--sellers", required=True,
+                     help="sellers.toml: runtime (grpc, inprocess, flower-simulation, flower-deployment), [[sellers]], "
+                     "[tls], [grpc], [flower], [superlink]")
     val.add_argument("--out", required=True, help="results directory")
     val.add_argument("--prepared", help="a query saved by 'tip-fed buyer prepare' (default: fit it now, in memory)")
     val.add_argument("--force", action="store_true",
@@ -43,7 +45,8 @@ def check_out_dir(out: Path, force: bool, what: str = "results of two runs would
 
 def run(args: argparse.Namespace) -> None:
     """Run ``buyer prepare`` or ``value``; every failure is a TipError."""
-    from tip_fed.buyer_config import load_buyer_config, load_sellers_config
+    from tip_fed.buyer_config import load_buyer_config
+    from tip_fed.sellers_config import load_sellers_config
 
     out = Path(args.out)
     if args.command == "buyer":
@@ -75,4 +78,14 @@ def run(args: argparse.Namespace) -> None:
     note = [f"query       recomputed for the changed data.objective with the preconditioner saved in {args.prepared}"
             ] if result.requeried else []
     rejected = [f"rejected    {sid}: {reason[:120]}" for sid, reason in result.valuation.rejected.items()][:3]
-    print("\n".join([*lines[:1], *note, *scores, *rejected, *lines[1:]][:15]))
+    print("\n".join([*lines[:1], *note, *scores, *_offers_line(result.metrics), *rejected, *lines[1:]][:15]))
+
+
+def _offers_line(metrics: dict[str, object]) -> list[str]:
+    """How many sellers were sent the model's weights (the others held it: Offer by reference)."""
+    run = metrics.get("run")
+    if not isinstance(run, dict) or run.get("sellers_sent_weights") is None:
+        return []
+    line = (f"offers      weights sent to {run['sellers_sent_weights']} of {run.get('sellers_offered')} sellers "
+            f"(the others hold the model), {int(run.get('offer_bytes') or 0) / 1e6:.3g} MB of Offers in all")
+    return [line]

@@ -1,11 +1,12 @@
 """Value a prepared buyer against real sellers and write the results directory.
 
 The library's answer to "I have a model, an objective set and a list of sellers": fit the query
-once (:func:`prepare`, or load a saved one), then :func:`value` it against sellers reached
-in-process or over gRPC, as often as needed. :func:`value_files` is what ``tip-fed value`` runs:
-buyer.toml + sellers.toml in, the same results directory as ``tip-fed simulate`` out
-(valuations, payouts, report, manifest), without the parts only a simulation can know (plaintext
-reference, ground truth, baselines).
+once (:func:`prepare`, or load a saved one), then :func:`value` it against sellers over any
+runtime of :mod:`tip_fed.runtimes` (in-process, gRPC endpoints, Flower simulation, Flower
+deployment), as often as needed. :func:`value_files` is what ``tip-fed value`` runs: buyer.toml +
+sellers.toml in, the same results directory as ``tip-fed simulate`` out (valuations, payouts,
+report, manifest), without the parts only a simulation can know (plaintext reference, ground
+truth, baselines).
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from typing import Any
 
 from tip_fed import __version__
 from tip_fed.buyer_config import (
-    WIRED_RUNTIMES,
-    SellersConfig,
     check_prepared,
     load_buyer_config,
     load_data,
-    load_sellers_config,
     prepare_from_config,
 )
 from tip_fed.config import GrpcConfig, PayoutsConfig
@@ -44,18 +42,20 @@ from tip_fed.market.results import (
 )
 from tip_fed.protocol import Buyer, BuyerSettings, PreparedQuery, Seller, Valuation
 from tip_fed.protocol.data import Batch, check_batch
+from tip_fed.protocol.records import RawRecords
+from tip_fed.sellers_config import SellersConfig, load_sellers_config
 
 DEFAULT_MAX_SAMPLES = 10_000
 HEALTH_TIMEOUT_S = 5.0
 
-Sellers = SellersConfig | str | Path | Mapping[str, Batch] | Sequence[Any]
+Sellers = SellersConfig | str | Path | Mapping[str, Batch | RawRecords | Seller] | Sequence[Any]
 
 
 def prepare(
     model: Any,
     task: str | Task,
-    objective: Batch,
-    train: Batch | None = None,
+    objective: Batch | RawRecords,
+    train: Batch | RawRecords | None = None,
     settings: BuyerSettings | None = None,
     input_format: Any = None,
 ) -> PreparedQuery:
@@ -75,27 +75,35 @@ def value(
 ) -> Valuation:
     """One valuation session of ``buyer`` (a Buyer, a PreparedQuery, or a saved query's directory).
 
-    ``sellers``: a ``sellers.toml`` path or :class:`~tip_fed.buyer_config.SellersConfig` (runtime,
-    TLS and timeouts from the file), ``{seller_id: dataset}`` (in-process), or a list of
-    :class:`tip_fed.grpc.SellerEndpoint` (gRPC; ``tls`` a :class:`tip_fed.grpc.ClientTLS` or
-    ``insecure=True``). Sellers that cannot be reached or refuse are listed in
-    ``Valuation.missing`` with their reason in ``Valuation.manifest["seller_failures"]``.
+    ``sellers``: a ``sellers.toml`` path or :class:`~tip_fed.sellers_config.SellersConfig` (runtime,
+    TLS, timeouts and seller files from the file; any of the four runtimes), ``{seller_id: dataset
+    | raw records | Seller}`` (in-process), or a list of :class:`tip_fed.grpc.SellerEndpoint` (gRPC;
+    ``tls`` a :class:`tip_fed.grpc.ClientTLS` or ``insecure=True``). Sellers that cannot be reached
+    or refuse are listed in ``Valuation.missing`` with their reason in
+    ``Valuation.manifest["seller_failures"]``; what each was sent is in
+    ``Valuation.manifest["transport"]["offers"]`` (gRPC and in-process).
     """
-    if isinstance(buyer, (str, Path)):
-        buyer = PreparedQuery.load(buyer)
+    saved_dir = Path(buyer) if isinstance(buyer, (str, Path)) else None
+    if saved_dir is not None:
+        buyer = PreparedQuery.load(saved_dir)
     if isinstance(buyer, PreparedQuery):
         buyer = Buyer.from_prepared(buyer)
+    if not isinstance(buyer, Buyer):
+        raise ConfigError(f"buyer must be a Buyer, a PreparedQuery or a prepared query's directory, got {type(buyer)}")
     if isinstance(sellers, (str, Path)):
         sellers = load_sellers_config(sellers)
     if isinstance(sellers, SellersConfig):
-        return _value_config(buyer, sellers, runtime, max_samples)
-    if isinstance(sellers, Mapping):
+        valuation = _value_config(buyer, sellers, runtime, max_samples, saved_dir)
+    elif isinstance(sellers, Mapping):
         _check_runtime(runtime or "inprocess", "a dict of seller datasets", "inprocess")
-        return value_inprocess(buyer, sellers, max_samples)
-    _check_runtime(runtime or "grpc", "a list of seller endpoints", "grpc")
-    if tls is None and not insecure:
-        raise ConfigError("valuing gRPC sellers needs tls=ClientTLS(root_ca=...) or insecure=True")
-    return value_grpc(buyer, list(sellers), tls, grpc or GrpcConfig(), max_samples)
+        valuation = _inprocess(buyer, sellers, max_samples)
+    else:
+        _check_runtime(runtime or "grpc", "a list of seller endpoints", "grpc")
+        if tls is None and not insecure:
+            raise ConfigError("valuing gRPC sellers needs tls=ClientTLS(root_ca=...) or insecure=True")
+        valuation = _grpc(buyer, list(sellers), tls, grpc or GrpcConfig(), max_samples)
+    valuation.manifest["seller_failures"] = dict(valuation.manifest.get("transport", {}).get("failures", {}))
+    return valuation
 
 
 def _check_runtime(runtime: str, given: str, expected: str) -> None:
@@ -104,54 +112,92 @@ def _check_runtime(runtime: str, given: str, expected: str) -> None:
                           "(or pass a sellers.toml naming the runtime)")
 
 
-def _value_config(buyer: Buyer, cfg: SellersConfig, runtime: str | None, max_samples: int | None) -> Valuation:
+def _inprocess(buyer: Buyer, sellers: Mapping[str, Batch | RawRecords | Seller], max_samples: int | None) -> Valuation:
+    from tip_fed.runtimes import value_inprocess
+
+    objects = {sid: s if isinstance(s, Seller) else Seller(sid, s) for sid, s in sellers.items()}
+    limit = max_samples or max(s.n_samples for s in objects.values())
+    return value_inprocess(buyer, objects, limit, tolerate_refusals=True)
+
+
+def _grpc(buyer: Buyer, endpoints: list[Any], tls: Any, settings: GrpcConfig, max_samples: int | None) -> Valuation:
+    from tip_fed.runtimes import value_grpc
+
+    limit = max_samples or _largest_seller(endpoints, tls)
+    return value_grpc(buyer, endpoints, tls, settings, limit, insecure=tls is None)
+
+
+def _count(path: Path) -> int:
+    data = load_data(path)
+    return len(data) if isinstance(data, RawRecords) else check_batch(data)
+
+
+def _value_config(buyer: Buyer, cfg: SellersConfig, runtime: str | None, max_samples: int | None,
+                  saved_dir: Path | None) -> Valuation:
     runtime = runtime or cfg.runtime
-    if runtime not in WIRED_RUNTIMES:
-        raise ConfigError(f"runtime = {runtime!r} is not wired to valuing a prepared buyer yet; use "
-                          f"runtime = 'grpc' (sellers running 'tip-fed seller serve') or 'inprocess'")
     limit = max_samples or cfg.max_samples
+    files = cfg.files()
+    if runtime in ("inprocess", "flower-simulation") or (runtime == "flower-deployment" and cfg.superlink is None):
+        lacking = [s.id for s in cfg.sellers if s.data is None]
+        if lacking:
+            raise ConfigError(f"runtime {runtime!r} needs data = \"path\" for every seller; missing for {lacking}")
     if runtime == "inprocess":
-        missing = [s.id for s in cfg.sellers if s.data is None]
-        if missing:
-            raise ConfigError(f"runtime 'inprocess' needs data = \"path\" for every seller; missing for {missing}")
-        return value_inprocess(buyer, {s.id: load_data(s.data, "safetensors") for s in cfg.sellers  # type: ignore[arg-type]
-                                       }, limit)
+        return _inprocess(buyer, {sid: load_data(path) for sid, path in files.items()}, limit)
+    if runtime == "grpc":
+        return _grpc(buyer, *_grpc_endpoints(cfg), cfg.grpc, limit)
+    if runtime == "flower-simulation":
+        from tip_fed.runtimes import value_flower_simulation
+
+        valuation = value_flower_simulation(buyer, files, limit or max(_count(p) for p in files.values()),
+                                            flower=cfg.flower)
+        valuation.manifest.setdefault("transport", {"runtime": runtime, "failures": {}})
+        return valuation
+    if cfg.superlink is None:  # with [superlink], sellers.toml has max-samples: the files are not here
+        limit = limit or max(_count(p) for p in files.values())
+    return _flower_deployment(buyer.prepared, cfg, limit or 0, saved_dir)
+
+
+def _flower_deployment(prepared: PreparedQuery, cfg: SellersConfig, max_samples: int,
+                       saved_dir: Path | None) -> Valuation:
+    """The library's Flower App on a local deployment of the seller files (SuperLink, one SuperNode per
+    file, TLS, node authentication, signed app; all stopped at the end) or on the existing
+    ``[superlink]``. The ServerApp loads the query from a directory: ``saved_dir``, or a private copy
+    deleted with the run."""
+    from tip_fed.runtimes import (
+        PrivateRun,
+        RemoteSuperLink,
+        prepared_app,
+        value_flower_deployment,
+        value_flower_superlink,
+    )
+
+    with PrivateRun("tip-value-flower-") as run:
+        directory = saved_dir if saved_dir is not None else prepared.save(run.root / "query")
+        app = prepared_app(directory, max_samples, cfg.flower)
+        link = cfg.superlink
+        if link is None:
+            valuation = value_flower_deployment(cfg.files(), app, flower=cfg.flower, run=run)
+        else:
+            remote = RemoteSuperLink(link.address, {s.id: int(s.node_id or 0) for s in cfg.sellers},
+                                     link.publisher_key, run.root / "superlink", link.root_certificates, link.insecure)
+            valuation = value_flower_superlink(app, remote, flower=cfg.flower)
+    valuation.manifest.setdefault("transport", {"runtime": "flower-deployment", "failures": {},
+                                                "superlink": link.address if link else "local"})
+    return valuation
+
+
+def _grpc_endpoints(cfg: SellersConfig) -> tuple[list[Any], Any]:
+    """The endpoints of a gRPC sellers.toml and the buyer's TLS (None: plaintext)."""
     from tip_fed.grpc import ClientTLS, SellerEndpoint
 
     endpoints = [SellerEndpoint(s.id, s.endpoint or "", s.ca) for s in cfg.sellers]
     t = cfg.tls
-    tls = None
-    if not t.insecure:
-        root = t.ca or next((s.ca for s in cfg.sellers if s.ca), None)  # without [tls] ca, each seller pins its own
-        if root is None:
-            raise ConfigError("gRPC sellers need [tls] ca = \"ca.crt\" in sellers.toml, or [tls] insecure = true")
-        tls = ClientTLS(root, t.cert, t.key, bind_seller_id=t.bind_seller_id)
-    return value_grpc(buyer, endpoints, tls, cfg.grpc, limit)
-
-
-def value_inprocess(buyer: Buyer, sellers: Mapping[str, Batch], max_samples: int | None = None) -> Valuation:
-    """Sellers as objects in this process (default seller policy), exchanging protobuf bytes."""
-    offer = buyer.offer(max_samples=max_samples or max(check_batch(d) for d in sellers.values()))
-    replies, failures = [], {}
-    for sid, data in sellers.items():
-        try:
-            replies.append(Seller(sid, data).respond(offer))
-        except TipError as exc:  # a refusal is this seller's answer, not the session's failure
-            failures[sid] = str(exc)
-    return _settled(buyer, replies, list(sellers), failures)
-
-
-def value_grpc(buyer: Buyer, endpoints: Sequence[Any], tls: Any, settings: GrpcConfig,
-               max_samples: int | None = None) -> Valuation:
-    """Sellers as ``tip-fed seller serve`` services (``tls`` None: plaintext); failures never raise."""
-    from tip_fed.grpc import value_sellers
-    from tip_fed.grpc.server import MiB
-
-    limit = max_samples or _largest_seller(endpoints, tls)
-    replies, failures = value_sellers(endpoints, buyer.offer(max_samples=limit), tls=tls, insecure=tls is None,
-                                      timeout_s=settings.timeout_s, retries=settings.retries,
-                                      max_message_bytes=settings.max_message_mb * MiB)
-    return _settled(buyer, list(replies.values()), [e.name for e in endpoints], failures)
+    if t.insecure:
+        return endpoints, None
+    root = t.ca or next((s.ca for s in cfg.sellers if s.ca), None)  # without [tls] ca, each seller pins its own
+    if root is None:
+        raise ConfigError("gRPC sellers need [tls] ca = \"ca.crt\" in sellers.toml, or [tls] insecure = true")
+    return endpoints, ClientTLS(root, t.cert, t.key, bind_seller_id=t.bind_seller_id)
 
 
 def _largest_seller(endpoints: Sequence[Any], tls: Any) -> int:
@@ -167,12 +213,6 @@ def _largest_seller(endpoints: Sequence[Any], tls: Any) -> int:
     with futures.ThreadPoolExecutor(max_workers=min(16, max(1, len(endpoints)))) as pool:
         sizes = list(pool.map(size, endpoints))
     return max([*sizes, 0]) or DEFAULT_MAX_SAMPLES
-
-
-def _settled(buyer: Buyer, replies: list[bytes], expected: list[str], failures: dict[str, str]) -> Valuation:
-    valuation = buyer.settle(replies, expected=expected)
-    valuation.manifest["seller_failures"] = dict(failures)
-    return valuation
 
 
 @dataclass
@@ -192,21 +232,30 @@ def value_files(buyer_toml: str | Path, sellers_toml: str | Path, out_dir: str |
     cfg = load_buyer_config(buyer_toml)
     sellers = load_sellers_config(sellers_toml)
     requeried = False
+    query: PreparedQuery | Path
     if prepared_dir is not None:
         saved = PreparedQuery.load(prepared_dir)
         prepared = check_prepared(cfg, saved, str(prepared_dir))
         requeried = prepared is not saved
+        query = prepared if requeried else Path(prepared_dir)
     else:
-        prepared = prepare_from_config(cfg)
-    buyer = Buyer.from_prepared(prepared)
+        prepared = query = prepare_from_config(cfg)
     t1 = time.perf_counter()
-    valuation = value(buyer, sellers)
+    valuation = value(query, sellers)
     if not valuation.sellers:
         reasons = {**valuation.manifest.get("seller_failures", {}), **valuation.rejected}
         raise SellerUnavailableError("no seller was valued: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
-    metrics = write_results(out_dir, buyer, valuation, cfg.payouts, runtime=sellers.runtime,
+    metrics = write_results(out_dir, prepared, valuation, cfg.payouts, runtime=sellers.runtime,
                             seconds=time.perf_counter() - t0, valuation_seconds=time.perf_counter() - t1)
     return ValueResult(Path(out_dir), metrics, valuation, requeried)
+
+
+def offers_summary(valuation: Valuation) -> dict[str, Any]:
+    """Per seller, the Offer bytes sent and whether they carried the model's weights (where the runtime
+    knows: gRPC and in-process), plus totals."""
+    offers = dict(valuation.manifest.get("transport", {}).get("offers", {}))
+    return {"per_seller": offers, "sellers_sent_weights": sum(bool(o.get("weights_shipped")) for o in offers.values()),
+            "offer_bytes": sum(int(o.get("offer_bytes", 0)) for o in offers.values())}
 
 
 def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: Valuation,
@@ -233,11 +282,15 @@ def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: 
     pay_rows, comparison, reference = payouts.settle(payouts_config, inputs, seed=prepared.spec.seed)
     write_csv(out / "payouts.csv", PAYOUT_COLUMNS, pay_rows)
     n = len(valuation.sellers)
+    offers = offers_summary(valuation)
     metrics: dict[str, Any] = {
         "run": {"seconds": seconds, "runtime": runtime, "sellers": n, "missing": valuation.missing,
                 "rejected": valuation.rejected, "valuation_seconds": valuation_seconds,
                 "valuation_seconds_per_seller": valuation_seconds / n if valuation_seconds is not None and n else None,
-                "top_by_score": ranked[0].seller_id if ranked else None},
+                "top_by_score": ranked[0].seller_id if ranked else None,
+                "offer_bytes": offers["offer_bytes"] if offers["per_seller"] else None,
+                "sellers_sent_weights": offers["sellers_sent_weights"] if offers["per_seller"] else None,
+                "sellers_offered": len(offers["per_seller"])},
         "payouts": {"reference": reference, "rules": comparison},
     }
     manifest = {
@@ -245,6 +298,8 @@ def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: 
         "task": prepared.task,
         "config": {**prepared.settings.to_dict(), "payouts": _payouts_dict(payouts_config)},
         "sellers": [*[v.seller_id for v in valuation.sellers], *valuation.missing],
+        "offers": offers["per_seller"],
+        "input_format": None if prepared.input_format is None else type(prepared.input_format).__name__,
         "session": valuation.manifest,
         "seeds": {"projection": prepared.spec.seed},
         "projection_dim": prepared.spec.dim,
@@ -264,7 +319,7 @@ def _payouts_dict(cfg: PayoutsConfig) -> dict[str, Any]:
 
 def _versions() -> dict[str, str]:
     versions = {"tip_fed": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
-    for dist in ("torch", "tenseal", "numpy", "grpcio"):
+    for dist in ("torch", "tenseal", "numpy", "grpcio", "flwr"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -187,10 +187,19 @@ def test_prepare_then_value_over_grpc_matches_plaintext(workspace, seller_servic
     payouts = [r for r in csv.DictReader((out / "payouts.csv").open()) if r["rule"] == "proportional"]
     assert abs(sum(float(r["payout"]) for r in payouts) - 100.0) < 1e-6
 
-    # the same sellers valued again, without a saved query (fitted in memory): the same numbers
+    first = manifest["offers"]
+    assert {sid for sid, o in first.items() if o["weights_shipped"]} == set(SELLERS)
+    assert "weights sent to 3 of 4 sellers" in run.stdout
+
+    # the same sellers valued again, without a saved query (fitted in memory): the same numbers, and
+    # the Offers go by reference: the sellers kept the verified model, no seller is sent its weights
     again = _cli("value", "buyer.toml", "--sellers", "sellers.toml", "--out", "results2", cwd=workspace)
     assert again.returncode == 0, again.stderr
     _check(_valuations(workspace / "results2"), _plaintext(workspace, prepared), prepared)
+    second = json.loads((workspace / "results2" / "manifest.json").read_text())["offers"]
+    assert set(second) == {*SELLERS, "ghost"} and not any(o["weights_shipped"] for o in second.values())
+    assert all(second[sid]["offer_bytes"] < first[sid]["offer_bytes"] for sid in SELLERS)
+    assert "weights sent to 0 of 4 sellers" in again.stdout
 
     # a non-empty --out is refused (nothing is overwritten), accepted with --force
     before = (out / "valuations.csv").read_bytes()

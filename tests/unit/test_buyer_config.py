@@ -57,12 +57,31 @@ def test_good_buyer_config_resolves_paths_and_settings(buyer_dir, monkeypatch):
     (lambda t: t.replace("obj.safetensors", "nope.safetensors"), "data.objective = 'nope.safetensors': file"),
     (lambda t: t.replace("mlp = [10, 4, 2]", 'mlp = [10, 4, 2]\npath = "."'), "exactly one of path"),
     (lambda t: t.replace('weights = "w.safetensors"\n', ""), "model.mlp needs model.weights"),
-    (lambda t: t.replace("[data]", "[data]\nformat = \"parquet\""), "data.format = 'parquet' is not supported"),
+    (lambda t: t.replace("[data]", "[data]\nformat = \"parquet\""), "unknown key 'data.format'"),
+    (lambda t: t.replace("obj.safetensors", "w.txt.bak"), "data.objective = 'w.txt.bak' has extension '.bak'"),
+    (lambda t: t.replace("obj.safetensors", "obj.csv"), "data.objective = 'obj.csv' holds raw records; add a "
+                                                        "[format] table"),
+    (lambda t: t + '[format]\nkind = "table"\nfeatures = ["a"]\nlabel = "y"\n',
+     'format.kind = "table" is fitted on the buyer\'s raw records'),
+    (lambda t: t.replace("obj.safetensors", "obj.csv") + '[format]\nkind = "csv"\n', "format.kind must be"),
+    (lambda t: t.replace("obj.safetensors", "obj.csv") + '[format]\nkind = "table"\nlabel = "y"\n',
+     'format.kind = "table" needs features'),
+    (lambda t: t.replace("obj.safetensors", "obj.csv") + '[format]\nkind = "table"\nfeatures = ["a"]\n'
+     'label = "y"\nregression = true\nclasses = [0, 1]\n', "format.classes does not go with format.regression"),
+    (lambda t: t.replace("obj.safetensors", "obj.csv") + '[format]\nkind = "table"\nfeatures = ["a"]\n'
+     'label = "y"\ntokenizer = "t.json"\n', "unknown key 'format.tokenizer'"),
+    (lambda t: t.replace("obj.safetensors", "obj.csv") + '[format]\nkind = "text"\n',
+     "format.tokenizer is missing and \\[model\\] path holds no tokenizer.json"),
+    (lambda t: t.replace("obj.safetensors", "obj.csv") + '[format]\nkind = "text"\ntokenizer = "w.safetensors"\n'
+     'max-length = 0\n', "format.max-length must be an integer >= 1"),
     (lambda t: t.replace("seed = 3", "seed = -1"), "seed must be an integer"),
     (lambda t: t.replace("[model]", "[modle]"), "unknown key 'modle'"),
 ])
 def test_bad_buyer_config(buyer_dir, edit, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    (buyer_dir / "obj.csv").write_text("a,y\n1,0\n")
+    (buyer_dir / "w.txt.bak").write_text("")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(") if "\\[" in message
+                       else message.replace("[", r"\[").replace("(", r"\(")):
         load_buyer_config(_write(buyer_dir, edit(GOOD)))
 
 
@@ -101,12 +120,46 @@ def test_bad_sellers_config(tmp_path, text, message):
         load_sellers_config(_write(tmp_path, text, "s.toml"))
 
 
-def test_flower_runtimes_parse_but_are_not_wired_to_value(buyer_dir, capsys):
-    _write(buyer_dir, GOOD)
-    _write(buyer_dir, 'runtime = "flower-simulation"\n[[sellers]]\nid = "a"\ndata = "obj.safetensors"\n', "s.toml")
-    code = main(["value", str(buyer_dir / "buyer.toml"), "--sellers", str(buyer_dir / "s.toml"),
-                 "--out", str(buyer_dir / "out")])
-    assert code == 2 and "not wired" in capsys.readouterr().err
+def test_flower_sellers_config(tmp_path):
+    """flower-simulation / flower-deployment read one data file per seller; [superlink] (an existing
+    SuperLink) instead names each seller's registered node and the key that signs the buyer's app."""
+    for f in ("a.csv", "b.jsonl", "ca.crt", "publisher"):
+        (tmp_path / f).write_text("x")
+    cfg = load_sellers_config(_write(tmp_path, 'runtime = "flower-deployment"\n[flower]\ntimeout-s = 30\n'
+                                     '[[sellers]]\nid = "a"\ndata = "a.csv"\n[[sellers]]\nid = "b"\ndata = "b.jsonl"\n',
+                                     "s.toml"))
+    assert cfg.files() == {"a": tmp_path / "a.csv", "b": tmp_path / "b.jsonl"} and cfg.flower.timeout_s == 30
+    assert cfg.superlink is None
+    cfg = load_sellers_config(_write(tmp_path, 'runtime = "flower-deployment"\nmax-samples = 50\n[superlink]\n'
+                                     'address = "127.0.0.1:9093"\nroot-certificates = "ca.crt"\n'
+                                     'publisher-key = "publisher"\n[[sellers]]\nid = "a"\nnode-id = 17\n', "s.toml"))
+    assert cfg.superlink is not None and cfg.superlink.root_certificates == tmp_path / "ca.crt"
+    assert cfg.sellers[0].node_id == 17 and cfg.files() == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('runtime = "flower-simulation"\n[[sellers]]\nid = "a"\n', r"sellers\[0\].data is missing"),
+    ('runtime = "flower-simulation"\n[[sellers]]\nid = "a"\ndata = "a.xlsx"\n', r"has extension '.xlsx'"),
+    ('runtime = "flower-simulation"\n[flower]\nwave-size = 0\n[[sellers]]\nid = "a"\ndata = "a.csv"\n',
+     "flower.wave-size must be >= 1"),
+    ('runtime = "grpc"\n[superlink]\naddress = "h:1"\n[[sellers]]\nid = "a"\nendpoint = "h:1"\n',
+     r"\[superlink\] goes with runtime = 'flower-deployment'"),
+    ('runtime = "flower-deployment"\nmax-samples = 5\n[superlink]\naddress = "h:1"\ninsecure = true\n'
+     '[[sellers]]\nid = "a"\nnode-id = 3\n', "superlink.publisher-key is missing"),
+    ('runtime = "flower-deployment"\nmax-samples = 5\n[superlink]\naddress = "h:1"\npublisher-key = "a.csv"\n'
+     '[[sellers]]\nid = "a"\nnode-id = 3\n', "exactly one of root-certificates"),
+    ('runtime = "flower-deployment"\nmax-samples = 5\n[superlink]\naddress = "h:1"\ninsecure = true\n'
+     'publisher-key = "a.csv"\n[[sellers]]\nid = "a"\n', r"sellers\[0\].node-id must be"),
+    ('runtime = "flower-deployment"\n[superlink]\naddress = "h:1"\ninsecure = true\npublisher-key = "a.csv"\n'
+     '[[sellers]]\nid = "a"\nnode-id = 3\n', "set max-samples"),
+    ('runtime = "flower-deployment"\n[[sellers]]\nid = "a"\ndata = "a.csv"\nnode-id = 3\n',
+     r"node-id goes with \[superlink\]"),
+])
+def test_bad_flower_sellers_config(tmp_path, text, message):
+    (tmp_path / "a.csv").write_text("x")
+    (tmp_path / "a.xlsx").write_text("x")
+    with pytest.raises(ConfigError, match=message):
+        load_sellers_config(_write(tmp_path, text, "s.toml"))
 
 
 def test_cli_reports_config_errors_in_one_line(buyer_dir, capsys):

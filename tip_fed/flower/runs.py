@@ -33,7 +33,7 @@ from tip_fed.flower.client_app import (
 from tip_fed.flower.server_app import Session, run_session, wait_for_nodes
 from tip_fed.protocol import Seller, SellerPolicy, Valuation
 from tip_fed.protocol.audit import write_private
-from tip_fed.protocol.data import load_dataset
+from tip_fed.protocol.records import load_seller_data
 
 WARM_UP_ACTION = "warm_up"
 VALUATION_FILE = "valuation.json"
@@ -56,7 +56,7 @@ def _warm_up_reply(msg: Message, context: Context) -> Message:
 
 def files_loader(files: Mapping[str, Path], policy: SellerPolicy) -> SellerLoader:
     """Seller loader for simulated nodes: node ``partition-id`` i is the i-th seller of ``files``
-    (seller id -> data file), answering under ``policy``. Nodes started with ``data-path`` use their own file."""
+    (seller id -> data file: tensors or raw records), answering under ``policy``. Nodes started with ``data-path`` use their own file."""
     sellers = list(files.items())
 
     def load(context: Context, answered: dict[str, int]) -> Seller:
@@ -66,7 +66,7 @@ def files_loader(files: Mapping[str, Path], policy: SellerPolicy) -> SellerLoade
         if not isinstance(index, int) or not 0 <= index < len(sellers):
             raise ConfigError(f"node partition {index!r} has no seller file: the simulation has {len(sellers)}")
         seller_id, path = sellers[index]
-        return Seller(seller_id, load_dataset(path), answered=answered, policy=policy)
+        return Seller(seller_id, load_seller_data(path), answered=answered, policy=policy)
 
     return load
 
@@ -97,6 +97,16 @@ def simulate_session(session: Session, loader: SellerLoader, num_sellers: int, *
     if "valuation" not in result:
         raise TipError("the Flower simulation ended without a valuation; the ServerApp failed (see the log above)")
     return result["valuation"]
+
+
+def show_logs() -> None:
+    """Let tip_fed's INFO lines reach ``flwr run --stream`` / ``flwr log`` (Flower configures only its own logger)."""
+    package = logging.getLogger("tip_fed")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
 
 
 def write_valuation(valuation: Valuation, context: Context) -> Path:

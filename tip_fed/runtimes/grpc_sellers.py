@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tip_fed.config import GrpcConfig
-from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
+from tip_fed.grpc import (
+    ClientTLS,
+    OfferSent,
+    SellerEndpoint,
+    value_sellers,
+    wait_until_healthy,
+)
 from tip_fed.protocol import Buyer, Valuation
 from tip_fed.protocol.resources import MiB
 from tip_fed.runtimes.processes import PrivateRun, ProcessGroup
@@ -32,17 +38,21 @@ READY = r"ready on 127\.0\.0\.1:(?P<port>\d+) "
 
 
 def value_grpc(buyer: Buyer, endpoints: Sequence[SellerEndpoint], tls: ClientTLS | None, settings: GrpcConfig,
-               max_samples: int, *, insecure: bool = False) -> Valuation:
+               max_samples: int, *, insecure: bool = False, by_reference: bool = True) -> Valuation:
     """Send one Offer to every endpoint, settle the Replies; every endpoint's name is an expected seller.
 
     Sellers that cannot be valued (unreachable, past ``settings.timeout_s``, refusing) are listed in
     ``valuation.missing``; the reason for each is in ``valuation.manifest["transport"]["failures"]``.
-    ``tls=None`` needs ``insecure=True`` (plaintext, for a trusted network only).
+    ``tls=None`` needs ``insecure=True`` (plaintext, for a trusted network only). With
+    ``by_reference`` the Offer names the model by fingerprint and only sellers that do not hold it
+    get its weights; ``manifest["transport"]["offers"]`` says per seller how many bytes went out
+    and whether they carried the weights.
     """
     offer = buyer.offer(max_samples=max_samples)
+    sent: dict[str, OfferSent] = {}
     replies, failures = value_sellers(
         endpoints, offer, tls=tls, insecure=insecure, timeout_s=settings.timeout_s, retries=settings.retries,
-        max_message_bytes=settings.max_message_mb * MiB,
+        max_message_bytes=settings.max_message_mb * MiB, by_reference=by_reference, sent=sent,
     )
     valuation = buyer.settle(list(replies.values()), expected=[e.name for e in endpoints])
     valuation.manifest["transport"] = {
@@ -50,6 +60,7 @@ def value_grpc(buyer: Buyer, endpoints: Sequence[SellerEndpoint], tls: ClientTLS
         "security": "insecure" if tls is None else ("mtls" if tls.cert else "tls"),
         "seller_identity": "certificate" if tls is not None and tls.bind_seller_id else "address",
         "failures": failures,
+        "offers": {name: s.to_dict() for name, s in sent.items()},
     }
     return valuation
 

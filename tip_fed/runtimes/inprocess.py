@@ -10,20 +10,35 @@ from collections.abc import Mapping
 
 from tqdm.auto import tqdm
 
-from tip_fed.errors import ConfigError
+from tip_fed.errors import ConfigError, TipError
 from tip_fed.protocol import Buyer, Seller, Valuation
 
 
 def value_inprocess(buyer: Buyer, sellers: Mapping[str, Seller], max_samples: int, *,
-                    progress: bool = False) -> Valuation:
+                    progress: bool = False, tolerate_refusals: bool = False) -> Valuation:
     """Offer to every seller of ``sellers`` (seller id -> :class:`Seller`), collect and settle.
 
     ``max_samples`` is the Offer's bound on records per seller (the largest seller's count); every
-    seller of the mapping is expected, so one that fails to answer is listed as missing.
+    seller of the mapping is expected, so one that fails to answer is listed as missing. A seller
+    refusing the Offer (a TipError) aborts the session, unless ``tolerate_refusals``: then it is
+    listed as missing with its reason in ``valuation.manifest["transport"]["failures"]``. Every
+    seller gets the full Offer (weights included): ``manifest["transport"]["offers"]``.
     """
     wrong = [f"{key!r} holds seller {seller.seller_id!r}" for key, seller in sellers.items() if key != seller.seller_id]
     if wrong:
         raise ConfigError(f"sellers must be keyed by their own seller id: {', '.join(wrong)}")
     offer = buyer.offer(max_samples=max_samples)
-    replies = [s.respond(offer) for s in tqdm(list(sellers.values()), desc="sellers", leave=False, disable=not progress)]
-    return buyer.settle(replies, expected=list(sellers))
+    replies, failures = [], {}
+    for sid, seller in tqdm(list(sellers.items()), desc="sellers", leave=False, disable=not progress):
+        try:
+            replies.append(seller.respond(offer))
+        except TipError as exc:
+            if not tolerate_refusals:
+                raise
+            failures[sid] = f"{type(exc).__name__}: {exc}"
+    valuation = buyer.settle(replies, expected=list(sellers))
+    valuation.manifest["transport"] = {
+        "runtime": "inprocess", "failures": failures,
+        "offers": {sid: {"offer_bytes": len(offer), "weights_shipped": True} for sid in sellers},
+    }
+    return valuation
