@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,7 @@ from tip_fed.flower.client_app import (
     make_client_app,
     seller_from_node_config,
 )
-from tip_fed.flower.runs import files_loader, write_valuation
+from tip_fed.flower.runs import files_loader, show_logs, write_valuation
 from tip_fed.flower.server_app import Session, make_server_app, parse_bindings
 from tip_fed.protocol import Seller
 from tip_fed.runtimes.flower_deployment import FlowerApp
@@ -89,18 +88,8 @@ def _market(config: TipConfig, replicate: int) -> Market:
     return build_market(config, replicate)
 
 
-def _show_logs() -> None:
-    """Let tip_fed's INFO lines reach ``flwr run --stream`` / ``flwr log`` (Flower configures only its own logger)."""
-    package = logging.getLogger("tip_fed")
-    if not package.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        package.addHandler(handler)
-        package.setLevel(logging.INFO)
-
-
 def _session(context: Context) -> Session:
-    _show_logs()
+    show_logs()
     config = config_from_context(context)
     market = _market(config, replicate_from_context(context))
     return Session(make_buyer(market, config), max_samples(market), list(market.sellers), config.flower,
