@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from simulations.market import Market
+from simulations.scenarios import SELLER_POLICY, build_market, make_buyer, max_samples
 from tip_fed.config import TipConfig, load_config
 from tip_fed.errors import ConfigError
 from tip_fed.flower.client_app import (
@@ -35,9 +37,6 @@ from tip_fed.flower.runs import files_loader, show_logs, write_valuation
 from tip_fed.flower.server_app import Session, make_server_app, parse_bindings
 from tip_fed.protocol import Seller
 from tip_fed.runtimes.flower_deployment import FlowerApp
-
-from simulations.market import Market
-from simulations.scenarios import SELLER_POLICY, build_market, make_buyer, max_samples
 
 if TYPE_CHECKING:  # only tip_fed.flower imports flwr; a Context is all this module reads
     from flwr.app import Context
