@@ -147,8 +147,33 @@ def _value_config(buyer: Buyer, cfg: SellersConfig, runtime: str | None, max_sam
                                             flower=cfg.flower)
         valuation.manifest.setdefault("transport", {"runtime": runtime, "failures": {}})
         return valuation
-    raise ConfigError("runtime = 'flower-deployment' is not wired to a prepared buyer yet; use 'flower-simulation', "
-                      "'grpc' or 'inprocess'")
+    if cfg.superlink is None:  # with [superlink], sellers.toml has max-samples: the files are not here
+        limit = limit or max(_count(p) for p in files.values())
+    return _flower_deployment(buyer.prepared, cfg, limit or 0, saved_dir)
+
+
+def _flower_deployment(prepared: PreparedQuery, cfg: SellersConfig, max_samples: int,
+                       saved_dir: Path | None) -> Valuation:
+    """The library's Flower App on a local deployment of the seller files (SuperLink, one SuperNode per
+    file, TLS, node authentication, signed app; all stopped at the end) or on the existing
+    ``[superlink]``. The ServerApp loads the query from a directory: ``saved_dir``, or a private copy
+    deleted with the run."""
+    from tip_fed.runtimes import PrivateRun, value_flower_deployment
+    from tip_fed.runtimes.flower_deployment import RemoteSuperLink, prepared_app, value_flower_superlink
+
+    with PrivateRun("tip-value-flower-") as run:
+        directory = saved_dir if saved_dir is not None else prepared.save(run.root / "query")
+        app = prepared_app(directory, max_samples, cfg.flower)
+        link = cfg.superlink
+        if link is None:
+            valuation = value_flower_deployment(cfg.files(), app, flower=cfg.flower, run=run)
+        else:
+            remote = RemoteSuperLink(link.address, {s.id: int(s.node_id or 0) for s in cfg.sellers},
+                                     link.publisher_key, run.root / "superlink", link.root_certificates, link.insecure)
+            valuation = value_flower_superlink(app, remote, flower=cfg.flower)
+    valuation.manifest.setdefault("transport", {"runtime": "flower-deployment", "failures": {},
+                                                "superlink": link.address if link else "local"})
+    return valuation
 
 
 def _grpc_endpoints(cfg: SellersConfig) -> tuple[list[Any], Any]:

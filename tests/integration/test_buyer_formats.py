@@ -1,7 +1,9 @@
 """buyer.toml with raw records: a [format] table turns the buyer's CSV into tensors, sellers keep
 CSV / Parquet / JSONL files, and the in-process valuation equals a plaintext reference built here
 independently with pandas (standardise with the train set's mean and population std, label
-values to class indices); a [format] that does not match the data is a ConfigError naming the key."""
+values to class indices); a text [format] takes the tokenizer saved with the model, checked
+against transformers' own tokenizer; a [format] that does not match the data is a ConfigError
+naming the key."""
 
 import json
 
@@ -25,6 +27,7 @@ from tip_fed.protocol.formats import TableFormat
 
 FEATURES = ["mean radius", "mean texture", "mean smoothness", "worst area", "worst concavity", "area error"]
 LABEL = "diagnosis"
+TEXT_LENGTH = 16
 SPEC = [{"type": "Linear", "in_features": 6, "out_features": 8}, {"type": "ReLU"},
         {"type": "Linear", "in_features": 8, "out_features": 2}]
 SPEC_TOML = ('[{type = "Linear", in_features = 6, out_features = 8}, {type = "ReLU"}, '
@@ -61,9 +64,9 @@ def _encode(df, train):
     return {"x": x, "y": y}
 
 
-@pytest.fixture(scope="module")
-def market(tmp_path_factory):
-    d = tmp_path_factory.mktemp("table-buyer")
+def write_table_market(d):
+    """buyer.toml (a Sequential trained on CSV train records), and three sellers' CSV, Parquet and
+    JSONL files; returns the model, the train frame and the sellers' frames."""
     df = _frame()
     train, objective = df.iloc[:200], df.iloc[200:260]
     sellers = {"csv-clinic": df.iloc[260:300], "parquet-clinic": df.iloc[300:370], "jsonl-clinic": df.iloc[370:395]}
@@ -82,11 +85,25 @@ def market(tmp_path_factory):
         opt.step()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "w.safetensors"))
     (d / "buyer.toml").write_text(BUYER)
+    return model.eval(), train, sellers
+
+
+def sellers_toml(d, runtime, extra=""):
+    """sellers.toml for ``runtime`` listing the three seller files of :func:`write_table_market`."""
     files = {"csv-clinic": "csv-clinic.csv", "parquet-clinic": "parquet-clinic.parquet",
              "jsonl-clinic": "jsonl-clinic.jsonl"}
-    (d / "sellers.toml").write_text('runtime = "inprocess"\n' + "".join(
+    path = d / f"sellers-{runtime}.toml"
+    path.write_text(f'runtime = "{runtime}"\n{extra}' + "".join(
         f'[[sellers]]\nid = "{sid}"\ndata = "{f}"\n' for sid, f in files.items()))
-    return d, model.eval(), train, sellers
+    return path
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    d = tmp_path_factory.mktemp("table-buyer")
+    model, train, sellers = write_table_market(d)
+    sellers_toml(d, "inprocess")
+    return d, model, train, sellers
 
 
 def test_csv_buyer_values_raw_sellers_like_a_pandas_reference(market):
@@ -94,7 +111,7 @@ def test_csv_buyer_values_raw_sellers_like_a_pandas_reference(market):
     d, model, train, sellers = market
 
     # Execute
-    result = tip_fed.value_files(d / "buyer.toml", d / "sellers.toml", d / "out")
+    result = tip_fed.value_files(d / "buyer.toml", d / "sellers-inprocess.toml", d / "out")
 
     # Assert
     prepared = Buyer.from_prepared(prepare_from_config(load_buyer_config(d / "buyer.toml")))
@@ -149,3 +166,59 @@ def test_label_values_outside_the_given_classes_name_the_format(market):
     (d / "classes.toml").write_text(BUYER.replace(f'label = "{LABEL}"', f'label = "{LABEL}"\nclasses = ["benign", "cancer"]'))
     with pytest.raises(ConfigError, match=r"\[format\] cannot encode the buyer's data: .*'malignant'"):
         prepare_from_config(load_buyer_config(d / "classes.toml"))
+
+
+@pytest.fixture(scope="module")
+def text_buyer(tmp_path_factory):
+    """A causal LM and its tokenizer saved together with save_pretrained; JSONL and plain-text records."""
+    import transformers
+
+    from ..raw_data import docstring_corpus, tiny_gpt2, train_tokenizer, write_jsonl
+
+    d = tmp_path_factory.mktemp("text-buyer")
+    texts = docstring_corpus(120)
+    tok = train_tokenizer(texts[:60])
+    tiny_gpt2(tok.get_vocab_size()).save_pretrained(d / "lm")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>",
+                                         model_max_length=TEXT_LENGTH).save_pretrained(d / "lm")
+    write_jsonl(d / "train.jsonl", texts[:40])
+    write_jsonl(d / "objective.jsonl", texts[40:55])
+    parts = {"notes-a": texts[60:80], "notes-b": texts[80:110]}
+    write_jsonl(d / "notes-a.jsonl", parts["notes-a"])
+    (d / "notes-b.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in parts["notes-b"]))
+    parts["notes-b"] = [t.replace("\n", " ") for t in parts["notes-b"]]
+    (d / "buyer.toml").write_text('[model]\ntask = "causal-lm"\npath = "lm"\n[data]\nobjective = "objective.jsonl"\n'
+                                  'train = "train.jsonl"\n[format]\nkind = "text"\n[projection]\nrank = 4\n')
+    (d / "sellers.toml").write_text('runtime = "inprocess"\n[[sellers]]\nid = "notes-a"\ndata = "notes-a.jsonl"\n'
+                                    '[[sellers]]\nid = "notes-b"\ndata = "notes-b.txt"\n')
+    return d, tok, parts
+
+
+def test_text_buyer_uses_the_tokenizer_saved_with_its_model(text_buyer):
+    """[format] kind = "text" without a tokenizer key takes the [model] path's tokenizer and its
+    model_max_length; valuations equal a reference encoded by transformers' own tokenizer."""
+    import transformers
+
+    d, tok, parts = text_buyer
+    result = tip_fed.value_files(d / "buyer.toml", d / "sellers.toml", d / "out")
+    prepared = Buyer.from_prepared(prepare_from_config(load_buyer_config(d / "buyer.toml")))
+    assert prepared.input_format.max_length == TEXT_LENGTH
+    lm = transformers.GPT2LMHeadModel.from_pretrained(d / "lm").eval()
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(d / "lm")
+    task = get_task("causal-lm")
+    got = result.valuation.by_id()
+    assert sorted(got) == sorted(parts)
+    for sid, texts in parts.items():
+        enc = hf(texts, padding=True, truncation=True, max_length=TEXT_LENGTH, return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        g = projected_grads(lm, prepared.spec, task, batch).double()
+        plain = float((clip_rows(g, prepared.grad_norm_bound)[0] @ prepared.query).sum())
+        assert abs(got[sid].total - plain) <= len(texts) * 1e-6 * prepared.query_norm * prepared.grad_norm_bound
+
+
+def test_a_text_field_the_records_lack_names_the_key(text_buyer):
+    d, *_ = text_buyer
+    (d / "body.toml").write_text((d / "buyer.toml").read_text().replace('kind = "text"', 'kind = "text"\ntext-field = "body"'))
+    with pytest.raises(ConfigError, match=r"format.text-field names field 'body', which data.objective "
+                                          r"\(objective.jsonl\) does not have"):
+        prepare_from_config(load_buyer_config(d / "body.toml"))

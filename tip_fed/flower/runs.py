@@ -99,6 +99,16 @@ def simulate_session(session: Session, loader: SellerLoader, num_sellers: int, *
     return result["valuation"]
 
 
+def show_logs() -> None:
+    """Let tip_fed's INFO lines reach ``flwr run --stream`` / ``flwr log`` (Flower configures only its own logger)."""
+    package = logging.getLogger("tip_fed")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 def write_valuation(valuation: Valuation, context: Context) -> Path:
     """Write the settled valuation to the run config's ``out-dir``/:data:`VALUATION_FILE` for the host."""
     out = context.run_config.get(OUT_DIR)

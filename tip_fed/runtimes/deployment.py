@@ -200,17 +200,7 @@ class LocalDeployment:
 
     def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None) -> str:
         """Run the ``flwr`` CLI against this deployment; TipError with its output if it fails."""
-        try:
-            proc = subprocess.run(
-                [str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout_s, check=False,
-                env={**os.environ, **self.env}, cwd=cwd, stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise TipError(f"'flwr {' '.join(args[:2])}' did not finish within {timeout_s:.0f} s "
-                           f"(raise flower.timeout-s / flower.node-wait-s); logs in {self.group.log_dir}") from exc
-        if proc.returncode != 0:
-            raise TipError(f"'flwr {' '.join(args[:2])}' failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-        return proc.stdout + proc.stderr
+        return run_flwr(args, self.env, timeout_s=timeout_s, cwd=cwd, logs=f"; logs in {self.group.log_dir}")
 
     def up(self, sellers: dict[str, Path]) -> None:
         """Prepare, start the SuperLink, register one key per seller (id -> data file) and start its SuperNode."""
@@ -232,6 +222,22 @@ class LocalDeployment:
         path = self.root / STATE_FILE
         path.write_text(json.dumps(state, indent=2) + "\n")
         return path
+
+
+def run_flwr(args: Sequence[str], env: Mapping[str, str], *, timeout_s: float = 120.0, cwd: Path | None = None,
+             logs: str = "") -> str:
+    """Run the ``flwr`` CLI with Flower's environment ``env``; its output, or TipError with it."""
+    try:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout_s, check=False,
+            env={**os.environ, **env}, cwd=cwd, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise TipError(f"'flwr {' '.join(args[:2])}' did not finish within {timeout_s:.0f} s "
+                       f"(raise flower.timeout-s / flower.node-wait-s){logs}") from exc
+    if proc.returncode != 0:
+        raise TipError(f"'flwr {' '.join(args[:2])}' failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout + proc.stderr
 
 
 def write_run_config(path: Path, app_dir: Path, key: Path, nodes: dict[str, int], out_dir: Path,
@@ -277,13 +283,15 @@ def down(root: Path, grace_s: float = 5.0) -> list[int]:
 
 
 def up(root: Path, sellers_dir: Path, port: int = 0) -> LocalDeployment:
-    """Start a deployment serving every ``*.safetensors`` seller file in ``sellers_dir`` and leave it running.
+    """Start a deployment serving every seller file in ``sellers_dir`` (``*.safetensors`` or raw records:
+    ``.csv``, ``.parquet``, ``.jsonl``, ``.txt``) and leave it running.
 
     The files are a simulated market's (``tip-fed export-sellers``): its sellers release exact
     per-sample scores, as in-process ones do. If any step fails, whatever was started is stopped
     again before the error propagates.
     """
-    files = {p.stem: p.resolve() for p in sorted(Path(sellers_dir).glob("*.safetensors"))}
+    suffixes = (".safetensors", ".csv", ".parquet", ".jsonl", ".txt")
+    files = {p.stem: p.resolve() for p in sorted(Path(sellers_dir).iterdir()) if p.suffix.lower() in suffixes}
     if not files:
         raise ConfigError(f"no seller files in {sellers_dir}; write them with 'tip-fed export-sellers CONFIG --out DIR'")
     if (Path(root) / STATE_FILE).exists():
