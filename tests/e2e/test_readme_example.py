@@ -6,7 +6,8 @@ tables" and the Python API block), run against a copy of ``examples/tabular/`` w
 as its own process (on a free port instead of the README's, the copied sellers.toml rewritten to
 match; stopped by PID), the buyer's block in bash. Every decrypted seller total is checked against
 a plaintext reference computed here with pandas (the buyer's rows' mean and population std) and
-torch, and the README's claims about the ranking hold.
+torch, and the README's claims about the ranking hold. The section's buyer.toml and sellers.toml
+blocks load as valid configs.
 """
 
 import csv
@@ -35,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tabular"
 CLINICS = ("clinic-a", "clinic-b", "clinic-c")
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _section(title):
@@ -165,6 +165,8 @@ def _check(results, plain, prepared):
     return {c: float(r["score"]) for c, r in rows.items()}
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_readme_tabular_example_runs_as_written(checkout, sellers, readme):
     # Prepare: the sellers run (fixture); the README's 'kill' line names exactly those background jobs
     assert sorted(sellers) == list(CLINICS)
@@ -185,6 +187,8 @@ def test_readme_tabular_example_runs_as_written(checkout, sellers, readme):
     assert all(n == len(plain[c]) for c, n in sellers.items())
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_readme_python_api_gives_the_plaintext_scores(checkout, readme):
     script = checkout / "api_example.py"
     script.write_text(readme["api"])
@@ -194,3 +198,29 @@ def test_readme_python_api_gives_the_plaintext_scores(checkout, readme):
     prepared = PreparedQuery.load(checkout / "query-py")
     scores = _check(checkout / "results-py", _plaintext(checkout, prepared), prepared)
     assert scores["clinic-b"] < 0
+
+
+@pytest.mark.e2e
+def test_readme_toml_blocks_are_valid_configs(tmp_path):
+    """The section's buyer.toml and sellers.toml blocks load as written (their files in place)."""
+    from tip_fed.buyer_config import load_buyer_config
+    from tip_fed.sellers_config import load_sellers_config
+
+    buyer_toml, sellers_toml = _blocks(_section("## Value your own model"), "toml")
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "my-model" / "tokenizer.json").write_text("{}")
+    for name in ("objective.jsonl", "train.jsonl"):
+        (tmp_path / name).write_text('{"text": "The for statement iterates over a sequence."}\n')
+    (tmp_path / "tls").mkdir()
+    for name in ("ca.crt", "buyer.crt", "buyer.key"):
+        (tmp_path / "tls" / name).write_text("PEM")
+    (tmp_path / "buyer.toml").write_text(buyer_toml)
+    (tmp_path / "sellers.toml").write_text(sellers_toml)
+
+    buyer = load_buyer_config(tmp_path / "buyer.toml")
+    sellers = load_sellers_config(tmp_path / "sellers.toml")
+
+    assert buyer.task == "causal-lm" and buyer.input_format.kind == "text" and buyer.input_format.max_length == 256
+    assert buyer.input_format.tokenizer == tmp_path / "my-model"
+    assert sellers.runtime == "grpc" and [s.id for s in sellers.sellers] == ["clinic-a"]
+    assert sellers.tls.cert == tmp_path / "tls" / "buyer.crt"
