@@ -64,7 +64,15 @@ from tip_fed.sellers_config import (
     data_file,
     load_sellers_config,
 )
-from tip_fed.toml_files import check_keys, existing_path, flag, positive_int, read_toml, string, table
+from tip_fed.toml_files import (
+    check_keys,
+    existing_path,
+    flag,
+    positive_int,
+    read_toml,
+    string,
+    table,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from tip_fed.protocol.formats import InputFormat

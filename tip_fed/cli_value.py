@@ -86,5 +86,6 @@ def _offers_line(metrics: dict[str, object]) -> list[str]:
     run = metrics.get("run")
     if not isinstance(run, dict) or run.get("sellers_sent_weights") is None:
         return []
-    return [f"offers      weights sent to {run['sellers_sent_weights']} of {run.get('sellers_offered')} sellers "
-            f"(the others hold the model), {int(run.get('offer_bytes') or 0) / 1e6:.3g} MB of Offers in all"]
+    line = (f"offers      weights sent to {run['sellers_sent_weights']} of {run.get('sellers_offered')} sellers "
+            f"(the others hold the model), {int(run.get('offer_bytes') or 0) / 1e6:.3g} MB of Offers in all")
+    return [line]

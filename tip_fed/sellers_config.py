@@ -38,7 +38,15 @@ from typing import Any
 
 from tip_fed.config import RUNTIMES, FlowerConfig, GrpcConfig, config_from_dict
 from tip_fed.errors import ConfigError
-from tip_fed.toml_files import check_keys, existing_path, flag, positive_int, read_toml, string, table
+from tip_fed.toml_files import (
+    check_keys,
+    existing_path,
+    flag,
+    positive_int,
+    read_toml,
+    string,
+    table,
+)
 
 #: Seller data files by extension: tensors, or raw records the buyer's [format] encodes.
 DATA_SUFFIXES = (".safetensors", ".csv", ".parquet", ".jsonl", ".txt")

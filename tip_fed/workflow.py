@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from tip_fed import __version__
-from tip_fed.buyer_config import check_prepared, load_buyer_config, load_data, prepare_from_config
+from tip_fed.buyer_config import (
+    check_prepared,
+    load_buyer_config,
+    load_data,
+    prepare_from_config,
+)
 from tip_fed.config import GrpcConfig, PayoutsConfig
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.errors import ConfigError, SellerUnavailableError, TipError
@@ -159,7 +164,11 @@ def _flower_deployment(prepared: PreparedQuery, cfg: SellersConfig, max_samples:
     ``[superlink]``. The ServerApp loads the query from a directory: ``saved_dir``, or a private copy
     deleted with the run."""
     from tip_fed.runtimes import PrivateRun, value_flower_deployment
-    from tip_fed.runtimes.flower_deployment import RemoteSuperLink, prepared_app, value_flower_superlink
+    from tip_fed.runtimes.flower_deployment import (
+        RemoteSuperLink,
+        prepared_app,
+        value_flower_superlink,
+    )
 
     with PrivateRun("tip-value-flower-") as run:
         directory = saved_dir if saved_dir is not None else prepared.save(run.root / "query")

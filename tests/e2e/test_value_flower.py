@@ -12,6 +12,8 @@ import pytest
 
 import tip_fed
 from tip_fed.buyer_config import load_buyer_config, prepare_from_config
+from tip_fed.errors import TipError
+from tip_fed.flower import trust
 from tip_fed.runtimes import LocalDeployment, PrivateRun
 
 from ..integration.test_buyer_formats import sellers_toml, write_table_market
@@ -60,7 +62,8 @@ def test_local_flower_deployment_equals_inprocess(market):
 
 def test_an_existing_superlink_equals_inprocess(market):
     """A deployment someone else runs: the buyer knows the SuperLink's address and CA, the node id
-    registered for each seller and the publisher key the SuperNodes trust; nothing else."""
+    registered for each seller and the publisher key the SuperNodes trust; nothing else. Signed
+    with another key, the library's app is refused."""
     d, sellers, reference = market
     files = {sid: d / name for sid, name in (("csv-clinic", "csv-clinic.csv"), ("parquet-clinic", "parquet-clinic.parquet"),
                                               ("jsonl-clinic", "jsonl-clinic.jsonl"))}
@@ -69,10 +72,18 @@ def test_an_existing_superlink_equals_inprocess(market):
         with deployment.group:
             deployment.up(files)
             nodes = "".join(f'[[sellers]]\nid = "{sid}"\nnode-id = {node}\n' for sid, node in deployment.nodes.items())
-            (d / "remote.toml").write_text(
-                f'runtime = "flower-deployment"\nmax-samples = 100\n{FLOWER}[superlink]\n'
-                f'address = "127.0.0.1:{deployment.port}"\nroot-certificates = "{deployment.certs / "ca.crt"}"\n'
-                f'publisher-key = "{deployment.publisher}"\n{nodes}')
-            valuation = tip_fed.value(d / "query", d / "remote.toml")
+
+            def sellers(key):
+                path = d / f"remote-{key.name}.toml"
+                path.write_text(f'runtime = "flower-deployment"\nmax-samples = 100\n{FLOWER}[superlink]\n'
+                                f'address = "127.0.0.1:{deployment.port}"\n'
+                                f'root-certificates = "{deployment.certs / "ca.crt"}"\npublisher-key = "{key}"\n{nodes}')
+                return path
+
+            # the same app signed with a key the deployment does not trust never runs
+            stranger, _, _ = trust.create_publisher_key(run.root / "stranger", "stranger")
+            with pytest.raises(TipError):
+                tip_fed.value(d / "query", sellers(stranger))
+            valuation = tip_fed.value(d / "query", sellers(deployment.publisher))
     _assert_same(valuation, reference, sellers)
     assert valuation.manifest["transport"]["superlink"] == f"127.0.0.1:{deployment.port}"

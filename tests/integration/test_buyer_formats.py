@@ -8,7 +8,6 @@ naming the key."""
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -199,7 +198,7 @@ def test_text_buyer_uses_the_tokenizer_saved_with_its_model(text_buyer):
     model_max_length; valuations equal a reference encoded by transformers' own tokenizer."""
     import transformers
 
-    d, tok, parts = text_buyer
+    d, _, parts = text_buyer
     result = tip_fed.value_files(d / "buyer.toml", d / "sellers.toml", d / "out")
     prepared = Buyer.from_prepared(prepare_from_config(load_buyer_config(d / "buyer.toml")))
     assert prepared.input_format.max_length == TEXT_LENGTH

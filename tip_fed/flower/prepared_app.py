@@ -29,7 +29,7 @@ from tip_fed.errors import ConfigError
 from tip_fed.flower.client_app import make_client_app, seller_from_node_config
 from tip_fed.flower.runs import OUT_DIR, show_logs, write_valuation
 from tip_fed.flower.server_app import Session, make_server_app, parse_bindings
-from tip_fed.protocol import Buyer, PreparedQuery
+from tip_fed.protocol import Buyer, PreparedQuery, Valuation
 
 if TYPE_CHECKING:
     from flwr.app import Context
@@ -43,7 +43,8 @@ FLOWER_KEYS = {"timeout-s": "timeout_s", "node-wait-s": "node_wait_s", "wave-siz
                "min-sellers": "min_sellers"}
 
 
-def run_config(prepared_dir: str | Path, max_samples: int, flower: FlowerConfig | None = None) -> dict[str, object]:
+def run_config(prepared_dir: str | Path, max_samples: int,
+               flower: FlowerConfig | None = None) -> dict[str, str | int | float | bool]:
     """The run-config values of one valuation (``out-dir``, ``sellers`` and the signature are the deployment's)."""
     flower = flower or FlowerConfig()
     return {PREPARED_DIR: str(Path(prepared_dir).resolve()), MAX_SAMPLES: int(max_samples),
@@ -62,10 +63,14 @@ def session_from_context(context: Context) -> Session:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError(f"run config '{MAX_SAMPLES}' must be an integer >= 1 (the largest seller's record count), "
                           f"got {limit!r}")
-    try:
-        flower = FlowerConfig(**{field: cfg[key] for key, field in FLOWER_KEYS.items() if key in cfg})
-    except TypeError as exc:
-        raise ConfigError(f"run config flower settings are invalid: {exc}") from None
+    settings: dict[str, float] = {}
+    for key, field in FLOWER_KEYS.items():
+        value = cfg.get(key, getattr(FlowerConfig, field))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"run config '{key}' must be a number, got {value!r}")
+        settings[field] = value
+    flower = FlowerConfig(timeout_s=settings["timeout_s"], node_wait_s=settings["node_wait_s"],
+                          wave_size=int(settings["wave_size"]), min_sellers=int(settings["min_sellers"]))
     nodes = parse_bindings(str(cfg.get(SELLERS, "")))
     if not isinstance(cfg.get(OUT_DIR), str) or not cfg.get(OUT_DIR):
         raise ConfigError(f"the run config has no '{OUT_DIR}': where should the ServerApp write the valuation?")
@@ -73,5 +78,9 @@ def session_from_context(context: Context) -> Session:
     return Session(buyer, limit, list(nodes), flower, nodes=nodes)
 
 
-server_app = make_server_app(session_from_context, write_valuation)
+def _write(valuation: Valuation, context: Context) -> None:
+    write_valuation(valuation, context)
+
+
+server_app = make_server_app(session_from_context, _write)
 client_app = make_client_app(seller_from_node_config)

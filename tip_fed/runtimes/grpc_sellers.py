@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tip_fed.config import GrpcConfig
-from tip_fed.grpc import ClientTLS, OfferSent, SellerEndpoint, value_sellers, wait_until_healthy
+from tip_fed.grpc import (
+    ClientTLS,
+    OfferSent,
+    SellerEndpoint,
+    value_sellers,
+    wait_until_healthy,
+)
 from tip_fed.protocol import Buyer, Valuation
 from tip_fed.protocol.resources import MiB
 from tip_fed.runtimes.processes import PrivateRun, ProcessGroup
