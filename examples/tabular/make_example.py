@@ -14,7 +14,6 @@ Run from anywhere: ``python make_example.py`` writes ``data/`` next to this file
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from safetensors.torch import save_file
 from sklearn.datasets import load_breast_cancer
