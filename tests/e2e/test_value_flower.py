@@ -54,10 +54,14 @@ def test_flower_simulation_equals_inprocess(market):
 
 
 def test_local_flower_deployment_equals_inprocess(market):
+    """What ``tip-fed value buyer.toml --sellers sellers.toml --out DIR`` runs, query fitted in memory:
+    the ServerApp loads it from a private copy that is gone afterwards."""
     d, sellers, reference = market
-    valuation = tip_fed.value(d / "query", sellers_toml(d, "flower-deployment", FLOWER))
-    _assert_same(valuation, reference, sellers)
-    assert valuation.manifest["transport"]["superlink"] == "local"
+    result = tip_fed.value_files(d / "buyer.toml", sellers_toml(d, "flower-deployment", FLOWER), d / "out-deployment")
+    _assert_same(result.valuation, reference, sellers)
+    assert result.valuation.manifest["transport"]["superlink"] == "local"
+    assert result.metrics["run"]["runtime"] == "flower-deployment" and result.metrics["run"]["sellers"] == 3
+    assert (d / "out-deployment" / "report.md").is_file()
 
 
 def test_an_existing_superlink_equals_inprocess(market):
@@ -73,7 +77,7 @@ def test_an_existing_superlink_equals_inprocess(market):
             deployment.up(files)
             nodes = "".join(f'[[sellers]]\nid = "{sid}"\nnode-id = {node}\n' for sid, node in deployment.nodes.items())
 
-            def sellers(key):
+            def remote_toml(key):
                 path = d / f"remote-{key.name}.toml"
                 path.write_text(f'runtime = "flower-deployment"\nmax-samples = 100\n{FLOWER}[superlink]\n'
                                 f'address = "127.0.0.1:{deployment.port}"\n'
@@ -83,7 +87,9 @@ def test_an_existing_superlink_equals_inprocess(market):
             # the same app signed with a key the deployment does not trust never runs
             stranger, _, _ = trust.create_publisher_key(run.root / "stranger", "stranger")
             with pytest.raises(TipError):
-                tip_fed.value(d / "query", sellers(stranger))
-            valuation = tip_fed.value(d / "query", sellers(deployment.publisher))
+                tip_fed.value(d / "query", remote_toml(stranger))
+            guard_log = (deployment.group.log_dir / "superlink-guard.log").read_text()
+            assert "REFUSED untrusted app" in guard_log, guard_log[-2000:]
+            valuation = tip_fed.value(d / "query", remote_toml(deployment.publisher))
     _assert_same(valuation, reference, sellers)
     assert valuation.manifest["transport"]["superlink"] == f"127.0.0.1:{deployment.port}"
