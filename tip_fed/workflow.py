@@ -163,10 +163,11 @@ def _flower_deployment(prepared: PreparedQuery, cfg: SellersConfig, max_samples:
     file, TLS, node authentication, signed app; all stopped at the end) or on the existing
     ``[superlink]``. The ServerApp loads the query from a directory: ``saved_dir``, or a private copy
     deleted with the run."""
-    from tip_fed.runtimes import PrivateRun, value_flower_deployment
-    from tip_fed.runtimes.flower_deployment import (
+    from tip_fed.runtimes import (
+        PrivateRun,
         RemoteSuperLink,
         prepared_app,
+        value_flower_deployment,
         value_flower_superlink,
     )
 
