@@ -10,12 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from simulations.market import Market
 from tip_fed.config import TipConfig
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
-
-from simulations.market import Market
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:

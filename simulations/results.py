@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulations.market import Market
+from simulations.scenarios import TimedBuyer
 from tip_fed import __version__
 from tip_fed.config import TipConfig
 from tip_fed.market import metrics, payouts
@@ -30,9 +32,6 @@ from tip_fed.market.results import (
     write_json,
 )
 from tip_fed.protocol import Buyer, Valuation
-
-from simulations.market import Market
-from simulations.scenarios import TimedBuyer
 
 
 @dataclass

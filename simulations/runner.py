@@ -13,14 +13,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tip_fed.config import TipConfig
-from tip_fed.market.ground_truth import finetune_benefit
-
 from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
 from simulations.replicates import run_replicated
 from simulations.results import RunResult, write_run
 from simulations.scenarios import build_markets, make_buyer, plaintext_reference
+from tip_fed.config import TipConfig
+from tip_fed.market.ground_truth import finetune_benefit
 
 
 def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = True) -> RunResult:

@@ -226,9 +226,8 @@ def _add_budget_arguments(srv: argparse.ArgumentParser) -> None:
 
 
 def _seller_serve(args: argparse.Namespace) -> None:
-    import logging
-
     import dataclasses
+    import logging
 
     from tip_fed.config import SellerBudgetConfig
     from tip_fed.errors import ConfigError

@@ -90,7 +90,7 @@ def create_ca(directory: str | Path, name: str = "tip_fed local CA") -> CertPath
     """Create a self-signed CA (``ca.crt``, ``ca.key``) in ``directory``."""
     d = Path(directory)
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -139,7 +139,7 @@ def issue_cert(
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the CA at {ca.cert} / {ca.key}: {exc}; create one with create_ca()") from exc
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (
         x509.CertificateBuilder()

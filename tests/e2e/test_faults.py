@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tip_fed.runtimes.processes import ProcessGroup
 from simulations.scenarios import build_market, make_buyer
 from tip_fed.config import load_config
 from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
 from tip_fed.protocol.data import save_dataset
+from tip_fed.runtimes.processes import ProcessGroup
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -30,16 +30,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from simulations.exchanges import exchange_inprocess
+from simulations.scenarios import build_market, make_buyer
 from tip_fed import tls
 from tip_fed.config import load_config
 from tip_fed.flower import trust
 from tip_fed.protocol import Valuation
-
 from tip_fed.runtimes.deployment import BIN, flower_env, free_port
 from tip_fed.runtimes.reaper import descendants, running, terminate
-
-from simulations.exchanges import exchange_inprocess
-from simulations.scenarios import build_market, make_buyer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from simulations.flower_apps import config_from_context, run_config_overrides
 from tip_fed.config import FlowerConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig, load_config
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
@@ -25,8 +26,6 @@ from tip_fed.flower.client_app import make_client_app, seller_from_node_config
 from tip_fed.flower.server_app import Session, format_bindings, make_server_app, parse_bindings
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.data import load_dataset, save_dataset
-
-from simulations.flower_apps import config_from_context, run_config_overrides
 
 TASK = get_task("classification")
 CAUSAL = Path(__file__).resolve().parents[2] / "configs" / "causal.toml"
@@ -89,7 +88,7 @@ class LocalGrid(Grid):
         """Like a SuperNode: an exception in the ClientApp becomes an error reply."""
         try:
             return self.app(msg, self.contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 

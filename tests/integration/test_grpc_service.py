@@ -29,7 +29,7 @@ from tip_fed.errors import (
     VersionMismatchError,
 )
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
-from tip_fed.grpc.server import MiB, SERVICE_NAME, status_for
+from tip_fed.grpc.server import SERVICE_NAME, MiB, status_for
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.tls import create_ca, issue_cert
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb

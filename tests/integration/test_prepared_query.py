@@ -19,8 +19,8 @@ from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError, DataError, VersionMismatchError
 from tip_fed.protocol import Buyer, BuyerSettings, PreparedQuery, Seller, SellerPolicy
 from tip_fed.protocol.prepared import FILES, MANIFEST
-from tip_fed.workflow import value
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+from tip_fed.workflow import value
 
 from ..conftest import make_data
 

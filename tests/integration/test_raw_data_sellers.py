@@ -22,7 +22,16 @@ from tip_fed.protocol.audit import audit
 from tip_fed.protocol.formats import TextFormat
 from tip_fed.protocol.records import RawRecords, load_seller_data
 
-from ..raw_data import FEATURES, LABEL, cancer_table, docstring_corpus, table_buyer, text_buyer, train_tokenizer, write_jsonl
+from ..raw_data import (
+    FEATURES,
+    LABEL,
+    cancer_table,
+    docstring_corpus,
+    table_buyer,
+    text_buyer,
+    train_tokenizer,
+    write_jsonl,
+)
 
 EXACT = SellerPolicy(exact_per_sample=True)
 MAX_LENGTH = 24

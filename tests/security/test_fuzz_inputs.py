@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from tip_fed.config import apply_overrides, config_from_dict, load_config
+from tip_fed.core.models import MLP
 from tip_fed.crypto.codec import ciphertext_from_bytes
 from tip_fed.crypto.keys import SessionKeys, load_public_context
 from tip_fed.crypto.params import plan_packing
 from tip_fed.protocol.audit import Delivery, SessionRecord, audit
 from tip_fed.protocol.data import load_dataset
 from tip_fed.protocol.model import decode_model, encode_model, fingerprint
-from tip_fed.core.models import MLP
 
 from .fuzzing import HOSTILE_FLOATS, HOSTILE_INTS, HOSTILE_TEXT, fuzz, mutated_bytes, tip_or_result
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from simulations import healthcare
 from tip_fed.config import load_config
 from tip_fed.errors import ConfigError
-from simulations import healthcare
 
 
 def test_real_sites_partition_the_real_rows_with_site_differences():

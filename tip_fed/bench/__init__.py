@@ -26,7 +26,7 @@ from tip_fed.errors import ConfigError
 
 from .common import machine, versions
 
-__all__ = ["run_bench", "merge_results", "SECTIONS", "SUMMARY_KEYS"]
+__all__ = ["SECTIONS", "SUMMARY_KEYS", "merge_results", "run_bench"]
 
 SECTIONS = ("packing", "gradients", "seller", "scale")
 #: The headline keys the issue asks for, "section.key".

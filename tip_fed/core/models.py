@@ -164,7 +164,7 @@ def _build_transformers(config: Mapping[str, Any]) -> nn.Module:
     try:
         hf_config = transformers.AutoConfig.for_model(model_type, **cfg)
         return getattr(transformers, str(name))(hf_config)
-    except Exception as exc:  # noqa: BLE001 - a config transformers rejects, in any of its ways, is a bad model
+    except Exception as exc:
         raise ModelError(f"cannot build a {name} from this {model_type!r} config, transformers rejects it: "
                          f"{str(exc)[:300]}; fix the config (describe() writes a valid one from a live model)") from None
 

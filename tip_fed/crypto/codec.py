@@ -33,15 +33,15 @@ from tip_fed.errors import CodecError, CryptoError, TipError
 from .params import HEParams
 
 __all__ = [
-    "max_ciphertext_bytes",
-    "max_context_bytes",
-    "seal_to_bytes",
     "ciphertext_from_bytes",
-    "parse_context_proto",
-    "new_context_proto",
-    "tenseal_errors",
     "encryption_params_from_bytes",
     "load_tenseal_context",
+    "max_ciphertext_bytes",
+    "max_context_bytes",
+    "new_context_proto",
+    "parse_context_proto",
+    "seal_to_bytes",
+    "tenseal_errors",
 ]
 
 _SEAL_MAGIC = 0xA15E

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from tip_fed.errors import ConfigError
 
 from .params import PackingPlan
 
-__all__ = ["EncodingCache", "DEFAULT_CACHE_BYTES"]
+__all__ = ["DEFAULT_CACHE_BYTES", "EncodingCache"]
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 

@@ -38,7 +38,7 @@ from .codec import (
 )
 from .params import HEParams, PackingPlan, check_params, context_memory_bytes, security_bits
 
-__all__ = ["SessionKeys", "PublicContext", "load_public_context", "clear_context_cache", "context_cache_bytes"]
+__all__ = ["PublicContext", "SessionKeys", "clear_context_cache", "context_cache_bytes", "load_public_context"]
 
 
 #: SEALContexts by serialised encryption parameters, shared by every session in the process. A

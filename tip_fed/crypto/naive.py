@@ -17,7 +17,7 @@ from .codec import max_ciphertext_bytes, tenseal_errors
 from .keys import PublicContext, SessionKeys
 from .packing import _query_vector, _rows_matrix
 
-__all__ = ["encrypt_query_naive", "score_rows_naive", "decrypt_naive"]
+__all__ = ["decrypt_naive", "encrypt_query_naive", "score_rows_naive"]
 
 
 def _pow2(n: int) -> int:

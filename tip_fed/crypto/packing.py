@@ -61,10 +61,10 @@ from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, HEParams, PackingPlan
 from .sanitise import FLOOD_STD, sanitising_fill
 
 __all__ = [
+    "bsgs_slots_unmasked",
+    "decrypt_scores",
     "encrypt_query",
     "score_rows",
-    "decrypt_scores",
-    "bsgs_slots_unmasked",
 ]
 
 _ROW_NORM_TOL = 1e-9

@@ -41,7 +41,7 @@ def _unblob(content: RecordDict, what: str) -> bytes:
         raise ProtocolError(f"{what} payload must be a 1-d uint8 array, got {array.dtype} {tuple(array.shape)}")
     try:
         data = array.numpy().tobytes()
-    except Exception as exc:  # noqa: BLE001 - any deserialisation failure of untrusted bytes
+    except Exception as exc:
         raise ProtocolError(f"{what} payload array cannot be deserialised: {type(exc).__name__}") from exc
     if not data:
         raise ProtocolError(f"{what} payload is empty")

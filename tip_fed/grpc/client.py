@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError

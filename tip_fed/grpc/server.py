@@ -196,7 +196,7 @@ class SellerService:
             level = logging.INFO if isinstance(exc, ModelNotHeldError) else logging.WARNING  # the usual first step
             log.log(level, "refused an offer from %s: %s: %s", peer, code.name, exc)
             self._abort(context, code, str(exc))
-        except Exception:  # noqa: BLE001 - the traceback stays in the seller's log, never on the wire
+        except Exception:
             log.exception("internal error while answering an offer from %s", peer)
             self._abort(context, grpc.StatusCode.INTERNAL, f"seller {self.seller.seller_id} failed internally; see its log")
         log.info("answered an offer from %s (%d bytes in, %d bytes out)", peer, len(request), len(reply))

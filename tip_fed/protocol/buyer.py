@@ -379,7 +379,7 @@ def _reply_label(data: bytes, index: int) -> str:
         msg.ParseFromString(bytes(data))
         if msg.seller_id:
             return msg.seller_id[:64]
-    except Exception:  # noqa: BLE001 - labelling only; the real error is reported by _decode
+    except Exception:
         pass
     return f"reply[{index}]"
 

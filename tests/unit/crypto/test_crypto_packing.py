@@ -20,8 +20,8 @@ from tip_fed.crypto import (
     score_rows_naive,
 )
 from tip_fed.crypto.keys import PublicContext
-from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.crypto.packing import bsgs_slots_unmasked
+from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.errors import CodecError, ConfigError, CryptoError, DataError
 
 Session = tuple[PackingPlan, SessionKeys, PublicContext]

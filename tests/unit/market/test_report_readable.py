@@ -3,13 +3,13 @@
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
 
-from tip_fed.market import plots  # noqa: E402
-from tip_fed.market.glossary import absent_rules, explain  # noqa: E402
-from tip_fed.market.results import flatten  # noqa: E402
+from tip_fed.market import plots
+from tip_fed.market.glossary import absent_rules, explain
+from tip_fed.market.results import flatten
 
 
 def _bar_pixels(values):
