@@ -130,7 +130,7 @@ def test_one_seller_service_answers_20_concurrent_sessions_with_bounded_memory(t
 
             with ThreadPoolExecutor(max_workers=20) as threads:
                 results = list(threads.map(one, offers))
-            for sid, (replies, failures) in zip(ids, results):
+            for sid, (replies, failures) in zip(ids, results, strict=True):
                 assert failures == {}, failures
                 valuation = buyer.settle(list(replies.values()), session_id=sid, expected=[endpoint.name])
                 assert valuation.rejected == {} and valuation.missing == [] and len(valuation.sellers) == 1

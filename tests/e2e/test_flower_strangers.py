@@ -221,7 +221,7 @@ def played(tmp_path_factory):
         (app / "tip-fed-0.1.0.fab").write_bytes(b"an earlier FAB lying in the checkout")
         evidence["left"] = {rel: (app / rel).is_file() for rel in LEFT_BEHIND}
         evidence["fab"] = trust.build_fab(app)  # what 'flwr run .' would upload now
-        evidence["spawned"] = [p.pid for pid in pids + [rogue.pid] for p in descendants(pid)]
+        evidence["spawned"] = [p.pid for pid in [*pids, rogue.pid] for p in descendants(pid)]
     finally:
         if rogue is not None:
             stop_pids([rogue.pid])

@@ -148,7 +148,7 @@ def test_a_tampered_query_with_a_rewritten_manifest_is_still_refused(saved, tmp_
 def test_missing_file_and_version_mismatch(saved, tmp_path):
     d = _copy(saved, tmp_path)
     (d / "model.safetensors").unlink()
-    with pytest.raises(DataError, match="model.safetensors is missing"):
+    with pytest.raises(DataError, match=r"model\.safetensors is missing"):
         PreparedQuery.load(d)
     d = _copy(saved, tmp_path / "v")
     manifest = json.loads((d / MANIFEST).read_text())

@@ -53,7 +53,7 @@ def test_per_sample_and_totals_match_plaintext(model, sellers, kind):
     buyer = _buyer(model, kind=kind)
     offer = buyer.offer(max_samples=100)
     replies = [Seller(sid, d, seed=1, policy=SellerPolicy(exact_per_sample=True)).respond(offer) for sid, d in sellers.items()]
-    valuation = buyer.settle(replies, expected=list(sellers) + ["ghost"])
+    valuation = buyer.settle(replies, expected=[*list(sellers), "ghost"])
     assert valuation.missing == ["ghost"] and valuation.rejected == {}
     for v in valuation.sellers:
         plain = _plain(buyer, model, sellers[v.seller_id])

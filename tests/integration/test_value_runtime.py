@@ -99,7 +99,7 @@ def test_no_seller_answering_is_an_error(buyer_files):
     d = buyer_files
     (d / "sellers.toml").write_text(f'runtime = "grpc"\n[tls]\ninsecure = true\n[grpc]\nretries = 0\n'
                                     f'[[sellers]]\nid = "gone"\nendpoint = "127.0.0.1:{_free_port()}"\n')
-    with pytest.raises(SellerUnavailableError, match="no seller was valued: gone: .*UNAVAILABLE"):
+    with pytest.raises(SellerUnavailableError, match=r"no seller was valued: gone: .*UNAVAILABLE"):
         tip_fed.value_files(d / "buyer.toml", d / "sellers.toml", d / "out")
     assert not (d / "out").exists()
 

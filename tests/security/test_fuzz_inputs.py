@@ -151,7 +151,7 @@ def test_model_payload_decoder(data):
 # ---- session records ---------------------------------------------------------------------------
 @fuzz(N_RECORD)
 @given(st.one_of(
-    st.dictionaries(st.sampled_from(list(SessionRecord.__dataclass_fields__) + ["x"]),
+    st.dictionaries(st.sampled_from([*list(SessionRecord.__dataclass_fields__), "x"]),
                     st.one_of(st.none(), st.integers(), HOSTILE_FLOATS, HOSTILE_TEXT, st.lists(st.integers(), max_size=3),
                               st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)), max_size=10),
     st.text(max_size=50), st.binary(max_size=50).map(lambda b: b.decode("latin-1"))))

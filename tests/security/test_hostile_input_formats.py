@@ -124,7 +124,7 @@ def test_max_length_beyond_any_sense_is_refused_at_decoding(text_market, monkeyp
      r"lists 1000000 feature columns, above the 65536"),
     (_set(classes=[str(i) for i in range(70_000)]), "lists 70000 classes, above the 65536"),
     (_set(dtype="int8"), r"dtype 'int8' is not one of \['float32', 'float64'\]"),
-    (_set(features=["x" * 1000] + FEATURES[1:]), "name of 1000 characters, above 256"),
+    (_set(features=["x" * 1000, *FEATURES[1:]]), "name of 1000 characters, above 256"),
     (_set(label_key="x"), "two distinct, non-empty batch keys"),
 ])
 def test_hostile_table_formats_are_refused(table_market, edit, match):

@@ -64,7 +64,7 @@ def test_secret_key_absent_from_messages_logs_outputs_and_files(
     assert len(blobs[0]) > 1000
     sellers = [Seller(s, d, policy=SellerPolicy(noise=NoisePolicy(4.0))) for s, d in seller_data.items()]
     replies = [s.respond(offer) for s in sellers]
-    valuation = buyer.settle(replies + [b"garbage", replies[0]])  # error paths log/raise too
+    valuation = buyer.settle([*replies, b"garbage", replies[0]])  # error paths log/raise too
     assert len(valuation.sellers) == 3 and len(valuation.rejected) == 2
     record = buyer.record(valuation)
     record.save(tmp_path / "session.json")

@@ -166,7 +166,7 @@ def test_answered_sessions_are_bounded_and_never_forgotten_early():
     table = AnsweredSessions(capacity=2, window_s=100.0, clock=lambda: now[0])
     table.spend("a", 1, "s")
     table.spend("b", 1, "s")
-    with pytest.raises(ResourceLimitError, match="seller-budget.kept-sessions") as full:
+    with pytest.raises(ResourceLimitError, match=r"seller-budget\.kept-sessions") as full:
         table.spend("c", 1, "s")
     assert full.value.limit == "kept_sessions"
     with pytest.raises(BudgetExceededError):  # an answered session stays answered inside the window
@@ -211,7 +211,7 @@ def test_duplicate_layer_check_is_set_based_and_exact():
     layers = [LayerProjection(f"l{i}", 1, 1, 1, 1) for i in range(40_000)]
     ProjectionSpec(tuple(layers), seed=0)
     with pytest.raises(ConfigError, match=r"more than once: \['l17', 'l39999'\]"):
-        ProjectionSpec(tuple(layers + [layers[17], layers[-1], layers[17]]), seed=0)
+        ProjectionSpec(tuple([*layers, layers[17], layers[-1], layers[17]]), seed=0)
 
 
 def test_caches_are_bounded_by_bytes_not_entries(make_buyer, data):
@@ -379,7 +379,7 @@ def test_peer_slots_are_per_peer_and_given_back():
     slots = PeerSlots(SellerBudgetConfig(max_offers_per_peer=2))
     slots.admit("mallory")
     slots.admit("mallory")
-    with pytest.raises(ResourceLimitError, match="seller-budget.max-offers-per-peer") as full:
+    with pytest.raises(ResourceLimitError, match=r"seller-budget\.max-offers-per-peer") as full:
         slots.admit("mallory")
     assert full.value.limit == "max_offers_per_peer"
     slots.admit("alice")  # another buyer is not affected
@@ -497,6 +497,6 @@ def test_the_default_work_limit_refuses_an_offer_far_above_an_honest_one():
     assert SellerBudgetConfig().offer_work_s == 300
     assert small.cost(pb.Offer.FromString(offers[200_000])).work_s < 30
     assert large.cost(pb.Offer.FromString(offers[16])).work_s < 30
-    with pytest.raises(ResourceLimitError, match="seller-budget.offer-work-s") as refused:
+    with pytest.raises(ResourceLimitError, match=r"seller-budget\.offer-work-s") as refused:
         large.cost(pb.Offer.FromString(offers[200_000]))
     assert refused.value.limit == "offer_work_s"

@@ -15,6 +15,7 @@ arbitrary code (no ``trust_remote_code``, no pickles):
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,7 +52,7 @@ class MLP(nn.Sequential):
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ModelError(f"MLP sizes must be >= 2 positive integers, got {list(sizes)}")
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(int(a), int(b), bias=bias))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())

@@ -259,7 +259,7 @@ def _check_stats(stats: Mapping[str, KfacStats] | None, spec: ProjectionSpec, ki
 def _fit_kronecker(kind: str, spec: ProjectionSpec, grads: torch.Tensor | None,
                    stats: Mapping[str, KfacStats], damping: float | None) -> _Kronecker:
     fitted = []
-    for layer, start in zip(spec.layers, spec.offsets()):
+    for layer, start in zip(spec.layers, spec.offsets(), strict=True):
         entry = stats[layer.name]
         eig_a, basis_a = _symmetric_eig(entry.activation_cov.to(torch.float64).cpu())
         eig_s, basis_s = _symmetric_eig(entry.gradient_cov.to(torch.float64).cpu())

@@ -80,7 +80,7 @@ def max_context_bytes(params: HEParams) -> int:
 
 # ---- temp-file transport for sealapi objects ---------------------------------------------------
 def _tmp_dir() -> str | None:
-    shm = "/dev/shm"
+    shm = "/dev/shm"  # noqa: S108 - a directory for mkstemp-made files, not a fixed file name
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
 
 

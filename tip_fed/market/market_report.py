@@ -36,7 +36,7 @@ def _f(x: Any, digits: int = 3) -> str:
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-    return out + [""]
+    return [*out, ""]
 
 
 def _scaled_within(rows: list[dict[str, str]], key: str) -> list[float]:
@@ -79,7 +79,7 @@ def _validity_section(m: dict[str, Any], out: Path) -> list[str]:
     plots.method_bars(list(METHODS), [blocks[n]["spearman"]["pooled"] for n in METHODS],
                       [blocks[n]["spearman"]["ci_low"] for n in METHODS],
                       [blocks[n]["spearman"]["ci_high"] for n in METHODS], out / "methods.png", paper=paper)
-    return parts + ["![methods](methods.png)", ""]
+    return [*parts, "![methods](methods.png)", ""]
 
 
 def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path,

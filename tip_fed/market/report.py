@@ -51,7 +51,7 @@ def _payouts_section(rows: list[dict[str, str]], summary: dict[str, Any], out: P
     if comp:
         parts += [_table(comp, ["rule", "spearman_vs_reference", "l1_vs_reference", "gini"]), ""]
     parts += absent_rules(set(shares) | set(summary.get("rules", {})), len(sellers), coalition_max)
-    return parts + ["![payout shares](payout_shares.png)", ""]
+    return [*parts, "![payout shares](payout_shares.png)", ""]
 
 
 def render_report(out_dir: str | Path) -> Path:

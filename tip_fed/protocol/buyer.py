@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from tip_fed.core.precondition import Preconditioner
@@ -379,7 +380,7 @@ def _reply_label(data: bytes, index: int) -> str:
         msg.ParseFromString(bytes(data))
         if msg.seller_id:
             return msg.seller_id[:64]
-    except Exception:
+    except (DecodeError, TypeError, ValueError):
         pass
     return f"reply[{index}]"
 

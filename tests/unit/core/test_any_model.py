@@ -221,7 +221,7 @@ def test_load_local_errors(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         models.load_local(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="has no config.json"):
+    with pytest.raises(ModelError, match=r"has no config\.json"):
         models.load_local(tmp_path / "empty")
     saved = tmp_path / "llama"
     tiny("llama").save_pretrained(saved)
@@ -253,7 +253,7 @@ def test_custom_subclass_of_a_transformers_class_is_refused():
         pass
 
     model = Mine(transformers.LlamaConfig(**{k: v for k, v in DECODER.items()}))
-    with pytest.raises(ModelError, match="cannot describe a .*Mine"):
+    with pytest.raises(ModelError, match=r"cannot describe a .*Mine"):
         models.describe(model)
 
 
@@ -270,7 +270,7 @@ def test_a_config_asking_for_buffers_far_beyond_its_weights_is_refused(monkeypat
     payload = encode_model(torch.nn.Sequential(torch.nn.Linear(4, 2)))
     payload.architecture, payload.config_json = "tables", json.dumps({"rows": 10**12})
     payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
-    with pytest.raises(ModelError, match="1000000000000 buffer elements for 10 parameters .refused before building"):
+    with pytest.raises(ModelError, match=r"1000000000000 buffer elements for 10 parameters .refused before building"):
         decode_model(payload)
 
 
@@ -278,7 +278,7 @@ def test_decoder_classifier_without_a_pad_token_is_a_model_error():
     model_class, config = CASES["qwen2-seqcls"]
     model = models.build("transformers", {"model_class": model_class,
                                           "config": {**config, "pad_token_id": None, "model_type": "qwen2"}})
-    with pytest.raises(ModelError, match="set model.config.pad_token_id"):
+    with pytest.raises(ModelError, match=r"set model\.config\.pad_token_id"):
         get_task("sequence-classification").per_sample_loss(model, batch_for(model))
 
 

@@ -239,7 +239,7 @@ def test_kfac_statistics_of_an_mlp() -> None:
         explicit_projected(model, spec, "classification", {k: v[i:i + 1] for k, v in batch.items()})
         for i in range(8)
     ])
-    for layer, start in zip(spec.layers, spec.offsets()):
+    for layer, start in zip(spec.layers, spec.offsets(), strict=True):
         p_in, _ = projection_matrices(spec, layer, torch.float64)
         a = inputs[layer.name].detach()
         a = torch.cat([a, torch.ones(8, 1, dtype=a.dtype)], 1) if layer.bias else a

@@ -392,7 +392,7 @@ def write_vector(path: Path = VECTOR) -> None:
             entry: dict[str, object] = {"name": layer.name}
             ours = projection_matrices(spec, layer, torch.float64)
             sides = (("in", layer.rank_in, layer.in_dim), ("out", layer.rank_out, layer.out_features))
-            for (side, rank, features), matrix in zip(sides, ours):
+            for (side, rank, features), matrix in zip(sides, ours, strict=True):
                 key = reference_key(spec.seed, layer.name, side)
                 ref = reference_matrix(spec.seed, kind, layer.name, side, rank, features)
                 entry[side] = {

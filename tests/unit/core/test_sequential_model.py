@@ -167,7 +167,7 @@ def test_hostile_spec_in_a_signed_payload_is_refused_by_the_seller_side_decoder(
                    [{"type": "Linear", "in_features": 4, "out_features": 2}] + [{"type": "ReLU"}] * 2000):
         payload.config_json = json.dumps({"layers": layers})
         payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
-        with pytest.raises(ModelError, match="must be an integer in|refused before building"):
+        with pytest.raises(ModelError, match=r"must be an integer in|refused before building"):
             decode_model(payload)
     payload.config_json = json.dumps({"layers": [{"type": "Linear", "in_features": 4, "out_features": 3}]})
     payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)

@@ -58,7 +58,7 @@ def test_public_context_has_no_secret_key(session) -> None:  # type: ignore[no-u
 
 
 def test_only_needed_galois_keys_are_shipped(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, ctx, *_ = session
+    plan, _keys, public, ctx, *_ = session
     ctx.require_rotations(plan.galois_steps)  # all present
     with pytest.raises(CryptoError, match="lacks rotation keys"):
         ctx.require_rotations((3,))
@@ -105,7 +105,7 @@ def _garbage(n: int, seed: int = 0) -> bytes:
 
 
 def test_bad_ciphertext_bytes(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, ctx, query, replies, x, rows = session
+    plan, keys, _public, ctx, query, replies, _x, rows = session
     good = replies[0]
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
@@ -136,7 +136,7 @@ def test_bad_ciphertext_bytes(session) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_wrong_ring_dimension_ciphertext(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, ctx, query, replies, x, rows = session
+    plan, _keys, _public, ctx, _query, replies, x, rows = session
     big_plan = plan_packing(DIM, ROWS, HEParams(16384, (60, 40, 40, 60), 40))
     big_keys = SessionKeys.generate(big_plan)
     big_query = encrypt_query(big_keys, big_plan, x)
@@ -151,7 +151,7 @@ def test_wrong_ring_dimension_ciphertext(session) -> None:  # type: ignore[no-un
 
 
 def test_bad_context_bytes(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, *_ = session
+    plan, _keys, public, *_ = session
     for blob in (b"", _garbage(5000), public[: len(public) // 2], public[:-1], public[:100]):
         with pytest.raises(CodecError):
             load_public_context(blob, plan.params)
@@ -169,7 +169,7 @@ def test_bad_context_bytes(session) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_private_context_is_refused(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, *_ = session
+    plan, keys, _public, *_ = session
     private = keys._tenseal_context().serialize(save_secret_key=True)
     with pytest.raises(CryptoError, match="refusing a context that contains a secret key"):
         load_public_context(private, plan.params)
@@ -186,7 +186,7 @@ def test_insecure_context_is_refused(session) -> None:  # type: ignore[no-untype
     import os
     import tempfile
 
-    plan, keys, public, *_ = session
+    plan, _keys, public, *_ = session
     parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(8192)
     parms.set_coeff_modulus(sa.CoeffModulus.Create(8192, [60, 60, 60, 60, 60]))

@@ -178,7 +178,7 @@ def test_replies_are_rerandomised() -> None:
 
 
 def test_flooding_noise_is_applied() -> None:
-    plan, keys, ctx = _session(64)
+    _plan, _keys, _ctx = _session(64)
     x, rows = _data(64, 64, seed=4)
     scores, _ = _roundtrip(64, rows, x, flood_std=1e-3)
     residual = scores - rows @ x
@@ -221,7 +221,7 @@ def test_input_validation() -> None:
 
 def test_context_for_another_plan_is_refused() -> None:
     plan4096, keys4096, _ = _session(4096)
-    plan1024, keys1024, ctx1024 = _session(1024)
+    _plan1024, _keys1024, ctx1024 = _session(1024)
     x, rows = _data(4096, 2, seed=6)
     # Same parameters, but the 1024-plan context lacks the fold keys (1024, 2048) of the 4096-plan.
     with pytest.raises(CryptoError, match="rotation keys"):

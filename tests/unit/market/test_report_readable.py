@@ -31,7 +31,7 @@ def _bar_pixels(values):
 ])
 def test_every_seller_is_visible_at_any_spread(values):
     heights = _bar_pixels(values)
-    assert min(heights) >= 8, f"a bar is {min(heights):.1f} px tall: {dict(zip(values, heights))}"
+    assert min(heights) >= 8, f"a bar is {min(heights):.1f} px tall: {dict(zip(values, heights, strict=True))}"
 
 
 def test_a_linear_axis_hides_small_sellers_which_is_why_the_signed_log_exists():
