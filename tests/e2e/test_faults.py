@@ -124,7 +124,7 @@ def test_one_seller_service_answers_20_concurrent_sessions_with_bounded_memory(t
             ids = [pb.Offer.FromString(o).session_id for o in offers]
             start = threading.Barrier(20)
 
-            def one(offer):
+            def one(offer, start=start):
                 start.wait()
                 return value_sellers([endpoint], offer, tls=tls, timeout_s=300, retries=0)
 

@@ -17,10 +17,10 @@ from tip_fed.core.tasks import get_task
 from tip_fed.errors import SellerIdentityError, TipError
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
-
-EXACT = SellerPolicy(exact_per_sample=True)  # the buyer below asks for per-sample scores without noise
 from tip_fed.tls import create_ca, issue_cert, seller_name
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+EXACT = SellerPolicy(exact_per_sample=True)  # the buyer below asks for per-sample scores without noise
 
 TASK = get_task("classification")
 

@@ -54,7 +54,7 @@ def _attack(plan, keys, ctx, query, candidates, out, trials=TRIALS, **sanitise):
         truth = "A" if rng.random() < 0.5 else "B"
         seen = decrypt_complex(keys, score_rows(ctx, plan, query, candidates[truth], rng=rng, **sanitise)[0])
 
-        def distance(k):
+        def distance(k, seen=seen):
             return np.sum((seen.imag - ref[k].imag) ** 2) + np.sum((seen.real[out] - ref[k].real[out]) ** 2)
 
         wins += min(candidates, key=distance) == truth
