@@ -64,7 +64,7 @@ def write_run(
     """
     ranked = sorted(valuation.sellers, key=lambda v: v.total, reverse=True)
     rank = {v.seller_id: i + 1 for i, v in enumerate(ranked)}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "seller_id": v.seller_id, "n_samples": v.n_samples, "score": v.total,
             "score_plaintext": float(plain[v.seller_id].sum()), "mean_score": v.mean, "rank": rank[v.seller_id],
@@ -76,7 +76,7 @@ def write_run(
 
     enc_all = [r["score"] for r in rows]
     plain_all = [r["score_plaintext"] for r in rows]
-    samples = []
+    samples: list[dict[str, Any]] = []
     for v in valuation.sellers:
         if v.per_sample is not None:
             for i, (e, p) in enumerate(zip(v.per_sample, plain[v.seller_id], strict=True)):

@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_deploy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``tip-fed deploy up|down``: a local Flower deployment (SuperLink + seller SuperNodes, TLS, node auth)."""
     dep = sub.add_parser("deploy", help="start or stop a local Flower deployment on 127.0.0.1")
     cmds = dep.add_subparsers(dest="deploy_command", required=True)
@@ -116,7 +116,7 @@ def _deploy(args: argparse.Namespace) -> None:
           f"stop it: tip-fed deploy down {d.root}")
 
 
-def _add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``tip-fed audit``: check purchased deliveries against commitments and decrypted scores."""
     aud = sub.add_parser("audit", help="verify delivered seller data against its commitment and recompute its scores")
     aud.add_argument("record", help="session record saved by the buyer (Buyer.record(valuation).save(path))")
@@ -146,7 +146,7 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_grpc_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``tip-fed seller serve`` (native gRPC seller service) and ``tip-fed tls init``."""
     seller = sub.add_parser("seller", help="run a seller").add_subparsers(dest="seller_command", required=True)
     srv = seller.add_parser("serve", help="serve one seller's data as a tip.v1.Seller gRPC service (mutual TLS by default)")

@@ -238,7 +238,7 @@ class HealthcareConfig:
         _require(self.sites >= 4, "healthcare.sites", "must be >= 4 (buyer-train, objective and two sellers)")
         _require(self.sellers >= 2, "healthcare.sellers", "must be >= 2")
         _require(self.replicates >= 1, "healthcare.replicates", "must be >= 1")
-        _require(all(0 <= q <= 1 for q in self.label_noise) and self.label_noise, "healthcare.label-noise",
+        _require(bool(self.label_noise) and all(0 <= q <= 1 for q in self.label_noise), "healthcare.label-noise",
                  "must be a non-empty list of label-flip rates in [0, 1]")
         _require(len(self.synthetic_rows) == 2 and 4 <= self.synthetic_rows[0] <= self.synthetic_rows[1],
                  "healthcare.synthetic-rows", "must be [min, max] rows per synthetic site with 4 <= min <= max")
@@ -397,7 +397,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"unknown setting '{full}'; valid keys here: {valid}")
         name = names[key]
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"'{full}' is a table of settings, not a value")
             kwargs[name] = _build(hint, value, f"{full}.")
@@ -445,7 +445,7 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(data: Mapping[str, Any]) -> TipConfig:
     """Build and validate a :class:`TipConfig` from nested (TOML-shaped) data."""
-    return _build(TipConfig, data, "")  # type: ignore[no-any-return]
+    return _build(TipConfig, data, "")
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TipConfig:

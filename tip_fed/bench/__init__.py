@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ SUMMARY_KEYS = (
 
 
 def _section(name: str, quick: bool) -> dict[str, Any]:
+    run: Callable[[bool], dict[str, Any]]
     if name == "packing":
         from .packing import run
     elif name == "gradients":

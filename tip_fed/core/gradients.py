@@ -227,7 +227,7 @@ def _one_pass(
 
     handles = []
     for layer, module in zip(spec.layers, modules, strict=True):
-        p_in, p_out = projection_matrices(spec, layer, dtype, module.weight.device)
+        p_in, p_out = projection_matrices(spec, layer, dtype, module.get_parameter("weight").device)
         hook = make_hook(passes[layer.name], layer.name, layer.bias, p_in, p_out)
         handles.append(module.register_forward_hook(hook))
     detached = {key: value.detach() for key, value in batch.items()}

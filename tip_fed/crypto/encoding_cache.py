@@ -61,7 +61,7 @@ class EncodingCache:
         rows' shape and every value."""
         arr = np.ascontiguousarray(block, dtype=np.float64)  # no copy for row slices
         digest = hashlib.sha256(repr(arr.shape).encode())
-        digest.update(memoryview(arr).cast("B"))  # hashed in place (SHA-NI: ~1.5 GB/s)
+        digest.update(arr.data.cast("B"))  # hashed in place (SHA-NI: ~1.5 GB/s)
         layout = (plan.params, plan.dim, plan.baby, int(block_rows))
         return (*layout, tuple(int(v) for v in parms_id), float(scale), digest.hexdigest())
 

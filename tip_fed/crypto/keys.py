@@ -119,7 +119,8 @@ class PublicContext:
     ) -> None:
         """Use :func:`load_public_context` (it validates ``data`` and its parsed ``msg``)."""
         self.params = params
-        self._data, self._n_threads, self._context = data, n_threads, None
+        self._data, self._n_threads = data, n_threads
+        self._context: ts.Context | None = None
         seal_context = _shared_seal_context(bytes(msg.encryption_parameters), params)
         self.handles = _SealHandles(seal_context, params)
         pk = load_seal_key(sa.PublicKey(), seal_context, bytes(msg.public_context.public_key), "the public key")

@@ -322,10 +322,10 @@ class _Scorer:
                     res = inner[g]
                 else:
                     ev.add_inplace(res, inner[g])
-        step = p.diagonals(r)
-        while res is not None and step < p.chunk_dim:
-            ev.add_inplace(res, self._rotate(res, step))
-            step *= 2
+        shift = p.diagonals(r)
+        while res is not None and shift < p.chunk_dim:
+            ev.add_inplace(res, self._rotate(res, shift))
+            shift *= 2
         t = self._tick("rotate_fold", t)
         if res is not None:
             # One rescale at the very end: every rotation's key-switching noise was added at

@@ -69,8 +69,10 @@ def map_forked(fn: Callable[..., Any], items: Sequence[tuple[Any, ...]], workers
             os.waitpid(pid, 0)
             results.append((share, data))
     for share, data in results:
+        if not data:
+            raise RuntimeError("a worker process died")
         # The bytes come from our own forked child over a private pipe, never from a peer.
-        status, payload = pickle.loads(data) if data else ("error", RuntimeError("a worker process died"))  # noqa: S301
+        status, payload = pickle.loads(data)  # noqa: S301
         if status != "ok":
             raise payload
         for i, value in zip(share, payload, strict=True):

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tip_fed.errors import ConfigError, TipError
 
@@ -188,20 +189,20 @@ def guarded_app(kind: str) -> None:
         from flwr.superlink.cli.flwr_serverapp import flwr_serverapp as entry
     side = "supernode" if kind == "clientapp" else "superlink"
     # the module, not the function of the same name that the package re-exports
-    runtime = importlib.import_module(f"flwr.{side}.runtime.run_{kind}")
+    runtime: Any = importlib.import_module(f"flwr.{side}.runtime.run_{kind}")
 
     seen: dict[str, object] = {}
     context_from_proto, run_from_proto, install = runtime.context_from_proto, runtime.run_from_proto, runtime.install_from_fab
 
-    def capture_context(proto):  # type: ignore[no-untyped-def]
+    def capture_context(proto: Any) -> Any:
         seen["context"] = context_from_proto(proto)
         return seen["context"]
 
-    def capture_run(proto):  # type: ignore[no-untyped-def]
+    def capture_run(proto: Any) -> Any:
         seen["run"] = run_from_proto(proto)
         return seen["run"]
 
-    def install_from_fab(fab_file, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
         context, run = seen.get("context"), seen.get("run")
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
         run_config = dict(getattr(run, "override_config", {}) or {})  # what 'flwr run' passed: all signed

@@ -177,7 +177,7 @@ def health(
             response_deserializer=pb.HealthResponse.FromString,
         )
         try:
-            return call(pb.HealthRequest(), timeout=timeout_s)  # type: ignore[no-any-return]
+            return call(pb.HealthRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
             raise SellerUnavailableError(f"seller {endpoint.name} at {endpoint.address}: {describe(exc)}") from exc
 

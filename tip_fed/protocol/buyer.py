@@ -231,8 +231,8 @@ class Buyer:
         reason, and sellers in ``expected`` that sent nothing valid are listed as missing.
         """
         session_id = session_id or self.session_id
-        session = self._sessions.get(session_id or "")
-        if session is None:
+        session = self._sessions.get(session_id) if session_id else None
+        if session_id is None or session is None:
             raise SessionError("no such session: call offer() first, then settle that session's replies")
         if session.settled:
             raise SessionError(f"session {session_id[:8]}… is already settled and its key destroyed; open a new one")
@@ -340,11 +340,12 @@ class Buyer:
         proto = self.settings.protocol
         budget = proto.query_budget
         eps = proto.dp_epsilon
+        multiplier = None if eps is None else NoisePolicy(eps, proto.dp_delta).noise_multiplier
         return {
             "dp_requested": None if eps is None else {"epsilon": eps, "delta": proto.dp_delta},
             # a session answers up to `budget` queries: composed by the accountant the sellers' ledgers use
-            "dp_session_composed": None if eps is None else {
-                "epsilon": composed_epsilon({NoisePolicy(eps, proto.dp_delta).noise_multiplier: budget},
+            "dp_session_composed": None if multiplier is None else {
+                "epsilon": composed_epsilon({multiplier: budget},
                                             budget * proto.dp_delta),
                 "delta": budget * proto.dp_delta,
             },
