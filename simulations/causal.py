@@ -62,7 +62,9 @@ def build(config: TipConfig) -> Market:
         name = "digits-" + "-".join(str(k) for k in group)
         seller_idx[name] = np.concatenate([take(k, per_class, f"seller {name}") for k in group])
     train_per_class = min(len(pools[k]) for k in c.buyer_classes)
-    train_idx = np.concatenate([take(k, min(train_per_class, 100), "the buyer's training set") for k in c.buyer_classes])
+    train_idx = np.concatenate(
+        [take(k, min(train_per_class, 100), "the buyer's training set") for k in c.buyer_classes]
+    )
 
     torch.manual_seed(config.seed)
     model = MLP([64, c.hidden, 10])

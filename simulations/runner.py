@@ -54,7 +54,9 @@ def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = Tru
     bar.update()
 
     bar.set_postfix_str("writing results")
-    result = write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance)
+    result = write_run(
+        out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance
+    )
     bar.update()
     bar.close()
     return result

@@ -52,7 +52,9 @@ def sellers(seller_data):
 def test_per_sample_and_totals_match_plaintext(model, sellers, kind):
     buyer = _buyer(model, kind=kind)
     offer = buyer.offer(max_samples=100)
-    replies = [Seller(sid, d, seed=1, policy=SellerPolicy(exact_per_sample=True)).respond(offer) for sid, d in sellers.items()]
+    replies = [
+        Seller(sid, d, seed=1, policy=SellerPolicy(exact_per_sample=True)).respond(offer) for sid, d in sellers.items()
+    ]
     valuation = buyer.settle(replies, expected=[*list(sellers), "ghost"])
     assert valuation.missing == ["ghost"] and valuation.rejected == {}
     for v in valuation.sellers:
@@ -102,7 +104,9 @@ def test_bad_replies_are_rejected_with_reasons_and_the_rest_still_valued(model, 
     other = _buyer(model)
     offer = buyer.offer(max_samples=100)
     good = Seller("s1", sellers["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
-    foreign = Seller("s2", sellers["s2"], policy=SellerPolicy(exact_per_sample=True)).respond(other.offer(max_samples=100))
+    foreign = Seller("s2", sellers["s2"], policy=SellerPolicy(exact_per_sample=True)).respond(
+        other.offer(max_samples=100)
+    )
     wrong_rows = pb.Reply.FromString(good)
     wrong_rows.seller_id, wrong_rows.n_rows = "liar", 3
     valuation = buyer.settle([good, b"\x00garbage", foreign, good, wrong_rows.SerializeToString()])
@@ -170,4 +174,7 @@ def test_seller_refuses_insecure_parameters_and_oversized_data(model, sellers):
 
 def test_buyer_refuses_insecure_configuration(model):
     with pytest.raises(InsecureParametersError, match="128"):
-        _buyer(model, crypto=CryptoConfig(poly_modulus_degree=4096, coeff_mod_bit_sizes=(40, 30, 30, 40), global_scale_bits=30))
+        _buyer(
+            model,
+            crypto=CryptoConfig(poly_modulus_degree=4096, coeff_mod_bit_sizes=(40, 30, 30, 40), global_scale_bits=30),
+        )

@@ -22,7 +22,16 @@ from tip_fed.bench.hostile import (
     uint8_weights,
 )
 
-__all__ = ["BUILDERS", "big_context", "fake_offer", "huge_dim", "many_layers", "rank_f", "run_in_child", "uint8_weights"]
+__all__ = [
+    "BUILDERS",
+    "big_context",
+    "fake_offer",
+    "huge_dim",
+    "many_layers",
+    "rank_f",
+    "run_in_child",
+    "uint8_weights",
+]
 
 _CHILD = r"""
 import json, sys, torch
@@ -57,8 +66,9 @@ for path in cases:
 """
 
 
-def run_in_child(tmp: Path, data_path: Path, honest: bytes, offers: dict[str, bytes],
-                 budget: dict[str, object] | None = None) -> dict[str, dict]:
+def run_in_child(
+    tmp: Path, data_path: Path, honest: bytes, offers: dict[str, bytes], budget: dict[str, object] | None = None
+) -> dict[str, dict]:
     """Answer ``offers`` one after another in a fresh process holding ``data_path`` (after one
     honest Offer, so imports and tables are already resident); outcome per name."""
     (tmp / "honest.offer").write_bytes(honest)
@@ -68,8 +78,9 @@ def run_in_child(tmp: Path, data_path: Path, honest: bytes, offers: dict[str, by
         path.write_bytes(blob)
         paths.append(str(path))
     args = [str(data_path), json.dumps(budget or {}), str(tmp / "honest.offer"), *paths]
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args],
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=600, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child failed: {proc.stderr[-3000:]}")
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

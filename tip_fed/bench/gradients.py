@@ -63,7 +63,11 @@ def full_then_project(model: torch.nn.Module, spec: ProjectionSpec, batch: dict[
     modules = dict(model.named_modules())
     layers = [modules[layer.name] for layer in spec.layers]
     # a layer with bias is projected as [W | b] (the bias is the gradient's last input column)
-    params = [p for layer, m in zip(spec.layers, layers, strict=True) for p in ([m.weight, m.bias] if layer.bias else [m.weight])]
+    params = [
+        p
+        for layer, m in zip(spec.layers, layers, strict=True)
+        for p in ([m.weight, m.bias] if layer.bias else [m.weight])
+    ]
     n = batch["input_ids"].shape[0]
     full: list[list[torch.Tensor]] = []
     for i in range(n):
@@ -147,9 +151,16 @@ def _worker(method: str, n: int, reps: int, size: int) -> dict[str, Any]:
     for _ in range(reps):
         for name, fn in fns.items():
             times[name].append(timed(fn)[1])
-    result = {"method": method, "n": n, "batch": size, "dim": spec.dim,
-              "seconds": median(times[method]) if reps else first, "seconds_all": times[method],
-              "peak_mb": peak, "output": out.tolist()}
+    result = {
+        "method": method,
+        "n": n,
+        "batch": size,
+        "dim": spec.dim,
+        "seconds": median(times[method]) if reps else first,
+        "seconds_all": times[method],
+        "peak_mb": peak,
+        "output": out.tolist(),
+    }
     for name in FLOORS if method == "hooks" and reps else ():
         result[f"floor_{name}_seconds"] = median(times[name])
         result[f"hooks_over_{name}"] = median([h / f for h, f in zip(times["hooks"], times[name], strict=True)])
@@ -157,8 +168,19 @@ def _worker(method: str, n: int, reps: int, size: int) -> dict[str, Any]:
 
 
 def _spawn(method: str, n: int, reps: int, size: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tip_fed.bench.gradients", "--worker", method, "--n", str(n), "--reps", str(reps),
-           "--batch", str(size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tip_fed.bench.gradients",
+        "--worker",
+        method,
+        "--n",
+        str(n),
+        "--reps",
+        str(reps),
+        "--batch",
+        str(size),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"gradient benchmark worker {method} failed:\n{proc.stderr[-2000:]}")

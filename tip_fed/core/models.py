@@ -166,15 +166,20 @@ def _build_transformers(config: Mapping[str, Any]) -> nn.Module:
         hf_config = transformers.AutoConfig.for_model(model_type, **cfg)
         return getattr(transformers, str(name))(hf_config)
     except Exception as exc:
-        raise ModelError(f"cannot build a {name} from this {model_type!r} config, transformers rejects it: "
-                         f"{str(exc)[:300]}; fix the config (describe() writes a valid one from a live model)") from None
+        raise ModelError(
+            f"cannot build a {name} from this {model_type!r} config, transformers rejects it: "
+            f"{str(exc)[:300]}; fix the config (describe() writes a valid one from a live model)"
+        ) from None
 
 
 def _clean(value: Any) -> Any:
     """A config dict without internal, version or dtype keys, nor values JSON cannot carry."""
     if isinstance(value, Mapping):
-        return {k: _clean(v) for k, v in value.items()
-                if not (isinstance(k, str) and (k.startswith("_") or k in _NOISY_KEYS)) and _jsonable(v)}
+        return {
+            k: _clean(v)
+            for k, v in value.items()
+            if not (isinstance(k, str) and (k.startswith("_") or k in _NOISY_KEYS)) and _jsonable(v)
+        }
     return value
 
 
@@ -246,6 +251,7 @@ def build(architecture: str, config: Mapping[str, Any]) -> nn.Module:
 
 # ---------------------------------------------------------------- weights
 
+
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """``state_dict`` keys that name the same tensor as an earlier key (``alias -> first name``).
 
@@ -269,8 +275,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for key, tensor in state.items():
         group = aliases.get(key, key)
         if group in shipped and not torch.equal(tensor, state[shipped[group]]):
-            raise ModelError(f"model weights: {key!r} and {shipped[group]!r} are one tied tensor in the announced "
-                             "architecture but the offer ships different values for them")
+            raise ModelError(
+                f"model weights: {key!r} and {shipped[group]!r} are one tied tensor in the announced "
+                "architecture but the offer ships different values for them"
+            )
         shipped.setdefault(group, key)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -307,8 +315,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist; write it with tip_fed.core.models.save_weights "
-                         "or safetensors.torch.save_file(model.state_dict(), path)")
+        raise ModelError(
+            f"weights file {str(path)!r} does not exist; write it with tip_fed.core.models.save_weights "
+            "or safetensors.torch.save_file(model.state_dict(), path)"
+        )
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -322,8 +332,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 # ---------------------------------------------------------------- loading saved models
 
-def _from_pretrained(name_or_path: str | Path, model_class: str, config: Mapping[str, Any],
-                     **kwargs: Any) -> nn.Module:
+
+def _from_pretrained(name_or_path: str | Path, model_class: str, config: Mapping[str, Any], **kwargs: Any) -> nn.Module:
     import transformers
 
     _check_class(model_class, config.get("model_type"))
@@ -348,11 +358,14 @@ def load_local(path: str | Path) -> nn.Module:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelError(f"model directory {str(folder)!r} does not exist; pass the folder written by "
-                         "model.save_pretrained(folder)")
+        raise ModelError(
+            f"model directory {str(folder)!r} does not exist; pass the folder written by model.save_pretrained(folder)"
+        )
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ModelError(f"{str(folder)!r} has no config.json; pass the folder written by model.save_pretrained(folder)")
+        raise ModelError(
+            f"{str(folder)!r} has no config.json; pass the folder written by model.save_pretrained(folder)"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -361,13 +374,16 @@ def load_local(path: str | Path) -> nn.Module:
         raise ModelError(f"{config_file} must hold a JSON object")
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
-        raise ModelError(f"{config_file} names no architectures; save the model with save_pretrained from its "
-                         "class, or call load_pretrained(path, model_class, local_files_only=True)")
+        raise ModelError(
+            f"{config_file} names no architectures; save the model with save_pretrained from its "
+            "class, or call load_pretrained(path, model_class, local_files_only=True)"
+        )
     return _from_pretrained(folder, architectures[0], config, local_files_only=True)
 
 
-def load_pretrained(name_or_path: str | Path, model_class: str, *, local_files_only: bool = False,
-                    revision: str | None = None) -> nn.Module:
+def load_pretrained(
+    name_or_path: str | Path, model_class: str, *, local_files_only: bool = False, revision: str | None = None
+) -> nn.Module:
     """Load a supported transformers model from the hub (or a local directory) with the library's own code."""
     import transformers
 
@@ -376,7 +392,8 @@ def load_pretrained(name_or_path: str | Path, model_class: str, *, local_files_o
         raise ModelError(f"model_class {model_class!r} is not supported; {_supported_hint()}")
     try:
         config, _ = transformers.PretrainedConfig.get_config_dict(
-            str(name_or_path), local_files_only=local_files_only, revision=revision)
+            str(name_or_path), local_files_only=local_files_only, revision=revision
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load {str(name_or_path)!r}: {str(exc)[:300]}. Pass a local directory written by "

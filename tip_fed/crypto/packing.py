@@ -409,9 +409,7 @@ def score_rows(
     :mod:`tip_fed.crypto.parallel`; replies are the same as with one).
     """
     if not isinstance(ctx, PublicContext):
-        raise ConfigError(
-            f"expected a PublicContext (load_public_context), got {type(ctx).__name__}"
-        )
+        raise ConfigError(f"expected a PublicContext (load_public_context), got {type(ctx).__name__}")
     _same_params(plan, ctx.params, "public context")
     if not isinstance(rng, np.random.Generator):
         raise ConfigError("rng must be a numpy.random.Generator, e.g. np.random.default_rng()")
@@ -421,9 +419,7 @@ def score_rows(
     for name, bound, low in (("fill_bound", fill_bound, 0.0), ("imag_bound", imag_bound, -1.0)):
         if not (isinstance(bound, (int, float)) and math.isfinite(bound) and low < bound <= limit):
             raise ConfigError(f"{name} must be in ({max(low, 0):g}, {limit:g}] for these parameters, got {bound!r}")
-    if not (
-        isinstance(flood_std, (int, float)) and math.isfinite(flood_std) and 0 <= flood_std <= 1
-    ):
+    if not (isinstance(flood_std, (int, float)) and math.isfinite(flood_std) and 0 <= flood_std <= 1):
         raise ConfigError(f"flood_std must be in [0, 1], got {flood_std!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")

@@ -54,9 +54,7 @@ __all__ = ["FLOOD_STD", "decrypt_complex", "sanitising_fill", "statistical_dista
 FLOOD_STD: float = 2.0**-18
 
 
-def sanitising_fill(
-    fill: np.ndarray, out_slots: np.ndarray, flood_std: float, imag_bound: float
-) -> np.ndarray:
+def sanitising_fill(fill: np.ndarray, out_slots: np.ndarray, flood_std: float, imag_bound: float) -> np.ndarray:
     """The complex vector added (encrypted) to a reply: ``fill`` in non-output real parts, Gaussian
     flooding in output real parts, uniform noise in every imaginary part (OS entropy)."""
     gen = np.random.default_rng(secrets.randbits(128))

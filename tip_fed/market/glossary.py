@@ -64,10 +64,12 @@ def explain(key: str) -> str:
     return _MEANINGS[max(matches, key=len)] if matches else ""
 
 
-RULES = ("Rules: `flat` (per record), `proportional` (positive score; harmful sellers paid zero), `softmax` "
-         "(temperature on spread-scaled scores), `budget_balanced` (reserve price, budget paid exactly), and from "
-         "ground truth (simulation only): `benefit` (own realised benefit), `loo` (leave-one-seller-out), "
-         "`shapley` (seller-level Shapley value of the coalition fine-tuning utility).")
+RULES = (
+    "Rules: `flat` (per record), `proportional` (positive score; harmful sellers paid zero), `softmax` "
+    "(temperature on spread-scaled scores), `budget_balanced` (reserve price, budget paid exactly), and from "
+    "ground truth (simulation only): `benefit` (own realised benefit), `loo` (leave-one-seller-out), "
+    "`shapley` (seller-level Shapley value of the coalition fine-tuning utility)."
+)
 
 
 def absent_rules(present: set[str], n_sellers: int, coalition_max: int | None) -> list[str]:
@@ -76,9 +78,13 @@ def absent_rules(present: set[str], n_sellers: int, coalition_max: int | None) -
     if not missing:
         return []
     if coalition_max is not None and n_sellers > coalition_max:
-        why = (f"they fine-tune on seller coalitions, which is done only up to `payouts.coalition-max` = "
-               f"{coalition_max} sellers and this market has {n_sellers}; raise that setting to compute them")
+        why = (
+            f"they fine-tune on seller coalitions, which is done only up to `payouts.coalition-max` = "
+            f"{coalition_max} sellers and this market has {n_sellers}; raise that setting to compute them"
+        )
     else:
-        why = ("they need the realised benefit of seller coalitions (a fine-tune per coalition), which this run "
-               "did not measure")
+        why = (
+            "they need the realised benefit of seller coalitions (a fine-tune per coalition), which this run "
+            "did not measure"
+        )
     return [f"Not computed: {', '.join(f'`{r}`' for r in missing)}: {why}.", ""]

@@ -265,7 +265,9 @@ class Buyer:
         if reply.seller_id in seen:
             raise SessionError(f"a second reply from seller {reply.seller_id} in one session was ignored")
         if reply.n_samples > session.max_samples:
-            raise ProtocolError(f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum")
+            raise ProtocolError(
+                f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum"
+            )
         rows = reply.n_samples + 1 if session.disclosure == "per-sample" else 1
         if reply.n_rows != rows:
             raise ProtocolError(
@@ -344,9 +346,10 @@ class Buyer:
         return {
             "dp_requested": None if eps is None else {"epsilon": eps, "delta": proto.dp_delta},
             # a session answers up to `budget` queries: composed by the accountant the sellers' ledgers use
-            "dp_session_composed": None if multiplier is None else {
-                "epsilon": composed_epsilon({multiplier: budget},
-                                            budget * proto.dp_delta),
+            "dp_session_composed": None
+            if multiplier is None
+            else {
+                "epsilon": composed_epsilon({multiplier: budget}, budget * proto.dp_delta),
                 "delta": budget * proto.dp_delta,
             },
             "dp_mechanism": "Gaussian noise on clipped projected gradients (sum or rows), std from (epsilon, delta) only",

@@ -174,9 +174,7 @@ class PrivateRun:
             raise
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.reaper is not None:
             stop_tagged(self.reaper.token, self.grace_s)
         shutil.rmtree(self.root, ignore_errors=True)

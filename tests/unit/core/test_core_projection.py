@@ -336,8 +336,11 @@ def test_for_model_finds_transformers_conv1d() -> None:
     spec = ProjectionSpec.for_model(model, rank=2, include=["*.mlp.*", "*attn.c_attn"])
     dims = {layer.name: (layer.in_features, layer.out_features) for layer in spec.layers}
     assert all(layer.bias and layer.in_dim == layer.in_features + 1 for layer in spec.layers)
-    assert dims == {"transformer.h.0.attn.c_attn": (8, 24), "transformer.h.0.mlp.c_fc": (8, 32),
-                    "transformer.h.0.mlp.c_proj": (32, 8)}
+    assert dims == {
+        "transformer.h.0.attn.c_attn": (8, 24),
+        "transformer.h.0.mlp.c_fc": (8, 32),
+        "transformer.h.0.mlp.c_proj": (32, 8),
+    }
 
 
 @pytest.mark.parametrize(
@@ -382,8 +385,7 @@ def write_vector(path: Path = VECTOR) -> None:
     Keys, raw words and first entries come from this module's independent reference (pure
     Python Philox, numpy QR); only ``sha256`` (bit-exactness) is taken from tip_fed itself.
     """
-    layers = (LayerProjection("encoder.layer.0.dense", 10, 6, 3, 2, True),
-              LayerProjection("lm_head", 5, 7, 5, 4))
+    layers = (LayerProjection("encoder.layer.0.dense", 10, 6, 3, 2, True), LayerProjection("lm_head", 5, 7, 5, 4))
     cases = []
     for kind in ("rademacher", "gaussian"):
         spec = ProjectionSpec(layers=layers, seed=42, kind=kind)

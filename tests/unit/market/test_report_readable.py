@@ -46,10 +46,23 @@ def test_a_linear_axis_hides_small_sellers_which_is_why_the_signed_log_exists():
 def test_every_metric_a_report_prints_is_explained():
     metrics = {
         "fidelity": {"pearson": 1.0, "max_rel_error": 1e-9, "max_abs_error": 1e-4, "n_scores": 244},
-        "payouts": {"reference": "benefit", "rules": {r: {"gini": 0.5, "l1_vs_reference": 0.1, "spearman_vs_reference": 1}
-                                                       for r in ("flat", "proportional", "softmax", "shapley")}},
-        "run": {"expected_best": "a", "missing": [], "seconds": 1, "sellers": 4, "top_by_benefit": "a",
-                "top_by_score": "a", "valuation_seconds": 0.3, "valuation_seconds_per_seller": 0.1},
+        "payouts": {
+            "reference": "benefit",
+            "rules": {
+                r: {"gini": 0.5, "l1_vs_reference": 0.1, "spearman_vs_reference": 1}
+                for r in ("flat", "proportional", "softmax", "shapley")
+            },
+        },
+        "run": {
+            "expected_best": "a",
+            "missing": [],
+            "seconds": 1,
+            "sellers": 4,
+            "top_by_benefit": "a",
+            "top_by_score": "a",
+            "valuation_seconds": 0.3,
+            "valuation_seconds_per_seller": 0.1,
+        },
         "validity": {"n_sellers": 4, "pearson": 0.9, "spearman": 1.0, "top1_match": True, "top3_agreement": 1.0},
         "baselines": {"gradient_cosine": {"spearman": 0.8, "pearson": 0.7}},
         "distribution": {"gini": 0.7, "top10_share": 0.9, "fraction_negative": 0.25, "n_sellers": 4},
