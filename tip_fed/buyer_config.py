@@ -160,7 +160,8 @@ def _model_source(t: dict[str, Any], base: Path, name: str) -> ModelSource:
     if kind == "path":
         for extra in ("weights", "bias"):
             if extra in t:
-                raise ConfigError(f"{name}: model.{extra} does not go with model.path (its weights are in the directory)")
+                raise ConfigError(f"{name}: model.{extra} does not go with model.path (its weights are in the "
+                                  f"directory)")
         return ModelSource("path", path=existing_path(base, t["path"], "model.path", name, directory=True))
     if "weights" not in t:
         raise ConfigError(f'{name}: model.{kind} needs model.weights = "file.safetensors" (the trained weights)')

@@ -164,7 +164,8 @@ class GrpcConfig:
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "grpc.timeout-s", "must be > 0 (deadline of one seller's Value call)")
         _require(self.retries >= 0, "grpc.retries", "must be >= 0 (retries of unreachable sellers)")
-        _require(self.startup_timeout_s > 0, "grpc.startup-timeout-s", "must be > 0 (seconds for a seller to get ready)")
+        _require(self.startup_timeout_s > 0, "grpc.startup-timeout-s", "must be > 0 (seconds for a seller to get "
+                                             "ready)")
         _require(4 <= self.max_message_mb < 2048, "grpc.max-message-mb", "must be in 4..2047 (MiB per gRPC message)")
 
 

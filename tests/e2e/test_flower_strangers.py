@@ -217,7 +217,8 @@ def played(tmp_path_factory):
         genuine = _run([str(BIN / "flwr"), "run", ".", "tip-local", "--stream",
                         "--run-config", "deploy/run-config.toml"], app, env, timeout=900)
         result = app / "deploy" / "result" / "valuation.json"
-        evidence["genuine"] = (genuine, Valuation.from_dict(json.loads(result.read_text())) if result.exists() else None)
+        valued = Valuation.from_dict(json.loads(result.read_text())) if result.exists() else None
+        evidence["genuine"] = (genuine, valued)
         (app / "tip-fed-0.1.0.fab").write_bytes(b"an earlier FAB lying in the checkout")
         evidence["left"] = {rel: (app / rel).is_file() for rel in LEFT_BEHIND}
         evidence["fab"] = trust.build_fab(app)  # what 'flwr run .' would upload now

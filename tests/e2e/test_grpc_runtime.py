@@ -66,7 +66,8 @@ def _valuations(path):
 
 
 def _check_against_plaintext(valuation, buyer, market):
-    """Decryptions equal the plaintext scores up to CKKS and sanitising noise (1e-6 of the score bound, as the audit)."""
+    """Decryptions equal the plaintext scores up to CKKS and sanitising noise (1e-6 of the score bound,
+    as the audit)."""
     plain = {sid: plaintext_reference(buyer, market, sid) for sid in market.sellers}
     tol = 1e-6 * buyer.query_norm * buyer.grad_norm_bound
     for v in valuation.sellers:

@@ -162,7 +162,8 @@ def test_a_format_not_matching_the_data_is_a_config_error_naming_the_key(market,
 
 def test_label_values_outside_the_given_classes_name_the_format(market):
     d, *_ = market
-    (d / "classes.toml").write_text(BUYER.replace(f'label = "{LABEL}"', f'label = "{LABEL}"\nclasses = ["benign", "cancer"]'))
+    with_classes = BUYER.replace(f'label = "{LABEL}"', f'label = "{LABEL}"\nclasses = ["benign", "cancer"]')
+    (d / "classes.toml").write_text(with_classes)
     with pytest.raises(ConfigError, match=r"\[format\] cannot encode the buyer's data: .*'malignant'"):
         prepare_from_config(load_buyer_config(d / "classes.toml"))
 

@@ -204,7 +204,8 @@ def test_labelled_text_sellers_for_sequence_classification(tmp_path):
     for sid, part in parts.items():
         write_jsonl(paths[sid], texts[part], kind=kind[part])
     offer = buyer.offer(max_samples=100)
-    valuation = buyer.settle([Seller(sid, load_seller_data(p), policy=EXACT).respond(offer) for sid, p in paths.items()])
+    replies = [Seller(sid, load_seller_data(p), policy=EXACT).respond(offer) for sid, p in paths.items()]
+    valuation = buyer.settle(replies)
     plain = {}
     for sid, part in parts.items():
         ref = hf_batch(tok, texts[part])

@@ -133,8 +133,10 @@ def test_a_save_pretrained_language_model_from_buyer_toml(tmp_path):
         return {"input_ids": torch.randint(0, 64, (n, 12), generator=g), "attention_mask": torch.ones(n, 12).long()}
 
     tip_fed.save_dataset(tokens(6, 1), tmp_path / "obj.safetensors")
-    (tmp_path / "buyer.toml").write_text('[model]\ntask = "causal-lm"\npath = "lm"\n[data]\nobjective = '
-                                         '"obj.safetensors"\n[projection]\nrank = 4\n[preconditioner]\nkind = "ekfac"\n')
+    (tmp_path / "buyer.toml").write_text(
+        '[model]\ntask = "causal-lm"\npath = "lm"\n[data]\nobjective = '
+        '"obj.safetensors"\n[projection]\nrank = 4\n[preconditioner]\nkind = "ekfac"\n'
+    )
     prepared = prepare_from_config(load_buyer_config(tmp_path / "buyer.toml"))
     sellers = {"a": tokens(5, 2), "b": tokens(7, 3)}
 

@@ -42,8 +42,9 @@ from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.ledger import LedgerPolicy
 
 data_path, budget, honest_path, *cases = sys.argv[1:]
-seller = Seller("s", load_file(data_path), policy=SellerPolicy(budget=SellerBudgetConfig(**json.loads(budget)), exact_per_sample=True,
-                lifetime=LedgerPolicy(max_exact=None, total_max_exact=None)))
+policy = SellerPolicy(budget=SellerBudgetConfig(**json.loads(budget)), exact_per_sample=True,
+                      lifetime=LedgerPolicy(max_exact=None, total_max_exact=None))
+seller = Seller("s", load_file(data_path), policy=policy)
 seller.respond(open(honest_path, "rb").read())  # warm-up: imports, tables, one honest answer
 
 

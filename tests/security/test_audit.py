@@ -180,7 +180,8 @@ class ForgingSeller(Seller):
         values = np.zeros(plan.slots)
         values[plan.output_slots(r, 1)] = self.forged
         pt, ct = sa.Plaintext(), sa.Ciphertext()
-        h.encoder.encode(values.tolist(), h.first_parms_id, h.output_scale(masked=plan.diagonals(r) < plan.chunk_dim), pt)
+        scale = h.output_scale(masked=plan.diagonals(r) < plan.chunk_dim)
+        h.encoder.encode(values.tolist(), h.first_parms_id, scale, pt)
         ctx.encryptor.encrypt(pt, ct)
         h.evaluator.mod_switch_to_inplace(ct, h.last_parms_id)
         del reply.scores[:]

@@ -153,7 +153,8 @@ def test_budget_is_spent_only_after_the_whole_offer_validates(make_buyer, data):
 
 def test_a_failed_scoring_gives_the_query_back(make_buyer):
     """Records that do not fit the model fail after the spend; nothing was answered, so nothing is spent."""
-    seller = Seller("s", {"x": torch.randn(4, 7), "y": torch.zeros(4, dtype=torch.long)}, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
+    misfit = {"x": torch.randn(4, 7), "y": torch.zeros(4, dtype=torch.long)}
+    seller = Seller("s", misfit, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
     offer = make_buyer().offer(max_samples=100)
     for _ in range(2):
         with pytest.raises(DataError, match="do not fit the model"):

@@ -72,7 +72,8 @@ def test_candidate_dataset_test_on_the_replys_noise_is_at_chance():
     diff.real[np.setdiff1d(np.arange(plan.slots), out)] = 0.0  # non-output real parts are random fill, not residue
     bound = statistical_distance_bound(diff, out, FLOOD_STD, DEFAULT_FILL_BOUND, DEFAULT_FILL_BOUND)
     print(
-        f"\ncandidate-dataset attack: {old:.0%} right over 40 trials without sanitisation, {new:.1%} over {TRIALS} with it"
+        f"\ncandidate-dataset attack: {old:.0%} right over 40 trials without sanitisation, "
+        f"{new:.1%} over {TRIALS} with it"
         f" (chance 50%); residual-noise difference: max {np.abs(diff).max():.3g} slot units; statistical "
         f"distance bound {bound:.3g}; {time.perf_counter() - t:.1f} s for the sanitised trials"
     )

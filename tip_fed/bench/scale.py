@@ -3,7 +3,8 @@
 Each point runs ``tip-fed simulate`` on the healthcare scenario (the settings of the repository's
 ``configs/healthcare.toml``, written out in :data:`HEALTHCARE`, so an installed tip_fed needs no
 checkout) ``--set sellers=N --set runtime=<runtime> --set healthcare.dataset=synthetic --set
-healthcare.samples-per-seller=100`` in a child process, so every point values exactly N x 100 samples, and samples the summed resident memory of the whole
+healthcare.samples-per-seller=100`` in a child process, so every point values exactly N x 100 samples, and samples the
+summed resident memory of the whole
 process tree (the Flower/Ray workers included) every 0.2 s.
 
 Two times per point, because only one of them is per-seller work:
@@ -68,7 +69,8 @@ def write_config(path: Path) -> Path:
 
 
 def measure(sellers: int, runtime: str, out_dir: Path, config: Path) -> dict[str, Any]:
-    """One simulate run of ``config``: valuation-phase and whole-run seconds, peak tree RSS, sellers and samples valued."""
+    """One simulate run of ``config``: valuation-phase and whole-run seconds, peak tree RSS, sellers and samples
+    valued."""
     cmd = [
         sys.executable,
         "-m",

@@ -156,7 +156,8 @@ def _build_transformers(config: Mapping[str, Any]) -> nn.Module:
     import transformers
 
     if not isinstance(config.get("config", {}), Mapping):
-        raise ModelError("a 'transformers' model config is {\"model_class\": ..., \"config\": {..., \"model_type\": ...}}")
+        raise ModelError("a 'transformers' model config is {\"model_class\": ..., \"config\": {..., \"model_type\": "
+                         "...}}")
     name = config.get("model_class")
     cfg = dict(config.get("config", {}))
     model_type = cfg.pop("model_type", None)

@@ -396,7 +396,8 @@ def score_rows(
 ) -> list[bytes]:
     """Seller side: Enc((rows + row_noise) @ x), up to ``plan.rows_per_block`` scores per ciphertext.
 
-    Returns ``plan.blocks(len(rows))`` ciphertexts (block sizes ``plan.block_rows``) in which only the requested scores decrypt to
+    Returns ``plan.blocks(len(rows))`` ciphertexts (block sizes ``plan.block_rows``) in which only the requested
+    scores decrypt to
     anything but fresh randomness. ``rng`` drives the uniform fill of the non-output slots; seed
     it from OS entropy (``np.random.default_rng()``) in production, a fixed seed only in tests.
     ``rows`` must have norm <= 1; ``row_noise`` (same shape, differential-privacy noise in

@@ -56,7 +56,8 @@ def _warm_up_reply(msg: Message, context: Context) -> Message:
 
 def files_loader(files: Mapping[str, Path], policy: SellerPolicy) -> SellerLoader:
     """Seller loader for simulated nodes: node ``partition-id`` i is the i-th seller of ``files``
-    (seller id -> data file: tensors or raw records), answering under ``policy``. Nodes started with ``data-path`` use their own file."""
+    (seller id -> data file: tensors or raw records), answering under ``policy``. Nodes started with ``data-path`` use
+    their own file."""
     sellers = list(files.items())
 
     def load(context: Context, answered: dict[str, int]) -> Seller:

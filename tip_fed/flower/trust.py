@@ -127,7 +127,9 @@ def load_trusted(path: str | Path) -> dict[str, str]:
     return {str(k): v for k, v in data.items()}
 
 
-def verify_fab(fab: bytes, signature: object, trusted: dict[str, str], run_config: Mapping[str, object] | None = None) -> str:
+def verify_fab(
+    fab: bytes, signature: object, trusted: dict[str, str], run_config: Mapping[str, object] | None = None
+) -> str:
     """The id of the trusted publisher who signed ``fab`` with these run-config overrides;
     UntrustedAppError otherwise."""
     from cryptography.hazmat.primitives import serialization

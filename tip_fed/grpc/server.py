@@ -188,7 +188,8 @@ class SellerService:
         try:
             offer = pb.ValueRequest.FromString(request).offer.SerializeToString()
         except DecodeError as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid tip.v1 ValueRequest: {exc}")
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid tip.v1 ValueRequest: "
+                                                                   f"{exc}")
         try:
             reply = self.seller.respond(offer, peer=peer)
         except TipError as exc:

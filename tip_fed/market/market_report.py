@@ -120,7 +120,8 @@ def render_market_report(out_dir: str | Path) -> Path:
         f"# tip_fed market report: {manifest.get('scenario', 'market')}",
         "",
         f"{run.get('replicates', '?')} replicate(s) × {run.get('sellers_per_replicate', '?')} sellers, each replicate "
-        f"valued in its own encrypted session (runtime `{run.get('runtime', '?')}`); {_f(run.get('seconds'), 1)} s in all. "
+        f"valued in its own encrypted session (runtime `{run.get('runtime', '?')}`); {_f(run.get('seconds'), 1)} s in "
+        f"all. "
         "Realised benefit = objective loss before − after fine-tuning a copy of the buyer's model on that seller's "
         "data alone: what the score tries to predict.",
         "",

@@ -150,7 +150,9 @@ def leave_one_out(inputs: PayoutInputs) -> dict[str, float]:
     return {s: inputs.value(everyone) - inputs.value(everyone - {s}) for s in inputs.seller_ids}
 
 
-def shapley_values(inputs: PayoutInputs, *, exact_max: int = 10, permutations: int = 200, seed: int = 0) -> dict[str, float]:
+def shapley_values(
+    inputs: PayoutInputs, *, exact_max: int = 10, permutations: int = 200, seed: int = 0
+) -> dict[str, float]:
     """Seller-level Shapley values of the coalition utility.
 
     Exact (all 2^n coalitions) up to ``exact_max`` sellers; beyond that, the Monte Carlo

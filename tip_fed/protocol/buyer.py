@@ -260,7 +260,8 @@ class Buyer:
         reply = decode_reply(data)
         if reply.session_id != session.session_id:
             raise SessionError(
-                f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not {session.session_id[:8]}…"
+                f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not "
+                f"{session.session_id[:8]}…"
             )
         if reply.seller_id in seen:
             raise SessionError(f"a second reply from seller {reply.seller_id} in one session was ignored")
@@ -352,7 +353,8 @@ class Buyer:
                 "epsilon": composed_epsilon({multiplier: budget}, budget * proto.dp_delta),
                 "delta": budget * proto.dp_delta,
             },
-            "dp_mechanism": "Gaussian noise on clipped projected gradients (sum or rows), std from (epsilon, delta) only",
+            "dp_mechanism": "Gaussian noise on clipped projected gradients (sum or rows), std from (epsilon, delta) "
+            "only",
             "release_digits": proto.release_digits,
             "release_quantum": self.release_quantum,
             "fresh_key_per_session": True,

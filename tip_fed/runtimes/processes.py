@@ -129,7 +129,8 @@ class ProcessGroup:
                     f"{child.name} exited with code {code} before it was ready; last output: {child.tail()}"
                 )
             if time.monotonic() > deadline:
-                raise ProcessStartError(f"{child.name} was not ready after {timeout_s:g} s; last output: {child.tail()}")
+                raise ProcessStartError(f"{child.name} was not ready after {timeout_s:g} s; last output: "
+                                        f"{child.tail()}")
             time.sleep(0.05)
 
     def stop_all(self) -> None:

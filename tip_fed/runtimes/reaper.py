@@ -187,7 +187,8 @@ class Reaper:
         if line.strip() != b"watching":
             reaper.close(5.0)
             raise ReaperError(f"the reaper process did not start within {startup_timeout_s:g} s (exit code "
-                              f"{proc.returncode}); check that 'python -m tip_fed.runtimes.reaper' runs with {sys.executable}")
+                              f"{proc.returncode}); check that 'python -m tip_fed.runtimes.reaper' runs with "
+                              f"{sys.executable}")
         return reaper
 
     def close(self, timeout_s: float = 30.0) -> None:

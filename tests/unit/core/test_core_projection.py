@@ -313,7 +313,10 @@ class TwoLayer(torch.nn.Module):
 
 def test_for_model_finds_linear_layers_in_order_with_clipped_ranks() -> None:
     spec = ProjectionSpec.for_model(TwoLayer(), rank=4, seed=3)
-    rows = [(layer.name, layer.in_features, layer.out_features, layer.rank_in, layer.rank_out, layer.bias) for layer in spec.layers]
+    rows = [
+        (layer.name, layer.in_features, layer.out_features, layer.rank_in, layer.rank_out, layer.bias)
+        for layer in spec.layers
+    ]
     assert rows == [("body.0", 5, 16, 4, 4, True), ("body.2", 16, 3, 4, 3, True), ("head", 3, 2, 4, 2, True)]
     assert spec.layer("head").in_dim == 4  # in_features + the bias column: clipped to 4, not 3
     unbiased = ProjectionSpec.for_model(TwoLayer(), rank=4, seed=3, bias=False)
