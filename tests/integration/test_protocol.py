@@ -20,6 +20,7 @@ from tip_fed.errors import (
     VersionMismatchError,
 )
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
+from tip_fed.testing import secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from ..conftest import make_data
@@ -81,7 +82,7 @@ def test_secret_key_never_leaves_the_buyer(model, sellers):
     buyer = _buyer(model)
     offer = buyer.offer(max_samples=100)
     session = buyer._sessions[buyer.session_id]
-    secret = session.keys.secret_key_bytes_for_test()
+    secret = secret_key_bytes(session.keys)
     reply = Seller("s0", sellers["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     assert len(secret) > 1000
     for outgoing in (offer, reply):

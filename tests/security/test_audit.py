@@ -6,6 +6,7 @@ Each cheating seller is a subclass of the real Seller overriding only the step i
 import json
 import stat
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,8 @@ from tip_fed.core.influence import clip_rows
 from tip_fed.errors import DataError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.audit import Delivery, SessionRecord, audit
+from tip_fed.protocol.disclosure import NoisePolicy
+from tip_fed.testing import secret_key_bytes
 
 from .conftest import make_data
 
@@ -143,7 +146,7 @@ def test_tip_fed_audit_cli_writes_reports_and_flags(make_buyer, seller_data, tmp
 def test_session_record_holds_no_key_material(make_buyer, seller_data):
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
-    secret = buyer._sessions[buyer.session_id].keys.secret_key_bytes_for_test()
+    secret = secret_key_bytes(buyer._sessions[buyer.session_id].keys)
     valuation = buyer.settle([Seller("s0", seller_data["s0"], policy=EXACT).respond(offer)])
     text = json.dumps(buyer.record(valuation).to_dict())
     import base64
@@ -191,9 +194,6 @@ class ForgingSeller(Seller):
         return reply.SerializeToString()
 
 
-import numpy as np  # noqa: E402
-
-from tip_fed.protocol.disclosure import NoisePolicy  # noqa: E402
 
 
 @pytest.mark.parametrize("disclosure,eps", [("aggregate", 1.0), ("per-sample", 4.0)])

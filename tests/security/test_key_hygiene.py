@@ -14,6 +14,7 @@ from tip_fed.errors import CryptoError, SessionError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.disclosure import NoisePolicy
+from tip_fed.testing import secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 WINDOW = 48
@@ -21,7 +22,7 @@ WINDOW = 48
 
 def _forms(keys):
     """The key as bytes (serialised and raw coefficients), and text forms of windows of both."""
-    blobs = [keys.secret_key_bytes_for_test(), keys.secret_key_bytes_for_test(raw=True)]
+    blobs = [secret_key_bytes(keys), secret_key_bytes(keys, raw=True)]
     windows = [b[i : i + WINDOW] for b in blobs for i in (0, len(b) // 2, len(b) - WINDOW)]
     texts = [f(w) for w in windows for f in (lambda w: w.hex(), lambda w: base64.b64encode(w).decode(), repr)]
     return blobs, windows, texts
@@ -104,7 +105,7 @@ def test_key_is_destroyed_at_settle_even_when_settlement_fails(make_buyer, selle
         buyer.settle(exploding())
     assert keys.destroyed
     with pytest.raises(CryptoError, match="destroyed"):
-        keys.secret_key_bytes_for_test()
+        secret_key_bytes(keys)
     with pytest.raises(CryptoError, match="destroyed"):
         keys.decrypt_slots(b"x" * 64, "anything")
     with pytest.raises(SessionError, match="already settled"):

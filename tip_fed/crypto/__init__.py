@@ -8,7 +8,7 @@ seller: :func:`load_public_context` -> :func:`score_rows`; buyer: :func:`decrypt
 
 from .encoding_cache import EncodingCache
 from .keys import PublicContext, SessionKeys, load_public_context
-from .naive import decrypt_naive, encrypt_query_naive, score_rows_naive
+from .naive import baseline_public_context_bytes, decrypt_naive, encrypt_query_naive, score_rows_naive
 from .packing import decrypt_scores, encrypt_query, score_rows
 from .params import (
     DEFAULT_FILL_BOUND,
@@ -28,6 +28,7 @@ __all__ = [
     "PackingPlan",
     "PublicContext",
     "SessionKeys",
+    "baseline_public_context_bytes",
     "check_params",
     "decrypt_naive",
     "decrypt_scores",

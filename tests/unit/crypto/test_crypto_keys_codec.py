@@ -19,6 +19,7 @@ from tip_fed.crypto import (
 from tip_fed.crypto.codec import new_context_proto
 from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.errors import CodecError, ConfigError, CryptoError, InsecureParametersError
+from tip_fed.testing import secret_key_bytes
 
 DIM, ROWS = 256, 4400  # two blocks: 4096 rows + a block of 512 for the other 304
 
@@ -45,8 +46,8 @@ def test_public_context_has_no_secret_key(session) -> None:  # type: ignore[no-u
     assert ctx.context.is_public() and ctx.context.has_public_key()
     assert not ctx.context.has_relin_keys()
     assert not new_context_proto(public).HasField("private_context")
-    secret = keys.secret_key_bytes_for_test()
-    raw = keys.secret_key_bytes_for_test(raw=True)
+    secret = secret_key_bytes(keys)
+    raw = secret_key_bytes(keys, raw=True)
     assert len(secret) > 10_000 and len(raw) == 8 * 4 * plan.params.poly_modulus_degree
     windows = [raw[i : i + 32] for i in range(0, len(raw), len(raw) // 16)]
     for blob in [public, *query, *replies]:
@@ -93,7 +94,7 @@ def test_destroy(session) -> None:  # type: ignore[no-untyped-def]
         lambda: decrypt_scores(keys, plan, replies, 2),
         lambda: encrypt_query(keys, plan, np.ones(64)),
         keys.secret_key_fingerprint,
-        keys.secret_key_bytes_for_test,
+        lambda: secret_key_bytes(keys),
     ):
         with pytest.raises(CryptoError, match="destroyed"):
             call()

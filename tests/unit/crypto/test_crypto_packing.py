@@ -10,6 +10,7 @@ from tip_fed.crypto import (
     HEParams,
     PackingPlan,
     SessionKeys,
+    baseline_public_context_bytes,
     decrypt_naive,
     decrypt_scores,
     encrypt_query,
@@ -244,7 +245,7 @@ def test_deeper_parameters() -> None:
 def test_naive_baseline_matches() -> None:
     """The benchmark baseline (one `dot` per score) is correct, so the speedup is fair."""
     plan, keys, _ = _session(64)
-    ctx = load_public_context(keys.baseline_public_context_bytes(), plan.params)
+    ctx = load_public_context(baseline_public_context_bytes(keys), plan.params)
     x, rows = _data(64, 3, seed=8)
     replies = score_rows_naive(ctx, encrypt_query_naive(keys, x), rows)
     assert len(replies) == 3
