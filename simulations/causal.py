@@ -10,12 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from simulations.market import Market
 from tip_fed.config import TipConfig
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
-
-from simulations.market import Market
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +62,9 @@ def build(config: TipConfig) -> Market:
         name = "digits-" + "-".join(str(k) for k in group)
         seller_idx[name] = np.concatenate([take(k, per_class, f"seller {name}") for k in group])
     train_per_class = min(len(pools[k]) for k in c.buyer_classes)
-    train_idx = np.concatenate([take(k, min(train_per_class, 100), "the buyer's training set") for k in c.buyer_classes])
+    train_idx = np.concatenate(
+        [take(k, min(train_per_class, 100), "the buyer's training set") for k in c.buyer_classes]
+    )
 
     torch.manual_seed(config.seed)
     model = MLP([64, c.hidden, 10])

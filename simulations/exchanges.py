@@ -13,13 +13,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from simulations.market import Market
+from simulations.scenarios import SELLER_POLICY, max_samples, write_seller_files
 from tip_fed.config import TipConfig
 from tip_fed.protocol import Buyer, Seller, Valuation
 from tip_fed.runtimes.inprocess import value_inprocess
 from tip_fed.runtimes.processes import PrivateRun
-
-from simulations.market import Market
-from simulations.scenarios import SELLER_POLICY, max_samples, write_seller_files
 
 Exchange = Callable[[TipConfig, Market, Buyer, bool], Valuation]
 

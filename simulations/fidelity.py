@@ -82,8 +82,9 @@ def check_session(buyer: Buyer, valuation: Valuation, plain: dict[str, np.ndarra
         shown = "; ".join(failures[:10]) + (f"; and {len(failures) - 10} more" if len(failures) > 10 else "")
         raise FidelityError(
             f"encrypted scores disagree with the plaintext reference for {len(failures)} score(s) in session "
-            f"{valuation.session_id[:8]}: {shown}. Tolerance per slot: {slot:.3g} (QUERY_NORM x N / 2^s + eps x QUERY_NORM "
-            f"x sqrt(dim) + {CKKS_SIGMAS:g} sigma flooding, N = {buyer.params.poly_modulus_degree}, s = "
+            f"{valuation.session_id[:8]}: {shown}. Tolerance per slot: {slot:.3g} "
+            f"(QUERY_NORM x N / 2^s + eps x QUERY_NORM x sqrt(dim) + {CKKS_SIGMAS:g} sigma flooding, N = "
+            f"{buyer.params.poly_modulus_degree}, s = "
             f"{buyer.params.global_scale_bits}) x unit {unit:.3g}, plus {DP_SIGMAS:g} sigma of declared DP noise "
             "and half the release step. The runtime valued other data or another buyer than this market's "
             "(check that every party rebuilt the same scenario and replicate); this session's results were not written"
@@ -100,5 +101,6 @@ def _check_same_buyer(buyer: Buyer, valuation: Valuation) -> None:
         raise FidelityError(
             f"the session was valued by another buyer than this market's: model fingerprint {str(got[0])[:16]}, "
             f"projection seed {got[1]} (expected {want[0][:16]}, {want[1]}); the runtime rebuilt another "
-            "scenario or replicate (check the run config's 'set' and 'replicate'); this session's results were not written"
+            "scenario or replicate (check the run config's 'set' and 'replicate'); "
+            "this session's results were not written"
         )

@@ -97,7 +97,9 @@ def _session(context: Context) -> Session:
 
 def scenario_app(config: TipConfig, replicate: int = 0) -> FlowerApp:
     """This app, with a run config that rebuilds exactly ``config``'s market ``replicate`` and its buyer."""
-    return FlowerApp(APP_DIR, {"config": "", "set": ";".join(run_config_overrides(config)), "replicate": int(replicate)})
+    return FlowerApp(
+        APP_DIR, {"config": "", "set": ";".join(run_config_overrides(config)), "replicate": int(replicate)}
+    )
 
 
 def partition_loader(data_dir: str | Path | None) -> SellerLoader:

@@ -37,13 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulations.causal import train_classifier
+from simulations.market import Market
 from tip_fed.config import TipConfig
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
-
-from simulations.causal import train_classifier
-from simulations.market import Market
 
 QUICK = {"replicates": 3, "sellers": 8}
 CODINGS = ("standard", "standard", "no-labs", "shifted-scale")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ class Market:
     task: Task
     train: Batch
     objective: Batch
-    sellers: dict[str, Batch]
+    sellers: Mapping[str, Batch]
     expected_best: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     replicate: int | None = None

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulations.market import Market
+from simulations.scenarios import TimedBuyer
 from tip_fed import __version__
 from tip_fed.config import TipConfig
 from tip_fed.market import metrics, payouts
@@ -30,9 +32,6 @@ from tip_fed.market.results import (
     write_json,
 )
 from tip_fed.protocol import Buyer, Valuation
-
-from simulations.market import Market
-from simulations.scenarios import TimedBuyer
 
 
 @dataclass
@@ -65,7 +64,7 @@ def write_run(
     """
     ranked = sorted(valuation.sellers, key=lambda v: v.total, reverse=True)
     rank = {v.seller_id: i + 1 for i, v in enumerate(ranked)}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "seller_id": v.seller_id, "n_samples": v.n_samples, "score": v.total,
             "score_plaintext": float(plain[v.seller_id].sum()), "mean_score": v.mean, "rank": rank[v.seller_id],
@@ -77,11 +76,13 @@ def write_run(
 
     enc_all = [r["score"] for r in rows]
     plain_all = [r["score_plaintext"] for r in rows]
-    samples = []
+    samples: list[dict[str, Any]] = []
     for v in valuation.sellers:
         if v.per_sample is not None:
             for i, (e, p) in enumerate(zip(v.per_sample, plain[v.seller_id], strict=True)):
-                samples.append({"seller_id": v.seller_id, "sample_index": i, "score": float(e), "score_plaintext": float(p)})
+                samples.append(
+                    {"seller_id": v.seller_id, "sample_index": i, "score": float(e), "score_plaintext": float(p)}
+                )
     if samples:
         write_csv(out / "samples.csv", SAMPLE_COLUMNS, samples)
         enc_all += [s["score"] for s in samples]
@@ -90,9 +91,13 @@ def write_run(
     m: dict[str, Any] = {"fidelity": {**metrics.fidelity(enc_all, plain_all), **(tolerance or {})}}
     phase = buyer.valuation_seconds if isinstance(buyer, TimedBuyer) else None
     m["run"] = {
-        "seconds": seconds, "sellers": len(valuation.sellers), "missing": valuation.missing,
+        "seconds": seconds,
+        "sellers": len(valuation.sellers),
+        "missing": valuation.missing,
         "valuation_seconds": phase,
-        "valuation_seconds_per_seller": phase / len(valuation.sellers) if phase is not None and valuation.sellers else None,
+        "valuation_seconds_per_seller": phase / len(valuation.sellers)
+        if phase is not None and valuation.sellers
+        else None,
         "rejected": valuation.rejected,
         "expected_best": market.expected_best,
         "top_by_score": ranked[0].seller_id if ranked else None,
@@ -108,8 +113,10 @@ def write_run(
         m["validity"] = metrics.validity([by_id[s].total for s in ids], [truth[s].benefit for s in ids])
         m["run"]["top_by_benefit"] = max(ids, key=lambda s: truth[s].benefit) if ids else None
     inputs = PayoutInputs(
-        seller_ids=[v.seller_id for v in valuation.sellers], scores={v.seller_id: v.total for v in valuation.sellers},
-        n_records={v.seller_id: v.n_samples for v in valuation.sellers}, utility=utility,
+        seller_ids=[v.seller_id for v in valuation.sellers],
+        scores={v.seller_id: v.total for v in valuation.sellers},
+        n_records={v.seller_id: v.n_samples for v in valuation.sellers},
+        utility=utility,
         benefits={s: truth[s].benefit for s in truth} if truth else None,
     )
     pay_rows, comparison, reference = payouts.settle(config.payouts, inputs, seed=config.seed)

@@ -13,14 +13,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tip_fed.config import TipConfig
-from tip_fed.market.ground_truth import finetune_benefit
-
 from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
 from simulations.replicates import run_replicated
 from simulations.results import RunResult, write_run
 from simulations.scenarios import build_markets, make_buyer, plaintext_reference
+from tip_fed.config import TipConfig
+from tip_fed.market.ground_truth import finetune_benefit
 
 
 def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = True) -> RunResult:
@@ -55,7 +54,9 @@ def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = Tru
     bar.update()
 
     bar.set_postfix_str("writing results")
-    result = write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance)
+    result = write_run(
+        out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance
+    )
     bar.update()
     bar.close()
     return result

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulations import causal, healthcare, llm_corpus
+from simulations.market import Market
 from tip_fed.config import TipConfig
 from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
@@ -23,9 +25,6 @@ from tip_fed.errors import ConfigError
 from tip_fed.protocol import Buyer, BuyerSettings, SellerPolicy, Valuation
 from tip_fed.protocol.data import check_batch, iter_batches, save_dataset
 from tip_fed.protocol.ledger import LedgerPolicy
-
-from simulations import causal, healthcare, llm_corpus
-from simulations.market import Market
 
 # A builder returns one Market, or a list of Markets (one per replicate, each valued in its own session).
 SCENARIOS: dict[str, Callable[[TipConfig], Market | list[Market]]] = {

@@ -90,15 +90,24 @@ def tiny_gpt2(vocab_size: int, n_positions: int = 64) -> transformers.GPT2LMHead
 
 def write_jsonl(path, texts: list[str], **extra_fields) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"id": i, "text": text, **{k: v[i] for k, v in extra_fields.items()}}) + "\n" for i, text in enumerate(texts))
+        f.writelines(
+            json.dumps({"id": i, "text": text, **{k: v[i] for k, v in extra_fields.items()}}) + "\n"
+            for i, text in enumerate(texts)
+        )
 
 
 def text_records(texts: list[str], source: str = "the records") -> RawRecords:
     return RawRecords.from_rows([{"text": t} for t in texts], source)
 
 
-def table_buyer(mine: pd.DataFrame, settings: BuyerSettings, *, objective: pd.DataFrame | None = None,
-                hidden: int = 8, steps: int = 40) -> Buyer:
+def table_buyer(
+    mine: pd.DataFrame,
+    settings: BuyerSettings,
+    *,
+    objective: pd.DataFrame | None = None,
+    hidden: int = 8,
+    steps: int = 40,
+) -> Buyer:
     """A buyer whose MLP is trained on its own rows ``mine``, standardised by a TableFormat fitted on them."""
     rows = RawRecords.from_rows(mine.to_dict("records"), "buyer rows")
     fmt = TableFormat.fit(rows, FEATURES, LABEL)
@@ -108,9 +117,16 @@ def table_buyer(mine: pd.DataFrame, settings: BuyerSettings, *, objective: pd.Da
     return Buyer(model, get_task("classification"), objective=obj, train=rows, settings=settings, input_format=fmt)
 
 
-def text_buyer(objective: list[str], tok: Tokenizer, settings: BuyerSettings, max_length: int, *,
-               train: list[str] | None = None) -> Buyer:
+def text_buyer(
+    objective: list[str], tok: Tokenizer, settings: BuyerSettings, max_length: int, *, train: list[str] | None = None
+) -> Buyer:
     """A tiny-GPT-2 causal-LM buyer whose TextFormat carries ``tok`` (pads with <|pad|>)."""
     fmt = TextFormat.from_tokenizer(tok, max_length, pad_id=tok.token_to_id("<|pad|>"))
-    return Buyer(tiny_gpt2(tok.get_vocab_size()), get_task("causal-lm"), objective=text_records(objective),
-                 train=None if train is None else text_records(train), settings=settings, input_format=fmt)
+    return Buyer(
+        tiny_gpt2(tok.get_vocab_size()),
+        get_task("causal-lm"),
+        objective=text_records(objective),
+        train=None if train is None else text_records(train),
+        settings=settings,
+        input_format=fmt,
+    )

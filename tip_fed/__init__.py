@@ -88,22 +88,22 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from tip_fed.core.tasks import get_task as get_task
     from tip_fed.protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
     from tip_fed.protocol import Buyer as Buyer
-    from tip_fed.protocol import PreparedQuery as PreparedQuery
     from tip_fed.protocol import BuyerSettings as BuyerSettings
+    from tip_fed.protocol import PreparedQuery as PreparedQuery
     from tip_fed.protocol import Seller as Seller
     from tip_fed.protocol import SellerPolicy as SellerPolicy
     from tip_fed.protocol import SellerValuation as SellerValuation
     from tip_fed.protocol import Valuation as Valuation
     from tip_fed.protocol.data import load_dataset as load_dataset
     from tip_fed.protocol.data import save_dataset as save_dataset
-    from tip_fed.workflow import prepare as prepare
-    from tip_fed.workflow import value as value
-    from tip_fed.workflow import value_files as value_files
-    from tip_fed.workflow import write_results as write_results
     from tip_fed.protocol.formats import TableFormat as TableFormat
     from tip_fed.protocol.formats import TextFormat as TextFormat
     from tip_fed.protocol.records import RawRecords as RawRecords
     from tip_fed.protocol.records import load_seller_data as load_seller_data
+    from tip_fed.workflow import prepare as prepare
+    from tip_fed.workflow import value as value
+    from tip_fed.workflow import value_files as value_files
+    from tip_fed.workflow import write_results as write_results
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

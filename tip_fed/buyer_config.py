@@ -160,18 +160,23 @@ def _model_source(t: dict[str, Any], base: Path, name: str) -> ModelSource:
     if kind == "path":
         for extra in ("weights", "bias"):
             if extra in t:
-                raise ConfigError(f"{name}: model.{extra} does not go with model.path (its weights are in the directory)")
+                raise ConfigError(f"{name}: model.{extra} does not go with model.path (its weights are in the "
+                                  f"directory)")
         return ModelSource("path", path=existing_path(base, t["path"], "model.path", name, directory=True))
     if "weights" not in t:
-        raise ConfigError(f"{name}: model.{kind} needs model.weights = \"file.safetensors\" (the trained weights)")
+        raise ConfigError(f'{name}: model.{kind} needs model.weights = "file.safetensors" (the trained weights)')
     weights = existing_path(base, t["weights"], "model.weights", name)
     if kind == "mlp":
         sizes = t["mlp"]
-        if not isinstance(sizes, list) or len(sizes) < 2 or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        if (
+            not isinstance(sizes, list)
+            or len(sizes) < 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
+        ):
             raise ConfigError(f"{name}: model.mlp must list >= 2 layer sizes (positive integers), e.g. [64, 32, 10]")
-        return ModelSource("mlp", sizes=tuple(sizes), bias=flag({"bias": t.get("bias", True)}, "bias", "model.", name),
-                           weights=weights)
+        return ModelSource(
+            "mlp", sizes=tuple(sizes), bias=flag({"bias": t.get("bias", True)}, "bias", "model.", name), weights=weights
+        )
     if "bias" in t:
         raise ConfigError(f"{name}: model.bias goes with model.mlp; a sequential states bias per layer")
     layers = t["sequential"]
@@ -184,8 +189,11 @@ def _names(t: Mapping[str, Any], key: str, name: str, what: str) -> tuple[str, .
     value = t.get(key)
     if value is None:
         return None
-    if not isinstance(value, list) or not value or not all(
-            isinstance(v, (str, int, float)) and not isinstance(v, bool) and v != "" for v in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) and v != "" for v in value)
+    ):
         raise ConfigError(f"{name}: format.{key} must be a non-empty list of {what}, got {value!r}")
     return tuple(str(v) for v in value) if key == "features" else tuple(value)
 
@@ -193,16 +201,20 @@ def _names(t: Mapping[str, Any], key: str, name: str, what: str) -> tuple[str, .
 def _format_spec(t: dict[str, Any], base: Path, name: str, model: ModelSource) -> FormatSpec:
     kind = t.get("kind")
     if kind not in FORMAT_KEYS:
-        raise ConfigError(f"{name}: format.kind must be \"table\" (CSV/Parquet columns) or \"text\" (JSONL/plain "
-                          f"text with the buyer's tokenizer), got {kind!r}")
+        raise ConfigError(
+            f'{name}: format.kind must be "table" (CSV/Parquet columns) or "text" (JSONL/plain '
+            f"text with the buyer's tokenizer), got {kind!r}"
+        )
     check_keys(t, FORMAT_KEYS[kind], "format.", name)
     classes = _names(t, "classes", name, "label values")
     if kind == "table":
         features = _names(t, "features", name, "column names")
         label = string(t, "label", "format.", name)
         if features is None or label is None:
-            raise ConfigError(f"{name}: format.kind = \"table\" needs features = [\"col\", ...] (the model's input "
-                              "columns, in order) and label = \"col\"")
+            raise ConfigError(
+                f'{name}: format.kind = "table" needs features = ["col", ...] (the model\'s input '
+                'columns, in order) and label = "col"'
+            )
         regression = flag(t, "regression", "format.", name)
         if regression and classes is not None:
             raise ConfigError(f"{name}: format.classes does not go with format.regression = true")
@@ -212,12 +224,18 @@ def _format_spec(t: dict[str, Any], base: Path, name: str, model: ModelSource) -
     elif model.kind == "path" and model.path is not None and (model.path / "tokenizer.json").is_file():
         tokenizer = model.path
     else:
-        raise ConfigError(f"{name}: format.tokenizer is missing and [model] path holds no tokenizer.json; set "
-                          "tokenizer = \"dir/\" (saved with save_pretrained) or \"tokenizer.json\"")
-    return FormatSpec("text", classes=classes, tokenizer=tokenizer,
-                      max_length=positive_int(t, "max-length", "format.", name, "tokens per record"),
-                      text_field=string(t, "text-field", "format.", name, "text") or "text",
-                      label_field=string(t, "label-field", "format.", name))
+        raise ConfigError(
+            f"{name}: format.tokenizer is missing and [model] path holds no tokenizer.json; set "
+            'tokenizer = "dir/" (saved with save_pretrained) or "tokenizer.json"'
+        )
+    return FormatSpec(
+        "text",
+        classes=classes,
+        tokenizer=tokenizer,
+        max_length=positive_int(t, "max-length", "format.", name, "tokens per record"),
+        text_field=string(t, "text-field", "format.", name, "text") or "text",
+        label_field=string(t, "label-field", "format.", name),
+    )
 
 
 def load_buyer_config(path: str | Path) -> BuyerConfig:
@@ -229,8 +247,9 @@ def load_buyer_config(path: str | Path) -> BuyerConfig:
     model = _model_source(model_table, base, name)
     task = model_table.get("task")
     if not isinstance(task, str):
-        raise ConfigError(f"{name}: model.task is missing; set it to classification, causal-lm or "
-                          "sequence-classification")
+        raise ConfigError(
+            f"{name}: model.task is missing; set it to classification, causal-lm or sequence-classification"
+        )
     data_table = table(data, "data", name)
     check_keys(data_table, ("objective", "train"), "data.", name)
     if "objective" not in data_table:
@@ -238,16 +257,23 @@ def load_buyer_config(path: str | Path) -> BuyerConfig:
     objective = data_file(base, data_table["objective"], "data.objective", name)
     train = data_file(base, data_table["train"], "data.train", name) if "train" in data_table else None
     fmt = _format_spec(table(data, "format", name), base, name, model) if "format" in data else None
-    raw = [(k, p) for k, p in (("data.objective", objective), ("data.train", train))
-           if p is not None and p.suffix.lower() != TENSOR_SUFFIX]
+    raw = [
+        (k, p)
+        for k, p in (("data.objective", objective), ("data.train", train))
+        if p is not None and p.suffix.lower() != TENSOR_SUFFIX
+    ]
     if raw and fmt is None:
         key, p = raw[0]
-        raise ConfigError(f"{name}: {key} = {p.name!r} holds raw records; add a [format] table saying how they "
-                          "become tensors: kind = \"table\" with features = [\"col\", ...] and label = \"col\", or "
-                          "kind = \"text\" with tokenizer = \"dir/\" (see the tip_fed.buyer_config docstring)")
+        raise ConfigError(
+            f"{name}: {key} = {p.name!r} holds raw records; add a [format] table saying how they "
+            'become tensors: kind = "table" with features = ["col", ...] and label = "col", or '
+            'kind = "text" with tokenizer = "dir/" (see the tip_fed.buyer_config docstring)'
+        )
     if fmt is not None and fmt.kind == "table" and not raw:
-        raise ConfigError(f"{name}: format.kind = \"table\" is fitted on the buyer's raw records, but data.objective "
-                          "and data.train are safetensors; give data.train (or data.objective) as .csv/.parquet/.jsonl")
+        raise ConfigError(
+            f'{name}: format.kind = "table" is fitted on the buyer\'s raw records, but data.objective '
+            "and data.train are safetensors; give data.train (or data.objective) as .csv/.parquet/.jsonl"
+        )
     try:
         settings = parse_settings(data, "")
     except ConfigError as exc:
@@ -256,11 +282,13 @@ def load_buyer_config(path: str | Path) -> BuyerConfig:
 
     if task not in TASKS:
         raise ConfigError(f"{name}: model.task = {task!r} is unknown; use one of {', '.join(sorted(TASKS))}")
-    return BuyerConfig(source=source, model=model, task=task, objective=objective, train=train,
-                       input_format=fmt, **settings)
+    return BuyerConfig(
+        source=source, model=model, task=task, objective=objective, train=train, input_format=fmt, **settings
+    )
 
 
 # ---- loading what a parsed buyer.toml names (heavy imports stay inside the functions) ----
+
 
 def load_model(source: ModelSource) -> Any:
     """The buyer's torch model (eval mode) from a :class:`ModelSource`; ModelError if unusable."""
@@ -269,11 +297,14 @@ def load_model(source: ModelSource) -> Any:
     if source.kind == "path" and source.path is not None:
         return models.load_local(source.path)
     if source.weights is None:
-        raise ConfigError(f"model.{source.kind} needs model.weights = \"file.safetensors\" (the trained weights)")
+        raise ConfigError(f'model.{source.kind} needs model.weights = "file.safetensors" (the trained weights)')
     from tip_fed.errors import ModelError
 
-    model = (models.MLP(source.sizes, bias=source.bias) if source.kind == "mlp"
-             else models.sequential_from_spec(source.layers))
+    model = (
+        models.MLP(source.sizes, bias=source.bias)
+        if source.kind == "mlp"
+        else models.sequential_from_spec(source.layers)
+    )
     try:
         return models.load_weights(model, source.weights).eval()
     except ModelError as exc:
@@ -296,24 +327,33 @@ def build_input_format(cfg: BuyerConfig, objective: Any, train: Any = None) -> I
     from tip_fed.protocol.formats import TableFormat, TextFormat
     from tip_fed.protocol.records import RawRecords
 
-    raw: dict[str, RawRecords] = {k: d for k, d in (("data.objective", objective), ("data.train", train))
-                                  if isinstance(d, RawRecords)}
+    raw: dict[str, RawRecords] = {
+        k: d for k, d in (("data.objective", objective), ("data.train", train)) if isinstance(d, RawRecords)
+    }
     for key, records in raw.items():
         for field, names in spec.reads().items():
             if field not in records.fields:
                 have = ", ".join(repr(f) for f in sorted(records.fields)[:20])
-                raise ConfigError(f"{name}: {names} names field {field!r}, which {key} ({records.source}) does not "
-                                  f"have in every record (it has {have}); fix {names} or the file")
+                raise ConfigError(
+                    f"{name}: {names} names field {field!r}, which {key} ({records.source}) does not "
+                    f"have in every record (it has {have}); fix {names} or the file"
+                )
     try:
         if spec.kind == "text":
-            return TextFormat.from_pretrained(spec.tokenizer or cfg.source.parent, spec.max_length, text_field=spec.text_field,
-                                              label_field=spec.label_field, classes=spec.classes)
+            return TextFormat.from_pretrained(
+                spec.tokenizer or cfg.source.parent,
+                spec.max_length,
+                text_field=spec.text_field,
+                label_field=spec.label_field,
+                classes=spec.classes,
+            )
         fit_on = raw.get("data.train", raw.get("data.objective"))
         if fit_on is None:
-            raise ConfigError(f"{name}: format.kind = \"table\" is fitted on raw records; give data.train or "
-                              "data.objective as .csv/.parquet/.jsonl")
-        return TableFormat.fit(fit_on, spec.features, str(spec.label), regression=spec.regression,
-                               classes=spec.classes)
+            raise ConfigError(
+                f'{name}: format.kind = "table" is fitted on raw records; give data.train or '
+                "data.objective as .csv/.parquet/.jsonl"
+            )
+        return TableFormat.fit(fit_on, spec.features, str(spec.label), regression=spec.regression, classes=spec.classes)
     except DataError as exc:
         key = "format.tokenizer / format.max-length" if spec.kind == "text" else "format.features / format.label"
         raise ConfigError(f"{name}: [format] does not fit the buyer's data ({key}): {exc}") from None
@@ -362,27 +402,36 @@ def check_prepared(cfg: BuyerConfig, prepared: PreparedQuery, where: str) -> Pre
     data.objective changed; ConfigError for anything else (that needs a new fit)."""
     fix = f"run 'tip-fed buyer prepare {cfg.source.name} --out {where} --force' again"
     if prepared.task != cfg.task:
-        raise ConfigError(f"the prepared query in {where} is for task {prepared.task!r}, {cfg.source.name} says "
-                          f"{cfg.task!r}; {fix}")
+        raise ConfigError(
+            f"the prepared query in {where} is for task {prepared.task!r}, {cfg.source.name} says {cfg.task!r}; {fix}"
+        )
     if prepared.settings != cfg.settings():
-        raise ConfigError(f"the prepared query in {where} was fitted with other settings than {cfg.source.name}'s "
-                          f"[projection]/[preconditioner]/[crypto]/[protocol]/seed/batch-size; {fix}")
+        raise ConfigError(
+            f"the prepared query in {where} was fitted with other settings than {cfg.source.name}'s "
+            f"[projection]/[preconditioner]/[crypto]/[protocol]/seed/batch-size; {fix}"
+        )
     from tip_fed.protocol.model import model_fingerprint
 
     model = load_model(cfg.model)
     if model_fingerprint(model) != prepared.model_fingerprint:
-        raise ConfigError(f"the prepared query in {where} was fitted for another model than {cfg.source.name}'s "
-                          f"[model] (fingerprints differ); {fix}")
+        raise ConfigError(
+            f"the prepared query in {where} was fitted for another model than {cfg.source.name}'s "
+            f"[model] (fingerprints differ); {fix}"
+        )
     now = _sources(cfg)
     changed = bool(prepared.sources) and prepared.sources != now
     if changed and (prepared.sources.get("train") != now["train"] or not cfg.train):
-        raise ConfigError(f"data.train of {cfg.source.name} changed since the query in {where} was prepared (or "
-                          f"there is none, so the preconditioner was fitted on the old objective); {fix}")
+        raise ConfigError(
+            f"data.train of {cfg.source.name} changed since the query in {where} was prepared (or "
+            f"there is none, so the preconditioner was fitted on the old objective); {fix}"
+        )
     objective, _, fmt = _load_inputs(cfg)
     if _format_bytes(fmt) != _format_bytes(prepared.input_format):
         saved = "none" if prepared.input_format is None else type(prepared.input_format).__name__
-        raise ConfigError(f"the prepared query in {where} was fitted with another input format ({saved}) than "
-                          f"{cfg.source.name}'s [format] gives now; {fix}")
+        raise ConfigError(
+            f"the prepared query in {where} was fitted with another input format ({saved}) than "
+            f"{cfg.source.name}'s [format] gives now; {fix}"
+        )
     if not changed:
         return prepared
     from dataclasses import replace

@@ -54,13 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_deploy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``tip-fed deploy up|down``: a local Flower deployment (SuperLink + seller SuperNodes, TLS, node auth)."""
     dep = sub.add_parser("deploy", help="start or stop a local Flower deployment on 127.0.0.1")
     cmds = dep.add_subparsers(dest="deploy_command", required=True)
-    dup = cmds.add_parser("up", help="CA, certificates, node keys; SuperLink with TLS + node auth; one SuperNode per seller")
+    dup = cmds.add_parser(
+        "up", help="CA, certificates, node keys; SuperLink with TLS + node auth; one SuperNode per seller"
+    )
     dup.add_argument("dir", help="deployment directory (certificates, keys, logs, deployment.json)")
-    dup.add_argument("--sellers", required=True, help="directory of seller .safetensors files ('tip-fed export-sellers')")
+    dup.add_argument(
+        "--sellers", required=True, help="directory of seller .safetensors files ('tip-fed export-sellers')"
+    )
     dup.add_argument("--port", type=int, default=0, help="SuperLink port on 127.0.0.1 (default: a free one)")
     ddn = cmds.add_parser("down", help="stop exactly the processes 'deploy up' started (by PID)")
     ddn.add_argument("dir", help="deployment directory given to 'deploy up'")
@@ -69,12 +73,22 @@ def _add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     dsg.add_argument("--app", default=".", help="Flower App directory to sign (default: .)")
     dsg.add_argument("--out", help="where the buyer writes valuation.json (default: DIR/result)")
     dsg.add_argument("--key", help="publisher private key (default: the one 'deploy up' made, DIR/keys/publisher)")
-    dsg.add_argument("--sellers", help="SELLER_ID=NODE_ID,... of the registered SuperNode keys (default: from deployment.json)")
-    dsg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="scenario override for the buyer, as for 'tip-fed simulate --set' (repeatable)")
+    dsg.add_argument(
+        "--sellers", help="SELLER_ID=NODE_ID,... of the registered SuperNode keys (default: from deployment.json)"
+    )
+    dsg.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="scenario override for the buyer, as for 'tip-fed simulate --set' (repeatable)",
+    )
     dkg = cmds.add_parser("keygen", help="Ed25519 publisher key; sellers trust its .trusted.yaml")
     dkg.add_argument("dir", help="directory for publisher, publisher.pub, publisher.trusted.yaml")
-    dgd = cmds.add_parser("guard", help="write DIR/flwr-clientapp: put DIR first on a SuperNode's PATH so it runs only signed apps")
+    dgd = cmds.add_parser(
+        "guard", help="write DIR/flwr-clientapp: put DIR first on a SuperNode's PATH so it runs only signed apps"
+    )
     dgd.add_argument("dir", help="directory for the flwr-clientapp guard")
 
 
@@ -88,40 +102,62 @@ def _deploy(args: argparse.Namespace) -> None:
         return
     if args.deploy_command == "sign":
         root = Path(args.dir)
-        path = flower_deploy.sign(root, Path(args.app), Path(args.out or root / "result"),
-                                  Path(args.key) if args.key else None, args.sellers, args.overrides)
-        print(f"signed the Flower App in {Path(args.app).resolve()}; run config: {path}\n"
-              f"  flwr run {args.app} <connection> --stream --run-config {path}\n"
-              "(sign again after any change to the app: sellers refuse a FAB that differs from the signed one)")
+        path = flower_deploy.sign(
+            root,
+            Path(args.app),
+            Path(args.out or root / "result"),
+            Path(args.key) if args.key else None,
+            args.sellers,
+            args.overrides,
+        )
+        print(
+            f"signed the Flower App in {Path(args.app).resolve()}; run config: {path}\n"
+            f"  flwr run {args.app} <connection> --stream --run-config {path}\n"
+            "(sign again after any change to the app: sellers refuse a FAB that differs from the signed one)"
+        )
         return
     if args.deploy_command == "keygen":
         private, public, trusted = trust.create_publisher_key(Path(args.dir))
-        print(f"publisher key {private} (keep private); give sellers {trusted} "
-              f"(--node-config '{trust.PUBLISHERS}=\"/path/{trusted.name}\"'); public key {public}")
+        print(
+            f"publisher key {private} (keep private); give sellers {trusted} "
+            f"(--node-config '{trust.PUBLISHERS}=\"/path/{trusted.name}\"'); public key {public}"
+        )
         return
     if args.deploy_command == "guard":
         guard = trust.install_guard(Path(args.dir)).resolve()
-        print(f"wrote {guard}/flwr-clientapp and flwr-serverapp; start the SuperNode with PATH={guard}:$PATH and "
-              f"--node-config '... {trust.PUBLISHERS}=\"/path/publisher.trusted.yaml\"'")
+        print(
+            f"wrote {guard}/flwr-clientapp and flwr-serverapp; start the SuperNode with PATH={guard}:$PATH and "
+            f"--node-config '... {trust.PUBLISHERS}=\"/path/publisher.trusted.yaml\"'"
+        )
         return
     d = flower_deploy.up(Path(args.dir), Path(args.sellers), args.port)
-    print(f"SuperLink https://127.0.0.1:{d.port} (TLS, SuperNode auth); SuperNodes: "
-          + ", ".join(f"{name} (node {node})" for name, node in d.nodes.items()))
+    print(
+        f"SuperLink https://127.0.0.1:{d.port} (TLS, SuperNode auth); SuperNodes: "
+        + ", ".join(f"{name} (node {node})" for name, node in d.nodes.items())
+    )
     print(f"state and PIDs: {d.root / flower_deploy.STATE_FILE}; logs: {d.root / 'logs'}")
-    print(f"sellers run only apps signed by {d.publisher} (trusted: {d.trusted})\n"
-          "run a valuation (sign the app, then run it with the signed run config):\n"
-          f"  tip-fed deploy sign {d.root} --app .\n"
-          f"  FLWR_HOME={d.home} flwr run . {flower_deploy.CONNECTION} --stream "
-          f"--run-config {d.root / flower_deploy.RUN_CONFIG_FILE}\n"
-          f"stop it: tip-fed deploy down {d.root}")
+    print(
+        f"sellers run only apps signed by {d.publisher} (trusted: {d.trusted})\n"
+        "run a valuation (sign the app, then run it with the signed run config):\n"
+        f"  tip-fed deploy sign {d.root} --app .\n"
+        f"  FLWR_HOME={d.home} flwr run . {flower_deploy.CONNECTION} --stream "
+        f"--run-config {d.root / flower_deploy.RUN_CONFIG_FILE}\n"
+        f"stop it: tip-fed deploy down {d.root}"
+    )
 
 
-def _add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``tip-fed audit``: check purchased deliveries against commitments and decrypted scores."""
     aud = sub.add_parser("audit", help="verify delivered seller data against its commitment and recompute its scores")
     aud.add_argument("record", help="session record saved by the buyer (Buyer.record(valuation).save(path))")
-    aud.add_argument("--delivery", action="append", default=[], required=True, metavar="SELLER_ID=PATH",
-                     help="a seller's delivery (.safetensors records, optionally with its committed gradients); repeatable")
+    aud.add_argument(
+        "--delivery",
+        action="append",
+        default=[],
+        required=True,
+        metavar="SELLER_ID=PATH",
+        help="a seller's delivery (.safetensors records, optionally with its committed gradients); repeatable",
+    )
     aud.add_argument("--out", default=".", help="directory for audit.json and audit.md (default: .)")
 
 
@@ -146,56 +182,105 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _add_grpc_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_grpc_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``tip-fed seller serve`` (native gRPC seller service) and ``tip-fed tls init``."""
     seller = sub.add_parser("seller", help="run a seller").add_subparsers(dest="seller_command", required=True)
-    srv = seller.add_parser("serve", help="serve one seller's data as a tip.v1.Seller gRPC service (mutual TLS by default)")
-    srv.add_argument("--data", required=True, help="the seller's data: raw records (.csv, .parquet, .jsonl, .txt: one record per "
-                     "non-empty line) encoded by each buyer's input format, or tensors (.safetensors, see "
-                     "'tip-fed export-sellers')")
+    srv = seller.add_parser(
+        "serve", help="serve one seller's data as a tip.v1.Seller gRPC service (mutual TLS by default)"
+    )
+    srv.add_argument(
+        "--data",
+        required=True,
+        help="the seller's data: raw records (.csv, .parquet, .jsonl, .txt: one record per "
+        "non-empty line) encoded by each buyer's input format, or tensors (.safetensors, see "
+        "'tip-fed export-sellers')",
+    )
     srv.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one (printed)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--seller-id", help="public seller id (default: the data file's name without extension)")
     srv.add_argument("--tls-cert", help="server certificate (PEM)")
     srv.add_argument("--tls-key", help="server private key (PEM)")
-    srv.add_argument("--tls-client-ca", help="CA that signed the buyers' client certificates (mutual TLS, required "
-                     "unless --server-tls-only or --insecure); a buyer makes one with 'tip-fed tls init DIR' (DIR/ca.crt)")
-    srv.add_argument("--server-tls-only", action="store_true",
-                     help="TLS without client certificates: any client that trusts the server certificate may call")
+    srv.add_argument(
+        "--tls-client-ca",
+        help="CA that signed the buyers' client certificates (mutual TLS, required "
+        "unless --server-tls-only or --insecure); a buyer makes one with 'tip-fed tls init DIR' (DIR/ca.crt)",
+    )
+    srv.add_argument(
+        "--server-tls-only",
+        action="store_true",
+        help="TLS without client certificates: any client that trusts the server certificate may call",
+    )
     srv.add_argument("--insecure", action="store_true", help="serve without TLS (trusted networks and tests only)")
     srv.add_argument("--max-queries-per-session", type=int, default=1, help="queries answered per session (default 1)")
     srv.add_argument("--expected-fingerprint", help="refuse offers whose model fingerprint differs (hex)")
-    srv.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB (default: the largest Offer "
-                     "--offer-memory-mb could accept)")
+    srv.add_argument(
+        "--max-message-mb",
+        type=int,
+        help="largest gRPC message in MiB (default: the largest Offer --offer-memory-mb could accept)",
+    )
     _add_budget_arguments(srv)
-    srv.add_argument("--dp-epsilon", type=float, help="add Gaussian noise to every released score: epsilon per query "
-                     "(the stricter of this and the buyer's request applies; default: only what the buyer asks)")
+    srv.add_argument(
+        "--dp-epsilon",
+        type=float,
+        help="add Gaussian noise to every released score: epsilon per query "
+        "(the stricter of this and the buyer's request applies; default: only what the buyer asks)",
+    )
     srv.add_argument("--dp-delta", type=float, default=1e-6, help="delta of --dp-epsilon (default 1e-6)")
-    srv.add_argument("--ledger", help="privacy ledger file: per-buyer lifetime budget and answered keys, kept across "
-                     "restarts (default: in memory for this process only)")
+    srv.add_argument(
+        "--ledger",
+        help="privacy ledger file: per-buyer lifetime budget and answered keys, kept across "
+        "restarts (default: in memory for this process only)",
+    )
     srv.add_argument("--lifetime-epsilon", type=float, default=8.0, help="per-buyer lifetime epsilon (default 8)")
     srv.add_argument("--lifetime-delta", type=float, default=1e-5, help="per-buyer lifetime delta (default 1e-5)")
-    srv.add_argument("--total-epsilon", type=float, default=16.0,
-                     help="seller-wide lifetime epsilon over ALL buyers together (they may collude; default 16)")
+    srv.add_argument(
+        "--total-epsilon",
+        type=float,
+        default=16.0,
+        help="seller-wide lifetime epsilon over ALL buyers together (they may collude; default 16)",
+    )
     srv.add_argument("--total-delta", type=float, default=1e-5, help="seller-wide lifetime delta (default 1e-5)")
-    srv.add_argument("--max-exact", type=int, default=1,
-                     help="exact (noise-free) answers per buyer; without --dp-epsilon this count is the only "
-                          "guarantee (default 1; -1 = unlimited)")
-    srv.add_argument("--total-max-exact", type=int, default=16,
-                     help="exact (noise-free) answers over all buyers together (default 16; -1 = unlimited)")
-    srv.add_argument("--exact-per-sample", action="store_true", help="answer per-sample offers without noise "
-                     "(exact scores of every record: only for data that is not private)")
-    srv.add_argument("--model-cache-mb", type=int, default=2048,
-                     help="MiB of buyers' model weights kept (verified, by fingerprint) so a repeat Offer need not "
-                          "ship them again (default 2048; 0 = off: every Offer must carry its weights)")
-    srv.add_argument("--model-cache-dir", help="keep cached models in this directory across restarts (owner-only "
-                     "files, re-verified when read; default: in memory only)")
+    srv.add_argument(
+        "--max-exact",
+        type=int,
+        default=1,
+        help="exact (noise-free) answers per buyer; without --dp-epsilon this count is the only "
+        "guarantee (default 1; -1 = unlimited)",
+    )
+    srv.add_argument(
+        "--total-max-exact",
+        type=int,
+        default=16,
+        help="exact (noise-free) answers over all buyers together (default 16; -1 = unlimited)",
+    )
+    srv.add_argument(
+        "--exact-per-sample",
+        action="store_true",
+        help="answer per-sample offers without noise (exact scores of every record: only for data that is not private)",
+    )
+    srv.add_argument(
+        "--model-cache-mb",
+        type=int,
+        default=2048,
+        help="MiB of buyers' model weights kept (verified, by fingerprint) so a repeat Offer need not "
+        "ship them again (default 2048; 0 = off: every Offer must carry its weights)",
+    )
+    srv.add_argument(
+        "--model-cache-dir",
+        help="keep cached models in this directory across restarts (owner-only "
+        "files, re-verified when read; default: in memory only)",
+    )
 
     tls = sub.add_parser("tls", help="TLS material").add_subparsers(dest="tls_command", required=True)
     ini = tls.add_parser("init", help="local CA (reused if DIR/ca.crt exists), a server and a client certificate")
     ini.add_argument("dir", help="directory for ca.crt, <server>.crt/.key and <client>.crt/.key (keys are 0600)")
-    ini.add_argument("--host", dest="hosts", action="append", default=[],
-                     help="host name or IP the server certificate is valid for (repeatable; default 127.0.0.1, localhost)")
+    ini.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        help="host name or IP the server certificate is valid for (repeatable; default 127.0.0.1, localhost)",
+    )
     ini.add_argument("--server-name", default="seller", help="server certificate file name (default seller)")
     ini.add_argument("--client-name", default="buyer", help="client certificate file name (default buyer)")
 
@@ -211,7 +296,7 @@ def _add_budget_arguments(srv: argparse.ArgumentParser) -> None:
         "in_flight_memory_mb": "most memory all Offers being answered at once may cost, MiB",
         "max_sessions": "Offers handled at once; more wait, up to --max-calls",
         "max_offers_per_peer": "Offers one buyer (client certificate, else address) may have in at once; "
-                               "more are refused with RESOURCE_EXHAUSTED",
+        "more are refused with RESOURCE_EXHAUSTED",
         "max_calls": "calls held at once, running or waiting; more are refused with RESOURCE_EXHAUSTED",
         "he_key_memory_mb": "most CKKS context and key memory of one Offer, MiB",
         "projection_memory_mb": "most projection-matrix memory of one Offer, MiB",
@@ -221,14 +306,17 @@ def _add_budget_arguments(srv: argparse.ArgumentParser) -> None:
         "session_window_s": "seconds an answered session is remembered",
     }
     for f in dataclasses.fields(SellerBudgetConfig):
-        srv.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                         help=f"{helps[f.name]} (default {f.default}; config seller-budget.{f.name.replace('_', '-')})")
+        srv.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=f.default,
+            help=f"{helps[f.name]} (default {f.default}; config seller-budget.{f.name.replace('_', '-')})",
+        )
 
 
 def _seller_serve(args: argparse.Namespace) -> None:
-    import logging
-
     import dataclasses
+    import logging
 
     from tip_fed.config import SellerBudgetConfig
     from tip_fed.errors import ConfigError
@@ -246,28 +334,48 @@ def _seller_serve(args: argparse.Namespace) -> None:
     if args.model_cache_mb < 0:
         raise ConfigError("--model-cache-mb must be >= 0 (0 turns the model cache off)")
     budget = SellerBudgetConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SellerBudgetConfig)})
-    tls = ServerTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None) \
-        if args.tls_cert else None
+    tls = (
+        ServerTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None)
+        if args.tls_cert
+        else None
+    )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def announce(running: RunningServer, seller: Seller) -> None:
-        print(f"tip-fed: seller {seller.seller_id} ({seller.n_samples} samples) ready on {running.address} "
-              f"({running.security})", flush=True)
+        print(
+            f"tip-fed: seller {seller.seller_id} ({seller.n_samples} samples) ready on {running.address} "
+            f"({running.security})",
+            flush=True,
+        )
 
     serve(
-        args.data, seller_id=args.seller_id, host=args.host, port=args.port, tls=tls, insecure=args.insecure,
+        args.data,
+        seller_id=args.seller_id,
+        host=args.host,
+        port=args.port,
+        tls=tls,
+        insecure=args.insecure,
         server_tls_only=args.server_tls_only,
-        policy=SellerPolicy(max_queries_per_session=args.max_queries_per_session,
-                            expected_fingerprint=args.expected_fingerprint,
-                            noise=NoisePolicy(args.dp_epsilon, args.dp_delta), budget=budget, ledger=args.ledger,
-                            lifetime=LedgerPolicy(args.lifetime_epsilon, args.lifetime_delta,
-                                                  max_exact=None if args.max_exact == -1 else args.max_exact,
-                                                  total_epsilon=args.total_epsilon, total_delta=args.total_delta,
-                                                  total_max_exact=None if args.total_max_exact == -1
-                                                  else args.total_max_exact),
-                            exact_per_sample=args.exact_per_sample, model_cache_mb=args.model_cache_mb,
-                            model_cache_dir=args.model_cache_dir),
-        max_message_bytes=args.max_message_mb * MiB if args.max_message_mb else None, announce=announce,
+        policy=SellerPolicy(
+            max_queries_per_session=args.max_queries_per_session,
+            expected_fingerprint=args.expected_fingerprint,
+            noise=NoisePolicy(args.dp_epsilon, args.dp_delta),
+            budget=budget,
+            ledger=args.ledger,
+            lifetime=LedgerPolicy(
+                args.lifetime_epsilon,
+                args.lifetime_delta,
+                max_exact=None if args.max_exact == -1 else args.max_exact,
+                total_epsilon=args.total_epsilon,
+                total_delta=args.total_delta,
+                total_max_exact=None if args.total_max_exact == -1 else args.total_max_exact,
+            ),
+            exact_per_sample=args.exact_per_sample,
+            model_cache_mb=args.model_cache_mb,
+            model_cache_dir=args.model_cache_dir,
+        ),
+        max_message_bytes=args.max_message_mb * MiB if args.max_message_mb else None,
+        announce=announce,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from tip_fed.errors import ConfigError
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``buyer prepare`` and ``value`` subcommands."""
     buyer = sub.add_parser("buyer", help="the buyer's side: fit and save its private query")
     cmds = buyer.add_subparsers(dest="buyer_command", required=True)

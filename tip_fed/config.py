@@ -164,7 +164,8 @@ class GrpcConfig:
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "grpc.timeout-s", "must be > 0 (deadline of one seller's Value call)")
         _require(self.retries >= 0, "grpc.retries", "must be >= 0 (retries of unreachable sellers)")
-        _require(self.startup_timeout_s > 0, "grpc.startup-timeout-s", "must be > 0 (seconds for a seller to get ready)")
+        _require(self.startup_timeout_s > 0, "grpc.startup-timeout-s", "must be > 0 (seconds for a seller to get "
+                                             "ready)")
         _require(4 <= self.max_message_mb < 2048, "grpc.max-message-mb", "must be in 4..2047 (MiB per gRPC message)")
 
 
@@ -198,11 +199,23 @@ class SellerBudgetConfig:
     session_window_s: float = 86400.0  # how long an answered session is remembered (seconds)
 
     def __post_init__(self) -> None:
-        for name in ("offer_memory_mb", "in_flight_memory_mb", "max_sessions", "max_offers_per_peer", "max_calls",
-                     "he_key_memory_mb", "projection_memory_mb", "max_layers", "kept_sessions"):
+        for name in (
+            "offer_memory_mb",
+            "in_flight_memory_mb",
+            "max_sessions",
+            "max_offers_per_peer",
+            "max_calls",
+            "he_key_memory_mb",
+            "projection_memory_mb",
+            "max_layers",
+            "kept_sessions",
+        ):
             _require(getattr(self, name) >= 1, f"seller-budget.{_toml_key(name)}", "must be >= 1")
-        _require(self.in_flight_memory_mb >= self.offer_memory_mb, "seller-budget.in-flight-memory-mb",
-                 "must be >= seller-budget.offer-memory-mb (one Offer must fit in what may be in flight)")
+        _require(
+            self.in_flight_memory_mb >= self.offer_memory_mb,
+            "seller-budget.in-flight-memory-mb",
+            "must be >= seller-budget.offer-memory-mb (one Offer must fit in what may be in flight)",
+        )
         _require(self.offer_work_s > 0, "seller-budget.offer-work-s", "must be > 0 (seconds)")
         _require(self.session_window_s > 0, "seller-budget.session-window-s", "must be > 0 (seconds)")
 
@@ -231,20 +244,35 @@ class HealthcareConfig:
     samples_per_seller: int | None = None  # synthetic only: every site holds exactly this many rows
 
     def __post_init__(self) -> None:
-        _require(self.dataset in ("diabetes", "breast-cancer", "flchain", "synthetic"), "healthcare.dataset",
-                 "must be 'diabetes', 'breast-cancer', 'flchain' or 'synthetic'")
-        _require(self.min_site_rows >= 4, "healthcare.min-site-rows",
-                 "must be >= 4 patients per site (the flchain cohort config uses 200)")
+        _require(
+            self.dataset in ("diabetes", "breast-cancer", "flchain", "synthetic"),
+            "healthcare.dataset",
+            "must be 'diabetes', 'breast-cancer', 'flchain' or 'synthetic'",
+        )
+        _require(
+            self.min_site_rows >= 4,
+            "healthcare.min-site-rows",
+            "must be >= 4 patients per site (the flchain cohort config uses 200)",
+        )
         _require(self.sites >= 4, "healthcare.sites", "must be >= 4 (buyer-train, objective and two sellers)")
         _require(self.sellers >= 2, "healthcare.sellers", "must be >= 2")
         _require(self.replicates >= 1, "healthcare.replicates", "must be >= 1")
-        _require(all(0 <= q <= 1 for q in self.label_noise) and self.label_noise, "healthcare.label-noise",
-                 "must be a non-empty list of label-flip rates in [0, 1]")
-        _require(len(self.synthetic_rows) == 2 and 4 <= self.synthetic_rows[0] <= self.synthetic_rows[1],
-                 "healthcare.synthetic-rows", "must be [min, max] rows per synthetic site with 4 <= min <= max")
+        _require(
+            bool(self.label_noise) and all(0 <= q <= 1 for q in self.label_noise),
+            "healthcare.label-noise",
+            "must be a non-empty list of label-flip rates in [0, 1]",
+        )
+        _require(
+            len(self.synthetic_rows) == 2 and 4 <= self.synthetic_rows[0] <= self.synthetic_rows[1],
+            "healthcare.synthetic-rows",
+            "must be [min, max] rows per synthetic site with 4 <= min <= max",
+        )
         _require(0 <= self.synthetic_bad_fraction <= 1, "healthcare.synthetic-bad-fraction", "must be in [0, 1]")
-        _require(self.samples_per_seller is None or self.samples_per_seller >= 4, "healthcare.samples-per-seller",
-                 "must be >= 4 rows per synthetic site (leave it unset for log-uniform sizes in synthetic-rows)")
+        _require(
+            self.samples_per_seller is None or self.samples_per_seller >= 4,
+            "healthcare.samples-per-seller",
+            "must be >= 4 rows per synthetic site (leave it unset for log-uniform sizes in synthetic-rows)",
+        )
 
 
 @dataclass(frozen=True)
@@ -397,7 +425,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"unknown setting '{full}'; valid keys here: {valid}")
         name = names[key]
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"'{full}' is a table of settings, not a value")
             kwargs[name] = _build(hint, value, f"{full}.")
@@ -445,7 +473,7 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(data: Mapping[str, Any]) -> TipConfig:
     """Build and validate a :class:`TipConfig` from nested (TOML-shaped) data."""
-    return _build(TipConfig, data, "")  # type: ignore[no-any-return]
+    return _build(TipConfig, data, "")
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TipConfig:
@@ -475,5 +503,4 @@ def parse_settings(data: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}seed must be an integer in 0..2**63-1 (the projection seed), got {seed!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"{where}batch-size must be an integer >= 1 (samples per gradient batch), got {batch!r}")
-    return {**{k: getattr(cfg, k) for k in SETTING_SECTIONS}, "seed": seed, "batch_size": batch,
-            "payouts": cfg.payouts}
+    return {**{k: getattr(cfg, k) for k in SETTING_SECTIONS}, "seed": seed, "batch_size": batch, "payouts": cfg.payouts}

@@ -314,7 +314,7 @@ def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: 
 def _payouts_dict(cfg: PayoutsConfig) -> dict[str, Any]:
     from tip_fed.config import TipConfig
 
-    return TipConfig(payouts=cfg).to_dict()["payouts"]  # type: ignore[no-any-return]
+    return TipConfig(payouts=cfg).to_dict()["payouts"]
 
 
 def _versions() -> dict[str, str]:

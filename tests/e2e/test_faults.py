@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tip_fed.runtimes.processes import ProcessGroup
 from simulations.scenarios import build_market, make_buyer
 from tip_fed.config import load_config
 from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
 from tip_fed.protocol.data import save_dataset
+from tip_fed.runtimes.processes import ProcessGroup
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,13 +124,13 @@ def test_one_seller_service_answers_20_concurrent_sessions_with_bounded_memory(t
             ids = [pb.Offer.FromString(o).session_id for o in offers]
             start = threading.Barrier(20)
 
-            def one(offer):
+            def one(offer, start=start):
                 start.wait()
                 return value_sellers([endpoint], offer, tls=tls, timeout_s=300, retries=0)
 
             with ThreadPoolExecutor(max_workers=20) as threads:
                 results = list(threads.map(one, offers))
-            for sid, (replies, failures) in zip(ids, results):
+            for sid, (replies, failures) in zip(ids, results, strict=True):
                 assert failures == {}, failures
                 valuation = buyer.settle(list(replies.values()), session_id=sid, expected=[endpoint.name])
                 assert valuation.rejected == {} and valuation.missing == [] and len(valuation.sellers) == 1

@@ -27,14 +27,12 @@ from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 from flwr.supercore.runtime import RuntimeHttpClient
 
-from tip_fed.config import load_config
-
-from tip_fed.runtimes.deployment import LocalDeployment
-from tip_fed.runtimes.flower_deployment import run_app
-
 from simulations.exchanges import exchange_inprocess
 from simulations.flower_apps import scenario_app
 from simulations.scenarios import build_market, make_buyer, write_seller_files
+from tip_fed.config import load_config
+from tip_fed.runtimes.deployment import LocalDeployment
+from tip_fed.runtimes.flower_deployment import run_app
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -68,7 +66,7 @@ class Stranger(threading.Thread):
             for name, client, task_type in self.targets:
                 try:
                     res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[task_type]))
-                except Exception as exc:  # noqa: BLE001 - the refusal is what the test records
+                except Exception as exc:
                     self.outcomes[name]["refused"] += 1
                     self.errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                     continue

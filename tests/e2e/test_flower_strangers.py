@@ -30,16 +30,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from simulations.exchanges import exchange_inprocess
+from simulations.scenarios import build_market, make_buyer
 from tip_fed import tls
 from tip_fed.config import load_config
 from tip_fed.flower import trust
 from tip_fed.protocol import Valuation
-
 from tip_fed.runtimes.deployment import BIN, flower_env, free_port
 from tip_fed.runtimes.reaper import descendants, running, terminate
-
-from simulations.exchanges import exchange_inprocess
-from simulations.scenarios import build_market, make_buyer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -219,11 +217,12 @@ def played(tmp_path_factory):
         genuine = _run([str(BIN / "flwr"), "run", ".", "tip-local", "--stream",
                         "--run-config", "deploy/run-config.toml"], app, env, timeout=900)
         result = app / "deploy" / "result" / "valuation.json"
-        evidence["genuine"] = (genuine, Valuation.from_dict(json.loads(result.read_text())) if result.exists() else None)
+        valued = Valuation.from_dict(json.loads(result.read_text())) if result.exists() else None
+        evidence["genuine"] = (genuine, valued)
         (app / "tip-fed-0.1.0.fab").write_bytes(b"an earlier FAB lying in the checkout")
         evidence["left"] = {rel: (app / rel).is_file() for rel in LEFT_BEHIND}
         evidence["fab"] = trust.build_fab(app)  # what 'flwr run .' would upload now
-        evidence["spawned"] = [p.pid for pid in pids + [rogue.pid] for p in descendants(pid)]
+        evidence["spawned"] = [p.pid for pid in [*pids, rogue.pid] for p in descendants(pid)]
     finally:
         if rogue is not None:
             stop_pids([rogue.pid])
@@ -265,8 +264,9 @@ def test_rogue_node_claiming_a_seller_id_is_not_counted_and_the_genuine_seller_i
     scale = max(abs(r.per_sample).max() for r in reference.values())  # CKKS noise is absolute at this scale
     for sid in SELLERS:  # the genuine data: same size and total as the in-process reference (roots are salted)
         assert got[sid].n_samples == reference[sid].n_samples
-        assert abs(got[sid].total - reference[sid].total) <= max(1e-5 * abs(reference[sid].total),
-                                                                 reference[sid].n_samples * 1e-6 * scale)
+        assert abs(got[sid].total - reference[sid].total) <= max(
+            1e-5 * abs(reference[sid].total), reference[sid].n_samples * 1e-6 * scale
+        )
     assert str(rogue_id) in listed
     assert "not registered for any seller" in valuation.rejected.get(f"node-{rogue_id}", ""), valuation.rejected
     assert set(valuation.rejected) == {f"node-{rogue_id}"}
@@ -299,16 +299,37 @@ def test_flowers_own_trusted_entities_refuse_even_an_app_signed_by_the_trusted_k
         deployment.start_superlink()
         private, public = deployment.node_key("s")
         deployment.nodes["s"] = deployment.register(public)
-        node = deployment.group.start("supernode-flower-trust", [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{deployment.port}", "--port", str(free_port()),
-            "--root-certificates", str(deployment.certs / "ca.crt"), "--auth-supernode-private-key", str(private),
-            "--trusted-entities", str(deployment.trusted), "--node-config", f'data-path="{tmp_path / "x"}"',
-        ], env=deployment.env)  # Flower's own launchers, no tip_fed guard
+        node = deployment.group.start(
+            "supernode-flower-trust",
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{deployment.port}",
+                "--port",
+                str(free_port()),
+                "--root-certificates",
+                str(deployment.certs / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(private),
+                "--trusted-entities",
+                str(deployment.trusted),
+                "--node-config",
+                f'data-path="{tmp_path / "x"}"',
+            ],
+            env=deployment.env,
+        )  # Flower's own launchers, no tip_fed guard
         app, _ = _stranger_app(tmp_path / "publisher", deployment.certs / "ca.crt", deployment.port)
         marker = tmp_path / "marker.txt"
         signature = trust.sign_fab(trust.build_fab(app), deployment.publisher, {"marker": str(marker)})
-        deployment.flwr("run", str(app), CONNECTION, "--stream", "--run-config",
-                        f'marker="{marker}" app-signature="{signature}"', timeout_s=400)
+        deployment.flwr(
+            "run",
+            str(app),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            f'marker="{marker}" app-signature="{signature}"',
+            timeout_s=400,
+        )
         log = node.log.read_text(errors="replace")
     assert Path(f"{marker}.replies").read_text() == "1 1 1"  # the one node answered with an error
     assert not marker.exists()

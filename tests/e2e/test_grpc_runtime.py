@@ -66,7 +66,8 @@ def _valuations(path):
 
 
 def _check_against_plaintext(valuation, buyer, market):
-    """Decryptions equal the plaintext scores up to CKKS and sanitising noise (1e-6 of the score bound, as the audit)."""
+    """Decryptions equal the plaintext scores up to CKKS and sanitising noise (1e-6 of the score bound,
+    as the audit)."""
     plain = {sid: plaintext_reference(buyer, market, sid) for sid in market.sellers}
     tol = 1e-6 * buyer.query_norm * buyer.grad_norm_bound
     for v in valuation.sellers:
@@ -84,15 +85,34 @@ def test_three_tls_seller_processes_and_one_killed_mid_round(tmp_path):
 
     with ProcessGroup(tmp_path / "logs") as group:
         children = {
-            sid: group.start(sid, [
-                str(CLI), "seller", "serve", "--data", str(path), "--port", "0",
-                "--tls-cert", str(tmp_path / "tls" / "seller.crt"), "--tls-key", str(tmp_path / "tls" / "seller.key"),
-                "--server-tls-only", "--exact-per-sample", "--max-exact", "-1", "--total-max-exact", "-1",
-            ])
+            sid: group.start(
+                sid,
+                [
+                    str(CLI),
+                    "seller",
+                    "serve",
+                    "--data",
+                    str(path),
+                    "--port",
+                    "0",
+                    "--tls-cert",
+                    str(tmp_path / "tls" / "seller.crt"),
+                    "--tls-key",
+                    str(tmp_path / "tls" / "seller.key"),
+                    "--server-tls-only",
+                    "--exact-per-sample",
+                    "--max-exact",
+                    "-1",
+                    "--total-max-exact",
+                    "-1",
+                ],
+            )
             for sid, path in files.items()
         }
-        ports = {sid: group.wait_for(child, r"ready on 127\.0\.0\.1:(?P<port>\d+) \(tls\)", 120)["port"]
-                 for sid, child in children.items()}
+        ports = {
+            sid: group.wait_for(child, r"ready on 127\.0\.0\.1:(?P<port>\d+) \(tls\)", 120)["port"]
+            for sid, child in children.items()
+        }
         endpoints = [SellerEndpoint(sid, f"127.0.0.1:{port}") for sid, port in ports.items()]
         for endpoint in endpoints:
             wait_until_healthy(endpoint, tls=tls, timeout_s=30)
@@ -101,8 +121,12 @@ def test_three_tls_seller_processes_and_one_killed_mid_round(tmp_path):
         buyer = make_buyer(market, config)
         valuation = value_grpc(buyer, endpoints, tls, GrpcConfig(timeout_s=60), max_samples(market))
         assert valuation.missing == [] and valuation.rejected == {}
-        assert valuation.manifest["transport"] == {"runtime": "grpc", "security": "tls", "seller_identity": "address",
-                                                   "failures": {}}
+        assert valuation.manifest["transport"] == {
+            "runtime": "grpc",
+            "security": "tls",
+            "seller_identity": "address",
+            "failures": {},
+        }
         _check_against_plaintext(valuation, buyer, market)
 
         # round 2: digits-2 freezes as its Value call starts and is killed while the buyer waits on it
@@ -114,8 +138,15 @@ def test_three_tls_seller_processes_and_one_killed_mid_round(tmp_path):
                 threading.Timer(1.0, os.kill, (victim.pid, signal.SIGKILL)).start()
 
         buyer = make_buyer(market, config)
-        replies, failures = value_sellers(endpoints, buyer.offer(max_samples=max_samples(market)), tls=tls,
-                                          timeout_s=60, retries=1, backoff_s=0.1, before_call=freeze_then_kill)
+        replies, failures = value_sellers(
+            endpoints,
+            buyer.offer(max_samples=max_samples(market)),
+            tls=tls,
+            timeout_s=60,
+            retries=1,
+            backoff_s=0.1,
+            before_call=freeze_then_kill,
+        )
         assert victim.proc.wait(10) == -signal.SIGKILL
         # the call failed because the process died (then the retry found nobody), not by waiting out its deadline
         assert "after 2 attempts: UNAVAILABLE" in failures["digits-2"], failures
@@ -132,16 +163,20 @@ def test_simulate_runtime_grpc_matches_inprocess(tmp_path):
     args = ["simulate", "configs/causal.toml", "--quiet", "--set", "ground-truth.enabled=false"]
     (tmp_path / "t").mkdir()
     try:
-        grpc_run = _run(*args, "--out", str(tmp_path / "grpc"), "--set", "runtime=grpc",
-                        env={"TMPDIR": str(tmp_path / "t")})
+        grpc_run = _run(
+            *args, "--out", str(tmp_path / "grpc"), "--set", "runtime=grpc", env={"TMPDIR": str(tmp_path / "t")}
+        )
     finally:
         leftovers = _kill_leftovers(str(tmp_path))
     assert grpc_run.returncode == 0, grpc_run.stderr
     assert leftovers == [], "tip-fed simulate left seller processes running"
     assert _files_left(tmp_path / "t") == [], "tip-fed simulate left keys or data behind"
     # the reference runtime, in this process (what 'tip-fed simulate' runs, minus the interpreter start)
-    run_scenario(load_config(ROOT / "configs/causal.toml", ["ground-truth.enabled=false"]), tmp_path / "inprocess",
-                 progress=False)
+    run_scenario(
+        load_config(ROOT / "configs/causal.toml", ["ground-truth.enabled=false"]),
+        tmp_path / "inprocess",
+        progress=False,
+    )
 
     grpc_scores, inproc_scores = _valuations(tmp_path / "grpc"), _valuations(tmp_path / "inprocess")
     assert list(grpc_scores) == list(inproc_scores) == ["digits-1", "digits-2", "digits-3", "digits-4"]
@@ -161,9 +196,23 @@ def test_interrupted_simulate_stops_every_seller_process(tmp_path):
     (tmp_path / "t").mkdir()
     env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path / "t"))
     proc = subprocess.Popen(
-        [str(CLI), "simulate", "configs/causal.toml", "--quiet", "--out", str(tmp_path / "out"),
-         "--set", "runtime=grpc", "--set", "ground-truth.enabled=false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            str(CLI),
+            "simulate",
+            "configs/causal.toml",
+            "--quiet",
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "runtime=grpc",
+            "--set",
+            "ground-truth.enabled=false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120

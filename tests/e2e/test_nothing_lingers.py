@@ -76,7 +76,9 @@ def _kill_when(buyer: subprocess.Popen, recorder: Recorder, scoring, tmp_path: P
     try:
         while not scoring(recorder):
             code = buyer.poll()
-            assert code is None, f"the buyer ended ({code}) before it was killed: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+            assert code is None, (
+                f"the buyer ended ({code}) before it was killed: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+            )
             assert time.monotonic() < deadline, f"the sellers never started scoring; seen: {recorder.names()}"
             recorder.scan()
             time.sleep(0.05)
@@ -91,8 +93,9 @@ def _kill_when(buyer: subprocess.Popen, recorder: Recorder, scoring, tmp_path: P
 
 def _listing(directory: Path) -> list[str]:
     """Every path below ``directory`` (os.walk skips what disappears while it walks: the reaper is deleting)."""
-    return sorted(os.path.relpath(os.path.join(d, n), directory) for d, dirs, files in os.walk(directory)
-                  for n in dirs + files)
+    return sorted(
+        os.path.relpath(os.path.join(d, n), directory) for d, dirs, files in os.walk(directory) for n in dirs + files
+    )
 
 
 def _assert_nothing_left(recorder: Recorder, tmp_path: Path) -> None:
@@ -156,8 +159,14 @@ def test_kill_9_of_a_flower_deployment_buyer_leaves_no_flower_process_and_no_key
 
     _kill_when(buyer, recorder, scoring, tmp_path)
     names = " | ".join(recorder.names())
-    for program in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
-                    "tip_fed.runtimes.reaper"):
+    for program in (
+        "flower-superlink",
+        "flower-supernode",
+        "flower-superexec",
+        "flwr-serverapp",
+        "flwr-clientapp",
+        "tip_fed.runtimes.reaper",
+    ):
         assert program in names, f"{program} never ran: {names}"
     _assert_nothing_left(recorder, tmp_path)
 

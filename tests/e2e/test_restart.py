@@ -37,7 +37,7 @@ def _assert_same_results(a: Path, b: Path) -> None:
     for name in ("valuations.csv", "samples.csv"):
         ra, rb = _rows(a / name), _rows(b / name)
         assert len(ra) == len(rb) and ra and ra[0].keys() == rb[0].keys()
-        for x, y in zip(ra, rb):
+        for x, y in zip(ra, rb, strict=True):
             for key in x:
                 if key in NOISY:
                     continue

@@ -109,9 +109,9 @@ def test_seller_serve_jsonl_matches_the_in_process_seller(tmp_path):
 
     local = buyer.settle([Seller("docs-corpus", load_seller_data(data), policy=SellerPolicy(exact_per_sample=True))
                           .respond(buyer.offer(max_samples=100))])
-    r, l = remote.sellers[0], local.sellers[0]
+    r, here = remote.sellers[0], local.sellers[0]
     tol = 2e-6 * buyer.query_norm * buyer.grad_norm_bound  # two independent CKKS + sanitising noises
-    assert r.n_samples == l.n_samples == 50
-    assert np.max(np.abs(r.per_sample - l.per_sample)) <= tol
-    assert abs(r.total - l.total) <= 50 * tol
-    assert np.std(l.per_sample) > 100 * tol  # the scores differ between records: the comparison has teeth
+    assert r.n_samples == here.n_samples == 50
+    assert np.max(np.abs(r.per_sample - here.per_sample)) <= tol
+    assert abs(r.total - here.total) <= 50 * tol
+    assert np.std(here.per_sample) > 100 * tol  # the scores differ between records: the comparison has teeth

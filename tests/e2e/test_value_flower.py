@@ -69,8 +69,14 @@ def test_an_existing_superlink_equals_inprocess(market):
     registered for each seller and the publisher key the SuperNodes trust; nothing else. Signed
     with another key, the library's app is refused."""
     d, sellers, reference = market
-    files = {sid: d / name for sid, name in (("csv-clinic", "csv-clinic.csv"), ("parquet-clinic", "parquet-clinic.parquet"),
-                                              ("jsonl-clinic", "jsonl-clinic.jsonl"))}
+    files = {
+        sid: d / name
+        for sid, name in (
+            ("csv-clinic", "csv-clinic.csv"),
+            ("parquet-clinic", "parquet-clinic.parquet"),
+            ("jsonl-clinic", "jsonl-clinic.jsonl"),
+        )
+    }
     with PrivateRun("tip-test-superlink-") as run:
         deployment = LocalDeployment(run.root, reaper=run.reaper)
         with deployment.group:
@@ -79,9 +85,11 @@ def test_an_existing_superlink_equals_inprocess(market):
 
             def remote_toml(key):
                 path = d / f"remote-{key.name}.toml"
-                path.write_text(f'runtime = "flower-deployment"\nmax-samples = 100\n{FLOWER}[superlink]\n'
-                                f'address = "127.0.0.1:{deployment.port}"\n'
-                                f'root-certificates = "{deployment.certs / "ca.crt"}"\npublisher-key = "{key}"\n{nodes}')
+                path.write_text(
+                    f'runtime = "flower-deployment"\nmax-samples = 100\n{FLOWER}[superlink]\n'
+                    f'address = "127.0.0.1:{deployment.port}"\n'
+                    f'root-certificates = "{deployment.certs / "ca.crt"}"\npublisher-key = "{key}"\n{nodes}'
+                )
                 return path
 
             # the same app signed with a key the deployment does not trust never runs

@@ -162,7 +162,8 @@ def test_a_format_not_matching_the_data_is_a_config_error_naming_the_key(market,
 
 def test_label_values_outside_the_given_classes_name_the_format(market):
     d, *_ = market
-    (d / "classes.toml").write_text(BUYER.replace(f'label = "{LABEL}"', f'label = "{LABEL}"\nclasses = ["benign", "cancer"]'))
+    with_classes = BUYER.replace(f'label = "{LABEL}"', f'label = "{LABEL}"\nclasses = ["benign", "cancer"]')
+    (d / "classes.toml").write_text(with_classes)
     with pytest.raises(ConfigError, match=r"\[format\] cannot encode the buyer's data: .*'malignant'"):
         prepare_from_config(load_buyer_config(d / "classes.toml"))
 
@@ -178,18 +179,23 @@ def text_buyer(tmp_path_factory):
     texts = docstring_corpus(120)
     tok = train_tokenizer(texts[:60])
     tiny_gpt2(tok.get_vocab_size()).save_pretrained(d / "lm")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>",
-                                         model_max_length=TEXT_LENGTH).save_pretrained(d / "lm")
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", model_max_length=TEXT_LENGTH
+    ).save_pretrained(d / "lm")
     write_jsonl(d / "train.jsonl", texts[:40])
     write_jsonl(d / "objective.jsonl", texts[40:55])
     parts = {"notes-a": texts[60:80], "notes-b": texts[80:110]}
     write_jsonl(d / "notes-a.jsonl", parts["notes-a"])
     (d / "notes-b.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in parts["notes-b"]))
     parts["notes-b"] = [t.replace("\n", " ") for t in parts["notes-b"]]
-    (d / "buyer.toml").write_text('[model]\ntask = "causal-lm"\npath = "lm"\n[data]\nobjective = "objective.jsonl"\n'
-                                  'train = "train.jsonl"\n[format]\nkind = "text"\n[projection]\nrank = 4\n')
-    (d / "sellers.toml").write_text('runtime = "inprocess"\n[[sellers]]\nid = "notes-a"\ndata = "notes-a.jsonl"\n'
-                                    '[[sellers]]\nid = "notes-b"\ndata = "notes-b.txt"\n')
+    (d / "buyer.toml").write_text(
+        '[model]\ntask = "causal-lm"\npath = "lm"\n[data]\nobjective = "objective.jsonl"\n'
+        'train = "train.jsonl"\n[format]\nkind = "text"\n[projection]\nrank = 4\n'
+    )
+    (d / "sellers.toml").write_text(
+        'runtime = "inprocess"\n[[sellers]]\nid = "notes-a"\ndata = "notes-a.jsonl"\n'
+        '[[sellers]]\nid = "notes-b"\ndata = "notes-b.txt"\n'
+    )
     return d, tok, parts
 
 
@@ -217,7 +223,12 @@ def test_text_buyer_uses_the_tokenizer_saved_with_its_model(text_buyer):
 
 def test_a_text_field_the_records_lack_names_the_key(text_buyer):
     d, *_ = text_buyer
-    (d / "body.toml").write_text((d / "buyer.toml").read_text().replace('kind = "text"', 'kind = "text"\ntext-field = "body"'))
-    with pytest.raises(ConfigError, match=r"format.text-field names field 'body', which data.objective "
-                                          r"\(objective.jsonl\) does not have"):
+    (d / "body.toml").write_text(
+        (d / "buyer.toml").read_text().replace('kind = "text"', 'kind = "text"\ntext-field = "body"')
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"format.text-field names field 'body', which data.objective "
+        r"\(objective.jsonl\) does not have",
+    ):
         prepare_from_config(load_buyer_config(d / "body.toml"))

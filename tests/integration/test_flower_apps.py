@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from simulations.flower_apps import config_from_context, run_config_overrides
 from tip_fed.config import FlowerConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig, load_config
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
@@ -25,8 +26,6 @@ from tip_fed.flower.client_app import make_client_app, seller_from_node_config
 from tip_fed.flower.server_app import Session, format_bindings, make_server_app, parse_bindings
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.data import load_dataset, save_dataset
-
-from simulations.flower_apps import config_from_context, run_config_overrides
 
 TASK = get_task("classification")
 CAUSAL = Path(__file__).resolve().parents[2] / "configs" / "causal.toml"
@@ -89,7 +88,7 @@ class LocalGrid(Grid):
         """Like a SuperNode: an exception in the ClientApp becomes an error reply."""
         try:
             return self.app(msg, self.contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
@@ -133,7 +132,10 @@ def _run(grid, buyer, expected=(), nodes=None, by_reference=True, **flower):
 
 def test_flower_apps_value_every_seller_like_the_inprocess_runtime(buyer_parts, seller_files):
     # Prepare: node 1..4 each hold one seller file, as SuperNodes started with --node-config
-    grid = LocalGrid(make_client_app(), {i + 1: {"exact-per-sample": True, "data-path": str(p)} for i, p in enumerate(seller_files.values())})
+    grid = LocalGrid(
+        make_client_app(),
+        {i + 1: {"exact-per-sample": True, "data-path": str(p)} for i, p in enumerate(seller_files.values())},
+    )
     # Execute: at most 3 Offers in flight
     valuation = _run(grid, _buyer(buyer_parts), expected=list(seller_files), wave_size=3, by_reference=False)
     # Assert: same numbers as the in-process runtime on the same data (fresh keys: CKKS noise only)
@@ -142,7 +144,12 @@ def test_flower_apps_value_every_seller_like_the_inprocess_runtime(buyer_parts, 
     assert valuation.rejected == {} and valuation.missing == []
     ref_buyer = _buyer(buyer_parts)
     offer = ref_buyer.offer(max_samples=20)
-    ref = ref_buyer.settle([Seller(s, load_dataset(p), policy=SellerPolicy(exact_per_sample=True)).respond(offer) for s, p in seller_files.items()]).by_id()
+    ref = ref_buyer.settle(
+        [
+            Seller(s, load_dataset(p), policy=SellerPolicy(exact_per_sample=True)).respond(offer)
+            for s, p in seller_files.items()
+        ]
+    ).by_id()
     scale = max(np.abs(r.per_sample).max() for r in ref.values())  # CKKS noise is absolute at this scale
     for v in valuation.sellers:
         assert v.total == pytest.approx(ref[v.seller_id].total, rel=1e-5, abs=1e-6 * scale)
@@ -152,8 +159,9 @@ def test_flower_apps_value_every_seller_like_the_inprocess_runtime(buyer_parts, 
 def test_a_flower_seller_releases_exact_per_sample_scores_only_by_its_own_choice(buyer_parts, seller_files):
     """The buyer asks for per-sample scores without noise: node 2 opted in, node 1 did not (default)."""
     files = list(seller_files.values())
-    grid = LocalGrid(make_client_app(), {1: {"data-path": str(files[0])},
-                                         2: {"exact-per-sample": True, "data-path": str(files[1])}})
+    grid = LocalGrid(
+        make_client_app(), {1: {"data-path": str(files[0])}, 2: {"exact-per-sample": True, "data-path": str(files[1])}}
+    )
     valuation = _run(grid, _buyer(buyer_parts), expected=["s0", "s1"])
     assert [v.seller_id for v in valuation.sellers] == ["s1"]
     assert "per-sample scores only with differential-privacy noise" in str(valuation.rejected), valuation.rejected
@@ -196,12 +204,17 @@ def test_reply_claiming_another_sellers_id_is_refused_and_unbound_nodes_are_not_
     # Prepare: nodes 1-3 are registered for s0-s2; node 3 claims to be s0; node 4, registered for
     # nobody, holds other data and claims to be s1 (a rogue SuperNode with a stranger's key)
     files = list(seller_files.values())
-    configs = {1: {"exact-per-sample": True, "data-path": str(files[0])}, 2: {"exact-per-sample": True, "data-path": str(files[1])},
-               3: {"exact-per-sample": True, "data-path": str(files[2]), "seller-id": "s0"}, 4: {"exact-per-sample": True, "data-path": str(files[3]), "seller-id": "s1"}}
+    configs = {
+        1: {"exact-per-sample": True, "data-path": str(files[0])},
+        2: {"exact-per-sample": True, "data-path": str(files[1])},
+        3: {"exact-per-sample": True, "data-path": str(files[2]), "seller-id": "s0"},
+        4: {"exact-per-sample": True, "data-path": str(files[3]), "seller-id": "s1"},
+    }
     grid = LocalGrid(make_client_app(), configs)
     # Execute
-    valuation = _run(grid, _buyer(buyer_parts), expected=["s0", "s1", "s2"], nodes={"s0": 1, "s1": 2, "s2": 3},
-                     by_reference=False)
+    valuation = _run(
+        grid, _buyer(buyer_parts), expected=["s0", "s1", "s2"], nodes={"s0": 1, "s1": 2, "s2": 3}, by_reference=False
+    )
     # Assert: the rogue never got the Offer; each seller id is valued only from its own node
     assert sorted(n for wave in grid.sent for n in wave) == [1, 2, 3]
     by_id = valuation.by_id()
@@ -243,14 +256,23 @@ def test_records_round_trip_blobs_larger_than_a_chunk():
     assert records.decode_reply(records.encode_error("x" * 5000, None)) == (None, None, "x" * records.MAX_ERROR_CHARS)
 
 
-@pytest.mark.parametrize("content", [
-    RecordDict(),
-    RecordDict({records.PAYLOAD: ArrayRecord({"other": Array(np.zeros(3, np.uint8))})}),
-    RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros(3, np.float32))})}),
-    RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros((2, 2), np.uint8))})}),
-    RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros(0, np.uint8))})}),
-    RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(dtype="uint8", shape=(9,), stype="numpy.ndarray", data=b"garbage")})}),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        RecordDict(),
+        RecordDict({records.PAYLOAD: ArrayRecord({"other": Array(np.zeros(3, np.uint8))})}),
+        RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros(3, np.float32))})}),
+        RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros((2, 2), np.uint8))})}),
+        RecordDict({records.PAYLOAD: ArrayRecord({records.BLOB: Array(np.zeros(0, np.uint8))})}),
+        RecordDict(
+            {
+                records.PAYLOAD: ArrayRecord(
+                    {records.BLOB: Array(dtype="uint8", shape=(9,), stype="numpy.ndarray", data=b"garbage")}
+                )
+            }
+        ),
+    ],
+)
 def test_malformed_records_raise_protocol_error(content):
     with pytest.raises(ProtocolError):
         records.decode_offer(content)
@@ -294,7 +316,9 @@ def test_app_defaults_match_pyproject_run_config():
     assert "federations" not in pyproject["tool"]["flwr"]
 
 
-def test_flower_sellers_with_a_model_cache_dir_are_offered_no_weights_the_second_time(buyer_parts, seller_files, tmp_path):
+def test_flower_sellers_with_a_model_cache_dir_are_offered_no_weights_the_second_time(
+    buyer_parts, seller_files, tmp_path
+):
     # Prepare: nodes 1 and 2 keep verified models on disk (ClientApps are recreated per message); node 3 does not
     files = list(seller_files.values())
     configs = {i + 1: {"exact-per-sample": True, "data-path": str(files[i])} for i in range(3)}
@@ -316,7 +340,12 @@ def test_flower_sellers_with_a_model_cache_dir_are_offered_no_weights_the_second
 
 
 def test_node_model_cache_settings_are_checked(tmp_path, seller_files):
-    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(seller_files["s0"]), "model-cache-dir": str(tmp_path),
-                                                    "model-cache-mb": -1}, state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-path": str(seller_files["s0"]), "model-cache-dir": str(tmp_path), "model-cache-mb": -1},
+        state=RecordDict(),
+        run_config={},
+    )
     with pytest.raises(ConfigError, match="'model-cache-mb' an integer >= 0"):
         seller_from_node_config(ctx, {})

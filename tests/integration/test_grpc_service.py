@@ -29,7 +29,7 @@ from tip_fed.errors import (
     VersionMismatchError,
 )
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
-from tip_fed.grpc.server import MiB, SERVICE_NAME, status_for
+from tip_fed.grpc.server import SERVICE_NAME, MiB, status_for
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.tls import create_ca, issue_cert
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -49,7 +49,9 @@ def _buyer(model, features=10):
         preconditioner=PreconditionerConfig(kind="identity"),
         protocol=ProtocolConfig(disclosure="per-sample"),
     )
-    return Buyer(model, TASK, objective=_data(20, 2, 0.5, features), train=_data(40, 3, 0.0, features), settings=settings)
+    return Buyer(
+        model, TASK, objective=_data(20, 2, 0.5, features), train=_data(40, 3, 0.0, features), settings=settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +103,9 @@ def test_buyer_values_a_seller_service(model, pki, mode):
         health = wait_until_healthy(endpoint, tls=client_tls, insecure=client_tls is None, timeout_s=10)
         assert (health.seller_id, health.n_samples, running.security) == ("clinic-a", 12, mode)
         buyer = _buyer(model)
-        replies, failures = value_sellers([endpoint], buyer.offer(max_samples=50), tls=client_tls,
-                                          insecure=client_tls is None, timeout_s=30)
+        replies, failures = value_sellers(
+            [endpoint], buyer.offer(max_samples=50), tls=client_tls, insecure=client_tls is None, timeout_s=30
+        )
     finally:
         running.stop(0)
     assert failures == {} and list(replies) == ["clinic-a"]
@@ -145,8 +148,9 @@ def test_refusals_map_to_status_codes_with_the_sellers_message(model, pki):
         newer = pb.Offer.FromString(offer)
         newer.protocol_version = 2
         version = value_sellers(endpoint, newer.SerializeToString(), insecure=True, timeout_s=30)
-        bad_session = value_sellers(endpoint, pb.Offer(protocol_version=1, session_id="zz").SerializeToString(),
-                                    insecure=True, timeout_s=30)
+        bad_session = value_sellers(
+            endpoint, pb.Offer(protocol_version=1, session_id="zz").SerializeToString(), insecure=True, timeout_s=30
+        )
         with grpc.insecure_channel(running.address) as channel:
             raw = channel.unary_unary(f"/{SERVICE_NAME}/Value")
             with pytest.raises(grpc.RpcError) as garbage:
@@ -162,16 +166,19 @@ def test_refusals_map_to_status_codes_with_the_sellers_message(model, pki):
     assert "Traceback" not in garbage.value.details()
 
 
-@pytest.mark.parametrize("error, code", [
-    (ProtocolError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-    (CodecError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-    (DataError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-    (BudgetExceededError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (FingerprintMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-    (VersionMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-    (InsecureParametersError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-    (SessionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (ProtocolError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (CodecError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (DataError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (BudgetExceededError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (FingerprintMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (VersionMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (InsecureParametersError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (SessionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
 def test_every_error_kind_has_a_status_code(error, code):
     assert status_for(error) == code
 
@@ -181,12 +188,23 @@ def test_down_and_hung_sellers_are_reported_and_the_others_are_valued(model, pki
     dead = f"127.0.0.1:{_free_port()}"
     hung = socket.create_server(("127.0.0.1", 0))  # the kernel accepts connections; nobody ever answers
     hung_address = f"127.0.0.1:{hung.getsockname()[1]}"
-    endpoints = [SellerEndpoint("up", running.address), SellerEndpoint("down", dead), SellerEndpoint("hung", hung_address)]
+    endpoints = [
+        SellerEndpoint("up", running.address),
+        SellerEndpoint("down", dead),
+        SellerEndpoint("hung", hung_address),
+    ]
     try:
         buyer = _buyer(model)
         calls = []
-        replies, failures = value_sellers(endpoints, buyer.offer(max_samples=10), tls=client_tls, timeout_s=2,
-                                          retries=2, backoff_s=0.05, before_call=lambda e: calls.append(e.name))
+        replies, failures = value_sellers(
+            endpoints,
+            buyer.offer(max_samples=10),
+            tls=client_tls,
+            timeout_s=2,
+            retries=2,
+            backoff_s=0.05,
+            before_call=lambda e: calls.append(e.name),
+        )
     finally:
         running.stop(0)
         hung.close()
@@ -206,7 +224,9 @@ def test_offers_above_grpcs_4_mib_default_pass(pki):
     offer = buyer.offer(max_samples=10)
     assert len(offer) > 4 * MiB
     running, client_tls = _serve(Seller("s", data, policy=SellerPolicy(exact_per_sample=True)), pki, "tls")
-    small, _ = _serve(Seller("s", data, policy=SellerPolicy(exact_per_sample=True)), pki, "tls", max_message_bytes=4 * MiB)
+    small, _ = _serve(
+        Seller("s", data, policy=SellerPolicy(exact_per_sample=True)), pki, "tls", max_message_bytes=4 * MiB
+    )
     try:
         replies, failures = value_sellers([SellerEndpoint("s", running.address)], offer, tls=client_tls, timeout_s=60)
         _, refused = value_sellers([SellerEndpoint("s", small.address)], offer, tls=client_tls, timeout_s=60)
@@ -224,22 +244,29 @@ def test_a_taken_port_is_refused_not_shared(pki):
     first = start_server(Seller("a", _data(3, 1), policy=SellerPolicy(exact_per_sample=True)), insecure=True)
     try:
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{first.port}"):
-            start_server(Seller("b", _data(3, 2), policy=SellerPolicy(exact_per_sample=True)), insecure=True, port=first.port)
+            start_server(
+                Seller("b", _data(3, 2), policy=SellerPolicy(exact_per_sample=True)), insecure=True, port=first.port
+            )
     finally:
         first.stop(0)
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "a seller service needs TLS"),
-    (["--tls-cert", "x.crt"], "--tls-cert and --tls-key go together"),
-    (["--insecure", "--tls-client-ca", "ca.crt"], "--tls-client-ca needs --tls-cert"),
-    (["--tls-cert", "missing.crt", "--tls-key", "missing.key", "--tls-client-ca", "ca.crt"],
-     "cannot read --tls-key file missing.key"),
-    (["--tls-cert", "s.crt", "--tls-key", "s.key"], "requires client certificates by default (mutual TLS)"),
-    (["--tls-cert", "s.crt", "--tls-key", "s.key"], "'tip-fed tls init"),
-    (["--insecure", "--server-tls-only"], "--server-tls-only needs --tls-cert"),
-    (["--insecure", "--max-queries-per-session", "0"], "--max-queries-per-session must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "a seller service needs TLS"),
+        (["--tls-cert", "x.crt"], "--tls-cert and --tls-key go together"),
+        (["--insecure", "--tls-client-ca", "ca.crt"], "--tls-client-ca needs --tls-cert"),
+        (
+            ["--tls-cert", "missing.crt", "--tls-key", "missing.key", "--tls-client-ca", "ca.crt"],
+            "cannot read --tls-key file missing.key",
+        ),
+        (["--tls-cert", "s.crt", "--tls-key", "s.key"], "requires client certificates by default (mutual TLS)"),
+        (["--tls-cert", "s.crt", "--tls-key", "s.key"], "'tip-fed tls init"),
+        (["--insecure", "--server-tls-only"], "--server-tls-only needs --tls-cert"),
+        (["--insecure", "--max-queries-per-session", "0"], "--max-queries-per-session must be >= 1"),
+    ],
+)
 def test_seller_serve_user_errors_are_one_line(tmp_path, capsys, args, message):
     from tip_fed.cli import main
     from tip_fed.protocol.data import save_dataset

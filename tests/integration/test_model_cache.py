@@ -115,7 +115,7 @@ def test_an_unknown_reference_spends_nothing_and_the_full_offer_is_answered(smal
     seller = Seller("s", _data(6, 1), policy=SellerPolicy(exact_per_sample=True, model_cache_mb=16))
     buyer = _buyer(small)
     offer = buyer.offer(max_samples=10)
-    with pytest.raises(ModelNotHeldError, match="^model-not-held: seller s holds no model") as info:
+    with pytest.raises(ModelNotHeldError, match=r"^model-not-held: seller s holds no model") as info:
         seller.respond(strip_weights(offer))
     assert info.value.fingerprint == buyer.model_fingerprint
     reply = seller.respond(offer)  # same session: budget and ledger untouched by the refusal
@@ -294,5 +294,5 @@ def test_strip_weights_keeps_everything_but_the_weights(small):
     assert stripped.model.fingerprint == original.model.fingerprint != ""
     original.model.ClearField("weights")
     assert stripped == original
-    with pytest.raises(ProtocolError, match="not a valid tip.v1 Offer"):
+    with pytest.raises(ProtocolError, match=r"not a valid tip\.v1 Offer"):
         strip_weights(b"\xff\xfe garbage")

@@ -19,8 +19,8 @@ from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError, DataError, VersionMismatchError
 from tip_fed.protocol import Buyer, BuyerSettings, PreparedQuery, Seller, SellerPolicy
 from tip_fed.protocol.prepared import FILES, MANIFEST
-from tip_fed.workflow import value
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+from tip_fed.workflow import value
 
 from ..conftest import make_data
 
@@ -148,7 +148,7 @@ def test_a_tampered_query_with_a_rewritten_manifest_is_still_refused(saved, tmp_
 def test_missing_file_and_version_mismatch(saved, tmp_path):
     d = _copy(saved, tmp_path)
     (d / "model.safetensors").unlink()
-    with pytest.raises(DataError, match="model.safetensors is missing"):
+    with pytest.raises(DataError, match=r"model\.safetensors is missing"):
         PreparedQuery.load(d)
     d = _copy(saved, tmp_path / "v")
     manifest = json.loads((d / MANIFEST).read_text())

@@ -20,6 +20,7 @@ from tip_fed.errors import (
     VersionMismatchError,
 )
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
+from tip_fed.testing import secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from ..conftest import make_data
@@ -52,8 +53,10 @@ def sellers(seller_data):
 def test_per_sample_and_totals_match_plaintext(model, sellers, kind):
     buyer = _buyer(model, kind=kind)
     offer = buyer.offer(max_samples=100)
-    replies = [Seller(sid, d, seed=1, policy=SellerPolicy(exact_per_sample=True)).respond(offer) for sid, d in sellers.items()]
-    valuation = buyer.settle(replies, expected=list(sellers) + ["ghost"])
+    replies = [
+        Seller(sid, d, seed=1, policy=SellerPolicy(exact_per_sample=True)).respond(offer) for sid, d in sellers.items()
+    ]
+    valuation = buyer.settle(replies, expected=[*list(sellers), "ghost"])
     assert valuation.missing == ["ghost"] and valuation.rejected == {}
     for v in valuation.sellers:
         plain = _plain(buyer, model, sellers[v.seller_id])
@@ -79,7 +82,7 @@ def test_secret_key_never_leaves_the_buyer(model, sellers):
     buyer = _buyer(model)
     offer = buyer.offer(max_samples=100)
     session = buyer._sessions[buyer.session_id]
-    secret = session.keys.secret_key_bytes_for_test()
+    secret = secret_key_bytes(session.keys)
     reply = Seller("s0", sellers["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     assert len(secret) > 1000
     for outgoing in (offer, reply):
@@ -102,7 +105,9 @@ def test_bad_replies_are_rejected_with_reasons_and_the_rest_still_valued(model, 
     other = _buyer(model)
     offer = buyer.offer(max_samples=100)
     good = Seller("s1", sellers["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
-    foreign = Seller("s2", sellers["s2"], policy=SellerPolicy(exact_per_sample=True)).respond(other.offer(max_samples=100))
+    foreign = Seller("s2", sellers["s2"], policy=SellerPolicy(exact_per_sample=True)).respond(
+        other.offer(max_samples=100)
+    )
     wrong_rows = pb.Reply.FromString(good)
     wrong_rows.seller_id, wrong_rows.n_rows = "liar", 3
     valuation = buyer.settle([good, b"\x00garbage", foreign, good, wrong_rows.SerializeToString()])
@@ -170,4 +175,7 @@ def test_seller_refuses_insecure_parameters_and_oversized_data(model, sellers):
 
 def test_buyer_refuses_insecure_configuration(model):
     with pytest.raises(InsecureParametersError, match="128"):
-        _buyer(model, crypto=CryptoConfig(poly_modulus_degree=4096, coeff_mod_bit_sizes=(40, 30, 30, 40), global_scale_bits=30))
+        _buyer(
+            model,
+            crypto=CryptoConfig(poly_modulus_degree=4096, coeff_mod_bit_sizes=(40, 30, 30, 40), global_scale_bits=30),
+        )

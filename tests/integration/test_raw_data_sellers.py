@@ -22,7 +22,16 @@ from tip_fed.protocol.audit import audit
 from tip_fed.protocol.formats import TextFormat
 from tip_fed.protocol.records import RawRecords, load_seller_data
 
-from ..raw_data import FEATURES, LABEL, cancer_table, docstring_corpus, table_buyer, text_buyer, train_tokenizer, write_jsonl
+from ..raw_data import (
+    FEATURES,
+    LABEL,
+    cancer_table,
+    docstring_corpus,
+    table_buyer,
+    text_buyer,
+    train_tokenizer,
+    write_jsonl,
+)
 
 EXACT = SellerPolicy(exact_per_sample=True)
 MAX_LENGTH = 24
@@ -111,7 +120,7 @@ def test_a_raw_seller_refuses_an_offer_without_input_format(table_market, model)
     from ..conftest import make_data
 
     plain = Buyer(model, get_task("classification"), objective=make_data(20, 2), settings=_settings())
-    with pytest.raises(ProtocolError, match="holds raw records .* no input format"):
+    with pytest.raises(ProtocolError, match=r"holds raw records .* no input format"):
         seller.respond(plain.offer(max_samples=100))
     # the same seller still answers a buyer that sends its format
     assert buyer.settle([seller.respond(buyer.offer(max_samples=100))]).rejected == {}
@@ -186,7 +195,7 @@ def test_labelled_text_sellers_for_sequence_classification(tmp_path):
                                   num_labels=2, pad_token_id=pad)
     model = transformers.GPT2ForSequenceClassification(cfg).eval()
     fmt = TextFormat.from_tokenizer(tok, MAX_LENGTH, label_field="kind", classes=("short", "long"), pad_id=pad)
-    rows = [{"text": t, "kind": k} for t, k in zip(texts, kind)]
+    rows = [{"text": t, "kind": k} for t, k in zip(texts, kind, strict=True)]
     task = get_task("sequence-classification")
     buyer = Buyer(model, task, objective=RawRecords.from_rows(rows[:40]), train=RawRecords.from_rows(rows[:60]),
                   settings=_settings(), input_format=fmt)
@@ -195,7 +204,8 @@ def test_labelled_text_sellers_for_sequence_classification(tmp_path):
     for sid, part in parts.items():
         write_jsonl(paths[sid], texts[part], kind=kind[part])
     offer = buyer.offer(max_samples=100)
-    valuation = buyer.settle([Seller(sid, load_seller_data(p), policy=EXACT).respond(offer) for sid, p in paths.items()])
+    replies = [Seller(sid, load_seller_data(p), policy=EXACT).respond(offer) for sid, p in paths.items()]
+    valuation = buyer.settle(replies)
     plain = {}
     for sid, part in parts.items():
         ref = hf_batch(tok, texts[part])

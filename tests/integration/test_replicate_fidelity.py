@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from tip_fed.config import load_config
-from tip_fed.errors import ConfigError
-
 from simulations import exchanges, flower_apps
 from simulations.fidelity import FidelityError
 from simulations.runner import run_scenario
 from simulations.scenarios import build_market, build_markets, make_buyer, projection_seed
+from tip_fed.config import load_config
+from tip_fed.errors import ConfigError
 
 HEALTHCARE = Path(__file__).resolve().parents[2] / "configs" / "healthcare.toml"
 TINY = ["seed=5", "healthcare.replicates=2", "healthcare.sellers=4", "healthcare.sites=6"]

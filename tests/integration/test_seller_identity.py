@@ -17,10 +17,10 @@ from tip_fed.core.tasks import get_task
 from tip_fed.errors import SellerIdentityError, TipError
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
-
-EXACT = SellerPolicy(exact_per_sample=True)  # the buyer below asks for per-sample scores without noise
 from tip_fed.tls import create_ca, issue_cert, seller_name
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+EXACT = SellerPolicy(exact_per_sample=True)  # the buyer below asks for per-sample scores without noise
 
 TASK = get_task("classification")
 
@@ -52,7 +52,9 @@ def pki(tmp_path_factory):
 
 
 def _server(seller, cert):
-    return start_server(seller, tls=ServerTLS(cert.cert, cert.key), server_tls_only=True)  # identity of the seller is what is tested
+    return start_server(
+        seller, tls=ServerTLS(cert.cert, cert.key), server_tls_only=True
+    )  # identity of the seller is what is tested
 
 
 def _tls(pki, bind=True):
@@ -73,12 +75,20 @@ def test_a_seller_answering_for_another_sellers_id_is_refused(pki):
         # (the rogue's own certificate is for digits-1, so it cannot pass the handshake as digits-4)
         replies, failures = value_sellers(
             [SellerEndpoint("digits-1", honest.address), SellerEndpoint("digits-4", rogue.address)],
-            offer, tls=tls, timeout_s=30, retries=0)
+            offer,
+            tls=tls,
+            timeout_s=30,
+            retries=0,
+        )
         # the rogue dialed as digits-1 (its certificate's id): handshake passes, its reply claims digits-4
         offer2 = buyer.offer(max_samples=20)
         replies2, failures2 = value_sellers(
             [SellerEndpoint("digits-1", rogue.address), SellerEndpoint("digits-4", genuine.address)],
-            offer2, tls=tls, timeout_s=30, retries=0)
+            offer2,
+            tls=tls,
+            timeout_s=30,
+            retries=0,
+        )
         with pytest.raises(SellerIdentityError, match="answered as 'digits-4'"):
             wait_until_healthy(SellerEndpoint("digits-1", rogue.address), tls=tls, timeout_s=10)
     finally:
@@ -138,8 +148,13 @@ def test_with_one_ca_per_seller_each_endpoint_trusts_only_its_sellers_ca(tmp_pat
         offer = _buyer().offer(max_samples=20)
         # Execute: the same rogue address, trusted through the bundle, then through digits-4's own CA
         bundled = value_sellers([SellerEndpoint("digits-4", rogue.address)], offer, tls=tls, timeout_s=30, retries=0)
-        pinned = value_sellers([SellerEndpoint("digits-4", rogue.address, root_ca=genuine_ca.cert)], offer,
-                               tls=tls, timeout_s=30, retries=0)
+        pinned = value_sellers(
+            [SellerEndpoint("digits-4", rogue.address, root_ca=genuine_ca.cert)],
+            offer,
+            tls=tls,
+            timeout_s=30,
+            retries=0,
+        )
     finally:
         rogue.stop(0)
     # Assert: a bundle of seller CAs lets any of them vouch for any id; a pinned CA does not

@@ -2,10 +2,10 @@
 
 import json
 
-from tip_fed.config import load_config
 from simulations.exchanges import exchange_inprocess
 from simulations.runner import run_scenario
 from simulations.scenarios import build_market, make_buyer
+from tip_fed.config import load_config
 
 SYNTHETIC = ["healthcare.dataset=synthetic", "healthcare.samples-per-seller=10"]
 

@@ -99,7 +99,7 @@ def test_no_seller_answering_is_an_error(buyer_files):
     d = buyer_files
     (d / "sellers.toml").write_text(f'runtime = "grpc"\n[tls]\ninsecure = true\n[grpc]\nretries = 0\n'
                                     f'[[sellers]]\nid = "gone"\nendpoint = "127.0.0.1:{_free_port()}"\n')
-    with pytest.raises(SellerUnavailableError, match="no seller was valued: gone: .*UNAVAILABLE"):
+    with pytest.raises(SellerUnavailableError, match=r"no seller was valued: gone: .*UNAVAILABLE"):
         tip_fed.value_files(d / "buyer.toml", d / "sellers.toml", d / "out")
     assert not (d / "out").exists()
 
@@ -133,8 +133,10 @@ def test_a_save_pretrained_language_model_from_buyer_toml(tmp_path):
         return {"input_ids": torch.randint(0, 64, (n, 12), generator=g), "attention_mask": torch.ones(n, 12).long()}
 
     tip_fed.save_dataset(tokens(6, 1), tmp_path / "obj.safetensors")
-    (tmp_path / "buyer.toml").write_text('[model]\ntask = "causal-lm"\npath = "lm"\n[data]\nobjective = '
-                                         '"obj.safetensors"\n[projection]\nrank = 4\n[preconditioner]\nkind = "ekfac"\n')
+    (tmp_path / "buyer.toml").write_text(
+        '[model]\ntask = "causal-lm"\npath = "lm"\n[data]\nobjective = '
+        '"obj.safetensors"\n[projection]\nrank = 4\n[preconditioner]\nkind = "ekfac"\n'
+    )
     prepared = prepare_from_config(load_buyer_config(tmp_path / "buyer.toml"))
     sellers = {"a": tokens(5, 2), "b": tokens(7, 3)}
 

@@ -29,9 +29,9 @@ from simulations.scenarios import make_buyer, plaintext_reference
 from tip_fed.config import TipConfig
 
 kronfluence = pytest.importorskip("kronfluence", reason="install the dev extra: kronfluence==1.0.1")
-from kronfluence.analyzer import Analyzer, prepare_model
-from kronfluence.arguments import FactorArguments, ScoreArguments
-from kronfluence.task import Task
+from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402 - only once importorskip found it
+from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
+from kronfluence.task import Task  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 

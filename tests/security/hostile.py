@@ -22,7 +22,16 @@ from tip_fed.bench.hostile import (
     uint8_weights,
 )
 
-__all__ = ["BUILDERS", "big_context", "fake_offer", "huge_dim", "many_layers", "rank_f", "run_in_child", "uint8_weights"]
+__all__ = [
+    "BUILDERS",
+    "big_context",
+    "fake_offer",
+    "huge_dim",
+    "many_layers",
+    "rank_f",
+    "run_in_child",
+    "uint8_weights",
+]
 
 _CHILD = r"""
 import json, sys, torch
@@ -33,8 +42,9 @@ from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.ledger import LedgerPolicy
 
 data_path, budget, honest_path, *cases = sys.argv[1:]
-seller = Seller("s", load_file(data_path), policy=SellerPolicy(budget=SellerBudgetConfig(**json.loads(budget)), exact_per_sample=True,
-                lifetime=LedgerPolicy(max_exact=None, total_max_exact=None)))
+policy = SellerPolicy(budget=SellerBudgetConfig(**json.loads(budget)), exact_per_sample=True,
+                      lifetime=LedgerPolicy(max_exact=None, total_max_exact=None))
+seller = Seller("s", load_file(data_path), policy=policy)
 seller.respond(open(honest_path, "rb").read())  # warm-up: imports, tables, one honest answer
 
 
@@ -57,8 +67,9 @@ for path in cases:
 """
 
 
-def run_in_child(tmp: Path, data_path: Path, honest: bytes, offers: dict[str, bytes],
-                 budget: dict[str, object] | None = None) -> dict[str, dict]:
+def run_in_child(
+    tmp: Path, data_path: Path, honest: bytes, offers: dict[str, bytes], budget: dict[str, object] | None = None
+) -> dict[str, dict]:
     """Answer ``offers`` one after another in a fresh process holding ``data_path`` (after one
     honest Offer, so imports and tables are already resident); outcome per name."""
     (tmp / "honest.offer").write_bytes(honest)
@@ -68,8 +79,9 @@ def run_in_child(tmp: Path, data_path: Path, honest: bytes, offers: dict[str, by
         path.write_bytes(blob)
         paths.append(str(path))
     args = [str(data_path), json.dumps(budget or {}), str(tmp / "honest.offer"), *paths]
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args],
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=600, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child failed: {proc.stderr[-3000:]}")
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -6,6 +6,7 @@ Each cheating seller is a subclass of the real Seller overriding only the step i
 import json
 import stat
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,8 @@ from tip_fed.core.influence import clip_rows
 from tip_fed.errors import DataError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.audit import Delivery, SessionRecord, audit
+from tip_fed.protocol.disclosure import NoisePolicy
+from tip_fed.testing import secret_key_bytes
 
 from .conftest import make_data
 
@@ -143,7 +146,7 @@ def test_tip_fed_audit_cli_writes_reports_and_flags(make_buyer, seller_data, tmp
 def test_session_record_holds_no_key_material(make_buyer, seller_data):
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
-    secret = buyer._sessions[buyer.session_id].keys.secret_key_bytes_for_test()
+    secret = secret_key_bytes(buyer._sessions[buyer.session_id].keys)
     valuation = buyer.settle([Seller("s0", seller_data["s0"], policy=EXACT).respond(offer)])
     text = json.dumps(buyer.record(valuation).to_dict())
     import base64
@@ -180,7 +183,8 @@ class ForgingSeller(Seller):
         values = np.zeros(plan.slots)
         values[plan.output_slots(r, 1)] = self.forged
         pt, ct = sa.Plaintext(), sa.Ciphertext()
-        h.encoder.encode(values.tolist(), h.first_parms_id, h.output_scale(masked=plan.diagonals(r) < plan.chunk_dim), pt)
+        scale = h.output_scale(masked=plan.diagonals(r) < plan.chunk_dim)
+        h.encoder.encode(values.tolist(), h.first_parms_id, scale, pt)
         ctx.encryptor.encrypt(pt, ct)
         h.evaluator.mod_switch_to_inplace(ct, h.last_parms_id)
         del reply.scores[:]
@@ -190,13 +194,12 @@ class ForgingSeller(Seller):
         return reply.SerializeToString()
 
 
-import numpy as np  # noqa: E402
-
-from tip_fed.protocol.disclosure import NoisePolicy  # noqa: E402
 
 
 @pytest.mark.parametrize("disclosure,eps", [("aggregate", 1.0), ("per-sample", 4.0)])
-def test_noisy_sellers_are_audited_exactly_through_their_revealed_seed(make_buyer, seller_data, disclosure, eps, tmp_path):
+def test_noisy_sellers_are_audited_exactly_through_their_revealed_seed(
+    make_buyer, seller_data, disclosure, eps, tmp_path
+):
     sellers = [Seller(sid, d, policy=SellerPolicy(noise=NoisePolicy(eps))) for sid, d in seller_data.items()]
     buyer, valuation, deliveries = _session(make_buyer, sellers, disclosure)
     record = buyer.record(valuation)
@@ -214,8 +217,9 @@ def test_noisy_sellers_are_audited_exactly_through_their_revealed_seed(make_buye
     assert audit(record, {"s1": loaded}).passed
     # without the seed, or with another seed, the noise cannot be checked: flagged
     for seed in (None, bytes(32)):
-        bad = audit(record, {"s1": Delivery(data=d.data, gradients=d.gradients, noise_seed=seed,
-                                                         salt_seed=d.salt_seed)}).sellers[0]
+        bad = audit(
+            record, {"s1": Delivery(data=d.data, gradients=d.gradients, noise_seed=seed, salt_seed=d.salt_seed)}
+        ).sellers[0]
         assert bad.verdict == "noise-mismatch", bad.reasons
 
 
@@ -225,8 +229,9 @@ def test_forged_total_with_a_fake_noise_claim_is_caught(make_buyer, seller_data)
     from tip_fed.protocol.buyer import QUERY_NORM
 
     honest = Seller("s0", seller_data["s0"], policy=SellerPolicy(noise=NoisePolicy(1.0)))
-    forger = ForgingSeller("s1", seller_data["s1"], policy=SellerPolicy(noise=NoisePolicy(1.0)),
-                           forged_slot_value=0.9 * QUERY_NORM)
+    forger = ForgingSeller(
+        "s1", seller_data["s1"], policy=SellerPolicy(noise=NoisePolicy(1.0)), forged_slot_value=0.9 * QUERY_NORM
+    )
     buyer, valuation, deliveries = _session(make_buyer, [honest, forger], "aggregate")
     v = valuation.by_id()
     n = seller_data["s1"]["x"].shape[0]  # the forgery went through settlement: 0.9 of the largest possible total
@@ -237,8 +242,10 @@ def test_forged_total_with_a_fake_noise_claim_is_caught(make_buyer, seller_data)
     # the deviation is the forged total minus the honest total plus the seller's (random) noise draw,
     # so its size varies from run to run; it stays orders of magnitude above the tolerance
     assert report["s1"].total_deviation > 100 * report["s1"].score_tolerance
-    print(f"\nforged total {v['s1'].total:.4g} vs honest recomputation; deviation {report['s1'].total_deviation:.4g},"
-          f" tolerance {report['s1'].score_tolerance:.3g}")
+    print(
+        f"\nforged total {v['s1'].total:.4g} vs honest recomputation; deviation {report['s1'].total_deviation:.4g},"
+        f" tolerance {report['s1'].score_tolerance:.3g}"
+    )
 
 
 def test_a_dataset_duplicated_5_times_is_flagged(make_buyer, seller_data):
@@ -247,8 +254,11 @@ def test_a_dataset_duplicated_5_times_is_flagged(make_buyer, seller_data):
     jitter = {k: v.clone() for k, v in base.items()}
     jitter["x"] = torch.cat([jitter["x"], jitter["x"][:10] + 1e-5])  # near-duplicates of 10 records
     jitter["y"] = torch.cat([jitter["y"], jitter["y"][:10]])
-    sellers = [Seller("honest", base, policy=EXACT), Seller("padded", padded, policy=EXACT),
-               Seller("jitter", jitter, policy=EXACT)]
+    sellers = [
+        Seller("honest", base, policy=EXACT),
+        Seller("padded", padded, policy=EXACT),
+        Seller("jitter", jitter, policy=EXACT),
+    ]
     buyer, valuation, deliveries = _session(make_buyer, sellers, "aggregate")
     v = valuation.by_id()
     assert v["padded"].total == pytest.approx(5 * v["honest"].total, rel=1e-4)  # padding inflates 5x

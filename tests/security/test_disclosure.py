@@ -65,12 +65,17 @@ def test_basis_vector_probe_is_refused_once_the_budget_is_spent(model, seller_da
     # why per-sample disclosure is opt-in and noise exists
     v = buyer.settle([first]).sellers[0]
     g = clip_rows(projected_grads(model, buyer.spec, TASK, seller_data["s1"]).double(), buyer.grad_norm_bound)[0]
-    coord = g[:, 0].numpy() * QUERY_NORM / buyer.grad_norm_bound * (buyer.query_norm * buyer.grad_norm_bound / QUERY_NORM)
+    coord = (
+        g[:, 0].numpy() * QUERY_NORM / buyer.grad_norm_bound * (buyer.query_norm * buyer.grad_norm_bound / QUERY_NORM)
+    )
     # to the release precision: CKKS error and sanitising noise stay below 1e-6 of the score bound
     assert np.allclose(v.per_sample, coord, atol=1e-6 * buyer.query_norm * buyer.grad_norm_bound)
     # a seller honouring a buyer-declared budget of 3 still never goes beyond it
-    loose = Seller("s0", seller_data["s0"], policy=SellerPolicy(max_queries_per_session=100, exact_per_sample=True,
-                                                                lifetime=LedgerPolicy(max_exact=None)))
+    loose = Seller(
+        "s0",
+        seller_data["s0"],
+        policy=SellerPolicy(max_queries_per_session=100, exact_per_sample=True, lifetime=LedgerPolicy(max_exact=None)),
+    )
     offer3 = buyer.offer(max_samples=100)
     buyer_budget3 = pb.Offer.FromString(offer3)
     buyer_budget3.query_budget = 3
@@ -144,7 +149,9 @@ def test_noise_too_large_for_the_parameters_is_refused_cleanly(seller_data, make
 def test_released_scores_are_rounded(model, seller_data, make_buyer):
     buyer = make_buyer(disclosure="per-sample", release_digits=4)
     offer = buyer.offer(max_samples=100)
-    v = buyer.settle([Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)]).sellers[0]
+    v = buyer.settle(
+        [Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)]
+    ).sellers[0]
     q = buyer.release_quantum
     assert q == pytest.approx(buyer.query_norm * buyer.grad_norm_bound * 1e-4)
     for x in [*v.per_sample, v.total]:
@@ -163,8 +170,9 @@ def test_every_non_score_slot_is_indistinguishable_from_noise(seller_data, make_
     for i, (sid, data) in enumerate(seller_data.items()):
         for attempt in range(2):
             # seeded fill so the statistical checks below are reproducible, distinct per reply
-            seller = Seller(sid, data, policy=SellerPolicy(max_queries_per_session=2, exact_per_sample=True),
-                            seed=100 * i + attempt)
+            seller = Seller(
+                sid, data, policy=SellerPolicy(max_queries_per_session=2, exact_per_sample=True), seed=100 * i + attempt
+            )
             reply = pb.Reply.FromString(seller.respond(offer))
             assert len(reply.scores) == plan.blocks(reply.n_rows)
             rest = []
@@ -184,7 +192,7 @@ def test_every_non_score_slot_is_indistinguishable_from_noise(seller_data, make_
     # independent of the data and fresh per reply: no correlation between any two replies' fill
     keys_ = list(others)
     for i, a in enumerate(keys_):
-        for b in keys_[i + 1:]:
+        for b in keys_[i + 1 :]:
             m = min(len(others[a]), len(others[b]))
             assert abs(np.corrcoef(others[a][:m], others[b][:m])[0, 1]) < 0.1
 
@@ -228,18 +236,30 @@ def test_understated_query_norm_changes_neither_the_noise_nor_the_stated_epsilon
     n = data["x"].shape[0]
     resid, replies = {}, {}
     for cls in (Buyer, LyingBuyer):
-        buyer = cls(model, TASK, objective=make_data(40, 2, shift=0.5), train=make_data(120, 3), settings=BuyerSettings(
-            projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
-            protocol=ProtocolConfig(disclosure="per-sample", dp_epsilon=4.0, dp_delta=1e-6)))
+        buyer = cls(
+            model,
+            TASK,
+            objective=make_data(40, 2, shift=0.5),
+            train=make_data(120, 3),
+            settings=BuyerSettings(
+                projection=ProjectionConfig(rank=4),
+                preconditioner=PreconditionerConfig(kind="identity"),
+                protocol=ProtocolConfig(disclosure="per-sample", dp_epsilon=4.0, dp_delta=1e-6),
+            ),
+        )
         offer = buyer.offer(max_samples=100)
-        reply = pb.Reply.FromString(Seller("s2", data, policy=SellerPolicy(noise=NoisePolicy(4.0, 1e-6))).respond(offer))
+        reply = pb.Reply.FromString(
+            Seller("s2", data, policy=SellerPolicy(noise=NoisePolicy(4.0, 1e-6))).respond(offer)
+        )
         replies[cls.__name__] = reply
         v = buyer.settle([reply.SerializeToString()]).sellers[0]
         resid[cls.__name__] = (v.per_sample - _plain(buyer, model, data)) / v.noise["std"]
     honest, liar = replies["Buyer"], replies["LyingBuyer"]
     assert (liar.dp_epsilon, liar.dp_delta, liar.noise_std) == (honest.dp_epsilon, honest.dp_delta, honest.noise_std)
-    print(f"\nnoise std (units of C): honest buyer {honest.noise_std:.4g}, lying buyer {liar.noise_std:.4g}; "
-          f"released noise / expected std: honest {resid['Buyer'].std():.3f}, lying {resid['LyingBuyer'].std():.3f}")
+    print(
+        f"\nnoise std (units of C): honest buyer {honest.noise_std:.4g}, lying buyer {liar.noise_std:.4g}; "
+        f"released noise / expected std: honest {resid['Buyer'].std():.3f}, lying {resid['LyingBuyer'].std():.3f}"
+    )
     for r in resid.values():  # 70 standardised residuals: std 1 (chi-square bounds, p ~ 1e-6 each side)
         assert 0.55 < r.std() < 1.5 and abs(r.mean()) < 6 / math.sqrt(n)
 
@@ -257,6 +277,20 @@ def test_per_sample_disclosure_requires_noise(seller_data, make_buyer):
 def test_seller_serve_refuses_a_bad_privacy_setting_in_one_line(eps, tmp_path, capsys):
     from tip_fed.cli import main
 
-    assert main(["seller", "serve", "--data", str(tmp_path / "d.safetensors"), "--port", "0", "--insecure",
-                 "--dp-epsilon", eps]) == 2
+    assert (
+        main(
+            [
+                "seller",
+                "serve",
+                "--data",
+                str(tmp_path / "d.safetensors"),
+                "--port",
+                "0",
+                "--insecure",
+                "--dp-epsilon",
+                eps,
+            ]
+        )
+        == 2
+    )
     assert "dp epsilon" in capsys.readouterr().err

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from tip_fed.config import apply_overrides, config_from_dict, load_config
+from tip_fed.core.models import MLP
 from tip_fed.crypto.codec import ciphertext_from_bytes
 from tip_fed.crypto.keys import SessionKeys, load_public_context
 from tip_fed.crypto.params import plan_packing
 from tip_fed.protocol.audit import Delivery, SessionRecord, audit
 from tip_fed.protocol.data import load_dataset
 from tip_fed.protocol.model import decode_model, encode_model, fingerprint
-from tip_fed.core.models import MLP
 
 from .fuzzing import HOSTILE_FLOATS, HOSTILE_INTS, HOSTILE_TEXT, fuzz, mutated_bytes, tip_or_result
 
@@ -150,15 +150,29 @@ def test_model_payload_decoder(data):
 
 # ---- session records ---------------------------------------------------------------------------
 @fuzz(N_RECORD)
-@given(st.one_of(
-    st.dictionaries(st.sampled_from(list(SessionRecord.__dataclass_fields__) + ["x"]),
-                    st.one_of(st.none(), st.integers(), HOSTILE_FLOATS, HOSTILE_TEXT, st.lists(st.integers(), max_size=3),
-                              st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)), max_size=10),
-    st.text(max_size=50), st.binary(max_size=50).map(lambda b: b.decode("latin-1"))))
+@given(
+    st.one_of(
+        st.dictionaries(
+            st.sampled_from([*list(SessionRecord.__dataclass_fields__), "x"]),
+            st.one_of(
+                st.none(),
+                st.integers(),
+                HOSTILE_FLOATS,
+                HOSTILE_TEXT,
+                st.lists(st.integers(), max_size=3),
+                st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+            ),
+            max_size=10,
+        ),
+        st.text(max_size=50),
+        st.binary(max_size=50).map(lambda b: b.decode("latin-1")),
+    )
+)
 def test_session_record_loader(tmp_path_factory, content):
     path = tmp_path_factory.getbasetemp() / "record.json"
-    path.write_text(json.dumps(content) if isinstance(content, dict) else content, encoding="utf-8", errors="surrogatepass")
+    path.write_text(
+        json.dumps(content) if isinstance(content, dict) else content, encoding="utf-8", errors="surrogatepass"
+    )
     rec = tip_or_result(SessionRecord.load, path)
     if rec is not None:
         tip_or_result(audit, rec, {})
-

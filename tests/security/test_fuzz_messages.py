@@ -42,17 +42,21 @@ def world(make_buyer):
     offer = buyer.offer(max_samples=50)
     seller = Seller("s1", make_data(12, 5), policy=SellerPolicy(max_queries_per_session=10**9, exact_per_sample=True))
     reply = seller.respond(offer)
-    W.update({
-        "buyer": buyer,
-        "session": buyer._sessions[buyer.session_id],
-        "offer": pb.Offer.FromString(offer),
-        "offer_bytes": offer,
-        "foreign_offer": pb.Offer.FromString(foreign_offer),
-        "reply": pb.Reply.FromString(reply),
-        "reply_bytes": reply,
-        "foreign_reply": pb.Reply.FromString(Seller("s9", make_data(3, 6), policy=SellerPolicy(exact_per_sample=True)).respond(foreign_offer)),
-        "seller": seller,
-    })
+    W.update(
+        {
+            "buyer": buyer,
+            "session": buyer._sessions[buyer.session_id],
+            "offer": pb.Offer.FromString(offer),
+            "offer_bytes": offer,
+            "foreign_offer": pb.Offer.FromString(foreign_offer),
+            "reply": pb.Reply.FromString(reply),
+            "reply_bytes": reply,
+            "foreign_reply": pb.Reply.FromString(
+                Seller("s9", make_data(3, 6), policy=SellerPolicy(exact_per_sample=True)).respond(foreign_offer)
+            ),
+            "seller": seller,
+        }
+    )
     yield W
     W.clear()
 
@@ -64,15 +68,27 @@ def _set(field, values):
 
 SCALARS = {
     "offer": st.one_of(
-        _set("protocol_version", HOSTILE_INTS), _set("session_id", HOSTILE_TEXT), _set("task", HOSTILE_TEXT),
-        _set("query_norm", HOSTILE_FLOATS), _set("disclosure", st.integers(0, 2**31 - 1)),
-        _set("grad_norm_bound", HOSTILE_FLOATS), _set("query_budget", HOSTILE_INTS),
-        _set("max_samples", HOSTILE_INTS), _set("dp_epsilon", HOSTILE_FLOATS), _set("dp_delta", HOSTILE_FLOATS),
+        _set("protocol_version", HOSTILE_INTS),
+        _set("session_id", HOSTILE_TEXT),
+        _set("task", HOSTILE_TEXT),
+        _set("query_norm", HOSTILE_FLOATS),
+        _set("disclosure", st.integers(0, 2**31 - 1)),
+        _set("grad_norm_bound", HOSTILE_FLOATS),
+        _set("query_budget", HOSTILE_INTS),
+        _set("max_samples", HOSTILE_INTS),
+        _set("dp_epsilon", HOSTILE_FLOATS),
+        _set("dp_delta", HOSTILE_FLOATS),
     ),
     "reply": st.one_of(
-        _set("protocol_version", HOSTILE_INTS), _set("session_id", HOSTILE_TEXT), _set("seller_id", HOSTILE_TEXT),
-        _set("n_samples", HOSTILE_INTS), _set("n_rows", HOSTILE_INTS), _set("clipped", HOSTILE_INTS),
-        _set("dp_epsilon", HOSTILE_FLOATS), _set("dp_delta", HOSTILE_FLOATS), _set("noise_std", HOSTILE_FLOATS),
+        _set("protocol_version", HOSTILE_INTS),
+        _set("session_id", HOSTILE_TEXT),
+        _set("seller_id", HOSTILE_TEXT),
+        _set("n_samples", HOSTILE_INTS),
+        _set("n_rows", HOSTILE_INTS),
+        _set("clipped", HOSTILE_INTS),
+        _set("dp_epsilon", HOSTILE_FLOATS),
+        _set("dp_delta", HOSTILE_FLOATS),
+        _set("noise_std", HOSTILE_FLOATS),
         _set("commitment", st.binary(max_size=64)),
     ),
 }
@@ -88,7 +104,11 @@ def mutate_offer(draw, w):
             name, value = draw(SCALARS["offer"])
             setattr(offer, name, value)
         elif kind == "packing":
-            name = draw(st.sampled_from(["dim", "padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block", "kind"]))
+            name = draw(
+                st.sampled_from(
+                    ["dim", "padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block", "kind"]
+                )
+            )
             setattr(offer.packing, name, draw(HOSTILE_TEXT if name == "kind" else HOSTILE_INTS))
         elif kind == "he":
             which = draw(st.sampled_from(["n", "primes", "scale"]))
@@ -123,11 +143,21 @@ def mutate_offer(draw, w):
             if which == "arch":
                 m.architecture = draw(HOSTILE_TEXT)
             elif which == "config":
-                m.config_json = draw(st.one_of(HOSTILE_TEXT, st.just('{"sizes": [10, 100000, 100000, 2]}'),
-                                               st.just('{"sizes": "x"}'), st.just('{"sizes": [10, -1]}'),
-                                               st.just('{"model_class": "GPT2LMHeadModel", "config": {"model_type": "gpt2", "n_layer": 100000}}')))
+                m.config_json = draw(
+                    st.one_of(
+                        HOSTILE_TEXT,
+                        st.just('{"sizes": [10, 100000, 100000, 2]}'),
+                        st.just('{"sizes": "x"}'),
+                        st.just('{"sizes": [10, -1]}'),
+                        st.just(
+                            '{"model_class": "GPT2LMHeadModel", "config": {"model_type": "gpt2", "n_layer": 100000}}'
+                        ),
+                    )
+                )
             elif which == "sizes":
-                m.config_json = json.dumps({"sizes": draw(st.lists(st.one_of(HOSTILE_INTS, HOSTILE_FLOATS, HOSTILE_TEXT), max_size=5))})
+                m.config_json = json.dumps(
+                    {"sizes": draw(st.lists(st.one_of(HOSTILE_INTS, HOSTILE_FLOATS, HOSTILE_TEXT), max_size=5))}
+                )
             elif which == "weights":
                 m.weights = draw(mutated_bytes(bytes(m.weights)))
             else:
@@ -234,8 +264,13 @@ def test_settle_rejects_every_bad_reply_and_keeps_the_good_one(make_buyer, data)
     buyer = make_buyer(disclosure="aggregate")
     offer = buyer.offer(max_samples=50)
     good = Seller("good", make_data(7, 8), policy=SellerPolicy(exact_per_sample=True)).respond(offer)
-    w = _Ctx(reply=pb.Reply.FromString(Seller("bad", make_data(4, 9), policy=SellerPolicy(exact_per_sample=True)).respond(offer)),
-             offer=pb.Offer.FromString(offer), foreign_reply=pb.Reply.FromString(good))
+    w = _Ctx(
+        reply=pb.Reply.FromString(
+            Seller("bad", make_data(4, 9), policy=SellerPolicy(exact_per_sample=True)).respond(offer)
+        ),
+        offer=pb.Offer.FromString(offer),
+        foreign_reply=pb.Reply.FromString(good),
+    )
     bad = [data.draw(mutate_reply(w)) for _ in range(4)] + [data.draw(st.binary(max_size=64))]
     valuation = buyer.settle([*bad, good], expected=["good", "bad"])
     assert "good" in valuation.by_id()

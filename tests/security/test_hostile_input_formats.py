@@ -124,7 +124,7 @@ def test_max_length_beyond_any_sense_is_refused_at_decoding(text_market, monkeyp
      r"lists 1000000 feature columns, above the 65536"),
     (_set(classes=[str(i) for i in range(70_000)]), "lists 70000 classes, above the 65536"),
     (_set(dtype="int8"), r"dtype 'int8' is not one of \['float32', 'float64'\]"),
-    (_set(features=["x" * 1000] + FEATURES[1:]), "name of 1000 characters, above 256"),
+    (_set(features=["x" * 1000, *FEATURES[1:]]), "name of 1000 characters, above 256"),
     (_set(label_key="x"), "two distinct, non-empty batch keys"),
 ])
 def test_hostile_table_formats_are_refused(table_market, edit, match):
@@ -172,19 +172,37 @@ _tables = st.builds(
     st.lists(_floats, max_size=4), st.lists(_floats, max_size=4), _names, _names,
     st.sampled_from(["float32", "float64", "int8", ""]))
 _texts = st.builds(
-    lambda blob, n, field, label, classes, pad, special: pb.InputFormat(text=pb.TextInput(
-        tokenizer_json=blob, max_length=n, text_field=field, label_field=label, classes=classes, pad_id=pad,
-        add_special_tokens=special)),
-    st.one_of(st.binary(max_size=64), st.just(b'{"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}')),
-    st.integers(0, 2**32 - 1), _names, _names, st.lists(_names, max_size=2), st.integers(0, 2**32 - 1), st.booleans())
+    lambda blob, n, field, label, classes, pad, special: pb.InputFormat(
+        text=pb.TextInput(
+            tokenizer_json=blob,
+            max_length=n,
+            text_field=field,
+            label_field=label,
+            classes=classes,
+            pad_id=pad,
+            add_special_tokens=special,
+        )
+    ),
+    st.one_of(
+        st.binary(max_size=64), st.just(b'{"model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}')
+    ),
+    st.integers(0, 2**32 - 1),
+    _names,
+    _names,
+    st.lists(_names, max_size=2),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+)
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.one_of(_tables, _texts, st.just(pb.InputFormat())))
 def test_any_input_format_gives_tensors_or_a_tip_error(msg):
     """Whatever a buyer puts in the format, decoding and encoding either work or raise a TipError."""
-    records = {"table": RawRecords.from_rows(cancer_table().iloc[:5].to_dict("records")),
-               "text": text_records(["some text", "more text here"])}
+    records = {
+        "table": RawRecords.from_rows(cancer_table().iloc[:5].to_dict("records")),
+        "text": text_records(["some text", "more text here"]),
+    }
     try:
         formats.check_input_pb(msg)
         fmt = formats.format_from_pb(msg)
@@ -200,8 +218,9 @@ def test_max_length_below_the_special_tokens_cannot_outgrow_what_was_costed():
 
     tok = Tokenizer(models.WordLevel({"a": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
-                                                                                                ("[SEP]", 2)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
+    )
     records = text_records(["a " * 50])
     with pytest.raises(ProtocolError, match="52-token records under max_length 1: its special tokens alone"):
         formats.TextFormat.from_tokenizer(tok, 1).encode(records)

@@ -14,6 +14,7 @@ from tip_fed.errors import CryptoError, SessionError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.disclosure import NoisePolicy
+from tip_fed.testing import secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 WINDOW = 48
@@ -21,7 +22,7 @@ WINDOW = 48
 
 def _forms(keys):
     """The key as bytes (serialised and raw coefficients), and text forms of windows of both."""
-    blobs = [keys.secret_key_bytes_for_test(), keys.secret_key_bytes_for_test(raw=True)]
+    blobs = [secret_key_bytes(keys), secret_key_bytes(keys, raw=True)]
     windows = [b[i : i + WINDOW] for b in blobs for i in (0, len(b) // 2, len(b) - WINDOW)]
     texts = [f(w) for w in windows for f in (lambda w: w.hex(), lambda w: base64.b64encode(w).decode(), repr)]
     return blobs, windows, texts
@@ -64,7 +65,7 @@ def test_secret_key_absent_from_messages_logs_outputs_and_files(
     assert len(blobs[0]) > 1000
     sellers = [Seller(s, d, policy=SellerPolicy(noise=NoisePolicy(4.0))) for s, d in seller_data.items()]
     replies = [s.respond(offer) for s in sellers]
-    valuation = buyer.settle(replies + [b"garbage", replies[0]])  # error paths log/raise too
+    valuation = buyer.settle([*replies, b"garbage", replies[0]])  # error paths log/raise too
     assert len(valuation.sellers) == 3 and len(valuation.rejected) == 2
     record = buyer.record(valuation)
     record.save(tmp_path / "session.json")
@@ -104,7 +105,7 @@ def test_key_is_destroyed_at_settle_even_when_settlement_fails(make_buyer, selle
         buyer.settle(exploding())
     assert keys.destroyed
     with pytest.raises(CryptoError, match="destroyed"):
-        keys.secret_key_bytes_for_test()
+        secret_key_bytes(keys)
     with pytest.raises(CryptoError, match="destroyed"):
         keys.decrypt_slots(b"x" * 64, "anything")
     with pytest.raises(SessionError, match="already settled"):

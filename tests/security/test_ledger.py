@@ -159,14 +159,39 @@ def test_composition_is_the_accountants_not_basic_composition():
     assert 5.0 < hundred < 20.0 and math.isfinite(hundred)  # ~sqrt(k) growth, far below basic composition (100)
 
 
-@pytest.mark.parametrize("flag,value", [("--lifetime-epsilon", "0"), ("--lifetime-epsilon", "nan"), ("--lifetime-delta", "1"),
-                                        ("--total-epsilon", "0"), ("--total-delta", "1"), ("--max-exact", "-2"),
-                                        ("--total-max-exact", "-3")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--lifetime-epsilon", "0"),
+        ("--lifetime-epsilon", "nan"),
+        ("--lifetime-delta", "1"),
+        ("--total-epsilon", "0"),
+        ("--total-delta", "1"),
+        ("--max-exact", "-2"),
+        ("--total-max-exact", "-3"),
+    ],
+)
 def test_seller_serve_refuses_a_bad_lifetime_budget_in_one_line(flag, value, tmp_path, capsys):
     from tip_fed.cli import main
 
-    assert main(["seller", "serve", "--data", str(tmp_path / "d.safetensors"), "--port", "0", "--insecure",
-                 "--ledger", str(tmp_path / "ledger.json"), flag, value]) == 2
+    assert (
+        main(
+            [
+                "seller",
+                "serve",
+                "--data",
+                str(tmp_path / "d.safetensors"),
+                "--port",
+                "0",
+                "--insecure",
+                "--ledger",
+                str(tmp_path / "ledger.json"),
+                flag,
+                value,
+            ]
+        )
+        == 2
+    )
     assert "ledger " in capsys.readouterr().err
 
 

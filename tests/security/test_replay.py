@@ -9,7 +9,9 @@ from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 def test_reply_replayed_into_a_later_session_is_rejected_even_with_its_session_id_rewritten(make_buyer, seller_data):
     buyer = make_buyer()
-    old = Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(buyer.offer(max_samples=100))
+    old = Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(
+        buyer.offer(max_samples=100)
+    )
     buyer.settle([old])
     offer = buyer.offer(max_samples=100)
     forged = pb.Reply.FromString(old)
@@ -24,7 +26,9 @@ def test_reply_replayed_into_a_later_session_is_rejected_even_with_its_session_i
 def test_forged_reply_under_the_right_session_id_decrypts_out_of_range(make_buyer, seller_data):
     other = make_buyer()
     buyer = make_buyer()
-    stolen = Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(other.offer(max_samples=100))
+    stolen = Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(
+        other.offer(max_samples=100)
+    )
     offer = buyer.offer(max_samples=100)
     forged = pb.Reply.FromString(stolen)
     forged.session_id = pb.Offer.FromString(offer).session_id

@@ -153,7 +153,8 @@ def test_budget_is_spent_only_after_the_whole_offer_validates(make_buyer, data):
 
 def test_a_failed_scoring_gives_the_query_back(make_buyer):
     """Records that do not fit the model fail after the spend; nothing was answered, so nothing is spent."""
-    seller = Seller("s", {"x": torch.randn(4, 7), "y": torch.zeros(4, dtype=torch.long)}, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
+    misfit = {"x": torch.randn(4, 7), "y": torch.zeros(4, dtype=torch.long)}
+    seller = Seller("s", misfit, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED))
     offer = make_buyer().offer(max_samples=100)
     for _ in range(2):
         with pytest.raises(DataError, match="do not fit the model"):
@@ -166,7 +167,7 @@ def test_answered_sessions_are_bounded_and_never_forgotten_early():
     table = AnsweredSessions(capacity=2, window_s=100.0, clock=lambda: now[0])
     table.spend("a", 1, "s")
     table.spend("b", 1, "s")
-    with pytest.raises(ResourceLimitError, match="seller-budget.kept-sessions") as full:
+    with pytest.raises(ResourceLimitError, match=r"seller-budget\.kept-sessions") as full:
         table.spend("c", 1, "s")
     assert full.value.limit == "kept_sessions"
     with pytest.raises(BudgetExceededError):  # an answered session stays answered inside the window
@@ -211,7 +212,7 @@ def test_duplicate_layer_check_is_set_based_and_exact():
     layers = [LayerProjection(f"l{i}", 1, 1, 1, 1) for i in range(40_000)]
     ProjectionSpec(tuple(layers), seed=0)
     with pytest.raises(ConfigError, match=r"more than once: \['l17', 'l39999'\]"):
-        ProjectionSpec(tuple(layers + [layers[17], layers[-1], layers[17]]), seed=0)
+        ProjectionSpec(tuple([*layers, layers[17], layers[-1], layers[17]]), seed=0)
 
 
 def test_caches_are_bounded_by_bytes_not_entries(make_buyer, data):
@@ -231,7 +232,9 @@ def test_caches_are_bounded_by_bytes_not_entries(make_buyer, data):
     make("b", 300)
     assert calls[-1] == "b"
 
-    Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)).respond(make_buyer().offer(max_samples=100))
+    Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)).respond(
+        make_buyer().offer(max_samples=100)
+    )
     assert 0 < _matrix.cache_bytes() <= MATRIX_CACHE_BYTES
     assert 0 < keys.context_cache_bytes() <= keys.SEAL_CONTEXT_CACHE_BYTES
 
@@ -239,7 +242,9 @@ def test_caches_are_bounded_by_bytes_not_entries(make_buyer, data):
 def test_a_context_above_the_cache_bound_is_not_kept(make_buyer, data, monkeypatch):
     keys.clear_context_cache()
     monkeypatch.setattr(keys, "SEAL_CONTEXT_CACHE_BYTES", 1024)
-    Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)).respond(make_buyer().offer(max_samples=100))
+    Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)).respond(
+        make_buyer().offer(max_samples=100)
+    )
     assert keys.context_cache_bytes() == 0
 
 
@@ -251,12 +256,17 @@ def test_message_limit_follows_the_budget():
 
 # ---- a real grpcio server on 127.0.0.1 -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
     ca = create_ca(d)
-    return {"ca": ca, "server": issue_cert(ca, d, "seller"), "alice": issue_cert(ca, d, "alice", client=True),
-            "mallory": issue_cert(ca, d, "mallory", client=True)}
+    return {
+        "ca": ca,
+        "server": issue_cert(ca, d, "seller"),
+        "alice": issue_cert(ca, d, "alice", client=True),
+        "mallory": issue_cert(ca, d, "mallory", client=True),
+    }
 
 
 def _client(pki, who):
@@ -305,16 +315,28 @@ def test_honest_buyer_is_answered_while_hostile_offers_arrive(make_buyer, model,
         assert "RESOURCE_EXHAUSTED" in text or "INVALID_ARGUMENT" in text, text
     # each call is refused by the costing step, or earlier because mallory already has an Offer in
     crowded = sum("seller-budget.max-offers-per-peer" in text for text in refusals)
-    assert sum("seller-budget." in text for text in refusals) - crowded + sum(
-        "INVALID_ARGUMENT" in text for text in refusals) == 3 * len(attacks) - crowded
+    assert (
+        sum("seller-budget." in text for text in refusals)
+        - crowded
+        + sum("INVALID_ARGUMENT" in text for text in refusals)
+        == 3 * len(attacks) - crowded
+    )
 
 
 def _mallory_offers(n):
     """Valid Offers a wide model makes (each its own session): the budget accepts every one."""
-    settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
-                             protocol=ProtocolConfig(disclosure="aggregate"))
-    wide = Buyer(MLP([10, 20_000, 2]).eval(), get_task("classification"), objective=make_data(40, 2, shift=0.5),
-                 train=make_data(120, 3), settings=settings)
+    settings = BuyerSettings(
+        projection=ProjectionConfig(rank=4),
+        preconditioner=PreconditionerConfig(kind="identity"),
+        protocol=ProtocolConfig(disclosure="aggregate"),
+    )
+    wide = Buyer(
+        MLP([10, 20_000, 2]).eval(),
+        get_task("classification"),
+        objective=make_data(40, 2, shift=0.5),
+        train=make_data(120, 3),
+        settings=settings,
+    )
     return [wide.offer(max_samples=100) for _ in range(n)]
 
 
@@ -356,8 +378,9 @@ def test_one_buyers_flood_of_valid_offers_is_capped_and_others_are_answered(make
             t.start()
         for t in threads[1:]:
             t.join(300)
-        replies, failures = value_sellers(endpoint, alice.offer(max_samples=100), tls=_client(pki, "alice"),
-                                          timeout_s=300, retries=0)
+        replies, failures = value_sellers(
+            endpoint, alice.offer(max_samples=100), tls=_client(pki, "alice"), timeout_s=300, retries=0
+        )
         release.set()
         threads[0].join(300)
         # the slot is free again once mallory's Offer is answered: her next one is admitted
@@ -379,7 +402,7 @@ def test_peer_slots_are_per_peer_and_given_back():
     slots = PeerSlots(SellerBudgetConfig(max_offers_per_peer=2))
     slots.admit("mallory")
     slots.admit("mallory")
-    with pytest.raises(ResourceLimitError, match="seller-budget.max-offers-per-peer") as full:
+    with pytest.raises(ResourceLimitError, match=r"seller-budget\.max-offers-per-peer") as full:
         slots.admit("mallory")
     assert full.value.limit == "max_offers_per_peer"
     slots.admit("alice")  # another buyer is not affected
@@ -413,7 +436,10 @@ def test_big_messages_need_a_client_certificate_and_fit_the_budget(make_buyer, d
 def test_over_mtls_the_budget_is_keyed_by_the_client_certificate(make_buyer, data, pki, caplog):
     """Mallory's complete Offer under alice's session id is answered for mallory; alice is still
     answered once, and each is refused a second time: the peer is the certificate subject."""
-    running = start_server(Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)), tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))
+    running = start_server(
+        Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)),
+        tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert),
+    )
     endpoint = [SellerEndpoint("s", running.address)]
     alice, mallory = make_buyer(), make_buyer()
     offer = alice.offer(max_samples=100)
@@ -422,12 +448,17 @@ def test_over_mtls_the_budget_is_keyed_by_the_client_certificate(make_buyer, dat
     forged = forged.SerializeToString()
     try:
         with caplog.at_level("INFO", logger="tip_fed.grpc.server"):
-            _, fake = value_sellers(endpoint, hostile.fake_offer(alice.session_id), tls=_client(pki, "mallory"),
-                                    timeout_s=60, retries=0)
-            first = [value_sellers(endpoint, blob, tls=_client(pki, who), timeout_s=60, retries=0)
-                     for who, blob in (("mallory", forged), ("alice", offer))]
-            again = [value_sellers(endpoint, blob, tls=_client(pki, who), timeout_s=60, retries=0)[1]["s"]
-                     for who, blob in (("mallory", forged), ("alice", offer))]
+            _, fake = value_sellers(
+                endpoint, hostile.fake_offer(alice.session_id), tls=_client(pki, "mallory"), timeout_s=60, retries=0
+            )
+            first = [
+                value_sellers(endpoint, blob, tls=_client(pki, who), timeout_s=60, retries=0)
+                for who, blob in (("mallory", forged), ("alice", offer))
+            ]
+            again = [
+                value_sellers(endpoint, blob, tls=_client(pki, who), timeout_s=60, retries=0)[1]["s"]
+                for who, blob in (("mallory", forged), ("alice", offer))
+            ]
     finally:
         running.stop(0)
     assert "INVALID_ARGUMENT: the offer carries no model weights" in fake["s"]
@@ -439,7 +470,9 @@ def test_over_mtls_the_budget_is_keyed_by_the_client_certificate(make_buyer, dat
 def test_without_client_certificates_a_fake_offer_from_the_same_address_spends_nothing(make_buyer, data):
     """Plaintext on one host: every caller has the same peer (the address), so only spending after
     validation protects the real buyer; a reconnect from another port is still the same peer."""
-    running = start_server(Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)), insecure=True)
+    running = start_server(
+        Seller("s", data, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED)), insecure=True
+    )
     endpoint = [SellerEndpoint("s", running.address)]
     alice = make_buyer()
     offer = alice.offer(max_samples=100)
@@ -454,13 +487,18 @@ def test_without_client_certificates_a_fake_offer_from_the_same_address_spends_n
     assert "RESOURCE_EXHAUSTED: seller s already answered 1 query" in again["s"]
 
 
-@pytest.mark.parametrize("budget, limit", [
-    ({"offer_work_s": 1e-6}, "offer_work_s"),
-    ({"offer_memory_mb": 1, "in_flight_memory_mb": 1}, "offer_memory_mb"),
-    ({"he_key_memory_mb": 1}, "he_key_memory_mb"),
-])
+@pytest.mark.parametrize(
+    "budget, limit",
+    [
+        ({"offer_work_s": 1e-6}, "offer_work_s"),
+        ({"offer_memory_mb": 1, "in_flight_memory_mb": 1}, "offer_memory_mb"),
+        ({"he_key_memory_mb": 1}, "he_key_memory_mb"),
+    ],
+)
 def test_every_per_offer_limit_is_enforced_on_an_honest_offer_when_set_low(make_buyer, data, budget, limit):
-    seller = Seller("s", data, policy=SellerPolicy(budget=SellerBudgetConfig(**budget), exact_per_sample=True, lifetime=UNCAPPED))
+    seller = Seller(
+        "s", data, policy=SellerPolicy(budget=SellerBudgetConfig(**budget), exact_per_sample=True, lifetime=UNCAPPED)
+    )
     with pytest.raises(ResourceLimitError) as refused:
         seller.respond(make_buyer().offer(max_samples=100))
     assert refused.value.limit == limit and f"seller-budget.{limit.replace('_', '-')}" in str(refused.value)
@@ -477,8 +515,9 @@ def test_weights_header_is_checked_before_it_is_parsed():
     with pytest.raises(ResourceLimitError, match="weights header is"):
         read_weights_header(blob, max_header_bytes=8)
     lying = bytearray(blob)
-    lying[8:8 + int.from_bytes(blob[:8], "little")] = lying[8:8 + int.from_bytes(blob[:8], "little")].replace(
-        b"[3,2]", b"[9,9]")
+    lying[8 : 8 + int.from_bytes(blob[:8], "little")] = lying[8 : 8 + int.from_bytes(blob[:8], "little")].replace(
+        b"[3,2]", b"[9,9]"
+    )
     with pytest.raises(ModelError, match="does not fit"):
         read_weights_header(bytes(lying))
     with pytest.raises(ModelError, match="header of"):
@@ -489,14 +528,25 @@ def test_the_default_work_limit_refuses_an_offer_far_above_an_honest_one():
     """A valid 2.4M-parameter MLP Offer costs a 60-record seller a few estimated seconds, but a
     50,000-record seller about 6 minutes: refused by the default offer-work-s before any work;
     the honest small-model Offer to the same large seller passes."""
-    settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
-                             protocol=ProtocolConfig(disclosure="aggregate"))
-    offers = {h: Buyer(MLP([10, h, 2]).eval(), get_task("classification"), objective=make_data(40, 2),
-                       train=make_data(120, 3), settings=settings).offer(max_samples=50_000) for h in (16, 200_000)}
+    settings = BuyerSettings(
+        projection=ProjectionConfig(rank=4),
+        preconditioner=PreconditionerConfig(kind="identity"),
+        protocol=ProtocolConfig(disclosure="aggregate"),
+    )
+    offers = {
+        h: Buyer(
+            MLP([10, h, 2]).eval(),
+            get_task("classification"),
+            objective=make_data(40, 2),
+            train=make_data(120, 3),
+            settings=settings,
+        ).offer(max_samples=50_000)
+        for h in (16, 200_000)
+    }
     small, large = Seller("s", make_data(60, 5)), Seller("s", make_data(50_000, 5))
     assert SellerBudgetConfig().offer_work_s == 300
     assert small.cost(pb.Offer.FromString(offers[200_000])).work_s < 30
     assert large.cost(pb.Offer.FromString(offers[16])).work_s < 30
-    with pytest.raises(ResourceLimitError, match="seller-budget.offer-work-s") as refused:
+    with pytest.raises(ResourceLimitError, match=r"seller-budget\.offer-work-s") as refused:
         large.cost(pb.Offer.FromString(offers[200_000]))
     assert refused.value.limit == "offer_work_s"

@@ -70,8 +70,11 @@ def test_fabricated_records_are_caught_at_the_stated_probability(make_buyer):
         assert set(result.bad_gradients) <= set(range(bad))
         caught += bool(result.bad_gradients)
     p = catch_probability(n, bad, k)
-    print(f"\nfabricated {bad}/{n} records, {k} opened: caught in {caught}/{trials} spot checks, stated probability {p:.3f}; "
-          f"k = 30 would give {catch_probability(n, bad, 30):.3f}")
+    print(
+        f"\nfabricated {bad}/{n} records, {k} opened: caught in {caught}/{trials} spot checks, "
+        f"stated probability {p:.3f}; "
+        f"k = 30 would give {catch_probability(n, bad, 30):.3f}"
+    )
     assert abs(caught / trials - p) < 4 * np.sqrt(p * (1 - p) / trials)
     assert catch_probability(n, bad, k) >= 1 - (1 - bad / n) ** k
 
@@ -98,10 +101,15 @@ def test_forged_total_catch_rate_and_false_alarms_match_the_bound(make_buyer):
     assert width < sampling_width(record.score_bound, k, 10**9, alpha)  # the finite population helps
     # a forgery two widths off is caught unless the sample itself strays a width (prob <= alpha)
     forged = dict(valued, total=valued["total"] + 2.01 * width * n)
-    caught = sum(not spot_check(record, forged, open_records(delivery, choose(n, k)), alpha=alpha).passed
-                 for _ in range(trials))
-    false_alarms = sum(not spot_check(record, valued, open_records(delivery, choose(n, k)), alpha=alpha).passed
-                       for _ in range(trials))
-    print(f"\nk={k} of n={n}, alpha={alpha}: forgery +2 widths caught {caught}/{trials}, honest flagged {false_alarms}/{trials}")
+    caught = sum(
+        not spot_check(record, forged, open_records(delivery, choose(n, k)), alpha=alpha).passed for _ in range(trials)
+    )
+    false_alarms = sum(
+        not spot_check(record, valued, open_records(delivery, choose(n, k)), alpha=alpha).passed for _ in range(trials)
+    )
+    print(
+        f"\nk={k} of n={n}, alpha={alpha}: forgery +2 widths caught {caught}/{trials}, "
+        f"honest flagged {false_alarms}/{trials}"
+    )
     bound = alpha * trials + 3 * np.sqrt(alpha * (1 - alpha) * trials)
     assert trials - caught <= bound and false_alarms <= bound

@@ -43,9 +43,20 @@ SINGLE = {
 }
 REPLICATED = {
     "run": {"replicates": 3, "sellers_per_replicate": 8, "runtime": "inprocess", "seconds": 61.0},
-    "validity": {"spearman": {"pooled": 0.88}, "spearman_pooled": 0.88, "top1_rate": 2 / 3,
-                 "paired_vs_gradient_cosine": {"spearman": {"delta_z": 0.4, "p_wilcoxon": 0.25, "p_sign_flip": 0.25, "p_bootstrap": None,
-                                                            "n_replicates": 3}}},
+    "validity": {
+        "spearman": {"pooled": 0.88},
+        "spearman_pooled": 0.88,
+        "top1_rate": 2 / 3,
+        "paired_vs_gradient_cosine": {
+            "spearman": {
+                "delta_z": 0.4,
+                "p_wilcoxon": 0.25,
+                "p_sign_flip": 0.25,
+                "p_bootstrap": None,
+                "n_replicates": 3,
+            }
+        },
+    },
     "fidelity": {"pearson": 1.0, "max_rel_error": 1e-9, "n_scores": 24},
 }
 
@@ -67,9 +78,11 @@ def test_the_summary_is_short_and_says_only_what_was_computed(metrics):
 
 
 def test_the_front_door_exports_what_a_user_needs_and_stays_light():
-    code = ("import sys, tip_fed; light = 'torch' not in sys.modules; "
-            "from tip_fed import Buyer, Seller, TipError, load_dataset, SellerPolicy; "
-            "print(light, Buyer.__module__, Seller.__module__, issubclass(TipError, Exception))")
+    code = (
+        "import sys, tip_fed; light = 'torch' not in sys.modules; "
+        "from tip_fed import Buyer, Seller, TipError, load_dataset, SellerPolicy; "
+        "print(light, Buyer.__module__, Seller.__module__, issubclass(TipError, Exception))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "tip_fed.protocol.buyer", "tip_fed.protocol.seller", "True"]
     import tip_fed

@@ -19,7 +19,9 @@ def test_defaults_are_valid_and_round_trip():
 
 
 def test_causal_toml_loads_with_overrides():
-    config = load_config(ROOT / "configs" / "causal.toml", ["seed=7", "projection.rank=4", "causal.seller-classes=[[1],[4]]"])
+    config = load_config(
+        ROOT / "configs" / "causal.toml", ["seed=7", "projection.rank=4", "causal.seller-classes=[[1],[4]]"]
+    )
     assert config.seed == 7
     assert config.projection.rank == 4
     assert config.causal.seller_classes == ((1,), (4,))

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from simulations import healthcare
 from tip_fed.config import load_config
 from tip_fed.errors import ConfigError
-from simulations import healthcare
 
 
 def test_real_sites_partition_the_real_rows_with_site_differences():
@@ -54,7 +54,7 @@ def test_samples_per_seller_gives_every_synthetic_site_exactly_that_many_rows():
 
 @pytest.mark.parametrize("value", [0, 3, -5])
 def test_samples_per_seller_below_four_rows_is_a_config_error(value):
-    with pytest.raises(ConfigError, match="healthcare.samples-per-seller must be >= 4"):
+    with pytest.raises(ConfigError, match=r"healthcare\.samples-per-seller must be >= 4"):
         load_config("configs/healthcare.toml", [f"healthcare.samples-per-seller={value}"])
     with pytest.raises(ConfigError, match="must be an integer"):
         load_config("configs/healthcare.toml", ["healthcare.samples-per-seller=1.5"])
@@ -92,13 +92,13 @@ def test_cohort_sites_hold_hundreds_of_patients_and_differ_in_case_mix():
     sizes = [len(s.y) for s in sites]
     assert sum(sizes) == len(cohort.y) and min(sizes) >= 200 and max(sizes) >= 2 * min(sizes)
     # a site's true labels are the loader's labels of the patients it holds (matched by features)
-    lookup = {row.tobytes(): label for row, label in zip(cohort.x, cohort.y)}
+    lookup = {row.tobytes(): label for row, label in zip(cohort.x, cohort.y, strict=True)}
     standard = [s for s in sites if s.info["coding"] == "standard"]
     assert standard and all([lookup[r.tobytes()] for r in s.x] == list(s.y_true) for s in standard)
     clean = [s for s in sites if s.info["label_noise"] == 0]
     assert clean and all((s.y == s.y_true).all() for s in clean)
     # case mix: mean severity and death rate differ between the sites at both ends of the axis
-    sev = {row.tobytes(): v for row, v in zip(cohort.x, cohort.severity)}
+    sev = {row.tobytes(): v for row, v in zip(cohort.x, cohort.severity, strict=True)}
     mean_sev = {s.name: np.mean([sev[r.tobytes()] for r in s.x]) for s in standard}
     lo, hi = min(standard, key=lambda s: mean_sev[s.name]), max(standard, key=lambda s: mean_sev[s.name])
     assert mean_sev[hi.name] - mean_sev[lo.name] > 1.0

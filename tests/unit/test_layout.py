@@ -22,7 +22,7 @@ LAYERS = (
     {"tip_fed.errors", "tip_fed.lazy"},
     {"tip_fed", "tip_fed.config", "tip_fed.tls", "tip_fed.wire", "tip_fed.toml_files"},
     {"tip_fed.core", "tip_fed.crypto", "tip_fed.sellers_config"},
-    {"tip_fed.protocol"},
+    {"tip_fed.protocol", "tip_fed.testing"},
     {"tip_fed.flower", "tip_fed.grpc", "tip_fed.buyer_config"},
     {"tip_fed.runtimes", "tip_fed.market"},
     {"tip_fed.workflow"},

@@ -22,7 +22,9 @@ def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path):
     for cert in (server.cert, client.cert):
         out = subprocess.run(["openssl", "verify", "-CAfile", str(ca.cert), str(cert)], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-    text = subprocess.run(["openssl", "x509", "-in", str(server.cert), "-noout", "-text"], capture_output=True, text=True).stdout
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(server.cert), "-noout", "-text"], capture_output=True, text=True
+    ).stdout
     assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text
     for key in (ca.key, server.key, client.key):
         assert _mode(key) == 0o600
@@ -31,10 +33,15 @@ def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path):
 def test_a_seller_certificate_names_its_seller_id(tmp_path):
     ca = create_ca(tmp_path)
     cert = issue_cert(ca, tmp_path, "seller-0", seller_id="Clinic A")
-    text = subprocess.run(["openssl", "x509", "-in", str(cert.cert), "-noout", "-text"], capture_output=True, text=True).stdout
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(cert.cert), "-noout", "-text"], capture_output=True, text=True
+    ).stdout
     assert f"DNS:{seller_name('Clinic A')}" in text and "IP Address:127.0.0.1" in text
-    plain = subprocess.run(["openssl", "x509", "-in", str(issue_cert(ca, tmp_path, "s").cert), "-noout", "-text"],
-                           capture_output=True, text=True).stdout
+    plain = subprocess.run(
+        ["openssl", "x509", "-in", str(issue_cert(ca, tmp_path, "s").cert), "-noout", "-text"],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert seller_name("Clinic A") not in plain
     with pytest.raises(ConfigError, match="client certificate"):
         issue_cert(ca, tmp_path, "buyer", client=True, seller_id="Clinic A")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from tip_fed.errors import ConfigError
 
 from .common import machine, versions
 
-__all__ = ["run_bench", "merge_results", "SECTIONS", "SUMMARY_KEYS"]
+__all__ = ["SECTIONS", "SUMMARY_KEYS", "merge_results", "run_bench"]
 
 SECTIONS = ("packing", "gradients", "seller", "scale")
 #: The headline keys the issue asks for, "section.key".
@@ -46,6 +46,7 @@ SUMMARY_KEYS = (
 
 
 def _section(name: str, quick: bool) -> dict[str, Any]:
+    run: Callable[[bool], dict[str, Any]]
     if name == "packing":
         from .packing import run
     elif name == "gradients":

@@ -63,7 +63,11 @@ def full_then_project(model: torch.nn.Module, spec: ProjectionSpec, batch: dict[
     modules = dict(model.named_modules())
     layers = [modules[layer.name] for layer in spec.layers]
     # a layer with bias is projected as [W | b] (the bias is the gradient's last input column)
-    params = [p for layer, m in zip(spec.layers, layers) for p in ([m.weight, m.bias] if layer.bias else [m.weight])]
+    params = [
+        p
+        for layer, m in zip(spec.layers, layers, strict=True)
+        for p in ([m.weight, m.bias] if layer.bias else [m.weight])
+    ]
     n = batch["input_ids"].shape[0]
     full: list[list[torch.Tensor]] = []
     for i in range(n):
@@ -71,7 +75,7 @@ def full_then_project(model: torch.nn.Module, spec: ProjectionSpec, batch: dict[
         loss = task.per_sample_loss(model, sample)[0]
         grads = iter(g.detach() for g in torch.autograd.grad(loss, params))
         per_layer = []
-        for layer, m in zip(spec.layers, layers):
+        for layer, m in zip(spec.layers, layers, strict=True):
             w = next(grads)
             w = w.T if not isinstance(m, torch.nn.Linear) else w  # Conv1D stores [in, out]
             per_layer.append(torch.cat([w, next(grads)[:, None]], dim=1) if layer.bias else w)
@@ -147,18 +151,36 @@ def _worker(method: str, n: int, reps: int, size: int) -> dict[str, Any]:
     for _ in range(reps):
         for name, fn in fns.items():
             times[name].append(timed(fn)[1])
-    result = {"method": method, "n": n, "batch": size, "dim": spec.dim,
-              "seconds": median(times[method]) if reps else first, "seconds_all": times[method],
-              "peak_mb": peak, "output": out.tolist()}
+    result = {
+        "method": method,
+        "n": n,
+        "batch": size,
+        "dim": spec.dim,
+        "seconds": median(times[method]) if reps else first,
+        "seconds_all": times[method],
+        "peak_mb": peak,
+        "output": out.tolist(),
+    }
     for name in FLOORS if method == "hooks" and reps else ():
         result[f"floor_{name}_seconds"] = median(times[name])
-        result[f"hooks_over_{name}"] = median([h / f for h, f in zip(times["hooks"], times[name])])
+        result[f"hooks_over_{name}"] = median([h / f for h, f in zip(times["hooks"], times[name], strict=True)])
     return result
 
 
 def _spawn(method: str, n: int, reps: int, size: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tip_fed.bench.gradients", "--worker", method, "--n", str(n), "--reps", str(reps),
-           "--batch", str(size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tip_fed.bench.gradients",
+        "--worker",
+        method,
+        "--n",
+        str(n),
+        "--reps",
+        str(reps),
+        "--batch",
+        str(size),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"gradient benchmark worker {method} failed:\n{proc.stderr[-2000:]}")

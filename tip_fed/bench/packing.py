@@ -31,6 +31,7 @@ from tip_fed.crypto import (
     EncodingCache,
     HEParams,
     SessionKeys,
+    baseline_public_context_bytes,
     decrypt_naive,
     decrypt_scores,
     encrypt_query,
@@ -87,7 +88,7 @@ def run(quick: bool, seed: int = 0, dim: int = 1024, n_poly: int = 8192) -> dict
     warm_scores = decrypt_scores(keys, plan, replies, samples)
 
     n_naive = min(naive_n, samples)
-    base_public = keys.baseline_public_context_bytes()
+    base_public = baseline_public_context_bytes(keys)
     base_ctx = load_public_context(base_public, plan.params)
     naive_query = encrypt_query_naive(keys, x)
     naive_replies, t_naive = timed(lambda: score_rows_naive(base_ctx, naive_query, rows[:n_naive]))

@@ -3,7 +3,8 @@
 Each point runs ``tip-fed simulate`` on the healthcare scenario (the settings of the repository's
 ``configs/healthcare.toml``, written out in :data:`HEALTHCARE`, so an installed tip_fed needs no
 checkout) ``--set sellers=N --set runtime=<runtime> --set healthcare.dataset=synthetic --set
-healthcare.samples-per-seller=100`` in a child process, so every point values exactly N x 100 samples, and samples the summed resident memory of the whole
+healthcare.samples-per-seller=100`` in a child process, so every point values exactly N x 100 samples, and samples the
+summed resident memory of the whole
 process tree (the Flower/Ray workers included) every 0.2 s.
 
 Two times per point, because only one of them is per-seller work:
@@ -37,10 +38,20 @@ from .common import tree_rss_mb
 
 #: The healthcare scenario as ``configs/healthcare.toml`` sets it, over the library defaults.
 HEALTHCARE: dict[str, str | int | float] = {
-    "scenario": "healthcare", "seed": 0, "projection.rank": 8, "preconditioner.kind": "identity",
-    "protocol.disclosure": "aggregate", "ground-truth.lr": 0.01, "ground-truth.epochs": 1,
-    "ground-truth.batch-size": 16, "healthcare.dataset": "diabetes", "healthcare.sites": 12,
-    "healthcare.sellers": 8, "healthcare.replicates": 20, "healthcare.hidden": 16, "healthcare.train-epochs": 50,
+    "scenario": "healthcare",
+    "seed": 0,
+    "projection.rank": 8,
+    "preconditioner.kind": "identity",
+    "protocol.disclosure": "aggregate",
+    "ground-truth.lr": 0.01,
+    "ground-truth.epochs": 1,
+    "ground-truth.batch-size": 16,
+    "healthcare.dataset": "diabetes",
+    "healthcare.sites": 12,
+    "healthcare.sellers": 8,
+    "healthcare.replicates": 20,
+    "healthcare.hidden": 16,
+    "healthcare.train-epochs": 50,
 }
 SAMPLES_PER_SELLER = 100
 #: The issue's acceptance criterion: peak RSS under 8 GB, valuation time per seller flat within +-20 %.
@@ -58,13 +69,30 @@ def write_config(path: Path) -> Path:
 
 
 def measure(sellers: int, runtime: str, out_dir: Path, config: Path) -> dict[str, Any]:
-    """One simulate run of ``config``: valuation-phase and whole-run seconds, peak tree RSS, sellers and samples valued."""
-    cmd = [sys.executable, "-m", "tip_fed.cli", "simulate", str(config), "--out", str(out_dir), "--quiet",
-           "--set", f"sellers={sellers}", "--set", f"runtime={runtime}", "--set", "healthcare.dataset=synthetic",
-           "--set", f"healthcare.samples-per-seller={SAMPLES_PER_SELLER}",
-           # Flower's simulation engine scans every stored message for every node each 0.1 s:
-           # a small in-flight window keeps that scan cheap at 1000 nodes on 2 cores.
-           "--set", f"flower.wave-size={WINDOW}"]
+    """One simulate run of ``config``: valuation-phase and whole-run seconds, peak tree RSS, sellers and samples
+    valued."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "tip_fed.cli",
+        "simulate",
+        str(config),
+        "--out",
+        str(out_dir),
+        "--quiet",
+        "--set",
+        f"sellers={sellers}",
+        "--set",
+        f"runtime={runtime}",
+        "--set",
+        "healthcare.dataset=synthetic",
+        "--set",
+        f"healthcare.samples-per-seller={SAMPLES_PER_SELLER}",
+        # Flower's simulation engine scans every stored message for every node each 0.1 s:
+        # a small in-flight window keeps that scan cheap at 1000 nodes on 2 cores.
+        "--set",
+        f"flower.wave-size={WINDOW}",
+    ]
     log = out_dir.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -75,23 +103,33 @@ def measure(sellers: int, runtime: str, out_dir: Path, config: Path) -> dict[str
             time.sleep(0.2)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"simulate with {sellers} sellers failed (exit {proc.returncode}); see {log}:\n"
-                           + log.read_text()[-2000:])
+        raise RuntimeError(
+            f"simulate with {sellers} sellers failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-2000:]
+        )
     with open(out_dir / "scores.csv") as fh:
         rows = list(csv.DictReader(fh))
     valued, samples = len(rows), sum(int(r["n_samples"]) for r in rows)
     if samples != sellers * SAMPLES_PER_SELLER or valued != sellers:
-        raise RuntimeError(f"expected {sellers} sellers x {SAMPLES_PER_SELLER} samples, the run valued "
-                           f"{valued} sellers and {samples} samples; see {out_dir}")
+        raise RuntimeError(
+            f"expected {sellers} sellers x {SAMPLES_PER_SELLER} samples, the run valued "
+            f"{valued} sellers and {samples} samples; see {out_dir}"
+        )
     phase = json.loads((out_dir / "metrics.json").read_text())["run"].get("valuation_seconds")
     if phase is None:
         raise RuntimeError(f"runtime {runtime!r} does not time the valuation phase (the buyer runs elsewhere)")
     with open(out_dir / "replicates" / "rep-000" / "valuations.csv") as fh:
         own = [float(r["seconds"]) for r in csv.DictReader(fh)]
-    return {"sellers": sellers, "samples": samples, "runtime": runtime,
-            "valuation_seconds": phase, "valuation_seconds_per_seller": phase / sellers,
-            "seller_seconds_mean": sum(own) / len(own),
-            "seconds": seconds, "seconds_per_seller": seconds / sellers, "peak_rss_mb": peak}
+    return {
+        "sellers": sellers,
+        "samples": samples,
+        "runtime": runtime,
+        "valuation_seconds": phase,
+        "valuation_seconds_per_seller": phase / sellers,
+        "seller_seconds_mean": sum(own) / len(own),
+        "seconds": seconds,
+        "seconds_per_seller": seconds / sellers,
+        "peak_rss_mb": peak,
+    }
 
 
 def _spread(values: list[float]) -> float:

@@ -33,10 +33,10 @@ KFAC statistics come from the same pass (see :class:`KfacStats` for the normalis
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -226,8 +226,8 @@ def _one_pass(
         return hook
 
     handles = []
-    for layer, module in zip(spec.layers, modules):
-        p_in, p_out = projection_matrices(spec, layer, dtype, module.weight.device)
+    for layer, module in zip(spec.layers, modules, strict=True):
+        p_in, p_out = projection_matrices(spec, layer, dtype, module.get_parameter("weight").device)
         hook = make_hook(passes[layer.name], layer.name, layer.bias, p_in, p_out)
         handles.append(module.register_forward_hook(hook))
     detached = {key: value.detach() for key, value in batch.items()}
@@ -269,7 +269,7 @@ def _grads_from_pass(spec: ProjectionSpec, n: int, passes: dict[str, _LayerPass]
         layer_pass = passes[layer.name]
         block = torch.zeros(n, layer.rank_out, layer.rank_in, dtype=reference.dtype,
                             device=reference.device)  # stays zero for a layer the loss never used
-        for act, grad in zip(layer_pass.activations, layer_pass.gradients):
+        for act, grad in zip(layer_pass.activations, layer_pass.gradients, strict=True):
             block = block + torch.einsum("nto,nti->noi", grad, act).to(reference.device)
         blocks.append(block.reshape(n, layer.dim))
     return torch.cat(blocks, dim=1)
@@ -285,7 +285,7 @@ def _stats_from_pass(
         a_sum = torch.zeros(layer.rank_in, layer.rank_in, dtype=torch.float64)
         s_sum = torch.zeros(layer.rank_out, layer.rank_out, dtype=torch.float64)
         tokens = 0
-        for act, grad in zip(layer_pass.activations, layer_pass.gradients):
+        for act, grad in zip(layer_pass.activations, layer_pass.gradients, strict=True):
             act, grad = act.double().cpu(), grad.double().cpu()
             if mask is not None and tuple(mask.shape) == tuple(act.shape[:2]):
                 real = mask.cpu() != 0

@@ -15,6 +15,7 @@ arbitrary code (no ``trust_remote_code``, no pickles):
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,7 +52,7 @@ class MLP(nn.Sequential):
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ModelError(f"MLP sizes must be >= 2 positive integers, got {list(sizes)}")
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(int(a), int(b), bias=bias))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
@@ -155,7 +156,8 @@ def _build_transformers(config: Mapping[str, Any]) -> nn.Module:
     import transformers
 
     if not isinstance(config.get("config", {}), Mapping):
-        raise ModelError("a 'transformers' model config is {\"model_class\": ..., \"config\": {..., \"model_type\": ...}}")
+        raise ModelError("a 'transformers' model config is {\"model_class\": ..., \"config\": {..., \"model_type\": "
+                         "...}}")
     name = config.get("model_class")
     cfg = dict(config.get("config", {}))
     model_type = cfg.pop("model_type", None)
@@ -164,16 +166,21 @@ def _build_transformers(config: Mapping[str, Any]) -> nn.Module:
     try:
         hf_config = transformers.AutoConfig.for_model(model_type, **cfg)
         return getattr(transformers, str(name))(hf_config)
-    except Exception as exc:  # noqa: BLE001 - a config transformers rejects, in any of its ways, is a bad model
-        raise ModelError(f"cannot build a {name} from this {model_type!r} config, transformers rejects it: "
-                         f"{str(exc)[:300]}; fix the config (describe() writes a valid one from a live model)") from None
+    except Exception as exc:
+        raise ModelError(
+            f"cannot build a {name} from this {model_type!r} config, transformers rejects it: "
+            f"{str(exc)[:300]}; fix the config (describe() writes a valid one from a live model)"
+        ) from None
 
 
 def _clean(value: Any) -> Any:
     """A config dict without internal, version or dtype keys, nor values JSON cannot carry."""
     if isinstance(value, Mapping):
-        return {k: _clean(v) for k, v in value.items()
-                if not (isinstance(k, str) and (k.startswith("_") or k in _NOISY_KEYS)) and _jsonable(v)}
+        return {
+            k: _clean(v)
+            for k, v in value.items()
+            if not (isinstance(k, str) and (k.startswith("_") or k in _NOISY_KEYS)) and _jsonable(v)
+        }
     return value
 
 
@@ -245,6 +252,7 @@ def build(architecture: str, config: Mapping[str, Any]) -> nn.Module:
 
 # ---------------------------------------------------------------- weights
 
+
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """``state_dict`` keys that name the same tensor as an earlier key (``alias -> first name``).
 
@@ -268,8 +276,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for key, tensor in state.items():
         group = aliases.get(key, key)
         if group in shipped and not torch.equal(tensor, state[shipped[group]]):
-            raise ModelError(f"model weights: {key!r} and {shipped[group]!r} are one tied tensor in the announced "
-                             "architecture but the offer ships different values for them")
+            raise ModelError(
+                f"model weights: {key!r} and {shipped[group]!r} are one tied tensor in the announced "
+                "architecture but the offer ships different values for them"
+            )
         shipped.setdefault(group, key)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -306,8 +316,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise ModelError(f"weights file {str(path)!r} does not exist; write it with tip_fed.core.models.save_weights "
-                         "or safetensors.torch.save_file(model.state_dict(), path)")
+        raise ModelError(
+            f"weights file {str(path)!r} does not exist; write it with tip_fed.core.models.save_weights "
+            "or safetensors.torch.save_file(model.state_dict(), path)"
+        )
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -321,8 +333,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 # ---------------------------------------------------------------- loading saved models
 
-def _from_pretrained(name_or_path: str | Path, model_class: str, config: Mapping[str, Any],
-                     **kwargs: Any) -> nn.Module:
+
+def _from_pretrained(name_or_path: str | Path, model_class: str, config: Mapping[str, Any], **kwargs: Any) -> nn.Module:
     import transformers
 
     _check_class(model_class, config.get("model_type"))
@@ -347,11 +359,14 @@ def load_local(path: str | Path) -> nn.Module:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelError(f"model directory {str(folder)!r} does not exist; pass the folder written by "
-                         "model.save_pretrained(folder)")
+        raise ModelError(
+            f"model directory {str(folder)!r} does not exist; pass the folder written by model.save_pretrained(folder)"
+        )
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ModelError(f"{str(folder)!r} has no config.json; pass the folder written by model.save_pretrained(folder)")
+        raise ModelError(
+            f"{str(folder)!r} has no config.json; pass the folder written by model.save_pretrained(folder)"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -360,13 +375,16 @@ def load_local(path: str | Path) -> nn.Module:
         raise ModelError(f"{config_file} must hold a JSON object")
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
-        raise ModelError(f"{config_file} names no architectures; save the model with save_pretrained from its "
-                         "class, or call load_pretrained(path, model_class, local_files_only=True)")
+        raise ModelError(
+            f"{config_file} names no architectures; save the model with save_pretrained from its "
+            "class, or call load_pretrained(path, model_class, local_files_only=True)"
+        )
     return _from_pretrained(folder, architectures[0], config, local_files_only=True)
 
 
-def load_pretrained(name_or_path: str | Path, model_class: str, *, local_files_only: bool = False,
-                    revision: str | None = None) -> nn.Module:
+def load_pretrained(
+    name_or_path: str | Path, model_class: str, *, local_files_only: bool = False, revision: str | None = None
+) -> nn.Module:
     """Load a supported transformers model from the hub (or a local directory) with the library's own code."""
     import transformers
 
@@ -375,7 +393,8 @@ def load_pretrained(name_or_path: str | Path, model_class: str, *, local_files_o
         raise ModelError(f"model_class {model_class!r} is not supported; {_supported_hint()}")
     try:
         config, _ = transformers.PretrainedConfig.get_config_dict(
-            str(name_or_path), local_files_only=local_files_only, revision=revision)
+            str(name_or_path), local_files_only=local_files_only, revision=revision
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load {str(name_or_path)!r}: {str(exc)[:300]}. Pass a local directory written by "

@@ -235,7 +235,9 @@ def _denominator(
     return denominator, damping
 
 
-def _check_stats(stats: Mapping[str, KfacStats] | None, spec: ProjectionSpec, kind: str) -> None:
+def _check_stats(
+    stats: Mapping[str, KfacStats] | None, spec: ProjectionSpec, kind: str
+) -> Mapping[str, KfacStats]:
     if not isinstance(stats, Mapping):
         raise DataError(
             f"the {kind!r} preconditioner needs kfac_stats, a mapping layer name -> KfacStats "
@@ -254,12 +256,13 @@ def _check_stats(stats: Mapping[str, KfacStats] | None, spec: ProjectionSpec, ki
             )
         if entry.num_tokens <= 0 or entry.num_samples <= 0:
             raise DataError(f"kfac_stats for {layer.name!r} were computed from no data.")
+    return stats
 
 
 def _fit_kronecker(kind: str, spec: ProjectionSpec, grads: torch.Tensor | None,
                    stats: Mapping[str, KfacStats], damping: float | None) -> _Kronecker:
     fitted = []
-    for layer, start in zip(spec.layers, spec.offsets()):
+    for layer, start in zip(spec.layers, spec.offsets(), strict=True):
         entry = stats[layer.name]
         eig_a, basis_a = _symmetric_eig(entry.activation_cov.to(torch.float64).cpu())
         eig_s, basis_s = _symmetric_eig(entry.gradient_cov.to(torch.float64).cpu())
@@ -304,9 +307,9 @@ def fit_preconditioner(
         floor = _floor(float(eigenvalues.sum()), spec.dim, "raw")
         denominator, used = _denominator(eigenvalues, damping, floor, "raw")
         return _Eigen(spec.dim, basis, denominator, used, grads.shape[0], eigenvalues)
-    _check_stats(kfac_stats, spec, kind)
-    grads = _check_grads(train_grads, spec, kind) if kind == "ekfac" else None
-    return _fit_kronecker(kind, spec, grads, kfac_stats, damping)
+    stats = _check_stats(kfac_stats, spec, kind)
+    ekfac_grads = _check_grads(train_grads, spec, kind) if kind == "ekfac" else None
+    return _fit_kronecker(kind, spec, ekfac_grads, stats, damping)
 
 
 def load_preconditioner(summary: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],

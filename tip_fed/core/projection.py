@@ -317,7 +317,8 @@ def layer_dims(module: torch.nn.Module) -> tuple[int, int] | None:
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         # Conv1D stores its weight as [in, out] and computes y = x W + b.
-        return (int(module.weight.shape[0]), int(module.weight.shape[1]))
+        weight = module.get_parameter("weight")
+        return (int(weight.shape[0]), int(weight.shape[1]))
     return None
 
 

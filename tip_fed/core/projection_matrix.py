@@ -128,7 +128,7 @@ def _tree_sum(values: np.ndarray) -> np.ndarray:
     length = values.shape[-1]
     padded = 1 << max(length - 1, 0).bit_length()
     if padded != length:
-        pad = np.zeros(values.shape[:-1] + (padded - length,), dtype=values.dtype)
+        pad = np.zeros((*values.shape[:-1], padded - length), dtype=values.dtype)
         values = np.concatenate([values, pad], axis=-1)
     while values.shape[-1] > 1:
         values = values[..., 0::2] + values[..., 1::2]

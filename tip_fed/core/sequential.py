@@ -96,10 +96,11 @@ class _Layer:
 
 
 LAYERS: dict[str, _Layer] = {
-    "Linear": _Layer(nn.Linear, {"in_features": (_FEATURES, None), "out_features": (_FEATURES, None),
-                                 "bias": (_bool, True)},
-                     lambda m: {"in_features": m.in_features, "out_features": m.out_features,
-                                "bias": m.bias is not None}),
+    "Linear": _Layer(
+        nn.Linear,
+        {"in_features": (_FEATURES, None), "out_features": (_FEATURES, None), "bias": (_bool, True)},
+        lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+    ),
     "ReLU": _Layer(nn.ReLU, {}),
     "GELU": _Layer(nn.GELU, {"approximate": (_choice("none", "tanh"), "none")}),
     "Tanh": _Layer(nn.Tanh, {}),
@@ -110,11 +111,21 @@ LAYERS: dict[str, _Layer] = {
     "ELU": _Layer(nn.ELU, {"alpha": (_ANY, 1.0)}),
     "Softplus": _Layer(nn.Softplus, {"beta": (_ANY, 1.0), "threshold": (_ANY, 20.0)}),
     "Dropout": _Layer(nn.Dropout, {"p": (_float(0.0, 1.0, open_hi=True), 0.5)}),
-    "LayerNorm": _Layer(nn.LayerNorm, {"normalized_shape": (_shape, None), "eps": (_float(0.0, 1.0, open_lo=True), 1e-5),
-                                       "elementwise_affine": (_bool, True), "bias": (_bool, True)},
-                        lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
-                                   "elementwise_affine": m.elementwise_affine,
-                                   "bias": getattr(m, "bias", None) is not None}),
+    "LayerNorm": _Layer(
+        nn.LayerNorm,
+        {
+            "normalized_shape": (_shape, None),
+            "eps": (_float(0.0, 1.0, open_lo=True), 1e-5),
+            "elementwise_affine": (_bool, True),
+            "bias": (_bool, True),
+        },
+        lambda m: {
+            "normalized_shape": list(m.normalized_shape),
+            "eps": m.eps,
+            "elementwise_affine": m.elementwise_affine,
+            "bias": getattr(m, "bias", None) is not None,
+        },
+    ),
     "Flatten": _Layer(nn.Flatten, {"start_dim": (_DIM, 1), "end_dim": (_DIM, -1)}),
     "Identity": _Layer(nn.Identity, {}, lambda m: {}),
 }
@@ -132,16 +143,19 @@ def _unsupported(what: str) -> ModelError:
 def _check_layer(index: int, entry: Any) -> tuple[str, _Layer, dict[str, Any]]:
     """Validated (type name, layer type, full argument dict) of spec entry ``index``."""
     if not isinstance(entry, Mapping):
-        raise ModelError(f"sequential layer #{index} must be an object like {{\"type\": \"ReLU\"}}, got "
-                         f"{type(entry).__name__}")
+        raise ModelError(
+            f'sequential layer #{index} must be an object like {{"type": "ReLU"}}, got {type(entry).__name__}'
+        )
     kind = entry.get("type")
     layer = LAYERS.get(kind) if isinstance(kind, str) else None
     if layer is None or not isinstance(kind, str):
         raise _unsupported(f"sequential layer #{index} has type {str(kind)[:40]!r}")
     unknown = sorted(str(k)[:40] for k in entry if k != "type" and k not in layer.args)
     if unknown:
-        raise ModelError(f"sequential layer #{index} ({kind}) has unknown arguments {unknown}; "
-                         f"{kind} takes {sorted(layer.args) or 'no arguments'}")
+        raise ModelError(
+            f"sequential layer #{index} ({kind}) has unknown arguments {unknown}; "
+            f"{kind} takes {sorted(layer.args) or 'no arguments'}"
+        )
     args: dict[str, Any] = {}
     for name, (check, default) in layer.args.items():
         if name not in entry and default is None:
@@ -149,8 +163,9 @@ def _check_layer(index: int, entry: Any) -> tuple[str, _Layer, dict[str, Any]]:
         try:
             args[name] = check(entry.get(name, default))
         except (TypeError, ValueError) as exc:
-            raise ModelError(f"sequential layer #{index} ({kind}): {name} must be {exc}, got "
-                             f"{str(entry.get(name))[:40]}") from None
+            raise ModelError(
+                f"sequential layer #{index} ({kind}): {name} must be {exc}, got {str(entry.get(name))[:40]}"
+            ) from None
     return kind, layer, args
 
 
@@ -168,13 +183,17 @@ def _checked_spec(spec: Any) -> list[tuple[str, _Layer, dict[str, Any]]]:
     if not spec:
         raise ModelError("a sequential spec needs at least one layer")
     if len(spec) > MAX_LAYERS:
-        raise ModelError(f"a sequential spec may list at most {MAX_LAYERS} layers, this one lists {len(spec)} "
-                         "(refused before building it)")
+        raise ModelError(
+            f"a sequential spec may list at most {MAX_LAYERS} layers, this one lists {len(spec)} "
+            "(refused before building it)"
+        )
     checked = [_check_layer(i, entry) for i, entry in enumerate(spec)]
     total = sum(_layer_parameters(kind, args) for kind, _, args in checked)
     if total > MAX_PARAMETERS:
-        raise ModelError(f"a sequential spec may declare at most {MAX_PARAMETERS} parameters, this one declares "
-                         f"{total} (refused before building it)")
+        raise ModelError(
+            f"a sequential spec may declare at most {MAX_PARAMETERS} parameters, this one declares "
+            f"{total} (refused before building it)"
+        )
     return checked
 
 
@@ -198,8 +217,10 @@ def describe_sequential(model: nn.Sequential) -> list[dict[str, Any]]:
     spec: list[dict[str, Any]] = []
     for index, (name, module) in enumerate(model.named_children()):
         if name != str(index):
-            raise ModelError(f"layer {name!r} of the Sequential is named; sellers rebuild layers named 0, 1, 2, ... "
-                             "so build it as nn.Sequential(layer0, layer1, ...) without an OrderedDict")
+            raise ModelError(
+                f"layer {name!r} of the Sequential is named; sellers rebuild layers named 0, 1, 2, ... "
+                "so build it as nn.Sequential(layer0, layer1, ...) without an OrderedDict"
+            )
         cls = type(module)
         layer = LAYERS.get(cls.__name__)
         if layer is None or layer.cls is not cls:

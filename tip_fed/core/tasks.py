@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from tip_fed.errors import ConfigError, DataError, ModelError
 
 __all__ = [
+    "TASKS",
     "CausalLMTask",
     "ClassificationTask",
     "SequenceClassificationTask",
     "Task",
-    "TASKS",
     "batch_size",
     "get_task",
 ]

@@ -8,7 +8,7 @@ seller: :func:`load_public_context` -> :func:`score_rows`; buyer: :func:`decrypt
 
 from .encoding_cache import EncodingCache
 from .keys import PublicContext, SessionKeys, load_public_context
-from .naive import decrypt_naive, encrypt_query_naive, score_rows_naive
+from .naive import baseline_public_context_bytes, decrypt_naive, encrypt_query_naive, score_rows_naive
 from .packing import decrypt_scores, encrypt_query, score_rows
 from .params import (
     DEFAULT_FILL_BOUND,
@@ -21,21 +21,22 @@ from .params import (
 )
 
 __all__ = [
-    "HEParams",
-    "PackingPlan",
     "DEFAULT_FILL_BOUND",
     "MAX_QUERY_NORM",
-    "security_bits",
-    "check_params",
-    "plan_packing",
-    "SessionKeys",
-    "PublicContext",
-    "load_public_context",
     "EncodingCache",
-    "encrypt_query",
-    "score_rows",
-    "decrypt_scores",
-    "encrypt_query_naive",
-    "score_rows_naive",
+    "HEParams",
+    "PackingPlan",
+    "PublicContext",
+    "SessionKeys",
+    "baseline_public_context_bytes",
+    "check_params",
     "decrypt_naive",
+    "decrypt_scores",
+    "encrypt_query",
+    "encrypt_query_naive",
+    "load_public_context",
+    "plan_packing",
+    "score_rows",
+    "score_rows_naive",
+    "security_bits",
 ]

@@ -33,15 +33,15 @@ from tip_fed.errors import CodecError, CryptoError, TipError
 from .params import HEParams
 
 __all__ = [
-    "max_ciphertext_bytes",
-    "max_context_bytes",
-    "seal_to_bytes",
     "ciphertext_from_bytes",
-    "parse_context_proto",
-    "new_context_proto",
-    "tenseal_errors",
     "encryption_params_from_bytes",
     "load_tenseal_context",
+    "max_ciphertext_bytes",
+    "max_context_bytes",
+    "new_context_proto",
+    "parse_context_proto",
+    "seal_to_bytes",
+    "tenseal_errors",
 ]
 
 _SEAL_MAGIC = 0xA15E
@@ -80,7 +80,7 @@ def max_context_bytes(params: HEParams) -> int:
 
 # ---- temp-file transport for sealapi objects ---------------------------------------------------
 def _tmp_dir() -> str | None:
-    shm = "/dev/shm"
+    shm = "/dev/shm"  # noqa: S108 - a directory for mkstemp-made files, not a fixed file name
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from tip_fed.errors import ConfigError
 
 from .params import PackingPlan
 
-__all__ = ["EncodingCache", "DEFAULT_CACHE_BYTES"]
+__all__ = ["DEFAULT_CACHE_BYTES", "EncodingCache"]
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -60,7 +61,7 @@ class EncodingCache:
         rows' shape and every value."""
         arr = np.ascontiguousarray(block, dtype=np.float64)  # no copy for row slices
         digest = hashlib.sha256(repr(arr.shape).encode())
-        digest.update(memoryview(arr).cast("B"))  # hashed in place (SHA-NI: ~1.5 GB/s)
+        digest.update(arr.data.cast("B"))  # hashed in place (SHA-NI: ~1.5 GB/s)
         layout = (plan.params, plan.dim, plan.baby, int(block_rows))
         return (*layout, tuple(int(v) for v in parms_id), float(scale), digest.hexdigest())
 

@@ -38,7 +38,7 @@ from .codec import (
 )
 from .params import HEParams, PackingPlan, check_params, context_memory_bytes, security_bits
 
-__all__ = ["SessionKeys", "PublicContext", "load_public_context", "clear_context_cache", "context_cache_bytes"]
+__all__ = ["PublicContext", "SessionKeys", "clear_context_cache", "context_cache_bytes", "load_public_context"]
 
 
 #: SEALContexts by serialised encryption parameters, shared by every session in the process. A
@@ -119,7 +119,8 @@ class PublicContext:
     ) -> None:
         """Use :func:`load_public_context` (it validates ``data`` and its parsed ``msg``)."""
         self.params = params
-        self._data, self._n_threads, self._context = data, n_threads, None
+        self._data, self._n_threads = data, n_threads
+        self._context: ts.Context | None = None
         seal_context = _shared_seal_context(bytes(msg.encryption_parameters), params)
         self.handles = _SealHandles(seal_context, params)
         pk = load_seal_key(sa.PublicKey(), seal_context, bytes(msg.public_context.public_key), "the public key")
@@ -237,16 +238,9 @@ class SessionKeys:
         """The seller-side view of this session, loaded exactly as a seller would."""
         return load_public_context(self.public_context_bytes(), self.params, n_threads=n_threads)
 
-    # ---- secret-key introspection for tests ---------------------------------------------------
-    def secret_key_bytes_for_test(self, raw: bool = False) -> bytes:
-        """The secret key as TenSEAL would serialise it (``raw=False``), or its uncompressed
-        RNS/NTT coefficients as little-endian uint64 (``raw=True``). Only for leak tests that
-        scan outgoing bytes; never send these anywhere."""
+    def _serialized_secret_key(self) -> bytes:
+        """The secret key as TenSEAL serialises it: what the fingerprint hashes; never sent anywhere."""
         ctx, _ = self._live()
-        if raw:
-            pt = ctx.secret_key().data.data()
-            coeffs = np.fromiter((pt[i] for i in range(pt.coeff_count())), dtype="<u8")
-            return coeffs.tobytes()
         with tenseal_errors("serialising the secret key", CryptoError):
             private = ctx.serialize(
                 save_public_key=False,
@@ -258,27 +252,11 @@ class SessionKeys:
 
     def secret_key_fingerprint(self) -> str:
         """sha256 hex of the serialised secret key: identifies the key without revealing it."""
-        return hashlib.sha256(self.secret_key_bytes_for_test()).hexdigest()
+        return hashlib.sha256(self._serialized_secret_key()).hexdigest()
 
     def _tenseal_context(self) -> ts.Context:
         """The private TenSEAL context (secret key inside): for the naive baseline only."""
         return self._live()[0]
-
-    def baseline_public_context_bytes(self) -> bytes:
-        """BENCHMARK BASELINE ONLY: public context with TenSEAL's default Galois keys (~35 MB at
-        N = 8192), which ``dot`` needs. The packed protocol never ships this."""
-        ctx, _ = self._live()
-        with tenseal_errors("building the baseline public context", CryptoError):
-            tmp = ctx.copy()
-            tmp.generate_galois_keys()
-            data = tmp.serialize(
-                save_public_key=True,
-                save_secret_key=False,
-                save_galois_keys=True,
-                save_relin_keys=False,
-            )
-            tmp.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
-        return data
 
     def destroy(self) -> None:
         """Drop the secret key; every later decrypt/encrypt raises CryptoError."""

@@ -17,11 +17,28 @@ from .codec import max_ciphertext_bytes, tenseal_errors
 from .keys import PublicContext, SessionKeys
 from .packing import _query_vector, _rows_matrix
 
-__all__ = ["encrypt_query_naive", "score_rows_naive", "decrypt_naive"]
+__all__ = ["baseline_public_context_bytes", "decrypt_naive", "encrypt_query_naive", "score_rows_naive"]
 
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def baseline_public_context_bytes(keys: SessionKeys) -> bytes:
+    """BASELINE ONLY: the session's public context with TenSEAL's default Galois keys (~35 MB at
+    N = 8192), which ``dot`` needs. The packed protocol never ships this."""
+    ctx = keys._tenseal_context()
+    with tenseal_errors("building the baseline public context", CryptoError):
+        tmp = ctx.copy()
+        tmp.generate_galois_keys()
+        data: bytes = tmp.serialize(
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=True,
+            save_relin_keys=False,
+        )
+        tmp.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
+    return data
 
 
 def encrypt_query_naive(keys: SessionKeys, x: np.ndarray) -> bytes:
@@ -36,7 +53,7 @@ def encrypt_query_naive(keys: SessionKeys, x: np.ndarray) -> bytes:
 
 def score_rows_naive(ctx: PublicContext, query: bytes, rows: np.ndarray) -> list[bytes]:
     """BASELINE ONLY: one ``dot`` and one ciphertext per row. Needs the default Galois keys
-    (``SessionKeys.baseline_public_context_bytes()``)."""
+    (:func:`baseline_public_context_bytes`)."""
     if not isinstance(query, (bytes, bytearray)) or not query:
         raise CodecError("the baseline query is empty or not bytes")
     if len(query) > max_ciphertext_bytes(ctx.params) + 1024:

@@ -61,10 +61,10 @@ from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, HEParams, PackingPlan
 from .sanitise import FLOOD_STD, sanitising_fill
 
 __all__ = [
+    "bsgs_slots_unmasked",
+    "decrypt_scores",
     "encrypt_query",
     "score_rows",
-    "decrypt_scores",
-    "bsgs_slots_unmasked",
 ]
 
 _ROW_NORM_TOL = 1e-9
@@ -322,10 +322,10 @@ class _Scorer:
                     res = inner[g]
                 else:
                     ev.add_inplace(res, inner[g])
-        step = p.diagonals(r)
-        while res is not None and step < p.chunk_dim:
-            ev.add_inplace(res, self._rotate(res, step))
-            step *= 2
+        shift = p.diagonals(r)
+        while res is not None and shift < p.chunk_dim:
+            ev.add_inplace(res, self._rotate(res, shift))
+            shift *= 2
         t = self._tick("rotate_fold", t)
         if res is not None:
             # One rescale at the very end: every rotation's key-switching noise was added at
@@ -396,7 +396,8 @@ def score_rows(
 ) -> list[bytes]:
     """Seller side: Enc((rows + row_noise) @ x), up to ``plan.rows_per_block`` scores per ciphertext.
 
-    Returns ``plan.blocks(len(rows))`` ciphertexts (block sizes ``plan.block_rows``) in which only the requested scores decrypt to
+    Returns ``plan.blocks(len(rows))`` ciphertexts (block sizes ``plan.block_rows``) in which only the requested
+    scores decrypt to
     anything but fresh randomness. ``rng`` drives the uniform fill of the non-output slots; seed
     it from OS entropy (``np.random.default_rng()``) in production, a fixed seed only in tests.
     ``rows`` must have norm <= 1; ``row_noise`` (same shape, differential-privacy noise in
@@ -409,9 +410,7 @@ def score_rows(
     :mod:`tip_fed.crypto.parallel`; replies are the same as with one).
     """
     if not isinstance(ctx, PublicContext):
-        raise ConfigError(
-            f"expected a PublicContext (load_public_context), got {type(ctx).__name__}"
-        )
+        raise ConfigError(f"expected a PublicContext (load_public_context), got {type(ctx).__name__}")
     _same_params(plan, ctx.params, "public context")
     if not isinstance(rng, np.random.Generator):
         raise ConfigError("rng must be a numpy.random.Generator, e.g. np.random.default_rng()")
@@ -421,9 +420,7 @@ def score_rows(
     for name, bound, low in (("fill_bound", fill_bound, 0.0), ("imag_bound", imag_bound, -1.0)):
         if not (isinstance(bound, (int, float)) and math.isfinite(bound) and low < bound <= limit):
             raise ConfigError(f"{name} must be in ({max(low, 0):g}, {limit:g}] for these parameters, got {bound!r}")
-    if not (
-        isinstance(flood_std, (int, float)) and math.isfinite(flood_std) and 0 <= flood_std <= 1
-    ):
+    if not (isinstance(flood_std, (int, float)) and math.isfinite(flood_std) and 0 <= flood_std <= 1):
         raise ConfigError(f"flood_std must be in [0, 1], got {flood_std!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")

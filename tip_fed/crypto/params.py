@@ -27,13 +27,13 @@ import numpy as np
 from tip_fed.errors import ConfigError, InsecureParametersError
 
 __all__ = [
+    "DEFAULT_FILL_BOUND",
+    "MAX_QUERY_NORM",
     "HEParams",
     "PackingPlan",
-    "MAX_QUERY_NORM",
-    "DEFAULT_FILL_BOUND",
-    "security_bits",
     "check_params",
     "plan_packing",
+    "security_bits",
 ]
 
 #: Largest L2 norm of a buyer query. Scores satisfy |y_j| <= ||x|| (rows have norm <= 1), and

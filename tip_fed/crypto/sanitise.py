@@ -26,7 +26,8 @@ residual noise is ~2^-29 to 2^-24 in slot units (measured in ``tests/security/te
 ``flood_std`` = 2^-18 (below the release rounding step, 1e-8 of the score bound ~ 2^-16.6 slot
 units), so the statistical parameter is ~6 bits per output slot (advantage <= 2^-6 for one
 released value, growing with the square root of the number of released values), and ~42 bits per
-slot for the imaginary and non-output parts (B = 2^12; ~30 bits summed over a reply's 4096 slots). A 40-bit parameter on the output slots
+slot for the imaginary and non-output parts (B = 2^12; ~30 bits summed over a reply's 4096 slots). A 40-bit parameter
+on the output slots
 needs ``flood_std >= 2^40 ||d||`` ~ 2^16 slot units, larger than the scores
 themselves: it would take a ~2^32 larger scale and last modulus (N = 16384 or 32768 parameters),
 which this planner does not offer. With differential privacy on, the output slots also carry the
@@ -54,9 +55,7 @@ __all__ = ["FLOOD_STD", "decrypt_complex", "sanitising_fill", "statistical_dista
 FLOOD_STD: float = 2.0**-18
 
 
-def sanitising_fill(
-    fill: np.ndarray, out_slots: np.ndarray, flood_std: float, imag_bound: float
-) -> np.ndarray:
+def sanitising_fill(fill: np.ndarray, out_slots: np.ndarray, flood_std: float, imag_bound: float) -> np.ndarray:
     """The complex vector added (encrypted) to a reply: ``fill`` in non-output real parts, Gaussian
     flooding in output real parts, uniform noise in every imaginary part (OS entropy)."""
     gen = np.random.default_rng(secrets.randbits(128))

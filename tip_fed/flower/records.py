@@ -9,7 +9,7 @@ here is untrusted input: a malformed record is a :class:`ProtocolError`, never a
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, RecordDict
 
 from tip_fed.errors import ProtocolError
 
@@ -41,7 +41,7 @@ def _unblob(content: RecordDict, what: str) -> bytes:
         raise ProtocolError(f"{what} payload must be a 1-d uint8 array, got {array.dtype} {tuple(array.shape)}")
     try:
         data = array.numpy().tobytes()
-    except Exception as exc:  # noqa: BLE001 - any deserialisation failure of untrusted bytes
+    except Exception as exc:
         raise ProtocolError(f"{what} payload array cannot be deserialised: {type(exc).__name__}") from exc
     if not data:
         raise ProtocolError(f"{what} payload is empty")
@@ -67,7 +67,7 @@ def encode_reply(reply: bytes, seller_id: str) -> RecordDict:
 
 def encode_error(reason: str, seller_id: str | None) -> RecordDict:
     """Content of a seller's refusal: the TipError text the buyer lists under ``rejected``."""
-    meta: dict[str, str] = {ERROR: reason[:MAX_ERROR_CHARS] or "unspecified error"}
+    meta: dict[str, ConfigRecordValues] = {ERROR: reason[:MAX_ERROR_CHARS] or "unspecified error"}
     if seller_id:
         meta[SELLER] = seller_id
     return RecordDict({META: ConfigRecord(meta)})
@@ -88,7 +88,12 @@ def decode_reply(content: RecordDict) -> tuple[bytes | None, str | None, str | N
 def load_answered(state: RecordDict) -> dict[str, int]:
     """Queries answered per session, kept in the ClientApp's ``context.state`` between messages."""
     record = state.config_records.get(ANSWERED)
-    return {} if record is None else {str(k): int(v) for k, v in record.items()}  # type: ignore[call-overload]
+    answered: dict[str, int] = {}
+    for k, v in (record or {}).items():
+        if not isinstance(v, int):
+            raise ProtocolError(f"answered-query count for session {k!r} is not an integer")
+        answered[str(k)] = v
+    return answered
 
 
 def store_answered(state: RecordDict, answered: dict[str, int]) -> None:

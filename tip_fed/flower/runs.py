@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecordValues, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
@@ -56,7 +56,8 @@ def _warm_up_reply(msg: Message, context: Context) -> Message:
 
 def files_loader(files: Mapping[str, Path], policy: SellerPolicy) -> SellerLoader:
     """Seller loader for simulated nodes: node ``partition-id`` i is the i-th seller of ``files``
-    (seller id -> data file: tensors or raw records), answering under ``policy``. Nodes started with ``data-path`` use their own file."""
+    (seller id -> data file: tensors or raw records), answering under ``policy``. Nodes started with ``data-path`` use
+    their own file."""
     sellers = list(files.items())
 
     def load(context: Context, answered: dict[str, int]) -> Seller:
@@ -89,7 +90,7 @@ def simulate_session(session: Session, loader: SellerLoader, num_sellers: int, *
     client = make_client_app(loader)
     client.query(WARM_UP_ACTION)(_warm_up_reply)
     cfg: FlowerConfig = session.flower
-    backend = {
+    backend: dict[str, dict[str, ConfigRecordValues]] = {
         "client_resources": {"num_cpus": cfg.num_cpus, "num_gpus": 0.0},
         "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": progress},
     }

@@ -204,7 +204,7 @@ def _reply_bytes(reply: Message, node: int, rejected: dict[str, str], bound: str
 
 def make_server_app(
     make_session: Callable[[Context], Session],
-    on_done: Callable[[Valuation, Context], None] | None = None,
+    on_done: Callable[[Valuation, Context], object] | None = None,
 ) -> ServerApp:
     """A ServerApp running one session built by ``make_session`` and handing the result to ``on_done``."""
     app = ServerApp()

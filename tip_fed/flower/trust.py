@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tip_fed.errors import ConfigError, TipError
 
@@ -126,7 +127,9 @@ def load_trusted(path: str | Path) -> dict[str, str]:
     return {str(k): v for k, v in data.items()}
 
 
-def verify_fab(fab: bytes, signature: object, trusted: dict[str, str], run_config: Mapping[str, object] | None = None) -> str:
+def verify_fab(
+    fab: bytes, signature: object, trusted: dict[str, str], run_config: Mapping[str, object] | None = None
+) -> str:
     """The id of the trusted publisher who signed ``fab`` with these run-config overrides;
     UntrustedAppError otherwise."""
     from cryptography.hazmat.primitives import serialization
@@ -139,14 +142,18 @@ def verify_fab(fab: bytes, signature: object, trusted: dict[str, str], run_confi
 
     digest = hashlib.sha256(fab).digest()
     if not isinstance(signature, str) or not signature:
-        raise UntrustedAppError(f"app (FAB sha256 {digest.hex()[:16]}) is not signed: no '{SIGNATURE}' in its run config")
+        raise UntrustedAppError(
+            f"app (FAB sha256 {digest.hex()[:16]}) is not signed: no '{SIGNATURE}' in its run config"
+        )
     parts = signature.split(":")
     if len(parts) != 3 or not parts[1].isdigit():
         raise UntrustedAppError(f"'{SIGNATURE}' must look like KEY-ID:SIGNED-AT:SIGNATURE, got {signature[:80]!r}")
     kid, signed_at, sig = parts
     if kid not in trusted:
-        raise UntrustedAppError(f"app (FAB sha256 {digest.hex()[:16]}) is signed by {kid[:40]!r}, "
-                                f"not by a trusted publisher ({', '.join(sorted(trusted))})")
+        raise UntrustedAppError(
+            f"app (FAB sha256 {digest.hex()[:16]}) is signed by {kid[:40]!r}, "
+            f"not by a trusted publisher ({', '.join(sorted(trusted))})"
+        )
     try:
         public = serialization.load_ssh_public_key(trusted[kid].encode())
         raw = decode_base64url(sig)
@@ -155,8 +162,9 @@ def verify_fab(fab: bytes, signature: object, trusted: dict[str, str], run_confi
     if not isinstance(public, ed25519.Ed25519PublicKey) or not verify_signature(
         public, create_message_to_sign(signed_digest(fab, run_config or {}), int(signed_at)), raw
     ):
-        raise UntrustedAppError(f"app (FAB sha256 {digest.hex()[:16]}) and its run config do not match "
-                                f"the signature of {kid}")
+        raise UntrustedAppError(
+            f"app (FAB sha256 {digest.hex()[:16]}) and its run config do not match the signature of {kid}"
+        )
     return kid
 
 
@@ -188,31 +196,41 @@ def guarded_app(kind: str) -> None:
         from flwr.superlink.cli.flwr_serverapp import flwr_serverapp as entry
     side = "supernode" if kind == "clientapp" else "superlink"
     # the module, not the function of the same name that the package re-exports
-    runtime = importlib.import_module(f"flwr.{side}.runtime.run_{kind}")
+    runtime: Any = importlib.import_module(f"flwr.{side}.runtime.run_{kind}")
 
     seen: dict[str, object] = {}
-    context_from_proto, run_from_proto, install = runtime.context_from_proto, runtime.run_from_proto, runtime.install_from_fab
+    context_from_proto, run_from_proto, install = (
+        runtime.context_from_proto,
+        runtime.run_from_proto,
+        runtime.install_from_fab,
+    )
 
-    def capture_context(proto):  # type: ignore[no-untyped-def]
+    def capture_context(proto: Any) -> Any:
         seen["context"] = context_from_proto(proto)
         return seen["context"]
 
-    def capture_run(proto):  # type: ignore[no-untyped-def]
+    def capture_run(proto: Any) -> Any:
         seen["run"] = run_from_proto(proto)
         return seen["run"]
 
-    def install_from_fab(fab_file, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
         context, run = seen.get("context"), seen.get("run")
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
         run_config = dict(getattr(run, "override_config", {}) or {})  # what 'flwr run' passed: all signed
         try:
             signer = check_task(content, dict(getattr(context, "node_config", {}) or {}), run_config)
         except TipError as exc:
-            _record(logging.ERROR, f"tip-fed: REFUSED untrusted app {getattr(run, 'fab_id', '?')} "
-                                   f"(run {getattr(run, 'run_id', '?')}): {exc}")
+            _record(
+                logging.ERROR,
+                f"tip-fed: REFUSED untrusted app {getattr(run, 'fab_id', '?')} "
+                f"(run {getattr(run, 'run_id', '?')}): {exc}",
+            )
             raise
-        _record(logging.INFO, f"tip-fed: app {getattr(run, 'fab_id', '?')} (run {getattr(run, 'run_id', '?')}) "
-                              f"signed by trusted publisher {signer}")
+        _record(
+            logging.INFO,
+            f"tip-fed: app {getattr(run, 'fab_id', '?')} (run {getattr(run, 'run_id', '?')}) "
+            f"signed by trusted publisher {signer}",
+        )
         for name in [m for m in sys.modules if m == "tip_fed" or m.startswith("tip_fed.")]:
             del sys.modules[name]  # the app imports the signed FAB's own tip_fed, not this copy
         return install(fab_file, *args, **kwargs)
@@ -242,7 +260,9 @@ def install_guard(bin_dir: str | Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     for kind in ("clientapp", "serverapp"):
         path = d / f"flwr-{kind}"
-        path.write_text(f"#!{sys.executable}\nimport sys\nfrom tip_fed.flower.trust import guarded_app\n\n"
-                        f"sys.exit(guarded_app({kind!r}))\n")
-        os.chmod(path, 0o755)
+        path.write_text(
+            f"#!{sys.executable}\nimport sys\nfrom tip_fed.flower.trust import guarded_app\n\n"
+            f"sys.exit(guarded_app({kind!r}))\n"
+        )
+        os.chmod(path, 0o755)  # noqa: S103 - an executable launcher Flower runs; it holds no secret
     return d

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -108,7 +108,9 @@ def _read(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read TLS file {path}: {exc.strerror}; create files with 'tip-fed tls init DIR'") from exc
+        raise ConfigError(
+            f"cannot read TLS file {path}: {exc.strerror}; create files with 'tip-fed tls init DIR'"
+        ) from exc
 
 
 def open_channel(
@@ -124,8 +126,10 @@ def open_channel(
     ``target_name`` replaces the address's host as the name the server certificate must carry.
     """
     if tls is None and not insecure:
-        raise ConfigError("connecting to sellers needs TLS: pass tls=ClientTLS(root_ca=...) "
-                          "or insecure=True for plaintext on a trusted network")
+        raise ConfigError(
+            "connecting to sellers needs TLS: pass tls=ClientTLS(root_ca=...) "
+            "or insecure=True for plaintext on a trusted network"
+        )
     options: list[tuple[str, int | str]] = [*channel_options(max_message_bytes)]
     if tls is None:
         return grpc.insecure_channel(address, options=options)
@@ -134,13 +138,19 @@ def open_channel(
     return grpc.secure_channel(address, tls.credentials(), options=options)
 
 
-def _channel(endpoint: SellerEndpoint, tls: ClientTLS | None, insecure: bool,
-             max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+def _channel(
+    endpoint: SellerEndpoint, tls: ClientTLS | None, insecure: bool, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> grpc.Channel:
     """A channel to ``endpoint`` that authenticates the seller id when ``tls`` binds it."""
     if tls is not None and endpoint.root_ca is not None:
         tls = replace(tls, root_ca=endpoint.root_ca)
-    return open_channel(endpoint.address, tls=tls, insecure=insecure, max_message_bytes=max_message_bytes,
-                        target_name=tls.target_name(endpoint) if tls else None)
+    return open_channel(
+        endpoint.address,
+        tls=tls,
+        insecure=insecure,
+        max_message_bytes=max_message_bytes,
+        target_name=tls.target_name(endpoint) if tls else None,
+    )
 
 
 def check_identity(endpoint: SellerEndpoint, claimed: str) -> None:
@@ -162,8 +172,11 @@ def describe(err: grpc.RpcError) -> str:
 
 def not_held(err: grpc.RpcError) -> bool:
     """True when a seller refused an Offer by reference because it lacks the model (resend with weights)."""
-    return (isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.FAILED_PRECONDITION
-            and (err.details() or "").startswith(ModelNotHeldError.MARKER))
+    return (
+        isinstance(err, grpc.Call)
+        and err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and (err.details() or "").startswith(ModelNotHeldError.MARKER)
+    )
 
 
 def health(
@@ -177,7 +190,7 @@ def health(
             response_deserializer=pb.HealthResponse.FromString,
         )
         try:
-            return call(pb.HealthRequest(), timeout=timeout_s)  # type: ignore[no-any-return]
+            return call(pb.HealthRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
             raise SellerUnavailableError(f"seller {endpoint.name} at {endpoint.address}: {describe(exc)}") from exc
 
@@ -189,7 +202,9 @@ def wait_until_healthy(
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            reply = health(endpoint, tls=tls, insecure=insecure, timeout_s=max(0.5, min(5.0, deadline - time.monotonic())))
+            reply = health(
+                endpoint, tls=tls, insecure=insecure, timeout_s=max(0.5, min(5.0, deadline - time.monotonic()))
+            )
         except SellerUnavailableError as exc:
             if time.monotonic() >= deadline:
                 raise SellerUnavailableError(f"{exc}; not healthy after {timeout_s:g} s") from exc
@@ -241,8 +256,11 @@ def value_sellers(
         ) from exc
     request = pb.ValueRequest(offer=parsed).SerializeToString()
     ships_weights = bool(parsed.model.weights)
-    reference = (pb.ValueRequest(offer=pb.Offer.FromString(strip_weights(offer))).SerializeToString()
-                 if by_reference and ships_weights else None)
+    reference = (
+        pb.ValueRequest(offer=pb.Offer.FromString(strip_weights(offer))).SerializeToString()
+        if by_reference and ships_weights
+        else None
+    )
     del parsed
     channels = {e.name: _channel(e, tls, insecure, max_message_bytes) for e in endpoints}
     counts = {e.name: OfferSent() for e in endpoints}

@@ -188,7 +188,8 @@ class SellerService:
         try:
             offer = pb.ValueRequest.FromString(request).offer.SerializeToString()
         except DecodeError as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid tip.v1 ValueRequest: {exc}")
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid tip.v1 ValueRequest: "
+                                                                   f"{exc}")
         try:
             reply = self.seller.respond(offer, peer=peer)
         except TipError as exc:
@@ -196,9 +197,11 @@ class SellerService:
             level = logging.INFO if isinstance(exc, ModelNotHeldError) else logging.WARNING  # the usual first step
             log.log(level, "refused an offer from %s: %s: %s", peer, code.name, exc)
             self._abort(context, code, str(exc))
-        except Exception:  # noqa: BLE001 - the traceback stays in the seller's log, never on the wire
+        except Exception:
             log.exception("internal error while answering an offer from %s", peer)
-            self._abort(context, grpc.StatusCode.INTERNAL, f"seller {self.seller.seller_id} failed internally; see its log")
+            self._abort(
+                context, grpc.StatusCode.INTERNAL, f"seller {self.seller.seller_id} failed internally; see its log"
+            )
         log.info("answered an offer from %s (%d bytes in, %d bytes out)", peer, len(request), len(reply))
         return pb.ValueResponse(reply=pb.Reply.FromString(reply)).SerializeToString()
 
@@ -273,8 +276,11 @@ def start_server(
     # No SO_REUSEPORT: a second seller on the same port must fail, not silently share connections.
     options = [*channel_options(limit), ("grpc.so_reuseport", 0)]
     threads = budget.max_sessions + _SPARE_THREADS
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options,
-                         maximum_concurrent_rpcs=max(budget.max_calls, threads))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads),
+        options=options,
+        maximum_concurrent_rpcs=max(budget.max_calls, threads),
+    )
     server.add_generic_rpc_handlers((SellerService(seller).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -283,8 +289,10 @@ def start_server(
         bound = 0
         log.debug("bind failed: %s", exc)
     if not bound:
-        raise ConfigError(f"cannot listen on {address}: the port is in use or the host is not an address of this "
-                          "machine; pick another --port (0 picks a free one) or --host")
+        raise ConfigError(
+            f"cannot listen on {address}: the port is in use or the host is not an address of this "
+            "machine; pick another --port (0 picks a free one) or --host"
+        )
     server.start()
     security = "insecure" if tls is None else ("mtls" if tls.client_ca else "tls")
     return RunningServer(server, host, bound, security)
@@ -293,22 +301,27 @@ def start_server(
 def _check_security(tls: ServerTLS | None, insecure: bool, server_tls_only: bool) -> None:
     """Mutual TLS unless one explicit opt-out says otherwise."""
     if tls is None and not insecure:
-        raise ConfigError("a seller service needs TLS: pass --tls-cert, --tls-key and --tls-client-ca (mutual TLS; "
-                          "'tip-fed tls init DIR' makes the files), or --insecure to serve in plaintext on a "
-                          "trusted network")
+        raise ConfigError(
+            "a seller service needs TLS: pass --tls-cert, --tls-key and --tls-client-ca (mutual TLS; "
+            "'tip-fed tls init DIR' makes the files), or --insecure to serve in plaintext on a "
+            "trusted network"
+        )
     if tls is not None and insecure:
         raise ConfigError("--insecure and TLS files were both given; choose one")
     if tls is not None and tls.client_ca is None and not server_tls_only:
-        raise ConfigError("a seller service requires client certificates by default (mutual TLS): pass "
-                          "--tls-client-ca with the CA that signed your buyers' certificates ('tip-fed tls init "
-                          "DIR' on the buyer's side makes DIR/ca.crt and a client certificate DIR/buyer.crt), or "
-                          "--server-tls-only to accept any client that trusts your certificate")
+        raise ConfigError(
+            "a seller service requires client certificates by default (mutual TLS): pass "
+            "--tls-client-ca with the CA that signed your buyers' certificates ('tip-fed tls init "
+            "DIR' on the buyer's side makes DIR/ca.crt and a client certificate DIR/buyer.crt), or "
+            "--server-tls-only to accept any client that trusts your certificate"
+        )
     if server_tls_only and (tls is None or tls.client_ca is not None):
         raise ConfigError("--server-tls-only needs --tls-cert and --tls-key and no --tls-client-ca")
 
 
-def serve_until_signal(running: RunningServer, *, grace_s: float = 5.0,
-                       on_stop: Callable[[str], None] | None = None) -> None:
+def serve_until_signal(
+    running: RunningServer, *, grace_s: float = 5.0, on_stop: Callable[[str], None] | None = None
+) -> None:
     """Block until SIGTERM or SIGINT, then stop gracefully (main thread only)."""
     stopping = threading.Event()
     names: list[str] = []
@@ -350,8 +363,15 @@ def serve(
     _check_security(tls, insecure, server_tls_only)  # before loading the data
     path = Path(data)
     seller = Seller(seller_id or path.stem, load_seller_data(path), policy=policy)
-    running = start_server(seller, host=host, port=port, tls=tls, insecure=insecure, server_tls_only=server_tls_only,
-                           max_message_bytes=max_message_bytes)
+    running = start_server(
+        seller,
+        host=host,
+        port=port,
+        tls=tls,
+        insecure=insecure,
+        server_tls_only=server_tls_only,
+        max_message_bytes=max_message_bytes,
+    )
     if announce:
         announce(running, seller)
     serve_until_signal(running, on_stop=lambda why: log.info("%s: stopping seller %s", why, seller.seller_id))

@@ -20,7 +20,9 @@ Key = tuple[str, str, str]
 def _shares(run: Path) -> dict[Key, tuple[float, float]]:
     rows = read_csv(Path(run) / "payouts.csv")
     # a single-market run is replicate 0, so it lines up with replicate 0 of a replicated run
-    return {(r.get("replicate") or "0", r["seller_id"], r["rule"]): (float(r["payout"]), float(r["share"])) for r in rows}
+    return {
+        (r.get("replicate") or "0", r["seller_id"], r["rule"]): (float(r["payout"]), float(r["share"])) for r in rows
+    }
 
 
 def compare_runs(dir1: str | Path, dir2: str | Path) -> str:
@@ -28,11 +30,18 @@ def compare_runs(dir1: str | Path, dir2: str | Path) -> str:
     a, b = _shares(Path(dir1)), _shares(Path(dir2))
     common = sorted(set(a) & set(b))
     if not common:
-        raise DataError(f"{dir1} and {dir2} have no (seller, rule) payouts in common; were they runs of the same market?")
-    lines = [f"# Payouts: {dir1} vs {dir2}", "",
-             f"{len(common)} (seller, rule) pairs in both; only in the first: {len(set(a) - set(b))}, "
-             f"only in the second: {len(set(b) - set(a))}.", "",
-             "| rule | Spearman of shares | L1 distance of shares | max abs payout difference |", "|---|---|---|---|"]
+        raise DataError(
+            f"{dir1} and {dir2} have no (seller, rule) payouts in common; were they runs of the same market?"
+        )
+    lines = [
+        f"# Payouts: {dir1} vs {dir2}",
+        "",
+        f"{len(common)} (seller, rule) pairs in both; only in the first: {len(set(a) - set(b))}, "
+        f"only in the second: {len(set(b) - set(a))}.",
+        "",
+        "| rule | Spearman of shares | L1 distance of shares | max abs payout difference |",
+        "|---|---|---|---|",
+    ]
     for rule in sorted({k[2] for k in common}):
         keys = [k for k in common if k[2] == rule]
         s1, s2 = [a[k][1] for k in keys], [b[k][1] for k in keys]
@@ -40,7 +49,11 @@ def compare_runs(dir1: str | Path, dir2: str | Path) -> str:
         l1 = float(np.abs(np.subtract(s1, s2)).sum())
         dmax = max(abs(a[k][0] - b[k][0]) for k in keys)
         lines.append(f"| {rule} | {'–' if rho is None else f'{rho:.4f}'} | {l1:.4g} | {dmax:.4g} |")
-    lines += ["", "| replicate | seller | rule | payout 1 | payout 2 | share 1 | share 2 |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| replicate | seller | rule | payout 1 | payout 2 | share 1 | share 2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k in common:
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {a[k][0]:.4g} | {b[k][0]:.4g} | {a[k][1]:.4f} | {b[k][1]:.4f} |")
     return "\n".join(lines) + "\n"

@@ -64,10 +64,14 @@ def finetune_benefit(
     before = objective_loss(model, task, objective)
     tuned = copy.deepcopy(model)
     tuned.eval()  # deterministic (no dropout) so benefit reflects the data, not noise
-    params = [p for name, p in tuned.named_parameters() if not layers or any(fnmatch.fnmatchcase(name, pat) for pat in layers)]
+    params = [
+        p for name, p in tuned.named_parameters() if not layers or any(fnmatch.fnmatchcase(name, pat) for pat in layers)
+    ]
     if not params:
-        raise ModelError(f"ground-truth.layers {list(layers)} match no parameter of the model; "
-                         f"parameter names look like {[n for n, _ in tuned.named_parameters()][:4]}")
+        raise ModelError(
+            f"ground-truth.layers {list(layers)} match no parameter of the model; "
+            f"parameter names look like {[n for n, _ in tuned.named_parameters()][:4]}"
+        )
     opt = torch.optim.SGD(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -101,7 +105,8 @@ def coalition_utility(
     def utility(coalition: frozenset[str]) -> float:
         ids = sorted(coalition)
         data = {k: torch.cat([sellers[s][k] for s in ids]) for k in sellers[ids[0]]}
-        return finetune_benefit(model, task, data, objective, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
-                                layers=layers).benefit
+        return finetune_benefit(
+            model, task, data, objective, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, layers=layers
+        ).benefit
 
     return utility

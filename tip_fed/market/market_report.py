@@ -36,7 +36,7 @@ def _f(x: Any, digits: int = 3) -> str:
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-    return out + [""]
+    return [*out, ""]
 
 
 def _scaled_within(rows: list[dict[str, str]], key: str) -> list[float]:
@@ -79,7 +79,7 @@ def _validity_section(m: dict[str, Any], out: Path) -> list[str]:
     plots.method_bars(list(METHODS), [blocks[n]["spearman"]["pooled"] for n in METHODS],
                       [blocks[n]["spearman"]["ci_low"] for n in METHODS],
                       [blocks[n]["spearman"]["ci_high"] for n in METHODS], out / "methods.png", paper=paper)
-    return parts + ["![methods](methods.png)", ""]
+    return [*parts, "![methods](methods.png)", ""]
 
 
 def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path,
@@ -89,8 +89,10 @@ def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path,
              "Spearman vs reference: do the rules rank sellers alike; L1 of shares: 0 = same split of the budget, "
              "2 = disjoint; Gini: 0 = everyone paid the same.", ""]
     rules = pm.get("rules", {})
-    parts += _table(["rule", "Spearman vs reference", "L1 of shares vs reference", "Gini of payouts"],
-                    [[r, c.get("spearman_vs_reference"), c.get("l1_vs_reference"), c.get("gini")] for r, c in rules.items()])
+    parts += _table(
+        ["rule", "Spearman vs reference", "L1 of shares vs reference", "Gini of payouts"],
+        [[r, c.get("spearman_vs_reference"), c.get("l1_vs_reference"), c.get("gini")] for r, c in rules.items()],
+    )
     per_rep = m.get("run", {}).get("sellers_per_replicate", 0)
     parts += absent_rules(set(rules), per_rep, coalition_max)
     if payouts:
@@ -100,7 +102,9 @@ def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path,
         shares: dict[str, dict[str, float]] = {}
         for r in rep_rows:
             shares.setdefault(r["rule"], {})[r["seller_id"]] = float(r["share"])
-        plots.payout_shares(shares, sellers, out / "payout_shares.png", title=f"Payout shares per rule (replicate {first or 0})")
+        plots.payout_shares(
+            shares, sellers, out / "payout_shares.png", title=f"Payout shares per rule (replicate {first or 0})"
+        )
         parts += ["![payout shares](payout_shares.png)", ""]
     return parts
 
@@ -112,62 +116,117 @@ def render_market_report(out_dir: str | Path) -> Path:
     scores = read_csv(out / "scores.csv")
     payouts = read_csv(out / "payouts.csv") if (out / "payouts.csv").is_file() else []
     run = m.get("run", {})
-    parts = [f"# tip_fed market report: {manifest.get('scenario', 'market')}", "",
-             f"{run.get('replicates', '?')} replicate(s) × {run.get('sellers_per_replicate', '?')} sellers, each replicate "
-             f"valued in its own encrypted session (runtime `{run.get('runtime', '?')}`); {_f(run.get('seconds'), 1)} s in all. "
-             "Realised benefit = objective loss before − after fine-tuning a copy of the buyer's model on that seller's "
-             "data alone: what the score tries to predict.", "",
-             *([manifest["description"], ""] if manifest.get("description") else []), SCORE, ""]
+    parts = [
+        f"# tip_fed market report: {manifest.get('scenario', 'market')}",
+        "",
+        f"{run.get('replicates', '?')} replicate(s) × {run.get('sellers_per_replicate', '?')} sellers, each replicate "
+        f"valued in its own encrypted session (runtime `{run.get('runtime', '?')}`); {_f(run.get('seconds'), 1)} s in "
+        f"all. "
+        "Realised benefit = objective loss before − after fine-tuning a copy of the buyer's model on that seller's "
+        "data alone: what the score tries to predict.",
+        "",
+        *([manifest["description"], ""] if manifest.get("description") else []),
+        SCORE,
+        "",
+    ]
     fid = m.get("fidelity", {})
-    parts += [f"Encryption fidelity over all sellers (decrypted vs plaintext scores; CKKS precision): Pearson "
-              f"{_f(fid.get('pearson'), 8)}, max relative error {_f(fid.get('max_rel_error'))}.", ""]
+    parts += [
+        f"Encryption fidelity over all sellers (decrypted vs plaintext scores; CKKS precision): Pearson "
+        f"{_f(fid.get('pearson'), 8)}, max relative error {_f(fid.get('max_rel_error'))}.",
+        "",
+    ]
     if isinstance(m.get("validity", {}).get("spearman"), dict):
         parts += _validity_section(m, out)
     elif "validity" in m:
         blocks = {"tip": m["validity"], **m.get("baselines", {})}
-        parts += ["## Does the encrypted score predict realised benefit?", "",
-                  "Signed correlations across this market's sellers of each method's score with realised benefit.", ""]
-        parts += _table(["method", "signed Spearman", "signed Pearson"],
-                        [[k, v.get("spearman"), v.get("pearson")] for k, v in blocks.items()])
+        parts += [
+            "## Does the encrypted score predict realised benefit?",
+            "",
+            "Signed correlations across this market's sellers of each method's score with realised benefit.",
+            "",
+        ]
+        parts += _table(
+            ["method", "signed Spearman", "signed Pearson"],
+            [[k, v.get("spearman"), v.get("pearson")] for k, v in blocks.items()],
+        )
     tip = [float(r["tip"]) for r in scores]
     harmful = [float(r["benefit"]) <= 0 for r in scores]
     multi = run.get("replicates", 1) > 1
-    plots.sorted_values(_scaled_within(scores, "tip") if multi else tip, harmful,
-                        out / "seller_values.png", ylabel="TIP score" + (" (÷ replicate RMS)" if multi else ""),
-                        title="Seller values, sorted", labels=None if multi else [r["seller_id"] for r in scores])
+    plots.sorted_values(
+        _scaled_within(scores, "tip") if multi else tip,
+        harmful,
+        out / "seller_values.png",
+        ylabel="TIP score" + (" (÷ replicate RMS)" if multi else ""),
+        title="Seller values, sorted",
+        labels=None if multi else [r["seller_id"] for r in scores],
+    )
     unit = " (÷ replicate RMS)" if multi else ""
-    plots.scatter_fit(_scaled_within(scores, "tip") if multi else tip,
-                      _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores],
-                      out / "score_vs_benefit.png", xlabel="TIP score (encrypted)" + unit,
-                      ylabel="realised benefit (loss before − after)" + unit, title="Encrypted score vs realised benefit",
-                      labels=None if multi else [r["seller_id"] for r in scores])
+    plots.scatter_fit(
+        _scaled_within(scores, "tip") if multi else tip,
+        _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores],
+        out / "score_vs_benefit.png",
+        xlabel="TIP score (encrypted)" + unit,
+        ylabel="realised benefit (loss before − after)" + unit,
+        title="Encrypted score vs realised benefit",
+        labels=None if multi else [r["seller_id"] for r in scores],
+    )
     dist = m.get("distribution", {})
-    series = {"positive TIP value" + (" (÷ replicate RMS)" if multi else ""): _scaled_within(scores, "tip") if multi else tip}
-    series["positive realised benefit" + unit] = _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores]
+    series = {
+        "positive TIP value" + (" (÷ replicate RMS)" if multi else ""): _scaled_within(scores, "tip") if multi else tip
+    }
+    series["positive realised benefit" + unit] = (
+        _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores]
+    )
     shap = [float(r["payout"]) for r in payouts if r["rule"] == "shapley"]
     if shap:
         series["shapley payouts"] = shap
     plots.lorenz_curves(series, out / "lorenz.png")
-    parts += ["## Distribution of value", "",
-              "Gini: 0 = value spread equally, near 1 = one seller holds all of it (positive scores only). "
-              "Top-10% share: fraction of the positive score held by the best 10 % of sellers. "
-              "The Lorenz curve plots the same: the further below the diagonal, the more concentrated.", ""]
-    parts += _table(["Gini (positive part)", "top-10% share", "fraction with negative score", "sellers"],
-                    [[dist.get("gini"), dist.get("top10_share"), dist.get("fraction_negative"), dist.get("n_sellers")]])
-    parts += ["![sorted seller values](seller_values.png)", "", "![Lorenz curve](lorenz.png)", "",
-              "![score vs benefit](score_vs_benefit.png)", ""]
+    parts += [
+        "## Distribution of value",
+        "",
+        "Gini: 0 = value spread equally, near 1 = one seller holds all of it (positive scores only). "
+        "Top-10% share: fraction of the positive score held by the best 10 % of sellers. "
+        "The Lorenz curve plots the same: the further below the diagonal, the more concentrated.",
+        "",
+    ]
+    parts += _table(
+        ["Gini (positive part)", "top-10% share", "fraction with negative score", "sellers"],
+        [[dist.get("gini"), dist.get("top10_share"), dist.get("fraction_negative"), dist.get("n_sellers")]],
+    )
+    parts += [
+        "![sorted seller values](seller_values.png)",
+        "",
+        "![Lorenz curve](lorenz.png)",
+        "",
+        "![score vs benefit](score_vs_benefit.png)",
+        "",
+    ]
     if "deciles" in m:
         d = m["deciles"]
-        parts += ["## Sign validation by fine-tuning on deciles", "",
-                  "A copy of the buyer's model is fine-tuned on the pooled data of the top 10% of sellers by TIP score, "
-                  "and separately on the bottom 10%; benefit = objective loss before − after.", ""]
-        parts += _table(["decile", "sellers", "benefit"], [["top", d["top_n"], d["top_benefit"]],
-                                                          ["bottom", d["bottom_n"], d["bottom_benefit"]]])
-        parts += [f"Top decile lowers the objective loss more than the bottom decile: **{_f(d['top_beats_bottom'])}**.", ""]
+        parts += [
+            "## Sign validation by fine-tuning on deciles",
+            "",
+            "A copy of the buyer's model is fine-tuned on the pooled data of the top 10% of sellers by TIP score, "
+            "and separately on the bottom 10%; benefit = objective loss before − after.",
+            "",
+        ]
+        parts += _table(
+            ["decile", "sellers", "benefit"],
+            [["top", d["top_n"], d["top_benefit"]], ["bottom", d["bottom_n"], d["bottom_benefit"]]],
+        )
+        parts += [
+            f"Top decile lowers the objective loss more than the bottom decile: **{_f(d['top_beats_bottom'])}**.",
+            "",
+        ]
     parts += _payout_section(m, payouts, out, manifest.get("config", {}).get("payouts", {}).get("coalition_max"))
-    parts += ["## Files", "", "`scores.csv` (every method's score and the benefit, per replicate and seller), "
-              "`replicates.csv` (per-replicate correlations), `payouts.csv`, `metrics.json`, and per-session results "
-              "under `replicates/rep-NNN/` (valuations, ground truth, payouts, manifest).", ""]
+    parts += [
+        "## Files",
+        "",
+        "`scores.csv` (every method's score and the benefit, per replicate and seller), "
+        "`replicates.csv` (per-replicate correlations), `payouts.csv`, `metrics.json`, and per-session results "
+        "under `replicates/rep-NNN/` (valuations, ground truth, payouts, manifest).",
+        "",
+    ]
     path = out / "report.md"
     atomic_write(path, "\n".join(parts))
     return path

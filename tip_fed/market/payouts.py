@@ -150,7 +150,9 @@ def leave_one_out(inputs: PayoutInputs) -> dict[str, float]:
     return {s: inputs.value(everyone) - inputs.value(everyone - {s}) for s in inputs.seller_ids}
 
 
-def shapley_values(inputs: PayoutInputs, *, exact_max: int = 10, permutations: int = 200, seed: int = 0) -> dict[str, float]:
+def shapley_values(
+    inputs: PayoutInputs, *, exact_max: int = 10, permutations: int = 200, seed: int = 0
+) -> dict[str, float]:
     """Seller-level Shapley values of the coalition utility.
 
     Exact (all 2^n coalitions) up to ``exact_max`` sellers; beyond that, the Monte Carlo
@@ -224,8 +226,14 @@ def run_rules(rules: Sequence[PayoutRule], inputs: PayoutInputs, budget: float) 
         paid = rule.pay(inputs, budget)
         total = sum(paid.values())
         for s in inputs.seller_ids:
-            rows.append({"seller_id": s, "rule": rule.name, "payout": float(paid[s]),
-                         "share": float(paid[s] / total) if total > 0 else 0.0})
+            rows.append(
+                {
+                    "seller_id": s,
+                    "rule": rule.name,
+                    "payout": float(paid[s]),
+                    "share": float(paid[s] / total) if total > 0 else 0.0,
+                }
+            )
     return rows
 
 
@@ -241,17 +249,27 @@ def compare(rows: Sequence[Mapping[str, object]], reference: str) -> dict[str, d
     out: dict[str, dict[str, float | None]] = {}
     for rule, sh in shares.items():
         a, b = [sh[s] for s in ids], [ref[s] for s in ids]
-        out[rule] = {"spearman_vs_reference": spearman(a, b), "l1_vs_reference": float(np.abs(np.subtract(a, b)).sum()),
-                     "gini": gini(a)}
+        out[rule] = {
+            "spearman_vs_reference": spearman(a, b),
+            "l1_vs_reference": float(np.abs(np.subtract(a, b)).sum()),
+            "gini": gini(a),
+        }
     return out
 
 
-def settle(cfg: PayoutsConfig, inputs: PayoutInputs, seed: int = 0) -> tuple[list[dict[str, object]], dict[str, dict[str, float | None]], str | None]:
+def settle(
+    cfg: PayoutsConfig, inputs: PayoutInputs, seed: int = 0
+) -> tuple[list[dict[str, object]], dict[str, dict[str, float | None]], str | None]:
     """Run every applicable rule; compare with the ground-truth reference (shapley, else benefit).
 
     Returns (payouts.csv rows, comparison per rule, reference rule name or None without ground truth).
     """
-    rules: list[PayoutRule] = [FlatPerRecord(), ProportionalPositive(), Softmax(cfg.temperature), BudgetBalancedReserve(cfg.reserve)]
+    rules: list[PayoutRule] = [
+        FlatPerRecord(),
+        ProportionalPositive(),
+        Softmax(cfg.temperature),
+        BudgetBalancedReserve(cfg.reserve),
+    ]
     reference = None
     if inputs.benefits is not None:
         rules.append(RealisedBenefit())

@@ -51,7 +51,7 @@ def _payouts_section(rows: list[dict[str, str]], summary: dict[str, Any], out: P
     if comp:
         parts += [_table(comp, ["rule", "spearman_vs_reference", "l1_vs_reference", "gini"]), ""]
     parts += absent_rules(set(shares) | set(summary.get("rules", {})), len(sellers), coalition_max)
-    return parts + ["![payout shares](payout_shares.png)", ""]
+    return [*parts, "![payout shares](payout_shares.png)", ""]
 
 
 def render_report(out_dir: str | Path) -> Path:
@@ -120,8 +120,15 @@ def render_report(out_dir: str | Path) -> Path:
                       "plaintext reference: points on the line mean CKKS added no visible error.", "",
                       "![fidelity](fidelity.png)", ""]
     flat = flatten(metrics)
-    parts += ["## Metrics", "", _table([{"metric": k, "value": v, "meaning": explain(k)} for k, v in sorted(flat.items())],
-                                       ["metric", "value", "meaning"]), ""]
+    parts += [
+        "## Metrics",
+        "",
+        _table(
+            [{"metric": k, "value": v, "meaning": explain(k)} for k, v in sorted(flat.items())],
+            ["metric", "value", "meaning"],
+        ),
+        "",
+    ]
     he = manifest.get("session", {}).get("he_params", {})
     parts += [
         "## Reproducibility",
@@ -145,6 +152,10 @@ def _controls(c: dict[str, Any] | None) -> str:
     if not c:
         return "not recorded"
     dp, session = c.get("dp_requested"), c.get("dp_session_composed")
-    noise = (f"Gaussian noise, (ε, δ) = ({dp['epsilon']:g}, {dp['delta']:g}) per query, "
-             f"({session['epsilon']:g}, {session['delta']:g}) per session" if dp and session else "no noise requested")
+    noise = (
+        f"Gaussian noise, (ε, δ) = ({dp['epsilon']:g}, {dp['delta']:g}) per query, "
+        f"({session['epsilon']:g}, {session['delta']:g}) per session"
+        if dp and session
+        else "no noise requested"
+    )
     return f"{noise}; released scores rounded to multiples of {c.get('release_quantum', 0):.3g}"

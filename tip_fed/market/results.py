@@ -19,7 +19,17 @@ from typing import Any
 
 from tip_fed.errors import DataError
 
-VALUATION_COLUMNS = ("seller_id", "n_samples", "score", "score_plaintext", "mean_score", "rank", "clipped", "commitment", "seconds")
+VALUATION_COLUMNS = (
+    "seller_id",
+    "n_samples",
+    "score",
+    "score_plaintext",
+    "mean_score",
+    "rank",
+    "clipped",
+    "commitment",
+    "seconds",
+)
 SAMPLE_COLUMNS = ("seller_id", "sample_index", "score", "score_plaintext")
 GROUND_TRUTH_COLUMNS = ("seller_id", "loss_before", "loss_after", "benefit")
 PAYOUT_COLUMNS = ("seller_id", "rule", "payout", "share")

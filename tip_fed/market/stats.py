@@ -37,7 +37,9 @@ def _clean(rs: Sequence[float | None], ns: Sequence[int]) -> tuple[np.ndarray, n
     return np.asarray([rs[i] for i in keep], float), np.asarray([ns[i] for i in keep], float)
 
 
-def pool(rs: Sequence[float | None], ns: Sequence[int], *, boot: int = 2000, seed: int = 0) -> dict[str, float | int | None]:
+def pool(
+    rs: Sequence[float | None], ns: Sequence[int], *, boot: int = 2000, seed: int = 0
+) -> dict[str, float | int | None]:
     """Fisher-z pooled correlation with a bootstrap 95% CI over replicates; undefined rs are dropped."""
     r, n = _clean(rs, ns)
     if r.size == 0:
@@ -71,27 +73,49 @@ def paired(
     :data:`MIN_BOOTSTRAP_REPLICATES`.
     """
     keep = [i for i in range(len(ns)) if rs_a[i] is not None and rs_b[i] is not None]
-    empty: dict[str, float | int | None] = {"delta_z": None, "ci_low": None, "ci_high": None, "p_sign_flip": None, "p_bootstrap": None,
-             "p_wilcoxon": None, "n_replicates": len(keep)}
+    empty: dict[str, float | int | None] = {
+        "delta_z": None,
+        "ci_low": None,
+        "ci_high": None,
+        "p_sign_flip": None,
+        "p_bootstrap": None,
+        "p_wilcoxon": None,
+        "n_replicates": len(keep),
+    }
     if len(keep) < 2:
         return empty
     dz = fisher_z([float(rs_a[i]) for i in keep]) - fisher_z([float(rs_b[i]) for i in keep])  # type: ignore[arg-type]
     w = _weights([ns[i] for i in keep])
     out = {**empty, "delta_z": float((w * dz).sum() / w.sum()), "n_replicates": int(dz.size)}
     if not np.any(dz != 0):
-        return {**out, "p_sign_flip": 1.0, "p_wilcoxon": 1.0,
-                **({"p_bootstrap": 1.0, "ci_low": 0.0, "ci_high": 0.0} if dz.size >= MIN_BOOTSTRAP_REPLICATES else {})}
+        return {
+            **out,
+            "p_sign_flip": 1.0,
+            "p_wilcoxon": 1.0,
+            **({"p_bootstrap": 1.0, "ci_low": 0.0, "ci_high": 0.0} if dz.size >= MIN_BOOTSTRAP_REPLICATES else {}),
+        }
     out["p_wilcoxon"] = float(sps.wilcoxon(dz).pvalue)
-    out["p_sign_flip"] = float(sps.permutation_test(
-        (dz,), lambda x, axis=-1: (x * w).sum(axis=axis) / w.sum(), permutation_type="samples", vectorized=True,
-        n_resamples=8192, alternative="two-sided", rng=np.random.default_rng(seed)).pvalue)
+    out["p_sign_flip"] = float(
+        sps.permutation_test(
+            (dz,),
+            lambda x, axis=-1: (x * w).sum(axis=axis) / w.sum(),
+            permutation_type="samples",
+            vectorized=True,
+            n_resamples=8192,
+            alternative="two-sided",
+            rng=np.random.default_rng(seed),
+        ).pvalue
+    )
     if dz.size >= MIN_BOOTSTRAP_REPLICATES:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, dz.size, size=(boot, dz.size))
         db = (dz[idx] * w[idx]).sum(1) / w[idx].sum(1)
         tail = min((db <= 0).sum(), (db >= 0).sum())
-        out.update(ci_low=float(np.percentile(db, 2.5)), ci_high=float(np.percentile(db, 97.5)),
-                   p_bootstrap=float(min(1.0, 2 * (tail + 1) / (boot + 1))))
+        out.update(
+            ci_low=float(np.percentile(db, 2.5)),
+            ci_high=float(np.percentile(db, 97.5)),
+            p_bootstrap=float(min(1.0, 2 * (tail + 1) / (boot + 1))),
+        )
     return out
 
 

@@ -44,8 +44,14 @@ def _validity(m: Mapping[str, Any]) -> list[str]:
     lines = [line]
     paired = _get(v, "paired_vs_gradient_cosine.spearman")
     if isinstance(paired, Mapping):
-        lines.append("            vs gradient cosine: " + ", ".join(
-            f"{k} {_num(paired[k])}" for k in ("delta_z", "p_sign_flip", "p_wilcoxon", "n_replicates") if paired.get(k) is not None))
+        lines.append(
+            "            vs gradient cosine: "
+            + ", ".join(
+                f"{k} {_num(paired[k])}"
+                for k in ("delta_z", "p_sign_flip", "p_wilcoxon", "n_replicates")
+                if paired.get(k) is not None
+            )
+        )
     return lines
 
 
@@ -54,11 +60,15 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
     run = metrics.get("run", {}) if isinstance(metrics.get("run"), Mapping) else {}
     lines = []
     if "replicates" in run:
-        lines.append(f"valued      {run.get('sellers_per_replicate')} sellers x {run['replicates']} replicates "
-                     f"over {run.get('runtime', '?')} in {_num(run.get('seconds'))} s")
+        lines.append(
+            f"valued      {run.get('sellers_per_replicate')} sellers x {run['replicates']} replicates "
+            f"over {run.get('runtime', '?')} in {_num(run.get('seconds'))} s"
+        )
     elif "sellers" in run:
-        lines.append(f"valued      {run['sellers']} sellers in {_num(run.get('seconds'))} s "
-                     f"(valuation phase {_num(run.get('valuation_seconds'))} s)")
+        lines.append(
+            f"valued      {run['sellers']} sellers in {_num(run.get('seconds'))} s "
+            f"(valuation phase {_num(run.get('valuation_seconds'))} s)"
+        )
         if run.get("top_by_score") is not None:
             by_benefit = f"; {run['top_by_benefit']} by realised benefit" if run.get("top_by_benefit") else ""
             lines.append(f"top seller  {run['top_by_score']} by score{by_benefit}")
@@ -67,13 +77,18 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
     lines += _validity(metrics)
     fid = metrics.get("fidelity")
     if isinstance(fid, Mapping) and fid.get("n_scores"):
-        lines.append(f"fidelity    encrypted vs plaintext: Pearson {_num(fid.get('pearson'), 6)}, "
-                     f"max relative error {_num(fid.get('max_rel_error'), 2)} over {fid['n_scores']} scores")
+        lines.append(
+            f"fidelity    encrypted vs plaintext: Pearson {_num(fid.get('pearson'), 6)}, "
+            f"max relative error {_num(fid.get('max_rel_error'), 2)} over {fid['n_scores']} scores"
+        )
     rules = _get(metrics, "payouts.rules")
     if isinstance(rules, Mapping) and rules:
         ref = _get(metrics, "payouts.reference")
-        lines.append(f"payouts     {len(rules)} rules compared" + (f" against {ref}" if ref else "")
-                     + "; gini " + ", ".join(f"{r} {_num(c.get('gini'), 2)}" for r, c in rules.items()
-                                             if isinstance(c, Mapping)))
+        lines.append(
+            f"payouts     {len(rules)} rules compared"
+            + (f" against {ref}" if ref else "")
+            + "; gini "
+            + ", ".join(f"{r} {_num(c.get('gini'), 2)}" for r, c in rules.items() if isinstance(c, Mapping))
+        )
     lines.append(f"results     {out_dir}/ (report.md explains every number; metrics.json has them all)")
     return lines[:MAX_LINES]

@@ -16,4 +16,13 @@ from tip_fed.protocol.messages import PROTOCOL_VERSION
 from tip_fed.protocol.prepared import PreparedQuery
 from tip_fed.protocol.seller import Seller, SellerPolicy
 
-__all__ = ["PROTOCOL_VERSION", "Buyer", "BuyerSettings", "PreparedQuery", "Seller", "SellerPolicy", "SellerValuation", "Valuation"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Buyer",
+    "BuyerSettings",
+    "PreparedQuery",
+    "Seller",
+    "SellerPolicy",
+    "SellerValuation",
+    "Valuation",
+]

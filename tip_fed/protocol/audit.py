@@ -94,7 +94,9 @@ class Delivery:
             raise DataError(f"delivery {path} holds no records")
         for key, seed in seeds.items():
             if seed is not None and (seed.dtype != torch.uint8 or seed.ndim != 2 or not bool((seed == seed[0]).all())):
-                raise DataError(f"delivery {path} has a malformed {key.strip('_')} (expected one uint8 row repeated per record)")
+                raise DataError(
+                    f"delivery {path} has a malformed {key.strip('_')} (expected one uint8 row repeated per record)"
+                )
         opened = {key: None if seed is None else bytes(seed[0].tolist()) for key, seed in seeds.items()}
         return cls(
             data=tensors,
@@ -142,6 +144,7 @@ class SessionRecord:
 
     def _check(self) -> None:
         """Types and ranges the audit relies on; DataError naming the first bad field."""
+
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise DataError(f"session record: {what}")
@@ -151,23 +154,33 @@ class SessionRecord:
 
         need(isinstance(self.session_id, str) and isinstance(self.task, str), "session_id and task must be strings")
         need(isinstance(self.model, dict) and isinstance(self.projection, dict), "model and projection must be objects")
-        need(isinstance(self.query, list) and len(self.query) > 0 and all(finite(x) for x in self.query),
-             "query must be a non-empty list of finite numbers")
+        need(
+            isinstance(self.query, list) and len(self.query) > 0 and all(finite(x) for x in self.query),
+            "query must be a non-empty list of finite numbers",
+        )
         need(finite(self.grad_norm_bound) and self.grad_norm_bound > 0, "grad_norm_bound must be a finite number > 0")
         need(finite(self.release_quantum) and self.release_quantum >= 0, "release_quantum must be a finite number >= 0")
         sellers = self.valuation.get("sellers") if isinstance(self.valuation, dict) else None
         need(isinstance(sellers, list), "valuation.sellers must be a list")
         for s in sellers:  # type: ignore[union-attr]
-            need(isinstance(s, dict) and isinstance(s.get("seller_id"), str) and isinstance(s.get("commitment"), str),
-                 "every valued seller needs a seller_id and a commitment")
-            need(isinstance(s.get("n_samples"), int) and s["n_samples"] >= 1 and finite(s.get("total")),
-                 f"seller {s.get('seller_id')!r} needs n_samples >= 1 and a finite total")
+            need(
+                isinstance(s, dict) and isinstance(s.get("seller_id"), str) and isinstance(s.get("commitment"), str),
+                "every valued seller needs a seller_id and a commitment",
+            )
+            need(
+                isinstance(s.get("n_samples"), int) and s["n_samples"] >= 1 and finite(s.get("total")),
+                f"seller {s.get('seller_id')!r} needs n_samples >= 1 and a finite total",
+            )
             per = s.get("per_sample")
-            need(per is None or (isinstance(per, list) and len(per) == s["n_samples"] and all(finite(x) for x in per)),
-                 f"seller {s.get('seller_id')!r}: per_sample must be null or n_samples finite numbers")
+            need(
+                per is None or (isinstance(per, list) and len(per) == s["n_samples"] and all(finite(x) for x in per)),
+                f"seller {s.get('seller_id')!r}: per_sample must be null or n_samples finite numbers",
+            )
             noise = s.get("noise")
-            need(noise is None or (isinstance(noise, dict) and finite(noise.get("std", 0.0))),
-                 f"seller {s.get('seller_id')!r}: noise must be null or carry a finite std")
+            need(
+                noise is None or (isinstance(noise, dict) and finite(noise.get("std", 0.0))),
+                f"seller {s.get('seller_id')!r}: noise must be null or carry a finite std",
+            )
 
     def save(self, path: str | Path) -> Path:
         """Write as JSON, atomically and readable by the owner only."""
@@ -334,8 +347,10 @@ class _Context:
         root = _root(delivery, leaves)
         commitment_ok = root == valued["commitment"]
         if root is None:
-            reasons.append("the delivery reveals no valid commitment salt seed, so its records cannot be matched "
-                           "to the committed root; ask the seller for its delivery file as written by the seller")
+            reasons.append(
+                "the delivery reveals no valid commitment salt seed, so its records cannot be matched "
+                "to the committed root; ask the seller for its delivery file as written by the seller"
+            )
         elif not commitment_ok:
             reasons.append(
                 f"the delivered data hash to root {root[:12]}… but the reply committed to "
@@ -354,7 +369,9 @@ class _Context:
 
         per_sample = valued.get("per_sample") is not None
         seed, noise_ok = self._noise_seed(valued, delivery, reasons)
-        plain, total, scale = self._released(recomputed, per_sample, seed, float((valued.get("noise") or {}).get("gradient_std", 0.0)))
+        plain, total, scale = self._released(
+            recomputed, per_sample, seed, float((valued.get("noise") or {}).get("gradient_std", 0.0))
+        )
         # No allowance for noise: with the seed revealed the released values are recomputed exactly,
         # up to the CKKS error (which grows with the norm of the scored rows) and the rounding.
         per_tol = SCORE_TOL * self.record.score_bound * scale + self.record.release_quantum / 2
@@ -374,7 +391,9 @@ class _Context:
                 )
         score_bad = total_dev > total_tol or not math.isfinite(total_dev)
         if score_bad:
-            reasons.append(f"the decrypted total differs from the recomputed one by {total_dev:.3g} (tolerance {total_tol:.3g})")
+            reasons.append(
+                f"the decrypted total differs from the recomputed one by {total_dev:.3g} (tolerance {total_tol:.3g})"
+            )
         dups = duplicated_records(delivery.data)
         if dups:
             reasons.append(
@@ -404,7 +423,9 @@ class _Context:
             reasons=reasons,
         )
 
-    def _noise_seed(self, valued: Mapping[str, Any], delivery: Delivery, reasons: list[str]) -> tuple[bytes | None, bool]:
+    def _noise_seed(
+        self, valued: Mapping[str, Any], delivery: Delivery, reasons: list[str]
+    ) -> tuple[bytes | None, bool]:
         """The delivered noise seed if it opens the Reply's commitment; (None, False) otherwise."""
         noise = valued.get("noise")
         if not noise:

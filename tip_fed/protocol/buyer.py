@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from tip_fed.core.precondition import Preconditioner
@@ -230,8 +231,8 @@ class Buyer:
         reason, and sellers in ``expected`` that sent nothing valid are listed as missing.
         """
         session_id = session_id or self.session_id
-        session = self._sessions.get(session_id or "")
-        if session is None:
+        session = self._sessions.get(session_id) if session_id else None
+        if session_id is None or session is None:
             raise SessionError("no such session: call offer() first, then settle that session's replies")
         if session.settled:
             raise SessionError(f"session {session_id[:8]}… is already settled and its key destroyed; open a new one")
@@ -259,12 +260,15 @@ class Buyer:
         reply = decode_reply(data)
         if reply.session_id != session.session_id:
             raise SessionError(
-                f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not {session.session_id[:8]}…"
+                f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not "
+                f"{session.session_id[:8]}…"
             )
         if reply.seller_id in seen:
             raise SessionError(f"a second reply from seller {reply.seller_id} in one session was ignored")
         if reply.n_samples > session.max_samples:
-            raise ProtocolError(f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum")
+            raise ProtocolError(
+                f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum"
+            )
         rows = reply.n_samples + 1 if session.disclosure == "per-sample" else 1
         if reply.n_rows != rows:
             raise ProtocolError(
@@ -339,15 +343,18 @@ class Buyer:
         proto = self.settings.protocol
         budget = proto.query_budget
         eps = proto.dp_epsilon
+        multiplier = None if eps is None else NoisePolicy(eps, proto.dp_delta).noise_multiplier
         return {
             "dp_requested": None if eps is None else {"epsilon": eps, "delta": proto.dp_delta},
             # a session answers up to `budget` queries: composed by the accountant the sellers' ledgers use
-            "dp_session_composed": None if eps is None else {
-                "epsilon": composed_epsilon({NoisePolicy(eps, proto.dp_delta).noise_multiplier: budget},
-                                            budget * proto.dp_delta),
+            "dp_session_composed": None
+            if multiplier is None
+            else {
+                "epsilon": composed_epsilon({multiplier: budget}, budget * proto.dp_delta),
                 "delta": budget * proto.dp_delta,
             },
-            "dp_mechanism": "Gaussian noise on clipped projected gradients (sum or rows), std from (epsilon, delta) only",
+            "dp_mechanism": "Gaussian noise on clipped projected gradients (sum or rows), std from (epsilon, delta) "
+            "only",
             "release_digits": proto.release_digits,
             "release_quantum": self.release_quantum,
             "fresh_key_per_session": True,
@@ -379,7 +386,7 @@ def _reply_label(data: bytes, index: int) -> str:
         msg.ParseFromString(bytes(data))
         if msg.seller_id:
             return msg.seller_id[:64]
-    except Exception:  # noqa: BLE001 - labelling only; the real error is reported by _decode
+    except (DecodeError, TypeError, ValueError):
         pass
     return f"reply[{index}]"
 

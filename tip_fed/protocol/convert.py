@@ -22,10 +22,10 @@ def spec_to_pb(spec: ProjectionSpec) -> pb.ProjectionSpec:
         version=data["version"],
         layers=[
             pb.LayerProjection(
-                name=l.name, in_features=l.in_features, out_features=l.out_features,
-                rank_in=l.rank_in, rank_out=l.rank_out, bias=l.bias,
+                name=layer.name, in_features=layer.in_features, out_features=layer.out_features,
+                rank_in=layer.rank_in, rank_out=layer.rank_out, bias=layer.bias,
             )
-            for l in spec.layers
+            for layer in spec.layers
         ],
     )
 
@@ -39,7 +39,7 @@ def spec_from_pb(msg: pb.ProjectionSpec) -> ProjectionSpec:
                 "generator": msg.generator,
                 "seed": msg.seed,
                 "kind": msg.kind,
-                "layers": [layer_dict(l) for l in msg.layers],
+                "layers": [layer_dict(layer) for layer in msg.layers],
             }
         )
     except TipError as exc:

@@ -48,7 +48,9 @@ def load_dataset(path: str | Path) -> dict[str, torch.Tensor]:
 
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"seller data file {p} does not exist; create it with 'tip-fed export-sellers' or save_dataset()")
+        raise DataError(
+            f"seller data file {p} does not exist; create it with 'tip-fed export-sellers' or save_dataset()"
+        )
     try:
         data = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -274,7 +274,7 @@ class TextFormat:
         tok.enable_truncation(self.max_length)
         try:
             encodings = tok.encode_batch(texts, add_special_tokens=self.add_special_tokens)
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+        except Exception as exc:
             raise ProtocolError(f"the buyer's tokenizer failed on {records.source}: {str(exc)[:200]}") from None
         width = max(len(e.ids) for e in encodings)
         if width > self.max_length:  # tokenizers does not truncate below the special tokens' count
@@ -317,7 +317,7 @@ def parse_tokenizer(data: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"the offer's tokenizer_json is not UTF-8 text ({exc}); send tokenizer.json as written "
                             "by Tokenizer.save or save_pretrained") from None
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
+    except Exception as exc:
         raise ProtocolError(f"the offer's tokenizer_json is not a valid tokenizers serialization: {str(exc)[:200]}; "
                             "send tokenizer.json as written by Tokenizer.save or save_pretrained") from None
 

@@ -79,7 +79,9 @@ class LedgerPolicy:
         if not (math.isfinite(self.delta) and 0 < self.delta < 1):
             raise ConfigError(f"ledger lifetime delta must be in (0, 1), got {self.delta!r}")
         if not (math.isfinite(self.total_epsilon) and self.total_epsilon > 0):
-            raise ConfigError(f"ledger total (seller-wide) epsilon must be a finite number > 0, got {self.total_epsilon!r}")
+            raise ConfigError(
+                f"ledger total (seller-wide) epsilon must be a finite number > 0, got {self.total_epsilon!r}"
+            )
         if not (math.isfinite(self.total_delta) and 0 < self.total_delta < 1):
             raise ConfigError(f"ledger total (seller-wide) delta must be in (0, 1), got {self.total_delta!r}")
         for name in ("max_exact", "total_max_exact"):
@@ -160,8 +162,13 @@ class PrivacyLedger:
             policy = self.policy
             if noise_multiplier is None:
                 _check_exact(entry, policy.max_exact, f"buyer {who!r} already received", "max_exact", "--max-exact")
-                _check_exact(total, policy.total_max_exact, "all buyers together already received",
-                             "total_max_exact", "--total-max-exact")
+                _check_exact(
+                    total,
+                    policy.total_max_exact,
+                    "all buyers together already received",
+                    "total_max_exact",
+                    "--total-max-exact",
+                )
                 eps = composed_epsilon(_multipliers(entry), policy.delta)
                 entry["exact"] += 1
                 total["exact"] += 1
@@ -169,13 +176,21 @@ class PrivacyLedger:
                 if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
                     raise ConfigError(f"noise multiplier must be a finite number > 0, got {noise_multiplier!r}")
                 eps, mine = _compose_one(
-                    entry, noise_multiplier, policy.delta, policy.epsilon,
+                    entry,
+                    noise_multiplier,
+                    policy.delta,
+                    policy.epsilon,
                     f"buyer {who!r} has spent its lifetime privacy budget at this seller",
-                    "nothing more will be answered to this buyer (LedgerPolicy.epsilon, --lifetime-epsilon)")
+                    "nothing more will be answered to this buyer (LedgerPolicy.epsilon, --lifetime-epsilon)",
+                )
                 _, everyone = _compose_one(
-                    total, noise_multiplier, policy.total_delta, policy.total_epsilon,
+                    total,
+                    noise_multiplier,
+                    policy.total_delta,
+                    policy.total_epsilon,
                     "this seller's data has spent its seller-wide privacy budget over all buyers",
-                    "nothing more will be answered to any buyer (LedgerPolicy.total_epsilon, --total-epsilon)")
+                    "nothing more will be answered to any buyer (LedgerPolicy.total_epsilon, --total-epsilon)",
+                )
                 _commit_multipliers(entry, mine)
                 _commit_multipliers(total, everyone)
             if owner is None:
@@ -202,8 +217,9 @@ def _check_exact(entry: dict[str, Any], limit: int | None, who: str, setting: st
         )
 
 
-def _compose_one(entry: dict[str, Any], multiplier: float, delta: float, budget: float, what: str,
-                 then: str) -> tuple[float, dict[float, int]]:
+def _compose_one(
+    entry: dict[str, Any], multiplier: float, delta: float, budget: float, what: str, then: str
+) -> tuple[float, dict[float, int]]:
     """(epsilon, multipliers) of ``entry`` with one more Gaussian answer; refused past ``budget``."""
     mult = _multipliers(entry)
     mult[multiplier] = mult.get(multiplier, 0) + 1

@@ -104,8 +104,10 @@ def _check_size(architecture: str, config: dict[str, Any], n_weights: int) -> No
         n_buffers = sum(b.numel() for b in skeleton.buffers())  # non-persistent ones too: never shipped
     except TipError:
         raise
-    except Exception as exc:  # noqa: BLE001 - untrusted config into third-party builders: any failure is a bad model
-        raise ModelError(f"cannot build the announced {architecture!r} model from its config: {str(exc)[:300]}") from None
+    except Exception as exc:
+        raise ModelError(
+            f"cannot build the announced {architecture!r} model from its config: {str(exc)[:300]}"
+        ) from None
     if n_buffers > 2 * n_model + _BUFFER_ALLOWANCE:
         raise ModelError(
             f"the announced model would allocate {n_buffers} buffer elements for {n_model} parameters "

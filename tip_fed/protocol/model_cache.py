@@ -72,14 +72,19 @@ def strip_weights(offer_bytes: bytes) -> bytes:
     try:
         offer.ParseFromString(bytes(offer_bytes))
     except DecodeError as exc:
-        raise ProtocolError(f"the offer to strip is not a valid tip.v1 Offer: {exc}; pass the bytes of Buyer.offer()") from exc
+        raise ProtocolError(
+            f"the offer to strip is not a valid tip.v1 Offer: {exc}; pass the bytes of Buyer.offer()"
+        ) from exc
     offer.model.ClearField("weights")
     return offer.SerializeToString()
 
 
 def verified(payload: pb.ModelPayload) -> HeldModel | None:
     """A HeldModel when ``payload``'s weights hash to its fingerprint and have a valid header, else None."""
-    if not payload.weights or fingerprint(payload.architecture, payload.config_json, payload.weights) != payload.fingerprint:
+    if (
+        not payload.weights
+        or fingerprint(payload.architecture, payload.config_json, payload.weights) != payload.fingerprint
+    ):
         return None
     try:
         header = read_weights_header(payload.weights)
@@ -113,8 +118,10 @@ class ModelCache:
             try:
                 self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
-                raise ConfigError(f"cannot create the model cache directory {self.directory}: {exc.strerror}; "
-                                  "pass a writable --model-cache-dir") from None
+                raise ConfigError(
+                    f"cannot create the model cache directory {self.directory}: {exc.strerror}; "
+                    "pass a writable --model-cache-dir"
+                ) from None
             self._file_lock = FileLock(str(self.directory / ".lock"), timeout=60)
 
     @property
@@ -138,15 +145,18 @@ class ModelCache:
         if not is_reference(payload):
             return None
         if not FINGERPRINT.match(payload.fingerprint):
-            raise ProtocolError(f"the offer references a model by fingerprint {payload.fingerprint[:70]!r}; "
-                                "expected 64 hex characters (sha256)")
+            raise ProtocolError(
+                f"the offer references a model by fingerprint {payload.fingerprint[:70]!r}; "
+                "expected 64 hex characters (sha256)"
+            )
         held = self.get(payload.fingerprint)
         if held is None:
             raise ModelNotHeldError(seller_id, payload.fingerprint)
         if (held.architecture, held.config_json) != (payload.architecture, payload.config_json):
             raise FingerprintMismatchError(
                 f"the offer references model {payload.fingerprint[:12]}… with another architecture or config than the "
-                "one that fingerprint was computed over; refused (send the model with its weights)")
+                "one that fingerprint was computed over; refused (send the model with its weights)"
+            )
         return held
 
     def get(self, fp: str) -> HeldModel | None:
@@ -177,8 +187,9 @@ class ModelCache:
                 self._entries.move_to_end(held.fingerprint)
         return True
 
-    def load(self, payload: pb.ModelPayload, held: HeldModel | None, *,
-             expected_fingerprint: str | None = None) -> nn.Module:
+    def load(
+        self, payload: pb.ModelPayload, held: HeldModel | None, *, expected_fingerprint: str | None = None
+    ) -> nn.Module:
         """The Offer's model, built from ``held`` for a reference, else from the shipped weights
         (then admitted); the fingerprint is checked again either way (:func:`decode_model`)."""
         model = decode_model(held.payload() if held is not None else payload, expected_fingerprint=expected_fingerprint)
@@ -241,8 +252,11 @@ class ModelCache:
                 payload = pb.ModelPayload()
             held = verified(payload) if payload.fingerprint == fp else None
             if held is None:
-                log.warning("model cache file %s does not hash to its fingerprint; deleted, the buyer will be asked "
-                            "for the weights again", path)
+                log.warning(
+                    "model cache file %s does not hash to its fingerprint; deleted, the buyer will be asked "
+                    "for the weights again",
+                    path,
+                )
                 path.unlink(missing_ok=True)
                 return None
             os.utime(path)

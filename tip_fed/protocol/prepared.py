@@ -81,7 +81,9 @@ class BuyerSettings:
         """Inverse of :meth:`to_dict`; every section is validated by its typed class in :mod:`tip_fed.config`."""
         unknown = sorted(set(data) - {*SETTING_SECTIONS, "seed", "batch-size"})
         if unknown:
-            raise ConfigError(f"unknown buyer setting {unknown[0]!r}; valid: {[*SETTING_SECTIONS, 'seed', 'batch-size']}")
+            raise ConfigError(
+                f"unknown buyer setting {unknown[0]!r}; valid: {[*SETTING_SECTIONS, 'seed', 'batch-size']}"
+            )
         kwargs = parse_settings(data, "")
         del kwargs["payouts"]
         return cls(**kwargs)
@@ -113,7 +115,9 @@ class PreparedQuery:
         """Fingerprint sellers see in every Offer."""
         return self.model.fingerprint
 
-    def with_objective(self, objective: Batch | RawRecords, model: nn.Module | None = None, task: Task | None = None) -> PreparedQuery:
+    def with_objective(
+        self, objective: Batch | RawRecords, model: nn.Module | None = None, task: Task | None = None
+    ) -> PreparedQuery:
         """The query for another objective set, reusing this projection and preconditioner: only the
         objective's gradients are computed (fit the curvature once, query many times).
 
@@ -126,12 +130,15 @@ class PreparedQuery:
         if model is None:
             model = decode_model(self.model)
         elif encode_model(model).fingerprint != self.model_fingerprint:
-            raise ConfigError("the model is not the one this query was prepared for (fingerprints differ); "
-                              "prepare a new query with fit_query / Buyer.prepare")
+            raise ConfigError(
+                "the model is not the one this query was prepared for (fingerprints differ); "
+                "prepare a new query with fit_query / Buyer.prepare"
+            )
         task = task if task is not None else get_task(self.task)
         objective = encode_records(self.input_format, objective)
-        query, norm, bound = _query(model.eval(), self.spec, task, objective, self.settings, self.preconditioner,
-                                    self.train_grad_norm)
+        query, norm, bound = _query(
+            model.eval(), self.spec, task, objective, self.settings, self.preconditioner, self.train_grad_norm
+        )
         sources = {k: v for k, v in self.sources.items() if k != "objective"}  # fitted from data, not that file
         return replace(self, query=query, query_norm=norm, grad_norm_bound=bound, sources=sources)
 
@@ -163,12 +170,17 @@ class PreparedQuery:
             "prepared.json": (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"),
             "model.safetensors": bytes(self.model.weights),
             "query.safetensors": st_save({"query": self.query.detach().to("cpu", torch.float64).contiguous()}),
-            "preconditioner.safetensors": st_save({k: v.contiguous() for k, v in self.preconditioner.tensors().items()}),
+            "preconditioner.safetensors": st_save(
+                {k: v.contiguous() for k, v in self.preconditioner.tensors().items()}
+            ),
         }
         for name, data in contents.items():
             write_private(out / name, data)
-        manifest = {"format_version": FORMAT_VERSION, "kind": "tip_fed prepared query",
-                    "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": "tip_fed prepared query",
+            "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()},
+        }
         write_private(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         return out
 
@@ -182,8 +194,10 @@ class PreparedQuery:
         manifest = read_json_object(src / MANIFEST, "prepared query manifest", fix)
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
-            raise VersionMismatchError(f"prepared query {src} has format version {version!r}; this tip_fed reads "
-                                       f"version {FORMAT_VERSION}: {fix}")
+            raise VersionMismatchError(
+                f"prepared query {src} has format version {version!r}; this tip_fed reads "
+                f"version {FORMAT_VERSION}: {fix}"
+            )
         sums = manifest.get("sha256")
         if not isinstance(sums, dict) or sorted(sums) != sorted(FILES):
             raise DataError(f"{src / MANIFEST} must list exactly {list(FILES)}; {fix}")
@@ -194,8 +208,10 @@ class PreparedQuery:
                 raise DataError(f"prepared query file {path} is missing; {fix}")
             raw[name] = path.read_bytes()
             if hashlib.sha256(raw[name]).hexdigest() != sums[name]:
-                raise DataError(f"prepared query file {path} does not match its sha256 in {MANIFEST}: it was "
-                                f"altered or corrupted after it was written; {fix}")
+                raise DataError(
+                    f"prepared query file {path} does not match its sha256 in {MANIFEST}: it was "
+                    f"altered or corrupted after it was written; {fix}"
+                )
         try:
             return _from_files(raw)
         except TipError as exc:
@@ -216,7 +232,7 @@ def _format_from(saved: Any) -> InputFormat | None:
     if saved is None:
         return None
     if not isinstance(saved, dict) or not isinstance(saved.get("protobuf"), str):
-        raise DataError("input_format must be null or {\"protobuf\": base64}")
+        raise DataError('input_format must be null or {"protobuf": base64}')
     msg = pb.InputFormat()
     msg.ParseFromString(base64.b64decode(saved["protobuf"], validate=True))
     return format_from_pb(msg)
@@ -227,8 +243,12 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
     from safetensors.torch import load as st_load
 
     meta = json.loads(raw["prepared.json"].decode("utf-8"))
-    payload = pb.ModelPayload(architecture=meta["architecture"], config_json=meta["config_json"],
-                              weights=raw["model.safetensors"], fingerprint=meta["model_fingerprint"])
+    payload = pb.ModelPayload(
+        architecture=meta["architecture"],
+        config_json=meta["config_json"],
+        weights=raw["model.safetensors"],
+        fingerprint=meta["model_fingerprint"],
+    )
     if fingerprint(payload.architecture, payload.config_json, payload.weights) != payload.fingerprint:
         raise DataError("the model weights do not match the model fingerprint")
     spec = ProjectionSpec.from_dict(meta["projection"])
@@ -236,8 +256,9 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
     if query is None or query.dtype != torch.float64 or tuple(query.shape) != (spec.dim,):
         raise DataError(f"the query must be a float64 vector of the projection dimension {spec.dim}")
     norm, bound, train_norm = float(meta["query_norm"]), float(meta["grad_norm_bound"]), float(meta["train_grad_norm"])
-    if not bool(torch.isfinite(query).all()) or not math.isclose(norm, float(torch.linalg.vector_norm(query)),
-                                                                  rel_tol=1e-9):
+    if not bool(torch.isfinite(query).all()) or not math.isclose(
+        norm, float(torch.linalg.vector_norm(query)), rel_tol=1e-9
+    ):
         raise DataError("the query norm does not match the query vector")
     if not (math.isfinite(bound) and bound > 0 and math.isfinite(train_norm) and train_norm >= 0):
         raise DataError("the gradient-norm bound must be a finite number > 0 (and the train gradient norm >= 0)")
@@ -247,10 +268,19 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
         raise DataError("sources must map names to sha256 hex strings")
     preconditioner = load_preconditioner(meta["preconditioner"], st_load(raw["preconditioner.safetensors"]), spec)
-    return PreparedQuery(task=meta["task"], model=payload, spec=spec, preconditioner=preconditioner,
-                         query=query, query_norm=norm, grad_norm_bound=bound, train_grad_norm=train_norm,
-                         settings=BuyerSettings.from_dict(meta["settings"]), input_format=_format_from(meta.get("input_format")),
-                         sources=sources)
+    return PreparedQuery(
+        task=meta["task"],
+        model=payload,
+        spec=spec,
+        preconditioner=preconditioner,
+        query=query,
+        query_norm=norm,
+        grad_norm_bound=bound,
+        train_grad_norm=train_norm,
+        settings=BuyerSettings.from_dict(meta["settings"]),
+        input_format=_format_from(meta.get("input_format")),
+        sources=sources,
+    )
 
 
 def fit_query(
@@ -267,8 +297,13 @@ def fit_query(
     objective = encode_records(input_format, objective)
     train = None if train is None else encode_records(input_format, train)
     model.eval()
-    spec = ProjectionSpec.for_model(model, rank=settings.projection.rank, seed=settings.seed,
-                                    kind=settings.projection.kind, include=list(settings.projection.include) or None)
+    spec = ProjectionSpec.for_model(
+        model,
+        rank=settings.projection.rank,
+        seed=settings.seed,
+        kind=settings.projection.kind,
+        include=list(settings.projection.include) or None,
+    )
     payload = encode_model(model)
     train_batches = list(iter_batches(train if train is not None else objective, settings.batch_size))
     train_grads = torch.cat([projected_grads(model, spec, task, b) for b in train_batches]).double()
@@ -277,13 +312,29 @@ def fit_query(
     preconditioner = fit_preconditioner(cfg.kind, spec, train_grads=train_grads, kfac_stats=stats, damping=cfg.damping)
     train_norm = float(torch.linalg.vector_norm(train_grads, dim=1).max())
     query, norm, bound = _query(model, spec, task, objective, settings, preconditioner, train_norm)
-    return PreparedQuery(task=task.name, model=payload, spec=spec, preconditioner=preconditioner,
-                         query=query, query_norm=norm, grad_norm_bound=bound, train_grad_norm=train_norm,
-                         settings=settings, input_format=input_format)
+    return PreparedQuery(
+        task=task.name,
+        model=payload,
+        spec=spec,
+        preconditioner=preconditioner,
+        query=query,
+        query_norm=norm,
+        grad_norm_bound=bound,
+        train_grad_norm=train_norm,
+        settings=settings,
+        input_format=input_format,
+    )
 
 
-def _query(model: nn.Module, spec: ProjectionSpec, task: Task, objective: Batch, settings: BuyerSettings,
-           preconditioner: Preconditioner, train_norm: float) -> tuple[torch.Tensor, float, float]:
+def _query(
+    model: nn.Module,
+    spec: ProjectionSpec,
+    task: Task,
+    objective: Batch,
+    settings: BuyerSettings,
+    preconditioner: Preconditioner,
+    train_norm: float,
+) -> tuple[torch.Tensor, float, float]:
     """``v = P · mean objective gradient``, its norm, and the gradient-norm bound (the configured one,
     else twice the largest projected gradient norm of the training and objective sets)."""
     obj_grads = torch.cat(
@@ -300,4 +351,3 @@ def _query(model: nn.Module, spec: ProjectionSpec, task: Task, objective: Batch,
     if bound is None:
         bound = BOUND_HEADROOM * max(train_norm, float(torch.linalg.vector_norm(obj_grads, dim=1).max()))
     return query, norm, float(bound)
-

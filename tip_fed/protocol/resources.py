@@ -116,11 +116,15 @@ def read_weights_header(weights: bytes, max_header_bytes: int | None = None) -> 
         raise ModelError("model weights are not valid safetensors: shorter than the 8-byte header length")
     size = int.from_bytes(weights[:8], "little")
     if size > len(weights) - 8:
-        raise ModelError(f"model weights are not valid safetensors: header of {size} bytes in a {len(weights)}-byte blob")
+        raise ModelError(
+            f"model weights are not valid safetensors: header of {size} bytes in a {len(weights)}-byte blob"
+        )
     if max_header_bytes is not None and size > max_header_bytes:
         raise ResourceLimitError(
             f"the offer's weights header is {size} bytes; parsing it would take about "
-            f"{size * HEADER_PARSE_FACTOR / MiB:.0f} MiB", "offer_memory_mb")
+            f"{size * HEADER_PARSE_FACTOR / MiB:.0f} MiB",
+            "offer_memory_mb",
+        )
     try:
         header = json.loads(bytes(weights[8 : 8 + size]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -141,8 +145,9 @@ def read_weights_header(weights: bytes, max_header_bytes: int | None = None) -> 
                 f"model weights: tensor {name[:60]!r} has dtype {str(dtype)[:20]!r}; a model ships float "
                 f"weights only ({', '.join(FLOAT_DTYPES)}); cast it to float32 before encoding it"
             )
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                for d in shape)):
+        if not (
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise ModelError(f"model weights: tensor {name[:60]!r} has an invalid shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise ModelError(f"model weights: tensor {name[:60]!r} has invalid data offsets")
@@ -180,8 +185,17 @@ class OfferCost:
     @property
     def total_bytes(self) -> int:
         """Everything at once: an upper estimate of the Offer's peak memory."""
-        return (self.message_bytes + self.projection_bytes + self.model_bytes + self.gradient_bytes
-                + self.batch_bytes + self.he_key_bytes + self.query_bytes + self.scoring_bytes + self.input_bytes)
+        return (
+            self.message_bytes
+            + self.projection_bytes
+            + self.model_bytes
+            + self.gradient_bytes
+            + self.batch_bytes
+            + self.he_key_bytes
+            + self.query_bytes
+            + self.scoring_bytes
+            + self.input_bytes
+        )
 
     def breakdown(self) -> str:
         """``projection 1024 MiB, gradients 3 MiB, ...``: the parts above 1 MiB, largest first."""
@@ -194,8 +208,9 @@ def _layer_costs(spec: pb.ProjectionSpec, budget: ResourceBudget) -> tuple[int, 
     """(matrix entries, projected dim, shapes); one pass, set-based duplicate check."""
     layers = spec.layers
     if len(layers) > budget.max_layers:
-        raise ResourceLimitError(f"the offer's projection spec lists {len(layers)} layers, above {budget.max_layers}",
-                                 "max_layers")
+        raise ResourceLimitError(
+            f"the offer's projection spec lists {len(layers)} layers, above {budget.max_layers}", "max_layers"
+        )
     seen: set[str] = set()
     entries = dim = 0
     shapes = []
@@ -210,9 +225,16 @@ def _layer_costs(spec: pb.ProjectionSpec, budget: ResourceBudget) -> tuple[int, 
     return entries, dim, shapes
 
 
-def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_sample: int = 1,
-               budget: ResourceBudget | None = None, message_bytes: int | None = None,
-               held: WeightsHeader | None = None) -> OfferCost:
+def cost_offer(
+    offer: pb.Offer,
+    n_samples: int,
+    *,
+    batch_size: int,
+    tokens_per_sample: int = 1,
+    budget: ResourceBudget | None = None,
+    message_bytes: int | None = None,
+    held: WeightsHeader | None = None,
+) -> OfferCost:
     """Estimate what answering ``offer`` will cost a seller holding ``n_samples`` records.
 
     Reads the Offer's fields only; raises ResourceLimitError for the limits that bound the reading
@@ -223,20 +245,32 @@ def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_s
     """
     budget = budget or ResourceBudget()
     entries, dim, shapes = _layer_costs(offer.projection, budget)
-    weights = held if held is not None else read_weights_header(
-        offer.model.weights, budget.offer_memory_mb * MiB // HEADER_PARSE_FACTOR)
+    weights = (
+        held
+        if held is not None
+        else read_weights_header(offer.model.weights, budget.offer_memory_mb * MiB // HEADER_PARSE_FACTOR)
+    )
     elem = 8 if weights.float64 else 4
     # The float64 originals stay cached; each batch converts a copy to the model's dtype.
     projection = entries * (8 + elem)
-    model = (weights.stored_bytes + weights.n_elements * elem + weights.n_tensors * _TENSOR_BYTES
-             + weights.header_bytes * HEADER_PARSE_FACTOR)
+    model = (
+        weights.stored_bytes
+        + weights.n_elements * elem
+        + weights.n_tensors * _TENSOR_BYTES
+        + weights.header_bytes * HEADER_PARSE_FACTOR
+    )
     gradients = GRADIENT_COPIES * n_samples * dim * 8
     tokens_per_sample, inputs = _input_cost(offer, n_samples, tokens_per_sample)
     b, t = max(1, min(batch_size, n_samples)), max(1, tokens_per_sample)
     # Per batch and layer: the input and output kept for backward and the output gradient, the
     # projected activations and gradients, the float64 per-sample block and its running sum.
-    batch = sum(b * t * (2 * (f_in + f_out) + 2 * (r_in + r_out)) * elem + 2 * b * r_in * r_out * 8
-                for r_in, r_out, f_in, f_out in shapes) + len(shapes) * _LAYER_BYTES
+    batch = (
+        sum(
+            b * t * (2 * (f_in + f_out) + 2 * (r_in + r_out)) * elem + 2 * b * r_in * r_out * 8
+            for r_in, r_out, f_in, f_out in shapes
+        )
+        + len(shapes) * _LAYER_BYTES
+    )
     params = params_from_pb(offer.he)
     check_params(params)
     plan = plan_from_pb(offer.packing, params)
@@ -246,17 +280,36 @@ def cost_offer(offer: pb.Offer, n_samples: int, *, batch_size: int, tokens_per_s
         raise ProtocolError(
             f"the offer's public context is {len(offer.public_context)} bytes, more than the "
             f"{len(plan.galois_steps)} Galois key(s) its packing needs can take ({keys} bytes expanded); "
-            "send SessionKeys.public_context_bytes() for this plan")
+            "send SessionKeys.public_context_bytes() for this plan"
+        )
     he_keys = context_memory_bytes(params) + keys
     query = len(offer.query) * ciphertext_memory_bytes(params)
     scoring = (plan.baby + 8) * ciphertext_memory_bytes(params) + (n_samples + 1) * dim * 8
     flops = 6.0 * weights.n_elements * n_samples * t + 4.0 * n_samples * t * sum(
-        r_in * f_in + r_out * f_out + r_in * r_out for r_in, r_out, f_in, f_out in shapes)
-    work = (flops / _FLOPS + entries / _MATRIX_ENTRIES_S + he_keys / _KEY_BYTES_S
-            + plan.est_seconds(n_samples + 1) + len(shapes) * _LAYER_S)
+        r_in * f_in + r_out * f_out + r_in * r_out for r_in, r_out, f_in, f_out in shapes
+    )
+    work = (
+        flops / _FLOPS
+        + entries / _MATRIX_ENTRIES_S
+        + he_keys / _KEY_BYTES_S
+        + plan.est_seconds(n_samples + 1)
+        + len(shapes) * _LAYER_S
+    )
     size = offer.ByteSize() if message_bytes is None else message_bytes
-    return OfferCost(MESSAGE_COPIES * size, projection, model, gradients, batch, he_keys, query, scoring,
-                     work + n_samples * t * _TOKENIZE_S, len(shapes), dim, inputs)
+    return OfferCost(
+        MESSAGE_COPIES * size,
+        projection,
+        model,
+        gradients,
+        batch,
+        he_keys,
+        query,
+        scoring,
+        work + n_samples * t * _TOKENIZE_S,
+        len(shapes),
+        dim,
+        inputs,
+    )
 
 
 def _input_cost(offer: pb.Offer, n_samples: int, tokens_per_sample: int) -> tuple[int, int]:
@@ -277,20 +330,26 @@ def check_cost(cost: OfferCost, budget: ResourceBudget) -> None:
     if cost.he_key_bytes > budget.he_key_memory_mb * MiB:
         raise ResourceLimitError(
             f"the offer's CKKS context and keys would take about {cost.he_key_bytes / MiB:.0f} MiB, above "
-            f"{budget.he_key_memory_mb} MiB", "he_key_memory_mb")
+            f"{budget.he_key_memory_mb} MiB",
+            "he_key_memory_mb",
+        )
     if cost.projection_bytes > budget.projection_memory_mb * MiB:
         raise ResourceLimitError(
             f"the offer's projection matrices would take about {cost.projection_bytes / MiB:.0f} MiB "
             f"(rank x features summed over {cost.layers} layers), above {budget.projection_memory_mb} MiB",
-            "projection_memory_mb")
+            "projection_memory_mb",
+        )
     if cost.total_bytes > budget.offer_memory_mb * MiB:
         raise ResourceLimitError(
             f"the offer would take about {cost.total_bytes / MiB:.0f} MiB ({cost.breakdown()}), above "
-            f"{budget.offer_memory_mb} MiB", "offer_memory_mb")
+            f"{budget.offer_memory_mb} MiB",
+            "offer_memory_mb",
+        )
     if cost.work_s > budget.offer_work_s:
         raise ResourceLimitError(
             f"the offer would take about {cost.work_s:.0f} s of work on one core, above {budget.offer_work_s:.0f} s",
-            "offer_work_s")
+            "offer_work_s",
+        )
 
 
 def max_offer_bytes(budget: ResourceBudget) -> int:
@@ -324,7 +383,8 @@ class InFlight:
                 raise ResourceLimitError(
                     f"offers being answered already hold about {self.bytes / MiB:.0f} MiB and this one needs "
                     f"{nbytes / MiB:.0f} MiB more, above {self.budget.in_flight_memory_mb} MiB in all",
-                    "in_flight_memory_mb")
+                    "in_flight_memory_mb",
+                )
             self.sessions += 1
             self.bytes += nbytes
         try:
@@ -357,7 +417,9 @@ class PeerSlots:
             if n >= self.limit:
                 raise ResourceLimitError(
                     f"this buyer already has {n} offer(s) being answered by this seller, the most one buyer may "
-                    f"have at once ({self.limit}); wait for the answer before sending another", "max_offers_per_peer")
+                    f"have at once ({self.limit}); wait for the answer before sending another",
+                    "max_offers_per_peer",
+                )
             self.held[peer] = n + 1
 
     def release(self, peer: str) -> None:

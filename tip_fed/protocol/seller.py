@@ -223,8 +223,20 @@ class Seller:
                 self._sessions.refund(key)  # nothing was answered
             raise
 
-    def _score(self, offer: pb.Offer, context: PublicContext, plan: PackingPlan, model: nn.Module, spec: ProjectionSpec, task: Task,
-               per_sample: bool, noise: NoisePolicy, t0: float, t_ctx: float, data: Batch) -> bytes:
+    def _score(
+        self,
+        offer: pb.Offer,
+        context: PublicContext,
+        plan: PackingPlan,
+        model: nn.Module,
+        spec: ProjectionSpec,
+        task: Task,
+        per_sample: bool,
+        noise: NoisePolicy,
+        t0: float,
+        t_ctx: float,
+        data: Batch,
+    ) -> bytes:
         self._scoring = data  # under the compute lock: what projected_gradients reads
         grads = self.projected_gradients(model, spec, task)
         clipped, factors = clip_rows(grads, offer.grad_norm_bound)
@@ -356,6 +368,9 @@ def _kept_bytes(kept: Iterable[tuple[np.ndarray, bytes | None, bytes, Batch]], o
 
 def _tokens_per_sample(data: Batch) -> int:
     """Positions per record the model sees (token ids: their length; feature rows: 1)."""
-    tokens = [int(np.prod(v.shape[1:])) for v in data.values()
-              if v.ndim >= 2 and not torch.is_floating_point(v) and v.dtype != torch.bool]
+    tokens = [
+        int(np.prod(v.shape[1:]))
+        for v in data.values()
+        if v.ndim >= 2 and not torch.is_floating_point(v) and v.dtype != torch.bool
+    ]
     return max(tokens, default=1)

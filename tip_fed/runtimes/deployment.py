@@ -214,34 +214,57 @@ class LocalDeployment:
     def save_state(self) -> Path:
         """Write PIDs, ports and the connection so ``tip-fed deploy down`` can stop exactly these processes."""
         state = {
-            "root": str(self.root), "port": self.port, "connection": CONNECTION, "flwr_home": str(self.home),
-            "nodes": self.nodes, "runtime_ports": self.runtime_ports, "processes": {c.name: c.pid for c in self.group.children},
+            "root": str(self.root),
+            "port": self.port,
+            "connection": CONNECTION,
+            "flwr_home": str(self.home),
+            "nodes": self.nodes,
+            "runtime_ports": self.runtime_ports,
+            "processes": {c.name: c.pid for c in self.group.children},
             "token": self.group.token,
-            "publisher_key": str(self.publisher), "trusted_publishers": str(self.trusted),
+            "publisher_key": str(self.publisher),
+            "trusted_publishers": str(self.trusted),
         }
         path = self.root / STATE_FILE
         path.write_text(json.dumps(state, indent=2) + "\n")
         return path
 
 
-def run_flwr(args: Sequence[str], env: Mapping[str, str], *, timeout_s: float = 120.0, cwd: Path | None = None,
-             logs: str = "") -> str:
+def run_flwr(
+    args: Sequence[str], env: Mapping[str, str], *, timeout_s: float = 120.0, cwd: Path | None = None, logs: str = ""
+) -> str:
     """Run the ``flwr`` CLI with Flower's environment ``env``; its output, or TipError with it."""
     try:
         proc = subprocess.run(
-            [str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout_s, check=False,
-            env={**os.environ, **env}, cwd=cwd, stdin=subprocess.DEVNULL,
+            [str(BIN / "flwr"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            env={**os.environ, **env},
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired as exc:
-        raise TipError(f"'flwr {' '.join(args[:2])}' did not finish within {timeout_s:.0f} s "
-                       f"(raise flower.timeout-s / flower.node-wait-s){logs}") from exc
+        raise TipError(
+            f"'flwr {' '.join(args[:2])}' did not finish within {timeout_s:.0f} s "
+            f"(raise flower.timeout-s / flower.node-wait-s){logs}"
+        ) from exc
     if proc.returncode != 0:
-        raise TipError(f"'flwr {' '.join(args[:2])}' failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        raise TipError(
+            f"'flwr {' '.join(args[:2])}' failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
     return proc.stdout + proc.stderr
 
 
-def write_run_config(path: Path, app_dir: Path, key: Path, nodes: dict[str, int], out_dir: Path,
-                     extra: Mapping[str, object] | None = None) -> Path:
+def write_run_config(
+    path: Path,
+    app_dir: Path,
+    key: Path,
+    nodes: dict[str, int],
+    out_dir: Path,
+    extra: Mapping[str, object] | None = None,
+) -> Path:
     """Sign the FAB ``flwr run app_dir`` will build, with these run-config values, using ``key``; write
     the run config (values and signature) to ``path``."""
     values = {**(extra or {}), "out-dir": str(Path(out_dir).resolve()), "sellers": format_bindings(nodes)}
@@ -250,8 +273,14 @@ def write_run_config(path: Path, app_dir: Path, key: Path, nodes: dict[str, int]
     return path
 
 
-def sign(root: Path, app_dir: Path, out_dir: Path, key: Path | None = None, sellers: str | None = None,
-         overrides: Sequence[str] = ()) -> Path:
+def sign(
+    root: Path,
+    app_dir: Path,
+    out_dir: Path,
+    key: Path | None = None,
+    sellers: str | None = None,
+    overrides: Sequence[str] = (),
+) -> Path:
     """``tip-fed deploy sign``: run config for the app in ``app_dir`` on the deployment under ``root``.
 
     ``key`` and ``sellers`` default to the publisher key and node ids ``deploy up`` recorded."""
@@ -262,8 +291,10 @@ def sign(root: Path, app_dir: Path, out_dir: Path, key: Path | None = None, sell
         raise ConfigError(f"no publisher key: {state_path} does not exist; pass --key (from 'tip-fed deploy keygen')")
     nodes = parse_bindings(sellers) if sellers is not None else {k: int(v) for k, v in state.get("nodes", {}).items()}
     if not nodes:
-        raise ConfigError("no seller -> node bindings: pass --sellers 'SELLER_ID=NODE_ID,...' "
-                          "(node ids as printed by 'flwr supernode register')")
+        raise ConfigError(
+            "no seller -> node bindings: pass --sellers 'SELLER_ID=NODE_ID,...' "
+            "(node ids as printed by 'flwr supernode register')"
+        )
     extra = {"set": ";".join(overrides)} if overrides else None
     Path(root).mkdir(parents=True, exist_ok=True)
     return write_run_config(Path(root) / RUN_CONFIG_FILE, app_dir, key, nodes, out_dir, extra)
@@ -293,7 +324,9 @@ def up(root: Path, sellers_dir: Path, port: int = 0) -> LocalDeployment:
     suffixes = (".safetensors", ".csv", ".parquet", ".jsonl", ".txt")
     files = {p.stem: p.resolve() for p in sorted(Path(sellers_dir).iterdir()) if p.suffix.lower() in suffixes}
     if not files:
-        raise ConfigError(f"no seller files in {sellers_dir}; write them with 'tip-fed export-sellers CONFIG --out DIR'")
+        raise ConfigError(
+            f"no seller files in {sellers_dir}; write them with 'tip-fed export-sellers CONFIG --out DIR'"
+        )
     if (Path(root) / STATE_FILE).exists():
         raise TipError(f"a deployment is already running under {root}; stop it with 'tip-fed deploy down {root}'")
     deployment = LocalDeployment(Path(root), port, exact_per_sample=True)

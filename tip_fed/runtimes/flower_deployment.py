@@ -85,47 +85,71 @@ class RemoteSuperLink:
 
     def __post_init__(self) -> None:
         if self.insecure == (self.root_certificates is not None):
-            raise ConfigError("connect to the SuperLink with exactly one of root_certificates (its CA) or insecure=True")
+            raise ConfigError(
+                "connect to the SuperLink with exactly one of root_certificates (its CA) or insecure=True"
+            )
         home = Path(self.root) / "flwr-home"
         home.mkdir(parents=True, exist_ok=True)
-        trust = (f'root-certificates = "{Path(self.root_certificates).resolve()}"' if self.root_certificates
-                 else "insecure = true")
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                          f'address = "{self.address}"\n{trust}\n')
+        trust = (
+            f'root-certificates = "{Path(self.root_certificates).resolve()}"'
+            if self.root_certificates
+            else "insecure = true"
+        )
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\n{trust}\n'
+        )
         self.env = flower_env(home)
 
     def write_run_config(self, app_dir: Path, out_dir: Path, extra: Mapping[str, object] | None = None) -> Path:
         """The run config for ``flwr run app_dir``: signed with the publisher key, sellers bound to their nodes."""
-        return write_run_config(Path(self.root) / RUN_CONFIG_FILE, app_dir, self.publisher_key, self.nodes, out_dir,
-                                extra)
+        return write_run_config(
+            Path(self.root) / RUN_CONFIG_FILE, app_dir, self.publisher_key, self.nodes, out_dir, extra
+        )
 
     def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None) -> str:
         """Run the ``flwr`` CLI against this SuperLink."""
         return run_flwr(args, self.env, timeout_s=timeout_s, cwd=cwd, logs=f" (SuperLink {self.address})")
 
 
-def run_app(deployment: Deployment, app: FlowerApp, out_dir: Path, *, flower: FlowerConfig | None = None,
-            stream: bool = False) -> Valuation:
+def run_app(
+    deployment: Deployment, app: FlowerApp, out_dir: Path, *, flower: FlowerConfig | None = None, stream: bool = False
+) -> Valuation:
     """Sign ``app`` for ``deployment``, ``flwr run`` it and return the valuation its ServerApp wrote
     to ``out_dir``. The wait covers ``flower.node-wait-s`` plus one ``flower.timeout-s`` per wave."""
     flower = flower or FlowerConfig()
     directory = Path(app.directory).resolve()
     run_config = deployment.write_run_config(directory, out_dir, dict(app.run_config))
     waves = 1 + len(deployment.nodes) // flower.wave_size
-    output = deployment.flwr("run", str(directory), CONNECTION, "--stream", "--run-config", str(run_config),
-                             timeout_s=flower.node_wait_s + flower.timeout_s * waves + 300, cwd=directory)
+    output = deployment.flwr(
+        "run",
+        str(directory),
+        CONNECTION,
+        "--stream",
+        "--run-config",
+        str(run_config),
+        timeout_s=flower.node_wait_s + flower.timeout_s * waves + 300,
+        cwd=directory,
+    )
     if stream:
         print(output)
     path = Path(out_dir) / VALUATION_FILE
     if not path.is_file():
-        raise TipError(f"the Flower run wrote no {VALUATION_FILE} to {out_dir} (the ServerApp writes it on the "
-                       f"SuperLink's host); its output ends with:\n{output[-3000:]}")
+        raise TipError(
+            f"the Flower run wrote no {VALUATION_FILE} to {out_dir} (the ServerApp writes it on the "
+            f"SuperLink's host); its output ends with:\n{output[-3000:]}"
+        )
     return Valuation.from_dict(json.loads(path.read_text()))
 
 
-def value_flower_deployment(files: Mapping[str, Path], app: FlowerApp, *, flower: FlowerConfig | None = None,
-                            exact_per_sample: bool = False, progress: bool = False,
-                            run: PrivateRun | None = None) -> Valuation:
+def value_flower_deployment(
+    files: Mapping[str, Path],
+    app: FlowerApp,
+    *,
+    flower: FlowerConfig | None = None,
+    exact_per_sample: bool = False,
+    progress: bool = False,
+    run: PrivateRun | None = None,
+) -> Valuation:
     """Start a loopback deployment serving the sellers of ``files`` (seller id -> data file), run
     ``app`` on it, stop every process and return the buyer's valuation.
 
@@ -142,14 +166,22 @@ def value_flower_deployment(files: Mapping[str, Path], app: FlowerApp, *, flower
             return run_app(deployment, app, run.root / "result", flower=flower, stream=progress)
 
 
-def value_flower_superlink(app: FlowerApp, superlink: RemoteSuperLink, *, flower: FlowerConfig | None = None,
-                           out_dir: Path | None = None, progress: bool = False) -> Valuation:
+def value_flower_superlink(
+    app: FlowerApp,
+    superlink: RemoteSuperLink,
+    *,
+    flower: FlowerConfig | None = None,
+    out_dir: Path | None = None,
+    progress: bool = False,
+) -> Valuation:
     """Run ``app`` on an existing SuperLink and return the valuation its ServerApp wrote to ``out_dir``
     (default: ``superlink.root/result``; a path on the SuperLink's host, so this works when that
     host is this one). Only the nodes in ``superlink.nodes`` are offered and counted."""
     if not superlink.nodes:
-        raise ConfigError("name the node registered for each seller (seller id -> node id); without them any "
-                          "node connected to the SuperLink would be counted as a seller")
+        raise ConfigError(
+            "name the node registered for each seller (seller id -> node id); without them any "
+            "node connected to the SuperLink would be counted as a seller"
+        )
     out = Path(out_dir or Path(superlink.root) / "result")
     out.mkdir(parents=True, exist_ok=True)
     return run_app(superlink, app, out, flower=flower, stream=progress)

@@ -129,7 +129,8 @@ class ProcessGroup:
                     f"{child.name} exited with code {code} before it was ready; last output: {child.tail()}"
                 )
             if time.monotonic() > deadline:
-                raise ProcessStartError(f"{child.name} was not ready after {timeout_s:g} s; last output: {child.tail()}")
+                raise ProcessStartError(f"{child.name} was not ready after {timeout_s:g} s; last output: "
+                                        f"{child.tail()}")
             time.sleep(0.05)
 
     def stop_all(self) -> None:
@@ -174,9 +175,7 @@ class PrivateRun:
             raise
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.reaper is not None:
             stop_tagged(self.reaper.token, self.grace_s)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -179,14 +179,16 @@ class Reaper:
             start_new_session=True, env={k: v for k, v in os.environ.items() if k != TAG},
         )
         reaper = cls(Path(directory), token, proc)
-        assert proc.stdout is not None
+        if proc.stdout is None:  # stdout=PIPE always gives one; this narrows the type
+            raise ReaperError("the reaper process has no stdout pipe")
         ready, _, _ = select.select([proc.stdout], [], [], startup_timeout_s)
         line = proc.stdout.readline() if ready else b""
         proc.stdout.close()
         if line.strip() != b"watching":
             reaper.close(5.0)
             raise ReaperError(f"the reaper process did not start within {startup_timeout_s:g} s (exit code "
-                              f"{proc.returncode}); check that 'python -m tip_fed.runtimes.reaper' runs with {sys.executable}")
+                              f"{proc.returncode}); check that 'python -m tip_fed.runtimes.reaper' runs with "
+                              f"{sys.executable}")
         return reaper
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -209,7 +211,7 @@ def exec_with_parent(parent: int, argv: Sequence[str]) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the parent died before the signal was armed
         sys.exit(1)
-    os.execvp(argv[0], list(argv))
+    os.execvp(argv[0], list(argv))  # noqa: S606 - replaces this process by design; argv is ours, no shell
 
 
 def launcher(argv: Sequence[str]) -> list[str]:

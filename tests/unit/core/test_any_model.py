@@ -191,26 +191,51 @@ def _transformers_payload(model_class: str, config: dict) -> dict:
     return {"model_class": model_class, "config": config}
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    (_transformers_payload("LlamaForCausalLM", {**DECODER, "model_type": "llama", "auto_map": {"AutoModel": "x.Y"}}),
-     "auto_map is refused"),
-    (_transformers_payload("LlamaForCausalLM", {**DECODER, "model_type": "llama", "trust_remote_code": True}),
-     "trust_remote_code is refused"),
-    (_transformers_payload("LlamaForCausalLM", {**DECODER, "model_type": "llama",
-                                                "attn_implementation": "kernels-community/flash-attn"}),
-     "no hub kernels"),
-    (_transformers_payload("LlamaForCausalLM", {**DECODER, "model_type": "llama", "num_hidden_layers": 10**6}),
-     "refused before building"),
-    (_transformers_payload("MixtralForCausalLM", {**DECODER, "model_type": "mixtral", "num_local_experts": 10**6}),
-     "num_local_experts = 1000000 is above"),
-    (_transformers_payload("Qwen2ForCausalLM", {**DECODER, "model_type": "qwen2", "layer_types": ["full_attention"] * 5}),
-     "cannot build a Qwen2ForCausalLM from this 'qwen2' config"),
-    (_transformers_payload("EvilForCausalLM", {"model_type": "evil"}), "model_type 'evil' is not supported"),
-    (_transformers_payload("LlamaModel", {**DECODER, "model_type": "llama"}),
-     "use LlamaForCausalLM .causal-lm. or LlamaForSequenceClassification"),
-    (_transformers_payload("GPT2LMHeadModel", {**DECODER, "model_type": "llama"}), "not supported for model_type"),
-    (_transformers_payload("LlamaForCausalLM", {**DECODER}), "needs config.model_type"),
-])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            _transformers_payload(
+                "LlamaForCausalLM", {**DECODER, "model_type": "llama", "auto_map": {"AutoModel": "x.Y"}}
+            ),
+            "auto_map is refused",
+        ),
+        (
+            _transformers_payload("LlamaForCausalLM", {**DECODER, "model_type": "llama", "trust_remote_code": True}),
+            "trust_remote_code is refused",
+        ),
+        (
+            _transformers_payload(
+                "LlamaForCausalLM",
+                {**DECODER, "model_type": "llama", "attn_implementation": "kernels-community/flash-attn"},
+            ),
+            "no hub kernels",
+        ),
+        (
+            _transformers_payload("LlamaForCausalLM", {**DECODER, "model_type": "llama", "num_hidden_layers": 10**6}),
+            "refused before building",
+        ),
+        (
+            _transformers_payload(
+                "MixtralForCausalLM", {**DECODER, "model_type": "mixtral", "num_local_experts": 10**6}
+            ),
+            "num_local_experts = 1000000 is above",
+        ),
+        (
+            _transformers_payload(
+                "Qwen2ForCausalLM", {**DECODER, "model_type": "qwen2", "layer_types": ["full_attention"] * 5}
+            ),
+            "cannot build a Qwen2ForCausalLM from this 'qwen2' config",
+        ),
+        (_transformers_payload("EvilForCausalLM", {"model_type": "evil"}), "model_type 'evil' is not supported"),
+        (
+            _transformers_payload("LlamaModel", {**DECODER, "model_type": "llama"}),
+            "use LlamaForCausalLM .causal-lm. or LlamaForSequenceClassification",
+        ),
+        (_transformers_payload("GPT2LMHeadModel", {**DECODER, "model_type": "llama"}), "not supported for model_type"),
+        (_transformers_payload("LlamaForCausalLM", {**DECODER}), "needs config.model_type"),
+    ],
+)
 def test_unsafe_or_unsupported_transformers_configs(config, message):
     with pytest.raises(ModelError, match=message) as info:
         models.build("transformers", config)
@@ -221,15 +246,17 @@ def test_load_local_errors(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         models.load_local(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="has no config.json"):
+    with pytest.raises(ModelError, match=r"has no config\.json"):
         models.load_local(tmp_path / "empty")
     saved = tmp_path / "llama"
     tiny("llama").save_pretrained(saved)
     config = json.loads((saved / "config.json").read_text())
-    for change, message in [({"architectures": ["LlamaModel"]}, "not supported for model_type 'llama'"),
-                            ({"architectures": []}, "names no architectures"),
-                            ({"auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}, "auto_map is refused"),
-                            ({"model_type": "evil"}, "model_type 'evil' is not supported")]:
+    for change, message in [
+        ({"architectures": ["LlamaModel"]}, "not supported for model_type 'llama'"),
+        ({"architectures": []}, "names no architectures"),
+        ({"auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}, "auto_map is refused"),
+        ({"model_type": "evil"}, "model_type 'evil' is not supported"),
+    ]:
         (saved / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ModelError, match=message):
             models.load_local(saved)
@@ -253,7 +280,7 @@ def test_custom_subclass_of_a_transformers_class_is_refused():
         pass
 
     model = Mine(transformers.LlamaConfig(**{k: v for k, v in DECODER.items()}))
-    with pytest.raises(ModelError, match="cannot describe a .*Mine"):
+    with pytest.raises(ModelError, match=r"cannot describe a .*Mine"):
         models.describe(model)
 
 
@@ -270,20 +297,36 @@ def test_a_config_asking_for_buffers_far_beyond_its_weights_is_refused(monkeypat
     payload = encode_model(torch.nn.Sequential(torch.nn.Linear(4, 2)))
     payload.architecture, payload.config_json = "tables", json.dumps({"rows": 10**12})
     payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
-    with pytest.raises(ModelError, match="1000000000000 buffer elements for 10 parameters .refused before building"):
+    with pytest.raises(ModelError, match=r"1000000000000 buffer elements for 10 parameters .refused before building"):
         decode_model(payload)
 
 
 def test_decoder_classifier_without_a_pad_token_is_a_model_error():
     model_class, config = CASES["qwen2-seqcls"]
-    model = models.build("transformers", {"model_class": model_class,
-                                          "config": {**config, "pad_token_id": None, "model_type": "qwen2"}})
-    with pytest.raises(ModelError, match="set model.config.pad_token_id"):
+    model = models.build(
+        "transformers", {"model_class": model_class, "config": {**config, "pad_token_id": None, "model_type": "qwen2"}}
+    )
+    with pytest.raises(ModelError, match=r"set model\.config\.pad_token_id"):
         get_task("sequence-classification").per_sample_loss(model, batch_for(model))
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "gemma", "phi3", "gpt_neox", "falcon", "bloom", "gptj",
-                                        "roberta", "distilbert", "deberta-v2", "electra", "qwen3"])
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        "mistral",
+        "gemma",
+        "phi3",
+        "gpt_neox",
+        "falcon",
+        "bloom",
+        "gptj",
+        "roberta",
+        "distilbert",
+        "deberta-v2",
+        "electra",
+        "qwen3",
+    ],
+)
 def test_describe_then_build_reproduces_more_architectures_on_meta(model_type):
     """Default-size configs on the meta device (no memory): the description rebuilds the same tensors."""
     tasks = models.supported_transformers()
@@ -296,7 +339,9 @@ def test_describe_then_build_reproduces_more_architectures_on_meta(model_type):
             architecture, config = models.describe(model)
             rebuilt = models.build(architecture, json.loads(json.dumps(config)))
         assert type(rebuilt) is type(model)
-        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+            k: v.shape for k, v in model.state_dict().items()
+        }
         assert tied_aliases(rebuilt) == tied_aliases(model)
 
 

@@ -64,7 +64,8 @@ def test_plain_sequential_on_digits():
         nn.functional.cross_entropy(model(x[:600]), y[:600]).backward()
         opt.step()
     model.eval()
-    part = lambda lo, hi: {"x": x[lo:hi], "y": y[lo:hi]}
+    def part(lo, hi):
+        return {"x": x[lo:hi], "y": y[lo:hi]}
     sellers = {"a": part(900, 960), "b": part(960, 1060), "c": part(1060, 1090)}
     sellers["c"]["y"] = (sellers["c"]["y"] + 1) % 10  # a seller with wrong labels
 

@@ -161,7 +161,7 @@ def test_bert_padded_batch_matches_each_sample_alone() -> None:
     model = tiny_bert()
     model.train()
     spec = ProjectionSpec.for_model(model, rank=3, seed=11)
-    assert all(l.bias for l in spec.layers)  # every BERT Linear has a bias: all in the score
+    assert all(layer.bias for layer in spec.layers)  # every BERT Linear has a bias: all in the score
     ids, mask = padded([9, 5, 3, 7], 9)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 2])}
 
@@ -179,8 +179,8 @@ def test_bert_padded_batch_matches_each_sample_alone() -> None:
 def test_gpt2_padded_batch_matches_each_sample_alone(left: bool) -> None:
     model = tiny_gpt2()
     spec = ProjectionSpec.for_model(model, rank=(2, 3), seed=12)
-    assert any(l.name == "lm_head" for l in spec.layers)
-    assert all(l.bias == (l.name != "lm_head") for l in spec.layers)  # Conv1D biases; lm_head has none
+    assert any(layer.name == "lm_head" for layer in spec.layers)
+    assert all(layer.bias == (layer.name != "lm_head") for layer in spec.layers)  # Conv1D biases; lm_head has none
     ids, mask = padded([8, 4, 6], 8, left=left)
     batch = {"input_ids": ids, "attention_mask": mask}
 
@@ -198,7 +198,7 @@ def test_llama_linear_layers_without_bias() -> None:
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     model = LlamaForCausalLM(config).double()
     spec = ProjectionSpec.for_model(model, rank=3, seed=13, include=["model.*"])
-    assert spec.layers and not any(l.bias for l in spec.layers)
+    assert spec.layers and not any(layer.bias for layer in spec.layers)
     ids, mask = padded([7, 4], 7)
     batch = {"input_ids": ids, "attention_mask": mask}
 
@@ -239,7 +239,7 @@ def test_kfac_statistics_of_an_mlp() -> None:
         explicit_projected(model, spec, "classification", {k: v[i:i + 1] for k, v in batch.items()})
         for i in range(8)
     ])
-    for layer, start in zip(spec.layers, spec.offsets()):
+    for layer, start in zip(spec.layers, spec.offsets(), strict=True):
         p_in, _ = projection_matrices(spec, layer, torch.float64)
         a = inputs[layer.name].detach()
         a = torch.cat([a, torch.ones(8, 1, dtype=a.dtype)], 1) if layer.bias else a

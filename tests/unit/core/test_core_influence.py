@@ -114,7 +114,7 @@ def realised_benefit(
     loss = ClassificationTask().per_sample_loss(stepped, sample)[0]
     grads = torch.autograd.grad(loss, params)
     with torch.no_grad():
-        for parameter, grad in zip(params, grads):
+        for parameter, grad in zip(params, grads, strict=True):
             parameter -= lr * grad
     return objective_loss(model, objective) - objective_loss(stepped, objective)
 

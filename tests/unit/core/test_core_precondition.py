@@ -212,7 +212,7 @@ def test_damping_floor_keeps_a_noise_layer_out_of_the_query(kind: str) -> None:
     g = torch.randn(50, spec.dim, dtype=torch.float64)
     g[:, 6:] *= 1e-9
     stats = {}
-    for layer, start in zip(spec.layers, spec.offsets()):
+    for layer, start in zip(spec.layers, spec.offsets(), strict=True):
         block = g[:, start:start + layer.dim].reshape(50, layer.rank_out, layer.rank_in)
         a = torch.einsum("noi,noj->ij", block, block) / 50  # one token, Kronecker-shaped factors
         s = torch.einsum("noi,npi->op", block, block) / (50 * float(a.trace()))

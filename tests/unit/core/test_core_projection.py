@@ -313,16 +313,19 @@ class TwoLayer(torch.nn.Module):
 
 def test_for_model_finds_linear_layers_in_order_with_clipped_ranks() -> None:
     spec = ProjectionSpec.for_model(TwoLayer(), rank=4, seed=3)
-    rows = [(l.name, l.in_features, l.out_features, l.rank_in, l.rank_out, l.bias) for l in spec.layers]
+    rows = [
+        (layer.name, layer.in_features, layer.out_features, layer.rank_in, layer.rank_out, layer.bias)
+        for layer in spec.layers
+    ]
     assert rows == [("body.0", 5, 16, 4, 4, True), ("body.2", 16, 3, 4, 3, True), ("head", 3, 2, 4, 2, True)]
     assert spec.layer("head").in_dim == 4  # in_features + the bias column: clipped to 4, not 3
     unbiased = ProjectionSpec.for_model(TwoLayer(), rank=4, seed=3, bias=False)
-    assert [(l.rank_in, l.bias) for l in unbiased.layers] == [(4, False), (4, False), (3, False)]
+    assert [(layer.rank_in, layer.bias) for layer in unbiased.layers] == [(4, False), (4, False), (3, False)]
     mixed = TwoLayer()
     mixed.head = torch.nn.Linear(3, 2, bias=False)
-    assert [l.bias for l in ProjectionSpec.for_model(mixed, rank=4).layers] == [True, True, False]
+    assert [layer.bias for layer in ProjectionSpec.for_model(mixed, rank=4).layers] == [True, True, False]
     tuple_spec = ProjectionSpec.for_model(TwoLayer(), rank=(2, 5), include=["body.*"])
-    assert [(l.rank_in, l.rank_out) for l in tuple_spec.layers] == [(2, 5), (2, 3)]
+    assert [(layer.rank_in, layer.rank_out) for layer in tuple_spec.layers] == [(2, 5), (2, 3)]
     with pytest.raises(ModelError, match="matched"):
         ProjectionSpec.for_model(TwoLayer(), include=["nothing*"])
     with pytest.raises(ModelError):
@@ -334,10 +337,13 @@ def test_for_model_finds_linear_layers_in_order_with_clipped_ranks() -> None:
 def test_for_model_finds_transformers_conv1d() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8))
     spec = ProjectionSpec.for_model(model, rank=2, include=["*.mlp.*", "*attn.c_attn"])
-    dims = {l.name: (l.in_features, l.out_features) for l in spec.layers}
-    assert all(l.bias and l.in_dim == l.in_features + 1 for l in spec.layers)
-    assert dims == {"transformer.h.0.attn.c_attn": (8, 24), "transformer.h.0.mlp.c_fc": (8, 32),
-                    "transformer.h.0.mlp.c_proj": (32, 8)}
+    dims = {layer.name: (layer.in_features, layer.out_features) for layer in spec.layers}
+    assert all(layer.bias and layer.in_dim == layer.in_features + 1 for layer in spec.layers)
+    assert dims == {
+        "transformer.h.0.attn.c_attn": (8, 24),
+        "transformer.h.0.mlp.c_fc": (8, 32),
+        "transformer.h.0.mlp.c_proj": (32, 8),
+    }
 
 
 @pytest.mark.parametrize(
@@ -382,8 +388,7 @@ def write_vector(path: Path = VECTOR) -> None:
     Keys, raw words and first entries come from this module's independent reference (pure
     Python Philox, numpy QR); only ``sha256`` (bit-exactness) is taken from tip_fed itself.
     """
-    layers = (LayerProjection("encoder.layer.0.dense", 10, 6, 3, 2, True),
-              LayerProjection("lm_head", 5, 7, 5, 4))
+    layers = (LayerProjection("encoder.layer.0.dense", 10, 6, 3, 2, True), LayerProjection("lm_head", 5, 7, 5, 4))
     cases = []
     for kind in ("rademacher", "gaussian"):
         spec = ProjectionSpec(layers=layers, seed=42, kind=kind)
@@ -392,7 +397,7 @@ def write_vector(path: Path = VECTOR) -> None:
             entry: dict[str, object] = {"name": layer.name}
             ours = projection_matrices(spec, layer, torch.float64)
             sides = (("in", layer.rank_in, layer.in_dim), ("out", layer.rank_out, layer.out_features))
-            for (side, rank, features), matrix in zip(sides, ours):
+            for (side, rank, features), matrix in zip(sides, ours, strict=True):
                 key = reference_key(spec.seed, layer.name, side)
                 ref = reference_matrix(spec.seed, kind, layer.name, side, rank, features)
                 entry[side] = {

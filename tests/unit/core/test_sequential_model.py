@@ -137,21 +137,29 @@ class _Counting(nn.Linear):
         super().__init__(*args, **kwargs)
 
 
-@pytest.mark.parametrize(("layers", "message"), [
-    ([{"type": "ReLU"}] * 10**6, "at most 1024 layers, this one lists 1000000 .refused before building it"),
-    ([{"type": "Linear", "in_features": 10, "out_features": 10**9}], r"out_features must be an integer in \[1, 1048576\]"),
-    ([{"type": "Linear", "in_features": 1 << 20, "out_features": 1 << 20}] * 4,
-     "at most 2147483648 parameters, this one declares 4398050705408 .refused before building it"),
-    ([{"type": "LayerNorm", "normalized_shape": [1 << 20] * 3}], "at most 2147483648 parameters"),
-    ([{"type": "Linear", "in_features": True, "out_features": 3}], "in_features must be an integer"),
-    ([{"type": "Linear", "in_features": 3}], "needs 'out_features'"),
-    ([{"type": "Linear", "in_features": 3, "out_features": 3, "device": "cuda"}], "unknown arguments"),
-    ([{"type": "Dropout", "p": float("nan")}], "p must be a finite number"),
-    ([{"type": "Conv2d", "in_channels": 1}], "type 'Conv2d'.*only: Linear, ReLU"),
-    ([{"type": "__import__"}], "only: Linear"),
-    (["ReLU"], "must be an object"),
-    ([], "at least one layer"),
-])
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ([{"type": "ReLU"}] * 10**6, "at most 1024 layers, this one lists 1000000 .refused before building it"),
+        (
+            [{"type": "Linear", "in_features": 10, "out_features": 10**9}],
+            r"out_features must be an integer in \[1, 1048576\]",
+        ),
+        (
+            [{"type": "Linear", "in_features": 1 << 20, "out_features": 1 << 20}] * 4,
+            "at most 2147483648 parameters, this one declares 4398050705408 .refused before building it",
+        ),
+        ([{"type": "LayerNorm", "normalized_shape": [1 << 20] * 3}], "at most 2147483648 parameters"),
+        ([{"type": "Linear", "in_features": True, "out_features": 3}], "in_features must be an integer"),
+        ([{"type": "Linear", "in_features": 3}], "needs 'out_features'"),
+        ([{"type": "Linear", "in_features": 3, "out_features": 3, "device": "cuda"}], "unknown arguments"),
+        ([{"type": "Dropout", "p": float("nan")}], "p must be a finite number"),
+        ([{"type": "Conv2d", "in_channels": 1}], "type 'Conv2d'.*only: Linear, ReLU"),
+        ([{"type": "__import__"}], "only: Linear"),
+        (["ReLU"], "must be an object"),
+        ([], "at least one layer"),
+    ],
+)
 def test_hostile_or_malformed_specs_are_refused_before_building(monkeypatch, layers, message):
     monkeypatch.setattr(sequential.LAYERS["Linear"], "cls", _Counting)
     _Counting.built = 0
@@ -163,11 +171,13 @@ def test_hostile_or_malformed_specs_are_refused_before_building(monkeypatch, lay
 def test_hostile_spec_in_a_signed_payload_is_refused_by_the_seller_side_decoder():
     """Anyone can recompute the fingerprint: the spec's bounds, not the fingerprint, protect the seller."""
     payload = encode_model(nn.Sequential(nn.Linear(4, 2)))
-    for layers in ([{"type": "Linear", "in_features": 10**9, "out_features": 10**9}],
-                   [{"type": "Linear", "in_features": 4, "out_features": 2}] + [{"type": "ReLU"}] * 2000):
+    for layers in (
+        [{"type": "Linear", "in_features": 10**9, "out_features": 10**9}],
+        [{"type": "Linear", "in_features": 4, "out_features": 2}] + [{"type": "ReLU"}] * 2000,
+    ):
         payload.config_json = json.dumps({"layers": layers})
         payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)
-        with pytest.raises(ModelError, match="must be an integer in|refused before building"):
+        with pytest.raises(ModelError, match=r"must be an integer in|refused before building"):
             decode_model(payload)
     payload.config_json = json.dumps({"layers": [{"type": "Linear", "in_features": 4, "out_features": 3}]})
     payload.fingerprint = fingerprint(payload.architecture, payload.config_json, payload.weights)

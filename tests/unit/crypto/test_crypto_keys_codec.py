@@ -19,6 +19,7 @@ from tip_fed.crypto import (
 from tip_fed.crypto.codec import new_context_proto
 from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.errors import CodecError, ConfigError, CryptoError, InsecureParametersError
+from tip_fed.testing import secret_key_bytes
 
 DIM, ROWS = 256, 4400  # two blocks: 4096 rows + a block of 512 for the other 304
 
@@ -45,8 +46,8 @@ def test_public_context_has_no_secret_key(session) -> None:  # type: ignore[no-u
     assert ctx.context.is_public() and ctx.context.has_public_key()
     assert not ctx.context.has_relin_keys()
     assert not new_context_proto(public).HasField("private_context")
-    secret = keys.secret_key_bytes_for_test()
-    raw = keys.secret_key_bytes_for_test(raw=True)
+    secret = secret_key_bytes(keys)
+    raw = secret_key_bytes(keys, raw=True)
     assert len(secret) > 10_000 and len(raw) == 8 * 4 * plan.params.poly_modulus_degree
     windows = [raw[i : i + 32] for i in range(0, len(raw), len(raw) // 16)]
     for blob in [public, *query, *replies]:
@@ -58,7 +59,7 @@ def test_public_context_has_no_secret_key(session) -> None:  # type: ignore[no-u
 
 
 def test_only_needed_galois_keys_are_shipped(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, ctx, *_ = session
+    plan, _keys, public, ctx, *_ = session
     ctx.require_rotations(plan.galois_steps)  # all present
     with pytest.raises(CryptoError, match="lacks rotation keys"):
         ctx.require_rotations((3,))
@@ -93,7 +94,7 @@ def test_destroy(session) -> None:  # type: ignore[no-untyped-def]
         lambda: decrypt_scores(keys, plan, replies, 2),
         lambda: encrypt_query(keys, plan, np.ones(64)),
         keys.secret_key_fingerprint,
-        keys.secret_key_bytes_for_test,
+        lambda: secret_key_bytes(keys),
     ):
         with pytest.raises(CryptoError, match="destroyed"):
             call()
@@ -105,7 +106,7 @@ def _garbage(n: int, seed: int = 0) -> bytes:
 
 
 def test_bad_ciphertext_bytes(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, ctx, query, replies, x, rows = session
+    plan, keys, _public, ctx, query, replies, _x, rows = session
     good = replies[0]
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
@@ -136,7 +137,7 @@ def test_bad_ciphertext_bytes(session) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_wrong_ring_dimension_ciphertext(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, ctx, query, replies, x, rows = session
+    plan, _keys, _public, ctx, _query, replies, x, rows = session
     big_plan = plan_packing(DIM, ROWS, HEParams(16384, (60, 40, 40, 60), 40))
     big_keys = SessionKeys.generate(big_plan)
     big_query = encrypt_query(big_keys, big_plan, x)
@@ -151,7 +152,7 @@ def test_wrong_ring_dimension_ciphertext(session) -> None:  # type: ignore[no-un
 
 
 def test_bad_context_bytes(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, *_ = session
+    plan, _keys, public, *_ = session
     for blob in (b"", _garbage(5000), public[: len(public) // 2], public[:-1], public[:100]):
         with pytest.raises(CodecError):
             load_public_context(blob, plan.params)
@@ -169,7 +170,7 @@ def test_bad_context_bytes(session) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_private_context_is_refused(session) -> None:  # type: ignore[no-untyped-def]
-    plan, keys, public, *_ = session
+    plan, keys, _public, *_ = session
     private = keys._tenseal_context().serialize(save_secret_key=True)
     with pytest.raises(CryptoError, match="refusing a context that contains a secret key"):
         load_public_context(private, plan.params)
@@ -186,7 +187,7 @@ def test_insecure_context_is_refused(session) -> None:  # type: ignore[no-untype
     import os
     import tempfile
 
-    plan, keys, public, *_ = session
+    plan, _keys, public, *_ = session
     parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(8192)
     parms.set_coeff_modulus(sa.CoeffModulus.Create(8192, [60, 60, 60, 60, 60]))

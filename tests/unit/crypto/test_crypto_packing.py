@@ -10,6 +10,7 @@ from tip_fed.crypto import (
     HEParams,
     PackingPlan,
     SessionKeys,
+    baseline_public_context_bytes,
     decrypt_naive,
     decrypt_scores,
     encrypt_query,
@@ -20,8 +21,8 @@ from tip_fed.crypto import (
     score_rows_naive,
 )
 from tip_fed.crypto.keys import PublicContext
-from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.crypto.packing import bsgs_slots_unmasked
+from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.errors import CodecError, ConfigError, CryptoError, DataError
 
 Session = tuple[PackingPlan, SessionKeys, PublicContext]
@@ -178,7 +179,7 @@ def test_replies_are_rerandomised() -> None:
 
 
 def test_flooding_noise_is_applied() -> None:
-    plan, keys, ctx = _session(64)
+    _plan, _keys, _ctx = _session(64)
     x, rows = _data(64, 64, seed=4)
     scores, _ = _roundtrip(64, rows, x, flood_std=1e-3)
     residual = scores - rows @ x
@@ -221,7 +222,7 @@ def test_input_validation() -> None:
 
 def test_context_for_another_plan_is_refused() -> None:
     plan4096, keys4096, _ = _session(4096)
-    plan1024, keys1024, ctx1024 = _session(1024)
+    _plan1024, _keys1024, ctx1024 = _session(1024)
     x, rows = _data(4096, 2, seed=6)
     # Same parameters, but the 1024-plan context lacks the fold keys (1024, 2048) of the 4096-plan.
     with pytest.raises(CryptoError, match="rotation keys"):
@@ -244,7 +245,7 @@ def test_deeper_parameters() -> None:
 def test_naive_baseline_matches() -> None:
     """The benchmark baseline (one `dot` per score) is correct, so the speedup is fair."""
     plan, keys, _ = _session(64)
-    ctx = load_public_context(keys.baseline_public_context_bytes(), plan.params)
+    ctx = load_public_context(baseline_public_context_bytes(keys), plan.params)
     x, rows = _data(64, 3, seed=8)
     replies = score_rows_naive(ctx, encrypt_query_naive(keys, x), rows)
     assert len(replies) == 3

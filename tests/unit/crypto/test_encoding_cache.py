@@ -92,7 +92,7 @@ def test_forked_workers_give_the_same_replies(plan) -> None:  # type: ignore[no-
     serial = score_rows(ctx, plan, query, rows, rng=np.random.default_rng(7))
     forked = score_rows(ctx, plan, query, rows, rng=np.random.default_rng(7), workers=2, cache=cache)
     assert len(serial) == len(forked) == 3 and len(cache) == 3  # the parent kept the encodings
-    for a, b in zip(serial, forked):  # same fill in every non-output slot, same scores
+    for a, b in zip(serial, forked, strict=True):  # same fill in every non-output slot, same scores
         np.testing.assert_allclose(keys.decrypt_slots(a, "serial"), keys.decrypt_slots(b, "forked"), atol=1e-4)
     n = rows.shape[0]
     np.testing.assert_allclose(decrypt_scores(keys, plan, forked, n), rows @ x, atol=1e-4)

@@ -94,10 +94,20 @@ def test_leave_one_out_and_ground_truth_rules_pay_zero_to_harmful():
 
 
 def test_settle_writes_every_rule_and_compares_with_shapley():
-    inputs = _inputs({"a": 5.0, "b": 5.0, "c": 2.0, "d": -1.0}, utility=_game, benefits={"a": 1, "b": 1, "c": 1, "d": -1})
+    inputs = _inputs(
+        {"a": 5.0, "b": 5.0, "c": 2.0, "d": -1.0}, utility=_game, benefits={"a": 1, "b": 1, "c": 1, "d": -1}
+    )
     rows, comp, ref = P.settle(PayoutsConfig(), inputs)
     assert ref == "shapley"
-    assert {r["rule"] for r in rows} == {"flat", "proportional", "softmax", "budget_balanced", "benefit", "loo", "shapley"}
+    assert {r["rule"] for r in rows} == {
+        "flat",
+        "proportional",
+        "softmax",
+        "budget_balanced",
+        "benefit",
+        "loo",
+        "shapley",
+    }
     for rule in {r["rule"] for r in rows}:
         assert sum(r["share"] for r in rows if r["rule"] == rule) == pytest.approx(1.0)
     assert comp["shapley"]["l1_vs_reference"] == 0 and comp["shapley"]["spearman_vs_reference"] == pytest.approx(1.0)

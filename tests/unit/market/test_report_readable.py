@@ -3,13 +3,13 @@
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
 
-from tip_fed.market import plots  # noqa: E402
-from tip_fed.market.glossary import absent_rules, explain  # noqa: E402
-from tip_fed.market.results import flatten  # noqa: E402
+from tip_fed.market import plots
+from tip_fed.market.glossary import absent_rules, explain
+from tip_fed.market.results import flatten
 
 
 def _bar_pixels(values):
@@ -31,7 +31,7 @@ def _bar_pixels(values):
 ])
 def test_every_seller_is_visible_at_any_spread(values):
     heights = _bar_pixels(values)
-    assert min(heights) >= 8, f"a bar is {min(heights):.1f} px tall: {dict(zip(values, heights))}"
+    assert min(heights) >= 8, f"a bar is {min(heights):.1f} px tall: {dict(zip(values, heights, strict=True))}"
 
 
 def test_a_linear_axis_hides_small_sellers_which_is_why_the_signed_log_exists():
@@ -46,10 +46,23 @@ def test_a_linear_axis_hides_small_sellers_which_is_why_the_signed_log_exists():
 def test_every_metric_a_report_prints_is_explained():
     metrics = {
         "fidelity": {"pearson": 1.0, "max_rel_error": 1e-9, "max_abs_error": 1e-4, "n_scores": 244},
-        "payouts": {"reference": "benefit", "rules": {r: {"gini": 0.5, "l1_vs_reference": 0.1, "spearman_vs_reference": 1}
-                                                       for r in ("flat", "proportional", "softmax", "shapley")}},
-        "run": {"expected_best": "a", "missing": [], "seconds": 1, "sellers": 4, "top_by_benefit": "a",
-                "top_by_score": "a", "valuation_seconds": 0.3, "valuation_seconds_per_seller": 0.1},
+        "payouts": {
+            "reference": "benefit",
+            "rules": {
+                r: {"gini": 0.5, "l1_vs_reference": 0.1, "spearman_vs_reference": 1}
+                for r in ("flat", "proportional", "softmax", "shapley")
+            },
+        },
+        "run": {
+            "expected_best": "a",
+            "missing": [],
+            "seconds": 1,
+            "sellers": 4,
+            "top_by_benefit": "a",
+            "top_by_score": "a",
+            "valuation_seconds": 0.3,
+            "valuation_seconds_per_seller": 0.1,
+        },
         "validity": {"n_sellers": 4, "pearson": 0.9, "spearman": 1.0, "top1_match": True, "top3_agreement": 1.0},
         "baselines": {"gradient_cosine": {"spearman": 0.8, "pearson": 0.7}},
         "distribution": {"gini": 0.7, "top10_share": 0.9, "fraction_negative": 0.25, "n_sellers": 4},

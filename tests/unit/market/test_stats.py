@@ -11,7 +11,7 @@ from tip_fed.market import stats
 
 def test_pooled_point_estimate_is_weighted_fisher_z():
     rs, ns = [0.9, 0.5, -0.2, 0.7], [8, 10, 6, 20]
-    z = sum((n - 3) * math.atanh(r) for r, n in zip(rs, ns)) / sum(n - 3 for n in ns)
+    z = sum((n - 3) * math.atanh(r) for r, n in zip(rs, ns, strict=True)) / sum(n - 3 for n in ns)
     out = stats.pool(rs, ns)
     assert out["pooled"] == pytest.approx(math.tanh(z), abs=1e-12)
     assert out["mean"] == pytest.approx(np.mean(rs)) and out["mean_abs"] == pytest.approx(np.mean(np.abs(rs)))

@@ -78,7 +78,7 @@ def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_seller_data(tmp_path / "nope.csv")
     (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match="not UTF-8 text .* save it as UTF-8"):
+    with pytest.raises(DataError, match=r"not UTF-8 text .* save it as UTF-8"):
         load_seller_data(tmp_path / "latin.txt")
 
 
@@ -153,7 +153,7 @@ def test_text_format_matches_transformers_tokenization_with_labels(tokenizer):
     stars = [str(1 + i % 3) for i in range(12)]
     fmt = TextFormat.from_tokenizer(tokenizer, 16, label_field="stars", classes=("1", "2", "3"),
                                     pad_id=tokenizer.token_to_id("<|pad|>"))
-    batch = fmt.encode(RawRecords.from_rows([{"text": t, "stars": s} for t, s in zip(texts, stars)]))
+    batch = fmt.encode(RawRecords.from_rows([{"text": t, "stars": s} for t, s in zip(texts, stars, strict=True)]))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>")
     ref = hf(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
     assert torch.equal(batch["input_ids"], ref["input_ids"])
@@ -169,7 +169,7 @@ def test_text_records_that_cannot_be_encoded(tokenizer):
         fmt.encode(RawRecords.from_rows([{"text": "fine"}, {"text": "  "}]))
     with pytest.raises(DataError, match=r"has no text column 'text' \(it has 'body'\)"):
         fmt.encode(RawRecords.from_rows([{"body": "fine"}]))
-    with pytest.raises(DataError, match="record 1 .* has no text"):
+    with pytest.raises(DataError, match=r"record 1 .* has no text"):
         fmt.encode(RawRecords.from_rows([{"text": 5}]))
     with pytest.raises(DataError, match="raw records; give an input format"):
         encode_records(None, RawRecords.from_rows([{"text": "x"}]))
@@ -201,10 +201,10 @@ def test_text_format_from_a_saved_tokenizer(tmp_path, tokenizer):
     assert bare.max_length == 8
     with pytest.raises(DataError, match="pass max_length"):
         TextFormat.from_pretrained(tmp_path / "tok" / "tokenizer.json")
-    with pytest.raises(DataError, match="holds no tokenizer.json"):
+    with pytest.raises(DataError, match=r"holds no tokenizer\.json"):
         TextFormat.from_pretrained(tmp_path)
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(DataError, match="bad.json: .* not a valid tokenizers serialization"):
+    with pytest.raises(DataError, match=r"bad\.json: .* not a valid tokenizers serialization"):
         TextFormat.from_pretrained(tmp_path / "bad.json", 8)
 
 
