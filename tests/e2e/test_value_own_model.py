@@ -123,7 +123,7 @@ def workspace(tmp_path_factory):
     tokenizer.save_pretrained(root / "model")
     _write_jsonl(root / "train.jsonl", train)
     _write_jsonl(root / "objective.jsonl", statements[:16])
-    rng = random.Random(0)
+    rng = random.Random(0)  # noqa: S311 - shuffles test text, nothing secret
     scrambled = [" ".join(rng.sample(t.split(), len(t.split()))) for t in statements[70:100]]
     sellers = {"statements": statements[40:70], "strings": _paragraphs(STRINGS)[:24], "scrambled": scrambled}
     (root / "sellers").mkdir()
