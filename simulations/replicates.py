@@ -43,7 +43,12 @@ def _grads(market: Market, buyer: Any, data: Any) -> np.ndarray:
 
 
 def decile_check(scores: dict[str, float], utility: Any) -> dict[str, Any] | None:
-    """Sign validation: fine-tune on the top and on the bottom 10% of sellers by score (>= 10 sellers)."""
+    """Sign validation: fine-tune on the top and on the bottom 10% of sellers by score (>= 10 sellers).
+
+    A valid score's top decile lowers the objective loss (benefit > 0) and its bottom decile,
+    when the bottom scores are negative, raises it (benefit < 0); both signs are reported, as
+    well as whether the top beats the bottom.
+    """
     if len(scores) < 10:
         return None
     ranked = sorted(scores, key=lambda s: -scores[s])
@@ -51,7 +56,9 @@ def decile_check(scores: dict[str, float], utility: Any) -> dict[str, Any] | Non
     top, bottom = ranked[:k], ranked[-k:]
     tb, bb = utility(frozenset(top)), utility(frozenset(bottom))
     return {"top_n": k, "bottom_n": k, "top_sellers": top, "bottom_sellers": bottom,
-            "top_benefit": tb, "bottom_benefit": bb, "top_beats_bottom": bool(tb > bb)}
+            "top_benefit": tb, "bottom_benefit": bb, "top_beats_bottom": bool(tb > bb),
+            "top_lowers_loss": bool(tb > 0), "bottom_raises_loss": bool(bb < 0),
+            "top_score_sum": float(sum(scores[s] for s in top)), "bottom_score_sum": float(sum(scores[s] for s in bottom))}
 
 
 def value_replicate(
@@ -69,8 +76,10 @@ def value_replicate(
     base = baselines.score_all({s: _grads(market, buyer, market.sellers[s]) for s in ids}, obj,
                                {s: market.sellers[s] for s in ids}, market.objective, seed=config.seed * 7919 + rep)
     seed = config.seed * 1000 + rep
+    sampled = market.info.get("truth_sellers", ids)  # a market may fine-tune on a random sample only
     truth = {s: finetune_benefit(market.model, market.task, market.sellers[s], market.objective, lr=gt.lr,
-                                 epochs=gt.epochs, batch_size=gt.batch_size, seed=seed, layers=gt.layers) for s in ids}
+                                 epochs=gt.epochs, batch_size=gt.batch_size, seed=seed, layers=gt.layers)
+             for s in ids if s in sampled}
     utility = coalition_utility(market.model, market.task, {s: market.sellers[s] for s in ids}, market.objective,
                                 lr=gt.lr, epochs=gt.epochs, batch_size=gt.batch_size, seed=seed, layers=gt.layers)
     write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, utility=utility,
@@ -79,7 +88,8 @@ def value_replicate(
     deciles = decile_check({s: by_id[s].total for s in ids}, utility)
     return [
         {"replicate": rep, "seller_id": s, "n_samples": by_id[s].n_samples, "tip": by_id[s].total,
-         "tip_plaintext": float(plain[s].sum()), **{m: base[m][s] for m in baselines.METHODS}, "benefit": truth[s].benefit}
+         "tip_plaintext": float(plain[s].sum()), **{m: base[m][s] for m in baselines.METHODS},
+         "benefit": truth[s].benefit if s in truth else None}
         for s in ids
     ], deciles
 
@@ -88,7 +98,7 @@ def per_replicate(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     """Signed correlations of every method with benefit, plus top-1 / top-k agreement, per replicate."""
     out = []
     for rep in sorted({r["replicate"] for r in rows}):
-        rr = [r for r in rows if r["replicate"] == rep]
+        rr = [r for r in rows if r["replicate"] == rep and r["benefit"] is not None]  # sellers with ground truth
         benefit = [r["benefit"] for r in rr]
         row: dict[str, Any] = {"replicate": rep, "n_sellers": len(rr)}
         for m in METHODS:
@@ -180,7 +190,8 @@ def run_replicated(config: TipConfig, markets: list[Market], out: Path, *, progr
             "top_n": deciles[0]["top_n"], "bottom_n": deciles[0]["bottom_n"],
             "top_benefit": float(np.mean([d["top_benefit"] for d in deciles])),
             "bottom_benefit": float(np.mean([d["bottom_benefit"] for d in deciles])),
-            "top_beats_bottom": float(np.mean([d["top_beats_bottom"] for d in deciles])),
+            **{key: float(np.mean([d[key] for d in deciles]))  # fraction of replicates
+               for key in ("top_beats_bottom", "top_lowers_loss", "bottom_raises_loss")},
         }
     pay_rows, m["payouts"] = pooled_payouts(out, len(markets))
     write_csv(out / "payouts.csv", ("replicate", "seller_id", "rule", "payout", "share"), pay_rows)

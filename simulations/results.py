@@ -110,7 +110,8 @@ def write_run(
     inputs = PayoutInputs(
         seller_ids=[v.seller_id for v in valuation.sellers], scores={v.seller_id: v.total for v in valuation.sellers},
         n_records={v.seller_id: v.n_samples for v in valuation.sellers}, utility=utility,
-        benefits={s: truth[s].benefit for s in truth} if truth else None,
+        # the benefit rule pays every seller, so it needs every seller's ground truth (not a sample's)
+        benefits={s: truth[s].benefit for s in truth} if truth and len(truth) == len(valuation.sellers) else None,
     )
     pay_rows, comparison, reference = payouts.settle(config.payouts, inputs, seed=config.seed)
     write_csv(out / "payouts.csv", PAYOUT_COLUMNS, pay_rows)

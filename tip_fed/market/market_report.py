@@ -130,20 +130,27 @@ def render_market_report(out_dir: str | Path) -> Path:
         parts += _table(["method", "signed Spearman", "signed Pearson"],
                         [[k, v.get("spearman"), v.get("pearson")] for k, v in blocks.items()])
     tip = [float(r["tip"]) for r in scores]
-    harmful = [float(r["benefit"]) <= 0 for r in scores]
+    truthed = [r for r in scores if r["benefit"] != ""]  # a market may fine-tune on a sample of its sellers only
+    sampled = len(truthed) < len(scores)
+    harmful = [float(r["benefit"]) <= 0 if r["benefit"] != "" else float(r["tip"]) < 0 for r in scores]
     multi = run.get("replicates", 1) > 1
     plots.sorted_values(_scaled_within(scores, "tip") if multi else tip, harmful,
                         out / "seller_values.png", ylabel="TIP score" + (" (÷ replicate RMS)" if multi else ""),
-                        title="Seller values, sorted", labels=None if multi else [r["seller_id"] for r in scores])
+                        title="Seller values, sorted", labels=None if multi else [r["seller_id"] for r in scores],
+                        legend=("helpful (benefit > 0; score > 0 where not fine-tuned)",
+                                "harmful (benefit <= 0; score < 0 where not fine-tuned)") if sampled else None)
     unit = " (÷ replicate RMS)" if multi else ""
-    plots.scatter_fit(_scaled_within(scores, "tip") if multi else tip,
-                      _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores],
+    plots.scatter_fit(_scaled_within(truthed, "tip") if multi else [float(r["tip"]) for r in truthed],
+                      _scaled_within(truthed, "benefit") if multi else [float(r["benefit"]) for r in truthed],
                       out / "score_vs_benefit.png", xlabel="TIP score (encrypted)" + unit,
                       ylabel="realised benefit (loss before − after)" + unit, title="Encrypted score vs realised benefit",
-                      labels=None if multi else [r["seller_id"] for r in scores])
+                      labels=None if multi else [r["seller_id"] for r in truthed])
+    if sampled:
+        parts += [f"Ground truth (a fine-tune per seller) was computed for a random sample of {len(truthed)} of the "
+                  f"{len(scores)} sellers; correlations and the score-vs-benefit plot use that sample.", ""]
     dist = m.get("distribution", {})
     series = {"positive TIP value" + (" (÷ replicate RMS)" if multi else ""): _scaled_within(scores, "tip") if multi else tip}
-    series["positive realised benefit" + unit] = _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores]
+    series["positive realised benefit" + unit] = _scaled_within(truthed, "benefit") if multi else [float(r["benefit"]) for r in truthed]
     shap = [float(r["payout"]) for r in payouts if r["rule"] == "shapley"]
     if shap:
         series["shapley payouts"] = shap
@@ -163,7 +170,11 @@ def render_market_report(out_dir: str | Path) -> Path:
                   "and separately on the bottom 10%; benefit = objective loss before − after.", ""]
         parts += _table(["decile", "sellers", "benefit"], [["top", d["top_n"], d["top_benefit"]],
                                                           ["bottom", d["bottom_n"], d["bottom_benefit"]]])
-        parts += [f"Top decile lowers the objective loss more than the bottom decile: **{_f(d['top_beats_bottom'])}**.", ""]
+        parts += [f"Top decile lowers the objective loss more than the bottom decile: **{_f(d['top_beats_bottom'])}**."]
+        if "top_lowers_loss" in d:
+            parts += [f"Top decile lowers the objective loss (benefit > 0): **{_f(d['top_lowers_loss'])}**; bottom decile "
+                      f"raises it (benefit < 0): **{_f(d['bottom_raises_loss'])}**."]
+        parts += [""]
     parts += _payout_section(m, payouts, out, manifest.get("config", {}).get("payouts", {}).get("coalition_max"))
     parts += ["## Files", "", "`scores.csv` (every method's score and the benefit, per replicate and seller), "
               "`replicates.csv` (per-replicate correlations), `payouts.csv`, `metrics.json`, and per-session results "
