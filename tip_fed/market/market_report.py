@@ -89,8 +89,12 @@ def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path,
              "Spearman vs reference: do the rules rank sellers alike; L1 of shares: 0 = same split of the budget, "
              "2 = disjoint; Gini: 0 = everyone paid the same.", ""]
     rules = pm.get("rules", {})
-    parts += _table(["rule", "Spearman vs reference", "L1 of shares vs reference", "Gini of payouts"],
-                    [[r, c.get("spearman_vs_reference"), c.get("l1_vs_reference"), c.get("gini")] for r, c in rules.items()])
+    if rules:
+        parts += _table(["rule", "Spearman vs reference", "L1 of shares vs reference", "Gini of payouts"],
+                        [[r, c.get("spearman_vs_reference"), c.get("l1_vs_reference"), c.get("gini")] for r, c in rules.items()])
+    else:
+        parts += ["No comparison: the ground-truth rules (`benefit`, `loo`, `shapley`) need every seller's realised "
+                  "benefit, and this run measured it for a sample of the sellers only (or not at all).", ""]
     per_rep = m.get("run", {}).get("sellers_per_replicate", 0)
     parts += absent_rules(set(rules), per_rep, coalition_max)
     if payouts:
