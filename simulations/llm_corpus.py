@@ -107,9 +107,9 @@ def build(config: TipConfig) -> list[Market]:
     seller_t = names[c.train_topics + c.objective_topics :]
     other_names = list(rng.permutation(list(other)))
     bert = c.model == "bert"
-    other_buyer, other_sell = (other_names[: len(other_names) // 2], other_names[len(other_names) // 2 :])
-    if not bert:
-        other_buyer = []
+    # half the off-domain texts are the BERT buyer's negative class; the other half is sold
+    half = len(other_names) // 2
+    other_buyer, other_sell = (other_names[:half] if bert else []), other_names[half:]
     modules = list(rng.permutation(list(lib)))
     train_lib, seller_lib = modules[: c.train_modules], modules[c.train_modules :]
     buyer_text = [docs[t] for t in train_t] + [lib[k] for k in train_lib]

@@ -101,6 +101,20 @@ def test_llm_corpus_quick(tmp_path):
     assert "Sign validation" in report and "bottom decile raises it" in report
 
 
+def test_llm_corpus_bert_quick(tmp_path):
+    """The BERT classifier variant: every seller (mislabelled ones included) valued within CKKS tolerance."""
+    out = tmp_path / "bert"
+    proc = _run("simulate", "configs/llm_corpus_bert.toml", "--out", str(out), "--quiet", "--set", "quick=true")
+    assert proc.returncode == 0, proc.stderr
+    m = _check_common(out)
+    kinds = json.loads((out / "manifest.json").read_text())["replicates"][0]["seller_kinds"]
+    assert {"document", "duplicate", "shuffled", "off-domain", "mislabeled"} == set(kinds.values())
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert sorted(r["seller_id"] for r in rows) == sorted(kinds) and all(r["benefit"] for r in rows)
+    assert m["fidelity"]["max_rel_error"] < 1e-4 and m["validity"]["spearman"] > 0
+    assert m["deciles"]["top_beats_bottom"]
+
+
 def test_compare_rejects_unrelated_dirs(tmp_path):
     proc = _run("compare", str(tmp_path), str(tmp_path))
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
