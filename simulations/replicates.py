@@ -17,6 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from simulations.exchanges import EXCHANGES
+from simulations.fidelity import check_session
+from simulations.market import Market
+from simulations.results import RunResult, versions, write_run
+from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
 from tip_fed.config import TipConfig
 from tip_fed.core.gradients import projected_grads
 from tip_fed.market import baselines, metrics, stats
@@ -24,12 +29,6 @@ from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
 from tip_fed.market.market_report import render_market_report
 from tip_fed.market.results import read_csv, read_json, write_csv, write_json
 from tip_fed.protocol.data import iter_batches
-
-from simulations.exchanges import EXCHANGES
-from simulations.fidelity import check_session
-from simulations.market import Market
-from simulations.results import RunResult, versions, write_run
-from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
 
 METHODS = ("tip", *baselines.METHODS)
 SCORE_COLUMNS = ("replicate", "seller_id", "n_samples", "tip", "tip_plaintext", *baselines.METHODS, "benefit")
@@ -39,19 +38,39 @@ PAPER = {"tip": 0.900, "gradient_cosine": 0.855, "data_cosine": 0.311, "random":
 
 
 def _grads(market: Market, buyer: Any, data: Any) -> np.ndarray:
-    return torch.cat([projected_grads(market.model, buyer.spec, market.task, b) for b in iter_batches(data, 64)]).double().numpy()
+    return (
+        torch.cat([projected_grads(market.model, buyer.spec, market.task, b) for b in iter_batches(data, 64)])
+        .double()
+        .numpy()
+    )
 
 
 def decile_check(scores: dict[str, float], utility: Any) -> dict[str, Any] | None:
-    """Sign validation: fine-tune on the top and on the bottom 10% of sellers by score (>= 10 sellers)."""
+    """Sign validation: fine-tune on the top and on the bottom 10% of sellers by score (>= 10 sellers).
+
+    A valid score's top decile lowers the objective loss (benefit > 0) and its bottom decile,
+    when the bottom scores are negative, raises it (benefit < 0); both signs are reported, as
+    well as whether the top beats the bottom.
+    """
     if len(scores) < 10:
         return None
     ranked = sorted(scores, key=lambda s: -scores[s])
     k = max(1, len(ranked) // 10)
     top, bottom = ranked[:k], ranked[-k:]
     tb, bb = utility(frozenset(top)), utility(frozenset(bottom))
-    return {"top_n": k, "bottom_n": k, "top_sellers": top, "bottom_sellers": bottom,
-            "top_benefit": tb, "bottom_benefit": bb, "top_beats_bottom": bool(tb > bb)}
+    return {
+        "top_n": k,
+        "bottom_n": k,
+        "top_sellers": top,
+        "bottom_sellers": bottom,
+        "top_benefit": tb,
+        "bottom_benefit": bb,
+        "top_beats_bottom": bool(tb > bb),
+        "top_lowers_loss": bool(tb > 0),
+        "bottom_raises_loss": bool(bb < 0),
+        "top_score_sum": float(sum(scores[s] for s in top)),
+        "bottom_score_sum": float(sum(scores[s] for s in bottom)),
+    }
 
 
 def value_replicate(
@@ -66,20 +85,66 @@ def value_replicate(
     plain = {s: plaintext_reference(buyer, market, s) for s in ids}
     tolerance = check_session(buyer, valuation, plain)  # before the costly ground truth
     obj = _grads(market, buyer, market.objective)
-    base = baselines.score_all({s: _grads(market, buyer, market.sellers[s]) for s in ids}, obj,
-                               {s: market.sellers[s] for s in ids}, market.objective, seed=config.seed * 7919 + rep)
+    base = baselines.score_all(
+        {s: _grads(market, buyer, market.sellers[s]) for s in ids},
+        obj,
+        {s: market.sellers[s] for s in ids},
+        market.objective,
+        seed=config.seed * 7919 + rep,
+    )
     seed = config.seed * 1000 + rep
-    truth = {s: finetune_benefit(market.model, market.task, market.sellers[s], market.objective, lr=gt.lr,
-                                 epochs=gt.epochs, batch_size=gt.batch_size, seed=seed, layers=gt.layers) for s in ids}
-    utility = coalition_utility(market.model, market.task, {s: market.sellers[s] for s in ids}, market.objective,
-                                lr=gt.lr, epochs=gt.epochs, batch_size=gt.batch_size, seed=seed, layers=gt.layers)
-    write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, utility=utility,
-              tolerance=tolerance, render=False)
+    sampled = market.info.get("truth_sellers", ids)  # a market may fine-tune on a random sample only
+    truth = {
+        s: finetune_benefit(
+            market.model,
+            market.task,
+            market.sellers[s],
+            market.objective,
+            lr=gt.lr,
+            epochs=gt.epochs,
+            batch_size=gt.batch_size,
+            seed=seed,
+            layers=gt.layers,
+        )
+        for s in ids
+        if s in sampled
+    }
+    utility = coalition_utility(
+        market.model,
+        market.task,
+        {s: market.sellers[s] for s in ids},
+        market.objective,
+        lr=gt.lr,
+        epochs=gt.epochs,
+        batch_size=gt.batch_size,
+        seed=seed,
+        layers=gt.layers,
+    )
+    write_run(
+        out,
+        config,
+        market,
+        buyer,
+        valuation,
+        plain,
+        truth,
+        time.perf_counter() - t0,
+        utility=utility,
+        tolerance=tolerance,
+        render=False,
+    )
     by_id = valuation.by_id()
     deciles = decile_check({s: by_id[s].total for s in ids}, utility)
     return [
-        {"replicate": rep, "seller_id": s, "n_samples": by_id[s].n_samples, "tip": by_id[s].total,
-         "tip_plaintext": float(plain[s].sum()), **{m: base[m][s] for m in baselines.METHODS}, "benefit": truth[s].benefit}
+        {
+            "replicate": rep,
+            "seller_id": s,
+            "n_samples": by_id[s].n_samples,
+            "tip": by_id[s].total,
+            "tip_plaintext": float(plain[s].sum()),
+            **{m: base[m][s] for m in baselines.METHODS},
+            "benefit": truth[s].benefit if s in truth else None,
+        }
         for s in ids
     ], deciles
 
@@ -88,7 +153,7 @@ def per_replicate(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     """Signed correlations of every method with benefit, plus top-1 / top-k agreement, per replicate."""
     out = []
     for rep in sorted({r["replicate"] for r in rows}):
-        rr = [r for r in rows if r["replicate"] == rep]
+        rr = [r for r in rows if r["replicate"] == rep and r["benefit"] is not None]  # sellers with ground truth
         benefit = [r["benefit"] for r in rr]
         row: dict[str, Any] = {"replicate": rep, "n_sellers": len(rr)}
         for m in METHODS:
@@ -118,8 +183,12 @@ def pooled_metrics(reps: list[dict[str, Any]], rows: list[dict[str, Any]], k: in
     validity["top1_rate"] = float(np.mean([r["tip_top1"] for r in reps]))
     validity[f"top{k}_agreement"] = float(np.mean([r["tip_topk"] for r in reps]))
     validity["paired_vs_gradient_cosine"] = {
-        "spearman": stats.paired([r["tip_spearman"] for r in reps], [r["gradient_cosine_spearman"] for r in reps], ns, seed=seed),
-        "pearson": stats.paired([r["tip_pearson"] for r in reps], [r["gradient_cosine_pearson"] for r in reps], ns, seed=seed),
+        "spearman": stats.paired(
+            [r["tip_spearman"] for r in reps], [r["gradient_cosine_spearman"] for r in reps], ns, seed=seed
+        ),
+        "pearson": stats.paired(
+            [r["tip_pearson"] for r in reps], [r["gradient_cosine_pearson"] for r in reps], ns, seed=seed
+        ),
     }
     base = {m: block(m) for m in baselines.METHODS}
     base["gradient_cosine"]["top1_rate"] = float(np.mean([r["gradient_cosine_top1"] for r in reps]))
@@ -130,6 +199,7 @@ def pooled_metrics(reps: list[dict[str, Any]], rows: list[dict[str, Any]], k: in
 
 def single_metrics(rep: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One market (no replicates to pool): the signed correlations across its sellers."""
+
     def block(m: str) -> dict[str, Any]:
         return {"spearman": rep[f"{m}_spearman"], "pearson": rep[f"{m}_pearson"]}
 
@@ -140,7 +210,8 @@ def single_metrics(rep: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str,
 
 def pooled_payouts(out: Path, n_reps: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All replicates' payouts (with a replicate column) and each rule's comparison averaged over replicates."""
-    rows, per_rule = [], {}
+    rows: list[dict[str, Any]] = []
+    per_rule: dict[str, dict[str, list[float]]] = {}
     reference = None
     for rep in range(n_reps):
         d = out / "replicates" / f"rep-{rep:03d}"
@@ -157,8 +228,10 @@ def pooled_payouts(out: Path, n_reps: int) -> tuple[list[dict[str, Any]], dict[s
 
 def valuation_seconds(out: Path, n_reps: int) -> float | None:
     """Summed valuation-phase seconds of every replicate's session; None when a runtime could not time one."""
-    phases = [read_json(out / "replicates" / f"rep-{rep:03d}" / "metrics.json")["run"].get("valuation_seconds")
-              for rep in range(n_reps)]
+    phases = [
+        read_json(out / "replicates" / f"rep-{rep:03d}" / "metrics.json")["run"].get("valuation_seconds")
+        for rep in range(n_reps)
+    ]
     return None if None in phases else float(sum(phases))
 
 
@@ -176,23 +249,41 @@ def run_replicated(config: TipConfig, markets: list[Market], out: Path, *, progr
     write_csv(out / "replicates.csv", REPLICATE_COLUMNS, reps)
     m = pooled_metrics(reps, rows, k, config.seed) if len(markets) > 1 else single_metrics(reps[0], rows)
     if deciles:
-        m["deciles"] = deciles[0] if len(deciles) == 1 else {
-            "top_n": deciles[0]["top_n"], "bottom_n": deciles[0]["bottom_n"],
-            "top_benefit": float(np.mean([d["top_benefit"] for d in deciles])),
-            "bottom_benefit": float(np.mean([d["bottom_benefit"] for d in deciles])),
-            "top_beats_bottom": float(np.mean([d["top_beats_bottom"] for d in deciles])),
-        }
+        m["deciles"] = (
+            deciles[0]
+            if len(deciles) == 1
+            else {
+                "top_n": deciles[0]["top_n"],
+                "bottom_n": deciles[0]["bottom_n"],
+                "top_benefit": float(np.mean([d["top_benefit"] for d in deciles])),
+                "bottom_benefit": float(np.mean([d["bottom_benefit"] for d in deciles])),
+                **{
+                    key: float(np.mean([d[key] for d in deciles]))  # fraction of replicates
+                    for key in ("top_beats_bottom", "top_lowers_loss", "bottom_raises_loss")
+                },
+            }
+        )
     pay_rows, m["payouts"] = pooled_payouts(out, len(markets))
     write_csv(out / "payouts.csv", ("replicate", "seller_id", "rule", "payout", "share"), pay_rows)
     m["distribution"] = stats.value_distribution([r["tip"] for r in rows])
-    m["run"] = {"seconds": time.perf_counter() - started, "replicates": len(markets),
-                "sellers_per_replicate": len(markets[0].sellers), "runtime": config.runtime,
-                "valuation_seconds": valuation_seconds(out, len(markets))}
-    write_json(out / "manifest.json", {
-        "scenario": markets[0].name, "config": config.to_dict(), "replicated": True,
-        "replicates": [mk.info for mk in markets], "versions": versions(),
-        "projection_seeds": [projection_seed(config.seed, mk.replicate) for mk in markets],
-    })
+    m["run"] = {
+        "seconds": time.perf_counter() - started,
+        "replicates": len(markets),
+        "sellers_per_replicate": len(markets[0].sellers),
+        "runtime": config.runtime,
+        "valuation_seconds": valuation_seconds(out, len(markets)),
+    }
+    write_json(
+        out / "manifest.json",
+        {
+            "scenario": markets[0].name,
+            "config": config.to_dict(),
+            "replicated": True,
+            "replicates": [mk.info for mk in markets],
+            "versions": versions(),
+            "projection_seeds": [projection_seed(config.seed, mk.replicate) for mk in markets],
+        },
+    )
     write_json(out / "metrics.json", m)
     render_market_report(out)
     return RunResult(out, m, None)

@@ -74,8 +74,8 @@ def write_run(
     ]
     write_csv(out / "valuations.csv", VALUATION_COLUMNS, rows)
 
-    enc_all = [r["score"] for r in rows]
-    plain_all = [r["score_plaintext"] for r in rows]
+    enc_all: list[float] = [r["score"] for r in rows]
+    plain_all: list[float] = [r["score_plaintext"] for r in rows]
     samples: list[dict[str, Any]] = []
     for v in valuation.sellers:
         if v.per_sample is not None:
@@ -117,7 +117,8 @@ def write_run(
         scores={v.seller_id: v.total for v in valuation.sellers},
         n_records={v.seller_id: v.n_samples for v in valuation.sellers},
         utility=utility,
-        benefits={s: truth[s].benefit for s in truth} if truth else None,
+        # the benefit rule pays every seller, so it needs every seller's ground truth (not a sample's)
+        benefits={s: truth[s].benefit for s in truth} if truth and len(truth) == len(valuation.sellers) else None,
     )
     pay_rows, comparison, reference = payouts.settle(config.payouts, inputs, seed=config.seed)
     write_csv(out / "payouts.csv", PAYOUT_COLUMNS, pay_rows)

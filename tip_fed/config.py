@@ -295,22 +295,29 @@ class PayoutsConfig:
 
 @dataclass(frozen=True)
 class LlmCorpusConfig:
-    """LLM-corpus market: document sellers valued for a small GPT-2 (or BERT) trained locally."""
+    """LLM-corpus market: document sellers valued for a small GPT-2 (or BERT) trained locally.
+
+    ``truth-sellers``: how many sellers (a random sample) get a ground-truth fine-tune; 0 = all.
+    Every seller is valued under encryption either way.
+    """
 
     model: str = "gpt2"
-    vocab_size: int = 1000
+    vocab_size: int = 2000
     block_len: int = 64
     n_embd: int = 64
-    n_layer: int = 2
-    n_head: int = 2
-    pretrain_steps: int = 200
+    n_layer: int = 4
+    n_head: int = 4
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
-    train_topics: int = 20
-    objective_topics: int = 6
+    train_topics: int = 30
+    train_modules: int = 50  # standard-library modules whose docstrings the buyer pretrains on (not sold)
+    objective_topics: int = 10
     objective_blocks: int = 32
-    doc_sellers: int = 24
-    low_sellers: int = 4
-    max_blocks: int = 8
+    doc_sellers: int = 500
+    low_sellers: int = 20
+    max_blocks: int = 4
+    train_sample: int = 256
+    truth_sellers: int = 60
 
     def __post_init__(self) -> None:
         _require(self.model in ("gpt2", "bert"), "llm-corpus.model", "must be 'gpt2' or 'bert'")
@@ -320,6 +327,9 @@ class LlmCorpusConfig:
         _require(min(self.train_topics, self.objective_topics, self.doc_sellers, self.max_blocks) >= 1, "llm-corpus",
                  "train-topics, objective-topics, doc-sellers and max-blocks must be >= 1")
         _require(self.low_sellers >= 0, "llm-corpus.low-sellers", "must be >= 0")
+        _require(self.train_modules >= 0, "llm-corpus.train-modules", "must be >= 0")
+        _require(self.train_sample >= 1, "llm-corpus.train-sample", "must be >= 1")
+        _require(self.truth_sellers >= 0, "llm-corpus.truth-sellers", "must be >= 0 (0 = every seller)")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,17 +75,44 @@ def test_healthcare_cohort_quick(tmp_path):
     assert "Not computed: `loo`, `shapley`" in (out / "report.md").read_text()  # coalition-max = 0, said so
 
 def test_llm_corpus_quick(tmp_path):
+    """Every seller valued under encryption within CKKS tolerance, the score predicts the fine-tune, the
+    deciles have the right signs and the sellers of known low value score low."""
     out = tmp_path / "llm"
     proc = _run("simulate", "configs/llm_corpus.toml", "--out", str(out), "--quiet", "--set", "quick=true")
     assert proc.returncode == 0, proc.stderr
     m = _check_common(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    kinds = manifest["replicates"][0]["seller_kinds"]
+    assert {"document", "duplicate", "shuffled", "off-domain"} == set(kinds.values())
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert sorted(r["seller_id"] for r in rows) == sorted(kinds) and all(r["tip"] for r in rows)  # every seller valued
+    assert m["fidelity"]["max_rel_error"] < 1e-4  # CKKS at 40-bit scale
     d = m["distribution"]
     assert 0 <= d["gini"] <= 1 and 0 < d["top10_share"] <= 1 and 0 <= d["fraction_negative"] <= 1
-    assert {"top_benefit", "bottom_benefit", "top_beats_bottom"} <= set(m["deciles"])
-    assert m["validity"]["spearman"] > 0
+    assert d["n_sellers"] == len(kinds)
+    dec = m["deciles"]
+    assert dec["top_lowers_loss"] and dec["bottom_raises_loss"] and dec["top_beats_bottom"]
+    assert m["validity"]["spearman"] >= 0.8 and m["validity"]["n_sellers"] == len(kinds)  # quick: all fine-tuned
+    tip = {r["seller_id"]: float(r["tip"]) for r in rows}
+    low = [tip[s] for s, k in kinds.items() if k != "document"]
+    docs = [tip[s] for s, k in kinds.items() if k == "document"]
+    assert np.median(low) < np.median(docs) and np.mean(np.array(low) < np.median(list(tip.values()))) > 0.5
+    report = (out / "report.md").read_text()
+    assert "Sign validation" in report and "bottom decile raises it" in report
+
+
+def test_llm_corpus_bert_quick(tmp_path):
+    """The BERT classifier variant: every seller (mislabelled ones included) valued within CKKS tolerance."""
+    out = tmp_path / "bert"
+    proc = _run("simulate", "configs/llm_corpus_bert.toml", "--out", str(out), "--quiet", "--set", "quick=true")
+    assert proc.returncode == 0, proc.stderr
+    m = _check_common(out)
     kinds = json.loads((out / "manifest.json").read_text())["replicates"][0]["seller_kinds"]
-    assert {"document", "duplicate", "shuffled", "off-domain"} == set(kinds.values())
-    assert "Sign validation" in (out / "report.md").read_text()
+    assert {"document", "duplicate", "shuffled", "off-domain", "mislabeled"} == set(kinds.values())
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert sorted(r["seller_id"] for r in rows) == sorted(kinds) and all(r["benefit"] for r in rows)
+    assert m["fidelity"]["max_rel_error"] < 1e-4 and m["validity"]["spearman"] > 0
+    assert m["deciles"]["top_beats_bottom"]
 
 
 def test_compare_rejects_unrelated_dirs(tmp_path):

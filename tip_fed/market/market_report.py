@@ -89,10 +89,17 @@ def _payout_section(m: dict[str, Any], payouts: list[dict[str, str]], out: Path,
              "Spearman vs reference: do the rules rank sellers alike; L1 of shares: 0 = same split of the budget, "
              "2 = disjoint; Gini: 0 = everyone paid the same.", ""]
     rules = pm.get("rules", {})
-    parts += _table(
-        ["rule", "Spearman vs reference", "L1 of shares vs reference", "Gini of payouts"],
-        [[r, c.get("spearman_vs_reference"), c.get("l1_vs_reference"), c.get("gini")] for r, c in rules.items()],
-    )
+    if rules:
+        parts += _table(
+            ["rule", "Spearman vs reference", "L1 of shares vs reference", "Gini of payouts"],
+            [[r, c.get("spearman_vs_reference"), c.get("l1_vs_reference"), c.get("gini")] for r, c in rules.items()],
+        )
+    else:
+        parts += [
+            "No comparison: the ground-truth rules (`benefit`, `loo`, `shapley`) need every seller's realised "
+            "benefit, and this run measured it for a sample of the sellers only (or not at all).",
+            "",
+        ]
     per_rep = m.get("run", {}).get("sellers_per_replicate", 0)
     parts += absent_rules(set(rules), per_rep, coalition_max)
     if payouts:
@@ -120,8 +127,8 @@ def render_market_report(out_dir: str | Path) -> Path:
         f"# tip_fed market report: {manifest.get('scenario', 'market')}",
         "",
         f"{run.get('replicates', '?')} replicate(s) × {run.get('sellers_per_replicate', '?')} sellers, each replicate "
-        f"valued in its own encrypted session (runtime `{run.get('runtime', '?')}`); {_f(run.get('seconds'), 1)} s in "
-        f"all. "
+        f"valued in its own encrypted session (runtime `{run.get('runtime', '?')}`); "
+        f"{_f(run.get('seconds'), 1)} s in all. "
         "Realised benefit = objective loss before − after fine-tuning a copy of the buyer's model on that seller's "
         "data alone: what the score tries to predict.",
         "",
@@ -150,7 +157,9 @@ def render_market_report(out_dir: str | Path) -> Path:
             [[k, v.get("spearman"), v.get("pearson")] for k, v in blocks.items()],
         )
     tip = [float(r["tip"]) for r in scores]
-    harmful = [float(r["benefit"]) <= 0 for r in scores]
+    truthed = [r for r in scores if r["benefit"] != ""]  # a market may fine-tune on a sample of its sellers only
+    sampled = len(truthed) < len(scores)
+    harmful = [float(r["benefit"]) <= 0 if r["benefit"] != "" else float(r["tip"]) < 0 for r in scores]
     multi = run.get("replicates", 1) > 1
     plots.sorted_values(
         _scaled_within(scores, "tip") if multi else tip,
@@ -159,23 +168,35 @@ def render_market_report(out_dir: str | Path) -> Path:
         ylabel="TIP score" + (" (÷ replicate RMS)" if multi else ""),
         title="Seller values, sorted",
         labels=None if multi else [r["seller_id"] for r in scores],
+        legend=(
+            "helpful (benefit > 0; score > 0 where not fine-tuned)",
+            "harmful (benefit <= 0; score < 0 where not fine-tuned)",
+        )
+        if sampled
+        else None,
     )
     unit = " (÷ replicate RMS)" if multi else ""
     plots.scatter_fit(
-        _scaled_within(scores, "tip") if multi else tip,
-        _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores],
+        _scaled_within(truthed, "tip") if multi else [float(r["tip"]) for r in truthed],
+        _scaled_within(truthed, "benefit") if multi else [float(r["benefit"]) for r in truthed],
         out / "score_vs_benefit.png",
         xlabel="TIP score (encrypted)" + unit,
         ylabel="realised benefit (loss before − after)" + unit,
         title="Encrypted score vs realised benefit",
-        labels=None if multi else [r["seller_id"] for r in scores],
+        labels=None if multi else [r["seller_id"] for r in truthed],
     )
+    if sampled:
+        parts += [
+            f"Ground truth (a fine-tune per seller) was computed for a random sample of {len(truthed)} of the "
+            f"{len(scores)} sellers; correlations and the score-vs-benefit plot use that sample.",
+            "",
+        ]
     dist = m.get("distribution", {})
     series = {
         "positive TIP value" + (" (÷ replicate RMS)" if multi else ""): _scaled_within(scores, "tip") if multi else tip
     }
     series["positive realised benefit" + unit] = (
-        _scaled_within(scores, "benefit") if multi else [float(r["benefit"]) for r in scores]
+        _scaled_within(truthed, "benefit") if multi else [float(r["benefit"]) for r in truthed]
     )
     shap = [float(r["payout"]) for r in payouts if r["rule"] == "shapley"]
     if shap:
@@ -214,10 +235,13 @@ def render_market_report(out_dir: str | Path) -> Path:
             ["decile", "sellers", "benefit"],
             [["top", d["top_n"], d["top_benefit"]], ["bottom", d["bottom_n"], d["bottom_benefit"]]],
         )
-        parts += [
-            f"Top decile lowers the objective loss more than the bottom decile: **{_f(d['top_beats_bottom'])}**.",
-            "",
-        ]
+        parts += [f"Top decile lowers the objective loss more than the bottom decile: **{_f(d['top_beats_bottom'])}**."]
+        if "top_lowers_loss" in d:
+            parts += [
+                f"Top decile lowers the objective loss (benefit > 0): **{_f(d['top_lowers_loss'])}**; bottom decile "
+                f"raises it (benefit < 0): **{_f(d['bottom_raises_loss'])}**."
+            ]
+        parts += [""]
     parts += _payout_section(m, payouts, out, manifest.get("config", {}).get("payouts", {}).get("coalition_max"))
     parts += [
         "## Files",
