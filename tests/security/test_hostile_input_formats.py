@@ -18,9 +18,8 @@ from tokenizers import Regex, Tokenizer, pre_tokenizers
 from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
 from tip_fed.errors import DataError, ProtocolError, TipError
 from tip_fed.protocol import BuyerSettings, Seller, formats
-from tip_fed.protocol.formats import MAX_TOKENIZER_BYTES
+from tip_fed.protocol.formats import MAX_TOKENIZER_BYTES, TextFormat
 from tip_fed.protocol.ledger import PrivacyBudgetExhaustedError
-from tip_fed.protocol.formats import TextFormat
 from tip_fed.protocol.records import RawRecords, load_seller_data
 from tip_fed.protocol.resources import ResourceLimitError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -198,7 +197,7 @@ def test_a_tokenizer_that_panics_is_a_tip_error_not_an_escape(text_market):
     with pytest.raises(BaseException) as raw:
         Tokenizer.from_str(hostile).encode_batch([r["text"] for r in records.rows])
     assert not isinstance(raw.value, Exception)  # the library really panics on these records
-    with pytest.raises(ProtocolError, match="the buyer's tokenizer failed on corpus.jsonl: .*retry-limit"):
+    with pytest.raises(ProtocolError, match=r"the buyer's tokenizer failed on corpus\.jsonl: .*retry-limit"):
         TextFormat(hostile, 16).encode(records)
     seller = Seller("victim", records)
     with pytest.raises(DataError, match="records do not fit the offer's input format"):
