@@ -195,6 +195,11 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "non-empty line) encoded by each buyer's input format, or tensors (.safetensors, see "
         "'tip-fed export-sellers')",
     )
+    srv.add_argument(
+        "--fields",
+        help="comma-separated fields of raw records to sell, e.g. age,bmi,diagnosis; the others are dropped at "
+        "loading (default: every field of the file, which a buyer's input format may then read)",
+    )
     srv.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one (printed)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--seller-id", help="public seller id (default: the data file's name without extension)")
@@ -351,6 +356,7 @@ def _seller_serve(args: argparse.Namespace) -> None:
     serve(
         args.data,
         seller_id=args.seller_id,
+        fields=None if args.fields is None else args.fields.split(","),
         host=args.host,
         port=args.port,
         tls=tls,

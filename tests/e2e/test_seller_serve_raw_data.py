@@ -14,16 +14,25 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from tokenizers import Regex, Tokenizer, pre_tokenizers
 
 from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
+from tip_fed.core.models import MLP
+from tip_fed.core.tasks import get_task
 from tip_fed.grpc import SellerEndpoint, value_sellers, wait_until_healthy
-from tip_fed.protocol import BuyerSettings, Seller, SellerPolicy
-from tip_fed.protocol.records import load_seller_data
+from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
+from tip_fed.protocol.formats import TableFormat
+from tip_fed.protocol.records import RawRecords, load_seller_data
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+from tip_fed.wire.tip.v1 import valuation_pb2_grpc as rpc
 
 from ..raw_data import docstring_corpus, text_buyer, train_tokenizer, write_jsonl
+from .serving import stop, wait_ready
 
 CLI = Path(sys.executable).parent / "tip-fed"
 READY = re.compile(r"seller (?P<id>\S+) \((?P<n>\d+) samples\) ready on 127\.0\.0\.1:(?P<port>\d+) \(insecure\)")
@@ -115,3 +124,79 @@ def test_seller_serve_jsonl_matches_the_in_process_seller(tmp_path):
     assert np.max(np.abs(r.per_sample - here.per_sample)) <= tol
     assert abs(r.total - here.total) <= 50 * tol
     assert np.std(here.per_sample) > 100 * tol  # the scores differ between records: the comparison has teeth
+
+
+AGGREGATE = BuyerSettings(projection=ProjectionConfig(rank=2), preconditioner=PreconditionerConfig(kind="identity"),
+                          protocol=ProtocolConfig(disclosure="aggregate", query_budget=1))
+
+
+@contextlib.contextmanager
+def _serving_logged(data: Path, *args: str):
+    """``tip-fed seller serve --data DATA --insecure --port 0 ARGS``: (ready line, every output line, stub)."""
+    proc = subprocess.Popen([str(CLI), "seller", "serve", "--data", str(data), "--insecure", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines: list[str] = []
+    try:
+        ready = wait_ready(proc, lines, 120)
+        with grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as channel:
+            yield ready, lines, rpc.SellerStub(channel)
+        assert proc.poll() is None, "the seller died"
+    finally:
+        stop(proc)
+
+
+def _call(stub, offer: bytes) -> grpc.RpcError | None:
+    try:
+        stub.Value(pb.ValueRequest(offer=pb.Offer.FromString(offer)), timeout=120)
+    except grpc.RpcError as exc:
+        return exc
+    return None
+
+
+def test_seller_serve_sells_only_the_fields_it_lists(tmp_path):
+    """A buyer's format naming an unsold column (to read it back from an aggregate answer) is refused
+    before any charge, without the seller's other field names; the honest Offer is answered after it."""
+    rng = np.random.default_rng(3)
+    n = 30
+    frame = pd.DataFrame({"age": rng.integers(20, 80, n), "bmi": rng.uniform(18, 35, n).round(1),
+                          "diagnosis": rng.choice(["benign", "malignant"], n),
+                          "ssn": [f"123-45-{i:04d}" for i in range(n)], "hiv_status": rng.integers(0, 2, n)})
+    data = tmp_path / "clinic.csv"
+    frame.to_csv(data, index=False)
+    mine = RawRecords.from_rows(frame.iloc[:20].astype(str).to_dict("records"), "buyer rows")
+
+    def buyer(label: str) -> Buyer:
+        torch.manual_seed(0)
+        return Buyer(MLP([2, 4, 2]), get_task("classification"), objective=mine, train=mine, settings=AGGREGATE,
+                     input_format=TableFormat.fit(mine, ["age", "bmi"], label))
+
+    # --max-exact 1: one exact answer per buyer, so a charged refusal would refuse the honest Offer
+    with _serving_logged(data, "--fields", "age,bmi,diagnosis", "--max-exact", "1") as (_, lines, stub):
+        refused = _call(stub, buyer("hiv_status").offer(max_samples=100))
+        assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "clinic.csv offers no field 'hiv_status'" in refused.details()
+        assert not [f for f in ("age", "bmi", "diagnosis", "ssn") if f in refused.details()]
+        assert _call(stub, buyer("diagnosis").offer(max_samples=100)) is None
+    assert any("offers the fields ['age', 'bmi', 'diagnosis'] of clinic.csv" in line for line in lines)
+
+
+def test_seller_serve_answers_a_panicking_tokenizer_and_keeps_serving(tmp_path):
+    """A tokenizer whose regex makes the Rust library panic (a BaseException) gets a status, not a call
+    held open until the buyer's deadline; the seller logs it and answers the next buyer."""
+    texts = docstring_corpus(60)
+    tok = train_tokenizer(texts)
+    data = tmp_path / "corpus.jsonl"
+    write_jsonl(data, texts[10:40])
+    bad = Tokenizer.from_str(tok.to_str())
+    bad.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"(\w+\s?)+\d$"), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    with _serving_logged(data, "--max-exact", "-1", "--total-max-exact", "-1") as (_, lines, stub):
+        for _ in range(3):
+            hostile = pb.Offer.FromString(text_buyer(texts[:6], tok, AGGREGATE, 16).offer(max_samples=100))
+            hostile.input.text.tokenizer_json = bad.to_str().encode()
+            refused = _call(stub, hostile.SerializeToString())
+            assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "records do not fit the offer's input format" in refused.details()
+        assert _call(stub, text_buyer(texts[:6], tok, AGGREGATE, 16).offer(max_samples=100)) is None
+    assert any("tokenizer failed on corpus.jsonl" in line and "retry-limit" in line for line in lines)

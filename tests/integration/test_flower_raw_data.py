@@ -12,6 +12,7 @@ from tip_fed.flower import records
 from tip_fed.flower.client_app import make_client_app
 from tip_fed.protocol import BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.records import load_seller_data
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from ..raw_data import (
     cancer_table,
@@ -67,3 +68,35 @@ def test_client_app_serves_jsonl_and_plain_text(tmp_path):
     paths["lines"].write_text("\n\n".join(texts[60:90]) + "\n", encoding="utf-8")
     assert len(load_seller_data(paths["lines"])) == 30  # one record per non-empty line
     _value_through_client_app(buyer, paths)
+
+
+def test_client_app_sells_only_the_fields_of_its_node_config(tmp_path):
+    """``fields=...`` in the node config: a format reading another column of the file is refused
+    with an error reply that names no other field; the sold columns are valued as before."""
+    frame = cancer_table()
+    buyer = table_buyer(frame.iloc[:150], SETTINGS)
+    path = tmp_path / "ward-a.csv"
+    sellers_rows = frame.iloc[150:190].copy()
+    sellers_rows["hiv_status"] = (np.arange(len(sellers_rows)) % 2).astype(str)
+    sellers_rows.to_csv(path, index=False)
+    sold = ",".join([*buyer.input_format.features, buyer.input_format.label])
+    app = make_client_app()
+
+    def ask(offer: bytes, node_config: dict) -> tuple:
+        config = {"data-path": str(path), "exact-per-sample": True, **node_config}
+        ctx = Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
+        out = app(Message(content=records.encode_offer(offer), dst_node_id=1, message_type=records.QUERY_TYPE), ctx)
+        return records.decode_reply(out.content)
+
+    hostile = pb.Offer.FromString(buyer.offer(max_samples=100))
+    hostile.input.table.label = "hiv_status"
+    del hostile.input.table.classes[:]
+    hostile.input.table.classes.extend(["0", "1"])
+    reply, _, error = ask(hostile.SerializeToString(), {"fields": sold})
+    assert reply is None and "ward-a.csv offers no field 'hiv_status'" in error
+    assert not [f for f in sold.split(",") if f in error]
+    assert ask(hostile.SerializeToString(), {})[2] is None  # without the list, the file's every column is sold
+    reply, _, error = ask(buyer.offer(max_samples=100), {"fields": sold})
+    assert error is None and buyer.settle([reply]).rejected == {}
+    _, _, error = ask(buyer.offer(max_samples=100), {"fields": 3})
+    assert "node config 'fields' must be comma-separated field names" in error

@@ -33,6 +33,7 @@ from tip_fed.grpc.server import SERVICE_NAME, MiB, status_for
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.tls import create_ca, issue_cert
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+from tip_fed.wire.tip.v1 import valuation_pb2_grpc as rpc
 
 TASK = get_task("classification")
 
@@ -164,6 +165,45 @@ def test_refusals_map_to_status_codes_with_the_sellers_message(model, pki):
     assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert garbage.value.details().startswith("the request is not a valid tip.v1 ValueRequest")
     assert "Traceback" not in garbage.value.details()
+
+
+
+def _rust_panic() -> BaseException:
+    """A real ``pyo3_runtime.PanicException`` of the tokenizers library (a regex past its retry limit)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(\w+\s?)+\d$"), behavior="isolated")
+    try:
+        tok.encode(" ".join(["word"] * 30) + " !")
+    except BaseException as exc:  # the panic is what this helper is for
+        return exc
+    raise AssertionError("the tokenizers library no longer panics on a backtracking regex")
+
+
+def test_a_panic_inside_the_seller_is_logged_and_answered_internal(model, monkeypatch, caplog):
+    """A BaseException that is no Exception (a Rust panic) must end the call with INTERNAL and a log
+    line, not leave it open until the buyer's deadline; the service keeps answering afterwards."""
+    panic = _rust_panic()
+    assert not isinstance(panic, Exception)
+    seller = Seller("s", _data(4, 1), policy=SellerPolicy(exact_per_sample=True))
+
+    def respond(*_args, **_kwargs):
+        raise panic
+
+    monkeypatch.setattr(seller, "respond", respond)
+    running, _ = _serve(seller, None, "insecure")
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = rpc.SellerStub(channel)
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Value(pb.ValueRequest(offer=pb.Offer.FromString(_buyer(model).offer(max_samples=10))), timeout=60)
+            assert stub.Health(pb.HealthRequest(), timeout=10).seller_id == "s"
+    finally:
+        running.stop(0)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert failed.value.details() == "seller s failed internally; see its log"
+    assert "internal error while answering an offer" in caplog.text and "retry-limit" in caplog.text
 
 
 @pytest.mark.parametrize(

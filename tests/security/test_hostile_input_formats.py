@@ -7,16 +7,20 @@ honest Offer of the same session is answered afterwards (per-session budget of o
 seller's ledger allows one exact answer per buyer).
 """
 
+import logging
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Regex, Tokenizer, pre_tokenizers
 
 from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
 from tip_fed.errors import DataError, ProtocolError, TipError
 from tip_fed.protocol import BuyerSettings, Seller, formats
-from tip_fed.protocol.formats import MAX_TOKENIZER_BYTES
+from tip_fed.protocol.formats import MAX_TOKENIZER_BYTES, TextFormat
 from tip_fed.protocol.ledger import PrivacyBudgetExhaustedError
-from tip_fed.protocol.records import RawRecords
+from tip_fed.protocol.records import RawRecords, load_seller_data
 from tip_fed.protocol.resources import ResourceLimitError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -68,6 +72,7 @@ def _refused_then_honest_answered(buyer, records, edit, error, match, monkeypatc
         monkeypatch.undo()
     # nothing was spent: the same session's honest offer is still answered, exactly once
     assert buyer.settle([seller.respond(offer)]).rejected == {}
+    return str(info.value)
 
 
 def _huge_tokenizer(inp):
@@ -132,10 +137,71 @@ def test_hostile_table_formats_are_refused(table_market, edit, match):
     _refused_then_honest_answered(buyer, records, edit, ProtocolError, match)
 
 
-def test_a_format_naming_fields_the_records_lack_is_refused_before_any_charge(table_market):
+def test_a_format_naming_fields_the_records_lack_is_refused_before_any_charge(table_market, caplog):
+    """The refusal comes before any charge, so it names only the field asked for: listing the others
+    would hand a buyer the seller's schema for free. The seller's own log has them."""
     buyer, records = table_market
-    _refused_then_honest_answered(buyer, records, _set(features=["age", *FEATURES[1:]]), DataError,
-                                  r"clinic.csv has no field 'age' in every record \(fields: 'diagnosis', ")
+    with caplog.at_level(logging.WARNING, logger="tip_fed.protocol.formats"):
+        message = _refused_then_honest_answered(buyer, records, _set(features=["age", *FEATURES[1:]]), DataError,
+                                                r"clinic.csv offers no field 'age'; .*ask the seller which fields")
+    assert not [f for f in records.fields if f in message]
+    assert "'mean radius'" in caplog.text and "'age'" in caplog.text
+
+
+@pytest.fixture
+def clinic_file(tmp_path):
+    """A clinic's CSV with columns it does not sell: an HIV status and a social security number."""
+    frame = cancer_table().iloc[150:200].copy()
+    rng = np.random.default_rng(5)
+    frame["hiv_status"] = rng.integers(0, 2, len(frame)).astype(str)
+    frame["ssn"] = [f"{rng.integers(100, 999)}-{rng.integers(10, 99)}-{rng.integers(1000, 9999)}" for _ in frame.index]
+    path = tmp_path / "clinic.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _read_hiv_status(inp):
+    _set(label="hiv_status", classes=["0", "1"])(inp)
+
+
+def test_a_format_reading_a_field_the_seller_does_not_sell_is_refused_before_any_charge(table_market, clinic_file):
+    """A buyer's format naming an unsold column as its label (to read it back from one aggregate
+    answer) is refused at the schema check, and the refusal lists none of the fields there are."""
+    buyer, _ = table_market
+    sold = [*FEATURES, "diagnosis"]
+    records = load_seller_data(clinic_file, fields=sold)
+    assert records.fields == set(sold) and all(set(r) == set(sold) for r in records.rows)  # dropped at loading
+    message = _refused_then_honest_answered(buyer, records, _read_hiv_status, DataError,
+                                            r"clinic.csv offers no field 'hiv_status'; .*ask the seller")
+    assert not [f for f in [*sold, "ssn"] if f in message]
+    # the attack has teeth: a seller offering every field of its file answers the same Offer
+    everything = Seller("victim", load_seller_data(clinic_file))
+    assert buyer.settle([everything.respond(_tamper(buyer.offer(max_samples=100), _read_hiv_status))]).rejected == {}
+
+
+def _regex_bomb(tokenizer_json: str) -> str:
+    """The tokenizer with a pre-tokenizer regex that backtracks catastrophically on ordinary text."""
+    bad = Tokenizer.from_str(tokenizer_json)
+    bad.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"(\w+\s?)+\d$"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    return bad.to_str()
+
+
+def test_a_tokenizer_that_panics_is_a_tip_error_not_an_escape(text_market):
+    """The Rust library reports a regex past Oniguruma's retry limit as a panic, a BaseException that
+    an ``except Exception`` lets escape (over gRPC: a call that hangs until its deadline)."""
+    buyer, records = text_market
+    hostile = _regex_bomb(buyer.input_format.tokenizer_json)
+    with pytest.raises(BaseException) as raw:
+        Tokenizer.from_str(hostile).encode_batch([r["text"] for r in records.rows])
+    assert not isinstance(raw.value, Exception)  # the library really panics on these records
+    with pytest.raises(ProtocolError, match=r"the buyer's tokenizer failed on corpus\.jsonl: .*retry-limit"):
+        TextFormat(hostile, 16).encode(records)
+    seller = Seller("victim", records)
+    with pytest.raises(DataError, match="records do not fit the offer's input format"):
+        seller.respond(_tamper(buyer.offer(max_samples=100), _set(tokenizer_json=hostile.encode())))
 
 
 @pytest.mark.parametrize("edit", [

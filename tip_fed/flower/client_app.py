@@ -33,12 +33,15 @@ EXACT_PER_SAMPLE = "exact-per-sample"
 # for every message: the cache lives on disk), and its bound in MiB.
 MODEL_CACHE_DIR = "model-cache-dir"
 MODEL_CACHE_MB = "model-cache-mb"
+# Comma-separated fields of raw records this node sells (default: every field of its file).
+FIELDS = "fields"
 
 
 def seller_from_node_config(context: Context, answered: dict[str, int]) -> Seller:
-    """Seller from ``--node-config "data-path=... [seller-id=...] [exact-per-sample=true]
+    """Seller from ``--node-config "data-path=... [seller-id=...] [fields='a,b,c'] [exact-per-sample=true]
     [model-cache-dir=... [model-cache-mb=2048]]"``: a safetensors dataset, or raw records (.csv,
-    .parquet, .jsonl, .txt) the buyer's input format encodes.
+    .parquet, .jsonl, .txt) the buyer's input format encodes, restricted to ``fields`` when given
+    (otherwise a buyer's format may read every field of the file).
 
     The seller id defaults to the data file's stem, as written by ``tip-fed export-sellers``.
     Per-sample scores without noise are released only when the node config says so.
@@ -57,7 +60,12 @@ def seller_from_node_config(context: Context, answered: dict[str, int]) -> Selle
     if not isinstance(cache_dir, str) or not isinstance(cache_mb, int) or isinstance(cache_mb, bool) or cache_mb < 0:
         raise ConfigError(f"node config '{MODEL_CACHE_DIR}' must be a directory path and '{MODEL_CACHE_MB}' an "
                           f"integer >= 0, got {cache_dir!r} and {cache_mb!r}")
-    return Seller(str(seller_id), load_seller_data(path), answered=answered,
+    fields = context.node_config.get(FIELDS)
+    if fields is not None and not isinstance(fields, str):
+        raise ConfigError(f"node config '{FIELDS}' must be comma-separated field names, e.g. "
+                          f"{FIELDS}='age,bmi,diagnosis', got {fields!r}")
+    return Seller(str(seller_id), load_seller_data(path, None if fields is None else fields.split(",")),
+                  answered=answered,
                   policy=SellerPolicy(exact_per_sample=exact, model_cache_mb=cache_mb if cache_dir else 0,
                                       model_cache_dir=cache_dir or None))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from tip_fed.errors import (
     VersionMismatchError,
 )
 from tip_fed.protocol import PROTOCOL_VERSION, Seller, SellerPolicy
-from tip_fed.protocol.records import load_seller_data
+from tip_fed.protocol.records import RawRecords, load_seller_data
 from tip_fed.protocol.resources import (
     MESSAGE_COPIES,
     MiB,
@@ -197,7 +197,9 @@ class SellerService:
             level = logging.INFO if isinstance(exc, ModelNotHeldError) else logging.WARNING  # the usual first step
             log.log(level, "refused an offer from %s: %s: %s", peer, code.name, exc)
             self._abort(context, code, str(exc))
-        except Exception:
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException:  # a Rust panic (pyo3 PanicException) is no Exception: the call must not hang
             log.exception("internal error while answering an offer from %s", peer)
             self._abort(
                 context, grpc.StatusCode.INTERNAL, f"seller {self.seller.seller_id} failed internally; see its log"
@@ -346,6 +348,7 @@ def serve(
     *,
     seller_id: str | None = None,
     policy: SellerPolicy | None = None,
+    fields: Sequence[str] | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
     tls: ServerTLS | None = None,
@@ -358,11 +361,17 @@ def serve(
 
     The file is a tensor dataset (``.safetensors``) or raw records (``.csv``, ``.parquet``, ``.jsonl``,
     ``.txt``; see :func:`~tip_fed.protocol.records.load_seller_data`) that each Offer's input format
-    encodes. ``seller_id`` defaults to the file stem, so ``digits-4.safetensors`` serves seller ``digits-4``.
+    encodes, restricted to ``fields`` (None offers every field of the file: a buyer's format may read
+    any of them). ``seller_id`` defaults to the file stem, so ``digits-4.safetensors`` serves seller
+    ``digits-4``.
     """
     _check_security(tls, insecure, server_tls_only)  # before loading the data
     path = Path(data)
-    seller = Seller(seller_id or path.stem, load_seller_data(path), policy=policy)
+    records = load_seller_data(path, fields)
+    seller = Seller(seller_id or path.stem, records, policy=policy)
+    if isinstance(records, RawRecords):
+        log.info("seller %s offers the fields %s of %s%s", seller.seller_id, sorted(records.fields), path.name,
+                 "" if fields is not None else " (every field of the file; pass --fields to sell fewer)")
     running = start_server(
         seller,
         host=host,

@@ -14,6 +14,7 @@ anything is allocated or parsed, and the tokenizer is parsed only after the Offe
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ MAX_CLASSES = 1 << 16
 #: Characters of a column, field or class name.
 MAX_NAME_CHARS = 256
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Not caught with a buyer's tokenizer: everything else it raises is the buyer's fault. The Rust
+#: ``tokenizers`` library reports a panic (e.g. a pre-tokenizer regex hitting Oniguruma's retry limit)
+#: as ``pyo3_runtime.PanicException``, a BaseException, so catching Exception would let it escape.
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+log = logging.getLogger(__name__)
 
 
 def label_text(value: Any) -> str:
@@ -274,7 +281,9 @@ class TextFormat:
         tok.enable_truncation(self.max_length)
         try:
             encodings = tok.encode_batch(texts, add_special_tokens=self.add_special_tokens)
-        except Exception as exc:
+        except _FATAL:
+            raise
+        except BaseException as exc:  # a panic of the Rust library too (see _FATAL)
             raise ProtocolError(f"the buyer's tokenizer failed on {records.source}: {str(exc)[:200]}") from None
         width = max(len(e.ids) for e in encodings)
         if width > self.max_length:  # tokenizers does not truncate below the special tokens' count
@@ -317,7 +326,9 @@ def parse_tokenizer(data: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"the offer's tokenizer_json is not UTF-8 text ({exc}); send tokenizer.json as written "
                             "by Tokenizer.save or save_pretrained") from None
-    except Exception as exc:
+    except _FATAL:
+        raise
+    except BaseException as exc:  # a panic of the Rust library too (see _FATAL)
         raise ProtocolError(f"the offer's tokenizer_json is not a valid tokenizers serialization: {str(exc)[:200]}; "
                             "send tokenizer.json as written by Tokenizer.save or save_pretrained") from None
 
@@ -397,14 +408,18 @@ def format_from_pb(msg: pb.InputFormat) -> InputFormat:
 
 
 def check_fields(fmt: InputFormat, records: RawRecords) -> None:
-    """DataError if ``records`` lack a field ``fmt`` reads (a schema check: no record's values)."""
+    """DataError if ``records`` lack a field ``fmt`` reads (a schema check: no record's values).
+
+    The error reaches a remote buyer before anything is charged, so it names only the field the
+    buyer asked for: listing the others would hand out the seller's schema for free. The seller's
+    log keeps the fields it has."""
     missing = [f for f in fmt.fields if f not in records.fields]
     if missing:
-        have = sorted(records.fields)
-        shown = ", ".join(repr(k) for k in have[:20]) + (", ..." if len(have) > 20 else "")
+        log.warning("%s: an input format reads %s, which the records do not offer (they offer %s)",
+                    records.source, [m[:40] for m in missing[:5]], sorted(records.fields))
         raise DataError(
-            f"{records.source} has no field {missing[0]!r} in every record (fields: {shown}); the buyer's input "
-            f"format reads {list(fmt.fields)}: ask the buyer which columns it means, or rename yours"
+            f"{records.source} offers no field {missing[0][:40]!r}; the buyer's input format reads it: ask the "
+            "seller which fields it offers, or map yours onto them"
         )
 
 

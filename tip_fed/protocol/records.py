@@ -10,7 +10,9 @@
   loader does); put multi-line documents in a JSONL file instead.
 
 Raw records are turned into tensors only by the buyer's input format carried in each Offer
-(:mod:`tip_fed.protocol.formats`).
+(:mod:`tip_fed.protocol.formats`). A buyer's format may name any field the records have, so a
+seller sells only the fields it lists (``fields=``, ``tip-fed seller serve --fields``): the others
+are dropped at loading, before anything else sees them. Without a list every field is offered.
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ class RawRecords:
         for row in self.rows[1:]:
             common.intersection_update(row)
         return frozenset(common)
+
+    def select(self, fields: Sequence[str]) -> RawRecords:
+        """Only ``fields`` of every record (what a seller sells); DataError naming a field not in every record."""
+        wanted = list(dict.fromkeys(f.strip() for f in fields if f.strip()))
+        if not wanted:
+            raise DataError(f"the list of fields to offer from {self.source} is empty; name at least one field")
+        absent = [f for f in wanted if f not in self.fields]
+        if absent:
+            raise DataError(f"{self.source} has no field {absent[0]!r} in every record (it has "
+                            f"{sorted(self.fields)}); fix the list of fields to offer")
+        return RawRecords(tuple({f: row[f] for f in wanted} for row in self.rows), self.source)
 
     def column(self, name: str, what: str = "field") -> list[Any]:
         """Every record's value of ``name``; DataError naming the fields there are if one lacks it."""
@@ -127,8 +140,9 @@ def _read_txt(path: Path) -> list[dict[str, Any]]:
 _READERS = {".csv": _read_csv, ".parquet": _read_parquet, ".jsonl": _read_jsonl, ".txt": _read_txt}
 
 
-def read_records(path: str | Path) -> RawRecords:
-    """Raw records of a ``.csv``, ``.parquet``, ``.jsonl`` or ``.txt`` file (UTF-8 text)."""
+def read_records(path: str | Path, fields: Sequence[str] | None = None) -> RawRecords:
+    """Raw records of a ``.csv``, ``.parquet``, ``.jsonl`` or ``.txt`` file (UTF-8 text); with
+    ``fields``, only those fields of each record (see :meth:`RawRecords.select`)."""
     p = Path(path)
     reader = _READERS.get(p.suffix.lower())
     if reader is None:
@@ -144,14 +158,20 @@ def read_records(path: str | Path) -> RawRecords:
         raise DataError(f"{p} is not a valid CSV file: {exc}{_FIX}") from None
     if not rows:
         raise DataError(f"{p} holds no records; a seller needs at least one")
-    return RawRecords(tuple(rows), p.name)  # the name only: messages about them may reach a buyer
+    records = RawRecords(tuple(rows), p.name)  # the name only: messages about them may reach a buyer
+    return records if fields is None else records.select(fields)
 
 
-def load_seller_data(path: str | Path) -> Mapping[str, torch.Tensor] | RawRecords:
-    """A seller's data file: tensors (``.safetensors``) or raw records (see the module docstring)."""
+def load_seller_data(path: str | Path, fields: Sequence[str] | None = None
+                     ) -> Mapping[str, torch.Tensor] | RawRecords:
+    """A seller's data file: tensors (``.safetensors``) or raw records restricted to ``fields`` (all
+    of them when None; see the module docstring)."""
     from tip_fed.protocol.data import load_dataset
 
     p = Path(path)
     if p.suffix.lower() == ".safetensors":
+        if fields is not None:
+            raise DataError(f"{p} holds tensors already in one input format; a list of fields to offer applies "
+                            "only to raw records (.csv, .parquet, .jsonl, .txt): drop it")
         return load_dataset(p)
-    return read_records(p)
+    return read_records(p, fields)

@@ -82,6 +82,33 @@ def test_missing_and_non_utf8_files(tmp_path):
         load_seller_data(tmp_path / "latin.txt")
 
 
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_a_seller_loads_only_the_fields_it_sells(tmp_path, suffix):
+    frame = pd.DataFrame({"age": [30, 40], "bmi": [22.5, 31.0], "hiv_status": [0, 1], "ssn": ["1-2-3", "4-5-6"]})
+    path = tmp_path / f"clinic{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in frame.to_dict("records")), encoding="utf-8")
+    records = load_seller_data(path, fields=["age", " bmi", "age"])  # spaces of "a, b" and repeats are ignored
+    assert records.fields == {"age", "bmi"} and [set(r) for r in records.rows] == [{"age", "bmi"}] * 2
+    assert [float(r["bmi"]) for r in records.rows] == [22.5, 31.0]
+    assert load_seller_data(path).fields == set(frame.columns)  # no list: every field of the file
+    with pytest.raises(DataError, match=r"has no field 'weight' in every record .* fix the list of fields"):
+        load_seller_data(path, fields=["age", "weight"])
+    with pytest.raises(DataError, match=r"the list of fields to offer .* is empty"):
+        load_seller_data(path, fields=[" ", ""])
+
+
+def test_a_list_of_fields_does_not_apply_to_tensors(tmp_path):
+    save_dataset({"x": torch.zeros(2, 3), "y": torch.zeros(2, dtype=torch.long)}, tmp_path / "t.safetensors")
+    with pytest.raises(DataError, match="applies only to raw records"):
+        load_seller_data(tmp_path / "t.safetensors", fields=["x"])
+
+
 # -- table format ----------------------------------------------------------------------------------
 
 
