@@ -90,6 +90,13 @@ def _add_deploy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "guard", help="write DIR/flwr-clientapp: put DIR first on a SuperNode's PATH so it runs only signed apps"
     )
     dgd.add_argument("dir", help="directory for the flwr-clientapp guard")
+    dgd.add_argument(
+        "--max-signature-age",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="refuse app signatures older than this (default 3600: sign right before each 'flwr run')",
+    )
 
 
 def _deploy(args: argparse.Namespace) -> None:
@@ -124,7 +131,8 @@ def _deploy(args: argparse.Namespace) -> None:
         )
         return
     if args.deploy_command == "guard":
-        guard = trust.install_guard(Path(args.dir)).resolve()
+        max_age = trust.MAX_AGE_S if args.max_signature_age is None else args.max_signature_age
+        guard = trust.install_guard(Path(args.dir), max_age).resolve()
         print(
             f"wrote {guard}/flwr-clientapp and flwr-serverapp; start the SuperNode with PATH={guard}:$PATH and "
             f"--node-config '... {trust.PUBLISHERS}=\"/path/publisher.trusted.yaml\"'"

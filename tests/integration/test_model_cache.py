@@ -158,8 +158,65 @@ def test_a_reference_with_another_config_or_architecture_is_refused(small, field
     seller, buyer = _held_seller(small)
     offer = pb.Offer.FromString(strip_weights(buyer.offer(max_samples=10)))
     setattr(offer.model, field, value)  # claims the cached fingerprint for another model
-    with pytest.raises(FingerprintMismatchError, match="another architecture or config"):
+    with pytest.raises(ModelNotHeldError):  # the same answer as for a model never seen: no oracle
         seller.respond(offer.SerializeToString())
+
+
+def _refusal(seller, offer, peer):
+    with pytest.raises(ModelNotHeldError) as info:
+        seller.respond(offer, peer=peer)
+    return str(info.value).replace(pb.Offer.FromString(offer).model.fingerprint[:16], "<fp>")
+
+
+def test_a_reference_never_reveals_or_lends_another_buyers_model(small):
+    # Prepare: alice uploads her model; mallory knows its fingerprint, architecture and config, not its weights
+    seller = Seller("s", _data(6, 1), policy=_policy(model_cache_mb=16))
+    alice = _buyer(small)
+    seller.respond(alice.offer(max_samples=10), peer="alice")
+    mallory = _buyer(_mlp([10, 8, 2], seed=7))
+    mine = pb.Offer.FromString(mallory.offer(max_samples=10))
+    riding = pb.Offer()
+    riding.CopyFrom(mine)
+    riding.model.CopyFrom(pb.Offer.FromString(alice.offer(max_samples=10)).model)
+    riding.model.ClearField("weights")
+    probes = {}
+    for name, fp, config in [("alice's, right config", alice.model_fingerprint, riding.model.config_json),
+                             ("alice's, wrong config", alice.model_fingerprint, '{"x": 1}'),
+                             ("random", "ab" * 32, riding.model.config_json)]:
+        probe = pb.Offer()
+        probe.CopyFrom(riding)
+        probe.model.fingerprint, probe.model.config_json = fp, config
+        probes[name] = _refusal(seller, probe.SerializeToString(), "mallory")
+    # Assert: one identical refusal for every probe, nothing charged, and the anonymous identity is another peer
+    assert len(set(probes.values())) == 1, probes
+    assert seller._ledger._state["buyers"].get("mallory") is None
+    _refusal(seller, riding.SerializeToString(), None)
+    # alice herself still answers by reference; mallory who uploads the same weights may then reference them too
+    assert alice.settle([seller.respond(strip_weights(alice.offer(max_samples=10)), peer="alice")]).sellers
+    seller.respond(mine.SerializeToString(), peer="mallory")
+    assert mallory.settle([seller.respond(strip_weights(mallory.offer(max_samples=10)), peer="mallory")]).sellers
+
+
+def test_uploaders_are_persisted_with_the_cache_and_bounded(small, tmp_path):
+    from tip_fed.protocol.model_cache import MAX_UPLOADERS, uploader_id
+
+    payload = encode_model(small)
+    cache = ModelCache(16 * MiB, tmp_path)
+    for i in range(MAX_UPLOADERS + 3):
+        assert cache.admit(payload, f"peer-{i}")
+    cache.admit(payload, None)
+    reference = pb.ModelPayload()
+    reference.CopyFrom(payload)
+    reference.ClearField("weights")
+    restarted = ModelCache(16 * MiB, tmp_path)  # a fresh process over the same directory
+    assert restarted.resolve(reference, "s", None) is not None
+    assert restarted.resolve(reference, "s", f"peer-{MAX_UPLOADERS + 2}") is not None
+    for peer in ("peer-0", "peer-3", "stranger"):  # the oldest uploaders are forgotten; strangers never known
+        with pytest.raises(ModelNotHeldError):
+            restarted.resolve(reference, "s", peer)
+    assert len(restarted.uploaders(payload.fingerprint)) == MAX_UPLOADERS
+    assert "peer-5" not in (tmp_path / f"{payload.fingerprint}.peers").read_text()  # only digests are stored
+    assert uploader_id("peer-5") in restarted.uploaders(payload.fingerprint)
 
 
 def test_weights_that_do_not_match_their_fingerprint_never_enter_the_cache(small):

@@ -2,19 +2,24 @@
 
 An Offer may carry its model *by reference*: architecture, config and fingerprint, no weights
 (:func:`strip_weights`). A seller answers it only with a model it holds under exactly that
-architecture, config and fingerprint, and it holds only models whose fingerprint it computed
-itself from the bytes it received (:meth:`ModelCache.admit`); anything else is refused, or, when
-the seller lacks the model, answered with :class:`~tip_fed.errors.ModelNotHeldError` before
-anything is spent, so the buyer can send the same Offer with its weights.
+architecture, config and fingerprint, that the same buyer (authenticated peer) uploaded to it
+before, and it holds only models whose fingerprint it computed itself from the bytes it received
+(:meth:`ModelCache.admit`). Every other reference (not held, held for another buyer, another
+architecture or config) gets the same :class:`~tip_fed.errors.ModelNotHeldError` before anything
+is spent, so the buyer sends the same Offer with its weights and learns nothing about what other
+buyers uploaded, nor can use their models.
 
 The cache is bounded in weight bytes (least recently used entries go first; an entry above the
 bound is never held). With a directory it also keeps each model in one owner-only file, written
-atomically under a file lock, and re-verifies a file's fingerprint whenever it is read: a file
-that fails is deleted and the model is asked for again.
+atomically under a file lock, with a sidecar listing its uploaders (as digests of their peer
+identities, at most :data:`MAX_UPLOADERS`), and re-verifies a file's fingerprint whenever it is
+read: a file that fails is deleted and the model is asked for again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -29,7 +34,6 @@ from torch import nn
 
 from tip_fed.errors import (
     ConfigError,
-    FingerprintMismatchError,
     ModelNotHeldError,
     ProtocolError,
     TipError,
@@ -43,6 +47,15 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 _SUFFIX = ".model"
+_PEERS = ".peers"
+#: Uploaders remembered per model (the most recent); an older one must send its weights again.
+MAX_UPLOADERS = 64
+
+
+def uploader_id(peer: str | None) -> str:
+    """A peer's digest as the cache records it (None: the identity all unauthenticated buyers share),
+    so the cache files name no buyer."""
+    return hashlib.sha256(b"anonymous" if peer is None else b"peer:" + peer.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,7 @@ class ModelCache:
         self.max_bytes = max_bytes
         self.directory = Path(directory) if directory else None
         self._entries: OrderedDict[str, HeldModel] = OrderedDict()
+        self._uploaders: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._file_lock: FileLock | None = None
         if self.directory is not None and max_bytes > 0:
@@ -135,12 +149,12 @@ class ModelCache:
         with self._lock:
             return list(self._entries)
 
-    def resolve(self, payload: pb.ModelPayload, seller_id: str) -> HeldModel | None:
+    def resolve(self, payload: pb.ModelPayload, seller_id: str, peer: str | None = None) -> HeldModel | None:
         """What a reference names (None for a payload that ships its weights).
 
-        ModelNotHeldError when the model is not held (the buyer should send its weights);
-        FingerprintMismatchError when a held model has that fingerprint but another architecture
-        or config (a reference never overrides what the fingerprint was computed over).
+        ModelNotHeldError, identical in every case, unless ``peer`` itself uploaded a model with
+        exactly that fingerprint, architecture and config: a reference is no oracle for what other
+        buyers uploaded, and never lends one buyer's model to another (the buyer sends its weights).
         """
         if not is_reference(payload):
             return None
@@ -150,14 +164,18 @@ class ModelCache:
                 "expected 64 hex characters (sha256)"
             )
         held = self.get(payload.fingerprint)
-        if held is None:
+        if (
+            held is None
+            or uploader_id(peer) not in self.uploaders(payload.fingerprint)
+            or (held.architecture, held.config_json) != (payload.architecture, payload.config_json)
+        ):
             raise ModelNotHeldError(seller_id, payload.fingerprint)
-        if (held.architecture, held.config_json) != (payload.architecture, payload.config_json):
-            raise FingerprintMismatchError(
-                f"the offer references model {payload.fingerprint[:12]}… with another architecture or config than the "
-                "one that fingerprint was computed over; refused (send the model with its weights)"
-            )
         return held
+
+    def uploaders(self, fp: str) -> list[str]:
+        """Digests (:func:`uploader_id`) of the peers that uploaded the model under ``fp``, oldest first."""
+        with self._lock:
+            return list(self._uploaders.get(fp, ()))
 
     def get(self, fp: str) -> HeldModel | None:
         """The verified model under ``fp`` (memory first, then the directory), marked recently used."""
@@ -172,29 +190,36 @@ class ModelCache:
                 self._remember(held)
             return held
 
-    def admit(self, payload: pb.ModelPayload) -> bool:
-        """Hold ``payload``'s model if its weights hash to its fingerprint and it fits the bound."""
+    def admit(self, payload: pb.ModelPayload, peer: str | None = None) -> bool:
+        """Hold ``payload``'s model for ``peer`` (who may then reference it) if its weights hash to
+        its fingerprint and it fit the bound."""
         if not payload.weights or len(payload.weights) > self.max_bytes:
             return False
         held = verified(payload)
         if held is None:
             return False
+        who = uploader_id(peer)
         with self._lock:
             if held.fingerprint not in self._entries:
                 self._remember(held)
-                self._write(held)
             else:
                 self._entries.move_to_end(held.fingerprint)
+            if held.fingerprint not in self._entries:
+                return True  # evicted at once (another process's files may still name it)
+            peers = [p for p in self._uploaders.get(held.fingerprint, []) if p != who] + [who]
+            self._uploaders[held.fingerprint] = peers[-MAX_UPLOADERS:]
+            self._write(held)
         return True
 
     def load(
-        self, payload: pb.ModelPayload, held: HeldModel | None, *, expected_fingerprint: str | None = None
+        self, payload: pb.ModelPayload, held: HeldModel | None, *, expected_fingerprint: str | None = None,
+        peer: str | None = None,
     ) -> nn.Module:
         """The Offer's model, built from ``held`` for a reference, else from the shipped weights
-        (then admitted); the fingerprint is checked again either way (:func:`decode_model`)."""
+        (then admitted for ``peer``); the fingerprint is checked again either way (:func:`decode_model`)."""
         model = decode_model(held.payload() if held is not None else payload, expected_fingerprint=expected_fingerprint)
         if held is None:
-            self.admit(payload)
+            self.admit(payload, peer)
         return model
 
     # -- internals (called with self._lock held) --------------------------------------------------
@@ -204,6 +229,7 @@ class ModelCache:
         total = sum(len(e.weights) for e in self._entries.values())
         while total > self.max_bytes and self._entries:
             fp, old = self._entries.popitem(last=False)
+            self._uploaders.pop(fp, None)
             total -= len(old.weights)
             self._unlink(fp)
 
@@ -212,12 +238,32 @@ class ModelCache:
         return None if self._file_lock is None or self.directory is None else self.directory / f"{fp}{_SUFFIX}"
 
     def _write(self, held: HeldModel) -> None:
+        """Persist the model (once) and its uploaders, merged with those another process recorded."""
         path = self._path(held.fingerprint)
         if path is None or self._file_lock is None or held.fingerprint not in self._entries:
             return
         with self._file_lock:
-            write_private(path, held.payload().SerializeToString())
+            if path.is_file():
+                os.utime(path)
+            else:
+                write_private(path, held.payload().SerializeToString())
+            on_disk = self._read_peers(path)
+            mine = self._uploaders.get(held.fingerprint, [])
+            merged = ([p for p in on_disk if p not in mine] + mine)[-MAX_UPLOADERS:]
+            self._uploaders[held.fingerprint] = merged
+            write_private(path.with_suffix(_PEERS), json.dumps(merged).encode())
             self._trim_directory(path)
+
+    @staticmethod
+    def _read_peers(model_path: Path) -> list[str]:
+        """The uploader digests recorded next to a model file ([] when missing or unreadable)."""
+        try:
+            peers = json.loads(model_path.with_suffix(_PEERS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        if not isinstance(peers, list):
+            return []
+        return [p for p in peers if isinstance(p, str) and FINGERPRINT.match(p)][-MAX_UPLOADERS:]
 
     def _trim_directory(self, keep: Path) -> None:
         """Delete the least recently used files until the directory fits the bound."""
@@ -234,6 +280,7 @@ class ModelCache:
                 break
             if p != keep:
                 p.unlink(missing_ok=True)
+                p.with_suffix(_PEERS).unlink(missing_ok=True)
                 total -= size
 
     def _read(self, fp: str) -> HeldModel | None:
@@ -258,8 +305,10 @@ class ModelCache:
                     path,
                 )
                 path.unlink(missing_ok=True)
+                path.with_suffix(_PEERS).unlink(missing_ok=True)
                 return None
             os.utime(path)
+            self._uploaders[fp] = self._read_peers(path)
             return held
 
     def _touch(self, fp: str) -> None:
@@ -275,3 +324,4 @@ class ModelCache:
         if path is not None and self._file_lock is not None:
             with self._file_lock:
                 path.unlink(missing_ok=True)
+                path.with_suffix(_PEERS).unlink(missing_ok=True)

@@ -171,7 +171,7 @@ class Seller:
                 f"seller {self.seller_id} holds raw records ({self._raw.source}) and the offer carries no input "
                 "format to encode them; the buyer must send one (Buyer(..., input_format=TableFormat|TextFormat))"
             )
-        held = self.models.resolve(offer.model, self.seller_id)  # ModelNotHeldError: nothing spent yet
+        held = self.models.resolve(offer.model, self.seller_id, peer)  # ModelNotHeldError: nothing spent yet
         cost = self.cost(offer, len(offer_bytes), held=held.header if held else None)
         with self._in_flight.reserve(cost.total_bytes):
             return self._answer(offer, key, limit, t0, peer, held)
@@ -194,7 +194,7 @@ class Seller:
         t_ctx = time.perf_counter()
         context = load_public_context(offer.public_context, params)  # early: a bad context fails fast
         t_ctx = time.perf_counter() - t_ctx  # HE work: reported under encrypted_s
-        model = self.models.load(offer.model, held, expected_fingerprint=self.policy.expected_fingerprint)
+        model = self.models.load(offer.model, held, expected_fingerprint=self.policy.expected_fingerprint, peer=peer)
         spec = spec_from_pb(offer.projection)
         if plan.dim != spec.dim:
             raise ProtocolError(f"the offer's packing is for dimension {plan.dim} but its projection has {spec.dim}")
