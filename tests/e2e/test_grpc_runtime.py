@@ -121,12 +121,15 @@ def test_three_tls_seller_processes_and_one_killed_mid_round(tmp_path):
         buyer = make_buyer(market, config)
         valuation = value_grpc(buyer, endpoints, tls, GrpcConfig(timeout_s=60), max_samples(market))
         assert valuation.missing == [] and valuation.rejected == {}
-        assert valuation.manifest["transport"] == {
+        transport = valuation.manifest["transport"]
+        assert {k: transport[k] for k in ("runtime", "security", "seller_identity", "failures")} == {
             "runtime": "grpc",
             "security": "tls",
             "seller_identity": "address",
             "failures": {},
         }
+        # first contact: every seller lacked the model, so each was sent its weights
+        assert {sid: o["weights_shipped"] for sid, o in transport["offers"].items()} == dict.fromkeys(ports, True)
         _check_against_plaintext(valuation, buyer, market)
 
         # round 2: digits-2 freezes as its Value call starts and is killed while the buyer waits on it

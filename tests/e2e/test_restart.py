@@ -51,6 +51,8 @@ def _assert_same_results(a: Path, b: Path) -> None:
     for m in (ma, mb):
         m["session"].pop("session_id")
         m.pop("versions", None)
+        for sent in m["session"].get("transport", {}).get("offers", {}).values():
+            sent.pop("offer_bytes")  # fresh keys and ciphertexts: a few bytes more or less every session
     assert _diff(ma, mb) == []
 
 
