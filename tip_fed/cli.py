@@ -444,9 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.out:
                 from pathlib import Path
 
-                from tip_fed.market.results import atomic_write
+                from tip_fed.files import write_private
 
-                atomic_write(Path(args.out), text)
+                write_private(Path(args.out), text)
             print(text, end="")
         elif args.command == "bench":
             from tip_fed.bench import run_bench

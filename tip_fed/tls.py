@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tip_fed.errors import ConfigError
+from tip_fed.files import write_private
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 VALID_DAYS = 365
@@ -53,19 +53,6 @@ def seller_name(seller_id: str) -> str:
     if len(seller_id) <= 253 and _DNS_NAME.fullmatch(seller_id):
         return seller_id
     return "id-" + hashlib.sha256(seller_id.encode()).hexdigest()[:60]
-
-
-def write_secret(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 before any byte is written, so a secret is never world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.chmod(path, 0o600)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -123,7 +110,7 @@ def create_ca(directory: str | Path, name: str = "tip_fed local CA") -> CertPath
     paths = CertPaths(d / "ca.crt", d / "ca.key")
     d.mkdir(parents=True, exist_ok=True)
     paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    write_secret(paths.key, _key_pem(key))
+    write_private(paths.key, _key_pem(key))
     return paths
 
 
@@ -172,7 +159,7 @@ def issue_cert(
     paths = CertPaths(d / f"{name}.crt", d / f"{name}.key")
     d.mkdir(parents=True, exist_ok=True)
     paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    write_secret(paths.key, _key_pem(key))
+    write_private(paths.key, _key_pem(key))
     return paths
 
 
@@ -185,6 +172,6 @@ def create_node_key(directory: str | Path, name: str) -> tuple[Path, Path]:
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     priv_path, pub_path = d / name, d / f"{name}.pub"
-    write_secret(priv_path, private)
+    write_private(priv_path, private)
     pub_path.write_bytes(public + b"\n")
     return priv_path, pub_path

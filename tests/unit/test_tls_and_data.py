@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tip_fed.errors import ConfigError, DataError
+from tip_fed.files import write_private
 from tip_fed.protocol.data import load_dataset, save_dataset
-from tip_fed.tls import create_ca, create_node_key, issue_cert, seller_name, write_secret
+from tip_fed.tls import create_ca, create_node_key, issue_cert, seller_name
 
 
 def _mode(path):
@@ -49,7 +50,7 @@ def test_a_seller_certificate_names_its_seller_id(tmp_path):
 
 def test_secrets_are_written_whole_and_owner_only(tmp_path):
     data = bytes(range(256)) * 40000  # 10 MB: more than one write() may take
-    write_secret(tmp_path / "k" / "big.key", data)
+    write_private(tmp_path / "k" / "big.key", data)
     assert (tmp_path / "k" / "big.key").read_bytes() == data and _mode(tmp_path / "k" / "big.key") == 0o600
 
 

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
 from tip_fed.errors import ConfigError, TipError
+from tip_fed.files import write_private
 from tip_fed.flower.client_app import (
     DATA_PATH,
     SellerLoader,
@@ -32,7 +33,6 @@ from tip_fed.flower.client_app import (
 )
 from tip_fed.flower.server_app import Session, run_session, wait_for_nodes
 from tip_fed.protocol import Seller, SellerPolicy, Valuation
-from tip_fed.protocol.audit import write_private
 from tip_fed.protocol.records import load_seller_data
 
 WARM_UP_ACTION = "warm_up"

@@ -71,7 +71,7 @@ def create_publisher_key(directory: str | Path, name: str = "publisher") -> tupl
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from tip_fed.tls import write_secret
+    from tip_fed.files import write_private
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def create_publisher_key(directory: str | Path, name: str = "publisher") -> tupl
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     priv_path, pub_path, trusted = d / name, d / f"{name}.pub", d / f"{name}.trusted.yaml"
-    write_secret(priv_path, private)
+    write_private(priv_path, private)
     pub_path.write_text(public + "\n")
     trusted.write_text(f'{key_id(public)}: "{public}"\n')
     return priv_path, pub_path, trusted
@@ -208,7 +208,7 @@ def record_run(signature: str, run_id: object, ledger: Path, max_age_s: float = 
     run config is a new run. Nonces of signatures too old to verify are dropped, and at most
     :data:`MAX_RUNS` are kept.
     """
-    from tip_fed.tls import write_secret
+    from tip_fed.files import write_private
 
     _, signed_at, nonce, _ = signature.split(":")
     run = str(run_id)
@@ -234,7 +234,7 @@ def record_run(signature: str, run_id: object, ledger: Path, max_age_s: float = 
                 ((n, v) for n, v in runs.items() if isinstance(v, list) and len(v) == 2 and v[1] >= oldest),
                 key=lambda item: item[1][1],
             )[-MAX_RUNS:]
-            write_secret(ledger, json.dumps(dict(kept)).encode())  # under the lock: no reader sees half
+            write_private(ledger, json.dumps(dict(kept)).encode())  # under the lock: no reader sees half
     except OSError as exc:
         raise UntrustedAppError(
             f"cannot record the run's signature nonce in {ledger}: {exc}; the guard needs write access "

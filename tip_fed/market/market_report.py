@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from tip_fed.files import write_private
 from tip_fed.market import plots
 from tip_fed.market.glossary import RULES, SCORE, absent_rules
-from tip_fed.market.results import atomic_write, read_csv, read_json
+from tip_fed.market.results import read_csv, read_json
 from tip_fed.market.stats import MIN_BOOTSTRAP_REPLICATES
 
 METHODS = ("tip", "gradient_cosine", "data_cosine", "random", "data_size")
@@ -252,5 +253,5 @@ def render_market_report(out_dir: str | Path) -> Path:
         "",
     ]
     path = out / "report.md"
-    atomic_write(path, "\n".join(parts))
+    write_private(path, "\n".join(parts))
     return path

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tip_fed.files import write_private
 from tip_fed.market import plots
 from tip_fed.market.glossary import RULES, SCORE, absent_rules, explain
-from tip_fed.market.results import atomic_write, flatten, read_csv, read_json
+from tip_fed.market.results import flatten, read_csv, read_json
 
 
 def _num(x: str) -> float:
@@ -143,7 +144,7 @@ def render_report(out_dir: str | Path) -> Path:
         "",
     ]
     path = out / "report.md"
-    atomic_write(path, "\n".join(parts))
+    write_private(path, "\n".join(parts))
     return path
 
 

@@ -11,13 +11,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tip_fed.errors import DataError
+from tip_fed.files import write_private
 
 VALUATION_COLUMNS = (
     "seller_id",
@@ -35,19 +34,6 @@ GROUND_TRUTH_COLUMNS = ("seller_id", "loss_before", "loss_after", "benefit")
 PAYOUT_COLUMNS = ("seller_id", "rule", "payout", "share")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -60,7 +46,7 @@ def _clean(value: Any) -> Any:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Atomically write JSON (NaN/inf become null so any JSON reader accepts it)."""
-    atomic_write(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+    write_private(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
@@ -70,7 +56,7 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, An
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    atomic_write(path, buf.getvalue())
+    write_private(path, buf.getvalue())
 
 
 def _fmt(value: Any) -> Any:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from tip_fed.core.influence import clip_rows
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import batch_size, get_task
 from tip_fed.errors import DataError, TipError
+from tip_fed.files import read_json_object, write_private
 from tip_fed.protocol import commitment
 from tip_fed.protocol.data import Batch, dataset_gradients, load_dataset, save_dataset
 from tip_fed.protocol.disclosure import release_rows, seed_commitment
@@ -472,32 +471,3 @@ def _root(delivery: Delivery, gradients: np.ndarray) -> str | None:
     if delivery.salt_seed is None or len(delivery.salt_seed) != commitment.SALT_BYTES:
         return None
     return commitment.commit(delivery.data, gradients, delivery.salt_seed).hex()
-
-
-def write_private(path: Path, text: str | bytes, mode: int = 0o600) -> None:
-    """Atomic write (temp file, fsync, rename) of text or bytes created with ``mode``: readers never
-    see half a file, and a crash right after the rename keeps the new contents."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json_object(path: Path, what: str, fix: str = "") -> dict[str, Any]:
-    """The JSON object in ``path``; DataError naming ``what`` and the file (and ``fix``) otherwise."""
-    hint = f"; {fix}" if fix else ""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} {path} is not valid JSON: {exc}{hint}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{what} {path} must hold a JSON object{hint}")
-    return data

@@ -46,7 +46,7 @@ from dp_accounting.rdp import RdpAccountant
 from filelock import FileLock, Timeout
 
 from tip_fed.errors import BudgetExceededError, ConfigError, DataError, SessionError
-from tip_fed.protocol.audit import write_private
+from tip_fed.files import write_private
 
 #: Identity every buyer without an authenticated peer shares.
 ANONYMOUS = "<unauthenticated>"

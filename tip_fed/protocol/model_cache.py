@@ -38,7 +38,7 @@ from tip_fed.errors import (
     ProtocolError,
     TipError,
 )
-from tip_fed.protocol.audit import write_private
+from tip_fed.files import write_private
 from tip_fed.protocol.model import decode_model, fingerprint
 from tip_fed.protocol.resources import WeightsHeader, read_weights_header
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb

@@ -46,7 +46,7 @@ from tip_fed.core.precondition import (
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task
 from tip_fed.errors import ConfigError, DataError, TipError, VersionMismatchError
-from tip_fed.protocol.audit import read_json_object, write_private
+from tip_fed.files import read_json_object, write_private
 from tip_fed.protocol.data import Batch, iter_batches
 from tip_fed.protocol.formats import InputFormat, encode_records, format_from_pb
 from tip_fed.protocol.model import encode_model, fingerprint

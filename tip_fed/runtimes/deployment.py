@@ -36,6 +36,7 @@ from pathlib import Path
 
 from tip_fed import tls
 from tip_fed.errors import ConfigError, TipError
+from tip_fed.files import write_private
 from tip_fed.flower import trust
 from tip_fed.flower.server_app import format_bindings, parse_bindings
 from tip_fed.runtimes.processes import Child, ProcessGroup, ProcessStartError
@@ -113,7 +114,7 @@ class LocalDeployment:
     def superexec_secret(self, owner: str) -> Path:
         """A fresh random shared secret for ``owner``'s Runtime API (owner-only file in ``keys/``)."""
         path = self.keys / f"{owner}.superexec-secret"
-        tls.write_secret(path, secrets.token_bytes(32))
+        write_private(path, secrets.token_bytes(32))
         return path
 
     def start_superexec(self, name: str, runtime_port: int, secret: Path, parent: Child,
