@@ -195,6 +195,13 @@ def test_simulate_runtime_grpc_matches_inprocess(tmp_path):
     assert '"runtime": "grpc"' in manifest and '"failures": {}' in manifest
 
 
+def _ctrl_c_delivered() -> None:
+    """In the child: SIGINT handled and unblocked whatever this test process inherited or set (an ignored
+    or blocked SIGINT is inherited across exec, and then Ctrl-C would never reach the run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_interrupted_simulate_stops_every_seller_process(tmp_path):
     (tmp_path / "t").mkdir()
     env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path / "t"))
@@ -216,6 +223,7 @@ def test_interrupted_simulate_stops_every_seller_process(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_delivered,
     )
     try:
         deadline = time.monotonic() + 120
@@ -233,6 +241,6 @@ def test_interrupted_simulate_stops_every_seller_process(tmp_path):
             proc.kill()
             proc.wait()
         leftovers = _kill_leftovers(str(tmp_path))
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err[-3000:])
     assert leftovers == []
     assert _files_left(tmp_path / "t") == []
