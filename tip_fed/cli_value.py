@@ -41,6 +41,9 @@ def check_out_dir(out: Path, force: bool, what: str = "results of two runs would
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"--out {out} is not empty: {what}; choose another --out, "
                           "empty it, or pass --force to replace its files")
+    if out.is_dir():  # a run killed mid-write leaves its hidden temporary files (never a half-written result)
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -204,7 +204,9 @@ def _ctrl_c_delivered() -> None:
 
 def test_interrupted_simulate_stops_every_seller_process(tmp_path):
     (tmp_path / "t").mkdir()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path / "t"))
+    # only what the run needs from this (long-lived, many-tests) process's environment
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "PYTHONPATH") if k in os.environ}
+    env.update(PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path / "t"))
     proc = subprocess.Popen(
         [
             str(CLI),
