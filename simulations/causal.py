@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from simulations.market import Market
-from tip_fed.config import TipConfig
+from simulations.settings import SimulationConfig
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
@@ -39,7 +39,7 @@ def train_classifier(model: torch.nn.Module, data: dict[str, torch.Tensor], epoc
     model.eval()
 
 
-def build(config: TipConfig) -> Market:
+def build(config: SimulationConfig) -> Market:
     """Split digits into buyer-train, objective and per-seller sets by class; train the buyer."""
     c = config.causal
     rng = np.random.default_rng(config.seed)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from simulations.market import Market
 from simulations.scenarios import SELLER_POLICY, max_samples, write_seller_files
-from tip_fed.config import TipConfig
+from simulations.settings import SimulationConfig
 from tip_fed.protocol import Buyer, Seller, Valuation
 from tip_fed.runtimes.inprocess import value_inprocess
 from tip_fed.runtimes.processes import PrivateRun
 
-Exchange = Callable[[TipConfig, Market, Buyer, bool], Valuation]
+Exchange = Callable[[SimulationConfig, Market, Buyer, bool], Valuation]
 
 #: ``tip-fed seller serve`` flags of a simulated seller: the counterpart of :data:`SELLER_POLICY`.
 SERVE_ARGS = ("--exact-per-sample", "--max-exact", "-1", "--total-max-exact", "-1")
@@ -33,14 +33,14 @@ def seller_files(market: Market, prefix: str) -> Iterator[tuple[PrivateRun, dict
         yield run, write_seller_files(market, run.root / "sellers")
 
 
-def exchange_inprocess(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+def exchange_inprocess(config: SimulationConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
     """Buyer and sellers as objects in this process, exchanging protobuf bytes."""
     sellers = {sid: Seller(sid, data, seed=config.seed + i, policy=SELLER_POLICY)
                for i, (sid, data) in enumerate(market.sellers.items())}
     return value_inprocess(buyer, sellers, max_samples(market), progress=progress)
 
 
-def exchange_grpc(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+def exchange_grpc(config: SimulationConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
     """Sellers as ``tip-fed seller serve`` processes on 127.0.0.1 over mutual TLS."""
     from tip_fed.runtimes.grpc_sellers import (  # grpcio only for this runtime
         local_seller_fleet,
@@ -53,7 +53,7 @@ def exchange_grpc(config: TipConfig, market: Market, buyer: Buyer, progress: boo
         return value_grpc(buyer, fleet.endpoints, fleet.tls, config.grpc, max_samples(market))
 
 
-def exchange_flower_simulation(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+def exchange_flower_simulation(config: SimulationConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
     """Sellers as virtual Flower SuperNodes under Ray, each loading only its own data file."""
     from tip_fed.runtimes.flower_simulation import (
         value_flower_simulation,  # flwr only for this runtime
@@ -64,7 +64,7 @@ def exchange_flower_simulation(config: TipConfig, market: Market, buyer: Buyer, 
                                        progress=progress, run=run)
 
 
-def exchange_flower_deployment(config: TipConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
+def exchange_flower_deployment(config: SimulationConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
     """A loopback SuperLink and one SuperNode per seller (TLS, node auth) running the scenario app.
 
     The ServerApp runs in Flower's own process and rebuilds the buyer from the same config and the

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from simulations.market import Market
 from simulations.scenarios import SELLER_POLICY, build_market, make_buyer, max_samples
-from tip_fed.config import TipConfig, load_config
+from simulations.settings import SimulationConfig, load_config
 from tip_fed.errors import ConfigError
 from tip_fed.flower.client_app import (
     DATA_PATH,
@@ -50,7 +50,7 @@ def _get(context: Context, key: str) -> str:
     return str(context.run_config.get(key, DEFAULTS[key]))
 
 
-def run_config_overrides(config: TipConfig) -> list[str]:
+def run_config_overrides(config: SimulationConfig) -> list[str]:
     """``key=value`` overrides that rebuild exactly ``config`` from defaults (None values are defaults)."""
     def walk(prefix: str, node: object) -> list[str]:
         if isinstance(node, dict):
@@ -60,15 +60,15 @@ def run_config_overrides(config: TipConfig) -> list[str]:
     return walk("", config.to_dict())
 
 
-def config_from_context(context: Context) -> TipConfig:
-    """The TipConfig a run config describes (``config`` file plus ``set`` overrides)."""
+def config_from_context(context: Context) -> SimulationConfig:
+    """The SimulationConfig a run config describes (``config`` file plus ``set`` overrides)."""
     path = _get(context, "config")
     overrides = [item.strip() for item in _get(context, "set").split(";") if item.strip()]
     return _load(path, tuple(overrides))
 
 
 @functools.lru_cache(maxsize=4)
-def _load(path: str, overrides: tuple[str, ...]) -> TipConfig:
+def _load(path: str, overrides: tuple[str, ...]) -> SimulationConfig:
     full = None if not path else (Path(path) if Path(path).is_absolute() else APP_DIR / path)
     return load_config(full, overrides)
 
@@ -82,7 +82,7 @@ def replicate_from_context(context: Context) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _market(config: TipConfig, replicate: int) -> Market:
+def _market(config: SimulationConfig, replicate: int) -> Market:
     """One market per process, config and replicate: simulated ClientApps share a worker process."""
     return build_market(config, replicate)
 
@@ -95,7 +95,7 @@ def _session(context: Context) -> Session:
                    nodes=parse_bindings(_get(context, "sellers")))
 
 
-def scenario_app(config: TipConfig, replicate: int = 0) -> FlowerApp:
+def scenario_app(config: SimulationConfig, replicate: int = 0) -> FlowerApp:
     """This app, with a run config that rebuilds exactly ``config``'s market ``replicate`` and its buyer."""
     return FlowerApp(
         APP_DIR, {"config": "", "set": ";".join(run_config_overrides(config)), "replicate": int(replicate)}

@@ -39,12 +39,11 @@ import torch
 
 from simulations.causal import train_classifier
 from simulations.market import Market
-from tip_fed.config import TipConfig
+from simulations.settings import SimulationConfig
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
 
-QUICK = {"replicates": 3, "sellers": 8}
 CODINGS = ("standard", "standard", "no-labs", "shifted-scale")
 
 
@@ -153,7 +152,7 @@ def _flip(y: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
     return np.where(flip, 1 - y, y)
 
 
-def real_sites(config: TipConfig, rng: np.random.Generator) -> list[Site]:
+def real_sites(config: SimulationConfig, rng: np.random.Generator) -> list[Site]:
     """Split the real rows into hospitals differing in size, case mix, coding and label quality."""
     h = config.healthcare
     c = load_cohort(h.dataset)
@@ -227,11 +226,11 @@ def _batch(x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
     return {"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), "y": torch.from_numpy(y.astype(np.int64))}
 
 
-def settings(config: TipConfig) -> tuple[int, int, bool]:
-    """(replicates, sellers per replicate, scale mode) after ``quick`` and the top-level ``sellers`` knob."""
+def settings(config: SimulationConfig) -> tuple[int, int, bool]:
+    """(replicates, sellers per replicate, scale mode) after the top-level ``sellers`` knob."""
     h = config.healthcare
-    reps = QUICK["replicates"] if config.quick else h.replicates
-    sellers = config.sellers or (QUICK["sellers"] if config.quick else h.sellers)
+    reps = h.replicates
+    sellers = config.sellers or h.sellers
     scale = h.dataset == "synthetic" or sellers > h.sites - 2
     if scale and config.sellers == 0 and h.dataset != "synthetic":
         raise ConfigError(f"healthcare.sellers = {sellers} needs {sellers + 2} sites but healthcare.sites = {h.sites}; "
@@ -242,7 +241,7 @@ def settings(config: TipConfig) -> tuple[int, int, bool]:
     return (1 if scale and config.sellers else reps), sellers, scale
 
 
-def build(config: TipConfig) -> list[Market]:
+def build(config: SimulationConfig) -> list[Market]:
     """One market per replicate: buyer-train site, objective site (true labels), seller sites."""
     h = config.healthcare
     reps, k, scale = settings(config)

@@ -25,12 +25,9 @@ import torch
 
 from simulations.llm_text import off_domain, python_docs, stdlib_docs
 from simulations.market import Market
-from tip_fed.config import TipConfig
+from simulations.settings import SimulationConfig
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
-
-QUICK = {"doc_sellers": 16, "low_sellers": 2, "pretrain_steps": 60, "max_blocks": 2, "train_sample": 64,
-         "truth_sellers": 0}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -56,7 +53,7 @@ def _batch(rows: list[list[int]], labels: list[int] | None) -> dict[str, torch.T
     return out
 
 
-def _model(config: TipConfig, vocab: int) -> torch.nn.Module:
+def _model(config: SimulationConfig, vocab: int) -> torch.nn.Module:
     import transformers
 
     c = config.llm_corpus
@@ -89,17 +86,12 @@ def pretrain(
     model.eval()
 
 
-def _setting(config: TipConfig, name: str) -> int:
-    """A size setting: the quick variant's when ``quick`` is set, else the config's."""
-    return QUICK[name] if config.quick else getattr(config.llm_corpus, name)
-
-
-def build(config: TipConfig) -> list[Market]:
+def build(config: SimulationConfig) -> list[Market]:
     """One market: buyer (tokenizer + model trained on its topics), held-out objective, document sellers."""
     c = config.llm_corpus
     rng = np.random.default_rng(config.seed)
     docs, lib, other = python_docs(), stdlib_docs(), off_domain()
-    n_doc, n_low, m = _setting(config, "doc_sellers"), _setting(config, "low_sellers"), _setting(config, "max_blocks")
+    n_doc, n_low, m = c.doc_sellers, c.low_sellers, c.max_blocks
     names = list(rng.permutation(list(docs)))
     need = c.train_topics + c.objective_topics + 1
     if need > len(names):
@@ -160,15 +152,15 @@ def build(config: TipConfig) -> list[Market]:
         if bert:
             sellers[f"mislabeled-{i}"], kinds[f"mislabeled-{i}"] = labelled(piece, 0), "mislabeled"
     sellers = {k: v for k, v in sellers.items() if v["input_ids"].numel() > 0}
-    n_truth = _setting(config, "truth_sellers")
+    n_truth = c.truth_sellers
     ids = list(sellers)
     truth = ids if n_truth <= 0 or n_truth >= len(ids) else sorted(rng.choice(ids, n_truth, replace=False).tolist())
     task = get_task("sequence-classification" if bert else "causal-lm")
     torch.manual_seed(config.seed)
     model = _model(config, vocab)
     train = _batch([r for r, _ in train_rows], [y for _, y in train_rows] if bert else None)
-    pretrain(model, task, train, _setting(config, "pretrain_steps"), c.pretrain_lr, config.seed)
-    sample = _setting(config, "train_sample")
+    pretrain(model, task, train, c.pretrain_steps, c.pretrain_lr, config.seed)
+    sample = c.train_sample
     return [
         Market(
             name=f"llm_corpus-{c.model}",

@@ -22,7 +22,7 @@ from simulations.fidelity import check_session
 from simulations.market import Market
 from simulations.results import RunResult, versions, write_run
 from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
-from tip_fed.config import TipConfig
+from simulations.settings import SimulationConfig
 from tip_fed.core.gradients import projected_grads
 from tip_fed.market import baselines, metrics, stats
 from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
@@ -74,7 +74,7 @@ def decile_check(scores: dict[str, float], utility: Any) -> dict[str, Any] | Non
 
 
 def value_replicate(
-    config: TipConfig, market: Market, out: Path, rep: int, progress: bool
+    config: SimulationConfig, market: Market, out: Path, rep: int, progress: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """One session: encrypted exchange, plaintext reference, baselines, ground truth, payouts, deciles."""
     gt = config.ground_truth
@@ -235,7 +235,9 @@ def valuation_seconds(out: Path, n_reps: int) -> float | None:
     return None if None in phases else float(sum(phases))
 
 
-def run_replicated(config: TipConfig, markets: list[Market], out: Path, *, progress: bool, started: float) -> RunResult:
+def run_replicated(
+    config: SimulationConfig, markets: list[Market], out: Path, *, progress: bool, started: float
+) -> RunResult:
     """Value every replicate market in its own session and write per-replicate and pooled results."""
     rows: list[dict[str, Any]] = []
     deciles = []

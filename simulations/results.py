@@ -18,8 +18,8 @@ import torch
 
 from simulations.market import Market
 from simulations.scenarios import TimedBuyer
+from simulations.settings import SimulationConfig
 from tip_fed import __version__
-from tip_fed.config import TipConfig
 from tip_fed.market import metrics, payouts
 from tip_fed.market.payouts import PayoutInputs, Utility
 from tip_fed.market.report import render_report
@@ -45,7 +45,7 @@ class RunResult:
 
 def write_run(
     out: Path,
-    config: TipConfig,
+    config: SimulationConfig,
     market: Market,
     buyer: Buyer,
     valuation: Valuation,

@@ -18,11 +18,11 @@ from simulations.fidelity import check_session
 from simulations.replicates import run_replicated
 from simulations.results import RunResult, write_run
 from simulations.scenarios import build_markets, make_buyer, plaintext_reference
-from tip_fed.config import TipConfig
+from simulations.settings import SimulationConfig
 from tip_fed.market.ground_truth import finetune_benefit
 
 
-def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = True) -> RunResult:
+def run_scenario(config: SimulationConfig, out_dir: str | Path, *, progress: bool = True) -> RunResult:
     """Run the configured scenario over its runtime and write every result file into ``out_dir``."""
     out = Path(out_dir)
     t0 = time.perf_counter()

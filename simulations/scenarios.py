@@ -17,17 +17,17 @@ import torch
 
 from simulations import causal, healthcare, llm_corpus
 from simulations.market import Market
-from tip_fed.config import TipConfig
+from simulations.settings import SimulationConfig
 from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.influence import scores as plain_scores
 from tip_fed.errors import ConfigError
-from tip_fed.protocol import Buyer, BuyerSettings, SellerPolicy, Valuation
+from tip_fed.protocol import Buyer, SellerPolicy, Valuation
 from tip_fed.protocol.data import check_batch, iter_batches, save_dataset
 from tip_fed.protocol.ledger import LedgerPolicy
 
 # A builder returns one Market, or a list of Markets (one per replicate, each valued in its own session).
-SCENARIOS: dict[str, Callable[[TipConfig], Market | list[Market]]] = {
+SCENARIOS: dict[str, Callable[[SimulationConfig], Market | list[Market]]] = {
     "causal": causal.build, "healthcare": healthcare.build, "llm_corpus": llm_corpus.build,
 }
 
@@ -37,7 +37,7 @@ SELLER_POLICY = SellerPolicy(exact_per_sample=True, lifetime=LedgerPolicy(
     epsilon=1e6, total_epsilon=1e6, max_exact=None, total_max_exact=None))
 
 
-def build_markets(config: TipConfig) -> Market | list[Market]:
+def build_markets(config: SimulationConfig) -> Market | list[Market]:
     """Build the configured scenario: one market, or a list of replicate markets."""
     builder = SCENARIOS.get(config.scenario)
     if builder is None:
@@ -45,7 +45,7 @@ def build_markets(config: TipConfig) -> Market | list[Market]:
     return builder(config)
 
 
-def build_market(config: TipConfig, replicate: int = 0) -> Market:
+def build_market(config: SimulationConfig, replicate: int = 0) -> Market:
     """Build the configured scenario's market; for a replicated scenario, replicate ``replicate``'s.
 
     Every party that rebuilds a market from the config (a Flower ServerApp, a simulated ClientApp)
@@ -99,18 +99,12 @@ class TimedBuyer(Buyer):
         return self.settled_at - self.offered_at
 
 
-def make_buyer(market: Market, config: TipConfig) -> TimedBuyer:
+def make_buyer(market: Market, config: SimulationConfig) -> TimedBuyer:
     """The market's buyer with the run's settings, timing its valuation phase.
 
     Deterministic in (market, config): a runtime that rebuilds the buyer elsewhere gets this one.
     """
-    settings = BuyerSettings(
-        projection=config.projection,
-        preconditioner=config.preconditioner,
-        crypto=config.crypto,
-        protocol=config.protocol,
-        seed=projection_seed(config.seed, market.replicate),
-    )
+    settings = config.buyer_settings(seed=projection_seed(config.seed, market.replicate))
     return TimedBuyer(market.model, market.task, market.objective, market.train, settings)
 
 
@@ -125,7 +119,7 @@ def write_seller_files(market: Market, out_dir: str | Path) -> dict[str, Path]:
     return {sid: save_dataset(data, out / f"{sid}.safetensors") for sid, data in market.sellers.items()}
 
 
-def export_sellers(config: TipConfig, out_dir: str | Path, replicate: int = 0) -> list[Path]:
+def export_sellers(config: SimulationConfig, out_dir: str | Path, replicate: int = 0) -> list[Path]:
     """Write every seller's private data of the scenario (its ``replicate``-th market, for a replicated
     one) to ``out_dir/<seller_id>.safetensors``.
 

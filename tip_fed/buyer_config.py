@@ -47,15 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tip_fed.config import (
-    SETTING_SECTIONS,
-    CryptoConfig,
-    PayoutsConfig,
-    PreconditionerConfig,
-    ProjectionConfig,
-    ProtocolConfig,
-    parse_settings,
-)
+from tip_fed.config import BuyerSettings, PayoutsConfig, parse_settings
 from tip_fed.errors import ConfigError, DataError
 from tip_fed.sellers_config import (
     ClientTLSFiles,
@@ -68,6 +60,7 @@ from tip_fed.toml_files import (
     check_keys,
     existing_path,
     flag,
+    keys_of,
     positive_int,
     read_toml,
     string,
@@ -76,7 +69,7 @@ from tip_fed.toml_files import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from tip_fed.protocol.formats import InputFormat
-    from tip_fed.protocol.prepared import BuyerSettings, PreparedQuery
+    from tip_fed.protocol.prepared import PreparedQuery
     from tip_fed.protocol.records import RawRecords
 
 __all__ = ["BuyerConfig", "ClientTLSFiles", "FormatSpec", "ModelSource", "SellerEntry", "SellersConfig",
@@ -133,21 +126,13 @@ class BuyerConfig:
     task: str
     objective: Path
     train: Path | None
-    projection: ProjectionConfig
-    preconditioner: PreconditionerConfig
-    crypto: CryptoConfig
-    protocol: ProtocolConfig
+    buyer: BuyerSettings  # seed, batch-size, [projection], [preconditioner], [crypto], [protocol]
     payouts: PayoutsConfig
-    seed: int = 0
-    batch_size: int = 64
     input_format: FormatSpec | None = None  # the [format] table (raw records)
 
     def settings(self) -> BuyerSettings:
         """The protocol settings as the Buyer takes them."""
-        from tip_fed.protocol.prepared import BuyerSettings
-
-        return BuyerSettings(projection=self.projection, preconditioner=self.preconditioner, crypto=self.crypto,
-                             protocol=self.protocol, seed=self.seed, batch_size=self.batch_size)
+        return self.buyer
 
 
 def _model_source(t: dict[str, Any], base: Path, name: str) -> ModelSource:
@@ -240,9 +225,9 @@ def _format_spec(t: dict[str, Any], base: Path, name: str, model: ModelSource) -
 
 def load_buyer_config(path: str | Path) -> BuyerConfig:
     """Parse and check ``buyer.toml`` (files exist, keys known, values valid), without heavy imports."""
-    source, data = read_toml(path, "buyer config", DOC)
+    source, data = read_toml(path, "buyer config", f"write one (see {DOC})")
     name, base = source.name, source.parent
-    check_keys(data, ("model", "data", "format", *SETTING_SECTIONS, "payouts", "seed", "batch-size"), "", name)
+    check_keys(data, ("model", "data", "format", *keys_of(BuyerSettings), "payouts"), "", name)
     model_table = table(data, "model", name)
     model = _model_source(model_table, base, name)
     task = model_table.get("task")
@@ -274,17 +259,13 @@ def load_buyer_config(path: str | Path) -> BuyerConfig:
             f'{name}: format.kind = "table" is fitted on the buyer\'s raw records, but data.objective '
             "and data.train are safetensors; give data.train (or data.objective) as .csv/.parquet/.jsonl"
         )
-    try:
-        settings = parse_settings(data, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+    settings = parse_settings(data, f"{name}: ")
     from tip_fed.core.tasks import TASKS  # after every cheap check: this loads torch
 
     if task not in TASKS:
         raise ConfigError(f"{name}: model.task = {task!r} is unknown; use one of {', '.join(sorted(TASKS))}")
-    return BuyerConfig(
-        source=source, model=model, task=task, objective=objective, train=train, input_format=fmt, **settings
-    )
+    return BuyerConfig(source=source, model=model, task=task, objective=objective, train=train, input_format=fmt,
+                       buyer=settings["settings"], payouts=settings["payouts"])
 
 
 # ---- loading what a parsed buyer.toml names (heavy imports stay inside the functions) ----

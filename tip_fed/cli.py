@@ -6,11 +6,14 @@ Every user-facing failure is a TipError, printed as one line (no traceback) with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tip_fed import __version__, cli_value
+from tip_fed.config import SellerBudgetConfig, SellerConfig
 from tip_fed.errors import TipError
 
 
@@ -47,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="JSON file to write, e.g. benchmarks/results/cpu2-full.json")
     bench.add_argument("--sections", default="packing,gradients,seller,scale",
                        help="comma-separated subset of packing,gradients,seller,scale (default: all)")
+    sts = sub.add_parser("settings", help="list every setting: its key, type, default and meaning")
+    sts.add_argument("--markdown", action="store_true", help="as the markdown tables of docs/settings.md")
     _add_grpc_parsers(sub)
     cli_value.add_parsers(sub)
     _add_audit_parser(sub)
@@ -224,65 +229,8 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="TLS without client certificates: any client that trusts the server certificate may call",
     )
     srv.add_argument("--insecure", action="store_true", help="serve without TLS (trusted networks and tests only)")
-    srv.add_argument("--max-queries-per-session", type=int, default=1, help="queries answered per session (default 1)")
-    srv.add_argument("--expected-fingerprint", help="refuse offers whose model fingerprint differs (hex)")
-    srv.add_argument(
-        "--max-message-mb",
-        type=int,
-        help="largest gRPC message in MiB (default: the largest Offer --offer-memory-mb could accept)",
-    )
-    _add_budget_arguments(srv)
-    srv.add_argument(
-        "--dp-epsilon",
-        type=float,
-        help="add Gaussian noise to every released score: epsilon per query "
-        "(the stricter of this and the buyer's request applies; default: only what the buyer asks)",
-    )
-    srv.add_argument("--dp-delta", type=float, default=1e-6, help="delta of --dp-epsilon (default 1e-6)")
-    srv.add_argument(
-        "--ledger",
-        help="privacy ledger file: per-buyer lifetime budget and answered keys, kept across "
-        "restarts (default: in memory for this process only)",
-    )
-    srv.add_argument("--lifetime-epsilon", type=float, default=8.0, help="per-buyer lifetime epsilon (default 8)")
-    srv.add_argument("--lifetime-delta", type=float, default=1e-5, help="per-buyer lifetime delta (default 1e-5)")
-    srv.add_argument(
-        "--total-epsilon",
-        type=float,
-        default=16.0,
-        help="seller-wide lifetime epsilon over ALL buyers together (they may collude; default 16)",
-    )
-    srv.add_argument("--total-delta", type=float, default=1e-5, help="seller-wide lifetime delta (default 1e-5)")
-    srv.add_argument(
-        "--max-exact",
-        type=int,
-        default=1,
-        help="exact (noise-free) answers per buyer; without --dp-epsilon this count is the only "
-        "guarantee (default 1; -1 = unlimited)",
-    )
-    srv.add_argument(
-        "--total-max-exact",
-        type=int,
-        default=16,
-        help="exact (noise-free) answers over all buyers together (default 16; -1 = unlimited)",
-    )
-    srv.add_argument(
-        "--exact-per-sample",
-        action="store_true",
-        help="answer per-sample offers without noise (exact scores of every record: only for data that is not private)",
-    )
-    srv.add_argument(
-        "--model-cache-mb",
-        type=int,
-        default=2048,
-        help="MiB of buyers' model weights kept (verified, by fingerprint) so a repeat Offer need not "
-        "ship them again (default 2048; 0 = off: every Offer must carry its weights)",
-    )
-    srv.add_argument(
-        "--model-cache-dir",
-        help="keep cached models in this directory across restarts (owner-only "
-        "files, re-verified when read; default: in memory only)",
-    )
+    _add_setting_flags(srv, SellerConfig, "seller")
+    _add_setting_flags(srv, SellerBudgetConfig, "seller-budget")
 
     tls = sub.add_parser("tls", help="TLS material").add_subparsers(dest="tls_command", required=True)
     ini = tls.add_parser("init", help="local CA (reused if DIR/ca.crt exists), a server and a client certificate")
@@ -298,55 +246,45 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ini.add_argument("--client-name", default="buyer", help="client certificate file name (default buyer)")
 
 
-def _add_budget_arguments(srv: argparse.ArgumentParser) -> None:
-    """One flag per [seller-budget] setting, with the config's defaults (declared once, in tip_fed.config)."""
-    import dataclasses
+def _add_setting_flags(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
+    """One flag per setting of the config section ``cls``, with its declared default and help."""
+    from tip_fed.toml_files import describe
 
-    from tip_fed.config import SellerBudgetConfig
+    for f, d in zip(dataclasses.fields(cls), describe(cls, f"{section}."), strict=True):
+        flag, text = f"--{f.name.replace('_', '-')}", f"{d.help} (default {d.default}; config {d.key})"
+        if d.type == "bool":
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            kind = {"int": int, "float": float}.get(d.type.split(" or ")[0], str)
+            parser.add_argument(flag, type=kind, default=None, help=text)
 
-    helps = {
-        "offer_memory_mb": "most memory one Offer may cost, MiB",
-        "in_flight_memory_mb": "most memory all Offers being answered at once may cost, MiB",
-        "max_sessions": "Offers handled at once; more wait, up to --max-calls",
-        "max_offers_per_peer": "Offers one buyer (client certificate, else address) may have in at once; "
-        "more are refused with RESOURCE_EXHAUSTED",
-        "max_calls": "calls held at once, running or waiting; more are refused with RESOURCE_EXHAUSTED",
-        "he_key_memory_mb": "most CKKS context and key memory of one Offer, MiB",
-        "projection_memory_mb": "most projection-matrix memory of one Offer, MiB",
-        "max_layers": "most projected layers one Offer may list",
-        "offer_work_s": "most rough single-core seconds one Offer may cost",
-        "kept_sessions": "answered sessions remembered for the query budget",
-        "session_window_s": "seconds an answered session is remembered",
-    }
-    for f in dataclasses.fields(SellerBudgetConfig):
-        srv.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(f.default),
-            default=f.default,
-            help=f"{helps[f.name]} (default {f.default}; config seller-budget.{f.name.replace('_', '-')})",
-        )
+
+def _section_from_args(cls: type, section: str, args: argparse.Namespace) -> Any:
+    """The config section ``cls`` from the flags :func:`_add_setting_flags` made (unset flags keep defaults),
+    validated like the same section of a config file."""
+    from tip_fed.errors import ConfigError
+    from tip_fed.toml_files import build, toml_key
+
+    given = {toml_key(f.name): getattr(args, f.name) for f in dataclasses.fields(cls)}
+    try:
+        return build(cls, {k: v for k, v in given.items() if v is not None and v is not False}, f"{section}.")
+    except ConfigError as exc:  # name the flag, not the config key
+        raise ConfigError(str(exc).replace(f"{section}.", "--")) from None
 
 
 def _seller_serve(args: argparse.Namespace) -> None:
-    import dataclasses
     import logging
 
-    from tip_fed.config import SellerBudgetConfig
     from tip_fed.errors import ConfigError
     from tip_fed.grpc.server import MiB, RunningServer, ServerTLS, serve
     from tip_fed.protocol import Seller, SellerPolicy
-    from tip_fed.protocol.disclosure import NoisePolicy
-    from tip_fed.protocol.ledger import LedgerPolicy
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together; give both (or --insecure)")
     if args.tls_client_ca and not args.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS plus client certificates")
-    if args.max_queries_per_session < 1:
-        raise ConfigError("--max-queries-per-session must be >= 1")
-    if args.model_cache_mb < 0:
-        raise ConfigError("--model-cache-mb must be >= 0 (0 turns the model cache off)")
-    budget = SellerBudgetConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SellerBudgetConfig)})
+    config: SellerConfig = _section_from_args(SellerConfig, "seller", args)
+    budget: SellerBudgetConfig = _section_from_args(SellerBudgetConfig, "seller-budget", args)
     tls = (
         ServerTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None)
         if args.tls_cert
@@ -370,25 +308,8 @@ def _seller_serve(args: argparse.Namespace) -> None:
         tls=tls,
         insecure=args.insecure,
         server_tls_only=args.server_tls_only,
-        policy=SellerPolicy(
-            max_queries_per_session=args.max_queries_per_session,
-            expected_fingerprint=args.expected_fingerprint,
-            noise=NoisePolicy(args.dp_epsilon, args.dp_delta),
-            budget=budget,
-            ledger=args.ledger,
-            lifetime=LedgerPolicy(
-                args.lifetime_epsilon,
-                args.lifetime_delta,
-                max_exact=None if args.max_exact == -1 else args.max_exact,
-                total_epsilon=args.total_epsilon,
-                total_delta=args.total_delta,
-                total_max_exact=None if args.total_max_exact == -1 else args.total_max_exact,
-            ),
-            exact_per_sample=args.exact_per_sample,
-            model_cache_mb=args.model_cache_mb,
-            model_cache_dir=args.model_cache_dir,
-        ),
-        max_message_bytes=args.max_message_mb * MiB if args.max_message_mb else None,
+        policy=SellerPolicy.from_config(config, budget),
+        max_message_bytes=config.max_message_mb * MiB if config.max_message_mb else None,
         announce=announce,
     )
 
@@ -409,7 +330,7 @@ def _tls_init(args: argparse.Namespace) -> None:
 
 def _simulate(args: argparse.Namespace) -> None:
     """Check the config and the output directory first (light imports), then run and summarise."""
-    from tip_fed.config import load_config
+    from simulations.settings import load_config
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out)
@@ -421,6 +342,37 @@ def _simulate(args: argparse.Namespace) -> None:
     print("\n".join(summary_lines(result.metrics, str(result.out_dir))))
 
 
+SETTINGS_DOC = """# Settings
+
+Every setting tip_fed reads, generated from their declarations (`tip-fed settings --markdown`
+writes this file; a test checks it is current). Keys are TOML keys: `[section]` tables of a config
+file, `--set section.key=value` on `tip-fed simulate`. buyer.toml takes `seed`, `batch-size`,
+`[projection]`, `[preconditioner]`, `[crypto]`, `[protocol]` and `[payouts]`; sellers.toml takes
+`runtime`, `[grpc]` and `[flower]`; `tip-fed seller serve` takes `[seller]` and `[seller-budget]`
+as flags of the same names (`--max-exact`, `--offer-memory-mb`, ...).
+
+## Library
+
+{library}
+## Market simulations (`tip-fed simulate`, simulations/settings.py)
+
+{simulations}"""
+
+
+def settings_text(markdown: bool = False) -> str:
+    """Every declared setting: the library's, then what the market simulations add."""
+    from simulations.settings import SimulationConfig
+    from tip_fed.config import TipConfig
+    from tip_fed.toml_files import describe, markdown_table
+
+    library = describe(TipConfig)
+    keys = {d.key for d in library}
+    scenario = [d for d in describe(SimulationConfig) if d.key not in keys]
+    if markdown:
+        return SETTINGS_DOC.format(library=markdown_table(library), simulations=markdown_table(scenario))
+    return "".join(f"{d.key} = {d.default}  ({d.type})\n    {d.help}\n" for d in [*library, *scenario])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tip-fed`` console script."""
     args = _parser().parse_args(argv)
@@ -429,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _simulate(args)
         elif args.command == "export-sellers":
             from simulations.scenarios import export_sellers
-            from tip_fed.config import load_config
+            from simulations.settings import load_config
 
             for path in export_sellers(load_config(args.config, args.overrides), args.out, args.replicate):
                 print(path)
@@ -448,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 write_private(Path(args.out), text)
             print(text, end="")
+        elif args.command == "settings":
+            print(settings_text(markdown=args.markdown), end="")
         elif args.command == "bench":
             from tip_fed.bench import run_bench
 

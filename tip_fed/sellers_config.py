@@ -116,7 +116,7 @@ def data_file(base: Path, value: Any, key: str, name: str) -> Path:
 
 def load_sellers_config(path: str | Path) -> SellersConfig:
     """Parse and check ``sellers.toml`` (runtime, unique seller ids, endpoints, data files or nodes, TLS files)."""
-    source, data = read_toml(path, "sellers config", DOC)
+    source, data = read_toml(path, "sellers config", f"write one (see {DOC})")
     name, base = source.name, source.parent
     check_keys(data, ("runtime", "sellers", "tls", "grpc", "flower", "superlink", "max-samples"), "", name)
     runtime = data.get("runtime", "grpc")

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from simulations.scenarios import build_market, make_buyer
-from tip_fed.config import load_config
+from simulations.settings import load_config
 from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
 from tip_fed.protocol.data import save_dataset
 from tip_fed.runtimes.processes import ProcessGroup

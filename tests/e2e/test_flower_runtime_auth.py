@@ -30,7 +30,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from simulations.exchanges import exchange_inprocess
 from simulations.flower_apps import scenario_app
 from simulations.scenarios import build_market, make_buyer, write_seller_files
-from tip_fed.config import load_config
+from simulations.settings import load_config
 from tip_fed.runtimes.deployment import LocalDeployment
 from tip_fed.runtimes.flower_deployment import run_app
 

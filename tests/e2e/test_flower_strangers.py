@@ -32,8 +32,8 @@ import pytest
 
 from simulations.exchanges import exchange_inprocess
 from simulations.scenarios import build_market, make_buyer
+from simulations.settings import load_config
 from tip_fed import tls
-from tip_fed.config import load_config
 from tip_fed.flower import trust
 from tip_fed.protocol import Valuation
 from tip_fed.runtimes.deployment import BIN, flower_env, free_port

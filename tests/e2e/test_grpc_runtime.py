@@ -21,7 +21,8 @@ import pytest
 
 from simulations.runner import run_scenario
 from simulations.scenarios import build_market, make_buyer, max_samples, plaintext_reference, write_seller_files
-from tip_fed.config import GrpcConfig, load_config
+from simulations.settings import load_config
+from tip_fed.config import GrpcConfig
 from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
 from tip_fed.runtimes import value_grpc
 from tip_fed.runtimes.processes import ProcessGroup

@@ -17,7 +17,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from simulations.flower_apps import config_from_context, run_config_overrides
-from tip_fed.config import FlowerConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig, load_config
+from simulations.settings import load_config
+from tip_fed.config import FlowerConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError, ProtocolError

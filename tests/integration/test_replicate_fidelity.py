@@ -16,7 +16,7 @@ from simulations import exchanges, flower_apps
 from simulations.fidelity import FidelityError
 from simulations.runner import run_scenario
 from simulations.scenarios import build_market, build_markets, make_buyer, projection_seed
-from tip_fed.config import load_config
+from simulations.settings import load_config
 from tip_fed.errors import ConfigError
 
 HEALTHCARE = Path(__file__).resolve().parents[2] / "configs" / "healthcare.toml"

@@ -5,7 +5,7 @@ import json
 from simulations.exchanges import exchange_inprocess
 from simulations.runner import run_scenario
 from simulations.scenarios import build_market, make_buyer
-from tip_fed.config import load_config
+from simulations.settings import load_config
 
 SYNTHETIC = ["healthcare.dataset=synthetic", "healthcare.samples-per-seller=10"]
 

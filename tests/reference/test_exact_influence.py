@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from simulations import causal, healthcare
 from simulations.market import Market
 from simulations.scenarios import make_buyer, plaintext_reference
-from tip_fed.config import TipConfig
+from simulations.settings import SimulationConfig
 
 kronfluence = pytest.importorskip("kronfluence", reason="install the dev extra: kronfluence==1.0.1")
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402 - only once importorskip found it
@@ -85,7 +85,7 @@ def kronfluence_scores(market: Market, strategy: str, out_dir: str) -> np.ndarra
     return pairwise.mean(dim=0).numpy()
 
 
-def tip_fed_scores(market: Market, config: TipConfig, kind: str) -> np.ndarray:
+def tip_fed_scores(market: Market, config: SimulationConfig, kind: str) -> np.ndarray:
     """Per-sample plaintext scores of every seller record, in seller order, at ``config``."""
     config = dataclasses.replace(
         config, preconditioner=dataclasses.replace(config.preconditioner, kind=kind)
@@ -94,8 +94,8 @@ def tip_fed_scores(market: Market, config: TipConfig, kind: str) -> np.ndarray:
     return np.concatenate([plaintext_reference(buyer, market, sid) for sid in market.sellers])
 
 
-def build_market(scenario: str, seed: int) -> tuple[Market, TipConfig]:
-    config = TipConfig(scenario=scenario, seed=seed)
+def build_market(scenario: str, seed: int) -> tuple[Market, SimulationConfig]:
+    config = SimulationConfig(scenario=scenario, seed=seed)
     if scenario == "causal":
         return causal.build(config), config
     one = dataclasses.replace(config.healthcare, replicates=1)

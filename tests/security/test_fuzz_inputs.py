@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from tip_fed.config import apply_overrides, config_from_dict, load_config
+from simulations.settings import config_from_dict, load_config
+from tip_fed.config import apply_overrides
 from tip_fed.core.models import MLP
 from tip_fed.crypto.codec import ciphertext_from_bytes
 from tip_fed.crypto.keys import SessionKeys, load_public_context

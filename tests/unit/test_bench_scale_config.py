@@ -3,8 +3,8 @@ they must stay the scenario the repository's configs/healthcare.toml describes."
 
 from pathlib import Path
 
+from simulations.settings import load_config
 from tip_fed.bench import scale
-from tip_fed.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

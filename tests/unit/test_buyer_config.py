@@ -42,15 +42,15 @@ def test_good_buyer_config_resolves_paths_and_settings(buyer_dir, monkeypatch):
     monkeypatch.chdir("/")
     cfg = load_buyer_config(_write(buyer_dir, GOOD))
     assert cfg.objective == buyer_dir / "obj.safetensors" and cfg.train is None
-    assert (cfg.task, cfg.seed, cfg.projection.rank, cfg.payouts.budget) == ("classification", 3, 4, 50.0)
-    assert cfg.settings().seed == 3
+    settings = cfg.settings()
+    assert (cfg.task, settings.seed, settings.projection.rank, cfg.payouts.budget) == ("classification", 3, 4, 50.0)
     model = load_model(cfg.model)
     assert isinstance(model, MLP) and model.sizes == [10, 4, 2]
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda t: "colour = 1\n" + t, "unknown key 'colour'"),
-    (lambda t: t.replace("[projection]\nrank = 4", "[projection]\nrnak = 4"), "unknown setting 'projection.rnak'"),
+    (lambda t: t.replace("[projection]\nrank = 4", "[projection]\nrnak = 4"), "unknown key 'projection.rnak'"),
     (lambda t: t.replace("rank = 4", "rank = 0"), "projection.rank must be >= 1"),
     (lambda t: t.replace('task = "classification"', 'task = "regression"'), "model.task = 'regression' is unknown"),
     (lambda t: t.replace('task = "classification"\n', ""), "model.task is missing"),

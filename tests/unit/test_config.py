@@ -1,11 +1,30 @@
-"""Config loading: defaults, TOML files, overrides, and errors that name the bad key."""
+"""Settings: defaults, TOML files, overrides, errors that name the bad key, one declaration per
+setting (help, docs table, seller serve flags) and the quick preset as effective settings."""
 
+import dataclasses
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tip_fed.config import TipConfig, apply_overrides, load_config
+from simulations.settings import QUICK, SimulationConfig, config_from_dict
+from simulations.settings import load_config as load_simulation
+from tip_fed.config import (
+    DISCLOSURES,
+    PRECONDITIONER_KINDS,
+    PROJECTION_KINDS,
+    RUNTIMES,
+    BuyerSettings,
+    SellerBudgetConfig,
+    SellerConfig,
+    TipConfig,
+    apply_overrides,
+    load_config,
+)
 from tip_fed.errors import ConfigError, TipError
+from tip_fed.toml_files import describe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,10 +35,11 @@ def test_defaults_are_valid_and_round_trip():
     data = config.to_dict()
     assert data["crypto"]["coeff-mod-bit-sizes"] == [60, 40, 40, 60]
     assert load_config(None, []) == config
+    assert load_simulation() == config_from_dict(SimulationConfig().to_dict()) == SimulationConfig()
 
 
 def test_causal_toml_loads_with_overrides():
-    config = load_config(
+    config = load_simulation(
         ROOT / "configs" / "causal.toml", ["seed=7", "projection.rank=4", "causal.seller-classes=[[1],[4]]"]
     )
     assert config.seed == 7
@@ -28,32 +48,41 @@ def test_causal_toml_loads_with_overrides():
     assert config.protocol.disclosure == "per-sample"
 
 
+def test_the_library_config_refuses_scenario_sections(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'causal'"):
+        load_config(ROOT / "configs" / "causal.toml")
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        (["nope=1"], "unknown setting 'nope'"),
-        (["projection.nope=1"], "unknown setting 'projection.nope'"),
+        (["nope=1"], "unknown key 'nope'"),
+        (["projection.nope=1"], "unknown key 'projection.nope'"),
         (["projection.rank='x'"], "projection.rank must be an integer"),
         (["projection.rank=0"], "projection.rank must be >= 1"),
+        (["projection.kind=sparse"], "projection.kind must be one of rademacher, gaussian"),
         (["preconditioner.kind=newton"], "preconditioner.kind must be one of"),
         (["protocol.disclosure=everything"], "protocol.disclosure"),
         (["runtime=cloud"], "runtime must be one of"),
         (["quick=3"], "quick must be true or false"),
         (["crypto=1"], "'crypto' is a table"),
         (["seed"], "must look like key=value"),
+        (["seed=-1"], "seed must be an integer in 0..2**63-1"),
+        (["seller.max-exact=-2"], "seller.max-exact must be >= 0"),
+        (["llm-corpus.n-head=0"], "llm-corpus.n-head must be >= 1"),
         (["causal.seller-classes=[[1]]"], "needs at least two sellers"),
     ],
 )
 def test_bad_settings_raise_config_error_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
-        load_config(None, override)
+        load_simulation(None, override)
     assert fragment in str(info.value)
     assert isinstance(info.value, TipError)
 
 
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "missing.toml")
+        load_simulation(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("seed = [unclosed\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
@@ -63,3 +92,93 @@ def test_missing_and_invalid_files(tmp_path):
 def test_overrides_parse_toml_literals_and_bare_words():
     data = apply_overrides({}, ["a.b=1.5", "a.c=true", "d=hello", "e=[1, 2]"])
     assert data == {"a": {"b": 1.5, "c": True}, "d": "hello", "e": [1, 2]}
+
+
+# ---- one declaration per setting ----
+
+
+def test_every_setting_has_help_and_a_unique_key():
+    declared = describe(SimulationConfig)
+    keys = [d.key for d in declared]
+    assert len(keys) == len(set(keys)) and len(keys) > 90
+    assert [d.key for d in declared if len(d.help) < 10] == []
+
+
+def test_docs_list_every_setting_and_are_current():
+    from tip_fed.cli import settings_text
+
+    doc = (ROOT / "docs" / "settings.md").read_text()
+    listed = re.findall(r"^\| `([^`]+)` \|", doc, flags=re.M)
+    assert sorted(listed) == sorted(d.key for d in describe(SimulationConfig))
+    assert doc == settings_text(markdown=True), "regenerate: tip-fed settings --markdown > docs/settings.md"
+
+
+def test_allowed_values_are_the_ones_the_code_uses():
+    # each list is declared once, with its setting; the modules that act on it import it
+    from tip_fed.core import precondition, projection
+
+    assert projection.KINDS is PROJECTION_KINDS and precondition.KINDS is PRECONDITIONER_KINDS
+    for key in ("projection.kind", "preconditioner.kind", "protocol.disclosure"):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(None, [f"{key}=nonsense"])
+    assert "grpc" in RUNTIMES and DISCLOSURES == ("aggregate", "per-sample")
+
+
+def test_buyer_settings_are_the_library_roots_first_part():
+    config = load_config(None, ["seed=5", "batch-size=8", "projection.rank=3", "grpc.retries=0"])
+    settings = config.buyer_settings()
+    assert type(settings) is BuyerSettings
+    assert (settings.seed, settings.batch_size, settings.projection.rank) == (5, 8, 3)
+    assert BuyerSettings.from_dict(settings.to_dict()) == settings
+    with pytest.raises(ConfigError, match="unknown key 'flower'"):
+        BuyerSettings.from_dict(config.to_dict())
+
+
+def test_seller_serve_flags_are_the_seller_sections():
+    from tip_fed.cli import _parser
+
+    serve = _parser()._subparsers._group_actions[0].choices["seller"]._subparsers._group_actions[0].choices["serve"]
+    flags = {a.dest: a for a in serve._actions}
+    for cls, section in ((SellerConfig, "seller"), (SellerBudgetConfig, "seller-budget")):
+        for f in dataclasses.fields(cls):
+            action = flags[f.name]
+            assert f.metadata["help"] in action.help and f"config {section}." in action.help
+
+
+def test_seller_policy_follows_the_flags():
+    from tip_fed.cli import _parser, _section_from_args
+    from tip_fed.protocol import SellerPolicy
+
+    args = _parser().parse_args(["seller", "serve", "--data", "d.csv", "--port", "0", "--max-exact", "-1",
+                                 "--dp-epsilon", "2", "--model-cache-mb", "0", "--offer-memory-mb", "100",
+                                 "--in-flight-memory-mb", "100"])
+    policy = SellerPolicy.from_config(_section_from_args(SellerConfig, "seller", args),
+                                      _section_from_args(SellerBudgetConfig, "seller-budget", args))
+    assert policy.lifetime.max_exact is None and policy.lifetime.total_max_exact == 16
+    assert policy.noise.epsilon == 2.0 and policy.model_cache_mb == 0 and policy.budget.offer_memory_mb == 100
+    bad = _parser().parse_args(["seller", "serve", "--data", "d.csv", "--port", "0", "--offer-memory-mb", "9000"])
+    with pytest.raises(ConfigError, match="--in-flight-memory-mb must be >= --offer-memory-mb"):
+        _section_from_args(SellerBudgetConfig, "seller-budget", bad)
+
+
+def test_settings_command_lists_every_setting_before_heavy_imports():
+    code = ("import sys; from tip_fed.cli import main; main(['settings']); "
+            "print(sorted(m for m in ('torch', 'tenseal', 'grpc', 'flwr') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip().endswith("[]")
+    assert all(f"\n{d.key} = " in "\n" + out for d in describe(SimulationConfig))
+
+
+# ---- quick is a preset the config records ----
+
+
+def test_quick_preset_is_applied_to_the_typed_config_and_recorded():
+    config = load_simulation(ROOT / "configs" / "healthcare.toml", ["quick=true"])
+    assert config.healthcare.replicates == QUICK["healthcare"]["replicates"]
+    assert config.llm_corpus.doc_sellers == QUICK["llm_corpus"]["doc_sellers"]
+    recorded = config.to_dict()
+    assert recorded["healthcare"]["replicates"] == QUICK["healthcare"]["replicates"]
+    assert config_from_dict(recorded) == config  # a manifest's config loads back to the same settings
+    assert dataclasses.replace(SimulationConfig(), quick=True).healthcare == config.healthcare.__class__(
+        **{**dataclasses.asdict(SimulationConfig().healthcare), **QUICK["healthcare"]})
+    assert load_simulation(ROOT / "configs" / "healthcare.toml").healthcare.replicates != 3

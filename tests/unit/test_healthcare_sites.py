@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from simulations import healthcare
-from tip_fed.config import load_config
+from simulations.settings import load_config
 from tip_fed.errors import ConfigError
 
 
@@ -24,10 +24,10 @@ def test_real_sites_partition_the_real_rows_with_site_differences():
 def test_replicates_draw_distinct_buyer_objective_and_seller_sites():
     config = load_config("configs/healthcare.toml", ["quick=true"])
     markets = healthcare.build(config)
-    assert len(markets) == healthcare.QUICK["replicates"]
+    assert len(markets) == config.healthcare.replicates
     for m in markets:
         used = [m.info["buyer_train_site"], m.info["objective_site"], *m.sellers]
-        assert len(set(used)) == len(used) == 2 + healthcare.QUICK["sellers"]
+        assert len(set(used)) == len(used) == 2 + config.healthcare.sellers
     assert len({m.info["objective_site"] for m in markets} | {m.info["buyer_train_site"] for m in markets}) > 2
 
 

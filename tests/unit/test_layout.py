@@ -20,8 +20,8 @@ TOPS = ("tip_fed", "simulations", "benchmarks")
 # packages of one layer stand beside each other and import none of each other.
 LAYERS = (
     {"tip_fed.errors", "tip_fed.lazy"},
-    {"tip_fed.files"},
-    {"tip_fed", "tip_fed.config", "tip_fed.tls", "tip_fed.wire", "tip_fed.toml_files"},
+    {"tip_fed.files", "tip_fed.toml_files"},
+    {"tip_fed", "tip_fed.config", "tip_fed.tls", "tip_fed.wire"},
     {"tip_fed.core", "tip_fed.crypto", "tip_fed.sellers_config"},
     {"tip_fed.protocol", "tip_fed.testing"},
     {"tip_fed.flower", "tip_fed.grpc", "tip_fed.buyer_config"},

@@ -6,7 +6,7 @@ import pytest
 
 from simulations.llm_corpus import build
 from simulations.replicates import decile_check
-from tip_fed.config import load_config
+from simulations.settings import load_config
 from tip_fed.errors import ConfigError
 
 

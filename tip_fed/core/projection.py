@@ -76,6 +76,7 @@ from typing import Any
 
 import torch
 
+from tip_fed.config import PROJECTION_KINDS
 from tip_fed.core.projection_matrix import _matrix
 from tip_fed.errors import ConfigError, DataError, ModelError
 
@@ -91,7 +92,7 @@ __all__ = [
 ]
 
 GENERATOR = "philox4x64-10/sha256/orthonormal/v2"
-KINDS = ("rademacher", "gaussian")
+KINDS = PROJECTION_KINDS  # declared with the setting that chooses one (tip_fed.config)
 _SPEC_VERSION = 2
 _SPEC_KEYS = {"version", "generator", "seed", "kind", "layers"}
 _LAYER_KEYS = {"name", "in_features", "out_features", "rank_in", "rank_out", "bias"}

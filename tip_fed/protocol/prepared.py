@@ -27,15 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tip_fed.config import (
-    SETTING_SECTIONS,
-    CryptoConfig,
-    PreconditionerConfig,
-    ProjectionConfig,
-    ProtocolConfig,
-    TipConfig,
-    parse_settings,
-)
+from tip_fed.config import BuyerSettings
 from tip_fed.core.gradients import kfac_statistics, projected_grads
 from tip_fed.core.influence import query_vector
 from tip_fed.core.precondition import (
@@ -57,36 +49,6 @@ FORMAT_VERSION = 1
 BOUND_HEADROOM = 2.0
 MANIFEST = "manifest.json"
 FILES = ("prepared.json", "model.safetensors", "query.safetensors", "preconditioner.safetensors")
-
-
-@dataclass(frozen=True)
-class BuyerSettings:
-    """The buyer's choices; defaults match :mod:`tip_fed.config`."""
-
-    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
-    preconditioner: PreconditionerConfig = field(default_factory=PreconditionerConfig)
-    crypto: CryptoConfig = field(default_factory=CryptoConfig)
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    seed: int = 0
-    batch_size: int = 64
-
-    def to_dict(self) -> dict[str, Any]:
-        """TOML-shaped sections (kebab-case keys), as in a config file."""
-        sections = TipConfig(projection=self.projection, preconditioner=self.preconditioner, crypto=self.crypto,
-                             protocol=self.protocol).to_dict()
-        return {**{k: sections[k] for k in SETTING_SECTIONS}, "seed": self.seed, "batch-size": self.batch_size}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BuyerSettings:
-        """Inverse of :meth:`to_dict`; every section is validated by its typed class in :mod:`tip_fed.config`."""
-        unknown = sorted(set(data) - {*SETTING_SECTIONS, "seed", "batch-size"})
-        if unknown:
-            raise ConfigError(
-                f"unknown buyer setting {unknown[0]!r}; valid: {[*SETTING_SECTIONS, 'seed', 'batch-size']}"
-            )
-        kwargs = parse_settings(data, "")
-        del kwargs["payouts"]
-        return cls(**kwargs)
 
 
 @dataclass(frozen=True)

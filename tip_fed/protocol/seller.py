@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tip_fed.config import SellerBudgetConfig, SellerConfig
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, get_task
@@ -91,6 +92,21 @@ class SellerPolicy:
     # reference is answered "model not held"), optionally persisted in a directory.
     model_cache_mb: int = 0
     model_cache_dir: str | None = None
+
+    @classmethod
+    def from_config(cls, config: SellerConfig, budget: SellerBudgetConfig | None = None) -> SellerPolicy:
+        """The policy the ``[seller]`` settings declare (``tip-fed seller serve`` flags; -1 = unlimited)."""
+        c = config
+        return cls(
+            max_queries_per_session=c.max_queries_per_session, batch_size=c.batch_size,
+            expected_fingerprint=c.expected_fingerprint, noise=NoisePolicy(c.dp_epsilon, c.dp_delta),
+            budget=budget or ResourceBudget(), ledger=c.ledger,
+            lifetime=LedgerPolicy(c.lifetime_epsilon, c.lifetime_delta,
+                                  max_exact=None if c.max_exact == -1 else c.max_exact,
+                                  total_epsilon=c.total_epsilon, total_delta=c.total_delta,
+                                  total_max_exact=None if c.total_max_exact == -1 else c.total_max_exact),
+            exact_per_sample=c.exact_per_sample, model_cache_mb=c.model_cache_mb, model_cache_dir=c.model_cache_dir,
+        )
 
 
 class Seller:
