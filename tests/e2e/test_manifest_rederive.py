@@ -36,7 +36,8 @@ def test_payouts_are_re_derived_from_the_manifest_alone(tmp_path):
 
     written, derived = _payouts(first), _payouts(again.out_dir)
     assert set(derived) == set(written) and len(written) >= 8
-    # CKKS decryptions differ between sessions in the last digits only; payouts follow the scores
-    assert derived == pytest.approx(written, rel=1e-6, abs=1e-6)
+    # CKKS decryptions (and sellers' fresh sanitising noise) differ between sessions around the 8th
+    # significant digit of the scores; payouts follow the scores, so they agree to ~1e-6 of the budget
+    assert derived == pytest.approx(written, rel=1e-6, abs=1e-6 * 700)
     assert sum(v for (_, rule), v in written.items() if rule == "proportional") == pytest.approx(700, rel=1e-6)
     assert json.loads((again.out_dir / "manifest.json").read_text())["config"] == recorded
