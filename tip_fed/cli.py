@@ -229,6 +229,8 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="TLS without client certificates: any client that trusts the server certificate may call",
     )
     srv.add_argument("--insecure", action="store_true", help="serve without TLS (trusted networks and tests only)")
+    srv.add_argument("--config", help="TOML file whose [seller] and [seller-budget] tables set the flags below "
+                     "(a flag given here wins)")
     _add_setting_flags(srv, SellerConfig, "seller")
     _add_setting_flags(srv, SellerBudgetConfig, "seller-budget")
 
@@ -260,14 +262,17 @@ def _add_setting_flags(parser: argparse.ArgumentParser, cls: type, section: str)
 
 
 def _section_from_args(cls: type, section: str, args: argparse.Namespace) -> Any:
-    """The config section ``cls`` from the flags :func:`_add_setting_flags` made (unset flags keep defaults),
-    validated like the same section of a config file."""
+    """The config section ``cls`` from the flags :func:`_add_setting_flags` made over the same section of
+    ``--config`` (unset flags keep those, else the defaults), validated like a config file."""
+    from tip_fed.config import load_config
     from tip_fed.errors import ConfigError
     from tip_fed.toml_files import build, toml_key
 
+    base = load_config(args.config).to_dict()[section] if args.config else {}
     given = {toml_key(f.name): getattr(args, f.name) for f in dataclasses.fields(cls)}
     try:
-        return build(cls, {k: v for k, v in given.items() if v is not None and v is not False}, f"{section}.")
+        return build(cls, {**base, **{k: v for k, v in given.items() if v is not None and v is not False}},
+                     f"{section}.")
     except ConfigError as exc:  # name the flag, not the config key
         raise ConfigError(str(exc).replace(f"{section}.", "--")) from None
 

@@ -121,7 +121,11 @@ def test_allowed_values_are_the_ones_the_code_uses():
     for key in ("projection.kind", "preconditioner.kind", "protocol.disclosure"):
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_config(None, [f"{key}=nonsense"])
-    assert "grpc" in RUNTIMES and DISCLOSURES == ("aggregate", "per-sample")
+    from simulations.exchanges import EXCHANGES
+    from tip_fed.protocol.messages import DISCLOSURE_NAMES
+
+    assert tuple(DISCLOSURE_NAMES) == DISCLOSURES  # every allowed disclosure has its wire value
+    assert sorted(EXCHANGES) == sorted(RUNTIMES)  # every allowed runtime can run a simulation
 
 
 def test_buyer_settings_are_the_library_roots_first_part():
@@ -159,6 +163,22 @@ def test_seller_policy_follows_the_flags():
     bad = _parser().parse_args(["seller", "serve", "--data", "d.csv", "--port", "0", "--offer-memory-mb", "9000"])
     with pytest.raises(ConfigError, match="--in-flight-memory-mb must be >= --offer-memory-mb"):
         _section_from_args(SellerBudgetConfig, "seller-budget", bad)
+
+
+def test_seller_serve_config_file_sets_what_flags_do_not(tmp_path):
+    from tip_fed.cli import _parser, _section_from_args
+
+    conf = tmp_path / "seller.toml"
+    conf.write_text("[seller]\nmax-exact = -1\ndp-epsilon = 4.0\n[seller-budget]\nmax-calls = 5\n")
+    args = _parser().parse_args(["seller", "serve", "--data", "d.csv", "--port", "0", "--config", str(conf),
+                                 "--max-calls", "7", "--dp-epsilon", "2"])
+    seller = _section_from_args(SellerConfig, "seller", args)
+    assert (seller.max_exact, seller.dp_epsilon, seller.total_max_exact) == (-1, 2.0, 16)
+    assert _section_from_args(SellerBudgetConfig, "seller-budget", args).max_calls == 7
+    conf.write_text("[seller]\nmax-exact = -5\n")
+    with pytest.raises(ConfigError, match=r"seller\.max-exact must be >= 0"):
+        _section_from_args(SellerConfig, "seller", _parser().parse_args(
+            ["seller", "serve", "--data", "d.csv", "--port", "0", "--config", str(conf)]))
 
 
 def test_settings_command_lists_every_setting_before_heavy_imports():

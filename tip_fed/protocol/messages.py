@@ -12,6 +12,7 @@ import re
 
 from google.protobuf.message import DecodeError
 
+from tip_fed.config import DISCLOSURES
 from tip_fed.errors import ProtocolError, VersionMismatchError
 from tip_fed.protocol.formats import check_input_pb
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -25,10 +26,8 @@ MAX_MODEL_CONFIG_BYTES = 64 << 10
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 SELLER_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
-DISCLOSURE_NAMES = {
-    "aggregate": pb.DISCLOSURE_AGGREGATE,
-    "per-sample": pb.DISCLOSURE_PER_SAMPLE,
-}
+#: Config name (the allowed values of protocol.disclosure, in order) -> wire value.
+DISCLOSURE_NAMES = dict(zip(DISCLOSURES, (pb.DISCLOSURE_AGGREGATE, pb.DISCLOSURE_PER_SAMPLE), strict=True))
 
 
 def disclosure_name(value: int) -> str:
