@@ -16,7 +16,7 @@ from tip_fed.errors import DataError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.audit import Delivery, SessionRecord, audit
 from tip_fed.protocol.disclosure import NoisePolicy
-from tip_fed.testing import secret_key_bytes
+from tip_fed.testing import buyer_session, secret_key_bytes
 
 from .conftest import make_data
 
@@ -35,9 +35,9 @@ class ScalingSeller(Seller):
 class InflatingSeller(Seller):
     """Commits to its honest gradients but scores gradients scaled by 3 (clipped to the bound)."""
 
-    def scoring_rows(self, committed, bound):
-        scaled, _ = clip_rows(torch.from_numpy(3.0 * committed), bound)
-        return scaled.numpy()
+    def encrypted_scores(self, offer, context, rows, noise, seed):
+        scaled, _ = clip_rows(torch.from_numpy(3.0 * rows), 1.0)  # rows are in units of the bound
+        return super().encrypted_scores(offer, context, scaled.numpy(), noise, seed)
 
 
 class SwappingSeller(Seller):
@@ -146,7 +146,7 @@ def test_tip_fed_audit_cli_writes_reports_and_flags(make_buyer, seller_data, tmp
 def test_session_record_holds_no_key_material(make_buyer, seller_data):
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
-    secret = secret_key_bytes(buyer._sessions[buyer.session_id].keys)
+    secret = secret_key_bytes(buyer_session(buyer).keys)
     valuation = buyer.settle([Seller("s0", seller_data["s0"], policy=EXACT).respond(offer)])
     text = json.dumps(buyer.record(valuation).to_dict())
     import base64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tip_fed.core.projection import LayerProjection, ProjectionSpec
 from tip_fed.crypto.params import HEParams, PackingPlan
-from tip_fed.errors import ProtocolError, TipError
+from tip_fed.errors import InsecureParametersError, ProtocolError, TipError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 PLAN_FIELDS = ("dim", "padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block")
@@ -64,7 +64,7 @@ def params_to_pb(params: HEParams) -> pb.HEParameters:
 
 
 def params_from_pb(msg: pb.HEParameters) -> HEParams:
-    """CKKS parameters from the Offer (security is checked by the caller)."""
+    """CKKS parameters from the Offer (their security is checked by :func:`plan_from_pb`)."""
     return HEParams(
         poly_modulus_degree=int(msg.poly_modulus_degree),
         coeff_mod_bit_sizes=tuple(int(b) for b in msg.coeff_mod_bit_sizes),
@@ -79,12 +79,16 @@ def plan_to_pb(plan: PackingPlan) -> pb.Packing:
 
 
 def plan_from_pb(msg: pb.Packing, params: HEParams) -> PackingPlan:
-    """Rebuild the packing layout; ProtocolError if it is inconsistent."""
+    """Rebuild the packing layout for ``params``, checking the parameters (once) and the layout.
+
+    InsecureParametersError for parameters below 128-bit security, ProtocolError for the rest."""
     if msg.kind != PACKING_KIND:
         raise ProtocolError(f"unknown packing kind {msg.kind!r}; this seller supports {PACKING_KIND!r}")
     data: dict[str, object] = {k: int(getattr(msg, k)) for k in PLAN_FIELDS}
     data["params"] = params.to_dict()
     try:
-        return PackingPlan.from_dict(data)
+        return PackingPlan.from_dict(data)  # checks the parameters' security, then the layout
+    except InsecureParametersError:
+        raise
     except TipError as exc:
-        raise ProtocolError(f"the offer's packing layout is invalid: {exc}") from exc
+        raise ProtocolError(f"the offer's CKKS parameters or packing layout are invalid: {exc}") from exc
