@@ -254,43 +254,35 @@ class Buyer:
         )
 
     def _decode(self, session: BuyerSession, data: bytes, seen: set[str]) -> SellerValuation:
-        reply = decode_reply(data)
-        if reply.session_id != session.session_id:
-            raise SessionError(
-                f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not "
-                f"{session.session_id[:8]}…"
-            )
-        if reply.seller_id in seen:
-            raise SessionError(f"a second reply from seller {reply.seller_id} in one session was ignored")
-        if reply.n_samples > session.max_samples:
-            raise ProtocolError(
-                f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum"
-            )
-        rows = reply.n_samples + 1 if session.disclosure == "per-sample" else 1
-        if reply.n_rows != rows:
-            raise ProtocolError(
-                f"seller {reply.seller_id} scored {reply.n_rows} rows; {session.disclosure} disclosure "
-                f"of {reply.n_samples} samples needs {rows}"
-            )
-        blocks = session.plan.blocks(rows)
-        if len(reply.scores) != blocks:
-            raise ProtocolError(f"seller {reply.seller_id} sent {len(reply.scores)} ciphertexts; expected {blocks}")
-        per_sample = session.disclosure == "per-sample"
-        noise = _declared_noise(reply, per_sample)
+        """One Reply's valuation, one step after the other; a TipError rejects this reply only."""
+        reply = decode_reply(data)  # decoded and validated, once
+        rows = _check_reply(session, reply, seen)  # this session's, from a new seller, the shape asked for
+        noise = _declared_noise(reply, session.disclosure == "per-sample")  # consistent, or refused
+        y = self._decrypt(session, reply, rows)
+        return self._release(session, reply, y, noise)
+
+    def _decrypt(self, session: BuyerSession, reply: Reply, rows: int) -> np.ndarray:
+        """The reply's scores decrypted with the session's key, in units of the scaled query."""
         y = decrypt_scores(session.keys, session.plan, list(reply.scores), rows)
         # Rows have norm <= 1 and the query norm is QUERY_NORM, so |y| <= QUERY_NORM plus the
         # declared gradient noise seen through the query (std QUERY_NORM * noise_std per row, / n for
         # the aggregate mean). Anything larger was not encrypted under this session's key (a replayed
         # or forged reply decrypts to values spread over the whole modulus) or was tampered with.
-        row_std = reply.noise_std if per_sample else reply.noise_std / reply.n_samples
+        row_std = reply.noise_std if session.disclosure == "per-sample" else reply.noise_std / reply.n_samples
         limit = QUERY_NORM * (1 + 1e-6 + 8 * row_std) + 1e-3
         if not np.all(np.abs(y) <= limit):
             raise ProtocolError(
                 f"seller {reply.seller_id}'s scores decrypt outside the possible range (|y| <= {limit:.6g}): "
                 "the reply was not computed under this session's key or was altered in transit"
             )
-        unit = self.query_norm * self.grad_norm_bound / QUERY_NORM
-        scores = y * unit
+        return y
+
+    def _release(
+        self, session: BuyerSession, reply: Reply, y: np.ndarray, noise: dict[str, Any] | None
+    ) -> SellerValuation:
+        """Scores in the buyer's units, rounded to the release quantum (exact decryptions stay here)."""
+        per_sample = session.disclosure == "per-sample"
+        scores = y * (self.query_norm * self.grad_norm_bound / QUERY_NORM)
         quantum = self.release_quantum
         per_sample_scores = None
         if per_sample:
@@ -369,6 +361,29 @@ class Buyer:
             release_quantum=self.release_quantum,
             valuation=valuation.to_dict(),
         )
+
+
+def _check_reply(session: BuyerSession, reply: Reply, seen: set[str]) -> int:
+    """The rows a reply must hold: it answers this session, its seller has not answered yet, and its
+    sizes are those the session asked for (else SessionError / ProtocolError)."""
+    if reply.session_id != session.session_id:
+        raise SessionError(
+            f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not {session.session_id[:8]}…"
+        )
+    if reply.seller_id in seen:
+        raise SessionError(f"a second reply from seller {reply.seller_id} in one session was ignored")
+    if reply.n_samples > session.max_samples:
+        raise ProtocolError(f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum")
+    rows = reply.n_samples + 1 if session.disclosure == "per-sample" else 1
+    if reply.n_rows != rows:
+        raise ProtocolError(
+            f"seller {reply.seller_id} scored {reply.n_rows} rows; {session.disclosure} disclosure "
+            f"of {reply.n_samples} samples needs {rows}"
+        )
+    blocks = session.plan.blocks(rows)
+    if len(reply.scores) != blocks:
+        raise ProtocolError(f"seller {reply.seller_id} sent {len(reply.scores)} ciphertexts; expected {blocks}")
+    return rows
 
 
 def _declared_noise(reply: Reply, per_sample: bool) -> dict[str, Any] | None:
