@@ -169,15 +169,14 @@ class ForgingSeller(Seller):
 
         from tip_fed.crypto.codec import seal_to_bytes
         from tip_fed.crypto.keys import load_public_context
-        from tip_fed.protocol.convert import params_from_pb, plan_from_pb
         from tip_fed.protocol.disclosure import NoisePolicy
+        from tip_fed.protocol.offer import decode_offer
         from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
         reply = pb.Reply.FromString(super().respond(offer_bytes, peer=peer))
-        offer = pb.Offer.FromString(offer_bytes)
-        params = params_from_pb(offer.he)
-        plan = plan_from_pb(offer.packing, params)
-        ctx = load_public_context(offer.public_context, params)
+        offer = decode_offer(offer_bytes)
+        plan = offer.plan
+        ctx = load_public_context(offer.public_context, plan)
         h = ctx.handles
         r = plan.block_rows(1)[0]
         values = np.zeros(plan.slots)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.crypto.params import HEParams, PackingPlan
 from tip_fed.errors import ConfigError, ProtocolError
-from tip_fed.protocol.convert import params_from_pb, params_to_pb, plan_from_pb, plan_to_pb, spec_from_pb, spec_to_pb
+from tip_fed.protocol.convert import params_to_pb, plan_from_pb, plan_to_pb, spec_from_pb, spec_to_pb
 from tip_fed.protocol.disclosure import NoisePolicy
 from tip_fed.protocol.formats import InputFormat, format_digest, format_from_pb
 from tip_fed.protocol.messages import MAX_OFFER_BYTES, PROTOCOL_VERSION, parse_message
@@ -109,7 +109,7 @@ def decode_offer(data: bytes, budget: ResourceBudget | None = None) -> Offer:
     if offer.dp_epsilon > 0 and not 0 < offer.dp_delta < 1:
         raise ProtocolError(f"the offer's dp_delta {offer.dp_delta} must be in (0, 1) when noise is asked for")
     # the one security check of the CKKS parameters: the plan checks them as it is rebuilt
-    plan = plan_from_pb(offer.packing, params_from_pb(offer.he))
+    plan = plan_from_pb(offer.packing, offer.he)
     spec = spec_from_pb(offer.projection)
     if plan.dim != spec.dim:
         raise ProtocolError(f"the offer's packing is for dimension {plan.dim} but its projection has {spec.dim}")
