@@ -17,6 +17,7 @@ from tip_fed.crypto import params as crypto_params
 from tip_fed.errors import CodecError, CryptoError, InsecureParametersError, ProtocolError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.ledger import KeyReuseError, LedgerPolicy
+from tip_fed.protocol.offer import decode_offer, encode_offer
 from tip_fed.protocol.resources import ResourceLimitError
 from tip_fed.testing import secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -145,3 +146,13 @@ def test_a_public_key_answered_before_is_refused_in_a_new_session(make_buyer, se
     second = buyer.offer(max_samples=100)
     reused = _mutate(second, lambda o: setattr(o, "public_context", pb.Offer.FromString(first).public_context))
     _refused_then_honest(seller, reused, second, KeyReuseError, "fresh key pair")
+
+
+def test_the_typed_offer_keeps_every_field_the_buyer_sent(make_buyer):
+    """Decoding to the typed Offer and encoding it again gives the buyer's bytes back: the seller
+    works on exactly what was sent, nothing dropped or defaulted on the way."""
+    for buyer in (make_buyer(), make_buyer(disclosure="aggregate", dp_epsilon=2.0, dp_delta=1e-6)):
+        offer = buyer.offer(max_samples=100)
+        typed = decode_offer(offer)
+        assert encode_offer(typed) == offer
+        assert typed.message_bytes == len(offer) and typed.plan.dim == typed.spec.dim == buyer.spec.dim
