@@ -120,7 +120,7 @@ def write_run(
         # the benefit rule pays every seller, so it needs every seller's ground truth (not a sample's)
         benefits={s: truth[s].benefit for s in truth} if truth and len(truth) == len(valuation.sellers) else None,
     )
-    pay_rows, comparison, reference = payouts.settle(config.payouts, inputs, seed=config.seed)
+    pay_rows, comparison, reference = payouts.apply_payout_rules(config.payouts, inputs, seed=config.seed)
     write_csv(out / "payouts.csv", PAYOUT_COLUMNS, pay_rows)
     m["payouts"] = {"reference": reference, "rules": comparison}
     manifest = {

@@ -279,7 +279,7 @@ def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: 
     inputs = payouts.PayoutInputs(seller_ids=[v.seller_id for v in valuation.sellers],
                                   scores={v.seller_id: v.total for v in valuation.sellers},
                                   n_records={v.seller_id: v.n_samples for v in valuation.sellers})
-    pay_rows, comparison, reference = payouts.settle(payouts_config, inputs, seed=prepared.spec.seed)
+    pay_rows, comparison, reference = payouts.apply_payout_rules(payouts_config, inputs, seed=prepared.spec.seed)
     write_csv(out / "payouts.csv", PAYOUT_COLUMNS, pay_rows)
     n = len(valuation.sellers)
     offers = offers_summary(valuation)

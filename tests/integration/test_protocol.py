@@ -20,7 +20,7 @@ from tip_fed.errors import (
     VersionMismatchError,
 )
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
-from tip_fed.testing import secret_key_bytes
+from tip_fed.testing import buyer_session, secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from ..conftest import make_data
@@ -81,7 +81,7 @@ def test_aggregate_disclosure_reveals_one_number(model, sellers):
 def test_secret_key_never_leaves_the_buyer(model, sellers):
     buyer = _buyer(model)
     offer = buyer.offer(max_samples=100)
-    session = buyer._sessions[buyer.session_id]
+    session = buyer_session(buyer)
     secret = secret_key_bytes(session.keys)
     reply = Seller("s0", sellers["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     assert len(secret) > 1000
@@ -95,7 +95,7 @@ def test_settle_destroys_the_key_and_refuses_a_second_settlement(model, sellers)
     offer = buyer.offer(max_samples=100)
     reply = Seller("s0", sellers["s0"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     buyer.settle([reply])
-    assert buyer._sessions[buyer.session_id].keys.destroyed
+    assert buyer_session(buyer).keys.destroyed
     with pytest.raises(SessionError, match="already settled"):
         buyer.settle([reply])
 

@@ -16,7 +16,7 @@ from tip_fed.errors import DataError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.audit import Delivery, SessionRecord, audit
 from tip_fed.protocol.disclosure import NoisePolicy
-from tip_fed.testing import secret_key_bytes
+from tip_fed.testing import buyer_session, secret_key_bytes
 
 from .conftest import make_data
 
@@ -35,9 +35,9 @@ class ScalingSeller(Seller):
 class InflatingSeller(Seller):
     """Commits to its honest gradients but scores gradients scaled by 3 (clipped to the bound)."""
 
-    def scoring_rows(self, committed, bound):
-        scaled, _ = clip_rows(torch.from_numpy(3.0 * committed), bound)
-        return scaled.numpy()
+    def encrypted_scores(self, offer, context, rows, noise, seed):
+        scaled, _ = clip_rows(torch.from_numpy(3.0 * rows), 1.0)  # rows are in units of the bound
+        return super().encrypted_scores(offer, context, scaled.numpy(), noise, seed)
 
 
 class SwappingSeller(Seller):
@@ -146,7 +146,7 @@ def test_tip_fed_audit_cli_writes_reports_and_flags(make_buyer, seller_data, tmp
 def test_session_record_holds_no_key_material(make_buyer, seller_data):
     buyer = make_buyer()
     offer = buyer.offer(max_samples=100)
-    secret = secret_key_bytes(buyer._sessions[buyer.session_id].keys)
+    secret = secret_key_bytes(buyer_session(buyer).keys)
     valuation = buyer.settle([Seller("s0", seller_data["s0"], policy=EXACT).respond(offer)])
     text = json.dumps(buyer.record(valuation).to_dict())
     import base64
@@ -169,15 +169,14 @@ class ForgingSeller(Seller):
 
         from tip_fed.crypto.codec import seal_to_bytes
         from tip_fed.crypto.keys import load_public_context
-        from tip_fed.protocol.convert import params_from_pb, plan_from_pb
         from tip_fed.protocol.disclosure import NoisePolicy
+        from tip_fed.protocol.offer import decode_offer
         from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
         reply = pb.Reply.FromString(super().respond(offer_bytes, peer=peer))
-        offer = pb.Offer.FromString(offer_bytes)
-        params = params_from_pb(offer.he)
-        plan = plan_from_pb(offer.packing, params)
-        ctx = load_public_context(offer.public_context, params)
+        offer = decode_offer(offer_bytes)
+        plan = offer.plan
+        ctx = load_public_context(offer.public_context, plan)
         h = ctx.handles
         r = plan.block_rows(1)[0]
         values = np.zeros(plan.slots)

@@ -21,6 +21,7 @@ from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.buyer import QUERY_NORM
 from tip_fed.protocol.disclosure import NoisePolicy, _delta_of, gaussian_sigma, round_release
 from tip_fed.protocol.ledger import LedgerPolicy
+from tip_fed.testing import buyer_session
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from .conftest import TASK, make_data
@@ -31,7 +32,7 @@ class ProbingBuyer(Buyer):
     read one gradient coordinate per query (overrides only the query it encrypts)."""
 
     def probe(self, offer_bytes, k):
-        session = self._sessions[self.session_id]
+        session = buyer_session(self)
         e = np.zeros(self.spec.dim)
         e[k] = QUERY_NORM
         msg = pb.Offer.FromString(offer_bytes)
@@ -165,7 +166,7 @@ def test_every_non_score_slot_is_indistinguishable_from_noise(seller_data, make_
     requested scores are uniform on [-B, B], independent of the seller's data and fresh per reply."""
     buyer = make_buyer(disclosure="per-sample")
     offer = buyer.offer(max_samples=100)
-    keys, plan = buyer._sessions[buyer.session_id].keys, buyer._sessions[buyer.session_id].plan
+    keys, plan = buyer_session(buyer).keys, buyer_session(buyer).plan
     others = {}
     for i, (sid, data) in enumerate(seller_data.items()):
         for attempt in range(2):

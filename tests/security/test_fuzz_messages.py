@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.buyer import SellerValuation
-from tip_fed.protocol.messages import decode_offer, decode_reply
+from tip_fed.protocol.messages import decode_reply
 from tip_fed.protocol.model import fingerprint
+from tip_fed.protocol.offer import decode_offer
+from tip_fed.testing import buyer_session
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from .conftest import make_data
@@ -45,7 +47,7 @@ def world(make_buyer):
     W.update(
         {
             "buyer": buyer,
-            "session": buyer._sessions[buyer.session_id],
+            "session": buyer_session(buyer),
             "offer": pb.Offer.FromString(offer),
             "offer_bytes": offer,
             "foreign_offer": pb.Offer.FromString(foreign_offer),
@@ -275,4 +277,4 @@ def test_settle_rejects_every_bad_reply_and_keeps_the_good_one(make_buyer, data)
     valuation = buyer.settle([*bad, good], expected=["good", "bad"])
     assert "good" in valuation.by_id()
     assert len(valuation.sellers) + len(valuation.rejected) >= 2
-    assert buyer._sessions[buyer.session_id].keys.destroyed
+    assert buyer_session(buyer).keys.destroyed

@@ -14,7 +14,7 @@ from tip_fed.errors import CryptoError, SessionError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.disclosure import NoisePolicy
-from tip_fed.testing import secret_key_bytes
+from tip_fed.testing import buyer_session, secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 WINDOW = 48
@@ -60,7 +60,7 @@ def test_secret_key_absent_from_messages_logs_outputs_and_files(
     caplog.set_level(logging.DEBUG)
     buyer = make_buyer(disclosure=disclosure, dp_epsilon=8.0)
     offer = buyer.offer(max_samples=100)
-    keys = buyer._sessions[buyer.session_id].keys
+    keys = buyer_session(buyer).keys
     blobs, windows, texts = _forms(keys)
     assert len(blobs[0]) > 1000
     sellers = [Seller(s, d, policy=SellerPolicy(noise=NoisePolicy(4.0))) for s, d in seller_data.items()]
@@ -95,7 +95,7 @@ def test_secret_key_absent_from_messages_logs_outputs_and_files(
 def test_key_is_destroyed_at_settle_even_when_settlement_fails(make_buyer, seller_data):
     buyer = make_buyer()
     buyer.offer(max_samples=100)
-    keys = buyer._sessions[buyer.session_id].keys
+    keys = buyer_session(buyer).keys
 
     def exploding():
         yield b"not a reply"
@@ -117,7 +117,7 @@ def test_every_session_has_a_fresh_key(make_buyer):
     fingerprints = set()
     for _ in range(3):
         buyer.offer(max_samples=10)
-        fingerprints.add(buyer._sessions[buyer.session_id].keys.secret_key_fingerprint())
+        fingerprints.add(buyer_session(buyer).keys.secret_key_fingerprint())
     assert len(fingerprints) == 3
 
 
@@ -141,7 +141,7 @@ def test_secret_key_absent_from_grpc_runtime_logs(make_buyer, seller_data, caplo
     caplog.set_level(logging.DEBUG)
     buyer = make_buyer(disclosure="per-sample")
     offer = buyer.offer(max_samples=100)
-    keys = buyer._sessions[buyer.session_id].keys
+    keys = buyer_session(buyer).keys
     blobs, windows, texts = _forms(keys)
     running = start_server(Seller("s1", seller_data["s1"], policy=SellerPolicy(exact_per_sample=True)), insecure=True)
     try:

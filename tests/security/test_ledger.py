@@ -31,6 +31,7 @@ from tip_fed.protocol.ledger import (
     PrivacyLedger,
     composed_epsilon,
 )
+from tip_fed.testing import buyer_session
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from .conftest import TASK, make_data
@@ -41,7 +42,7 @@ class BasisProber(Buyer):
 
     def probe_offer(self, k, max_samples=100):
         msg = pb.Offer.FromString(self.offer(max_samples))
-        session = self._sessions[self.session_id]
+        session = buyer_session(self)
         e = np.zeros(self.spec.dim)
         e[k] = QUERY_NORM
         del msg.query[:]

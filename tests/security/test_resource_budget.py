@@ -48,6 +48,7 @@ from tip_fed.grpc.server import MiB, seller_message_limit
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.data import save_dataset
 from tip_fed.protocol.ledger import LedgerPolicy
+from tip_fed.protocol.offer import decode_offer
 from tip_fed.protocol.resources import (
     InFlight,
     PeerSlots,
@@ -91,7 +92,7 @@ def test_each_hostile_offer_is_refused_by_the_costing_step_with_its_limit(make_b
     kind, limit, text = LIMITS[name]
     # the costing step alone refuses it ...
     with pytest.raises(kind, match=text) as costed:
-        seller.cost(pb.Offer.FromString(offer), len(offer))
+        seller.cost(decode_offer(offer, seller.policy.budget))
     # ... and respond() refuses it with the same error, before anything else runs
     with pytest.raises(kind, match=text) as answered:
         seller.respond(offer)
@@ -545,8 +546,8 @@ def test_the_default_work_limit_refuses_an_offer_far_above_an_honest_one():
     }
     small, large = Seller("s", make_data(60, 5)), Seller("s", make_data(50_000, 5))
     assert SellerBudgetConfig().offer_work_s == 300
-    assert small.cost(pb.Offer.FromString(offers[200_000])).work_s < 30
-    assert large.cost(pb.Offer.FromString(offers[16])).work_s < 30
+    assert small.cost(decode_offer(offers[200_000])).work_s < 30
+    assert large.cost(decode_offer(offers[16])).work_s < 30
     with pytest.raises(ResourceLimitError, match=r"seller-budget\.offer-work-s") as refused:
-        large.cost(pb.Offer.FromString(offers[200_000]))
+        large.cost(decode_offer(offers[200_000]))
     assert refused.value.limit == "offer_work_s"

@@ -34,12 +34,13 @@ from .params import HEParams
 
 __all__ = [
     "ciphertext_from_bytes",
-    "encryption_params_from_bytes",
+        "load_encryption_parameters",
     "load_tenseal_context",
     "max_ciphertext_bytes",
     "max_context_bytes",
     "new_context_proto",
     "parse_context_proto",
+    "read_public_context",
     "seal_to_bytes",
     "tenseal_errors",
 ]
@@ -197,9 +198,20 @@ def load_seal_key(key: Any, seal_context: Any, data: bytes, what: str) -> Any:
     return key
 
 
-def encryption_params_from_bytes(data: bytes, expected: HEParams) -> HEParams:
-    """Read N and prime sizes from serialised SEAL EncryptionParameters (must be CKKS)."""
-    parms = load_encryption_parameters(data)
+def read_public_context(data: object, params: HEParams, what: str = "public context") -> tuple[Any, Any, HEParams]:
+    """(context message, SEAL EncryptionParameters, the parameters they hold) of received context
+    bytes, validated structurally (:func:`parse_context_proto`) and parsed once.
+
+    The returned parameters are what the context really uses (N and the primes; the scale is
+    ``params``'), for the caller to compare with what the session expects.
+    """
+    msg = parse_context_proto(data, params, what)
+    parms = load_encryption_parameters(bytes(msg.encryption_parameters))
+    return msg, parms, _encryption_params_of(parms, params)
+
+
+def _encryption_params_of(parms: Any, expected: HEParams) -> HEParams:
+    """N and prime sizes of parsed SEAL EncryptionParameters (:func:`load_encryption_parameters`)."""
     return HEParams(
         poly_modulus_degree=int(parms.poly_modulus_degree()),
         coeff_mod_bit_sizes=tuple(int(m.bit_count()) for m in parms.coeff_modulus()),

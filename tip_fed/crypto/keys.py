@@ -27,12 +27,10 @@ from tip_fed.errors import CodecError, ConfigError, CryptoError, InsecureParamet
 
 from .codec import (
     ciphertext_from_bytes,
-    encryption_params_from_bytes,
-    load_encryption_parameters,
     load_seal_key,
     load_tenseal_context,
     new_context_proto,
-    parse_context_proto,
+    read_public_context,
     seal_to_bytes,
     tenseal_errors,
 )
@@ -51,13 +49,13 @@ _SEAL_CONTEXTS: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
 _SEAL_CONTEXTS_LOCK = threading.Lock()
 
 
-def _shared_seal_context(parms_bytes: bytes, params: HEParams) -> Any:
+def _shared_seal_context(parms_bytes: bytes, parms: Any, params: HEParams) -> Any:
+    """The SEALContext of ``parms`` (already parsed from ``parms_bytes``), built once per process."""
     with _SEAL_CONTEXTS_LOCK:
         hit = _SEAL_CONTEXTS.get(parms_bytes)
         if hit is not None:
             _SEAL_CONTEXTS.move_to_end(parms_bytes)
             return hit[0]
-    parms = load_encryption_parameters(parms_bytes)
     with tenseal_errors("building the CKKS context"):
         ctx = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
     if not ctx.parameters_set():
@@ -115,15 +113,19 @@ class PublicContext:
     """A seller's view of a session: public key, needed Galois keys, no secret key."""
 
     def __init__(
-        self, data: bytes, msg: Any, params: HEParams, n_threads: int | None = None
+        self, data: bytes, msg: Any, parms: Any, params: HEParams, n_threads: int | None = None
     ) -> None:
-        """Use :func:`load_public_context` (it validates ``data`` and its parsed ``msg``)."""
+        """Use :func:`load_public_context` (it validates ``data``, its parsed ``msg`` and ``parms``)."""
         self.params = params
         self._data, self._n_threads = data, n_threads
         self._context: ts.Context | None = None
-        seal_context = _shared_seal_context(bytes(msg.encryption_parameters), params)
+        public_key = bytes(msg.public_context.public_key)
+        #: SHA-256 (hex) of the serialised public key: what ties this context to one secret key
+        #: (the same key pair may be shipped with other Galois keys); what a seller's ledger remembers.
+        self.public_key_digest = hashlib.sha256(b"tip-fed/public-key/v1\x00" + public_key).hexdigest()
+        seal_context = _shared_seal_context(bytes(msg.encryption_parameters), parms, params)
         self.handles = _SealHandles(seal_context, params)
-        pk = load_seal_key(sa.PublicKey(), seal_context, bytes(msg.public_context.public_key), "the public key")
+        pk = load_seal_key(sa.PublicKey(), seal_context, public_key, "the public key")
         self.encryptor = sa.Encryptor(seal_context, pk)
         gk = bytes(msg.public_context.galois_keys)
         self.galois_keys = load_seal_key(sa.GaloisKeys(), seal_context, gk, "the Galois keys") if gk else None
@@ -174,11 +176,10 @@ class SessionKeys:
 
     @classmethod
     def generate(cls, plan: PackingPlan, *, n_threads: int | None = None) -> SessionKeys:
-        """Fresh key pair for ``plan.params`` (checked for >= 128-bit security first)."""
+        """Fresh key pair for ``plan.params`` (>= 128-bit security: checked when the plan was made)."""
         if not isinstance(plan, PackingPlan):
             raise ConfigError(f"expected a PackingPlan, got {type(plan).__name__}")
-        check_params(plan.params)
-        p = plan.params
+        p = plan.params  # checked when the plan was made
         with tenseal_errors("creating the CKKS context", CryptoError):
             ctx = ts.context(
                 ts.SCHEME_TYPE.CKKS,
@@ -236,7 +237,7 @@ class SessionKeys:
 
     def public_context(self, *, n_threads: int | None = None) -> PublicContext:
         """The seller-side view of this session, loaded exactly as a seller would."""
-        return load_public_context(self.public_context_bytes(), self.params, n_threads=n_threads)
+        return load_public_context(self.public_context_bytes(), self._plan, n_threads=n_threads)
 
     def _serialized_secret_key(self) -> bytes:
         """The secret key as TenSEAL serialises it: what the fingerprint hashes; never sent anywhere."""
@@ -302,16 +303,20 @@ class SessionKeys:
 
 
 def load_public_context(
-    data: bytes, params: HEParams, *, n_threads: int | None = None
+    data: bytes, params: HEParams | PackingPlan, *, n_threads: int | None = None
 ) -> PublicContext:
     """Validate and load a buyer's public context (seller side).
 
+    ``params``: the session's CKKS parameters, or its packing plan, whose parameters were checked
+    when the plan was made (bare parameters are checked here).
     Raises InsecureParametersError (params or context below 128 bits), CryptoError (context holds
     a secret key), CodecError (empty/garbage/truncated/oversized bytes, other parameters).
     """
-    check_params(params)
-    msg = parse_context_proto(data, params)
-    actual = encryption_params_from_bytes(bytes(msg.encryption_parameters), params)
+    if isinstance(params, PackingPlan):
+        params = params.params
+    else:
+        check_params(params)
+    msg, parms, actual = read_public_context(data, params)
     if security_bits(actual) < 128:
         raise InsecureParametersError(
             f"the received context has {actual.total_bits} coefficient bits at "
@@ -331,4 +336,4 @@ def load_public_context(
         raise CodecError(
             f"the received context's scale ({scale!r}) is not 2^{params.global_scale_bits}"
         )
-    return PublicContext(bytes(data), msg, params, n_threads)
+    return PublicContext(bytes(data), msg, parms, params, n_threads)

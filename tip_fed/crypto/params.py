@@ -31,9 +31,11 @@ __all__ = [
     "MAX_QUERY_NORM",
     "HEParams",
     "PackingPlan",
+    "SellerMemory",
     "check_params",
     "plan_packing",
     "security_bits",
+    "seller_memory",
 ]
 
 #: Largest L2 norm of a buyer query. Scores satisfy |y_j| <= ||x|| (rows have norm <= 1), and
@@ -218,6 +220,8 @@ class PackingPlan:
 
     Sent to sellers with :meth:`to_dict`; :meth:`from_dict` re-derives every field from
     (params, dim, baby) and refuses inconsistent plans, so a seller never trusts derived numbers.
+    Every way of making a plan runs :func:`check_params` on its parameters exactly once, so a
+    plan's parameters are known to be secure: code handed a plan does not check them again.
     """
 
     params: HEParams
@@ -232,6 +236,7 @@ class PackingPlan:
 
     def __post_init__(self) -> None:
         if self._check:
+            check_params(self.params)
             expected = _derive(self.params, self.dim, self.baby)
             if expected != self:
                 raise ConfigError(
@@ -254,6 +259,15 @@ class PackingPlan:
     @property
     def slots(self) -> int:
         return self.params.slots
+
+    def for_rows(self, n_rows: int, *, query_copies: int | None = None) -> PackingPlan:
+        """The layout of these (already checked) parameters and dimension for ``n_rows`` rows:
+        what :func:`plan_packing` would choose, without checking the parameters again."""
+        n = _as_int(n_rows, "n_rows")
+        if n < 1:
+            raise ConfigError(f"n_rows must be an integer >= 1, got {n_rows!r}")
+        copies = query_copies if query_copies is not None else _default_copies(self.params, self.dim, n)
+        return _derive(self.params, self.dim, copies)
 
     @property
     def chunk_dim(self) -> int:
@@ -495,3 +509,23 @@ def key_memory_bytes(params: HEParams, n_galois_keys: int) -> int:
     n_all = len(params.coeff_mod_bit_sizes)
     public = ciphertext_memory_bytes(params, n_all)
     return public + n_galois_keys * (n_all - 1) * ciphertext_memory_bytes(params, n_all)
+
+
+@dataclass(frozen=True)
+class SellerMemory:
+    """Bytes a seller holds to use a plan's public context: the SEALContext's tables, the expanded
+    public key and the plan's Galois keys, and one expanded top-level ciphertext."""
+
+    context: int
+    keys: int
+    ciphertext: int
+
+
+def seller_memory(plan: PackingPlan) -> SellerMemory:
+    """What loading and using ``plan``'s public context costs a seller in memory (costed before loading it)."""
+    params = plan.params
+    return SellerMemory(
+        context=context_memory_bytes(params),
+        keys=key_memory_bytes(params, len(plan.galois_steps)),
+        ciphertext=ciphertext_memory_bytes(params),
+    )

@@ -237,7 +237,7 @@ def run_rules(rules: Sequence[PayoutRule], inputs: PayoutInputs, budget: float) 
     return rows
 
 
-def compare(rows: Sequence[Mapping[str, object]], reference: str) -> dict[str, dict[str, float | None]]:
+def compare_with_reference(rows: Sequence[Mapping[str, object]], reference: str) -> dict[str, dict[str, float | None]]:
     """Each rule's shares against the reference rule's: rank correlation, L1 distance, Gini."""
     shares: dict[str, dict[str, float]] = {}
     for r in rows:
@@ -257,7 +257,7 @@ def compare(rows: Sequence[Mapping[str, object]], reference: str) -> dict[str, d
     return out
 
 
-def settle(
+def apply_payout_rules(
     cfg: PayoutsConfig, inputs: PayoutInputs, seed: int = 0
 ) -> tuple[list[dict[str, object]], dict[str, dict[str, float | None]], str | None]:
     """Run every applicable rule; compare with the ground-truth reference (shapley, else benefit).
@@ -278,4 +278,4 @@ def settle(
         rules += [LeaveOneOut(), Shapley(cfg.shapley_exact_max, cfg.shapley_permutations, seed)]
         reference = "shapley"
     rows = run_rules(rules, inputs, cfg.budget)
-    return rows, (compare(rows, reference) if reference else {}), reference
+    return rows, (compare_with_reference(rows, reference) if reference else {}), reference

@@ -13,26 +13,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from google.protobuf.message import DecodeError
 from torch import nn
 
 from tip_fed.core.precondition import Preconditioner
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.crypto.keys import SessionKeys
 from tip_fed.crypto.packing import decrypt_scores, encrypt_query
-from tip_fed.crypto.params import HEParams, PackingPlan, check_params, plan_packing
+from tip_fed.crypto.params import HEParams, PackingPlan, plan_packing
 from tip_fed.errors import ConfigError, ProtocolError, SessionError, TipError
 from tip_fed.protocol.audit import SessionRecord, model_record
-from tip_fed.protocol.convert import params_to_pb, plan_to_pb, spec_to_pb
 from tip_fed.protocol.data import Batch
 from tip_fed.protocol.disclosure import NoisePolicy, release_quantum, round_release
 from tip_fed.protocol.formats import InputFormat
 from tip_fed.protocol.ledger import composed_epsilon
-from tip_fed.protocol.messages import DISCLOSURE_NAMES, PROTOCOL_VERSION, decode_reply
+from tip_fed.protocol.messages import PROTOCOL_VERSION, Reply, decode_reply, reply_label
 from tip_fed.protocol.model import decode_model
+from tip_fed.protocol.offer import Offer, encode_offer
 from tip_fed.protocol.prepared import BuyerSettings, PreparedQuery, fit_query
 from tip_fed.protocol.records import RawRecords
-from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 QUERY_NORM = 2.0**10
 
@@ -108,7 +106,9 @@ class Valuation:
 
 
 @dataclass
-class _Session:
+class BuyerSession:
+    """One session the buyer opened: its fresh keys, the packing plan, and whether it is settled."""
+
     session_id: str
     keys: SessionKeys
     plan: PackingPlan
@@ -166,10 +166,11 @@ class Buyer:
             coeff_mod_bit_sizes=tuple(self.settings.crypto.coeff_mod_bit_sizes),
             global_scale_bits=self.settings.crypto.global_scale_bits,
         )
-        check_params(self.params)
+        # the one security check of the buyer's CKKS parameters: every session's plan derives from this one
+        self._plan = plan_packing(self.spec.dim, 1, self.params)
         self._payload = prepared.model
         self._model = model
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, BuyerSession] = {}
         self.session_id: str | None = None
 
     @property
@@ -193,34 +194,30 @@ class Buyer:
         """Open a session with fresh keys and return its Offer, the same bytes for every seller."""
         if max_samples < 1:
             raise ProtocolError("max_samples must be >= 1")
-        disclosure = self.settings.protocol.disclosure
-        max_rows = max_samples + 1 if disclosure == "per-sample" else 1
-        plan = plan_packing(self.spec.dim, max_rows, self.params)
+        protocol = self.settings.protocol
+        max_rows = max_samples + 1 if protocol.disclosure == "per-sample" else 1
+        plan = self._plan.for_rows(max_rows)
         keys = SessionKeys.generate(plan)
         x = (self.query / self.query_norm * QUERY_NORM).numpy()
-        session_id = uuid.uuid4().hex
-        offer = pb.Offer(
-            protocol_version=PROTOCOL_VERSION,
-            session_id=session_id,
+        offer = Offer(
+            session_id=uuid.uuid4().hex,
             model=self._payload,
-            projection=spec_to_pb(self.spec),
             task=self.task.name,
-            he=params_to_pb(self.params),
-            packing=plan_to_pb(plan),
+            spec=self.spec,
+            plan=plan,
             public_context=keys.public_context_bytes(),
-            query=encrypt_query(keys, plan, x),
+            query=tuple(encrypt_query(keys, plan, x)),
             query_norm=QUERY_NORM,
-            disclosure=DISCLOSURE_NAMES[disclosure],
+            disclosure=protocol.disclosure,
             grad_norm_bound=self.grad_norm_bound,
-            query_budget=self.settings.protocol.query_budget,
+            query_budget=protocol.query_budget,
             max_samples=max_samples,
-            dp_epsilon=self.settings.protocol.dp_epsilon or 0.0,
-            dp_delta=self.settings.protocol.dp_delta if self.settings.protocol.dp_epsilon else 0.0,
-            input=None if self.input_format is None else self.input_format.to_pb(),
+            noise=NoisePolicy(protocol.dp_epsilon, protocol.dp_delta) if protocol.dp_epsilon else NoisePolicy(),
+            input_format=self.input_format,
         )
-        self._sessions[session_id] = _Session(session_id, keys, plan, disclosure, max_samples)
-        self.session_id = session_id
-        return offer.SerializeToString()
+        self._sessions[offer.session_id] = BuyerSession(offer.session_id, keys, plan, protocol.disclosure, max_samples)
+        self.session_id = offer.session_id
+        return encode_offer(offer)
 
     def settle(
         self, replies: Iterable[bytes], *, session_id: str | None = None, expected: Sequence[str] = ()
@@ -243,7 +240,7 @@ class Buyer:
                 try:
                     sellers.append(self._decode(session, data, {s.seller_id for s in sellers}))
                 except TipError as exc:
-                    rejected[_reply_label(data, i)] = str(exc)
+                    rejected[reply_label(data, i)] = str(exc)
         finally:
             session.keys.destroy()
             session.settled = True
@@ -256,44 +253,36 @@ class Buyer:
             manifest=self._manifest(session),
         )
 
-    def _decode(self, session: _Session, data: bytes, seen: set[str]) -> SellerValuation:
-        reply = decode_reply(data)
-        if reply.session_id != session.session_id:
-            raise SessionError(
-                f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not "
-                f"{session.session_id[:8]}…"
-            )
-        if reply.seller_id in seen:
-            raise SessionError(f"a second reply from seller {reply.seller_id} in one session was ignored")
-        if reply.n_samples > session.max_samples:
-            raise ProtocolError(
-                f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum"
-            )
-        rows = reply.n_samples + 1 if session.disclosure == "per-sample" else 1
-        if reply.n_rows != rows:
-            raise ProtocolError(
-                f"seller {reply.seller_id} scored {reply.n_rows} rows; {session.disclosure} disclosure "
-                f"of {reply.n_samples} samples needs {rows}"
-            )
-        blocks = session.plan.blocks(rows)
-        if len(reply.scores) != blocks:
-            raise ProtocolError(f"seller {reply.seller_id} sent {len(reply.scores)} ciphertexts; expected {blocks}")
-        per_sample = session.disclosure == "per-sample"
-        noise = _declared_noise(reply, per_sample)
+    def _decode(self, session: BuyerSession, data: bytes, seen: set[str]) -> SellerValuation:
+        """One Reply's valuation, one step after the other; a TipError rejects this reply only."""
+        reply = decode_reply(data)  # decoded and validated, once
+        rows = _check_reply(session, reply, seen)  # this session's, from a new seller, the shape asked for
+        noise = _declared_noise(reply, session.disclosure == "per-sample")  # consistent, or refused
+        y = self._decrypt(session, reply, rows)
+        return self._release(session, reply, y, noise)
+
+    def _decrypt(self, session: BuyerSession, reply: Reply, rows: int) -> np.ndarray:
+        """The reply's scores decrypted with the session's key, in units of the scaled query."""
         y = decrypt_scores(session.keys, session.plan, list(reply.scores), rows)
         # Rows have norm <= 1 and the query norm is QUERY_NORM, so |y| <= QUERY_NORM plus the
         # declared gradient noise seen through the query (std QUERY_NORM * noise_std per row, / n for
         # the aggregate mean). Anything larger was not encrypted under this session's key (a replayed
         # or forged reply decrypts to values spread over the whole modulus) or was tampered with.
-        row_std = reply.noise_std if per_sample else reply.noise_std / reply.n_samples
+        row_std = reply.noise_std if session.disclosure == "per-sample" else reply.noise_std / reply.n_samples
         limit = QUERY_NORM * (1 + 1e-6 + 8 * row_std) + 1e-3
         if not np.all(np.abs(y) <= limit):
             raise ProtocolError(
                 f"seller {reply.seller_id}'s scores decrypt outside the possible range (|y| <= {limit:.6g}): "
                 "the reply was not computed under this session's key or was altered in transit"
             )
-        unit = self.query_norm * self.grad_norm_bound / QUERY_NORM
-        scores = y * unit
+        return y
+
+    def _release(
+        self, session: BuyerSession, reply: Reply, y: np.ndarray, noise: dict[str, Any] | None
+    ) -> SellerValuation:
+        """Scores in the buyer's units, rounded to the release quantum (exact decryptions stay here)."""
+        per_sample = session.disclosure == "per-sample"
+        scores = y * (self.query_norm * self.grad_norm_bound / QUERY_NORM)
         quantum = self.release_quantum
         per_sample_scores = None
         if per_sample:
@@ -309,16 +298,11 @@ class Buyer:
             per_sample=per_sample_scores,
             commitment=reply.commitment.hex(),
             clipped=reply.clipped,
-            timings={
-                "gradients_s": reply.timings.gradients_s,
-                "commit_s": reply.timings.commit_s,
-                "encrypted_s": reply.timings.encrypted_s,
-                "total_s": reply.timings.total_s,
-            },
+            timings=reply.timings.to_dict(),
             noise=noise,
         )
 
-    def _manifest(self, session: _Session) -> dict[str, Any]:
+    def _manifest(self, session: BuyerSession) -> dict[str, Any]:
         return {
             "protocol_version": PROTOCOL_VERSION,
             "session_id": session.session_id,
@@ -379,19 +363,30 @@ class Buyer:
         )
 
 
-def _reply_label(data: bytes, index: int) -> str:
-    """Best-effort name for a rejected reply: its seller id if it parses, else its position."""
-    try:
-        msg = pb.Reply()
-        msg.ParseFromString(bytes(data))
-        if msg.seller_id:
-            return msg.seller_id[:64]
-    except (DecodeError, TypeError, ValueError):
-        pass
-    return f"reply[{index}]"
+def _check_reply(session: BuyerSession, reply: Reply, seen: set[str]) -> int:
+    """The rows a reply must hold: it answers this session, its seller has not answered yet, and its
+    sizes are those the session asked for (else SessionError / ProtocolError)."""
+    if reply.session_id != session.session_id:
+        raise SessionError(
+            f"reply from {reply.seller_id} belongs to session {reply.session_id[:8]}…, not {session.session_id[:8]}…"
+        )
+    if reply.seller_id in seen:
+        raise SessionError(f"a second reply from seller {reply.seller_id} in one session was ignored")
+    if reply.n_samples > session.max_samples:
+        raise ProtocolError(f"seller {reply.seller_id} reports {reply.n_samples} samples, above the offered maximum")
+    rows = reply.n_samples + 1 if session.disclosure == "per-sample" else 1
+    if reply.n_rows != rows:
+        raise ProtocolError(
+            f"seller {reply.seller_id} scored {reply.n_rows} rows; {session.disclosure} disclosure "
+            f"of {reply.n_samples} samples needs {rows}"
+        )
+    blocks = session.plan.blocks(rows)
+    if len(reply.scores) != blocks:
+        raise ProtocolError(f"seller {reply.seller_id} sent {len(reply.scores)} ciphertexts; expected {blocks}")
+    return rows
 
 
-def _declared_noise(reply: pb.Reply, per_sample: bool) -> dict[str, Any] | None:
+def _declared_noise(reply: Reply, per_sample: bool) -> dict[str, Any] | None:
     """The DP noise a reply declares, checked against what its (epsilon, delta) imply.
 
     The gradient-noise std depends only on (epsilon, delta) (never on the query or the seller's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tip_fed.core.projection import LayerProjection, ProjectionSpec
 from tip_fed.crypto.params import HEParams, PackingPlan
-from tip_fed.errors import ProtocolError, TipError
+from tip_fed.errors import InsecureParametersError, ProtocolError, TipError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 PLAN_FIELDS = ("dim", "padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block")
@@ -63,28 +63,28 @@ def params_to_pb(params: HEParams) -> pb.HEParameters:
     )
 
 
-def params_from_pb(msg: pb.HEParameters) -> HEParams:
-    """CKKS parameters from the Offer (security is checked by the caller)."""
-    return HEParams(
-        poly_modulus_degree=int(msg.poly_modulus_degree),
-        coeff_mod_bit_sizes=tuple(int(b) for b in msg.coeff_mod_bit_sizes),
-        global_scale_bits=int(msg.global_scale_bits),
-    )
-
-
 def plan_to_pb(plan: PackingPlan) -> pb.Packing:
     """Packing layout as sent in the Offer."""
     d = plan.to_dict()
     return pb.Packing(kind=PACKING_KIND, **{k: int(d[k]) for k in PLAN_FIELDS})
 
 
-def plan_from_pb(msg: pb.Packing, params: HEParams) -> PackingPlan:
-    """Rebuild the packing layout; ProtocolError if it is inconsistent."""
+def plan_from_pb(msg: pb.Packing, he: pb.HEParameters) -> PackingPlan:
+    """Rebuild the packing layout for the Offer's CKKS parameters ``he``, checking the parameters
+    (once: :meth:`PackingPlan.from_dict` runs the security check) and then the layout.
+
+    InsecureParametersError for parameters below 128-bit security, ProtocolError for the rest."""
     if msg.kind != PACKING_KIND:
         raise ProtocolError(f"unknown packing kind {msg.kind!r}; this seller supports {PACKING_KIND!r}")
     data: dict[str, object] = {k: int(getattr(msg, k)) for k in PLAN_FIELDS}
-    data["params"] = params.to_dict()
+    data["params"] = {
+        "poly_modulus_degree": int(he.poly_modulus_degree),
+        "coeff_mod_bit_sizes": [int(b) for b in he.coeff_mod_bit_sizes],
+        "global_scale_bits": int(he.global_scale_bits),
+    }
     try:
         return PackingPlan.from_dict(data)
+    except InsecureParametersError:
+        raise
     except TipError as exc:
-        raise ProtocolError(f"the offer's packing layout is invalid: {exc}") from exc
+        raise ProtocolError(f"the offer's CKKS parameters or packing layout are invalid: {exc}") from exc

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from tip_fed.errors import ConfigError, ProtocolError
-from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 _SQRT2 = math.sqrt(2.0)
 #: L2 sensitivity of the clipped gradient sum (and of the row matrix) in units of C, replace-one.
@@ -168,16 +167,3 @@ def round_release(value: float, quantum: float) -> float:
     if quantum <= 0 or not math.isfinite(value):
         return value
     return round(value / quantum) * quantum
-
-
-def offer_noise(offer: pb.Offer) -> NoisePolicy:
-    """The noise an (already validated) Offer asks for; no noise when its epsilon is 0.
-
-    A buyer can only ask for *more* noise than the seller's policy: the seller applies the stricter.
-    """
-    if offer.dp_epsilon <= 0:
-        return NoisePolicy()
-    try:
-        return NoisePolicy(offer.dp_epsilon, offer.dp_delta)
-    except ConfigError as exc:
-        raise ProtocolError(f"the offer's differential-privacy request is invalid: {exc}") from exc

@@ -2,9 +2,9 @@
 
 An Offer that passes every structural check can still ask a long-lived seller for gigabytes
 (rank-F projections over wide layers, a huge projected dimension, narrow weight dtypes that widen
-when loaded, heavy CKKS parameters). :func:`cost_offer` reads only the decoded Offer's own
-fields (layer shapes and ranks, the safetensors header, N and the primes, the packing) plus the
-seller's sample count, and estimates the bytes and rough single-core seconds of every later step;
+when loaded, heavy CKKS parameters). :func:`cost_offer` reads only the decoded Offer's own fields
+(layer shapes and ranks, the safetensors header, N and the primes, the packing) plus the seller's
+sample count, and estimates the bytes and rough single-core seconds of every later step;
 :func:`check_cost` refuses it with a :class:`ResourceLimitError` naming the exceeded limit and the
 setting that raises it. Every step here is linear in the Offer's size; nothing it sizes is built.
 :class:`InFlight` bounds what all Offers being answered at once may cost.
@@ -18,17 +18,16 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from tip_fed.config import SellerBudgetConfig
-from tip_fed.crypto.params import (
-    check_params,
-    ciphertext_memory_bytes,
-    context_memory_bytes,
-    key_memory_bytes,
-)
+from tip_fed.core.projection import ProjectionSpec
+from tip_fed.crypto.params import seller_memory
 from tip_fed.errors import ModelError, ProtocolError
-from tip_fed.protocol.convert import params_from_pb, plan_from_pb
-from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+from tip_fed.protocol.formats import InputFormat, TableFormat, TextFormat
+
+if TYPE_CHECKING:  # the Offer is decoded (bounded by the layer limit) before it is costed
+    from tip_fed.protocol.offer import Offer
 
 __all__ = [
     "InFlight",
@@ -204,47 +203,32 @@ class OfferCost:
         return ", ".join(f"{k} {v / MiB:.0f} MiB" for v, k in big) or "all parts under 1 MiB"
 
 
-def _layer_costs(spec: pb.ProjectionSpec, budget: ResourceBudget) -> tuple[int, int, list[tuple[int, int, int, int]]]:
-    """(matrix entries, projected dim, shapes); one pass, set-based duplicate check."""
-    layers = spec.layers
-    if len(layers) > budget.max_layers:
-        raise ResourceLimitError(
-            f"the offer's projection spec lists {len(layers)} layers, above {budget.max_layers}", "max_layers"
-        )
-    seen: set[str] = set()
-    entries = dim = 0
-    shapes = []
-    for layer in layers:
-        if layer.name in seen:
-            raise ProtocolError(f"the offer's projection spec lists layer {layer.name[:80]!r} more than once")
-        seen.add(layer.name)
-        r_in, r_out, f_in, f_out = layer.rank_in, layer.rank_out, layer.in_features, layer.out_features
-        entries += r_in * f_in + r_out * f_out
-        dim += r_in * r_out
-        shapes.append((r_in, r_out, f_in, f_out))
-    return entries, dim, shapes
+def _layer_costs(spec: ProjectionSpec) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """(projection matrix entries, per-layer shapes) of a decoded spec, in one pass."""
+    shapes = [(layer.rank_in, layer.rank_out, layer.in_features, layer.out_features) for layer in spec.layers]
+    entries = sum(r_in * f_in + r_out * f_out for r_in, r_out, f_in, f_out in shapes)
+    return entries, shapes
 
 
 def cost_offer(
-    offer: pb.Offer,
+    offer: Offer,
     n_samples: int,
     *,
     batch_size: int,
     tokens_per_sample: int = 1,
     budget: ResourceBudget | None = None,
-    message_bytes: int | None = None,
     held: WeightsHeader | None = None,
 ) -> OfferCost:
-    """Estimate what answering ``offer`` will cost a seller holding ``n_samples`` records.
+    """Estimate what answering ``offer`` (decoded and validated) will cost a seller holding ``n_samples`` records.
 
-    Reads the Offer's fields only; raises ResourceLimitError for the limits that bound the reading
-    itself (layer count) and ModelError/ProtocolError for what cannot be costed (non-float weights,
-    duplicate layers, an inconsistent packing). Compare the result with :func:`check_cost`.
-    ``held`` is the header of the weights the seller already holds for an Offer that references
-    its model without shipping it (see :mod:`tip_fed.protocol.model_cache`).
+    Reads the Offer's fields only; raises ModelError/ProtocolError for what cannot be costed
+    (non-float weights, a public context larger than its plan's keys). Compare the result with
+    :func:`check_cost`. ``held`` is the header of the weights the seller already holds for an
+    Offer that references its model without shipping it (see :mod:`tip_fed.protocol.model_cache`).
     """
     budget = budget or ResourceBudget()
-    entries, dim, shapes = _layer_costs(offer.projection, budget)
+    entries, shapes = _layer_costs(offer.spec)
+    dim = offer.spec.dim
     weights = (
         held
         if held is not None
@@ -260,7 +244,7 @@ def cost_offer(
         + weights.header_bytes * HEADER_PARSE_FACTOR
     )
     gradients = GRADIENT_COPIES * n_samples * dim * 8
-    tokens_per_sample, inputs = _input_cost(offer, n_samples, tokens_per_sample)
+    tokens_per_sample, inputs = _input_cost(offer.input_format, n_samples, tokens_per_sample)
     b, t = max(1, min(batch_size, n_samples)), max(1, tokens_per_sample)
     # Per batch and layer: the input and output kept for backward and the output gradient, the
     # projected activations and gradients, the float64 per-sample block and its running sum.
@@ -271,20 +255,18 @@ def cost_offer(
         )
         + len(shapes) * _LAYER_BYTES
     )
-    params = params_from_pb(offer.he)
-    check_params(params)
-    plan = plan_from_pb(offer.packing, params)
-    keys = key_memory_bytes(params, len(plan.galois_steps))
-    if len(offer.public_context) > keys + MiB:
+    plan = offer.plan
+    memory = seller_memory(plan)
+    if len(offer.public_context) > memory.keys + MiB:
         # Seeded, compressed keys are smaller than in memory: a larger blob holds keys the plan never uses.
         raise ProtocolError(
             f"the offer's public context is {len(offer.public_context)} bytes, more than the "
-            f"{len(plan.galois_steps)} Galois key(s) its packing needs can take ({keys} bytes expanded); "
+            f"{len(plan.galois_steps)} Galois key(s) its packing needs can take ({memory.keys} bytes expanded); "
             "send SessionKeys.public_context_bytes() for this plan"
         )
-    he_keys = context_memory_bytes(params) + keys
-    query = len(offer.query) * ciphertext_memory_bytes(params)
-    scoring = (plan.baby + 8) * ciphertext_memory_bytes(params) + (n_samples + 1) * dim * 8
+    he_keys = memory.context + memory.keys
+    query = len(offer.query) * memory.ciphertext
+    scoring = (plan.baby + 8) * memory.ciphertext + (n_samples + 1) * dim * 8
     flops = 6.0 * weights.n_elements * n_samples * t + 4.0 * n_samples * t * sum(
         r_in * f_in + r_out * f_out + r_in * r_out for r_in, r_out, f_in, f_out in shapes
     )
@@ -295,9 +277,8 @@ def cost_offer(
         + plan.est_seconds(n_samples + 1)
         + len(shapes) * _LAYER_S
     )
-    size = offer.ByteSize() if message_bytes is None else message_bytes
     return OfferCost(
-        MESSAGE_COPIES * size,
+        MESSAGE_COPIES * offer.message_bytes,
         projection,
         model,
         gradients,
@@ -312,16 +293,15 @@ def cost_offer(
     )
 
 
-def _input_cost(offer: pb.Offer, n_samples: int, tokens_per_sample: int) -> tuple[int, int]:
+def _input_cost(fmt: InputFormat | None, n_samples: int, tokens_per_sample: int) -> tuple[int, int]:
     """(tokens per record, bytes) of encoding raw records with the Offer's input format: text is
     costed at its max_length whatever the records hold, before anything is tokenized."""
-    kind = offer.input.WhichOneof("kind") if offer.HasField("input") else None
-    if kind == "text":
-        t = max(tokens_per_sample, offer.input.text.max_length)
+    if isinstance(fmt, TextFormat):
+        t = max(tokens_per_sample, fmt.max_length)
         # parsed tokenizer, token lists, ids + mask (+ labels) tensors and their batch slices
-        return t, len(offer.input.text.tokenizer_json) * HEADER_PARSE_FACTOR + n_samples * (t * 3 * 8 + 8)
-    if kind == "table":
-        return tokens_per_sample, n_samples * (len(offer.input.table.features) + 1) * 3 * 8
+        return t, len(fmt.tokenizer_json) * HEADER_PARSE_FACTOR + n_samples * (t * 3 * 8 + 8)
+    if isinstance(fmt, TableFormat):
+        return tokens_per_sample, n_samples * (len(fmt.features) + 1) * 3 * 8
     return tokens_per_sample, 0
 
 

@@ -1,4 +1,4 @@
-"""The seller role: validate an Offer, score private data against the encrypted query, Reply.
+"""The seller role: decode an Offer, score private data against the encrypted query, Reply.
 
 The seller's records and gradients never leave this object; only the commitment root and the
 masked result ciphertexts do. Everything in the Offer is untrusted input and is validated first.
@@ -21,48 +21,21 @@ from tip_fed.core.influence import clip_rows
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.crypto.encoding_cache import EncodingCache
-from tip_fed.crypto.key_identity import public_key_digest
 from tip_fed.crypto.keys import PublicContext, load_public_context
 from tip_fed.crypto.packing import score_rows
-from tip_fed.crypto.params import PackingPlan, check_params
 from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
-from tip_fed.protocol.convert import params_from_pb, plan_from_pb, spec_from_pb
 from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
-from tip_fed.protocol.disclosure import (
-    NoisePolicy,
-    new_noise_seed,
-    offer_noise,
-    release_rows,
-    seed_commitment,
-)
-from tip_fed.protocol.formats import (
-    InputFormat,
-    TextFormat,
-    check_fields,
-    format_digest,
-    format_from_pb,
-)
+from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, release_rows, seed_commitment
+from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
-from tip_fed.protocol.messages import (
-    PROTOCOL_VERSION,
-    SELLER_ID,
-    decode_offer,
-    disclosure_name,
-)
+from tip_fed.protocol.messages import SELLER_ID, Reply, Timings, encode_reply
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
+from tip_fed.protocol.offer import Offer, decode_offer
 from tip_fed.protocol.records import RawRecords
-from tip_fed.protocol.resources import (
-    InFlight,
-    OfferCost,
-    ResourceBudget,
-    WeightsHeader,
-    check_cost,
-    cost_offer,
-)
+from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, check_cost, cost_offer
 from tip_fed.protocol.sessions import AnsweredSessions, session_key
-from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +80,18 @@ class SellerPolicy:
                                   total_max_exact=None if c.total_max_exact == -1 else c.total_max_exact),
             exact_per_sample=c.exact_per_sample, model_cache_mb=c.model_cache_mb, model_cache_dir=c.model_cache_dir,
         )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What answering one Offer needs besides the Offer itself (none of it depends on a record)."""
+
+    context: PublicContext
+    model: nn.Module
+    task: Task
+    noise: NoisePolicy
+    fmt: tuple[bytes, InputFormat] | None
+    t_ctx: float  # seconds loading the public context (HE work, reported under encrypted_s)
 
 
 class Seller:
@@ -163,7 +148,7 @@ class Seller:
         self.models = ModelCache(self.policy.model_cache_mb * 1024 * 1024, self.policy.model_cache_dir)
 
     def respond(self, offer_bytes: bytes, *, peer: str | None = None) -> bytes:
-        """Answer one Offer with a Reply (both as bytes).
+        """Answer one Offer with a Reply (both as bytes), one protocol step after the other.
 
         ``peer`` is the buyer's authenticated identity as the carrier knows it (a client
         certificate subject, a network address); the query budget is kept per (session, peer) and
@@ -172,120 +157,104 @@ class Seller:
         budget is spent only once the whole Offer has validated.
         """
         t0 = time.perf_counter()
-        offer = decode_offer(offer_bytes)
+        offer = decode_offer(offer_bytes, self.policy.budget)  # decoded and validated, once
+        key, limit = self._admit(offer, peer)  # session budget and sizes: refused early, nothing spent
+        held = self.models.resolve(offer.model, self.seller_id, peer)  # ModelNotHeldError: nothing spent yet
+        cost = self.cost(offer, held=held.header if held else None)  # before anything is allocated
+        with self._in_flight.reserve(cost.total_bytes):
+            job = self._open(offer, peer, held)  # context, model, noise, input format: nothing spent
+            self._charge(offer, job, key, limit, peer)  # the privacy ledger, then the session's budget
+            try:
+                reply = self._score(offer, job, t0)  # gradients, commitment, scores under encryption
+            except BaseException:
+                with self._lock:
+                    self._sessions.refund(key)  # nothing was answered
+                raise
+        return encode_reply(reply)
+
+    def cost(self, offer: Offer, held: WeightsHeader | None = None) -> OfferCost:
+        """What answering the decoded ``offer`` would cost this seller (``held``: the weights of a
+        referenced model this seller holds); ResourceLimitError if over budget."""
+        budget = self.policy.budget
+        cost = cost_offer(offer, self.n_samples, batch_size=self.policy.batch_size, tokens_per_sample=self._tokens,
+                          budget=budget, held=held)
+        check_cost(cost, budget)
+        return cost
+
+    def _admit(self, offer: Offer, peer: str | None) -> tuple[str, int]:
+        """(session key, query limit) of an Offer this seller may answer; refusals here spend nothing."""
         key = session_key(offer.session_id, peer)
         limit = min(offer.query_budget, self.policy.max_queries_per_session)
         with self._lock:
-            self._sessions.check(key, limit, self.seller_id)  # early refusal; spends nothing
+            self._sessions.check(key, limit, self.seller_id)
         if self.n_samples > offer.max_samples:
             raise ProtocolError(
                 f"seller {self.seller_id} holds {self.n_samples} samples but the offer accepts at most "
                 f"{offer.max_samples}; ask the buyer for a larger max_samples"
             )
-        if self._raw is not None and not offer.HasField("input"):
+        if self._raw is not None and offer.input_format is None:
             raise ProtocolError(
                 f"seller {self.seller_id} holds raw records ({self._raw.source}) and the offer carries no input "
                 "format to encode them; the buyer must send one (Buyer(..., input_format=TableFormat|TextFormat))"
             )
-        held = self.models.resolve(offer.model, self.seller_id, peer)  # ModelNotHeldError: nothing spent yet
-        cost = self.cost(offer, len(offer_bytes), held=held.header if held else None)
-        with self._in_flight.reserve(cost.total_bytes):
-            return self._answer(offer, key, limit, t0, peer, held)
+        return key, limit
 
-    def cost(self, offer: pb.Offer, message_bytes: int | None = None, held: WeightsHeader | None = None) -> OfferCost:
-        """What answering ``offer`` would cost this seller (``held``: the weights of a referenced
-        model this seller holds); ResourceLimitError if over budget."""
-        budget = self.policy.budget
-        cost = cost_offer(offer, self.n_samples, batch_size=self.policy.batch_size, tokens_per_sample=self._tokens,
-                          budget=budget, message_bytes=message_bytes, held=held)
-        check_cost(cost, budget)
-        return cost
-
-    def _answer(self, offer: pb.Offer, key: str, limit: int, t0: float, peer: str | None,
-                held: HeldModel | None = None) -> bytes:
-        disclosure = disclosure_name(offer.disclosure)
-        params = params_from_pb(offer.he)
-        check_params(params)
-        plan = plan_from_pb(offer.packing, params)
+    def _open(self, offer: Offer, peer: str | None, held: HeldModel | None) -> _Job:
+        """Everything scoring needs that depends on no record's values: a failure here spends nothing."""
         t_ctx = time.perf_counter()
-        context = load_public_context(offer.public_context, params)  # early: a bad context fails fast
+        context = load_public_context(offer.public_context, offer.plan)  # early: a bad context fails fast
         t_ctx = time.perf_counter() - t_ctx  # HE work: reported under encrypted_s
         model = self.models.load(offer.model, held, expected_fingerprint=self.policy.expected_fingerprint, peer=peer)
-        spec = spec_from_pb(offer.projection)
-        if plan.dim != spec.dim:
-            raise ProtocolError(f"the offer's packing is for dimension {plan.dim} but its projection has {spec.dim}")
         task = get_task(offer.task)
-        noise = self.policy.noise.stricter(offer_noise(offer))
-        per_sample = disclosure == "per-sample"
-        if per_sample and not noise.enabled and not self.policy.exact_per_sample:
+        noise = self.policy.noise.stricter(offer.noise)
+        if offer.per_sample and not noise.enabled and not self.policy.exact_per_sample:
             raise ProtocolError(
                 f"seller {self.seller_id} releases per-sample scores only with differential-privacy noise; "
                 "set protocol.dp-epsilon in the offer, or ask for aggregate disclosure"
             )
-        public_key = public_key_digest(offer.public_context, params)
-        fmt = self._input_format(offer)  # validated, tokenizer parsed, fields checked: spends nothing
+        return _Job(context, model, task, noise, self._input_format(offer), t_ctx)
+
+    def _charge(self, offer: Offer, job: _Job, key: str, limit: int, peer: str | None) -> None:
+        """The whole Offer validated: charge the buyer's lifetime privacy budget, then the session's."""
         with self._lock:
             self._sessions.check(key, limit, self.seller_id)
-            # the whole Offer validated: charge the buyer's lifetime privacy budget, then the session's
-            self._ledger.charge(buyer=peer, key=public_key, session_id=offer.session_id,
-                                noise_multiplier=noise.noise_multiplier)
+            self._ledger.charge(buyer=peer, key=job.context.public_key_digest, session_id=offer.session_id,
+                                noise_multiplier=job.noise.noise_multiplier)
             self._sessions.spend(key, limit, self.seller_id)
-        try:
-            data = self._session_data(fmt)  # reads record values: a failure here was charged like an answer
-            with self._compute_lock:
-                return self._score(offer, context, plan, model, spec, task, per_sample, noise, t0, t_ctx, data)
-        except BaseException:
-            with self._lock:
-                self._sessions.refund(key)  # nothing was answered
-            raise
 
-    def _score(
-        self,
-        offer: pb.Offer,
-        context: PublicContext,
-        plan: PackingPlan,
-        model: nn.Module,
-        spec: ProjectionSpec,
-        task: Task,
-        per_sample: bool,
-        noise: NoisePolicy,
-        t0: float,
-        t_ctx: float,
-        data: Batch,
-    ) -> bytes:
-        self._scoring = data  # under the compute lock: what projected_gradients reads
-        grads = self.projected_gradients(model, spec, task)
-        clipped, factors = clip_rows(grads, offer.grad_norm_bound)
-        n_clipped = int((factors < 1.0).sum())
-        t_grad = time.perf_counter()
+    def _score(self, offer: Offer, job: _Job, t0: float) -> Reply:
+        """Projected gradients, clipped and committed to, then scored under encryption."""
+        data = self._session_data(job.fmt)  # reads record values: a failure here was charged like an answer
+        with self._compute_lock:
+            self._scoring = data  # under the compute lock: what projected_gradients reads
+            grads = self.projected_gradients(job.model, offer.spec, job.task)
+            clipped, factors = clip_rows(grads, offer.grad_norm_bound)
+            n_clipped = int((factors < 1.0).sum())
+            t_grad = time.perf_counter()
 
-        g = clipped.numpy()
-        salt_seed = commitment.new_salt_seed()  # hides the root; revealed only at delivery
-        root = commitment.commit(data, g, salt_seed)
-        t_commit = time.perf_counter()
+            g = clipped.numpy()
+            salt_seed = commitment.new_salt_seed()  # hides the root; revealed only at delivery
+            root = commitment.commit(data, g, salt_seed)
+            t_commit = time.perf_counter()
 
-        seed = new_noise_seed() if noise.enabled else None
-        rows = self.scoring_rows(g, offer.grad_norm_bound) / offer.grad_norm_bound
-        matrix, row_noise = release_rows(rows, per_sample, seed, noise.gradient_std)
-        cache = None if noise.enabled else self._encodings  # noisy rows never repeat
-        cts = score_rows(context, plan, list(offer.query), matrix, rng=self._rng, row_noise=row_noise, cache=cache)
-        self._keep(offer.session_id, g, seed, salt_seed, data)
+            seed = new_noise_seed() if job.noise.enabled else None
+            scores, n_rows = self.encrypted_scores(offer, job.context, g / offer.grad_norm_bound, job.noise, seed)
+            self._keep(offer.session_id, g, seed, salt_seed, data)
         t_end = time.perf_counter()
-
-        reply = pb.Reply(
-            protocol_version=PROTOCOL_VERSION,
+        noise = job.noise
+        return Reply(
             session_id=offer.session_id,
             seller_id=self.seller_id,
             n_samples=self.n_samples,
             commitment=root,
-            n_rows=int(matrix.shape[0]),
-            scores=cts,
+            n_rows=n_rows,
+            scores=tuple(scores),
             # the exact count at a buyer-chosen bound tells neighbouring datasets apart: withheld under DP
             clipped=0 if noise.enabled else n_clipped,
-            timings=pb.Timings(
-                gradients_s=t_grad - t0 - t_ctx,
+            timings=Timings(
+                gradients_s=t_grad - t0 - job.t_ctx,
                 commit_s=t_commit - t_grad,
-                encrypted_s=t_end - t_commit + t_ctx,
+                encrypted_s=t_end - t_commit + job.t_ctx,
                 total_s=t_end - t0,
             ),
             dp_epsilon=noise.epsilon or 0.0,
@@ -293,24 +262,35 @@ class Seller:
             noise_std=noise.gradient_std,
             noise_commitment=b"" if seed is None else seed_commitment(seed, offer.session_id, self.seller_id),
         )
-        return reply.SerializeToString()
+
+    def encrypted_scores(
+        self, offer: Offer, context: PublicContext, rows: np.ndarray, noise: NoisePolicy, seed: bytes | None
+    ) -> tuple[list[bytes], int]:
+        """(reply ciphertexts, rows scored) for the committed gradients ``rows`` in units of the
+        bound (norm <= 1): their sum, and each row under per-sample disclosure, noised as ``noise``
+        asks from ``seed``, against the encrypted query."""
+        matrix, row_noise = release_rows(rows, offer.per_sample, seed, noise.gradient_std)
+        cache = None if noise.enabled else self._encodings  # noisy rows never repeat
+        cts = score_rows(context, offer.plan, list(offer.query), matrix, rng=self._rng, row_noise=row_noise,
+                         cache=cache)
+        return cts, int(matrix.shape[0])
 
     def projected_gradients(self, model: nn.Module, spec: ProjectionSpec, task: Task) -> torch.Tensor:
         """Float64 projected per-sample gradients of the records being scored (before clipping)."""
         return dataset_gradients(model, spec, task, self._scoring, self.policy.batch_size)
 
-    def _input_format(self, offer: pb.Offer) -> tuple[bytes, InputFormat] | None:
-        """The Offer's input format for raw records (None for a tensor seller): validated, its tokenizer
-        parsed and the fields it reads checked against the records' schema, so what fails here depends
+    def _input_format(self, offer: Offer) -> tuple[bytes, InputFormat] | None:
+        """The Offer's input format for raw records (None for a tensor seller), its tokenizer parsed
+        and the fields it reads checked against the records' schema, so what fails here depends
         on no record's values and is refused before anything is charged."""
-        if self._raw is None:
+        if self._raw is None or offer.input_format is None or offer.input_digest is None:
             return None
-        digest = format_digest(offer.input)
+        digest = offer.input_digest
         with self._lock:
             cached = self._encoded
         if cached is not None and cached[0] == digest:
             return digest, cached[1]
-        fmt = format_from_pb(offer.input)
+        fmt = offer.input_format
         if isinstance(fmt, TextFormat):
             fmt.tokenizer()
         check_fields(fmt, self._raw)
@@ -344,13 +324,6 @@ class Seller:
         with self._lock:
             self._encoded = (digest, form, data)
         return data
-
-    def scoring_rows(self, committed: np.ndarray, bound: float) -> np.ndarray:
-        """The gradients that are scored (norm <= ``bound``): exactly the committed ones.
-
-        A separate step so that tests can model a seller that scores other gradients than it commits to.
-        """
-        return committed
 
     def deliver(self, session_id: str) -> Delivery:
         """After a purchase: the records and the gradients committed to in that session, for the audit."""

@@ -97,7 +97,7 @@ def test_settle_writes_every_rule_and_compares_with_shapley():
     inputs = _inputs(
         {"a": 5.0, "b": 5.0, "c": 2.0, "d": -1.0}, utility=_game, benefits={"a": 1, "b": 1, "c": 1, "d": -1}
     )
-    rows, comp, ref = P.settle(PayoutsConfig(), inputs)
+    rows, comp, ref = P.apply_payout_rules(PayoutsConfig(), inputs)
     assert ref == "shapley"
     assert {r["rule"] for r in rows} == {
         "flat",
@@ -112,7 +112,7 @@ def test_settle_writes_every_rule_and_compares_with_shapley():
         assert sum(r["share"] for r in rows if r["rule"] == rule) == pytest.approx(1.0)
     assert comp["shapley"]["l1_vs_reference"] == 0 and comp["shapley"]["spearman_vs_reference"] == pytest.approx(1.0)
     assert comp["proportional"]["l1_vs_reference"] == pytest.approx(0.0, abs=1e-12)  # scores equal the Shapley values
-    _, _, ref = P.settle(PayoutsConfig(), _inputs({"a": 1.0, "b": 2.0}))
+    _, _, ref = P.apply_payout_rules(PayoutsConfig(), _inputs({"a": 1.0, "b": 2.0}))
     assert ref is None
 
 
