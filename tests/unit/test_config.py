@@ -122,7 +122,7 @@ def test_allowed_values_are_the_ones_the_code_uses():
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_config(None, [f"{key}=nonsense"])
     from simulations.exchanges import EXCHANGES
-    from tip_fed.protocol.messages import DISCLOSURE_NAMES
+    from tip_fed.protocol.offer import DISCLOSURE_NAMES
 
     assert tuple(DISCLOSURE_NAMES) == DISCLOSURES  # every allowed disclosure has its wire value
     assert sorted(EXCHANGES) == sorted(RUNTIMES)  # every allowed runtime can run a simulation
