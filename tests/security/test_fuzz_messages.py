@@ -17,7 +17,7 @@ from tip_fed.protocol.messages import decode_offer, decode_reply
 from tip_fed.protocol.model import fingerprint
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from .conftest import make_data
+from ..conftest import make_data
 from .fuzzing import HOSTILE_FLOATS, HOSTILE_INTS, HOSTILE_TEXT, HOSTILE_U64, fuzz, mutated_bytes, tip_or_result
 
 N_BYTES, N_OFFER_DECODE, N_RESPOND, N_REPLY, N_SETTLE = 2400, 1200, 150, 1500, 15

@@ -33,7 +33,7 @@ from tip_fed.protocol.ledger import (
 )
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from .conftest import TASK, make_data
+from ..conftest import TASK, make_data
 
 
 class BasisProber(Buyer):
