@@ -41,6 +41,17 @@ def wait_until(condition, timeout_s, poll_s=0.05):
     return value
 
 
+def seller_serve_error(capsys, *args):
+    """``tip-fed seller serve --port 0 ARGS`` refused before it starts: exit code 2 and one line on
+    stderr (a user error, not a traceback); that line."""
+    from tip_fed.cli import main
+
+    assert main(["seller", "serve", "--port", "0", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tip-fed: error: ") and err.count("\n") == 1, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def model():
     """A 10-16-2 MLP trained briefly on make_data, shared read-only by every test that needs one."""

@@ -31,7 +31,7 @@ from tip_fed.protocol.resources import ResourceLimitError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 from tip_fed.wire.tip.v1 import valuation_pb2_grpc as rpc
 
-from ..conftest import free_port, make_data, plaintext_scores
+from ..conftest import free_port, make_data, plaintext_scores, seller_serve_error
 
 SECURITY = {
     "insecure": (lambda p: None, lambda p: None),
@@ -303,13 +303,10 @@ def test_a_taken_port_is_refused_not_shared(pki):
     ],
 )
 def test_seller_serve_user_errors_are_one_line(tmp_path, capsys, args, message):
-    from tip_fed.cli import main
     from tip_fed.protocol.data import save_dataset
 
     data = save_dataset(make_data(3, 1), tmp_path / "s1.safetensors")
-    assert main(["seller", "serve", "--data", str(data), "--port", "0", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tip-fed: error: ") and message in err and err.count("\n") == 1
+    assert message in seller_serve_error(capsys, "--data", str(data), *args)
 
 
 def test_tls_init_reuses_its_ca_and_keeps_keys_private(tmp_path, capsys):

@@ -23,7 +23,7 @@ from tip_fed.protocol.disclosure import NoisePolicy, _delta_of, gaussian_sigma, 
 from tip_fed.protocol.ledger import LedgerPolicy
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from ..conftest import TASK, make_data, plaintext_scores
+from ..conftest import TASK, make_data, plaintext_scores, seller_serve_error
 
 
 class ProbingBuyer(Buyer):
@@ -282,22 +282,5 @@ def test_per_sample_disclosure_requires_noise(seller_data, make_buyer):
 
 @pytest.mark.parametrize("eps", ["-1", "nan", "0"])
 def test_seller_serve_refuses_a_bad_privacy_setting_in_one_line(eps, tmp_path, capsys):
-    from tip_fed.cli import main
-
-    assert (
-        main(
-            [
-                "seller",
-                "serve",
-                "--data",
-                str(tmp_path / "d.safetensors"),
-                "--port",
-                "0",
-                "--insecure",
-                "--dp-epsilon",
-                eps,
-            ]
-        )
-        == 2
-    )
-    assert "dp epsilon" in capsys.readouterr().err
+    err = seller_serve_error(capsys, "--data", str(tmp_path / "d.safetensors"), "--insecure", "--dp-epsilon", eps)
+    assert "dp epsilon" in err
