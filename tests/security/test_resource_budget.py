@@ -20,7 +20,7 @@ from tip_fed.errors import ConfigError, ModelError
 from tip_fed.grpc.server import MiB, seller_message_limit
 from tip_fed.protocol import Buyer, BuyerSettings, Seller
 from tip_fed.protocol.data import save_dataset
-from tip_fed.protocol.resources import ResourceLimitError, max_offer_bytes
+from tip_fed.protocol.resources import ResourceLimitError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from ..conftest import make_data
@@ -132,10 +132,12 @@ def test_weights_header_is_checked_before_it_is_parsed():
         read_weights_header((1 << 40).to_bytes(8, "little") + b"{}")
 
 
-def test_message_limit_follows_the_budget():
-    default = SellerBudgetConfig()
-    assert max_offer_bytes(default) == default.offer_memory_mb * MiB // 6
-    assert seller_message_limit(SellerBudgetConfig(offer_memory_mb=1, in_flight_memory_mb=1)) == 4 * MiB
+def test_message_limit_follows_the_budget_but_never_drops_below_grpcs_default():
+    """A larger budget lets larger Offers in; a tiny one still receives gRPC's default 4 MiB, so a buyer
+    is told why it was refused (the limit at work over a real server: test_budget_over_grpc.py)."""
+    limits = [seller_message_limit(SellerBudgetConfig(offer_memory_mb=mb, in_flight_memory_mb=max(mb, 64)))
+              for mb in (1, 24, 256, 4096)]
+    assert limits[0] == limits[1] == 4 * MiB < limits[2] < limits[3]
 
 
 def test_duplicate_layer_check_is_set_based_and_exact():
