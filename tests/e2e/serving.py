@@ -1,12 +1,19 @@
 """``tip-fed seller serve`` processes started by e2e tests: wait for the ready line, stop by PID."""
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
-import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+from ..conftest import wait_until
+
+#: the ``tip-fed`` console script of the interpreter running the tests
+TIP_FED = str(Path(sys.executable).parent / "tip-fed")
 #: what ``tip-fed seller serve`` prints once it listens
 READY = re.compile(r"tip-fed: seller (?P<id>\S+) \((?P<n>\d+) samples\) ready on 127\.0\.0\.1:(?P<port>\d+) "
                    r"\((?P<security>[^)]+)\)")
@@ -23,10 +30,9 @@ def wait_ready(proc: subprocess.Popen, lines: list[str], timeout_s: float) -> re
             if not found and (m := READY.search(line)) is not None:
                 found.append(m)
 
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not found and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    wait_until(lambda: found or not reader.is_alive(), timeout_s, poll_s=0.1)
     assert found, f"seller did not start (exit {proc.poll()}): {''.join(lines)[-2000:]}"
     return found[0]
 
@@ -39,3 +45,23 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def start(args: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``tip-fed seller serve ARGS`` with its output (stdout and stderr) on one text pipe."""
+    return subprocess.Popen([TIP_FED, "seller", "serve", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(env or os.environ, PYTHONUNBUFFERED="1"))
+
+
+@contextlib.contextmanager
+def serving(args: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout_s: float = 120) -> Iterator[tuple[re.Match, list[str]]]:
+    """One ``tip-fed seller serve ARGS`` until the block ends: its ready line and every line it has
+    printed so far (the list grows); it must still be alive at the end, and is stopped by PID."""
+    proc = start(args, cwd=cwd, env=env)
+    lines: list[str] = []
+    try:
+        yield wait_ready(proc, lines, timeout_s), lines
+        assert proc.poll() is None, f"the seller died: {''.join(lines)[-2000:]}"
+    finally:
+        stop(proc)

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ from tip_fed.config import GrpcConfig
 from tip_fed.grpc import ClientTLS, SellerEndpoint, value_sellers, wait_until_healthy
 from tip_fed.runtimes import value_grpc
 from tip_fed.runtimes.processes import ProcessGroup
+
+from ..conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "tip-fed"
@@ -229,13 +230,12 @@ def test_interrupted_simulate_stops_every_seller_process(tmp_path):
         preexec_fn=_ctrl_c_delivered,
     )
     try:
-        deadline = time.monotonic() + 120
         # interrupt as soon as the first seller process exists: the sellers are still starting (each loads
         # torch), so the run cannot have finished; waiting for all four left a window in which a fast run
         # (and a slow process scan on a loaded machine) let the Ctrl-C land after the results were written
-        while not _pids_mentioning(str(tmp_path / "t"), "seller serve") and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.02)
+        wait_until(lambda: proc.poll() is not None or _pids_mentioning(str(tmp_path / "t"), "seller serve"), 120,
+                   poll_s=0.02)
+        assert proc.poll() is None, proc.communicate()
         assert _pids_mentioning(str(tmp_path / "t"), "seller serve")
         proc.send_signal(signal.SIGINT)  # as Ctrl-C does, while the sellers are starting
         _, err = proc.communicate(timeout=60)

@@ -14,7 +14,6 @@ import csv
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from tip_fed.core.influence import clip_rows
 from tip_fed.core.tasks import get_task
 from tip_fed.protocol import PreparedQuery
 
+from ..conftest import free_port
 from .serving import stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,12 +71,6 @@ def _bash(script, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def readme():
     section = _section("### Try it: three clinics' tables")
@@ -113,7 +107,7 @@ def sellers(checkout, readme):
             assert command.endswith("&") and command.startswith("tip-fed seller serve "), command
             readme_port = re.search(r"--port (\d+)", command).group(1)
             assert f'endpoint = "127.0.0.1:{readme_port}"' in toml, f"sellers.toml lists no seller on {readme_port}"
-            port = _free_port()
+            port = free_port()
             toml = toml.replace(f"127.0.0.1:{readme_port}", f"127.0.0.1:{port}")
             line = command[:-1].strip().replace(f"--port {readme_port}", f"--port {port}")
             proc = subprocess.Popen(["bash", "-c", f"{_path_export(readme)}; exec {line}"], cwd=checkout, env=_env(),

@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from ..conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).parent / "tip-fed"
@@ -81,13 +82,13 @@ def test_killed_and_restarted_buyer_run_matches_a_clean_run(tmp_path):
 
     out = tmp_path / "restarted"
     first = _simulate(out)
-    # kill it while it is writing results: as soon as the first results file appears
-    deadline = time.monotonic() + 300
-    while first.poll() is None and not any(out.glob("*.csv")):
-        assert time.monotonic() < deadline, "no results file appeared"
-        time.sleep(0.005)
-    assert first.poll() is None, "the run finished before it could be killed, so nothing was tested"
-    os.killpg(first.pid, signal.SIGKILL)
+    try:  # kill it while it is writing results: as soon as the first results file appears
+        wait_until(lambda: first.poll() is not None or any(out.glob("*.csv")), 300, poll_s=0.005)
+        assert first.poll() is None, "the run finished before it could be killed, so nothing was tested"
+        assert any(out.glob("*.csv")), "no results file appeared"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
     assert first.wait(timeout=60) == -signal.SIGKILL, "the run was not killed mid-write"
     written = {p.name for p in out.iterdir()}
     assert "metrics.json" not in written or "report.md" not in written, f"the run had finished writing: {written}"

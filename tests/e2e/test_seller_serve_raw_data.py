@@ -6,12 +6,6 @@ stops the process it started, by PID.
 """
 
 import contextlib
-import os
-import re
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -32,53 +26,15 @@ from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 from tip_fed.wire.tip.v1 import valuation_pb2_grpc as rpc
 
 from ..raw_data import docstring_corpus, text_buyer, train_tokenizer, write_jsonl
-from .serving import stop, wait_ready
-
-CLI = Path(sys.executable).parent / "tip-fed"
-READY = re.compile(r"seller (?P<id>\S+) \((?P<n>\d+) samples\) ready on 127\.0\.0\.1:(?P<port>\d+) \(insecure\)")
+from .serving import serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def _wait_ready(proc: subprocess.Popen, timeout_s: float) -> re.Match:
-    """The seller's 'ready on' line from its stdout (read in a thread, so a silent process cannot hang us)."""
-    found: list[re.Match] = []
-    lines: list[str] = []
-
-    def read() -> None:  # keeps draining the pipe, so the seller never blocks on a full one
-        for line in proc.stdout:
-            lines.append(line)
-            if not found and (m := READY.search(line)) is not None:
-                found.append(m)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + timeout_s
-    while not found and reader.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if not found:
-        raise AssertionError(f"seller did not start (exit {proc.poll()}): {''.join(lines)[-2000:]}")
-    return found[0]
-
-
-@contextlib.contextmanager
 def _serving(data: Path):
-    """``tip-fed seller serve --data DATA --insecure --port 0`` until the block ends; stopped by PID."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [str(CLI), "seller", "serve", "--data", str(data), "--insecure", "--port", "0", "--exact-per-sample",
-         "--max-exact", "-1", "--total-max-exact", "-1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        yield _wait_ready(proc, 120)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    """``tip-fed seller serve --data DATA --insecure --port 0``, exact answers, until the block ends."""
+    return serving(["--data", str(data), "--insecure", "--port", "0", "--exact-per-sample", "--max-exact", "-1",
+                    "--total-max-exact", "-1"])
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".txt"])
@@ -92,7 +48,7 @@ def test_seller_serve_reads_tables_and_plain_text(tmp_path, suffix):
             frame.to_csv(path, index=False)
         else:
             frame.to_parquet(path)
-    with _serving(path) as ready:
+    with _serving(path) as (ready, _):
         assert ready["id"] == "site-7" and int(ready["n"]) == 30
         health = wait_until_healthy(SellerEndpoint("site-7", f"127.0.0.1:{ready['port']}"), tls=None, insecure=True,
                                     timeout_s=30)
@@ -107,7 +63,7 @@ def test_seller_serve_jsonl_matches_the_in_process_seller(tmp_path):
     data = tmp_path / "docs-corpus.jsonl"
     write_jsonl(data, texts[50:100])
 
-    with _serving(data) as ready:
+    with _serving(data) as (ready, _):
         assert ready["id"] == "docs-corpus" and int(ready["n"]) == 50  # seller id = the file stem
         endpoint = SellerEndpoint("docs-corpus", f"127.0.0.1:{ready['port']}")
         wait_until_healthy(endpoint, tls=None, insecure=True, timeout_s=30)
@@ -133,17 +89,9 @@ AGGREGATE = BuyerSettings(projection=ProjectionConfig(rank=2), preconditioner=Pr
 @contextlib.contextmanager
 def _serving_logged(data: Path, *args: str):
     """``tip-fed seller serve --data DATA --insecure --port 0 ARGS``: (ready line, every output line, stub)."""
-    proc = subprocess.Popen([str(CLI), "seller", "serve", "--data", str(data), "--insecure", "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    lines: list[str] = []
-    try:
-        ready = wait_ready(proc, lines, 120)
-        with grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as channel:
-            yield ready, lines, rpc.SellerStub(channel)
-        assert proc.poll() is None, "the seller died"
-    finally:
-        stop(proc)
+    with serving(["--data", str(data), "--insecure", "--port", "0", *args]) as (ready, lines), \
+            grpc.insecure_channel(f"127.0.0.1:{ready['port']}") as channel:
+        yield ready, lines, rpc.SellerStub(channel)
 
 
 def _call(stub, offer: bytes) -> grpc.RpcError | None:

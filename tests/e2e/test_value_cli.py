@@ -11,12 +11,8 @@ same valuations; a non-empty --out is refused. Every process a test starts is st
 import csv
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +28,12 @@ from tip_fed.core.tasks import get_task
 from tip_fed.protocol import PreparedQuery
 from tip_fed.protocol.data import load_dataset, save_dataset
 
+from ..conftest import free_port
+from . import serving
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "tip_fed.cli"]
 SELLERS = {"ones": (1,), "twos-threes": (2, 3), "fours": (4,)}
-READY = re.compile(r"ready on 127\.0\.0\.1:(\d+)")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -78,43 +76,21 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def seller_services(workspace):
     """Three ``tip-fed seller serve --insecure --port 0`` processes; their ports, stopped by PID after."""
     procs, ports = {}, {}
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     try:
         for sid in SELLERS:
-            log = (workspace / f"{sid}.log").open("w")
-            procs[sid] = (subprocess.Popen(
-                [*CLI, "seller", "serve", "--data", str(workspace / "sellers" / f"{sid}.safetensors"), "--port", "0",
-                 "--insecure", "--max-exact", "-1", "--total-max-exact", "-1"],
-                stdout=log, stderr=subprocess.STDOUT, env=env), log)
-        deadline = time.monotonic() + 120
-        while len(ports) < len(procs):
-            for sid, (proc, _) in procs.items():
-                found = READY.search((workspace / f"{sid}.log").read_text())
-                if found:
-                    ports[sid] = int(found.group(1))
-                assert proc.poll() is None, (workspace / f"{sid}.log").read_text()
-            assert time.monotonic() < deadline, "sellers did not get ready"
-            time.sleep(0.2)
+            procs[sid] = serving.start(["--data", str(workspace / "sellers" / f"{sid}.safetensors"), "--port", "0",
+                                        "--insecure", "--max-exact", "-1", "--total-max-exact", "-1"], env=env)
+        for sid, proc in procs.items():
+            ports[sid] = int(serving.wait_ready(proc, [], 120)["port"])
         yield ports
     finally:
-        for proc, log in procs.values():
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-            log.close()
+        for proc in procs.values():
+            serving.stop(proc)
 
 
 def _sellers_toml(path, body):
@@ -155,7 +131,7 @@ def _check(valuations, plain, prepared):
 
 def test_prepare_then_value_over_grpc_matches_plaintext(workspace, seller_services):
     # Prepare
-    ghost = _free_port()  # listed but nobody listens there
+    ghost = free_port()  # listed but nobody listens there
     lines = [f'[[sellers]]\nid = "{sid}"\nendpoint = "127.0.0.1:{port}"\n' for sid, port in seller_services.items()]
     lines.append(f'[[sellers]]\nid = "ghost"\nendpoint = "127.0.0.1:{ghost}"\n')
     _sellers_toml(workspace / "sellers.toml", 'runtime = "grpc"\n[tls]\ninsecure = true\n'

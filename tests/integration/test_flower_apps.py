@@ -28,6 +28,8 @@ from tip_fed.flower.server_app import Session, format_bindings, make_server_app,
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.data import load_dataset, save_dataset
 
+from ..conftest import make_data
+
 TASK = get_task("classification")
 CAUSAL = Path(__file__).resolve().parents[2] / "configs" / "causal.toml"
 
@@ -93,12 +95,6 @@ class LocalGrid(Grid):
             return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
-def _data(n, seed, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 10, generator=g) + shift
-    return {"x": x, "y": (x[:, 0] + 0.5 * x[:, 1] > shift).long()}
-
-
 @pytest.fixture(scope="module")
 def buyer_parts():
     torch.manual_seed(0)
@@ -113,12 +109,12 @@ def buyer_parts():
 
 def _buyer(buyer_parts):
     model, settings = buyer_parts
-    return Buyer(model, TASK, objective=_data(30, 2, 0.5), train=_data(60, 3), settings=settings)
+    return Buyer(model, TASK, objective=make_data(30, 2, 0.5), train=make_data(60, 3), settings=settings)
 
 
 @pytest.fixture()
 def seller_files(tmp_path):
-    return {f"s{i}": save_dataset(_data(12 + i, 10 + i, 0.3 * i), tmp_path / f"s{i}.safetensors") for i in range(4)}
+    return {f"s{i}": save_dataset(make_data(12 + i, 10 + i, 0.3 * i), tmp_path / f"s{i}.safetensors") for i in range(4)}
 
 
 def _run(grid, buyer, expected=(), nodes=None, by_reference=True, **flower):

@@ -12,61 +12,26 @@ import numpy as np
 import pytest
 import torch
 
-from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
-from tip_fed.core.gradients import projected_grads
-from tip_fed.core.influence import clip_rows
+from tip_fed.config import SellerBudgetConfig
 from tip_fed.core.models import MLP
-from tip_fed.core.tasks import get_task
 from tip_fed.errors import (
-    BudgetExceededError,
     CodecError,
     ConfigError,
     DataError,
     FingerprintMismatchError,
     InsecureParametersError,
-    ProtocolError,
-    SessionError,
-    VersionMismatchError,
+    ModelNotHeldError,
+    TipError,
 )
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
-from tip_fed.grpc.server import SERVICE_NAME, MiB, status_for
-from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
-from tip_fed.tls import create_ca, issue_cert
+from tip_fed.grpc.server import SERVICE_NAME, MiB
+from tip_fed.protocol import Seller, SellerPolicy
+from tip_fed.protocol.model import encode_model
+from tip_fed.protocol.resources import ResourceLimitError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 from tip_fed.wire.tip.v1 import valuation_pb2_grpc as rpc
 
-TASK = get_task("classification")
-
-
-def _data(n, seed, shift=0.0, features=10):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, features, generator=g) + shift
-    return {"x": x, "y": (x[:, 0] > shift).long()}
-
-
-def _buyer(model, features=10):
-    settings = BuyerSettings(
-        projection=ProjectionConfig(rank=4),
-        preconditioner=PreconditionerConfig(kind="identity"),
-        protocol=ProtocolConfig(disclosure="per-sample"),
-    )
-    return Buyer(
-        model, TASK, objective=_data(20, 2, 0.5, features), train=_data(40, 3, 0.0, features), settings=settings
-    )
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return MLP([10, 8, 2]).eval()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca = create_ca(d)
-    return {"ca": ca, "server": issue_cert(ca, d, "seller"), "client": issue_cert(ca, d, "buyer", client=True)}
-
+from ..conftest import free_port, make_data, plaintext_scores, seller_serve_error
 
 SECURITY = {
     "insecure": (lambda p: None, lambda p: None),
@@ -84,26 +49,15 @@ def _serve(seller, pki, mode, **kw):
     return running, SECURITY[mode][1](pki)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _plain(buyer, model, data):
-    g = projected_grads(model, buyer.spec, TASK, data).double()
-    return (clip_rows(g, buyer.grad_norm_bound)[0] @ buyer.query).numpy()
-
-
 @pytest.mark.parametrize("mode", ["insecure", "tls", "mtls"])
-def test_buyer_values_a_seller_service(model, pki, mode):
-    data = _data(12, 7, 0.3)
+def test_buyer_values_a_seller_service(model, make_buyer, pki, mode):
+    data = make_data(12, 7, 0.3)
     running, client_tls = _serve(Seller("clinic-a", data, policy=SellerPolicy(exact_per_sample=True)), pki, mode)
     try:
         endpoint = SellerEndpoint("clinic-a", running.address)
         health = wait_until_healthy(endpoint, tls=client_tls, insecure=client_tls is None, timeout_s=10)
         assert (health.seller_id, health.n_samples, running.security) == ("clinic-a", 12, mode)
-        buyer = _buyer(model)
+        buyer = make_buyer()
         replies, failures = value_sellers(
             [endpoint], buyer.offer(max_samples=50), tls=client_tls, insecure=client_tls is None, timeout_s=30
         )
@@ -112,23 +66,23 @@ def test_buyer_values_a_seller_service(model, pki, mode):
     assert failures == {} and list(replies) == ["clinic-a"]
     valuation = buyer.settle(list(replies.values()), expected=["clinic-a"])
     assert valuation.missing == [] and valuation.rejected == {}
-    plain = _plain(buyer, model, data)
+    plain = plaintext_scores(buyer, model, data)
     v = valuation.sellers[0]
     assert np.max(np.abs(v.per_sample - plain)) <= 1e-5 * np.abs(plain).max()
     assert abs(v.total - plain.sum()) <= 1e-5 * np.abs(plain).sum()
 
 
-def test_tls_is_required_unless_insecure_is_explicit(model):
+def test_tls_is_required_unless_insecure_is_explicit():
     with pytest.raises(ConfigError, match="needs TLS"):
-        start_server(Seller("s", _data(3, 1), policy=SellerPolicy(exact_per_sample=True)))
+        start_server(Seller("s", make_data(3, 1), policy=SellerPolicy(exact_per_sample=True)))
     with pytest.raises(ConfigError, match="needs TLS"):
         value_sellers([SellerEndpoint("s", "127.0.0.1:1")], b"")
 
 
-def test_wrong_credentials_are_reported_not_raised(model, pki):
-    running, _ = _serve(Seller("s", _data(4, 1), policy=SellerPolicy(exact_per_sample=True)), pki, "mtls")
+def test_wrong_credentials_are_reported_not_raised(make_buyer, pki):
+    running, _ = _serve(Seller("s", make_data(4, 1), policy=SellerPolicy(exact_per_sample=True)), pki, "mtls")
     try:
-        offer = _buyer(model).offer(max_samples=10)
+        offer = make_buyer().offer(max_samples=10)
         endpoint = [SellerEndpoint("s", running.address)]
         no_client_cert = value_sellers(endpoint, offer, tls=ClientTLS(pki["ca"].cert), timeout_s=5, retries=0)
         plaintext = value_sellers(endpoint, offer, insecure=True, timeout_s=5, retries=0)
@@ -138,11 +92,11 @@ def test_wrong_credentials_are_reported_not_raised(model, pki):
         assert replies == {} and failures["s"].startswith(f"{running.address}: UNAVAILABLE")
 
 
-def test_refusals_map_to_status_codes_with_the_sellers_message(model, pki):
-    running, _ = _serve(Seller("s", _data(4, 1), policy=SellerPolicy(exact_per_sample=True)), pki, "insecure")
+def test_refusals_map_to_status_codes_with_the_sellers_message(make_buyer, pki):
+    running, _ = _serve(Seller("s", make_data(4, 1), policy=SellerPolicy(exact_per_sample=True)), pki, "insecure")
     endpoint = [SellerEndpoint("s", running.address)]
     try:
-        buyer = _buyer(model)
+        buyer = make_buyer()
         offer = buyer.offer(max_samples=10)
         first = value_sellers(endpoint, offer, insecure=True, timeout_s=30)
         again = value_sellers(endpoint, offer, insecure=True, timeout_s=30, retries=3)
@@ -181,12 +135,12 @@ def _rust_panic() -> BaseException:
     raise AssertionError("the tokenizers library no longer panics on a backtracking regex")
 
 
-def test_a_panic_inside_the_seller_is_logged_and_answered_internal(model, monkeypatch, caplog):
+def test_a_panic_inside_the_seller_is_logged_and_answered_internal(make_buyer, monkeypatch, caplog):
     """A BaseException that is no Exception (a Rust panic) must end the call with INTERNAL and a log
     line, not leave it open until the buyer's deadline; the service keeps answering afterwards."""
     panic = _rust_panic()
     assert not isinstance(panic, Exception)
-    seller = Seller("s", _data(4, 1), policy=SellerPolicy(exact_per_sample=True))
+    seller = Seller("s", make_data(4, 1), policy=SellerPolicy(exact_per_sample=True))
 
     def respond(*_args, **_kwargs):
         raise panic
@@ -197,7 +151,7 @@ def test_a_panic_inside_the_seller_is_logged_and_answered_internal(model, monkey
         with grpc.insecure_channel(running.address) as channel:
             stub = rpc.SellerStub(channel)
             with pytest.raises(grpc.RpcError) as failed:
-                stub.Value(pb.ValueRequest(offer=pb.Offer.FromString(_buyer(model).offer(max_samples=10))), timeout=60)
+                stub.Value(pb.ValueRequest(offer=pb.Offer.FromString(make_buyer().offer(max_samples=10))), timeout=60)
             assert stub.Health(pb.HealthRequest(), timeout=10).seller_id == "s"
     finally:
         running.stop(0)
@@ -206,26 +160,67 @@ def test_a_panic_inside_the_seller_is_logged_and_answered_internal(model, monkey
     assert "internal error while answering an offer" in caplog.text and "retry-limit" in caplog.text
 
 
-@pytest.mark.parametrize(
-    "error, code",
-    [
-        (ProtocolError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-        (CodecError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-        (DataError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-        (BudgetExceededError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (FingerprintMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-        (VersionMismatchError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-        (InsecureParametersError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-        (SessionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-    ],
-)
-def test_every_error_kind_has_a_status_code(error, code):
-    assert status_for(error) == code
+def _damaged_query(offer):
+    offer.query[0] = b"\x00" * len(offer.query[0])
 
 
-def test_down_and_hung_sellers_are_reported_and_the_others_are_valued(model, pki):
-    running, client_tls = _serve(Seller("up", _data(6, 4), policy=SellerPolicy(exact_per_sample=True)), pki, "tls")
-    dead = f"127.0.0.1:{_free_port()}"
+def _unknown_weights(offer):
+    offer.model.weights = offer.model.weights[:-4] + b"\x00\x01\x02\x03"
+
+
+def _weak_keys(offer):
+    offer.he.coeff_mod_bit_sizes[:] = [60] * 8  # 480 bits at N=8192: far below 128-bit security
+
+
+def _seven_features(offer):
+    """A consistent, fingerprinted model for 7 input features, sent to a seller holding 10."""
+    offer.model.CopyFrom(encode_model(MLP([7, 16, 2])))
+    offer.projection.layers[0].in_features = 7
+
+
+def _by_reference(offer):
+    offer.model.ClearField("weights")  # a model this seller was never sent
+
+
+#: (how a real buyer's Offer is damaged, what the seller raises, what a gRPC client must see, the
+#: seller's resource budget)
+REFUSALS = {
+    "damaged ciphertext": (_damaged_query, CodecError, grpc.StatusCode.INVALID_ARGUMENT),
+    "weights unlike their fingerprint": (_unknown_weights, FingerprintMismatchError,
+                                         grpc.StatusCode.FAILED_PRECONDITION),
+    "insecure CKKS parameters": (_weak_keys, InsecureParametersError, grpc.StatusCode.FAILED_PRECONDITION),
+    "records that do not fit the model": (_seven_features, DataError, grpc.StatusCode.INVALID_ARGUMENT),
+    "a model the seller does not hold": (_by_reference, ModelNotHeldError, grpc.StatusCode.FAILED_PRECONDITION),
+    "an honest offer above the seller's budget": (lambda offer: None, ResourceLimitError,
+                                                  grpc.StatusCode.RESOURCE_EXHAUSTED, {"offer_work_s": 1e-6}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_each_kind_of_refusal_reaches_a_grpc_client_as_its_status(make_buyer, case):
+    """A real Offer damaged one way: the seller raises one TipError kind, and a client calling the
+    real service sees that kind's status code with the seller's own message, and no traceback."""
+    damage, kind, code, *budget = REFUSALS[case]
+    offer = pb.Offer.FromString(make_buyer().offer(max_samples=10))
+    damage(offer)
+    blob = offer.SerializeToString()
+    policy = SellerPolicy(exact_per_sample=True, budget=SellerBudgetConfig(**(budget[0] if budget else {})))
+    with pytest.raises(TipError) as raised:
+        Seller("s", make_data(4, 1), policy=policy).respond(blob)
+    assert type(raised.value) is kind, raised.value
+    running = start_server(Seller("s", make_data(4, 1), policy=policy), insecure=True)
+    try:
+        with grpc.insecure_channel(running.address) as channel, pytest.raises(grpc.RpcError) as refused:
+            rpc.SellerStub(channel).Value(pb.ValueRequest(offer=offer), timeout=60)
+    finally:
+        running.stop(0)
+    assert refused.value.code() == code
+    assert refused.value.details() == str(raised.value)[:4000]
+
+
+def test_down_and_hung_sellers_are_reported_and_the_others_are_valued(make_buyer, pki):
+    running, client_tls = _serve(Seller("up", make_data(6, 4), policy=SellerPolicy(exact_per_sample=True)), pki, "tls")
+    dead = f"127.0.0.1:{free_port()}"
     hung = socket.create_server(("127.0.0.1", 0))  # the kernel accepts connections; nobody ever answers
     hung_address = f"127.0.0.1:{hung.getsockname()[1]}"
     endpoints = [
@@ -234,7 +229,7 @@ def test_down_and_hung_sellers_are_reported_and_the_others_are_valued(model, pki
         SellerEndpoint("hung", hung_address),
     ]
     try:
-        buyer = _buyer(model)
+        buyer = make_buyer()
         calls = []
         replies, failures = value_sellers(
             endpoints,
@@ -256,11 +251,11 @@ def test_down_and_hung_sellers_are_reported_and_the_others_are_valued(model, pki
     assert [v.seller_id for v in valuation.sellers] == ["up"] and valuation.missing == ["down", "hung"]
 
 
-def test_offers_above_grpcs_4_mib_default_pass(pki):
+def test_offers_above_grpcs_4_mib_default_pass(make_buyer, pki):
     torch.manual_seed(1)
     big = MLP([10, 1200, 1024, 2]).eval()  # ~5 MB of float32 weights travel in every Offer
-    buyer = _buyer(big)
-    data = _data(5, 9)
+    buyer = make_buyer(over=big)
+    data = make_data(5, 9)
     offer = buyer.offer(max_samples=10)
     assert len(offer) > 4 * MiB
     running, client_tls = _serve(Seller("s", data, policy=SellerPolicy(exact_per_sample=True)), pki, "tls")
@@ -276,16 +271,16 @@ def test_offers_above_grpcs_4_mib_default_pass(pki):
     assert failures == {}
     assert refused["s"].startswith(f"{small.address}: RESOURCE_EXHAUSTED")
     v = buyer.settle(list(replies.values()), expected=["s"]).sellers[0]
-    plain = _plain(buyer, big, data)
+    plain = plaintext_scores(buyer, big, data)
     assert abs(v.total - plain.sum()) <= 1e-5 * np.abs(plain).sum()
 
 
 def test_a_taken_port_is_refused_not_shared(pki):
-    first = start_server(Seller("a", _data(3, 1), policy=SellerPolicy(exact_per_sample=True)), insecure=True)
+    first = start_server(Seller("a", make_data(3, 1), policy=SellerPolicy(exact_per_sample=True)), insecure=True)
     try:
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{first.port}"):
             start_server(
-                Seller("b", _data(3, 2), policy=SellerPolicy(exact_per_sample=True)), insecure=True, port=first.port
+                Seller("b", make_data(3, 2), policy=SellerPolicy(exact_per_sample=True)), insecure=True, port=first.port
             )
     finally:
         first.stop(0)
@@ -308,13 +303,10 @@ def test_a_taken_port_is_refused_not_shared(pki):
     ],
 )
 def test_seller_serve_user_errors_are_one_line(tmp_path, capsys, args, message):
-    from tip_fed.cli import main
     from tip_fed.protocol.data import save_dataset
 
-    data = save_dataset(_data(3, 1), tmp_path / "s1.safetensors")
-    assert main(["seller", "serve", "--data", str(data), "--port", "0", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tip-fed: error: ") and message in err and err.count("\n") == 1
+    data = save_dataset(make_data(3, 1), tmp_path / "s1.safetensors")
+    assert message in seller_serve_error(capsys, "--data", str(data), *args)
 
 
 def test_tls_init_reuses_its_ca_and_keeps_keys_private(tmp_path, capsys):

@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
-from tip_fed.core.gradients import projected_grads
-from tip_fed.core.influence import clip_rows
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError, DataError, VersionMismatchError
 from tip_fed.protocol import Buyer, BuyerSettings, PreparedQuery, Seller, SellerPolicy
@@ -22,9 +20,8 @@ from tip_fed.protocol.prepared import FILES, MANIFEST
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 from tip_fed.workflow import value
 
-from ..conftest import make_data
+from ..conftest import TASK, make_data, plaintext_scores
 
-TASK = get_task("classification")
 SETTINGS = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="kfac"),
                          protocol=ProtocolConfig(disclosure="per-sample"), seed=11)
 
@@ -33,11 +30,6 @@ SETTINGS = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=Pre
 def saved(model, tmp_path_factory):
     prepared = Buyer.prepare(model, TASK, make_data(40, 2, shift=0.5), make_data(120, 3), SETTINGS)
     return prepared, prepared.save(tmp_path_factory.mktemp("prep") / "query")
-
-
-def _plain(buyer, model, data):
-    g = projected_grads(model, buyer.spec, TASK, data).double()
-    return (clip_rows(g, buyer.grad_norm_bound)[0] @ buyer.query).numpy()
 
 
 def _session(buyer, sellers):
@@ -64,7 +56,7 @@ def test_loaded_query_values_sellers_like_the_fitted_buyer(model, seller_data, s
     # ... and the same valuations, each matching the plaintext reference within CKKS noise
     tol = 1e-6 * direct.query_norm * direct.grad_norm_bound
     for vd, vl in zip(*(v.sellers for v in valuations), strict=True):
-        plain = _plain(direct, model, seller_data[vd.seller_id])
+        plain = plaintext_scores(direct, model, seller_data[vd.seller_id])
         assert vd.seller_id == vl.seller_id and vd.n_samples == vl.n_samples == len(plain)
         for v in (vd, vl):
             assert np.max(np.abs(v.per_sample - plain)) <= tol
@@ -90,7 +82,7 @@ def test_value_api_with_a_saved_directory_and_with_a_prepared_query(model, selle
     assert [v.seller_id for v in valuation.sellers] == list(seller_data) and valuation.missing == []
     buyer = Buyer.from_prepared(prepared)
     for v in valuation.sellers:
-        plain = _plain(buyer, model, seller_data[v.seller_id])
+        plain = plaintext_scores(buyer, model, seller_data[v.seller_id])
         assert v.per_sample is None
         assert abs(v.total - plain.sum()) <= len(plain) * 1e-6 * buyer.query_norm * buyer.grad_norm_bound
 

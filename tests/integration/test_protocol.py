@@ -8,9 +8,6 @@ import numpy as np
 import pytest
 
 from tip_fed.config import CryptoConfig, PreconditionerConfig, ProjectionConfig, ProtocolConfig
-from tip_fed.core.gradients import projected_grads
-from tip_fed.core.influence import clip_rows
-from tip_fed.core.tasks import get_task
 from tip_fed.errors import (
     BudgetExceededError,
     FingerprintMismatchError,
@@ -23,9 +20,7 @@ from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.testing import buyer_session, secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from ..conftest import make_data
-
-TASK = get_task("classification")
+from ..conftest import TASK, make_data, plaintext_scores
 
 
 def _buyer(model, disclosure="per-sample", **kw):
@@ -36,12 +31,6 @@ def _buyer(model, disclosure="per-sample", **kw):
         **kw,
     )
     return Buyer(model, TASK, objective=make_data(40, 2, shift=0.5), train=make_data(120, 3), settings=settings)
-
-
-def _plain(buyer, model, data):
-    g = projected_grads(model, buyer.spec, TASK, data).double()
-    clipped, _ = clip_rows(g, buyer.grad_norm_bound)
-    return (clipped @ buyer.query).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +48,7 @@ def test_per_sample_and_totals_match_plaintext(model, sellers, kind):
     valuation = buyer.settle(replies, expected=[*list(sellers), "ghost"])
     assert valuation.missing == ["ghost"] and valuation.rejected == {}
     for v in valuation.sellers:
-        plain = _plain(buyer, model, sellers[v.seller_id])
+        plain = plaintext_scores(buyer, model, sellers[v.seller_id])
         tol = 1e-6 * buyer.query_norm * buyer.grad_norm_bound  # CKKS + sanitising noise: 1e-6 of the score bound
         assert v.n_samples == len(plain)
         assert np.max(np.abs(v.per_sample - plain)) <= tol
@@ -73,7 +62,7 @@ def test_aggregate_disclosure_reveals_one_number(model, sellers):
     reply = Seller("s1", sellers["s1"], policy=SellerPolicy(exact_per_sample=True)).respond(offer)
     assert pb.Reply.FromString(reply).n_rows == 1
     v = buyer.settle([reply]).sellers[0]
-    plain = _plain(buyer, model, sellers["s1"])
+    plain = plaintext_scores(buyer, model, sellers["s1"])
     assert v.per_sample is None
     assert abs(v.total - plain.sum()) <= len(plain) * 1e-6 * buyer.query_norm * buyer.grad_norm_bound
 

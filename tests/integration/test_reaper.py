@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
@@ -22,6 +21,8 @@ import pytest
 
 from tip_fed.runtimes.processes import PrivateRun, ProcessGroup
 from tip_fed.runtimes.reaper import TAG, running, stop_tagged, tagged
+
+from ..conftest import wait_until
 
 PARENT = textwrap.dedent("""
     import sys, time
@@ -33,13 +34,6 @@ PARENT = textwrap.dedent("""
         print(run.root, flush=True)
         time.sleep(300)
 """)
-
-
-def _wait_until(condition, bound_s=10.0):
-    deadline = time.monotonic() + bound_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
 
 
 def _tree(pid):
@@ -54,14 +48,14 @@ def test_a_killed_run_leaves_no_process_and_no_directory(tmp_path):
     try:
         root = Path(parent.stdout.readline().strip())
         assert (root / "seller.key").is_file() and oct(root.stat().st_mode & 0o777) == "0o700"
-        assert _wait_until(lambda: len(_tree(parent.pid)) >= 7)  # reaper, 2 bash, 4 sleep (1 in a new session)
+        assert wait_until(lambda: len(_tree(parent.pid)) >= 7, 10)  # reaper, 2 bash, 4 sleep (1 in a new session)
         started = _tree(parent.pid)
         assert len({os.getsid(p) for p in started}) >= 3  # the reaper and the detached sleep each have their own
         # Execute: SIGKILL, no cleanup in the parent runs
         parent.kill()
         assert parent.wait(10) == -signal.SIGKILL
-        # Assert: within 10 s every process it started (the reaper too) and the directory are gone
-        assert _wait_until(lambda: running(started) == [] and not root.exists()), (running(started), root.exists())
+        # Assert: every process it started (the reaper too) and the directory go away by themselves
+        assert wait_until(lambda: running(started) == [] and not root.exists(), 10), (running(started), root.exists())
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -75,7 +69,7 @@ def test_a_normal_exit_stops_detached_descendants_and_deletes_the_directory(tmp_
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     with PrivateRun("tip-reaper-test-") as run, ProcessGroup(run.root / "logs", reaper=run.reaper, grace_s=1) as group:
         child = group.start("detaches", ["bash", "-c", "setsid sleep 300 & sleep 300"])
-        assert _wait_until(lambda: len(tagged(group.token)) == 3)
+        assert wait_until(lambda: len(tagged(group.token)) == 3, 10)
         pids = [p.pid for p in tagged(group.token)]
         assert child.pid in pids and os.environ.get(TAG) is None  # only children carry the token
     assert running(pids) == [] and not run.root.exists()
@@ -90,7 +84,7 @@ def test_without_a_reaper_children_outlive_their_parent_until_stopped_by_token(t
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     token = out.stdout.strip()
     try:
-        assert _wait_until(lambda: len(tagged(token)) == 3)
+        assert wait_until(lambda: len(tagged(token)) == 3, 10)
         survivors = [p.pid for p in tagged(token)]
     finally:
         stopped = stop_tagged(token, 1.0)
@@ -105,10 +99,10 @@ def test_direct_children_die_with_their_parent_even_without_a_reaper(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     try:
-        assert _wait_until(lambda: psutil.Process(child).name() == "sleep")  # the launcher has exec'd
+        assert wait_until(lambda: psutil.Process(child).name() == "sleep", 10)  # the launcher has exec'd
         parent.kill()
         parent.wait(10)
-        assert _wait_until(lambda: running([child]) == [])
+        assert wait_until(lambda: running([child]) == [], 10)
     finally:
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(child).kill()

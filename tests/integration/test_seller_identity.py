@@ -13,38 +13,32 @@ import torch
 
 from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
 from tip_fed.core.models import MLP
-from tip_fed.core.tasks import get_task
 from tip_fed.errors import SellerIdentityError, TipError
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers, wait_until_healthy
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.tls import create_ca, issue_cert, seller_name
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
+from ..conftest import TASK, make_data
+
 EXACT = SellerPolicy(exact_per_sample=True)  # the buyer below asks for per-sample scores without noise
 
-TASK = get_task("classification")
-
-
-def _data(n, seed, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 10, generator=g) + shift
-    return {"x": x, "y": (x[:, 0] > shift).long()}
 
 
 def _buyer():
     torch.manual_seed(0)
     settings = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),
                              protocol=ProtocolConfig(disclosure="aggregate"))
-    return Buyer(MLP([10, 8, 2]).eval(), TASK, objective=_data(20, 2, 0.5), train=_data(40, 3), settings=settings)
+    return Buyer(MLP([10, 8, 2]).eval(), TASK, objective=make_data(20, 2, 0.5), train=make_data(40, 3),
+                 settings=settings)
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca = create_ca(d)
+def pki(pki):
+    """The shared CA and client certificate, and server certificates naming (or not) a seller."""
+    ca, d = pki["ca"], pki["dir"]
     return {
-        "ca": ca,
-        "client": issue_cert(ca, d, "buyer", client=True),
+        **pki,
         "digits-1": issue_cert(ca, d, "seller-1", seller_id="digits-1"),
         "digits-4": issue_cert(ca, d, "seller-4", seller_id="digits-4"),
         "anonymous": issue_cert(ca, d, "anonymous"),  # valid for 127.0.0.1, names no seller
@@ -64,9 +58,9 @@ def _tls(pki, bind=True):
 def test_a_seller_answering_for_another_sellers_id_is_refused(pki):
     # Prepare: honest digits-1; the rogue holds digits-1's certificate (a market member's own key)
     # but its service answers as digits-4; the genuine digits-4 also runs
-    honest = _server(Seller("digits-1", _data(8, 5), policy=EXACT), pki["digits-1"])
-    rogue = _server(Seller("digits-4", _data(8, 6, 1.0), policy=EXACT), pki["digits-1"])
-    genuine = _server(Seller("digits-4", _data(8, 7), policy=EXACT), pki["digits-4"])
+    honest = _server(Seller("digits-1", make_data(8, 5), policy=EXACT), pki["digits-1"])
+    rogue = _server(Seller("digits-4", make_data(8, 6, 1.0), policy=EXACT), pki["digits-1"])
+    genuine = _server(Seller("digits-4", make_data(8, 7), policy=EXACT), pki["digits-4"])
     tls = _tls(pki)
     try:
         buyer = _buyer()
@@ -110,7 +104,7 @@ def test_a_seller_answering_for_another_sellers_id_is_refused(pki):
 
 def test_a_certificate_that_names_no_seller_is_refused_when_ids_are_bound(pki):
     # Prepare: a stranger with a CA-signed certificate for the address only, answering as digits-4
-    stranger = _server(Seller("digits-4", _data(8, 6), policy=EXACT), pki["anonymous"])
+    stranger = _server(Seller("digits-4", make_data(8, 6), policy=EXACT), pki["anonymous"])
     endpoint = SellerEndpoint("digits-4", stranger.address)
     try:
         offer = _buyer().offer(max_samples=20)
@@ -142,7 +136,7 @@ def test_with_one_ca_per_seller_each_endpoint_trusts_only_its_sellers_ca(tmp_pat
     forged = issue_cert(rogue_ca, tmp_path / "rogue", "forged", seller_id="digits-4")
     bundle = tmp_path / "sellers-ca.crt"
     bundle.write_bytes(rogue_ca.cert.read_bytes() + genuine_ca.cert.read_bytes())
-    rogue = _server(Seller("digits-4", _data(8, 6, 1.0), policy=EXACT), forged)
+    rogue = _server(Seller("digits-4", make_data(8, 6, 1.0), policy=EXACT), forged)
     try:
         tls = ClientTLS(bundle, client.cert, client.key, bind_seller_id=True)
         offer = _buyer().offer(max_samples=20)

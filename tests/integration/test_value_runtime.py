@@ -6,7 +6,6 @@ ids), decrypted totals are checked against plaintext, and a round where nobody a
 error, never an empty results directory.
 """
 
-import socket
 
 import pytest
 import torch
@@ -23,15 +22,7 @@ from tip_fed.market.results import read_csv, read_json
 from tip_fed.protocol import Buyer, BuyerSettings, Seller
 from tip_fed.tls import create_ca, issue_cert
 
-from ..conftest import make_data
-
-TASK = get_task("classification")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..conftest import TASK, free_port, make_data
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,7 @@ def test_value_from_sellers_toml_over_mutual_tls(model, seller_data, prepared, m
     # Prepare
     d, ca, client, servers = mtls_sellers
     entries = [f'[[sellers]]\nid = "{sid}"\nendpoint = "{r.address}"\n' for sid, r in servers.items()]
-    entries.append(f'[[sellers]]\nid = "ghost"\nendpoint = "127.0.0.1:{_free_port()}"\n')
+    entries.append(f'[[sellers]]\nid = "ghost"\nendpoint = "127.0.0.1:{free_port()}"\n')
     (d / "sellers.toml").write_text(
         f'runtime = "grpc"\n[tls]\nca = "{ca.cert.name}"\ncert = "{client.cert.name}"\nkey = "{client.key.name}"\n'
         'bind-seller-id = true\n[grpc]\ntimeout-s = 30\nretries = 0\n' + "".join(entries))
@@ -98,7 +89,7 @@ def test_a_seller_answering_under_another_id_is_refused(seller_data, prepared, m
 def test_no_seller_answering_is_an_error(buyer_files):
     d = buyer_files
     (d / "sellers.toml").write_text(f'runtime = "grpc"\n[tls]\ninsecure = true\n[grpc]\nretries = 0\n'
-                                    f'[[sellers]]\nid = "gone"\nendpoint = "127.0.0.1:{_free_port()}"\n')
+                                    f'[[sellers]]\nid = "gone"\nendpoint = "127.0.0.1:{free_port()}"\n')
     with pytest.raises(SellerUnavailableError, match=r"no seller was valued: gone: .*UNAVAILABLE"):
         tip_fed.value_files(d / "buyer.toml", d / "sellers.toml", d / "out")
     assert not (d / "out").exists()

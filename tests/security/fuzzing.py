@@ -1,7 +1,8 @@
 """Shared hypothesis machinery for the fuzz suite: settings, hostile values, field mutations.
 
 Every fuzz test asserts one thing: the code under test returns a valid result or raises a
-``TipError``; any other exception, a crash or an example slower than the deadline is a bug.
+``TipError``; any other exception or a crash is a bug. The per-example deadline (seconds, far above
+what any example costs) only turns a hang into a failure; it is no claim about speed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tip_fed.errors import TipError
 
 
 def fuzz(examples: int, deadline_s: float = 5.0) -> settings:
-    """Deterministic (CI-stable) settings; the deadline turns a near-hang into a failure."""
+    """Deterministic (CI-stable) settings; the deadline is a hang guard, not a speed requirement."""
     return settings(
         max_examples=examples,
         deadline=timedelta(seconds=deadline_s),

@@ -21,23 +21,47 @@ from tip_fed.bench.hostile import (
     rank_f,
     uint8_weights,
 )
+from tip_fed.protocol import Seller, SellerPolicy
+from tip_fed.protocol.ledger import LedgerPolicy
 
 __all__ = [
     "BUILDERS",
+    "N_ROWS",
+    "UNCAPPED",
     "big_context",
     "fake_offer",
+    "hostile_offers",
     "huge_dim",
     "many_layers",
     "rank_f",
     "run_in_child",
+    "target",
     "uint8_weights",
 ]
+
+#: records held by the seller that hostile Offers are sent to
+N_ROWS = 60
+#: these tests are about resources, not privacy: exact answers are not capped
+UNCAPPED = LedgerPolicy(max_exact=None, total_max_exact=None)
+
+
+def target(records, **policy) -> Seller:
+    """The seller "s" that hostile Offers are sent to: exact answers, no lifetime cap, ``policy`` on top."""
+    return Seller("s", records, policy=SellerPolicy(exact_per_sample=True, lifetime=UNCAPPED, **policy))
+
+
+def hostile_offers(buyer) -> dict[str, bytes]:
+    """Each hostile Offer, built from one honest Offer of ``buyer``, by name."""
+    honest = buyer.offer(max_samples=100)
+    return {name: build(honest, N_ROWS + 1) for name, build in BUILDERS.items()}
+
 
 _CHILD = r"""
 import json, sys, torch
 from safetensors.torch import load_file
 from tip_fed.errors import TipError
 from tip_fed.config import SellerBudgetConfig
+from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.ledger import LedgerPolicy
 

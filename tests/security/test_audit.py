@@ -18,7 +18,7 @@ from tip_fed.protocol.audit import Delivery, SessionRecord, audit
 from tip_fed.protocol.disclosure import NoisePolicy
 from tip_fed.testing import buyer_session, secret_key_bytes
 
-from .conftest import make_data
+from ..conftest import make_data
 
 # these sellers release exact per-sample scores (the audit without noise); noisy audits below
 EXACT = SellerPolicy(exact_per_sample=True)

@@ -24,7 +24,7 @@ from tip_fed.protocol.ledger import LedgerPolicy
 from tip_fed.testing import buyer_session
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from .conftest import TASK, make_data
+from ..conftest import TASK, make_data, plaintext_scores, seller_serve_error
 
 
 class ProbingBuyer(Buyer):
@@ -41,14 +41,21 @@ class ProbingBuyer(Buyer):
         return msg.SerializeToString()
 
 
-def _plain(buyer, model, data):
-    g = projected_grads(model, buyer.spec, TASK, data).double()
-    return (clip_rows(g, buyer.grad_norm_bound)[0] @ buyer.query).numpy()
-
-
-def test_default_disclosure_is_aggregate():
-    assert ProtocolConfig().disclosure == "aggregate"
-    assert SellerPolicy().max_queries_per_session == 1
+def test_by_default_a_seller_releases_one_aggregate_score_once(model, seller_data):
+    """Neither side opting in: the reply carries one encrypted total (no per-sample rows) and the same
+    session cannot be queried again."""
+    buyer = Buyer(model, TASK, objective=make_data(40, 2), settings=BuyerSettings(
+        projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity")))
+    offer = buyer.offer(max_samples=100)
+    seller = Seller("s1", seller_data["s1"])
+    reply = seller.respond(offer)
+    assert pb.Reply.FromString(reply).n_rows == 1
+    with pytest.raises(BudgetExceededError, match="budget"):
+        seller.respond(offer)
+    (v,) = buyer.settle([reply]).sellers
+    assert v.per_sample is None
+    assert v.total == pytest.approx(plaintext_scores(buyer, model, seller_data["s1"]).sum(),
+                                    abs=1e-6 * buyer.query_norm * buyer.grad_norm_bound * v.n_samples)
 
 
 def test_basis_vector_probe_is_refused_once_the_budget_is_spent(model, seller_data):
@@ -118,7 +125,7 @@ def test_seller_noise_is_added_inside_the_encryption_and_stated(model, seller_da
     assert len(reply.noise_commitment) == 32
     v = buyer.settle([reply.SerializeToString()]).sellers[0]
     assert v.noise["epsilon"] == 4.0 and v.noise["delta"] == 1e-6
-    resid = v.per_sample - _plain(buyer, model, data)
+    resid = v.per_sample - plaintext_scores(buyer, model, data)
     # 70 residuals: their spread is the declared std (chi-square bounds, p ~ 1e-6 each side)
     assert 0.55 * v.noise["std"] < resid.std() < 1.5 * v.noise["std"]
     assert abs(resid.mean()) < 6 * v.noise["std"] / math.sqrt(n)
@@ -137,7 +144,7 @@ def test_aggregate_noise_and_manifest_state_epsilon_delta(model, seller_data, ma
     assert composed["delta"] == 2e-6 and 1.0 < composed["epsilon"] < 2.0
     for v in valuation.sellers:
         assert v.noise["epsilon"] == 1.0 and v.noise["std"] > 0 and v.noise["total_std"] == v.noise["std"]
-        plain = _plain(buyer, model, seller_data[v.seller_id]).sum()
+        plain = plaintext_scores(buyer, model, seller_data[v.seller_id]).sum()
         assert abs(v.total - plain) < 8 * v.noise["total_std"]
 
 
@@ -157,7 +164,7 @@ def test_released_scores_are_rounded(model, seller_data, make_buyer):
     assert q == pytest.approx(buyer.query_norm * buyer.grad_norm_bound * 1e-4)
     for x in [*v.per_sample, v.total]:
         assert abs(x / q - round(x / q)) < 1e-6
-    assert np.max(np.abs(v.per_sample - _plain(buyer, model, seller_data["s1"]))) <= q
+    assert np.max(np.abs(v.per_sample - plaintext_scores(buyer, model, seller_data["s1"]))) <= q
     assert round_release(1.26, 0.5) == 1.5 and round_release(1.26, 0.0) == 1.26
 
 
@@ -254,7 +261,7 @@ def test_understated_query_norm_changes_neither_the_noise_nor_the_stated_epsilon
         )
         replies[cls.__name__] = reply
         v = buyer.settle([reply.SerializeToString()]).sellers[0]
-        resid[cls.__name__] = (v.per_sample - _plain(buyer, model, data)) / v.noise["std"]
+        resid[cls.__name__] = (v.per_sample - plaintext_scores(buyer, model, data)) / v.noise["std"]
     honest, liar = replies["Buyer"], replies["LyingBuyer"]
     assert (liar.dp_epsilon, liar.dp_delta, liar.noise_std) == (honest.dp_epsilon, honest.dp_delta, honest.noise_std)
     print(
@@ -276,22 +283,5 @@ def test_per_sample_disclosure_requires_noise(seller_data, make_buyer):
 
 @pytest.mark.parametrize("eps", ["-1", "nan", "0"])
 def test_seller_serve_refuses_a_bad_privacy_setting_in_one_line(eps, tmp_path, capsys):
-    from tip_fed.cli import main
-
-    assert (
-        main(
-            [
-                "seller",
-                "serve",
-                "--data",
-                str(tmp_path / "d.safetensors"),
-                "--port",
-                "0",
-                "--insecure",
-                "--dp-epsilon",
-                eps,
-            ]
-        )
-        == 2
-    )
-    assert "dp epsilon" in capsys.readouterr().err
+    err = seller_serve_error(capsys, "--data", str(tmp_path / "d.safetensors"), "--insecure", "--dp-epsilon", eps)
+    assert "dp epsilon" in err

@@ -19,7 +19,7 @@ from tip_fed.protocol.offer import decode_offer
 from tip_fed.testing import buyer_session
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from .conftest import make_data
+from ..conftest import make_data
 from .fuzzing import HOSTILE_FLOATS, HOSTILE_INTS, HOSTILE_TEXT, HOSTILE_U64, fuzz, mutated_bytes, tip_or_result
 
 N_BYTES, N_OFFER_DECODE, N_RESPOND, N_REPLY, N_SETTLE = 2400, 1200, 150, 1500, 15

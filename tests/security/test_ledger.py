@@ -34,7 +34,7 @@ from tip_fed.protocol.ledger import (
 from tip_fed.testing import buyer_session
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from .conftest import TASK, make_data
+from ..conftest import TASK, make_data, seller_serve_error
 
 
 class BasisProber(Buyer):
@@ -173,27 +173,9 @@ def test_composition_is_the_accountants_not_basic_composition():
     ],
 )
 def test_seller_serve_refuses_a_bad_lifetime_budget_in_one_line(flag, value, tmp_path, capsys):
-    from tip_fed.cli import main
-
-    assert (
-        main(
-            [
-                "seller",
-                "serve",
-                "--data",
-                str(tmp_path / "d.safetensors"),
-                "--port",
-                "0",
-                "--insecure",
-                "--ledger",
-                str(tmp_path / "ledger.json"),
-                flag,
-                value,
-            ]
-        )
-        == 2
-    )
-    assert "ledger " in capsys.readouterr().err
+    err = seller_serve_error(capsys, "--data", str(tmp_path / "d.safetensors"), "--insecure", "--ledger",
+                             str(tmp_path / "ledger.json"), flag, value)
+    assert "ledger " in err
 
 
 def test_sybil_identities_share_the_seller_wide_budget(model, seller_data):

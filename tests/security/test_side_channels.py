@@ -15,7 +15,7 @@ from tip_fed.protocol import Seller, SellerPolicy, commitment
 from tip_fed.protocol.disclosure import NoisePolicy
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from .conftest import TASK, make_data
+from ..conftest import TASK, make_data
 
 
 def _worlds(model, spec):

@@ -8,7 +8,7 @@ import pytest
 from tip_fed.protocol import Seller, SellerPolicy, commitment
 from tip_fed.protocol.spotcheck import catch_probability, choose, open_records, sampling_width, spot_check
 
-from .conftest import make_data
+from ..conftest import make_data
 
 
 class PartlyFabricatingSeller(Seller):
