@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
@@ -23,6 +22,7 @@ from simulations.market import Market
 from simulations.results import RunResult, versions, write_run
 from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
 from tip_fed.config import TipConfig
+from tip_fed.console import counted, phase, restart, step
 from tip_fed.core.gradients import projected_grads
 from tip_fed.market import baselines, metrics, stats
 from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
@@ -79,9 +79,12 @@ def value_replicate(
     """One session: encrypted exchange, plaintext reference, baselines, ground truth, payouts, deciles."""
     gt = config.ground_truth
     t0 = time.perf_counter()
+    phase("the buyer's preconditioner and query")
     buyer = make_buyer(market, config)
+    phase(f"{len(market.sellers)} sellers scoring under encryption ({config.runtime})")
     valuation = EXCHANGES[config.runtime](config, market, buyer, progress)
     ids = [v.seller_id for v in valuation.sellers]
+    phase("plaintext reference and baselines")
     plain = {s: plaintext_reference(buyer, market, s) for s in ids}
     tolerance = check_session(buyer, valuation, plain)  # before the costly ground truth
     obj = _grads(market, buyer, market.objective)
@@ -94,32 +97,17 @@ def value_replicate(
     )
     seed = config.seed * 1000 + rep
     sampled = market.info.get("truth_sellers", ids)  # a market may fine-tune on a random sample only
+    finetune: dict[str, Any] = {
+        "lr": gt.lr, "epochs": gt.epochs, "batch_size": gt.batch_size, "seed": seed, "layers": gt.layers,
+    }
     truth = {
-        s: finetune_benefit(
-            market.model,
-            market.task,
-            market.sellers[s],
-            market.objective,
-            lr=gt.lr,
-            epochs=gt.epochs,
-            batch_size=gt.batch_size,
-            seed=seed,
-            layers=gt.layers,
-        )
-        for s in ids
-        if s in sampled
+        s: finetune_benefit(market.model, market.task, market.sellers[s], market.objective, **finetune)
+        for s in counted([s for s in ids if s in sampled], "ground-truth fine-tunes")
     }
     utility = coalition_utility(
-        market.model,
-        market.task,
-        {s: market.sellers[s] for s in ids},
-        market.objective,
-        lr=gt.lr,
-        epochs=gt.epochs,
-        batch_size=gt.batch_size,
-        seed=seed,
-        layers=gt.layers,
+        market.model, market.task, {s: market.sellers[s] for s in ids}, market.objective, **finetune
     )
+    phase("payouts and results")
     write_run(
         out,
         config,
@@ -239,10 +227,13 @@ def run_replicated(config: TipConfig, markets: list[Market], out: Path, *, progr
     """Value every replicate market in its own session and write per-replicate and pooled results."""
     rows: list[dict[str, Any]] = []
     deciles = []
-    for rep, market in enumerate(tqdm(markets, desc="replicates", disable=not progress)):
+    restart("replicates", len(markets), unit="replicate")
+    for rep, market in enumerate(markets):
+        step(f"replicate {rep + 1}/{len(markets)}")
         rep_rows, dec = value_replicate(config, market, out / "replicates" / f"rep-{rep:03d}", rep, progress)
         rows += rep_rows
         deciles += [dec] if dec else []
+    step("pooling the replicates")
     k = max(1, min(3, len(markets[0].sellers) // 3))
     reps = per_replicate(rows, k)
     write_csv(out / "scores.csv", SCORE_COLUMNS, rows)
