@@ -14,35 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
 from simulations.market import Market
 from simulations.results import RunResult, versions, write_run
-from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
+from simulations.scenarios import make_buyer, plaintext_reference, projection_seed, seller_gradients
 from tip_fed.config import TipConfig
 from tip_fed.console import counted, phase, restart, step
-from tip_fed.core.gradients import projected_grads
 from tip_fed.market import baselines, metrics, stats
 from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
 from tip_fed.market.market_report import render_market_report
 from tip_fed.market.results import read_csv, read_json, write_csv, write_json
-from tip_fed.protocol.data import iter_batches
 
 METHODS = ("tip", *baselines.METHODS)
 SCORE_COLUMNS = ("replicate", "seller_id", "n_samples", "tip", "tip_plaintext", *baselines.METHODS, "benefit")
 REPLICATE_COLUMNS = ("replicate", "n_sellers", *(f"{m}_{c}" for m in METHODS for c in ("spearman", "pearson")),
                      "tip_top1", "gradient_cosine_top1", "tip_topk", "gradient_cosine_topk")
 PAPER = {"tip": 0.900, "gradient_cosine": 0.855, "data_cosine": 0.311, "random": 0.352}  # mean |Spearman|, §6.2
-
-
-def _grads(market: Market, buyer: Any, data: Any) -> np.ndarray:
-    return (
-        torch.cat([projected_grads(market.model, buyer.spec, market.task, b) for b in iter_batches(data, 64)])
-        .double()
-        .numpy()
-    )
 
 
 def decile_check(scores: dict[str, float], utility: Any) -> dict[str, Any] | None:
@@ -84,13 +73,12 @@ def value_replicate(
     phase(f"{len(market.sellers)} sellers scoring under encryption ({config.runtime})")
     valuation = EXCHANGES[config.runtime](config, market, buyer, progress)
     ids = [v.seller_id for v in valuation.sellers]
-    phase("plaintext reference and baselines")
-    plain = {s: plaintext_reference(buyer, market, s) for s in ids}
+    grads = {s: seller_gradients(buyer, market, market.sellers[s]) for s in counted(ids, "plaintext gradients")}
+    plain = {s: plaintext_reference(buyer, market, s, grads[s]) for s in ids}
     tolerance = check_session(buyer, valuation, plain)  # before the costly ground truth
-    obj = _grads(market, buyer, market.objective)
     base = baselines.score_all(
-        {s: _grads(market, buyer, market.sellers[s]) for s in ids},
-        obj,
+        {s: g.numpy() for s, g in grads.items()},
+        seller_gradients(buyer, market, market.objective).numpy(),
         {s: market.sellers[s] for s in ids},
         market.objective,
         seed=config.seed * 7919 + rep,

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 T = TypeVar("T")
 LOG_EVERY_S = 15.0
+RUN_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"  # steps take minutes: no rate
 PREFIX = "tip-fed"
 
 
@@ -64,7 +65,7 @@ def _line(text: str) -> None:
 def run_progress(desc: str, total: int, *, enabled: bool, unit: str = "step") -> Iterator[None]:
     """Open the run's progress of ``total`` steps; :func:`step`, :func:`phase` and :func:`counted` report into it."""
     saved = (_run.bar, _run.label, _run.started, _run.steps, _run.enabled)
-    _run.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) \
+    _run.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, bar_format=RUN_BAR) \
         if enabled and _live() else None
     _run.label, _run.started, _run.steps, _run.enabled = "", time.perf_counter(), 0, enabled
     try:
