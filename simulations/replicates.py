@@ -21,7 +21,7 @@ from simulations.market import Market
 from simulations.results import RunResult, versions, write_run
 from simulations.scenarios import make_buyer, plaintext_reference, projection_seed, seller_gradients
 from tip_fed.config import TipConfig
-from tip_fed.console import counted, phase, restart, step
+from tip_fed.console import count, counted, phase, restart, step
 from tip_fed.market import baselines, metrics, stats
 from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
 from tip_fed.market.market_report import render_market_report
@@ -96,19 +96,14 @@ def value_replicate(
         market.model, market.task, {s: market.sellers[s] for s in ids}, market.objective, **finetune
     )
     phase("payouts and results")
-    write_run(
-        out,
-        config,
-        market,
-        buyer,
-        valuation,
-        plain,
-        truth,
-        time.perf_counter() - t0,
-        utility=utility,
-        tolerance=tolerance,
-        render=False,
-    )
+    with count("coalition fine-tunes (leave-one-out and Shapley payouts)", None) as coalitions:
+
+        def counted_utility(coalition: frozenset[str]) -> float:
+            coalitions.update()
+            return utility(coalition)
+
+        write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0,
+                  utility=counted_utility, tolerance=tolerance, render=False)
     by_id = valuation.by_id()
     deciles = decile_check({s: by_id[s].total for s in ids}, utility)
     return [

@@ -123,7 +123,7 @@ class Count:
         self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True) \
             if enabled and _live() else None
         self.started = self.said = time.perf_counter()
-        if enabled and self.bar is None:
+        if enabled and self.bar is None and total is not None:  # an open-ended count speaks once it has news
             _line(self._text())
 
     def _text(self) -> str:
