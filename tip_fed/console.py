@@ -123,11 +123,13 @@ class Count:
         self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True) \
             if enabled and _live() else None
         self.started = self.said = time.perf_counter()
+        self.said_done: int | None = None  # the count the last log line gave
         if enabled and self.bar is None and total is not None:  # an open-ended count speaks once it has news
-            _line(self._text())
+            self._say()
 
-    def _text(self) -> str:
-        return f"{self.desc} {self.done}/{self.total}" if self.total is not None else f"{self.desc} {self.done}"
+    def _say(self) -> None:
+        self.said, self.said_done = time.perf_counter(), self.done
+        _line(f"{self.desc} {self.done}/{self.total}" if self.total is not None else f"{self.desc} {self.done}")
 
     def update(self, n: int = 1) -> None:
         """``n`` more items are done."""
@@ -135,15 +137,14 @@ class Count:
         if self.bar is not None:
             self.bar.update(n)
         elif self.enabled and time.perf_counter() - self.said >= LOG_EVERY_S:
-            self.said = time.perf_counter()
-            _line(self._text())
+            self._say()
 
     def close(self) -> None:
         """The loop is over: the bar goes; a log notes the end of a loop that took long."""
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and self.said > self.started:
-            _line(self._text())
+        elif self.enabled and self.said - self.started >= LOG_EVERY_S and self.said_done != self.done:
+            self._say()
         self.enabled = False
 
 
