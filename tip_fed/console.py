@@ -143,7 +143,7 @@ class Count:
         """The loop is over: the bar goes; a log notes the end of a loop that took long."""
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and self.said - self.started >= LOG_EVERY_S and self.said_done != self.done:
+        elif self.enabled and time.perf_counter() - self.started >= LOG_EVERY_S and self.said_done != self.done:
             self._say()
         self.enabled = False
 

@@ -47,7 +47,7 @@ from tip_fed.runtimes.processes import PrivateRun
 RunConfigValue = str | int | float | bool
 # the ServerApp's log lines that ``flwr run --stream`` relays: what it does, and each seller's answer
 _SERVER_LINE = re.compile(r"query\.value: (?P<what>offering .*|\d+ of \d+ seller nodes lack .*|" + ANSWERED + r" .*)")
-_ANSWERED_LINE = re.compile(ANSWERED + r" (?P<done>\d+)/(?P<total>\d+)")
+_ANSWERED_LINE = re.compile(ANSWERED + r" (?P<done>\d+)/\d+")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def run_app(
     phase("signing the app; the run goes to the SuperLink, whose ServerApp builds the buyer", enabled=progress)
     run_config = deployment.write_run_config(directory, out_dir, dict(app.run_config))
     waves = 1 + len(deployment.nodes) // flower.wave_size
-    answers: list[Count] = []  # opened when the ServerApp says it is offering
+    answers: list[Count] = []  # opened when the ServerApp says it is offering (it has built the buyer)
 
     def follow(line: str) -> None:
         said = _SERVER_LINE.search(line)
@@ -141,10 +141,10 @@ def run_app(
         done = _ANSWERED_LINE.match(said["what"])
         if done is None:
             phase(f"ServerApp: {said['what'].strip()}", enabled=progress)
-            return
         if not answers:
-            answers.append(Count(ANSWERED, int(done["total"]), enabled=progress))
-        answers[0].update(int(done["done"]) - answers[0].done)
+            answers.append(Count(ANSWERED, len(deployment.nodes), enabled=progress))
+        if done is not None:
+            answers[0].update(int(done["done"]) - answers[0].done)
 
     try:
         output = deployment.flwr(
