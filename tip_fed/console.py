@@ -177,6 +177,8 @@ QUIET_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (DeprecationWarning, "pathspec", ""),  # Flower's ignore-file parsing uses a pattern style pathspec deprecates
     # ray.init, asked for CPU workers by Flower, announces a change to GPU device masking
     (FutureWarning, r"ray\._private\.worker", "Tip: In future versions of Ray"),
+    # reading the standard library's docstrings (the LLM market's text) touches typing's deprecated aliases
+    (DeprecationWarning, "inspect", r"typing\.(io|re) is deprecated"),
 )
 
 
