@@ -15,8 +15,6 @@ sent (every call), whether the weights went out, the seller's own timings from i
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import subprocess
 import sys
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 import transformers
 
-from tip_fed.bench.common import machine, versions
+from tip_fed.bench.common import bench_args, machine, versions, write_result
 from tip_fed.config import ProjectionConfig, ProtocolConfig
 from tip_fed.core.tasks import get_task
 from tip_fed.grpc import OfferSent, SellerEndpoint, value_sellers
@@ -122,10 +120,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--quick", action="store_true", help="a 2-layer width-128 GPT-2 instead of GPT-2 small")
-    args = ap.parse_args()
+    args = bench_args(__doc__, "a 2-layer width-128 GPT-2 instead of GPT-2 small")
     t0 = time.perf_counter()
     result: dict[str, Any] = {"quick": args.quick, "machine": machine(), "versions": versions(),
                               "offer_cache": run(args.quick)}
@@ -137,10 +132,7 @@ def main() -> None:
         "he_share_first": oc["first"]["he_share"], "he_share_repeat": oc["repeat"]["he_share"],
     }
     result["seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=2))
+    write_result(result, args.out, "summary")
 
 
 if __name__ == "__main__":

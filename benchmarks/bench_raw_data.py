@@ -9,15 +9,13 @@ seller's first and repeated answer to the same buyer (the repeat reuses the enco
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from tip_fed.bench.common import machine, versions
+from tip_fed.bench.common import bench_args, machine, versions, write_result
 from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
 from tip_fed.protocol import BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.ledger import LedgerPolicy
@@ -95,17 +93,11 @@ def run(tmp: Path, n_table: int, n_text: int, max_length: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    args = ap.parse_args()
+    args = bench_args(__doc__, "small sizes (a smoke run)")
     sizes = (500, 200, 32) if args.quick else (5000, 1000, 64)
     with tempfile.TemporaryDirectory() as tmp:
         result = {"quick": args.quick, "machine": machine(), "versions": versions(), "raw_data": run(Path(tmp), *sizes)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["raw_data"], indent=2))
+    write_result(result, args.out, "raw_data")
 
 
 if __name__ == "__main__":

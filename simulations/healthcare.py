@@ -40,6 +40,7 @@ import torch
 from simulations.causal import train_classifier
 from simulations.market import Market
 from simulations.settings import SimulationConfig
+from tip_fed.console import counted, phase
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
@@ -253,9 +254,10 @@ def build(config: SimulationConfig) -> list[Market]:
         for site in pool[:2]:  # the buyer's own sites are clean
             site.y = site.y_true
     else:
+        phase(f"splitting {source(h.dataset)} into {h.sites} hospitals")
         pool = real_sites(config, rng)
     markets = []
-    for r in range(reps):
+    for r in counted(range(reps), "replicate markets (a buyer model trained for each)"):
         order = list(range(len(pool))) if scale else list(rng.permutation(len(pool)))
         train, objective, sellers = pool[order[0]], pool[order[1]], [pool[i] for i in order[2 : 2 + k]]
         torch.manual_seed(config.seed * 1000 + r)

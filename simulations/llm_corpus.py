@@ -26,6 +26,7 @@ import torch
 from simulations.llm_text import off_domain, python_docs, stdlib_docs
 from simulations.market import Market
 from simulations.settings import SimulationConfig
+from tip_fed.console import counted, phase
 from tip_fed.core.tasks import get_task
 from tip_fed.errors import ConfigError
 
@@ -78,7 +79,7 @@ def pretrain(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     n = data["input_ids"].shape[0]
     model.train()
-    for _ in range(steps):
+    for _ in counted(range(steps), "pretraining steps"):
         idx = torch.randint(0, n, (min(16, n),), generator=gen)
         opt.zero_grad(set_to_none=True)
         task.per_sample_loss(model, {k: v[idx] for k, v in data.items()}).mean().backward()
@@ -90,6 +91,7 @@ def build(config: SimulationConfig) -> list[Market]:
     """One market: buyer (tokenizer + model trained on its topics), held-out objective, document sellers."""
     c = config.llm_corpus
     rng = np.random.default_rng(config.seed)
+    phase("reading the text (Python docs, standard-library docstrings, off-domain)")
     docs, lib, other = python_docs(), stdlib_docs(), off_domain()
     n_doc, n_low, m = c.doc_sellers, c.low_sellers, c.max_blocks
     names = list(rng.permutation(list(docs)))
@@ -109,8 +111,10 @@ def build(config: SimulationConfig) -> list[Market]:
     modules = list(rng.permutation(list(lib)))
     train_lib, seller_lib = modules[: c.train_modules], modules[c.train_modules :]
     buyer_text = [docs[t] for t in train_t] + [lib[k] for k in train_lib]
+    phase(f"training the buyer's BPE tokenizer ({c.vocab_size} tokens)")
     tok = train_tokenizer(buyer_text + [other[o] for o in other_buyer], c.vocab_size)
     vocab, L = tok.get_vocab_size(), c.block_len
+    phase("cutting the texts into blocks and the sellers' documents")
 
     def labelled(rows: list[list[int]], label: int) -> dict[str, torch.Tensor]:
         return _batch(rows, [label] * len(rows) if bert else None)
@@ -156,6 +160,7 @@ def build(config: SimulationConfig) -> list[Market]:
     ids = list(sellers)
     truth = ids if n_truth <= 0 or n_truth >= len(ids) else sorted(rng.choice(ids, n_truth, replace=False).tolist())
     task = get_task("sequence-classification" if bert else "causal-lm")
+    phase(f"pretraining the buyer's {c.model} on its {len(train_rows)} blocks")
     torch.manual_seed(config.seed)
     model = _model(config, vocab)
     train = _batch([r for r, _ in train_rows], [y for _, y in train_rows] if bert else None)

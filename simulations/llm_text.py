@@ -17,6 +17,9 @@ import glob
 import importlib
 import inspect
 import os
+import warnings
+
+from tip_fed.console import quiet_third_party
 
 # Pure documentation sources; modules with import side effects (antigravity, this) are absent.
 STDLIB_MODULES = (
@@ -58,13 +61,15 @@ def _docstrings(module: object) -> list[str]:
 def stdlib_docs() -> dict[str, str]:
     """Module -> its docstrings joined (modules this Python lacks are skipped)."""
     out = {}
-    for mod in STDLIB_MODULES:
-        try:
-            text = "\n\n".join(_docstrings(importlib.import_module(mod)))
-        except ImportError:
-            continue
-        if len(text) > 500:
-            out[mod] = text
+    with warnings.catch_warnings():
+        quiet_third_party()
+        for mod in STDLIB_MODULES:
+            try:
+                text = "\n\n".join(_docstrings(importlib.import_module(mod)))
+            except ImportError:
+                continue
+            if len(text) > 500:
+                out[mod] = text
     return out
 
 

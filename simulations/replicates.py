@@ -14,35 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
 from simulations.market import Market
 from simulations.results import RunResult, versions, write_run
-from simulations.scenarios import make_buyer, plaintext_reference, projection_seed
+from simulations.scenarios import make_buyer, plaintext_reference, projection_seed, seller_gradients
 from simulations.settings import SimulationConfig
-from tip_fed.core.gradients import projected_grads
+from tip_fed.console import count, counted, phase, restart, step
 from tip_fed.market import baselines, metrics, stats
 from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
 from tip_fed.market.market_report import render_market_report
 from tip_fed.market.results import read_csv, read_json, write_csv, write_json
-from tip_fed.protocol.data import iter_batches
 
 METHODS = ("tip", *baselines.METHODS)
 SCORE_COLUMNS = ("replicate", "seller_id", "n_samples", "tip", "tip_plaintext", *baselines.METHODS, "benefit")
 REPLICATE_COLUMNS = ("replicate", "n_sellers", *(f"{m}_{c}" for m in METHODS for c in ("spearman", "pearson")),
                      "tip_top1", "gradient_cosine_top1", "tip_topk", "gradient_cosine_topk")
 PAPER = {"tip": 0.900, "gradient_cosine": 0.855, "data_cosine": 0.311, "random": 0.352}  # mean |Spearman|, §6.2
-
-
-def _grads(market: Market, buyer: Any, data: Any) -> np.ndarray:
-    return (
-        torch.cat([projected_grads(market.model, buyer.spec, market.task, b) for b in iter_batches(data, 64)])
-        .double()
-        .numpy()
-    )
 
 
 def decile_check(scores: dict[str, float], utility: Any) -> dict[str, Any] | None:
@@ -79,60 +68,42 @@ def value_replicate(
     """One session: encrypted exchange, plaintext reference, baselines, ground truth, payouts, deciles."""
     gt = config.ground_truth
     t0 = time.perf_counter()
+    phase("the buyer's preconditioner and query")
     buyer = make_buyer(market, config)
+    phase(f"{len(market.sellers)} sellers scoring under encryption ({config.runtime})")
     valuation = EXCHANGES[config.runtime](config, market, buyer, progress)
     ids = [v.seller_id for v in valuation.sellers]
-    plain = {s: plaintext_reference(buyer, market, s) for s in ids}
+    grads = {s: seller_gradients(buyer, market, market.sellers[s]) for s in counted(ids, "plaintext gradients")}
+    plain = {s: plaintext_reference(buyer, market, s, grads[s]) for s in ids}
     tolerance = check_session(buyer, valuation, plain)  # before the costly ground truth
-    obj = _grads(market, buyer, market.objective)
     base = baselines.score_all(
-        {s: _grads(market, buyer, market.sellers[s]) for s in ids},
-        obj,
+        {s: g.numpy() for s, g in grads.items()},
+        seller_gradients(buyer, market, market.objective).numpy(),
         {s: market.sellers[s] for s in ids},
         market.objective,
         seed=config.seed * 7919 + rep,
     )
     seed = config.seed * 1000 + rep
     sampled = market.info.get("truth_sellers", ids)  # a market may fine-tune on a random sample only
+    finetune: dict[str, Any] = {
+        "lr": gt.lr, "epochs": gt.epochs, "batch_size": gt.batch_size, "seed": seed, "layers": gt.layers,
+    }
     truth = {
-        s: finetune_benefit(
-            market.model,
-            market.task,
-            market.sellers[s],
-            market.objective,
-            lr=gt.lr,
-            epochs=gt.epochs,
-            batch_size=gt.batch_size,
-            seed=seed,
-            layers=gt.layers,
-        )
-        for s in ids
-        if s in sampled
+        s: finetune_benefit(market.model, market.task, market.sellers[s], market.objective, **finetune)
+        for s in counted([s for s in ids if s in sampled], "ground-truth fine-tunes")
     }
     utility = coalition_utility(
-        market.model,
-        market.task,
-        {s: market.sellers[s] for s in ids},
-        market.objective,
-        lr=gt.lr,
-        epochs=gt.epochs,
-        batch_size=gt.batch_size,
-        seed=seed,
-        layers=gt.layers,
+        market.model, market.task, {s: market.sellers[s] for s in ids}, market.objective, **finetune
     )
-    write_run(
-        out,
-        config,
-        market,
-        buyer,
-        valuation,
-        plain,
-        truth,
-        time.perf_counter() - t0,
-        utility=utility,
-        tolerance=tolerance,
-        render=False,
-    )
+    phase("payouts and results")
+    with count("coalition fine-tunes (leave-one-out and Shapley payouts)", None) as coalitions:
+
+        def counted_utility(coalition: frozenset[str]) -> float:
+            coalitions.update()
+            return utility(coalition)
+
+        write_run(out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0,
+                  utility=counted_utility, tolerance=tolerance, render=False)
     by_id = valuation.by_id()
     deciles = decile_check({s: by_id[s].total for s in ids}, utility)
     return [
@@ -241,10 +212,13 @@ def run_replicated(
     """Value every replicate market in its own session and write per-replicate and pooled results."""
     rows: list[dict[str, Any]] = []
     deciles = []
-    for rep, market in enumerate(tqdm(markets, desc="replicates", disable=not progress)):
+    restart("replicates", len(markets), unit="replicate")
+    for rep, market in enumerate(markets):
+        step(f"replicate {rep + 1}/{len(markets)}")
         rep_rows, dec = value_replicate(config, market, out / "replicates" / f"rep-{rep:03d}", rep, progress)
         rows += rep_rows
         deciles += [dec] if dec else []
+    step("pooling the replicates")
     k = max(1, min(3, len(markets[0].sellers) // 3))
     reps = per_replicate(rows, k)
     write_csv(out / "scores.csv", SCORE_COLUMNS, rows)

@@ -11,52 +11,46 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
 from simulations.replicates import run_replicated
 from simulations.results import RunResult, write_run
 from simulations.scenarios import build_markets, make_buyer, plaintext_reference
 from simulations.settings import SimulationConfig
+from tip_fed.console import counted, phase, quiet_third_party, run_progress, step
 from tip_fed.market.ground_truth import finetune_benefit
 
 
 def run_scenario(config: SimulationConfig, out_dir: str | Path, *, progress: bool = True) -> RunResult:
     """Run the configured scenario over its runtime and write every result file into ``out_dir``."""
+    quiet_third_party()
     out = Path(out_dir)
     t0 = time.perf_counter()
-    bar = tqdm(total=4, desc="tip-fed", disable=not progress, unit="phase")
-    bar.set_postfix_str("building market and buyer")
-    built = build_markets(config)
-    if isinstance(built, list):
-        bar.close()
-        return run_replicated(config, built, out, progress=progress, started=t0)
-    market = built
-    buyer = make_buyer(market, config)
-    bar.update()
+    with run_progress("tip-fed", 4, enabled=progress, unit="phase"):
+        step(f"building the {config.scenario} market")
+        built = build_markets(config)
+        if isinstance(built, list):
+            return run_replicated(config, built, out, progress=progress, started=t0)
+        market = built
+        phase("the buyer's preconditioner and query")
+        buyer = make_buyer(market, config)
 
-    bar.set_postfix_str(f"sellers scoring under encryption ({config.runtime})")
-    valuation = EXCHANGES[config.runtime](config, market, buyer, progress)
-    bar.update()
+        step(f"{len(market.sellers)} sellers scoring under encryption ({config.runtime})")
+        valuation = EXCHANGES[config.runtime](config, market, buyer, progress)
 
-    bar.set_postfix_str("plaintext reference and ground truth")
-    plain = {v.seller_id: plaintext_reference(buyer, market, v.seller_id) for v in valuation.sellers}
-    tolerance = check_session(buyer, valuation, plain)
-    truth = {}
-    if config.ground_truth.enabled:
-        gt = config.ground_truth
-        for i, sid in enumerate(tqdm(list(plain), desc="fine-tuning", leave=False, disable=not progress)):
-            truth[sid] = finetune_benefit(
-                market.model, market.task, market.sellers[sid], market.objective,
-                lr=gt.lr, epochs=gt.epochs, batch_size=gt.batch_size, seed=config.seed + i, layers=gt.layers,
-            )
-    bar.update()
+        step("plaintext reference and ground truth")
+        plain = {v.seller_id: plaintext_reference(buyer, market, v.seller_id) for v in valuation.sellers}
+        tolerance = check_session(buyer, valuation, plain)
+        truth = {}
+        if config.ground_truth.enabled:
+            gt = config.ground_truth
+            for i, sid in enumerate(counted(list(plain), "ground-truth fine-tunes")):
+                truth[sid] = finetune_benefit(
+                    market.model, market.task, market.sellers[sid], market.objective,
+                    lr=gt.lr, epochs=gt.epochs, batch_size=gt.batch_size, seed=config.seed + i, layers=gt.layers,
+                )
 
-    bar.set_postfix_str("writing results")
-    result = write_run(
-        out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance
-    )
-    bar.update()
-    bar.close()
-    return result
+        step("writing results")
+        return write_run(
+            out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance
+        )

@@ -18,12 +18,11 @@ import torch
 from simulations import causal, healthcare, llm_corpus
 from simulations.market import Market
 from simulations.settings import SimulationConfig
-from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.influence import scores as plain_scores
 from tip_fed.errors import ConfigError
 from tip_fed.protocol import Buyer, SellerPolicy, Valuation
-from tip_fed.protocol.data import check_batch, iter_batches, save_dataset
+from tip_fed.protocol.data import Batch, check_batch, dataset_gradients, save_dataset
 from tip_fed.protocol.ledger import LedgerPolicy
 
 # A builder returns one Market, or a list of Markets (one per replicate, each valued in its own session).
@@ -129,10 +128,15 @@ def export_sellers(config: SimulationConfig, out_dir: str | Path, replicate: int
     return list(write_seller_files(build_market(config, replicate), out_dir).values())
 
 
-def plaintext_reference(buyer: Buyer, market: Market, seller_id: str) -> np.ndarray:
-    """Per-sample plaintext scores of one seller (clipped exactly as the seller clips)."""
-    grads = torch.cat(
-        [projected_grads(market.model, buyer.spec, market.task, b) for b in iter_batches(market.sellers[seller_id], 64)]
-    ).double()
+def seller_gradients(buyer: Buyer, market: Market, data: Batch) -> torch.Tensor:
+    """Float64 per-sample gradients of ``data`` under the buyer's projection: the simulator's plaintext view."""
+    return dataset_gradients(market.model, buyer.spec, market.task, data, 64)
+
+
+def plaintext_reference(buyer: Buyer, market: Market, seller_id: str, grads: torch.Tensor | None = None) -> np.ndarray:
+    """Per-sample plaintext scores of one seller (clipped exactly as the seller clips); ``grads`` are
+    its :func:`seller_gradients` when already computed."""
+    if grads is None:
+        grads = seller_gradients(buyer, market, market.sellers[seller_id])
     clipped, _ = clip_rows(grads, buyer.grad_norm_bound)
     return plain_scores(buyer.query, clipped).numpy()

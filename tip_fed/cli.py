@@ -340,6 +340,9 @@ def _simulate(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     out = Path(args.out)
     cli_value.check_out_dir(out, args.force)
+    from tip_fed.console import phase
+
+    phase("loading torch and TenSEAL", enabled=not args.quiet)
     from simulations.runner import run_scenario
     from tip_fed.market.summary import summary_lines
 

@@ -41,6 +41,16 @@ class CertPaths:
     key: Path
 
 
+def read_tls_file(path: str | Path, what: str = "TLS") -> bytes:
+    """A certificate or key file's bytes; a ConfigError naming ``what`` (a flag, say) and the file if unreadable."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {what} file {path}: {exc.strerror}; create files with 'tip-fed tls init DIR'"
+        ) from exc
+
+
 def seller_name(seller_id: str) -> str:
     """The DNS name that stands for ``seller_id`` in certificates and as the buyer's TLS target name.
 

@@ -19,7 +19,7 @@ TOPS = ("tip_fed", "simulations", "benchmarks")
 # Packages from the bottom up: a package may import only packages of lower layers (and itself);
 # packages of one layer stand beside each other and import none of each other.
 LAYERS = (
-    {"tip_fed.errors", "tip_fed.lazy"},
+    {"tip_fed.errors", "tip_fed.lazy", "tip_fed.console"},
     {"tip_fed.files", "tip_fed.toml_files"},
     {"tip_fed", "tip_fed.config", "tip_fed.tls", "tip_fed.wire"},
     {"tip_fed.core", "tip_fed.crypto", "tip_fed.sellers_config"},

@@ -24,7 +24,7 @@ from typing import Any
 
 from tip_fed.errors import ConfigError
 
-from .common import machine, versions
+from .common import machine, versions, write_result
 
 __all__ = ["SECTIONS", "SUMMARY_KEYS", "merge_results", "run_bench"]
 
@@ -85,8 +85,7 @@ def _write(result: dict[str, Any], out: Path) -> dict[str, Any]:
             value = result[section][field]
             summary[key] = value if isinstance(value, (int, float)) and math.isfinite(value) else None
     result["summary"] = summary
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, out)
     for key, value in summary.items():
         print(f"  {key} = {value:.4g}" if isinstance(value, float) else f"  {key} = {value}")
     print(f"wrote {out}")

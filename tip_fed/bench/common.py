@@ -9,6 +9,8 @@ worker spawned by a large process would report the parent's size as its own peak
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import resource
@@ -40,6 +42,24 @@ SEQ_LEN = 128
 #: k = 16 * 64 = 1024, the dimension the packing benchmark uses.
 GPT2_INCLUDE = ("transformer.h.*",)
 GPT2_RANK = 8
+
+
+def bench_args(doc: str | None, quick: str) -> argparse.Namespace:
+    """A benchmark script's command line: ``--out FILE`` (required) and ``--quick`` (``quick`` says what it runs)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help=quick)
+    return ap.parse_args()
+
+
+def write_result(result: dict[str, Any], out: str | Path, shown: str | None = None) -> Path:
+    """Write a benchmark's ``result`` as JSON to ``out`` (parents created); print its ``shown`` block."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if shown is not None:
+        print(json.dumps(result[shown], indent=2))
+    return path
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:

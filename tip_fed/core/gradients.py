@@ -325,9 +325,9 @@ def _run(
     """Loop over batches; gradients and/or merged factors (empty when not wanted)."""
     task = get_task(task)
     if progress:
-        from tqdm.auto import tqdm
+        from tip_fed.console import counted
 
-        batches = tqdm(batches, desc="projected gradients", unit="batch")
+        batches = counted(batches, "projected gradients (batches)", enabled=True)
     grads: list[torch.Tensor] = []
     stats: dict[str, KfacStats] = {}
     seen = 0

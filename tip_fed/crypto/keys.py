@@ -159,6 +159,14 @@ class PublicContext:
             )
 
 
+def _context_bytes(ctx: Any, what: str, *, secret: bool) -> bytes:
+    """``ctx`` serialised with either its public key (what sellers get) or its secret key, never both,
+    and without Galois or relinearisation keys (the public context carries only the plan's own)."""
+    with tenseal_errors(f"serialising {what}", CryptoError):
+        return bytes(ctx.serialize(save_public_key=not secret, save_secret_key=secret,
+                                   save_galois_keys=False, save_relin_keys=False))
+
+
 class SessionKeys:
     """The buyer's fresh CKKS key pair for one session, and what may be shown of it."""
 
@@ -217,14 +225,7 @@ class SessionKeys:
         """Public context for sellers: parameters, public key, only the plan's Galois keys."""
         if self._public is None:
             ctx, handles = self._live()
-            with tenseal_errors("serialising the public context", CryptoError):
-                base = ctx.serialize(
-                    save_public_key=True,
-                    save_secret_key=False,
-                    save_galois_keys=False,
-                    save_relin_keys=False,
-                )
-            msg = new_context_proto(base)
+            msg = new_context_proto(_context_bytes(ctx, "the public context", secret=False))
             steps = self._plan.galois_steps
             if steps:
                 keygen = sa.KeyGenerator(handles.seal_context, ctx.secret_key().data)
@@ -242,13 +243,7 @@ class SessionKeys:
     def _serialized_secret_key(self) -> bytes:
         """The secret key as TenSEAL serialises it: what the fingerprint hashes; never sent anywhere."""
         ctx, _ = self._live()
-        with tenseal_errors("serialising the secret key", CryptoError):
-            private = ctx.serialize(
-                save_public_key=False,
-                save_secret_key=True,
-                save_galois_keys=False,
-                save_relin_keys=False,
-            )
+        private = _context_bytes(ctx, "the secret key", secret=True)
         return bytes(new_context_proto(private).private_context.secret_key)
 
     def secret_key_fingerprint(self) -> str:

@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ConfigRecordValues, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
+from tip_fed.console import phase, quiet_third_party
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.files import write_private
 from tip_fed.flower.client_app import (
@@ -84,16 +86,20 @@ def simulate_session(session: Session, loader: SellerLoader, num_sellers: int, *
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        phase(f"{num_sellers} virtual SuperNodes under Ray: workers starting (warm-up wave)", enabled=progress)
         warm_up(grid, session)
-        result["valuation"] = run_session(grid, session)
+        phase(f"the Offer out, at most {session.flower.wave_size} sellers at a time", enabled=progress)
+        result["valuation"] = run_session(grid, replace(session, progress=progress))
 
     client = make_client_app(loader)
     client.query(WARM_UP_ACTION)(_warm_up_reply)
     cfg: FlowerConfig = session.flower
     backend: dict[str, dict[str, ConfigRecordValues]] = {
         "client_resources": {"num_cpus": cfg.num_cpus, "num_gpus": 0.0},
-        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": progress},
+        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
     }
+    quiet_third_party()
+    phase("starting Ray and Flower's simulation engine", enabled=progress)
     run_simulation(server, client, num_supernodes=num_sellers, backend_config=backend, verbose_logging=False)
     if "valuation" not in result:
         raise TipError("the Flower simulation ended without a valuation; the ServerApp failed (see the log above)")

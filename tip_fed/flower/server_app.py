@@ -29,6 +29,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
+from tip_fed.console import Count
 from tip_fed.errors import ConfigError, ModelNotHeldError, ProtocolError, TipError
 from tip_fed.flower import records
 from tip_fed.protocol import Buyer, Valuation
@@ -36,6 +37,7 @@ from tip_fed.protocol.messages import decode_reply
 from tip_fed.protocol.model_cache import strip_weights
 
 logger = logging.getLogger(__name__)
+ANSWERED = "sellers answered"  # logged as "query.value: sellers answered K/N" after each answer (or silence)
 _POLL_S = 0.05  # pause between polls for replies while none arrives
 
 
@@ -49,6 +51,7 @@ class Session:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     nodes: Mapping[str, int] = field(default_factory=dict)  # seller id -> registered node id; empty: any node
     by_reference: bool = True  # Offer without weights first; the full Offer only to sellers lacking the model
+    progress: bool = False  # count the sellers' answers on stderr (a host process's run)
 
 
 def parse_bindings(text: str) -> dict[str, int]:
@@ -100,12 +103,15 @@ def run_session(grid: Grid, session: Session) -> Valuation:
     content = records.encode_offer(strip_weights(offer) if session.by_reference else offer)
     silent: list[int] = []
     lacking: list[int] = []
+    answers = Count(ANSWERED, len(nodes), enabled=session.progress)
 
     def collect(targets: Sequence[int], message: RecordDict, by_reference: bool) -> Iterator[bytes]:
         for node, reply in exchange(grid, targets, message, cfg):
             if by_reference and reply is not None and _model_not_held(reply):
                 lacking.append(node)
                 continue
+            answers.update()
+            logger.info("query.value: %s %d/%d", ANSWERED, answers.done, len(nodes))
             if reply is None:
                 silent.append(node)
                 continue
@@ -120,7 +126,10 @@ def run_session(grid: Grid, session: Session) -> Valuation:
                         len(lacking), len(nodes))
             yield from collect(list(lacking), records.encode_offer(offer), False)
 
-    valuation = session.buyer.settle(replies(), expected=session.expected)
+    try:
+        valuation = session.buyer.settle(replies(), expected=session.expected)
+    finally:
+        answers.close()
     valuation.rejected.update(rejected)
     if not session.expected:
         valuation.missing.extend(f"node-{n}" for n in silent)

@@ -45,6 +45,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from tip_fed.console import quiet_third_party
 from tip_fed.errors import ConfigError, TipError
 
 PUBLISHERS = "trusted-publishers"  # node config: YAML file of trusted publisher keys
@@ -93,8 +94,8 @@ def build_fab(app_dir: str | Path) -> bytes:
     from flwr.cli.build import build_fab_from_disk
 
     try:
-        with warnings.catch_warnings():  # Flower's ignore-file parsing uses a pattern style pathspec deprecates
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module="pathspec")
+        with warnings.catch_warnings():  # quiet only while building (this also runs in the sellers' guard)
+            quiet_third_party()
             return build_fab_from_disk(Path(app_dir))
     except ValueError as exc:
         raise ConfigError(f"cannot build the Flower App in {app_dir}: {exc}") from exc

@@ -37,7 +37,7 @@ from tip_fed.errors import (
 )
 from tip_fed.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, channel_options
 from tip_fed.protocol.model_cache import strip_weights
-from tip_fed.tls import seller_name
+from tip_fed.tls import read_tls_file, seller_name
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -85,9 +85,9 @@ class ClientTLS:
         if (self.cert is None) != (self.key is None):
             raise ConfigError("a client certificate needs its key and the key its certificate; give both or neither")
         return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.root_ca),
-            private_key=_read(self.key) if self.key else None,
-            certificate_chain=_read(self.cert) if self.cert else None,
+            root_certificates=read_tls_file(self.root_ca),
+            private_key=read_tls_file(self.key) if self.key else None,
+            certificate_chain=read_tls_file(self.cert) if self.cert else None,
         )
 
 
@@ -102,15 +102,6 @@ class OfferSent:
     def to_dict(self) -> dict[str, Any]:
         """For a run manifest."""
         return asdict(self)
-
-
-def _read(path: str | Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read TLS file {path}: {exc.strerror}; create files with 'tip-fed tls init DIR'"
-        ) from exc
 
 
 def open_channel(

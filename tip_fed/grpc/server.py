@@ -48,6 +48,7 @@ from tip_fed.protocol.resources import (
     ResourceLimitError,
     max_offer_bytes,
 )
+from tip_fed.tls import read_tls_file
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 log = logging.getLogger("tip_fed.grpc.server")
@@ -125,18 +126,9 @@ class ServerTLS:
 
     def credentials(self) -> grpc.ServerCredentials:
         """grpcio server credentials; ConfigError naming the file that cannot be read."""
-        key, cert = _read(self.key, "--tls-key"), _read(self.cert, "--tls-cert")
-        ca = _read(self.client_ca, "--tls-client-ca") if self.client_ca else None
+        key, cert = read_tls_file(self.key, "--tls-key"), read_tls_file(self.cert, "--tls-cert")
+        ca = read_tls_file(self.client_ca, "--tls-client-ca") if self.client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {what} file {path}: {exc.strerror}; create files with 'tip-fed tls init DIR'"
-        ) from exc
 
 
 class SellerService:

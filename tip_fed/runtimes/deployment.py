@@ -29,12 +29,14 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tip_fed import tls
+from tip_fed.console import counted, phase
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.files import write_private
 from tip_fed.flower import trust
@@ -199,15 +201,18 @@ class LocalDeployment:
         seller -> node bindings and ``out-dir`` (plus ``extra`` keys)."""
         return write_run_config(self.root / RUN_CONFIG_FILE, app_dir, self.publisher, self.nodes, out_dir, extra)
 
-    def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None) -> str:
+    def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None,
+             on_line: Callable[[str], None] | None = None) -> str:
         """Run the ``flwr`` CLI against this deployment; TipError with its output if it fails."""
-        return run_flwr(args, self.env, timeout_s=timeout_s, cwd=cwd, logs=f"; logs in {self.group.log_dir}")
+        return run_flwr(args, self.env, timeout_s=timeout_s, cwd=cwd, logs=f"; logs in {self.group.log_dir}",
+                        on_line=on_line)
 
-    def up(self, sellers: dict[str, Path]) -> None:
+    def up(self, sellers: dict[str, Path], *, progress: bool = False) -> None:
         """Prepare, start the SuperLink, register one key per seller (id -> data file) and start its SuperNode."""
+        phase("starting the SuperLink (TLS, SuperNode authentication, signed apps only)", enabled=progress)
         self.prepare()
         self.start_superlink()
-        for name, path in sellers.items():
+        for name, path in counted(sellers.items(), "SuperNodes registered and started", enabled=progress):
             private, public = self.node_key(name)
             self.nodes[name] = self.register(public)
             self.start_supernode(name, private, path, seller_id=name)
@@ -232,30 +237,42 @@ class LocalDeployment:
 
 
 def run_flwr(
-    args: Sequence[str], env: Mapping[str, str], *, timeout_s: float = 120.0, cwd: Path | None = None, logs: str = ""
+    args: Sequence[str], env: Mapping[str, str], *, timeout_s: float = 120.0, cwd: Path | None = None, logs: str = "",
+    on_line: Callable[[str], None] | None = None,
 ) -> str:
-    """Run the ``flwr`` CLI with Flower's environment ``env``; its output, or TipError with it."""
+    """Run the ``flwr`` CLI with Flower's environment ``env``; its output, or TipError with it.
+
+    ``on_line`` sees each line of output as it comes (``flwr run --stream`` follows a run for minutes)."""
+    lines: list[str] = []
+    proc = subprocess.Popen(
+        [str(BIN / "flwr"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **env}, cwd=cwd, stdin=subprocess.DEVNULL,
+    )
+
+    def read() -> None:
+        for line in proc.stdout or ():
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        proc = subprocess.run(
-            [str(BIN / "flwr"), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-            env={**os.environ, **env},
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-        )
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
         raise TipError(
             f"'flwr {' '.join(args[:2])}' did not finish within {timeout_s:.0f} s "
             f"(raise flower.timeout-s / flower.node-wait-s){logs}"
         ) from exc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+    output = "".join(lines)
     if proc.returncode != 0:
-        raise TipError(
-            f"'flwr {' '.join(args[:2])}' failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
-        )
-    return proc.stdout + proc.stderr
+        raise TipError(f"'flwr {' '.join(args[:2])}' failed ({proc.returncode}):\n{output[-3000:]}")
+    return output
 
 
 def write_run_config(

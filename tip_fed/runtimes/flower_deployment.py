@@ -21,15 +21,18 @@ back only when that host is this one.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from tip_fed.config import FlowerConfig
+from tip_fed.console import Count, phase
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.flower.runs import VALUATION_FILE
+from tip_fed.flower.server_app import ANSWERED
 from tip_fed.protocol import Valuation
 from tip_fed.runtimes.deployment import (
     CONNECTION,
@@ -42,6 +45,9 @@ from tip_fed.runtimes.deployment import (
 from tip_fed.runtimes.processes import PrivateRun
 
 RunConfigValue = str | int | float | bool
+# the ServerApp's log lines that ``flwr run --stream`` relays: what it does, and each seller's answer
+_SERVER_LINE = re.compile(r"query\.value: (?P<what>offering .*|\d+ of \d+ seller nodes lack .*|" + ANSWERED + r" .*)")
+_ANSWERED_LINE = re.compile(ANSWERED + r" (?P<done>\d+)/\d+")
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ class Deployment(Protocol):
 
     def write_run_config(self, app_dir: Path, out_dir: Path, extra: Mapping[str, object] | None = None) -> Path: ...
 
-    def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None) -> str: ...
+    def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None,
+             on_line: Callable[[str], None] | None = None) -> str: ...
 
 
 @dataclass
@@ -106,32 +113,54 @@ class RemoteSuperLink:
             Path(self.root) / RUN_CONFIG_FILE, app_dir, self.publisher_key, self.nodes, out_dir, extra
         )
 
-    def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None) -> str:
+    def flwr(self, *args: str, timeout_s: float = 120.0, cwd: Path | None = None,
+             on_line: Callable[[str], None] | None = None) -> str:
         """Run the ``flwr`` CLI against this SuperLink."""
-        return run_flwr(args, self.env, timeout_s=timeout_s, cwd=cwd, logs=f" (SuperLink {self.address})")
+        return run_flwr(args, self.env, timeout_s=timeout_s, cwd=cwd, logs=f" (SuperLink {self.address})",
+                        on_line=on_line)
 
 
 def run_app(
-    deployment: Deployment, app: FlowerApp, out_dir: Path, *, flower: FlowerConfig | None = None, stream: bool = False
+    deployment: Deployment, app: FlowerApp, out_dir: Path, *, flower: FlowerConfig | None = None,
+    progress: bool = False,
 ) -> Valuation:
     """Sign ``app`` for ``deployment``, ``flwr run`` it and return the valuation its ServerApp wrote
-    to ``out_dir``. The wait covers ``flower.node-wait-s`` plus one ``flower.timeout-s`` per wave."""
+    to ``out_dir``. The wait covers ``flower.node-wait-s`` plus one ``flower.timeout-s`` per wave.
+    With ``progress``, the sellers' answers are counted from the ServerApp's log as the run streams it."""
     flower = flower or FlowerConfig()
     directory = Path(app.directory).resolve()
+    phase("signing the app; the run goes to the SuperLink, whose ServerApp builds the buyer", enabled=progress)
     run_config = deployment.write_run_config(directory, out_dir, dict(app.run_config))
     waves = 1 + len(deployment.nodes) // flower.wave_size
-    output = deployment.flwr(
-        "run",
-        str(directory),
-        CONNECTION,
-        "--stream",
-        "--run-config",
-        str(run_config),
-        timeout_s=flower.node_wait_s + flower.timeout_s * waves + 300,
-        cwd=directory,
-    )
-    if stream:
-        print(output)
+    answers: list[Count] = []  # opened when the ServerApp says it is offering (it has built the buyer)
+
+    def follow(line: str) -> None:
+        said = _SERVER_LINE.search(line)
+        if said is None:
+            return
+        done = _ANSWERED_LINE.match(said["what"])
+        if done is None:
+            phase(f"ServerApp: {said['what'].strip()}", enabled=progress)
+        if not answers:
+            answers.append(Count(ANSWERED, len(deployment.nodes), enabled=progress))
+        if done is not None:
+            answers[0].update(int(done["done"]) - answers[0].done)
+
+    try:
+        output = deployment.flwr(
+            "run",
+            str(directory),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            str(run_config),
+            timeout_s=flower.node_wait_s + flower.timeout_s * waves + 300,
+            cwd=directory,
+            on_line=follow,
+        )
+    finally:
+        for count in answers:
+            count.close()
     path = Path(out_dir) / VALUATION_FILE
     if not path.is_file():
         raise TipError(
@@ -162,8 +191,8 @@ def value_flower_deployment(
             run = stack.enter_context(PrivateRun("tip-flower-dep-"))
         deployment = LocalDeployment(run.root, reaper=run.reaper, exact_per_sample=exact_per_sample)
         with deployment.group:
-            deployment.up({sid: Path(path) for sid, path in files.items()})
-            return run_app(deployment, app, run.root / "result", flower=flower, stream=progress)
+            deployment.up({sid: Path(path) for sid, path in files.items()}, progress=progress)
+            return run_app(deployment, app, run.root / "result", flower=flower, progress=progress)
 
 
 def value_flower_superlink(
@@ -184,4 +213,4 @@ def value_flower_superlink(
         )
     out = Path(out_dir or Path(superlink.root) / "result")
     out.mkdir(parents=True, exist_ok=True)
-    return run_app(superlink, app, out, flower=flower, stream=progress)
+    return run_app(superlink, app, out, flower=flower, progress=progress)

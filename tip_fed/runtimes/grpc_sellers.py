@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tip_fed.config import GrpcConfig
+from tip_fed.console import counted, phase
 from tip_fed.grpc import (
     ClientTLS,
     OfferSent,
@@ -88,7 +89,8 @@ def seller_command(seller_id: str, data: Path, server: CertPaths, ca: CertPaths,
 
 @contextmanager
 def local_seller_fleet(files: Mapping[str, Path], *, settings: GrpcConfig | None = None, query_budget: int = 1,
-                       seller_args: Sequence[str] = (), run: PrivateRun | None = None) -> Iterator[SellerFleet]:
+                       seller_args: Sequence[str] = (), run: PrivateRun | None = None,
+                       progress: bool = False) -> Iterator[SellerFleet]:
     """Start one ``tip-fed seller serve`` per seller data file (seller id -> file) on 127.0.0.1 over
     mutual TLS, wait until every one is healthy, yield the fleet, stop every process on exit.
 
@@ -101,6 +103,7 @@ def local_seller_fleet(files: Mapping[str, Path], *, settings: GrpcConfig | None
         if run is None:
             run = stack.enter_context(PrivateRun("tip-fed-grpc-"))
         group = stack.enter_context(ProcessGroup(run.root / "logs", reaper=run.reaper))
+        phase(f"starting {len(files)} 'tip-fed seller serve' processes on 127.0.0.1 (mutual TLS)", enabled=progress)
         ca = create_ca(run.root / "tls")
         client = issue_cert(ca, run.root / "tls", "buyer", client=True)
         tls = ClientTLS(ca.cert, client.cert, client.key, bind_seller_id=True)
@@ -109,9 +112,9 @@ def local_seller_fleet(files: Mapping[str, Path], *, settings: GrpcConfig | None
                                                          seller_args))
                     for sid, path in files.items()}
         endpoints = []
-        for sid, child in children.items():
+        for sid, child in counted(children.items(), "sellers listening", enabled=progress):
             port = group.wait_for(child, READY, settings.startup_timeout_s)["port"]
             endpoints.append(SellerEndpoint(sid, f"127.0.0.1:{port}"))
-        for endpoint in endpoints:
+        for endpoint in counted(endpoints, "sellers healthy", enabled=progress):
             wait_until_healthy(endpoint, tls=tls, timeout_s=settings.startup_timeout_s)
         yield SellerFleet(endpoints, tls, {sid: child.pid for sid, child in children.items()})

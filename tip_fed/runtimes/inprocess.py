@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tqdm.auto import tqdm
-
+from tip_fed.console import counted
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.protocol import Buyer, Seller, Valuation
 
@@ -29,7 +28,7 @@ def value_inprocess(buyer: Buyer, sellers: Mapping[str, Seller], max_samples: in
         raise ConfigError(f"sellers must be keyed by their own seller id: {', '.join(wrong)}")
     offer = buyer.offer(max_samples=max_samples)
     replies, failures = [], {}
-    for sid, seller in tqdm(list(sellers.items()), desc="sellers", leave=False, disable=not progress):
+    for sid, seller in counted(list(sellers.items()), "sellers answered", enabled=progress):
         try:
             replies.append(seller.respond(offer))
         except TipError as exc:

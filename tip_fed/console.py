@@ -1,0 +1,203 @@
+"""What a run tells its user while it works, on stderr: its progress, and nothing from other libraries.
+
+Progress: on a terminal, tqdm bars. The run's bar counts its steps (phases, or replicates) and
+names what the run does now; a loop inside a step (sellers answering, fine-tunes) gets a bar of
+its own that goes away when done. In a log (stderr is no terminal) the same progress is plain
+lines, each with the seconds since the run began: one per step and phase, and for a loop one at
+its start, at most one every :data:`LOG_EVERY_S` seconds, and one at its end when it took that
+long; phases and loops are indented under their step.
+
+Every call takes ``enabled`` (false under ``--quiet``: nothing is printed); left out, it is the
+open run's, so code deep inside a run (a scenario's builder) reports without being handed a flag,
+and reports nothing when no run is open (a Flower app rebuilding a market in its own process).
+
+:func:`quiet_third_party` is the one place where other libraries' warnings and log records that
+tell a tip_fed user nothing are turned off, each by module, category and message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sized
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+LOG_EVERY_S = 15.0
+RUN_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"  # steps take minutes: no rate
+PREFIX = "tip-fed"
+
+
+class _Run:
+    """The progress of the run now open (one per process: a run is one command)."""
+
+    bar: Any = None  # the run's tqdm bar on a terminal
+    label: str = ""  # the current step, e.g. "replicate 3/20"
+    started: float | None = None
+    steps: int = 0
+    enabled: bool = False
+
+
+_run = _Run()
+
+
+def _on(enabled: bool | None) -> bool:
+    return _run.enabled if enabled is None else enabled
+
+
+def _live() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _line(text: str) -> None:
+    """One log line: seconds since the run began, then ``text``, indented under the current step."""
+    clock = f" [{time.perf_counter() - _run.started:4.0f} s]" if _run.started is not None else ""
+    indent = "  " if _run.label else ""
+    print(f"{PREFIX}{clock} {indent}{text}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def run_progress(desc: str, total: int, *, enabled: bool, unit: str = "step") -> Iterator[None]:
+    """Open the run's progress of ``total`` steps; :func:`step`, :func:`phase` and :func:`counted` report into it."""
+    saved = (_run.bar, _run.label, _run.started, _run.steps, _run.enabled)
+    _run.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, bar_format=RUN_BAR) \
+        if enabled and _live() else None
+    _run.label, _run.started, _run.steps, _run.enabled = "", time.perf_counter(), 0, enabled
+    try:
+        yield
+        if _run.bar is not None:
+            _run.bar.update(_run.bar.total - _run.bar.n)
+    finally:
+        if _run.bar is not None:
+            _run.bar.close()
+        _run.bar, _run.label, _run.started, _run.steps, _run.enabled = saved
+
+
+def restart(desc: str, total: int, *, unit: str) -> None:
+    """Count the open run's steps anew: ``total`` ``unit``s named ``desc`` (a run found to be replicated)."""
+    if _run.bar is not None:
+        _run.bar.reset(total=total)
+        _run.bar.set_description(desc)
+        _run.bar.unit = unit
+    _run.steps, _run.label = 0, ""
+
+
+def step(label: str, *, enabled: bool | None = None) -> None:
+    """Begin the run's next step (the one before it is done); phases after this are ``label``'s."""
+    if not _on(enabled):
+        return
+    if _run.bar is not None:
+        if _run.steps:
+            _run.bar.update()
+        _run.bar.set_postfix_str(label)
+    _run.steps += 1
+    _run.label = ""
+    if _run.bar is None:
+        _line(label)
+    _run.label = label
+
+
+def phase(text: str, *, enabled: bool | None = None) -> None:
+    """Name what the current step does now."""
+    if not _on(enabled):
+        return
+    if _run.bar is not None:
+        _run.bar.set_postfix_str(text)
+    elif _run.started is not None:
+        _line(text)
+    else:  # no run open: a line of its own, above any bar a library user has open
+        tqdm.write(f"{PREFIX}: {text}", file=sys.stderr)
+
+
+class Count:
+    """A loop's count (``done``/``total``) inside the current step: a bar, or throttled log lines."""
+
+    def __init__(self, desc: str, total: int | None, *, enabled: bool | None = None) -> None:
+        enabled = _on(enabled)
+        self.desc, self.total, self.enabled, self.done = desc, total, enabled, 0
+        self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True) \
+            if enabled and _live() else None
+        self.started = self.said = time.perf_counter()
+        self.said_done: int | None = None  # the count the last log line gave
+        if enabled and self.bar is None and total is not None:  # an open-ended count speaks once it has news
+            self._say()
+
+    def _say(self) -> None:
+        self.said, self.said_done = time.perf_counter(), self.done
+        _line(f"{self.desc} {self.done}/{self.total}" if self.total is not None else f"{self.desc} {self.done}")
+
+    def update(self, n: int = 1) -> None:
+        """``n`` more items are done."""
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.perf_counter() - self.said >= LOG_EVERY_S:
+            self._say()
+
+    def close(self) -> None:
+        """The loop is over: the bar goes; a log notes the end of a loop that took long."""
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and time.perf_counter() - self.started >= LOG_EVERY_S and self.said_done != self.done:
+            self._say()
+        self.enabled = False
+
+
+@contextmanager
+def count(desc: str, total: int | None, *, enabled: bool | None = None) -> Iterator[Count]:
+    """A :class:`Count` for the length of a block."""
+    c = Count(desc, total, enabled=enabled)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def counted(items: Iterable[T], desc: str, *, enabled: bool | None = None, total: int | None = None) -> Iterator[T]:
+    """``items``, counted as they are consumed (``total`` defaults to ``len(items)`` where it has one)."""
+    n = total if total is not None else (len(items) if isinstance(items, Sized) else None)
+    with count(desc, n, enabled=enabled) as c:
+        for item in items:
+            yield item
+            c.update()
+
+
+# (logger, level): loggers of other libraries kept to their errors during a run
+QUIET_LOGGERS = (
+    ("flwr", logging.ERROR),  # deprecation notices and simulation chatter, logged rather than warned
+    ("ray", logging.ERROR),  # "Started a local Ray instance", worker start-up notices
+)
+# (category, module regex, message regex): warnings a user cannot act on
+QUIET_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (DeprecationWarning, "pathspec", ""),  # Flower's ignore-file parsing uses a pattern style pathspec deprecates
+    # ray.init, asked for CPU workers by Flower, announces a change to GPU device masking
+    (FutureWarning, r"ray\._private\.worker", "Tip: In future versions of Ray"),
+    # reading the standard library's docstrings (the LLM market's text) touches typing's deprecated aliases
+    (DeprecationWarning, "inspect", r"typing\.(io|re) is deprecated"),
+)
+
+
+def quiet_third_party() -> None:
+    """Keep other libraries' warnings and log records that tell a tip_fed user nothing off stderr."""
+    for name, level in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _AtLeast) for f in logger.filters):
+            logger.addFilter(_AtLeast(level))
+    for category, module, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+class _AtLeast(logging.Filter):
+    """Passes records of ``level`` and above (a filter, not a level: the library sets its own level on import)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
