@@ -27,18 +27,29 @@ DISCLOSURES = ("aggregate", "per-sample")
 class ProjectionConfig:
     """LoGra-style per-layer projection of per-sample gradients (weights and biases).
 
-    ``rank`` is per side and clipped to each layer's size (a clipped side is exact). 64, not 8:
-    on the causal market, per-sample Spearman against kronfluence's unprojected EKFAC is
-    0.48-0.78 at rank 8 and 0.98-1.00 at 64 (identity: 0.89-0.98 vs 1.00).
+    ``rank = "auto"`` (the default): the buyer measures on its own training samples how well
+    projected scores agree with exact (unprojected) ones and picks per-layer ranks until the
+    per-sample Spearman reaches ``fidelity_target`` or the projected dimension reaches ``max_dim``;
+    a model whose exact spec fits ``max_dim`` is not projected at all (tip_fed.core.fidelity).
+    An integer rank is used per side for every layer, clipped to each layer's size (a clipped
+    side is exact).
     """
 
-    rank: int = 64
+    rank: int | str = "auto"
     kind: str = "rademacher"
     include: tuple[str, ...] = ()
+    fidelity_target: float = 0.95
+    max_dim: int = 16384
 
     def __post_init__(self) -> None:
-        _require(self.rank >= 1, "projection.rank", "must be >= 1")
+        if isinstance(self.rank, str):
+            _require(self.rank == "auto", "projection.rank", f"must be an integer >= 1 or 'auto', got {self.rank!r}")
+        else:
+            _require(self.rank >= 1, "projection.rank", "must be >= 1 (or 'auto')")
         _require(self.kind in ("rademacher", "gaussian"), "projection.kind", "must be 'rademacher' or 'gaussian'")
+        _require(0 < self.fidelity_target <= 1, "projection.fidelity-target",
+                 "must be in (0, 1] (per-sample Spearman of projected vs exact scores)")
+        _require(self.max_dim >= 1, "projection.max-dim", "must be >= 1 (largest projected dimension)")
 
 
 @dataclass(frozen=True)
