@@ -177,3 +177,26 @@ def test_prepared_query_records_the_plan(tmp_path) -> None:
     fixed = fit_query(model, get_task("classification"), objective, train,
                       BuyerSettings(projection=ProjectionConfig(rank=4)))
     assert fixed.fidelity is None and {layer.rank_in for layer in fixed.spec.layers} == {4}
+
+
+def test_with_ranks_clips_to_each_layer_and_full_size_is_the_identity() -> None:
+    model = wide_mlp()
+    spec = ProjectionSpec.for_model(model, rank=4, seed=3)
+    wider = spec.with_ranks({"0": (10**3, 7)})
+    first = wider.layer("0")
+    assert (first.rank_in, first.rank_out) == (25, 7) and wider.layer("2") == spec.layer("2")
+    assert spec.at_rank(10**3) == ProjectionSpec.for_model(model, rank=10**3, seed=3)
+    with pytest.raises(ConfigError, match="no layer"):
+        spec.with_ranks({"nope": (2, 2)})
+
+
+def test_the_report_sentence_states_the_measured_fidelity() -> None:
+    from tip_fed.core.fidelity import describe
+
+    model = wide_mlp()
+    train, objective = as_double(mlp_data(120, 2)), as_double(mlp_data(32, 3))
+    plan = plan_ranks(model, "classification", train, objective, seed=1, max_dim=3000)
+    text = describe([plan.to_dict(), None])
+    assert f"Spearman {plan.spearman:.3f} (target 0.95)" in text and f"dimension {plan.spec.dim}" in text
+    exact = plan_ranks(model, "classification", train, objective, seed=1, max_dim=10**6)
+    assert "exact" in describe([exact.to_dict()]) and "set by hand" in describe([None])
