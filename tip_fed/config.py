@@ -41,19 +41,31 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 class ProjectionConfig:
     """LoGra-style per-layer projection of per-sample gradients (weights and biases).
 
-    ``rank`` is per side and clipped to each layer's size (a clipped side is exact). 64, not 8:
-    on the causal market, per-sample Spearman against kronfluence's unprojected EKFAC is
-    0.48-0.78 at rank 8 and 0.98-1.00 at 64 (identity: 0.89-0.98 vs 1.00).
+    ``rank = "auto"`` (the default): the buyer measures on its own training samples how well
+    projected scores agree with exact (unprojected) ones and picks per-layer ranks until the
+    per-sample Spearman reaches ``fidelity_target`` or the projected dimension reaches ``max_dim``;
+    a model whose exact spec fits ``max_dim`` is not projected at all (tip_fed.core.fidelity).
+    An integer rank is used per side for every layer, clipped to each layer's size (a clipped
+    side is exact).
     """
 
-    rank: int = setting(64, "per-side rank of each layer's projection (rank x rank dimensions per layer), "
-                            "clipped to the layer's size")
+    rank: int | str = setting("auto", "'auto': per-layer ranks measured to reach fidelity-target (exact when the "
+                                      "model fits max-dim); or one integer per-side rank, clipped to each layer's size")
     kind: str = setting("rademacher", f"random projection matrices: {' or '.join(PROJECTION_KINDS)}")
     include: tuple[str, ...] = setting((), "fnmatch patterns of the layers to project; empty = every supported layer")
+    fidelity_target: float = setting(0.95, "rank = 'auto': per-sample Spearman of projected vs exact scores to reach "
+                                           "on the buyer's own samples")
+    max_dim: int = setting(16384, "rank = 'auto': largest projected dimension (all layers together)")
 
     def __post_init__(self) -> None:
-        _require(self.rank >= 1, "projection.rank", "must be >= 1")
+        if isinstance(self.rank, str):
+            _require(self.rank == "auto", "projection.rank", f"must be an integer >= 1 or 'auto', got {self.rank!r}")
+        else:
+            _require(self.rank >= 1, "projection.rank", "must be >= 1 (or 'auto')")
         _one_of(self.kind, PROJECTION_KINDS, "projection.kind")
+        _require(0 < self.fidelity_target <= 1, "projection.fidelity-target",
+                 "must be in (0, 1] (per-sample Spearman of projected vs exact scores)")
+        _require(self.max_dim >= 1, "projection.max-dim", "must be >= 1 (largest projected dimension)")
 
 
 @dataclass(frozen=True)

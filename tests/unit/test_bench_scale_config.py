@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_scale_benchmark_config_is_the_repository_healthcare_config(tmp_path):
     written = load_config(scale.write_config(tmp_path / "healthcare.toml"))
     assert written.to_dict() == load_config(ROOT / "configs" / "healthcare.toml").to_dict()
-    assert written.scenario == "healthcare" and written.projection.rank == 8
+    assert written.scenario == "healthcare" and written.projection.rank == "auto"
 
 
 def test_scale_benchmark_reads_no_file_beside_its_source():

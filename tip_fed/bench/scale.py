@@ -40,7 +40,7 @@ from .common import tree_rss_mb
 HEALTHCARE: dict[str, str | int | float] = {
     "scenario": "healthcare",
     "seed": 0,
-    "projection.rank": 8,
+    "projection.rank": "auto",
     "preconditioner.kind": "identity",
     "protocol.disclosure": "aggregate",
     "ground-truth.lr": 0.01,

@@ -71,7 +71,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -243,6 +243,28 @@ class ProjectionSpec:
         """sha256 (hex) of the canonical JSON of :meth:`to_dict`; equal specs, equal matrices."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def with_ranks(self, ranks: Mapping[str, tuple[int, int]]) -> ProjectionSpec:
+        """This spec with some layers' ``(rank_in, rank_out)`` replaced, each clipped to the layer's size.
+
+        A side whose rank reaches its size is exact (the identity), so a layer at
+        ``(in_dim, out_features)`` is not projected at all.
+        """
+        unknown = sorted(set(ranks) - {layer.name for layer in self.layers})
+        if unknown:
+            raise ConfigError(f"the projection spec has no layer(s) {unknown}.")
+        layers = tuple(
+            replace(layer, rank_in=min(ranks[layer.name][0], layer.in_dim),
+                    rank_out=min(ranks[layer.name][1], layer.out_features))
+            if layer.name in ranks else layer
+            for layer in self.layers
+        )
+        return ProjectionSpec(layers=layers, seed=self.seed, kind=self.kind)
+
+    def at_rank(self, rank: int) -> ProjectionSpec:
+        """Every layer at ``rank`` per side, clipped to its size (a rank >= every size: the exact spec)."""
+        _check_int(rank, "projection rank", 1)
+        return self.with_ranks({layer.name: (rank, rank) for layer in self.layers})
 
     @classmethod
     def for_model(

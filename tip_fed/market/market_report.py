@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from tip_fed.core.fidelity import describe as describe_fidelity
 from tip_fed.files import write_private
 from tip_fed.market import plots
 from tip_fed.market.glossary import RULES, SCORE, absent_rules
@@ -141,6 +142,9 @@ def render_market_report(out_dir: str | Path) -> Path:
     parts += [
         f"Encryption fidelity over all sellers (decrypted vs plaintext scores; CKKS precision): Pearson "
         f"{_f(fid.get('pearson'), 8)}, max relative error {_f(fid.get('max_rel_error'))}.",
+        "",
+        describe_fidelity([read_json(p).get("session", {}).get("projection_fidelity")
+                           for p in sorted(out.glob("replicates/rep-*/manifest.json"))]),
         "",
     ]
     if isinstance(m.get("validity", {}).get("spearman"), dict):

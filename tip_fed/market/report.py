@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tip_fed.core.fidelity import describe as describe_fidelity
 from tip_fed.files import write_private
 from tip_fed.market import plots
 from tip_fed.market.glossary import RULES, SCORE, absent_rules, explain
@@ -136,6 +137,7 @@ def render_report(out_dir: str | Path) -> Path:
         "",
         f"- model fingerprint: `{manifest.get('session', {}).get('model_fingerprint', '?')}`",
         f"- projection dimension: {manifest.get('projection_dim', '?')}",
+        f"- {describe_fidelity([manifest.get('session', {}).get('projection_fidelity')])}",
         f"- CKKS: N = {he.get('poly_modulus_degree', '?')}, moduli {he.get('coeff_mod_bit_sizes', '?')}",
         f"- disclosure controls: {_controls(manifest.get('session', {}).get('disclosure_controls'))}",
         f"- versions: {manifest.get('versions', {})}",

@@ -308,6 +308,7 @@ class Buyer:
             "session_id": session.session_id,
             "model_fingerprint": self.model_fingerprint,
             "projection": self.spec.to_dict(),
+            "projection_fidelity": self.prepared.fidelity,
             "preconditioner": self.preconditioner.to_dict(),
             "he_params": self.params.to_dict(),
             "packing": session.plan.to_dict(),

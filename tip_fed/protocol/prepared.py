@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tip_fed.config import BuyerSettings
+from tip_fed.config import BuyerSettings, SellerBudgetConfig
+from tip_fed.core.fidelity import plan_ranks
 from tip_fed.core.gradients import kfac_statistics, projected_grads
 from tip_fed.core.influence import query_vector
 from tip_fed.core.precondition import (
@@ -71,6 +72,9 @@ class PreparedQuery:
     input_format: InputFormat | None = None
     # sha256 of the files the query was fitted from ("objective", "train"), when it was fitted from files
     sources: dict[str, str] = field(default_factory=dict)
+    # how the ranks were chosen and the measured agreement with exact scores (FidelityPlan.to_dict);
+    # None when the ranks were set by hand
+    fidelity: dict[str, Any] | None = None
 
     @property
     def model_fingerprint(self) -> str:
@@ -127,6 +131,7 @@ class PreparedQuery:
             "settings": self.settings.to_dict(),
             "input_format": _format_dict(self.input_format),
             "sources": self.sources,
+            "fidelity": self.fidelity,
         }
         contents = {
             "prepared.json": (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"),
@@ -230,6 +235,9 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
         raise DataError("sources must map names to sha256 hex strings")
     preconditioner = load_preconditioner(meta["preconditioner"], st_load(raw["preconditioner.safetensors"]), spec)
+    fidelity = meta.get("fidelity")
+    if fidelity is not None and not isinstance(fidelity, dict):
+        raise DataError("fidelity must be null or a mapping")
     return PreparedQuery(
         task=meta["task"],
         model=payload,
@@ -242,6 +250,7 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
         settings=BuyerSettings.from_dict(meta["settings"]),
         input_format=_format_from(meta.get("input_format")),
         sources=sources,
+        fidelity=fidelity,
     )
 
 
@@ -259,13 +268,7 @@ def fit_query(
     objective = encode_records(input_format, objective)
     train = None if train is None else encode_records(input_format, train)
     model.eval()
-    spec = ProjectionSpec.for_model(
-        model,
-        rank=settings.projection.rank,
-        seed=settings.seed,
-        kind=settings.projection.kind,
-        include=list(settings.projection.include) or None,
-    )
+    spec, fidelity = _projection(model, task, objective, train, settings)
     payload = encode_model(model)
     train_batches = list(iter_batches(train if train is not None else objective, settings.batch_size))
     train_grads = torch.cat([projected_grads(model, spec, task, b) for b in train_batches]).double()
@@ -285,7 +288,26 @@ def fit_query(
         train_grad_norm=train_norm,
         settings=settings,
         input_format=input_format,
+        fidelity=fidelity,
     )
+
+
+def _projection(
+    model: nn.Module, task: Task, objective: Batch, train: Batch | None, settings: BuyerSettings
+) -> tuple[ProjectionSpec, dict[str, Any] | None]:
+    """The spec: per-layer ranks planned from measured fidelity (``rank = "auto"``), or one rank for all."""
+    cfg = settings.projection
+    include = list(cfg.include) or None
+    if cfg.rank != "auto":
+        rank = int(cfg.rank)
+        return ProjectionSpec.for_model(model, rank=rank, seed=settings.seed, kind=cfg.kind, include=include), None
+    plan = plan_ranks(
+        model, task, train if train is not None else objective, objective, seed=settings.seed, kind=cfg.kind,
+        include=include, target=cfg.fidelity_target, max_dim=cfg.max_dim,
+        # what a seller with the default budget accepts (resources are costed before allocation)
+        max_projection_bytes=SellerBudgetConfig().projection_memory_mb << 20,
+    )
+    return plan.spec, plan.to_dict()
 
 
 def _query(
