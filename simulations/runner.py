@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
 from simulations.replicates import run_replicated
-from simulations.results import RunResult, write_run
+from simulations.results import RunResult, session_result, write_run
 from simulations.scenarios import build_markets, make_buyer, plaintext_reference
 from tip_fed.config import TipConfig
 from tip_fed.market.ground_truth import finetune_benefit
@@ -54,9 +54,9 @@ def run_scenario(config: TipConfig, out_dir: str | Path, *, progress: bool = Tru
     bar.update()
 
     bar.set_postfix_str("writing results")
-    result = write_run(
-        out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance
-    )
+    session = session_result(config, market, buyer, valuation, plain, truth, time.perf_counter() - t0,
+                             tolerance=tolerance)
+    result = write_run(out, config, market.name, [session], t0, valuation)
     bar.update()
     bar.close()
     return result
