@@ -115,7 +115,7 @@ def _distribution(sessions: Sequence[Session]) -> dict[str, Any]:
 def _run(sessions: Sequence[Session], runtime: str, seconds: float | None) -> dict[str, Any]:
     runs = [s.metrics.get("run", {}) for s in sessions]
     phases = [r.get("valuation_seconds") for r in runs]
-    phase = None if None in phases or not phases else float(sum(phases))  # type: ignore[arg-type]
+    phase = None if None in phases or not phases else float(sum(phases))
     total = sum(len(s.valuations) for s in sessions)
     out: dict[str, Any] = {**(runs[0] if len(runs) == 1 else {}), "sessions": len(sessions), "runtime": runtime,
                            "seconds": seconds, "sellers": max((len(s.valuations) for s in sessions), default=0),

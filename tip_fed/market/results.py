@@ -94,7 +94,7 @@ def write_run_files(out: Path, manifest: Mapping[str, Any], sessions: Sequence[S
         for name, rows in (("valuations.csv", s.valuations), ("samples.csv", s.samples),
                            ("ground_truth.csv", s.ground_truth), ("payouts.csv", s.payouts)):
             tables[name] += [{**r, "session": i} for r in rows]
-    tables["sessions.csv"] = list(per_session)
+    tables["sessions.csv"] = [dict(r) for r in per_session]
     for name, rows in tables.items():
         if rows or name in ("valuations.csv", "payouts.csv"):
             write_csv(out / name, FILES[name], rows)
