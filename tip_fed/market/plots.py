@@ -166,16 +166,28 @@ def identity_scatter(x: Sequence[float], y: Sequence[float], path: Path, *, xlab
 
 
 def payout_shares(shares: Mapping[str, Mapping[str, float]], sellers: Sequence[str], path: Path, *, title: str) -> None:
-    """Grouped bars: each seller's payout share under every rule, side by side."""
+    """Each seller's payout share under every rule: grouped bars up to :data:`MAX_BARS` sellers; beyond, each
+    rule's shares sorted high to low as one curve (every seller a point, a signed-log axis for wide spreads)."""
     plt = _plt()
     rules = list(shares)
-    if len(sellers) > MAX_BARS:  # keep it readable: the sellers any rule pays most
-        total = len(sellers)
-        sellers = sorted(sellers, key=lambda s: -max(shares[r].get(s, 0.0) for r in rules))[:MAX_BARS]
-        title = f"{title}: the {MAX_BARS} best-paid of {total} sellers"
+    cmap = plt.get_cmap("tab10")
+    if len(sellers) > MAX_BARS:
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        for j, rule in enumerate(rules):
+            vals = np.sort([shares[rule].get(s, 0.0) for s in sellers])[::-1]
+            ax.plot(np.arange(1, vals.size + 1), vals, label=rule, color=cmap(j), marker=".", markersize=3,
+                    linewidth=1.0, linestyle=("-", "--", ":")[j % 3])
+        wide = _symlog_if_wide(ax, np.asarray([v for r in rules for v in shares[r].values()], float), "y")
+        ax.set_xlabel(f"seller's rank under the rule (1 = best paid; {len(sellers)} sellers)")
+        ax.set_ylabel("share of budget" + (" (signed-log axis)" if wide else ""))
+        ax.set_title(f"{title}: every seller, sorted per rule")
+        ax.legend(fontsize=8, ncol=min(4, len(rules)), loc="upper right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     width = 0.8 / max(1, len(rules))
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.8 * len(sellers) + 2)), 4.2))
-    cmap = plt.get_cmap("tab10")
     for j, rule in enumerate(rules):
         xs = np.arange(len(sellers)) + (j - (len(rules) - 1) / 2) * width
         ax.bar(xs, [shares[rule].get(s, 0.0) for s in sellers], width=width, label=rule, color=cmap(j))
