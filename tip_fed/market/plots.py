@@ -215,7 +215,8 @@ def method_bars(names: Sequence[str], pooled: Sequence[float | None], lo: Sequen
     xs = np.arange(len(names))
     has_ci = any(v is not None for v in lo)
     ax.bar(xs, p, yerr=err if has_ci else None, color=BLUE, capsize=4, alpha=0.8,
-           label="pooled signed Spearman" + (" (95% CI)" if has_ci else ""))
+           label=("pooled signed Spearman" if per_session and len(per_session[0]) > 1 else "signed Spearman")
+           + (" (95% CI)" if has_ci else ""))
     if per_session and len(per_session[0]) > 1:
         for i, vals in enumerate(per_session):
             jitter = np.linspace(-0.25, 0.25, len(vals))
