@@ -185,7 +185,8 @@ def _validity_section(r: RunResults) -> list[str]:
               "the objective's (no curvature, no magnitude); `data_cosine` = cosine of mean input features; "
               "`random` = random scores (what chance looks like); `data_size` = number of records. Pearson "
               "correlates the values themselves and is dominated by the largest ones. – = undefined: a method "
-              "that gives every seller the same score (e.g. `data_size` when all hold as many records) has no correlation.", ""
+              "that gives every seller the same score (e.g. `data_size` when all hold as many records) has no "
+              "correlation.", ""
               ] if len(names) > 1 else []
     top = f"{_f(v.get('top1_rate'))}" if n > 1 else _f(bool(v.get("top1_rate")))
     parts += [("Top seller by score is the top seller by realised benefit: " + top
