@@ -55,19 +55,21 @@ def sorted_values(values: Sequence[float], harmful: Sequence[bool], path: Path, 
     v = np.asarray(values, float)[order]
     colors = [RED if harmful[i] else BLUE for i in order]
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.45 * v.size + 2)) if v.size <= 40 else 9, 4.2))
+    xs = np.arange(1, v.size + 1)  # rank 1 = highest value
     if v.size <= MAX_NAMED:
-        ax.bar(range(v.size), v, color=colors, width=0.8)
+        ax.bar(xs, v, color=colors, width=0.8)
     else:  # a rank view: one stem per seller, too many to name
-        ax.vlines(range(v.size), 0, v, colors=colors, linewidth=0.6)
-    ax.scatter(range(v.size), v, color=colors, s=10 if v.size <= MAX_NAMED else 4, zorder=3)  # ~0 still shows
+        ax.vlines(xs, 0, v, colors=colors, linewidth=0.6)
+    ax.scatter(xs, v, color=colors, s=10 if v.size <= MAX_NAMED else 4, zorder=3)  # a seller worth ~0 still shows
     ax.axhline(0, color="black", linewidth=0.8)
     wide = _symlog_if_wide(ax, v, "y")
     if labels is not None and v.size <= MAX_NAMED:
-        ax.set_xticks(range(v.size), [labels[i] for i in order], rotation=40, ha="right", fontsize=8)
+        ax.set_xticks(xs, [labels[i] for i in order], rotation=40, ha="right", fontsize=8)
         ax.set_xlabel("sellers, sorted by value")
     else:
-        ax.set_xlabel(f"rank of the seller by value (1 = highest; {v.size} sellers, too many to name)")
-        ax.set_xlim(-0.5, v.size - 0.5)
+        ax.set_xlabel("rank of the seller by value (1 = highest"
+                      + (f"; {v.size} sellers, too many to name)" if v.size > MAX_NAMED else ")"))
+        ax.set_xlim(0.5, v.size + 0.5)
     ax.set_ylabel(ylabel + (" (signed-log axis)" if wide else ""))
     ax.set_title(title)
     from matplotlib.patches import Patch
@@ -128,12 +130,15 @@ def score_vs_benefit(scores: Sequence[float], benefits: Sequence[float], session
     ax.set_xlabel(f"score{unit}" + (" (signed-log axis)" if wide_x else ""))
     ax.set_ylabel(f"realised benefit{unit}" + (" (signed-log)" if wide_y else ""))
     ax.set_title("Values (red: benefit ≤ 0)")
-    ax2.scatter(rx, ry, s=14, c=colors, alpha=0.75, zorder=3)
-    ax2.plot([0, 1], [0, 1], color=GREY, linestyle="--", linewidth=0.8, label="same order")
     rho = float(np.corrcoef(rx, ry)[0, 1]) if s.size > 1 and np.ptp(rx) > 0 and np.ptp(ry) > 0 else float("nan")
+    if multi:  # sessions of equal size share the rank grid: a little jitter shows how many points sit on each
+        jit = np.random.default_rng(0).uniform(-0.25, 0.25, size=(2, s.size)) / max(1, int((g == g[0]).sum()))
+        rx, ry = rx + jit[0], ry + jit[1]
+    ax2.scatter(rx, ry, s=14, c=colors, alpha=0.6 if multi else 0.75, zorder=3)
+    ax2.plot([0, 1], [0, 1], color=GREY, linestyle="--", linewidth=0.8, label="same order")
     ax2.set_xlabel("rank of score within its session (0 = lowest, 1 = highest)")
     ax2.set_ylabel("rank of realised benefit within session")
-    ax2.set_title(f"Ranks (correlation {rho:+.2f})")
+    ax2.set_title(f"Ranks (correlation {rho:+.2f})" + (", jittered" if multi else ""))
     ax2.set_xlim(0, 1)
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=8, loc="upper left")
