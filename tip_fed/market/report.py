@@ -168,7 +168,10 @@ def _validity_section(r: RunResults) -> list[str]:
                "Fisher's z weighted by (sellers − 3). ")
               + "+1 = the method orders sellers exactly as their realised benefit, 0 = no relation, −1 = reversed; "
               "a useful method is well above `random`. "
-              + (f"95% intervals resample whole sessions and are given only with ≥ {MIN_BOOTSTRAP_REPLICATES} "
+              + ("One session, so no interval: its sellers share one buyer and one objective, so they are not "
+                 "independent draws, and the figure can change with the market's seed; a replicated run pools "
+                 "sessions and gives intervals. " if n == 1 else
+                 f"95% intervals resample whole sessions and are given only with ≥ {MIN_BOOTSTRAP_REPLICATES} "
                  f"sessions (this run has {n}: too few distinct resamples for an honest interval)."
                  if n < MIN_BOOTSTRAP_REPLICATES else "95% intervals resample whole sessions (bootstrap).")
               + (" `paper`: the paper's mean |Spearman| (Maryland HSCRC, 50 replicates, §6.2), which hides the sign."
@@ -189,7 +192,8 @@ def _validity_section(r: RunResults) -> list[str]:
               "correlation.", ""
               ] if len(names) > 1 else []
     top = f"{_f(v.get('top1_rate'))}" if n > 1 else _f(bool(v.get("top1_rate")))
-    parts += [("Top seller by score is the top seller by realised benefit: " + top
+    among = " among the sellers whose benefit was measured" if 0 < n_truth < n_all else ""
+    parts += [(f"Top seller by score{among} is the top seller by realised benefit: " + top
                + (" (fraction of sessions)." if n > 1 else ".")), ""]
     pt = v.get("paired_vs_gradient_cosine", {}).get("spearman")
     if pt and pt.get("delta_z") is not None:
