@@ -164,8 +164,8 @@ def _validity_section(r: RunResults) -> list[str]:
     rho = "signed Spearman" if n == 1 else "pooled signed Spearman"
     parts += [("Per session: signed rank correlation across sellers of each method's score with realised benefit. "
                if n == 1 else
-               f"Per session: the same correlation across that session's sellers; pooled over the {n} sessions by "
-               "Fisher's z weighted by (sellers − 3). ")
+               f"Per session: signed rank correlation across that session's sellers of each method's score with "
+               f"realised benefit; pooled over the {n} sessions by Fisher's z weighted by (sellers − 3). ")
               + "+1 = the method orders sellers exactly as their realised benefit, 0 = no relation, −1 = reversed; "
               "a useful method is well above `random`. "
               + ("One session, so no interval: its sellers share one buyer and one objective, so they are not "
