@@ -7,6 +7,7 @@ Both write the same files (:mod:`tip_fed.market.results`) and the same report.
 from __future__ import annotations
 
 import inspect
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,5 +105,6 @@ def describe(scenario: str) -> str:
     """What the scenario simulates, in its own module's words (the docstring's opening paragraphs)."""
     builder = SCENARIOS.get(scenario)
     doc = inspect.getdoc(inspect.getmodule(builder)) if builder else None
-    paras = [" ".join(p.split()).replace(" - **", "\n- **") for p in (doc or "").split("\n\n")]
+    doc = re.sub(r":\w+:`", "`", re.sub(r"``", "`", doc or ""))  # Sphinx roles and literals as plain Markdown
+    paras = [" ".join(p.split()).replace(" - **", "\n- **") for p in doc.split("\n\n")]
     return "\n\n".join(p for p in paras[:3] if p and not p.startswith("Scale mode"))

@@ -119,9 +119,10 @@ def score_vs_benefit(scores: Sequence[float], benefits: Sequence[float], session
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.4))
     colors = [RED if v <= 0 else BLUE for v in b]
     ax.scatter(xs, ys, s=14, c=colors, alpha=0.75, zorder=3)
-    if labels is not None and s.size <= 30:
+    if labels is not None and s.size <= 30:  # values cluster, so names there only for a few; ranks spread them
         for xi, yi, xr, yr, name in zip(xs, ys, rx, ry, labels, strict=True):
-            ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if s.size <= 10:
+                ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
             ax2.annotate(name, (xr, yr), textcoords="offset points", xytext=(4, 4), fontsize=7)
     wide_x, wide_y = _symlog_if_wide(ax, xs, "x"), _symlog_if_wide(ax, ys, "y")
     ax.axhline(0, color="black", linewidth=0.6)

@@ -36,6 +36,8 @@ def _f(x: Any, digits: int = 3) -> str:
         return str(x)
     if not np.isfinite(v):
         return "–"
+    if abs(v) < 1e-12:  # floating-point residue of an exact zero (e.g. the Gini of equal payouts)
+        return "0"
     return f"{v:.{digits}f}" if 1e-2 <= abs(v) < 1e4 else f"{v:.{digits}g}"
 
 
@@ -283,7 +285,8 @@ def _payout_section(r: RunResults) -> list[str]:
     rows = r.rows("payouts.csv", 0)
     present = {x["rule"] for x in r.rows("payouts.csv")}
     sellers = list(dict.fromkeys(x["seller_id"] for x in rows))
-    coalition_max = r.manifest.get("config", {}).get("payouts", {}).get("coalition_max")
+    settings = r.manifest.get("config", {}).get("payouts", {})
+    coalition_max = settings.get("coalition-max", settings.get("coalition_max"))  # as the config file spells it
     parts += absent_rules(present, len(sellers), coalition_max)
     if rows:
         shares: dict[str, dict[str, float]] = {}

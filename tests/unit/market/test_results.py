@@ -44,7 +44,7 @@ def _write(tmp_path, sessions, name="run"):
     out = tmp_path / name
     out.mkdir()
     m, per = run_metrics(sessions, runtime="inprocess", seconds=2.0, seed=0)
-    write_run_files(out, {"scenario": "synthetic", "config": {"payouts": {"coalition_max": 10}}}, sessions, m, per)
+    write_run_files(out, {"scenario": "synthetic", "config": {"payouts": {"coalition-max": 10}}}, sessions, m, per)
     render_report(out)
     return out, m
 
@@ -104,6 +104,7 @@ def test_many_sellers_are_a_rank_view_and_a_short_table(tmp_path):
     out, _ = _write(tmp_path, [s])
     report = (out / "report.md").read_text()
     assert "The 10 highest and 10 lowest of 560 sellers" in report
+    assert "`payouts.coalition-max` = 10 sellers and this market has 560" in report  # why no loo/shapley
     listed = [line for line in report.splitlines() if re.match(r"\| \d+ \| s\d{3} \|", line)]
     assert len(listed) == 20 and listed[0].startswith("| 1 |") and listed[-1].startswith("| 560 |")
 
