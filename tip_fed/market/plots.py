@@ -231,6 +231,8 @@ def method_bars(names: Sequence[str], pooled: Sequence[float | None], lo: Sequen
     if paper:
         pv = [paper.get(n, np.nan) for n in names]
         ax.scatter(xs, pv, color=RED, marker="D", zorder=4, label="paper: mean |Spearman|")
+    for x in xs[~np.isfinite(p)]:  # e.g. data size when every seller holds as many records: no correlation
+        ax.text(x, 0.03, "undefined", ha="center", va="bottom", fontsize=8, color=GREY, rotation=90)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(xs, names, rotation=20)
     low = min([float(np.nanmin(p)), *(v for vals in per_session for v in vals if np.isfinite(v))])
