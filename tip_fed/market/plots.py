@@ -234,6 +234,7 @@ def method_bars(names: Sequence[str], pooled: Sequence[float | None], lo: Sequen
     for x in xs[~np.isfinite(p)]:  # e.g. data size when every seller holds as many records: no correlation
         ax.text(x, 0.03, "undefined", ha="center", va="bottom", fontsize=8, color=GREY, rotation=90)
     ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-0.6, len(names) - 0.4)  # an undefined last method keeps its slot
     ax.set_xticks(xs, names, rotation=20)
     low = min([float(np.nanmin(p)), *(v for vals in per_session for v in vals if np.isfinite(v))])
     ax.set_ylim(min(-0.2, low - 0.1), 1.25)  # headroom for the legend
