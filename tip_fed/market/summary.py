@@ -39,7 +39,10 @@ def _validity(m: Mapping[str, Any]) -> list[str]:
     line = f"validity    signed Spearman with realised benefit {_num(rho)}"
     sessions = _get(m, "run.sessions") or 1
     if "top1_rate" in v:
-        line += (f", top seller {'found' if v['top1_rate'] else 'missed'}" if sessions == 1
+        measured = v.get("n_sellers")
+        among = (f" among the {measured} with measured benefit"
+                 if isinstance(measured, int) and measured < (_get(m, "run.sellers") or 0) else "")
+        line += (f", top seller{among} {'found' if v['top1_rate'] else 'missed'}" if sessions == 1
                  else f", top seller found in {100 * v['top1_rate']:.0f} % of sessions")
     lines = [line]
     paired = _get(v, "paired_vs_gradient_cosine.spearman")
