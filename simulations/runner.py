@@ -14,7 +14,7 @@ from pathlib import Path
 from simulations.exchanges import EXCHANGES
 from simulations.fidelity import check_session
 from simulations.replicates import run_replicated
-from simulations.results import RunResult, write_run
+from simulations.results import RunResult, session_result, write_run
 from simulations.scenarios import build_markets, make_buyer, plaintext_reference
 from simulations.settings import SimulationConfig
 from tip_fed.console import counted, phase, quiet_third_party, run_progress, step
@@ -51,6 +51,6 @@ def run_scenario(config: SimulationConfig, out_dir: str | Path, *, progress: boo
                 )
 
         step("writing results")
-        return write_run(
-            out, config, market, buyer, valuation, plain, truth, time.perf_counter() - t0, tolerance=tolerance
-        )
+        session = session_result(config, market, buyer, valuation, plain, truth, time.perf_counter() - t0,
+                                 tolerance=tolerance)
+        return write_run(out, config, market.name, [session], t0, valuation)

@@ -11,17 +11,13 @@ truth, baselines).
 
 from __future__ import annotations
 
-import platform
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tip_fed import __version__
 from tip_fed.buyer_config import (
     check_prepared,
     load_buyer_config,
@@ -32,14 +28,9 @@ from tip_fed.config import GrpcConfig, PayoutsConfig
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.errors import ConfigError, SellerUnavailableError, TipError
 from tip_fed.market import payouts
+from tip_fed.market.pooling import run_metrics
 from tip_fed.market.report import render_report
-from tip_fed.market.results import (
-    PAYOUT_COLUMNS,
-    SAMPLE_COLUMNS,
-    VALUATION_COLUMNS,
-    write_csv,
-    write_json,
-)
+from tip_fed.market.results import Session, session_rows, versions, write_run_files
 from tip_fed.protocol import Buyer, BuyerSettings, PreparedQuery, Seller, Valuation
 from tip_fed.protocol.data import Batch, check_batch
 from tip_fed.protocol.records import RawRecords
@@ -261,52 +252,40 @@ def offers_summary(valuation: Valuation) -> dict[str, Any]:
 def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: Valuation,
                   payouts_config: PayoutsConfig | None = None, *, runtime: str = "", seconds: float | None = None,
                   valuation_seconds: float | None = None) -> dict[str, Any]:
-    """valuations.csv, samples.csv (per-sample disclosure), payouts.csv, metrics.json, manifest.json and
-    report.md for one settled session with no plaintext reference or ground truth; returns the metrics."""
+    """The results files (:mod:`tip_fed.market.results`) and report.md of one settled session, a run of one
+    session with no plaintext reference or ground truth; returns the metrics."""
     out = Path(out_dir)
     prepared = buyer.prepared if isinstance(buyer, Buyer) else buyer
     payouts_config = payouts_config or PayoutsConfig()
-    ranked = sorted(valuation.sellers, key=lambda v: v.total, reverse=True)
-    rank = {v.seller_id: i + 1 for i, v in enumerate(ranked)}
-    write_csv(out / "valuations.csv", VALUATION_COLUMNS, [
-        {"seller_id": v.seller_id, "n_samples": v.n_samples, "score": v.total, "mean_score": v.mean,
-         "rank": rank[v.seller_id], "clipped": v.clipped, "commitment": v.commitment,
-         "seconds": v.timings.get("total_s")} for v in valuation.sellers])
-    samples = [{"seller_id": v.seller_id, "sample_index": i, "score": float(s)}
-               for v in valuation.sellers if v.per_sample is not None for i, s in enumerate(v.per_sample)]
-    if samples:
-        write_csv(out / "samples.csv", SAMPLE_COLUMNS, samples)
+    rows, samples = session_rows(valuation)
     inputs = payouts.PayoutInputs(seller_ids=[v.seller_id for v in valuation.sellers],
                                   scores={v.seller_id: v.total for v in valuation.sellers},
                                   n_records={v.seller_id: v.n_samples for v in valuation.sellers})
     pay_rows, comparison, reference = payouts.apply_payout_rules(payouts_config, inputs, seed=prepared.spec.seed)
-    write_csv(out / "payouts.csv", PAYOUT_COLUMNS, pay_rows)
     n = len(valuation.sellers)
     offers = offers_summary(valuation)
-    metrics: dict[str, Any] = {
-        "run": {"seconds": seconds, "runtime": runtime, "sellers": n, "missing": valuation.missing,
-                "rejected": valuation.rejected, "valuation_seconds": valuation_seconds,
-                "valuation_seconds_per_seller": valuation_seconds / n if valuation_seconds is not None and n else None,
-                "top_by_score": ranked[0].seller_id if ranked else None,
+    session_metrics: dict[str, Any] = {
+        "run": {"sellers": n, "missing": valuation.missing, "rejected": valuation.rejected,
+                "valuation_seconds": valuation_seconds,
+                "top_by_score": max(rows, key=lambda r: r["score"])["seller_id"] if rows else None,
                 "offer_bytes": offers["offer_bytes"] if offers["per_seller"] else None,
                 "sellers_sent_weights": offers["sellers_sent_weights"] if offers["per_seller"] else None,
                 "sellers_offered": len(offers["per_seller"])},
         "payouts": {"reference": reference, "rules": comparison},
     }
+    session = Session(rows, {"sellers": [*[v.seller_id for v in valuation.sellers], *valuation.missing],
+                             "offers": offers["per_seller"], "valuation": valuation.manifest,
+                             "seeds": {"projection": prepared.spec.seed}, "projection_dim": prepared.spec.dim},
+                      session_metrics, samples, payouts=pay_rows)
+    metrics, _ = run_metrics([session], runtime=runtime, seconds=seconds)
     manifest = {
         "title": "value",
         "task": prepared.task,
         "config": {**prepared.settings.to_dict(), "payouts": _payouts_dict(payouts_config)},
-        "sellers": [*[v.seller_id for v in valuation.sellers], *valuation.missing],
-        "offers": offers["per_seller"],
         "input_format": None if prepared.input_format is None else type(prepared.input_format).__name__,
-        "session": valuation.manifest,
-        "seeds": {"projection": prepared.spec.seed},
-        "projection_dim": prepared.spec.dim,
-        "versions": _versions(),
+        "versions": versions(),
     }
-    write_json(out / "manifest.json", manifest)
-    write_json(out / "metrics.json", metrics)
+    write_run_files(out, manifest, [session], metrics)
     render_report(out)
     return metrics
 
@@ -315,13 +294,3 @@ def _payouts_dict(cfg: PayoutsConfig) -> dict[str, Any]:
     from tip_fed.config import TipConfig
 
     return TipConfig(payouts=cfg).to_dict()["payouts"]
-
-
-def _versions() -> dict[str, str]:
-    versions = {"tip_fed": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
-    for dist in ("torch", "tenseal", "numpy", "grpcio", "flwr"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "?"
-    return versions

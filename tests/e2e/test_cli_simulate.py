@@ -35,14 +35,15 @@ def test_causal_simulation_writes_valid_results(tmp_path, seed):
     # the seller holding the class the buyer's model never saw is valued first, and realises most benefit
     assert metrics["run"]["top_by_score"] == metrics["run"]["expected_best"] == "digits-4"
     assert metrics["run"]["top_by_benefit"] == "digits-4"
-    assert metrics["validity"]["top1_match"] is True
+    assert metrics["validity"]["top1_rate"] == 1.0 and metrics["run"]["sessions"] == 1
     rows = list(csv.DictReader((out / "valuations.csv").open()))
     assert {r["seller_id"] for r in rows} == {"digits-1", "digits-2", "digits-3", "digits-4"}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["seed"] == seed and manifest["session"]["he_params"]["poly_modulus_degree"] == 8192
+    [session] = manifest["sessions"]  # a single market is a run of one session
+    assert manifest["config"]["seed"] == seed and session["valuation"]["he_params"]["poly_modulus_degree"] == 8192
     # a single market projects with the config seed; the manifest says so
-    assert manifest["seeds"] == {"config": seed, "replicate": None, "projection": seed}
-    assert manifest["session"]["projection"]["seed"] == seed
+    assert session["seeds"] == {"config": seed, "replicate": None, "projection": seed}
+    assert session["valuation"]["projection"]["seed"] == seed
 
     # the report re-renders from the saved files alone
     (out / "report.md").unlink()

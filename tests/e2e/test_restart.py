@@ -46,13 +46,13 @@ def _assert_same_results(a: Path, b: Path) -> None:
             if "commitment" in x:  # salted per session: a root of the right size, never the same twice
                 assert len(x["commitment"]) == len(y["commitment"]) == 64 and x["commitment"] != y["commitment"]
             if x.get("score"):
-                bound = json.loads((a / "manifest.json").read_text())["session"]["disclosure_controls"]
+                bound = json.loads((a / "manifest.json").read_text())["sessions"][0]["valuation"]["disclosure_controls"]
                 assert abs(float(x["score"]) - float(y["score"])) <= 100 * bound["release_quantum"] * 60
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
     for m in (ma, mb):
-        m["session"].pop("session_id")
+        m["sessions"][0]["valuation"].pop("session_id")
         m.pop("versions", None)
-        for sent in m["session"].get("transport", {}).get("offers", {}).values():
+        for sent in m["sessions"][0]["valuation"].get("transport", {}).get("offers", {}).values():
             sent.pop("offer_bytes")  # fresh keys and ciphertexts: a few bytes more or less every session
     assert _diff(ma, mb) == []
 

@@ -73,23 +73,23 @@ def test_four_runtimes_give_the_same_valuations_and_payout_rankings(tmp_path):
 
 
 def _replicate_scores(out: Path) -> dict[tuple[str, str], tuple[float, float, int]]:
-    """(replicate, seller) -> (decrypted score, plaintext score, n_samples) from the pooled scores.csv."""
-    with (out / "scores.csv").open() as fh:
-        return {(r["replicate"], r["seller_id"]): (float(r["tip"]), float(r["tip_plaintext"]), int(r["n_samples"]))
+    """(session, seller) -> (decrypted score, plaintext score, n_samples) from valuations.csv."""
+    with (out / "valuations.csv").open() as fh:
+        return {(r["session"], r["seller_id"]): (float(r["score"]), float(r["score_plaintext"]), int(r["n_samples"]))
                 for r in csv.DictReader(fh)}
 
 
 def _tolerance(out: Path, replicate: str, n: int) -> float:
     """The CKKS tolerance of one seller total that the run itself applied (see simulations/fidelity.py)."""
-    rep = out / "replicates" / f"rep-{int(replicate):03d}"
-    fid = json.loads((rep / "metrics.json").read_text())["fidelity"]
-    step = json.loads((rep / "manifest.json").read_text())["session"]["disclosure_controls"]["release_quantum"]
+    fid = json.loads((out / "metrics.json").read_text())["sessions"][int(replicate)]["fidelity"]
+    session = json.loads((out / "manifest.json").read_text())["sessions"][int(replicate)]
+    step = session["valuation"]["disclosure_controls"]["release_quantum"]
     assert fid["within_tolerance"] and fid["worst_error_over_tolerance"] <= 1
     return n * fid["slot_tolerance"] * fid["score_unit"] + step / 2
 
 
 def _seeds(out: Path) -> list[dict]:
-    return [json.loads((d / "manifest.json").read_text())["seeds"] for d in sorted((out / "replicates").iterdir())]
+    return [s["seeds"] for s in json.loads((out / "manifest.json").read_text())["sessions"]]
 
 
 def test_four_runtimes_value_every_replicate_of_a_replicated_market_alike(tmp_path):

@@ -155,15 +155,15 @@ def test_prepare_then_value_over_grpc_matches_plaintext(workspace, seller_servic
     assert not (out / "ground_truth.csv").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["missing"] == ["ghost"] and metrics["run"]["sellers"] == 3
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert "ghost" in manifest["session"]["seller_failures"]
+    [session] = json.loads((out / "manifest.json").read_text())["sessions"]
+    assert "ghost" in session["valuation"]["seller_failures"]
     prepared = PreparedQuery.load(workspace / "query")
-    assert manifest["session"]["model_fingerprint"] == prepared.model_fingerprint
+    assert session["valuation"]["model_fingerprint"] == prepared.model_fingerprint
     _check(_valuations(out), _plaintext(workspace, prepared), prepared)
     payouts = [r for r in csv.DictReader((out / "payouts.csv").open()) if r["rule"] == "proportional"]
     assert abs(sum(float(r["payout"]) for r in payouts) - 100.0) < 1e-6
 
-    first = manifest["offers"]
+    first = session["offers"]
     assert {sid for sid, o in first.items() if o["weights_shipped"]} == set(SELLERS)
     assert "weights sent to 3 of 4 sellers" in run.stdout
 
@@ -172,7 +172,7 @@ def test_prepare_then_value_over_grpc_matches_plaintext(workspace, seller_servic
     again = _cli("value", "buyer.toml", "--sellers", "sellers.toml", "--out", "results2", cwd=workspace)
     assert again.returncode == 0, again.stderr
     _check(_valuations(workspace / "results2"), _plaintext(workspace, prepared), prepared)
-    second = json.loads((workspace / "results2" / "manifest.json").read_text())["offers"]
+    second = json.loads((workspace / "results2" / "manifest.json").read_text())["sessions"][0]["offers"]
     assert set(second) == {*SELLERS, "ghost"} and not any(o["weights_shipped"] for o in second.values())
     assert all(second[sid]["offer_bytes"] < first[sid]["offer_bytes"] for sid in SELLERS)
     assert "weights sent to 0 of 4 sellers" in again.stdout

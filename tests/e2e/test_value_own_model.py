@@ -218,8 +218,8 @@ def test_own_llama_valued_over_grpc_then_again_without_weights(workspace, seller
     assert second.returncode == 0, second.stderr
     _check(_valuations(workspace / "r1"), plain, prepared)
     _check(_valuations(workspace / "r2"), plain, prepared)
-    manifests = [json.loads((workspace / r / "manifest.json").read_text()) for r in ("r1", "r2")]
-    assert all(m["session"]["model_fingerprint"] == prepared.model_fingerprint for m in manifests)
+    manifests = [json.loads((workspace / r / "manifest.json").read_text())["sessions"][0] for r in ("r1", "r2")]
+    assert all(m["valuation"]["model_fingerprint"] == prepared.model_fingerprint for m in manifests)
     sent1, sent2 = (m["offers"] for m in manifests)  # per seller: offer_bytes, weights_shipped
     assert set(sent1) == set(sent2) == set(SELLERS)
     weights = (workspace / "model" / "model.safetensors").stat().st_size

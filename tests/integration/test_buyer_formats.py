@@ -126,7 +126,8 @@ def test_csv_buyer_values_raw_sellers_like_a_pandas_reference(market):
         assert int(rows[sid]["n_samples"]) == len(frame)
     manifest = json.loads((d / "out" / "manifest.json").read_text())
     assert manifest["input_format"] == "TableFormat"
-    assert set(manifest["offers"]) == set(sellers) and all(o["offer_bytes"] > 0 for o in manifest["offers"].values())
+    offers = manifest["sessions"][0]["offers"]
+    assert set(offers) == set(sellers) and all(o["offer_bytes"] > 0 for o in offers.values())
 
 
 def test_a_prepared_query_keeps_its_format_and_a_changed_format_is_refused(market, tmp_path):

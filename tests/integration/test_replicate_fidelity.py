@@ -18,6 +18,7 @@ from simulations.runner import run_scenario
 from simulations.scenarios import build_market, build_markets, make_buyer, projection_seed
 from simulations.settings import load_config
 from tip_fed.errors import ConfigError
+from tip_fed.market.results import read_csv
 
 HEALTHCARE = Path(__file__).resolve().parents[2] / "configs" / "healthcare.toml"
 TINY = ["seed=5", "healthcare.replicates=2", "healthcare.sellers=4", "healthcare.sites=6"]
@@ -107,14 +108,13 @@ def test_unfaithful_session_fails_and_writes_no_results(config, tmp_path, monkey
 def test_dp_noised_run_is_held_to_its_noise_not_to_ckks(tmp_path):
     config = load_config(HEALTHCARE, [*TINY, "healthcare.replicates=1", "protocol.dp-epsilon=2.0"])
     run_scenario(config, tmp_path, progress=False)
-    fid = json.loads((tmp_path / "replicates" / "rep-000" / "metrics.json").read_text())["fidelity"]
-    scores = [r.split(",") for r in (tmp_path / "scores.csv").read_text().splitlines()[1:]]
-    n_max = max(int(r[2]) for r in scores)
+    fid = json.loads((tmp_path / "metrics.json").read_text())["sessions"][0]["fidelity"]
+    n_max = max(int(r["n_samples"]) for r in read_csv(tmp_path / "valuations.csv"))
     ckks_only = n_max * fid["slot_tolerance"] * fid["score_unit"]
     # the sellers' DP noise moves totals far beyond CKKS error, and the run still passes on the noise level
     assert fid["max_abs_error"] > 10 * ckks_only
     assert fid["within_tolerance"] and fid["worst_error_over_tolerance"] <= 1
-    seeds = json.loads((tmp_path / "replicates" / "rep-000" / "manifest.json").read_text())["seeds"]
+    seeds = json.loads((tmp_path / "manifest.json").read_text())["sessions"][0]["seeds"]
     assert seeds == {"config": 5, "replicate": 0, "projection": projection_seed(5, 0)}
     assert np.isfinite(fid["pearson"])
 

@@ -24,6 +24,6 @@ def test_buyer_times_offer_to_settlement():
 def test_run_metrics_carry_the_valuation_phase(tmp_path):
     run_scenario(load_config("configs/healthcare.toml", ["sellers=6", *SYNTHETIC]), tmp_path, progress=False)
     top = json.loads((tmp_path / "metrics.json").read_text())["run"]
-    rep = json.loads((tmp_path / "replicates" / "rep-000" / "metrics.json").read_text())["run"]
+    rep = json.loads((tmp_path / "metrics.json").read_text())["sessions"][0]["run"]
     assert 0 < rep["valuation_seconds"] == top["valuation_seconds"] < top["seconds"]
     assert rep["valuation_seconds_per_seller"] == rep["valuation_seconds"] / 6

@@ -71,7 +71,8 @@ def test_value_from_sellers_toml_over_mutual_tls(model, seller_data, prepared, m
         assert abs(v.total - plain.sum()) <= len(plain) * tol
         assert float(rows[v.seller_id]["score"]) == v.total and rows[v.seller_id]["score_plaintext"] == ""
     assert metrics["run"]["missing"] == ["ghost"]
-    assert read_json(d / "out" / "manifest.json")["session"]["model_fingerprint"] == prepared.model_fingerprint
+    [session] = read_json(d / "out" / "manifest.json")["sessions"]
+    assert session["valuation"]["model_fingerprint"] == prepared.model_fingerprint
 
 
 def test_a_seller_answering_under_another_id_is_refused(seller_data, prepared, mtls_sellers):

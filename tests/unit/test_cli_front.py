@@ -35,17 +35,16 @@ def test_a_file_as_out_is_refused(tmp_path, capsys):
 
 
 SINGLE = {
-    "run": {"sellers": 4, "seconds": 2.4, "valuation_seconds": 0.39, "top_by_score": "digits-4",
+    "run": {"sessions": 1, "sellers": 4, "seconds": 2.4, "valuation_seconds": 0.39, "top_by_score": "digits-4",
             "top_by_benefit": "digits-4", "missing": []},
-    "validity": {"spearman": 1.0, "pearson": 0.99, "top1_match": True, "n_sellers": 4},
+    "validity": {"spearman": {"pooled": 1.0}, "pearson": {"pooled": 0.99}, "top1_rate": 1.0, "n_sellers": 4},
     "fidelity": {"pearson": 1.0, "max_rel_error": 5e-10, "n_scores": 244},
     "payouts": {"reference": "benefit", "rules": {"flat": {"gini": 0.0}, "proportional": {"gini": 0.75}}},
 }
 REPLICATED = {
-    "run": {"replicates": 3, "sellers_per_replicate": 8, "runtime": "inprocess", "seconds": 61.0},
+    "run": {"sessions": 3, "sellers": 8, "runtime": "inprocess", "seconds": 61.0},
     "validity": {
         "spearman": {"pooled": 0.88},
-        "spearman_pooled": 0.88,
         "top1_rate": 2 / 3,
         "paired_vs_gradient_cosine": {
             "spearman": {
@@ -69,9 +68,10 @@ def test_the_summary_is_short_and_says_only_what_was_computed(metrics):
     text = "\n".join(lines)
     if metrics is SINGLE:
         assert "4 sellers" in text and "digits-4" in text and "Spearman with realised benefit 1" in text
+        assert "top seller found" in text
         assert "missing" not in text
     if metrics is REPLICATED:
-        assert "8 sellers x 3 replicates" in text and "0.88" in text and "67 % of replicates" in text
+        assert "8 sellers x 3 sessions" in text and "0.88" in text and "67 % of sessions" in text
         assert "n_replicates 3" in text and "p_sign_flip 0.25" in text and "bootstrap" not in text
     if not metrics:
         assert "validity" not in text and "fidelity" not in text

@@ -106,7 +106,7 @@ def measure(sellers: int, runtime: str, out_dir: Path, config: Path) -> dict[str
         raise RuntimeError(
             f"simulate with {sellers} sellers failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-2000:]
         )
-    with open(out_dir / "scores.csv") as fh:
+    with open(out_dir / "valuations.csv") as fh:
         rows = list(csv.DictReader(fh))
     valued, samples = len(rows), sum(int(r["n_samples"]) for r in rows)
     if samples != sellers * SAMPLES_PER_SELLER or valued != sellers:
@@ -117,8 +117,7 @@ def measure(sellers: int, runtime: str, out_dir: Path, config: Path) -> dict[str
     phase = json.loads((out_dir / "metrics.json").read_text())["run"].get("valuation_seconds")
     if phase is None:
         raise RuntimeError(f"runtime {runtime!r} does not time the valuation phase (the buyer runs elsewhere)")
-    with open(out_dir / "replicates" / "rep-000" / "valuations.csv") as fh:
-        own = [float(r["seconds"]) for r in csv.DictReader(fh)]
+    own = [float(r["seconds"]) for r in rows if r["session"] == "0"]
     return {
         "sellers": sellers,
         "samples": samples,

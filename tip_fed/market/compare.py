@@ -1,7 +1,8 @@
 """Put two runs' payouts side by side (``tip-fed compare DIR1 DIR2``).
 
 Typical uses: the same market on two runtimes (in-process vs Flower) must pay the same; two
-configs (e.g. preconditioners) show how much the payout depends on the choice.
+configs (e.g. preconditioners) show how much the payout depends on the choice. Payouts are matched
+by (session, seller, rule), so runs of any number of sessions compare session by session.
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ import numpy as np
 
 from tip_fed.errors import DataError
 from tip_fed.market.metrics import spearman
-from tip_fed.market.results import read_csv
+from tip_fed.market.results import read_results
 
 Key = tuple[str, str, str]
 
 
 def _shares(run: Path) -> dict[Key, tuple[float, float]]:
-    rows = read_csv(Path(run) / "payouts.csv")
-    # a single-market run is replicate 0, so it lines up with replicate 0 of a replicated run
-    return {
-        (r.get("replicate") or "0", r["seller_id"], r["rule"]): (float(r["payout"]), float(r["share"])) for r in rows
-    }
+    rows = read_results(run).rows("payouts.csv")
+    return {(r["session"], r["seller_id"], r["rule"]): (float(r["payout"]), float(r["share"])) for r in rows}
 
 
 def compare_runs(dir1: str | Path, dir2: str | Path) -> str:
@@ -51,7 +49,7 @@ def compare_runs(dir1: str | Path, dir2: str | Path) -> str:
         lines.append(f"| {rule} | {'–' if rho is None else f'{rho:.4f}'} | {l1:.4g} | {dmax:.4g} |")
     lines += [
         "",
-        "| replicate | seller | rule | payout 1 | payout 2 | share 1 | share 2 |",
+        "| session | seller | rule | payout 1 | payout 2 | share 1 | share 2 |",
         "|---|---|---|---|---|---|---|",
     ]
     for k in common:

@@ -44,6 +44,9 @@ def pool(
     r, n = _clean(rs, ns)
     if r.size == 0:
         return {"pooled": None, "ci_low": None, "ci_high": None, "mean": None, "mean_abs": None, "n_replicates": 0}
+    if r.size == 1:  # one session: its own correlation, no interval (nothing to resample)
+        return {"pooled": float(r[0]), "ci_low": None, "ci_high": None, "mean": float(r[0]),
+                "mean_abs": float(abs(r[0])), "n_replicates": 1}
     w, z = _weights(n), fisher_z(r)
     lo = hi = None
     if r.size >= MIN_BOOTSTRAP_REPLICATES:

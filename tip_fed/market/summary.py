@@ -33,14 +33,17 @@ def _validity(m: Mapping[str, Any]) -> list[str]:
     v = m.get("validity")
     if not isinstance(v, Mapping):
         return []
-    rho = v.get("spearman_pooled", v.get("spearman"))
+    rho = v.get("spearman")
     if isinstance(rho, Mapping):
         rho = rho.get("pooled")
     line = f"validity    signed Spearman with realised benefit {_num(rho)}"
-    if "top1_match" in v:
-        line += f", top seller {'found' if v['top1_match'] else 'missed'}"
-    elif "top1_rate" in v:
-        line += f", top seller found in {100 * v['top1_rate']:.0f} % of replicates"
+    sessions = _get(m, "run.sessions") or 1
+    if "top1_rate" in v:
+        measured = v.get("n_sellers")
+        among = (f" among the {measured} with measured benefit"
+                 if isinstance(measured, int) and measured < (_get(m, "run.sellers") or 0) else "")
+        line += (f", top seller{among} {'found' if v['top1_rate'] else 'missed'}" if sessions == 1
+                 else f", top seller found in {100 * v['top1_rate']:.0f} % of sessions")
     lines = [line]
     paired = _get(v, "paired_vs_gradient_cosine.spearman")
     if isinstance(paired, Mapping):
@@ -59,9 +62,9 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
     """At most :data:`MAX_LINES` lines: who was valued, how well, how faithfully, where the files are."""
     run = metrics.get("run", {}) if isinstance(metrics.get("run"), Mapping) else {}
     lines = []
-    if "replicates" in run:
+    if run.get("sessions", 1) > 1:
         lines.append(
-            f"valued      {run.get('sellers_per_replicate')} sellers x {run['replicates']} replicates "
+            f"valued      {run.get('sellers')} sellers x {run['sessions']} sessions "
             f"over {run.get('runtime', '?')} in {_num(run.get('seconds'))} s"
         )
     elif "sellers" in run:

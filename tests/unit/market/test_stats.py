@@ -32,7 +32,10 @@ def test_perfect_and_undefined_correlations_are_handled():
     out = stats.pool([1.0, 1.0, None], [8, 8, 8])
     assert out["n_replicates"] == 2 and out["pooled"] == pytest.approx(stats.R_CLIP)
     with pytest.raises(DataError, match="4 sellers"):
-        stats.pool([0.5], [3])
+        stats.pool([0.5, 0.4], [3, 8])
+    # one session has nothing to pool: its own correlation, exactly, and no interval
+    assert stats.pool([1.0], [3]) == {"pooled": 1.0, "ci_low": None, "ci_high": None, "mean": 1.0, "mean_abs": 1.0,
+                                      "n_replicates": 1}
 
 
 def test_paired_test_detects_a_difference_and_not_a_non_difference():
