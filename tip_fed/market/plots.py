@@ -183,9 +183,14 @@ def payout_shares(shares: Mapping[str, Mapping[str, float]], sellers: Sequence[s
             vals = np.sort([shares[rule].get(s, 0.0) for s in sellers])[::-1]
             ax.plot(np.arange(1, vals.size + 1), vals, label=rule, color=cmap(j), marker=".", markersize=3,
                     linewidth=1.0, linestyle=("-", "--", ":")[j % 3])
-        wide = _symlog_if_wide(ax, np.asarray([v for r in rules for v in shares[r].values()], float), "y")
+        # log beyond a tenth of the flat share 1/n, linear below it: the best-paid sellers of a peaked rule
+        # (softmax) no longer flatten every other rule's curve, and sellers paid nothing stay visible at 0
+        flat_tenth = 0.1 / len(sellers)
+        ax.set_yscale("symlog", linthresh=flat_tenth, linscale=0.5)
+        top = max((v for r in rules for v in shares[r].values()), default=1.0)
+        ax.set_ylim(0, max(2.0 * top, 10 * flat_tenth))
         ax.set_xlabel(f"seller's rank under the rule (1 = best paid; {len(sellers)} sellers)")
-        ax.set_ylabel("share of budget" + (" (signed-log axis)" if wide else ""))
+        ax.set_ylabel(f"share of budget (log above {flat_tenth:.2g})")
         ax.set_title(f"{title}: every seller, sorted per rule")
         ax.legend(fontsize=8, ncol=min(4, len(rules)), loc="upper right")
         fig.tight_layout()
