@@ -21,6 +21,7 @@ from tip_fed.console import count, counted, phase, restart, step
 from tip_fed.market import baselines
 from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
 from tip_fed.market.results import Session
+from tip_fed.protocol import Valuation
 
 PAPER = {"tip": 0.900, "gradient_cosine": 0.855, "data_cosine": 0.311, "random": 0.352}  # mean |Spearman|, §6.2
 
@@ -53,8 +54,13 @@ def decile_check(scores: dict[str, float], utility: Any) -> dict[str, Any] | Non
     }
 
 
-def value_replicate(config: SimulationConfig, market: Market, rep: int, progress: bool) -> Session:
-    """One session: encrypted exchange, plaintext reference, baselines, ground truth, payouts, deciles."""
+def value_replicate(
+    config: SimulationConfig, market: Market, rep: int, progress: bool
+) -> tuple[Session, Valuation]:
+    """One session: encrypted exchange, plaintext reference, baselines, ground truth, payouts, deciles.
+
+    Without ground truth (``ground-truth.enabled = false``) no fine-tune runs: no benefit, loo, shapley or deciles.
+    """
     gt = config.ground_truth
     t0 = time.perf_counter()
     phase("the buyer's preconditioner and query")
@@ -79,7 +85,7 @@ def value_replicate(config: SimulationConfig, market: Market, rep: int, progress
     }
     truth = {
         s: finetune_benefit(market.model, market.task, market.sellers[s], market.objective, **finetune)
-        for s in counted([s for s in ids if s in sampled], "ground-truth fine-tunes")
+        for s in counted([s for s in ids if s in sampled and gt.enabled], "ground-truth fine-tunes")
     }
     utility = coalition_utility(
         market.model, market.task, {s: market.sellers[s] for s in ids}, market.objective, **finetune
@@ -92,20 +98,24 @@ def value_replicate(config: SimulationConfig, market: Market, rep: int, progress
             return utility(coalition)
 
         by_id = valuation.by_id()
-        deciles = decile_check({s: by_id[s].total for s in ids}, counted_utility)
-        return session_result(config, market, buyer, valuation, plain, truth, time.perf_counter() - t0,
-                              utility=counted_utility, tolerance=tolerance, baselines=base, deciles=deciles)
+        deciles = decile_check({s: by_id[s].total for s in ids}, counted_utility) if gt.enabled else None
+        session = session_result(config, market, buyer, valuation, plain, truth, time.perf_counter() - t0,
+                                 utility=counted_utility if gt.enabled else None, tolerance=tolerance,
+                                 baselines=base, deciles=deciles)
+    return session, valuation
 
 
 def run_replicated(
     config: SimulationConfig, markets: list[Market], out: Path, *, progress: bool, started: float
 ) -> RunResult:
     """Value every replicate market in its own session and write per-replicate and pooled results."""
-    sessions = []
-    restart("replicates", len(markets), unit="replicate")
+    sessions, valuations = [], []
+    restart("sessions", len(markets), unit="session")
     for rep, market in enumerate(markets):
-        step(f"replicate {rep + 1}/{len(markets)}")
-        sessions.append(value_replicate(config, market, rep, progress))
+        step(f"session {rep + 1}/{len(markets)}" + (f" (replicate market {rep})" if len(markets) > 1 else ""))
+        session, valuation = value_replicate(config, market, rep, progress)
+        sessions.append(session)
+        valuations.append(valuation)
     step("writing results")
-    return write_run(out, config, markets[0].name, sessions, started,
+    return write_run(out, config, markets[0].name, sessions, started, valuations[0] if len(markets) == 1 else None,
                      extra={"paper_mean_abs_spearman": PAPER} if len(markets) > 1 else None)

@@ -4,8 +4,8 @@ Progress: on a terminal, tqdm bars. The run's bar counts its steps (phases, or r
 names what the run does now; a loop inside a step (sellers answering, fine-tunes) gets a bar of
 its own that goes away when done. In a log (stderr is no terminal) the same progress is plain
 lines, each with the seconds since the run began: one per step and phase, and for a loop one at
-its start, at most one every :data:`LOG_EVERY_S` seconds, and one at its end when it took that
-long; phases and loops are indented under their step.
+its start, at most one every :data:`LOG_EVERY_S` seconds, and one with its final count; phases
+and loops are indented under their step.
 
 Every call takes ``enabled`` (false under ``--quiet``: nothing is printed); left out, it is the
 open run's, so code deep inside a run (a scenario's builder) reports without being handed a flag,
@@ -140,10 +140,10 @@ class Count:
             self._say()
 
     def close(self) -> None:
-        """The loop is over: the bar goes; a log notes the end of a loop that took long."""
+        """The loop is over: the bar goes; a log gives the final count (a started "0/N" is never left standing)."""
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and time.perf_counter() - self.started >= LOG_EVERY_S and self.said_done != self.done:
+        elif self.enabled and self.said_done is not None and self.said_done != self.done:
             self._say()
         self.enabled = False
 
