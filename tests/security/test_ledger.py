@@ -161,21 +161,21 @@ def test_composition_is_the_accountants_not_basic_composition():
 
 
 @pytest.mark.parametrize(
-    "flag,value",
+    "flag,value,names",
     [
-        ("--lifetime-epsilon", "0"),
-        ("--lifetime-epsilon", "nan"),
-        ("--lifetime-delta", "1"),
-        ("--total-epsilon", "0"),
-        ("--total-delta", "1"),
-        ("--max-exact", "-2"),
-        ("--total-max-exact", "-3"),
+        ("--lifetime-epsilon", "0", "lifetime epsilon"),
+        ("--lifetime-epsilon", "nan", "lifetime epsilon"),
+        ("--lifetime-delta", "1", "lifetime delta"),
+        ("--total-epsilon", "0", "total (seller-wide) epsilon"),
+        ("--total-delta", "1", "total (seller-wide) delta"),
+        ("--max-exact", "-2", "--max-exact"),
+        ("--total-max-exact", "-3", "--total-max-exact"),
     ],
 )
-def test_seller_serve_refuses_a_bad_lifetime_budget_in_one_line(flag, value, tmp_path, capsys):
+def test_seller_serve_refuses_a_bad_lifetime_budget_in_one_line(flag, value, names, tmp_path, capsys):
     err = seller_serve_error(capsys, "--data", str(tmp_path / "d.safetensors"), "--insecure", "--ledger",
                              str(tmp_path / "ledger.json"), flag, value)
-    assert "ledger " in err
+    assert names in err  # the one line names the setting that was wrong
 
 
 def test_sybil_identities_share_the_seller_wide_budget(model, seller_data):
