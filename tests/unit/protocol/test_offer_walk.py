@@ -3,9 +3,11 @@
 A reader following an Offer should pass each module once. The walk is traced with ``sys.setprofile``
 over tip_fed's modules except the gradient math (``tip_fed.core``) and the generated wire code: a
 *stop* is a call from one of these modules into another, a *revisit* a stop into a module already
-passed in that leg. Attribute reads (property getters), comprehensions and generated dataclass
-methods belong to their caller's step. Deterministic: it counts calls, never time.
-"""
+passed in that leg. Property getters, comprehensions and generated dataclass methods belong to
+their caller's step, and a loop is read once (a call site calling the same function again, with
+all that call does, is a step already read). The walk asserted is the protocol layer's: the
+modules ``tip_fed.protocol`` calls; what crypto does inside one of those calls (keys, codec and
+params calling each other) is bounded separately. Deterministic: it counts calls, never time."""
 
 from __future__ import annotations
 
