@@ -27,8 +27,8 @@ from safetensors.torch import save as st_save
 
 from tip_fed.core.models import MLP
 from tip_fed.crypto.params import HEParams, plan_packing
-from tip_fed.protocol.convert import params_to_pb, plan_to_pb
 from tip_fed.protocol.model import encode_model, fingerprint
+from tip_fed.protocol.offer import params_to_pb, plan_to_pb
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 MiB = 1 << 20

@@ -1,9 +1,10 @@
 """Packed encrypted scoring against its floor ``k * t_mul / S`` and against one score per ciphertext.
 
 All figures come from one run with the same keys, so machine load affects every side alike; the
-repetitions are interleaved (t_mul probe, then a scoring run, ...) and medians are reported.
+repetitions are interleaved (op costs measured, then a scoring run, ...) and medians are reported.
 
-- ``t_mul``: one ``Evaluator.multiply_plain`` (out of place) on a query-level ciphertext.
+- ``t_mul``: one ``Evaluator.multiply_plain`` (out of place) on a query-level ciphertext
+  (:func:`~tip_fed.crypto.measure_op_costs`).
 - ``bound_us_per_score = k * t_mul / S``: scoring n samples needs at least n k / S products.
 - ``us_per_score``: **steady state** - a seller answering a repeated query over the same rows
   with its :class:`~tip_fed.crypto.EncodingCache` warm (encoding skipped), blocks spread over
@@ -37,19 +38,19 @@ from tip_fed.crypto import (
     encrypt_query,
     encrypt_query_naive,
     load_public_context,
+    measure_op_costs,
     plan_packing,
     score_rows,
     score_rows_naive,
 )
 from tip_fed.crypto.parallel import default_workers
-from tip_fed.crypto.probe import op_timings
 
 from .common import median, timed
 
 
 def run(quick: bool, seed: int = 0, dim: int = 1024, n_poly: int = 8192) -> dict[str, Any]:
     """The ``packing`` section of the benchmark JSON."""
-    samples, naive_n, reps, probe_n = (1024, 32, 2, 128) if quick else (8192, 256, 5, 512)
+    samples, naive_n, reps, op_calls = (1024, 32, 2, 128) if quick else (8192, 256, 5, 512)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=dim)
     x *= 3.0 / np.linalg.norm(x)
@@ -72,9 +73,9 @@ def run(quick: bool, seed: int = 0, dim: int = 1024, n_poly: int = 8192) -> dict
     scores = decrypt_scores(keys, plan, replies, samples)
 
     workers = default_workers()
-    probes, steady, serial, serial_cpu, serial_phases = [], [], [], [], []
+    op_costs, steady, serial, serial_cpu, serial_phases = [], [], [], [], []
     for _ in range(reps):  # interleaved: load changes hit both sides of the ratio alike
-        probes.append(op_timings(ctx, plan, query, probe_n))
+        op_costs.append(measure_op_costs(ctx, plan, query, op_calls))
         phases: dict[str, float] = {}
         w0, c0 = time.perf_counter(), time.process_time()
         score_rows(ctx, plan, query, rows, rng=np.random.default_rng(seed), cache=cache, timings=phases)
@@ -95,8 +96,8 @@ def run(quick: bool, seed: int = 0, dim: int = 1024, n_poly: int = 8192) -> dict
     naive_scores = decrypt_naive(keys, naive_replies)
     keys.destroy()
 
-    t_mul = median([p["t_mul"] for p in probes])
-    t_mul_cpu = median([p["t_mul_cpu"] for p in probes])
+    t_mul = median([p.multiply_plain_s for p in op_costs])
+    t_mul_cpu = median([p.multiply_plain_cpu_s for p in op_costs])
     us = median(steady) / samples * 1e6
     us_serial = median(serial) / samples * 1e6
     us_cpu = median(serial_cpu) / samples * 1e6
@@ -115,8 +116,8 @@ def run(quick: bool, seed: int = 0, dim: int = 1024, n_poly: int = 8192) -> dict
         "plan": plan.to_dict(),
         "t_mul_us": t_mul * 1e6,
         "t_mul_cpu_us": t_mul_cpu * 1e6,
-        "t_add_us": median([p["t_add"] for p in probes]) * 1e6,
-        "t_rot_us": median([p["t_rot"] for p in probes]) * 1e6,
+        "t_add_us": median([p.add_s for p in op_costs]) * 1e6,
+        "t_rot_us": median([p.rotate_s for p in op_costs]) * 1e6,
         "workers": workers,
         "us_per_score": us,
         "us_per_score_serial": us_serial,

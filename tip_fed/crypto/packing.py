@@ -61,7 +61,6 @@ from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, HEParams, PackingPlan
 from .sanitise import FLOOD_STD, sanitising_fill
 
 __all__ = [
-    "bsgs_slots_unmasked",
     "decrypt_scores",
     "encrypt_query",
     "score_rows",
@@ -462,24 +461,3 @@ def _row_noise(noise: object, shape: tuple[int, ...], headroom: int) -> np.ndarr
             "or aggregate disclosure"
         )
     return arr
-
-
-def bsgs_slots_unmasked(
-    keys: SessionKeys, ctx: PublicContext, plan: PackingPlan, query: list[bytes], rows: np.ndarray
-) -> np.ndarray:
-    """Decrypted slots of the *unmasked* BSGS result for one block (test/diagnostic only).
-
-    Shows what masking hides: these partial sums leak the seller's rows, which is why
-    :func:`score_rows` never returns them.
-    """
-    matrix = _rows_matrix(rows, plan.dim)
-    if matrix.shape[0] > plan.rows_per_block:
-        raise DataError(f"at most {plan.rows_per_block} rows (one block) for this diagnostic")
-    _same_params(plan, ctx.params, "public context")
-    scorer = _Scorer(ctx, plan, query)
-    r = plan.block_rows(matrix.shape[0])[0]
-    res = scorer.bsgs(scorer.encoded(matrix, r, None), r)
-    if res is None:
-        return np.zeros(plan.slots)
-    blob = seal_to_bytes(res, "saving the unmasked result")
-    return keys.decrypt_slots(blob, "unmasked BSGS result", any_level=True)

@@ -31,11 +31,11 @@ __all__ = [
     "MAX_QUERY_NORM",
     "HEParams",
     "PackingPlan",
-    "SellerMemory",
+    "SellerCost",
     "check_params",
     "plan_packing",
     "security_bits",
-    "seller_memory",
+    "seller_cost",
 ]
 
 #: Largest L2 norm of a buyer query. Scores satisfy |y_j| <= ||x|| (rows have norm <= 1), and
@@ -512,20 +512,23 @@ def key_memory_bytes(params: HEParams, n_galois_keys: int) -> int:
 
 
 @dataclass(frozen=True)
-class SellerMemory:
-    """Bytes a seller holds to use a plan's public context: the SEALContext's tables, the expanded
-    public key and the plan's Galois keys, and one expanded top-level ciphertext."""
+class SellerCost:
+    """What a plan costs a seller scoring ``n_rows`` rows, before anything is loaded: bytes of the
+    SEALContext's tables, of the expanded public key and the plan's Galois keys, and of one expanded
+    top-level ciphertext; and the rough single-core seconds of the scoring (:meth:`PackingPlan.est_seconds`)."""
 
     context: int
     keys: int
     ciphertext: int
+    seconds: float
 
 
-def seller_memory(plan: PackingPlan) -> SellerMemory:
-    """What loading and using ``plan``'s public context costs a seller in memory (costed before loading it)."""
+def seller_cost(plan: PackingPlan, n_rows: int) -> SellerCost:
+    """Memory and time ``plan`` costs a seller scoring ``n_rows`` rows (costed before its context is loaded)."""
     params = plan.params
-    return SellerMemory(
+    return SellerCost(
         context=context_memory_bytes(params),
         keys=key_memory_bytes(params, len(plan.galois_steps)),
         ciphertext=ciphertext_memory_bytes(params),
+        seconds=plan.est_seconds(n_rows),
     )

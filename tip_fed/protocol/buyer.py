@@ -166,6 +166,9 @@ class Buyer:
             coeff_mod_bit_sizes=tuple(self.settings.crypto.coeff_mod_bit_sizes),
             global_scale_bits=self.settings.crypto.global_scale_bits,
         )
+        #: Step released scores are rounded to (exact decryptions never leave the buyer).
+        self.release_quantum = release_quantum(self.query_norm * self.grad_norm_bound,
+                                               self.settings.protocol.release_digits)
         # the one security check of the buyer's CKKS parameters: every session's plan derives from this one
         self._plan = plan_packing(self.spec.dim, 1, self.params)
         self._payload = prepared.model
@@ -283,10 +286,8 @@ class Buyer:
         """Scores in the buyer's units, rounded to the release quantum (exact decryptions stay here)."""
         per_sample = session.disclosure == "per-sample"
         scores = y * (self.query_norm * self.grad_norm_bound / QUERY_NORM)
-        quantum = self.release_quantum
-        per_sample_scores = None
-        if per_sample:
-            per_sample_scores = np.array([round_release(float(s), quantum) for s in scores[:-1]], dtype=np.float64)
+        scores[-1] *= reply.n_samples  # the last row is the mean: released as the seller's total
+        released = round_release(scores, self.release_quantum)
         if noise is not None:
             # score units: a per-sample score's noise, and the total's (sum of n rows' or one sum's noise)
             noise["std"] = reply.noise_std * self.query_norm * self.grad_norm_bound
@@ -294,8 +295,8 @@ class Buyer:
         return SellerValuation(
             seller_id=reply.seller_id,
             n_samples=reply.n_samples,
-            total=round_release(float(scores[-1]) * reply.n_samples, quantum),
-            per_sample=per_sample_scores,
+            total=float(released[-1]),
+            per_sample=released[:-1] if per_sample else None,
             commitment=reply.commitment.hex(),
             clipped=reply.clipped,
             timings=reply.timings.to_dict(),
@@ -303,6 +304,7 @@ class Buyer:
         )
 
     def _manifest(self, session: BuyerSession) -> dict[str, Any]:
+        packing = session.plan.to_dict()  # holds the session's CKKS parameters too
         return {
             "protocol_version": PROTOCOL_VERSION,
             "session_id": session.session_id,
@@ -310,18 +312,13 @@ class Buyer:
             "projection": self.spec.to_dict(),
             "projection_fidelity": self.prepared.fidelity,
             "preconditioner": self.preconditioner.to_dict(),
-            "he_params": self.params.to_dict(),
-            "packing": session.plan.to_dict(),
+            "he_params": packing["params"],
+            "packing": packing,
             "disclosure": session.disclosure,
             "grad_norm_bound": self.grad_norm_bound,
             "query_budget": self.settings.protocol.query_budget,
             "disclosure_controls": self._controls(),
         }
-
-    @property
-    def release_quantum(self) -> float:
-        """Step released scores are rounded to (exact decryptions never leave the buyer)."""
-        return release_quantum(self.query_norm * self.grad_norm_bound, self.settings.protocol.release_digits)
 
     def _controls(self) -> dict[str, Any]:
         """Disclosure controls as the report states them: noise asked, its composition, rounding."""

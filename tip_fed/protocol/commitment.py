@@ -83,6 +83,13 @@ def commit(batch: Mapping[str, torch.Tensor], gradients: np.ndarray, salt_seed: 
     return merkle_root(leaves(batch, gradients, salt_seed))
 
 
+def commit_fresh(batch: Mapping[str, torch.Tensor], gradients: np.ndarray) -> tuple[bytes, bytes]:
+    """(root, salt seed) of a new commitment: :func:`commit` under a fresh salt seed, which the
+    seller reveals only with the purchased records."""
+    salt_seed = new_salt_seed()
+    return commit(batch, gradients, salt_seed), salt_seed
+
+
 def merkle_proof(leaves: Sequence[bytes], index: int) -> list[tuple[bytes, bool]]:
     """Authentication path of leaf ``index``: (sibling hash, sibling is on the left) per level.
 

@@ -30,6 +30,7 @@ import secrets
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from tip_fed.errors import ConfigError, ProtocolError
 
@@ -162,8 +163,11 @@ def release_quantum(score_bound: float, digits: int) -> float:
     return 0.0 if digits == 0 else score_bound * 10.0 ** (-digits)
 
 
-def round_release(value: float, quantum: float) -> float:
-    """Round one released value to a multiple of ``quantum`` (exact decryptions never leave the buyer)."""
-    if quantum <= 0 or not math.isfinite(value):
-        return value
-    return round(value / quantum) * quantum
+def round_release(values: npt.ArrayLike, quantum: float) -> np.ndarray:
+    """Released values rounded to multiples of ``quantum`` (0 = unrounded; non-finite values stay as
+    they are): exact decryptions never leave the buyer."""
+    arr = np.asarray(values, dtype=np.float64)
+    if quantum <= 0:
+        return arr
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(arr), np.round(arr / quantum) * quantum, arr)

@@ -1,5 +1,8 @@
 """The Offer as the protocol reads it: decoded from tip.v1 bytes once, every field validated, typed.
 
+This module is the Offer's wire boundary: its fields' protobuf forms (projection spec, CKKS
+parameters, packing layout) are converted here and nowhere else.
+
 A seller runs :func:`decode_offer` at the wire boundary and then works only with the :class:`Offer`
 it returns: the projection spec rebuilt, the CKKS parameters checked for security (once: through
 the packing plan, whose parameters are checked when it is made), the plan re-derived from them, the
@@ -14,23 +17,35 @@ import math
 from dataclasses import dataclass
 
 from tip_fed.config import DISCLOSURES
-from tip_fed.core.projection import ProjectionSpec
+from tip_fed.core.projection import LayerProjection, ProjectionSpec
 from tip_fed.crypto.params import HEParams, PackingPlan
-from tip_fed.errors import ConfigError, ProtocolError
-from tip_fed.protocol.convert import params_to_pb, plan_from_pb, plan_to_pb, spec_from_pb, spec_to_pb
+from tip_fed.errors import ConfigError, InsecureParametersError, ProtocolError, TipError
 from tip_fed.protocol.disclosure import NoisePolicy
 from tip_fed.protocol.formats import InputFormat, format_digest, format_from_pb
 from tip_fed.protocol.messages import MAX_OFFER_BYTES, PROTOCOL_VERSION, parse_message
 from tip_fed.protocol.resources import ResourceBudget, ResourceLimitError
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-__all__ = ["MAX_MODEL_CONFIG_BYTES", "Offer", "decode_offer", "encode_offer"]
+__all__ = [
+    "MAX_MODEL_CONFIG_BYTES",
+    "Offer",
+    "decode_offer",
+    "encode_offer",
+    "params_to_pb",
+    "plan_from_pb",
+    "plan_to_pb",
+    "spec_from_pb",
+    "spec_to_pb",
+]
 
 #: A model's builder config (layer sizes, GPT-2 settings) is a few KiB; a longer one could ask the
 #: seller to build millions of modules before their weights are compared with the shipped ones.
 MAX_MODEL_CONFIG_BYTES = 64 << 10
 #: Config name (the allowed values of protocol.disclosure, in order) -> wire value.
 DISCLOSURE_NAMES = dict(zip(DISCLOSURES, (pb.DISCLOSURE_AGGREGATE, pb.DISCLOSURE_PER_SAMPLE), strict=True))
+PLAN_FIELDS = ("dim", "padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block")
+#: Packing layout name: BSGS with the baby steps sent as rotated query copies (see tip_fed.crypto.packing).
+PACKING_KIND = "bsgs-copies"
 
 
 @dataclass(frozen=True)
@@ -179,3 +194,80 @@ def encode_offer(offer: Offer) -> bytes:
         dp_delta=noise.delta if noise.enabled else 0.0,
         input=None if offer.input_format is None else offer.input_format.to_pb(),
     ).SerializeToString()
+
+
+# ---- the Offer's fields on the wire ------------------------------------------------------------
+def spec_to_pb(spec: ProjectionSpec) -> pb.ProjectionSpec:
+    """Projection spec as sent in the Offer (the matrices are regenerated, never sent)."""
+    data = spec.to_dict()
+    return pb.ProjectionSpec(
+        seed=spec.seed,
+        kind=spec.kind,
+        generator=data["generator"],
+        version=data["version"],
+        layers=[
+            pb.LayerProjection(
+                name=layer.name, in_features=layer.in_features, out_features=layer.out_features,
+                rank_in=layer.rank_in, rank_out=layer.rank_out, bias=layer.bias,
+            )
+            for layer in spec.layers
+        ],
+    )
+
+
+def spec_from_pb(msg: pb.ProjectionSpec) -> ProjectionSpec:
+    """Rebuild and validate a projection spec."""
+    try:
+        return ProjectionSpec.from_dict(
+            {
+                "version": msg.version,
+                "generator": msg.generator,
+                "seed": msg.seed,
+                "kind": msg.kind,
+                "layers": [_layer_dict(layer) for layer in msg.layers],
+            }
+        )
+    except TipError as exc:
+        raise ProtocolError(f"the offer's projection spec is invalid: {exc}") from exc
+
+
+def _layer_dict(layer: LayerProjection | pb.LayerProjection) -> dict[str, object]:
+    return {
+        "name": layer.name, "in_features": layer.in_features, "out_features": layer.out_features,
+        "rank_in": layer.rank_in, "rank_out": layer.rank_out, "bias": layer.bias,
+    }
+
+
+def params_to_pb(params: HEParams) -> pb.HEParameters:
+    """CKKS parameters as sent in the Offer."""
+    return pb.HEParameters(
+        poly_modulus_degree=params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+        global_scale_bits=params.global_scale_bits,
+    )
+
+
+def plan_to_pb(plan: PackingPlan) -> pb.Packing:
+    """Packing layout as sent in the Offer (its parameters go in :func:`params_to_pb`)."""
+    return pb.Packing(kind=PACKING_KIND, **{k: int(getattr(plan, k)) for k in PLAN_FIELDS})
+
+
+def plan_from_pb(msg: pb.Packing, he: pb.HEParameters) -> PackingPlan:
+    """Rebuild the packing layout for the Offer's CKKS parameters ``he``, checking the parameters
+    (once: :meth:`PackingPlan.from_dict` runs the security check) and then the layout.
+
+    InsecureParametersError for parameters below 128-bit security, ProtocolError for the rest."""
+    if msg.kind != PACKING_KIND:
+        raise ProtocolError(f"unknown packing kind {msg.kind!r}; this seller supports {PACKING_KIND!r}")
+    data: dict[str, object] = {k: int(getattr(msg, k)) for k in PLAN_FIELDS}
+    data["params"] = {
+        "poly_modulus_degree": int(he.poly_modulus_degree),
+        "coeff_mod_bit_sizes": [int(b) for b in he.coeff_mod_bit_sizes],
+        "global_scale_bits": int(he.global_scale_bits),
+    }
+    try:
+        return PackingPlan.from_dict(data)
+    except InsecureParametersError:
+        raise
+    except TipError as exc:
+        raise ProtocolError(f"the offer's CKKS parameters or packing layout are invalid: {exc}") from exc

@@ -5,8 +5,8 @@ An Offer that passes every structural check can still ask a long-lived seller fo
 when loaded, heavy CKKS parameters). :func:`cost_offer` reads only the decoded Offer's own fields
 (layer shapes and ranks, the safetensors header, N and the primes, the packing) plus the seller's
 sample count, and estimates the bytes and rough single-core seconds of every later step;
-:func:`check_cost` refuses it with a :class:`ResourceLimitError` naming the exceeded limit and the
-setting that raises it. Every step here is linear in the Offer's size; nothing it sizes is built.
+it refuses one over the seller's per-Offer limits with a :class:`ResourceLimitError` naming the
+exceeded limit and the setting that raises it. Every step here is linear in the Offer's size; nothing it sizes is built.
 :class:`InFlight` bounds what all Offers being answered at once may cost.
 """
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tip_fed.config import SellerBudgetConfig
 from tip_fed.core.projection import ProjectionSpec
-from tip_fed.crypto.params import seller_memory
+from tip_fed.crypto.params import seller_cost
 from tip_fed.errors import ModelError, ProtocolError
 from tip_fed.protocol.formats import InputFormat, TableFormat, TextFormat
 
@@ -36,7 +36,6 @@ __all__ = [
     "ResourceBudget",
     "ResourceLimitError",
     "WeightsHeader",
-    "check_cost",
     "cost_offer",
     "max_offer_bytes",
     "read_weights_header",
@@ -222,8 +221,8 @@ def cost_offer(
     """Estimate what answering ``offer`` (decoded and validated) will cost a seller holding ``n_samples`` records.
 
     Reads the Offer's fields only; raises ModelError/ProtocolError for what cannot be costed
-    (non-float weights, a public context larger than its plan's keys). Compare the result with
-    :func:`check_cost`. ``held`` is the header of the weights the seller already holds for an
+    (non-float weights, a public context larger than its plan's keys) and ResourceLimitError for
+    what exceeds ``budget``'s per-Offer limits. ``held`` is the header of the weights the seller already holds for an
     Offer that references its model without shipping it (see :mod:`tip_fed.protocol.model_cache`).
     """
     budget = budget or ResourceBudget()
@@ -256,17 +255,17 @@ def cost_offer(
         + len(shapes) * _LAYER_BYTES
     )
     plan = offer.plan
-    memory = seller_memory(plan)
-    if len(offer.public_context) > memory.keys + MiB:
+    he = seller_cost(plan, n_samples + 1)  # memory and seconds of the CKKS work, in one estimate
+    if len(offer.public_context) > he.keys + MiB:
         # Seeded, compressed keys are smaller than in memory: a larger blob holds keys the plan never uses.
         raise ProtocolError(
             f"the offer's public context is {len(offer.public_context)} bytes, more than the "
-            f"{len(plan.galois_steps)} Galois key(s) its packing needs can take ({memory.keys} bytes expanded); "
+            f"{len(plan.galois_steps)} Galois key(s) its packing needs can take ({he.keys} bytes expanded); "
             "send SessionKeys.public_context_bytes() for this plan"
         )
-    he_keys = memory.context + memory.keys
-    query = len(offer.query) * memory.ciphertext
-    scoring = (plan.baby + 8) * memory.ciphertext + (n_samples + 1) * dim * 8
+    he_keys = he.context + he.keys
+    query = len(offer.query) * he.ciphertext
+    scoring = (plan.baby + 8) * he.ciphertext + (n_samples + 1) * dim * 8
     flops = 6.0 * weights.n_elements * n_samples * t + 4.0 * n_samples * t * sum(
         r_in * f_in + r_out * f_out + r_in * r_out for r_in, r_out, f_in, f_out in shapes
     )
@@ -274,10 +273,10 @@ def cost_offer(
         flops / _FLOPS
         + entries / _MATRIX_ENTRIES_S
         + he_keys / _KEY_BYTES_S
-        + plan.est_seconds(n_samples + 1)
+        + he.seconds
         + len(shapes) * _LAYER_S
     )
-    return OfferCost(
+    cost = OfferCost(
         MESSAGE_COPIES * offer.message_bytes,
         projection,
         model,
@@ -291,6 +290,8 @@ def cost_offer(
         dim,
         inputs,
     )
+    _check_cost(cost, budget)
+    return cost
 
 
 def _input_cost(fmt: InputFormat | None, n_samples: int, tokens_per_sample: int) -> tuple[int, int]:
@@ -305,7 +306,7 @@ def _input_cost(fmt: InputFormat | None, n_samples: int, tokens_per_sample: int)
     return tokens_per_sample, 0
 
 
-def check_cost(cost: OfferCost, budget: ResourceBudget) -> None:
+def _check_cost(cost: OfferCost, budget: ResourceBudget) -> None:
     """Refuse an Offer whose estimated cost exceeds the per-Offer limits of ``budget``."""
     if cost.he_key_bytes > budget.he_key_memory_mb * MiB:
         raise ResourceLimitError(
@@ -333,7 +334,7 @@ def check_cost(cost: OfferCost, budget: ResourceBudget) -> None:
 
 
 def max_offer_bytes(budget: ResourceBudget) -> int:
-    """Largest Offer message that could pass :func:`check_cost`: its bytes are held
+    """Largest Offer message that could pass :func:`cost_offer`: its bytes are held
     :data:`MESSAGE_COPIES` times, and weights (most of a large Offer) are held once more as
     loaded tensors. gRPC's own limit is just under 2 GiB."""
     return min((1 << 31) - 1, budget.offer_memory_mb * MiB // (MESSAGE_COPIES + 1))

@@ -34,8 +34,8 @@ from tip_fed.protocol.messages import SELLER_ID, Reply, Timings, encode_reply
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
 from tip_fed.protocol.offer import Offer, decode_offer
 from tip_fed.protocol.records import RawRecords
-from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, check_cost, cost_offer
-from tip_fed.protocol.sessions import AnsweredSessions, session_key
+from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, cost_offer
+from tip_fed.protocol.sessions import AnsweredSessions
 
 log = logging.getLogger(__name__)
 
@@ -153,40 +153,36 @@ class Seller:
         ``peer`` is the buyer's authenticated identity as the carrier knows it (a client
         certificate subject, a network address); the query budget is kept per (session, peer) and
         the privacy ledger charges the answer to it (None: the identity all unauthenticated buyers share).
-        The Offer is costed against ``policy.budget`` before anything is allocated, and the
-        budget is spent only once the whole Offer has validated.
+        The Offer is costed against ``policy.budget`` before anything is allocated. Admission takes
+        one query of the session's budget at once (so concurrent copies of one Offer cannot all pass)
+        and gives it back if the Offer is refused or fails before it is answered; the privacy ledger
+        is charged only once the whole Offer has validated.
         """
         t0 = time.perf_counter()
         offer = decode_offer(offer_bytes, self.policy.budget)  # decoded and validated, once
-        key, limit = self._admit(offer, peer)  # session budget and sizes: refused early, nothing spent
-        held = self.models.resolve(offer.model, self.seller_id, peer)  # ModelNotHeldError: nothing spent yet
-        cost = self.cost(offer, held=held.header if held else None)  # before anything is allocated
-        with self._in_flight.reserve(cost.total_bytes):
-            job = self._open(offer, peer, held)  # context, model, noise, input format: nothing spent
-            self._charge(offer, job, key, limit, peer)  # the privacy ledger, then the session's budget
-            try:
+        key = self._admit(offer, peer)  # sizes checked, one query of the session's budget taken
+        try:
+            held = self.models.resolve(offer.model, self.seller_id, peer)  # ModelNotHeldError: nothing allocated
+            cost = self.cost(offer, held=held.header if held else None)  # before anything is allocated
+            with self._in_flight.reserve(cost.total_bytes):
+                job = self._open(offer, peer, held)  # context, model, noise, input format
+                self._charge(offer, job, peer)  # the whole Offer validated: the buyer's privacy ledger
                 reply = self._score(offer, job, t0)  # gradients, commitment, scores under encryption
-            except BaseException:
-                with self._lock:
-                    self._sessions.refund(key)  # nothing was answered
-                raise
+        except BaseException:
+            with self._lock:
+                self._sessions.refund(key)  # nothing was answered: the query taken at admission is given back
+            raise
         return encode_reply(reply)
 
     def cost(self, offer: Offer, held: WeightsHeader | None = None) -> OfferCost:
         """What answering the decoded ``offer`` would cost this seller (``held``: the weights of a
         referenced model this seller holds); ResourceLimitError if over budget."""
-        budget = self.policy.budget
-        cost = cost_offer(offer, self.n_samples, batch_size=self.policy.batch_size, tokens_per_sample=self._tokens,
-                          budget=budget, held=held)
-        check_cost(cost, budget)
-        return cost
+        return cost_offer(offer, self.n_samples, batch_size=self.policy.batch_size, tokens_per_sample=self._tokens,
+                          budget=self.policy.budget, held=held)
 
-    def _admit(self, offer: Offer, peer: str | None) -> tuple[str, int]:
-        """(session key, query limit) of an Offer this seller may answer; refusals here spend nothing."""
-        key = session_key(offer.session_id, peer)
-        limit = min(offer.query_budget, self.policy.max_queries_per_session)
-        with self._lock:
-            self._sessions.check(key, limit, self.seller_id)
+    def _admit(self, offer: Offer, peer: str | None) -> str:
+        """The session key of an Offer this seller may answer, one query of its budget taken (the
+        caller refunds it unless the Offer is answered); refusals here take nothing."""
         if self.n_samples > offer.max_samples:
             raise ProtocolError(
                 f"seller {self.seller_id} holds {self.n_samples} samples but the offer accepts at most "
@@ -197,10 +193,12 @@ class Seller:
                 f"seller {self.seller_id} holds raw records ({self._raw.source}) and the offer carries no input "
                 "format to encode them; the buyer must send one (Buyer(..., input_format=TableFormat|TextFormat))"
             )
-        return key, limit
+        limit = min(offer.query_budget, self.policy.max_queries_per_session)
+        with self._lock:
+            return self._sessions.spend(offer.session_id, limit, self.seller_id, peer)
 
     def _open(self, offer: Offer, peer: str | None, held: HeldModel | None) -> _Job:
-        """Everything scoring needs that depends on no record's values: a failure here spends nothing."""
+        """Everything scoring needs that depends on no record's values: a failure here charges nothing."""
         t_ctx = time.perf_counter()
         context = load_public_context(offer.public_context, offer.plan)  # early: a bad context fails fast
         t_ctx = time.perf_counter() - t_ctx  # HE work: reported under encrypted_s
@@ -214,13 +212,12 @@ class Seller:
             )
         return _Job(context, model, task, noise, self._input_format(offer), t_ctx)
 
-    def _charge(self, offer: Offer, job: _Job, key: str, limit: int, peer: str | None) -> None:
-        """The whole Offer validated: charge the buyer's lifetime privacy budget, then the session's."""
+    def _charge(self, offer: Offer, job: _Job, peer: str | None) -> None:
+        """The whole Offer validated: charge the buyer's lifetime privacy budget (the session's query
+        was taken at admission)."""
         with self._lock:
-            self._sessions.check(key, limit, self.seller_id)
             self._ledger.charge(buyer=peer, key=job.context.public_key_digest, session_id=offer.session_id,
                                 noise_multiplier=job.noise.noise_multiplier)
-            self._sessions.spend(key, limit, self.seller_id)
 
     def _score(self, offer: Offer, job: _Job, t0: float) -> Reply:
         """Projected gradients, clipped and committed to, then scored under encryption."""
@@ -233,8 +230,7 @@ class Seller:
             t_grad = time.perf_counter()
 
             g = clipped.numpy()
-            salt_seed = commitment.new_salt_seed()  # hides the root; revealed only at delivery
-            root = commitment.commit(data, g, salt_seed)
+            root, salt_seed = commitment.commit_fresh(data, g)  # the salt hides the root until delivery
             t_commit = time.perf_counter()
 
             seed = new_noise_seed() if job.noise.enabled else None

@@ -10,9 +10,10 @@ the session was first answered and is never dropped before; while the table hold
 live entries, Offers for *new* sessions are refused (ResourceLimitError naming
 ``seller-budget.kept-sessions``) rather than any answered session being forgotten. A buyer thus
 gets at most the query budget per session per window; memory stays bounded (about 200 bytes per
-entry, 13 MB at the default 65,536); only Offers that validated and were answered take an entry, so
-filling the table costs a flooder a full valid Offer each. Across windows, the total a buyer can
-learn is bounded by the seller's per-buyer privacy accounting, not by this table.
+entry, 13 MB at the default 65,536); only Offers that were answered keep an entry (the seller takes
+one when it admits an Offer and gives it back if the Offer is refused later), so filling the table
+costs a flooder a full valid Offer each. Across windows, the total a buyer can learn is bounded by
+the seller's per-buyer privacy accounting, not by this table.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tip_fed.errors import BudgetExceededError
 from tip_fed.protocol.resources import ResourceLimitError
 
 
-def session_key(session_id: str, peer: str | None) -> str:
+def _key(session_id: str, peer: str | None) -> str:
     """Table key: the session id alone when the carrier already identifies the buyer (in-process,
     a Flower run's own state), else ``session_id/peer``."""
     return session_id if peer is None else f"{session_id}/{peer}"
@@ -65,8 +66,10 @@ class AnsweredSessions:
                 f"{session[:8]}…, its budget; start a new session with fresh keys"
             )
 
-    def spend(self, key: str, limit: int, seller_id: str) -> None:
-        """Check and count one more answered query under ``key`` (atomic under the caller's lock)."""
+    def spend(self, session_id: str, limit: int, seller_id: str, peer: str | None = None) -> str:
+        """Check and count one more query of ``session_id`` from ``peer`` (atomic under the caller's
+        lock); the table key it was counted under, for :meth:`refund`."""
+        key = _key(session_id, peer)
         self._prune()
         self.check(key, limit, seller_id)
         if key not in self.counts and len(self.counts) >= self.capacity:
@@ -76,6 +79,7 @@ class AnsweredSessions:
         if key not in self._stamps:
             self._stamps[key] = self._clock()
         self.counts[key] = self.used(key) + 1
+        return key
 
     def refund(self, key: str) -> None:
         """Undo one :meth:`spend` whose query was not answered after all (scoring failed)."""

@@ -20,8 +20,9 @@ from tip_fed.crypto import (
     score_rows,
     score_rows_naive,
 )
+from tip_fed.crypto.codec import seal_to_bytes
 from tip_fed.crypto.keys import PublicContext
-from tip_fed.crypto.packing import bsgs_slots_unmasked
+from tip_fed.crypto.packing import _Scorer
 from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.errors import CodecError, ConfigError, CryptoError, DataError
 
@@ -114,6 +115,21 @@ def test_zero_rows_and_tiny_values() -> None:
     np.testing.assert_allclose(decrypt_scores(keys, plan, replies, 5), 0.0, atol=TOL)
 
 
+def _unmasked_slots(
+    keys: SessionKeys, ctx: PublicContext, plan: PackingPlan, query: list[bytes], rows: np.ndarray
+) -> np.ndarray:
+    """Decrypted slots of one block's BSGS result *before* its mask: the partial sums of the seller's
+    rows that masking hides, which is why score_rows never returns them."""
+    matrix = np.asarray(rows, dtype=np.float64)
+    assert matrix.shape[0] <= plan.rows_per_block  # one block
+    scorer = _Scorer(ctx, plan, query)
+    r = plan.block_rows(matrix.shape[0])[0]
+    res = scorer.bsgs(scorer.encoded(matrix, r, None), r)
+    if res is None:
+        return np.zeros(plan.slots)
+    return keys.decrypt_slots(seal_to_bytes(res, "saving the unmasked result"), "unmasked BSGS result", any_level=True)
+
+
 def _assert_uniform_fill(fill: np.ndarray, bound: float) -> None:
     assert np.all(np.abs(fill) <= bound * (1 + 1e-6))
     ks = stats.kstest(fill, "uniform", args=(-bound, 2 * bound))
@@ -127,7 +143,7 @@ def test_non_output_slots_are_random_not_partial_sums() -> None:
     plan, keys, ctx = _session(dim)
     x, rows = _data(dim, n_rows, seed=7)
     query = encrypt_query(keys, plan, x)
-    partial = bsgs_slots_unmasked(keys, ctx, plan, query, rows)
+    partial = _unmasked_slots(keys, ctx, plan, query, rows)
     r = plan.block_rows(n_rows)[0]
     assert plan.diagonals(r) < plan.chunk_dim  # this block is folded, hence masked
     out = plan.output_slots(r, n_rows)
@@ -154,7 +170,7 @@ def test_full_blocks_hold_only_scores_and_skip_the_mask() -> None:
     x, rows = _data(dim, n_rows, seed=8)
     query = encrypt_query(keys, plan, x)
     assert plan.block_rows(n_rows) == [plan.slots]
-    partial = bsgs_slots_unmasked(keys, ctx, plan, query, rows)
+    partial = _unmasked_slots(keys, ctx, plan, query, rows)
     out = plan.output_slots(plan.slots, n_rows)
     np.testing.assert_array_equal(out, np.arange(n_rows))
     np.testing.assert_allclose(partial[:n_rows], rows @ x, atol=1e-6)

@@ -6,7 +6,7 @@ import pytest
 
 from tip_fed.core.projection import LayerProjection, ProjectionSpec
 from tip_fed.errors import ProtocolError
-from tip_fed.protocol.convert import spec_from_pb, spec_to_pb
+from tip_fed.protocol.offer import spec_from_pb, spec_to_pb
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 
