@@ -34,7 +34,8 @@ from .codec import (
     seal_to_bytes,
     tenseal_errors,
 )
-from .params import HEParams, PackingPlan, check_params, context_memory_bytes, security_bits
+from .costs import context_memory_bytes
+from .params import HEParams, PackingPlan, check_params, security_bits
 
 __all__ = ["PublicContext", "SessionKeys", "clear_context_cache", "context_cache_bytes", "load_public_context"]
 

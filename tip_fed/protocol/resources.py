@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tip_fed.config import SellerBudgetConfig
 from tip_fed.core.projection import ProjectionSpec
-from tip_fed.crypto.params import seller_cost
+from tip_fed.crypto.costs import seller_cost
 from tip_fed.errors import ModelError, ProtocolError
 from tip_fed.protocol.formats import InputFormat, TableFormat, TextFormat
 
