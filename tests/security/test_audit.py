@@ -268,3 +268,20 @@ def test_a_dataset_duplicated_5_times_is_flagged(make_buyer, seller_data):
     assert report["padded"].flagged_samples == list(range(n, 5 * n))
     assert report["jitter"].verdict == "duplicate-records"
     assert report["jitter"].flagged_samples == list(range(n, n + 10))
+
+
+def test_another_buyer_replaying_the_offer_cannot_frame_an_honest_seller(make_buyer, seller_data):
+    """Mallory resends Alice's exact Offer bytes to a noised seller. Mallory is answered under her
+    own (session, peer) entry; what Alice audits is still what Alice was answered with."""
+    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(noise=NoisePolicy(1.0, 1e-6)))
+    alice = make_buyer(disclosure="aggregate")
+    offer = alice.offer(max_samples=200)
+    reply = seller.respond(offer, peer="CN=alice")
+    seller.respond(offer, peer="CN=mallory")  # answered: her own budget, a fresh noise seed
+    valuation = alice.settle([reply])
+    delivered = seller.deliver(valuation.session_id, peer="CN=alice")
+    report = audit(alice.record(valuation), {"s0": delivered})
+    assert report.passed, report.to_markdown()
+    mallorys = seller.deliver(valuation.session_id, peer="CN=mallory")
+    assert mallorys.noise_seed != delivered.noise_seed  # two answers, two commitments, neither replaced
+    assert not audit(alice.record(valuation), {"s0": mallorys}).passed  # the seeds are what the audit checks

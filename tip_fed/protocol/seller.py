@@ -35,7 +35,7 @@ from tip_fed.protocol.model_cache import HeldModel, ModelCache
 from tip_fed.protocol.offer import Offer, decode_offer
 from tip_fed.protocol.records import RawRecords
 from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, cost_offer
-from tip_fed.protocol.sessions import AnsweredSessions
+from tip_fed.protocol.sessions import AnsweredSessions, session_key
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Seller:
             with self._in_flight.reserve(cost.total_bytes):
                 job = self._open(offer, peer, held)  # context, model, noise, input format
                 self._charge(offer, job, peer)  # the whole Offer validated: the buyer's privacy ledger
-                reply = self._score(offer, job, t0)  # gradients, commitment, scores under encryption
+                reply = self._score(offer, job, t0, key)  # gradients, commitment, scores under encryption
         except BaseException:
             with self._lock:
                 self._sessions.refund(key)  # nothing was answered: the query taken at admission is given back
@@ -219,7 +219,7 @@ class Seller:
             self._ledger.charge(buyer=peer, key=job.context.public_key_digest, session_id=offer.session_id,
                                 noise_multiplier=job.noise.noise_multiplier)
 
-    def _score(self, offer: Offer, job: _Job, t0: float) -> Reply:
+    def _score(self, offer: Offer, job: _Job, t0: float, key: str) -> Reply:
         """Projected gradients, clipped and committed to, then scored under encryption."""
         data = self._session_data(job.fmt)  # reads record values: a failure here was charged like an answer
         with self._compute_lock:
@@ -235,7 +235,7 @@ class Seller:
 
             seed = new_noise_seed() if job.noise.enabled else None
             scores, n_rows = self.encrypted_scores(offer, job.context, g / offer.grad_norm_bound, job.noise, seed)
-            self._keep(offer.session_id, g, seed, salt_seed, data)
+            self._keep(key, g, seed, salt_seed, data)
         t_end = time.perf_counter()
         noise = job.noise
         return Reply(
@@ -321,9 +321,13 @@ class Seller:
             self._encoded = (digest, form, data)
         return data
 
-    def deliver(self, session_id: str) -> Delivery:
-        """After a purchase: the records and the gradients committed to in that session, for the audit."""
-        kept = self._committed.get(session_id)
+    def deliver(self, session_id: str, peer: str | None = None) -> Delivery:
+        """After a purchase: the records and the gradients committed to in that session, for the audit.
+
+        ``peer`` is the buyer as :meth:`respond` knew it: what was committed is kept per (session, peer),
+        so another peer replaying the buyer's Offer bytes is answered under its own entry and cannot
+        replace the commitment the buyer audits."""
+        kept = self._committed.get(session_key(session_id, peer))
         if kept is None:
             raise SessionError(
                 f"seller {self.seller_id} has no commitment for session {session_id[:8]}…; it never answered "
@@ -332,11 +336,12 @@ class Seller:
             )
         return Delivery(data=dict(kept[3]), gradients=kept[0].copy(), noise_seed=kept[1], salt_seed=kept[2])
 
-    def _keep(self, session_id: str, gradients: np.ndarray, seed: bytes | None, salt_seed: bytes, data: Batch) -> None:
-        """Remember committed gradients (and the tensors scored) for delivery; bounded in sessions and
-        bytes (a long-running service must not grow with every buyer), oldest sessions forgotten first."""
+    def _keep(self, key: str, gradients: np.ndarray, seed: bytes | None, salt_seed: bytes, data: Batch) -> None:
+        """Remember committed gradients (and the tensors scored) for delivery under the session's table
+        key (session and peer); bounded in sessions and bytes (a long-running service must not grow
+        with every buyer), oldest sessions forgotten first."""
         with self._lock:
-            self._committed[session_id] = (gradients, seed, salt_seed, data)
+            self._committed[key] = (gradients, seed, salt_seed, data)
             while len(self._committed) > _KEPT_SESSIONS or (
                 len(self._committed) > 1 and _kept_bytes(self._committed.values(), self._data) > _KEPT_BYTES
             ):

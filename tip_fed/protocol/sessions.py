@@ -25,7 +25,7 @@ from tip_fed.errors import BudgetExceededError
 from tip_fed.protocol.resources import ResourceLimitError
 
 
-def _key(session_id: str, peer: str | None) -> str:
+def session_key(session_id: str, peer: str | None) -> str:
     """Table key: the session id alone when the carrier already identifies the buyer (in-process,
     a Flower run's own state), else ``session_id/peer``."""
     return session_id if peer is None else f"{session_id}/{peer}"
@@ -69,7 +69,7 @@ class AnsweredSessions:
     def spend(self, session_id: str, limit: int, seller_id: str, peer: str | None = None) -> str:
         """Check and count one more query of ``session_id`` from ``peer`` (atomic under the caller's
         lock); the table key it was counted under, for :meth:`refund`."""
-        key = _key(session_id, peer)
+        key = session_key(session_id, peer)
         self._prune()
         self.check(key, limit, seller_id)
         if key not in self.counts and len(self.counts) >= self.capacity:
