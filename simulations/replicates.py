@@ -8,6 +8,7 @@ pool the sessions' correlations (:mod:`tip_fed.market.pooling`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from simulations.scenarios import make_buyer, plaintext_reference, seller_gradie
 from simulations.settings import SimulationConfig
 from tip_fed.console import count, counted, phase, restart, step
 from tip_fed.market import baselines
-from tip_fed.market.ground_truth import coalition_utility, finetune_benefit
+from tip_fed.market.ground_truth import FineTune, coalition_utility, finetune_benefit
 from tip_fed.market.results import Session
 from tip_fed.protocol import Valuation
 
@@ -78,30 +79,27 @@ def value_replicate(
         market.objective,
         seed=config.seed * 7919 + rep,
     )
-    seed = config.seed * 1000 + rep
     sampled = market.info.get("truth_sellers", ids)  # a market may fine-tune on a random sample only
-    finetune: dict[str, Any] = {
-        "lr": gt.lr, "epochs": gt.epochs, "batch_size": gt.batch_size, "seed": seed, "layers": gt.layers,
-    }
+    tune = FineTune(gt.lr, gt.epochs, gt.batch_size, seed=config.seed * 1000 + rep, layers=gt.layers)
     truth = {
-        s: finetune_benefit(market.model, market.task, market.sellers[s], market.objective, **finetune)
+        s: finetune_benefit(market.model, market.task, market.sellers[s], market.objective, tune)
         for s in counted([s for s in ids if s in sampled and gt.enabled], "ground-truth fine-tunes")
     }
-    utility = coalition_utility(
-        market.model, market.task, {s: market.sellers[s] for s in ids}, market.objective, **finetune
-    )
     phase("payouts and results")
     with count("coalition fine-tunes (leave-one-out, Shapley and decile payouts)", None) as coalitions:
+        utility: Callable[[frozenset[str]], float] | None = None
+        if gt.enabled:  # coalition payouts and deciles fine-tune; without ground truth there are none
+            pooled = coalition_utility(market.model, market.task, {s: market.sellers[s] for s in ids},
+                                       market.objective, tune)
 
-        def counted_utility(coalition: frozenset[str]) -> float:
-            coalitions.update()
-            return utility(coalition)
+            def utility(coalition: frozenset[str]) -> float:
+                coalitions.update()
+                return pooled(coalition)
 
         by_id = valuation.by_id()
-        deciles = decile_check({s: by_id[s].total for s in ids}, counted_utility) if gt.enabled else None
+        deciles = decile_check({s: by_id[s].total for s in ids}, utility) if utility else None
         session = session_result(config, market, buyer, valuation, plain, truth, time.perf_counter() - t0,
-                                 utility=counted_utility if gt.enabled else None, tolerance=tolerance,
-                                 baselines=base, deciles=deciles)
+                                 utility=utility, tolerance=tolerance, baselines=base, deciles=deciles)
     return session, valuation
 
 

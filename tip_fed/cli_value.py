@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> None:
         prepared.save(out)
         print(f"prepared the {prepared.task} query of {cfg.source.name}: projection dimension {prepared.spec.dim}, "
               f"{prepared.preconditioner.kind} preconditioner, model {prepared.model_fingerprint[:12]}…")
-        from tip_fed.core.fidelity import describe
+        from tip_fed.market.glossary import describe_fidelity
 
-        print(describe([prepared.fidelity]))
+        print(describe_fidelity([prepared.fidelity]))
         print(f"saved to {out}/ (owner-only; it is your private objective)\n"
               f"  tip-fed value {args.config} --sellers sellers.toml --out results/ --prepared {out}")
         return

@@ -6,8 +6,8 @@ changes the payouts without anyone noticing. The same declarations give buyer.to
 (:class:`BuyerSettings`), the ``tip-fed seller serve`` flags and :class:`SellerPolicy`'s
 (:class:`SellerConfig`, :class:`SellerBudgetConfig`), ``tip-fed settings`` and the table in
 docs/settings.md. Market scenarios extend :class:`TipConfig` with their own sections in
-``simulations/settings.py``. Allowed-value lists live here (light to import) and the modules that
-use them import them from here.
+``simulations/settings.py``. Allowed-value lists live in :mod:`tip_fed.kinds`, a leaf module that
+the settings here and the code implementing each kind both import.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tip_fed.errors import ConfigError
+from tip_fed.kinds import DISCLOSURES, PRECONDITIONER_KINDS, PROJECTION_KINDS, RUNTIMES
 from tip_fed.toml_files import apply_overrides, build, load_typed, require, setting, to_dict, toml_key
 
 __all__ = ["DISCLOSURES", "PRECONDITIONER_KINDS", "PROJECTION_KINDS", "RUNTIMES", "SETTING_SECTIONS",
@@ -26,10 +27,6 @@ __all__ = ["DISCLOSURES", "PRECONDITIONER_KINDS", "PROJECTION_KINDS", "RUNTIMES"
            "ProjectionConfig", "ProtocolConfig", "SellerBudgetConfig", "SellerConfig", "TipConfig",
            "apply_overrides", "config_from_dict", "load_config", "parse_settings"]
 
-RUNTIMES = ("inprocess", "flower-simulation", "flower-deployment", "grpc")
-DISCLOSURES = ("aggregate", "per-sample")
-PROJECTION_KINDS = ("rademacher", "gaussian")
-PRECONDITIONER_KINDS = ("identity", "raw", "kfac", "ekfac")
 _require = require
 
 

@@ -19,7 +19,7 @@ TOPS = ("tip_fed", "simulations", "benchmarks")
 # Packages from the bottom up: a package may import only packages of lower layers (and itself);
 # packages of one layer stand beside each other and import none of each other.
 LAYERS = (
-    {"tip_fed.errors", "tip_fed.lazy", "tip_fed.console"},
+    {"tip_fed.errors", "tip_fed.lazy", "tip_fed.console", "tip_fed.kinds"},
     {"tip_fed.files", "tip_fed.toml_files"},
     {"tip_fed", "tip_fed.config", "tip_fed.tls", "tip_fed.wire"},
     {"tip_fed.core", "tip_fed.crypto", "tip_fed.sellers_config"},
@@ -174,7 +174,8 @@ def test_only_crypto_imports_tenseal_and_only_flower_imports_flwr():
 
 
 @pytest.mark.parametrize("package, forbidden", [
-    ("core", {"tenseal", "flwr", "grpc", "tip_fed.crypto", "tip_fed.protocol", "tip_fed.market", "tip_fed.wire"}),
+    ("core", {"tenseal", "flwr", "grpc", "tip_fed.config", "tip_fed.toml_files", "tip_fed.crypto", "tip_fed.protocol",
+              "tip_fed.market", "tip_fed.wire"}),
     ("crypto", {"flwr", "grpc", "torch", "tip_fed.core", "tip_fed.protocol", "tip_fed.market"}),
     ("protocol", {"flwr", "grpc", "tip_fed.market", "simulations"}),
     ("market", {"flwr", "grpc", "simulations", "tip_fed.cli"}),
@@ -194,6 +195,14 @@ def test_dependencies_point_down(package, forbidden):
 def test_importing_core_loads_no_crypto_or_network_stack():
     code = "import sys, tip_fed.core.gradients, tip_fed.core.precondition, tip_fed.core.influence; " \
            "print(sorted(m for m in ('tenseal', 'flwr', 'grpc') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_rendering_a_report_loads_no_torch():
+    # a report is rendered from results files: it must not pay for torch, scipy or the crypto stack
+    code = "import sys, tip_fed.market.report; " \
+           "print(sorted(m for m in ('torch', 'scipy', 'tenseal') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

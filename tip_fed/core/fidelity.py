@@ -253,23 +253,3 @@ def plan_ranks(
     exact_spec = all(layer_dim(k, r) == sides[k][0] * sides[k][1] for k, r in ranks.items())
     return FidelityPlan(spec, target, 1.0 if exact_spec else held_out, current, exact_spec, len(order), max_dim,
                         full.dim)
-
-
-def describe(plans: Sequence[Mapping[str, Any] | None]) -> str:
-    """One sentence for a report: how the ranks of one or more sessions were chosen and how faithful they are."""
-    known = [p for p in plans if p]
-    if not known:
-        return ("Projection ranks were set by hand (projection.rank), so their agreement with exact scores was not "
-                "measured.")
-    dims = sorted(int(p["dim"]) for p in known)
-    spread = f"{dims[0]}" if dims[0] == dims[-1] else f"{dims[0]}-{dims[-1]}"
-    where = "" if len(known) == 1 else f" in each of {len(known)} sessions"
-    if all(p["exact"] for p in known):
-        return (f"Projection fidelity: exact{where}. The buyer's model fits the size budget unprojected "
-                f"(dimension {spread}), so scores are exact gradient dot products and nothing is lost to projection.")
-    rho = sorted(float(p["spearman"]) for p in known)
-    got = f"{rho[0]:.3f}" if len(rho) == 1 else f"{rho[0]:.3f}-{rho[-1]:.3f}"
-    return (f"Projection fidelity: per-sample Spearman {got} (target {known[0]['target']:g}){where}, dimension "
-            f"{spread} (budget {known[0]['max_dim']}). The buyer compared projected with exact (unprojected) gradient "
-            "scores of its own training samples, chose per-layer ranks on half of them and measured this agreement "
-            "on the other half: 1 means the projection ranks records exactly as the full gradients do.")

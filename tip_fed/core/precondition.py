@@ -37,14 +37,14 @@ from typing import Any
 
 import torch
 
-from tip_fed.config import PRECONDITIONER_KINDS
 from tip_fed.core.gradients import KfacStats
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.errors import ConfigError, DataError
+from tip_fed.kinds import PRECONDITIONER_KINDS
 
 __all__ = ["DAMPING_FLOOR", "KINDS", "Preconditioner", "fit_preconditioner", "load_preconditioner"]
 
-KINDS = PRECONDITIONER_KINDS  # declared with the setting that chooses one (tip_fed.config)
+KINDS = PRECONDITIONER_KINDS  # declared with the setting that chooses one (tip_fed.kinds)
 _RELATIVE_DAMPING = 0.1
 DAMPING_FLOOR = 1e-6  # smallest λ relative to the mean eigenvalue over all layers
 _SINGULAR = 1e-12  # smallest allowed denominator relative to the largest

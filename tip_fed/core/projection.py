@@ -76,9 +76,9 @@ from typing import Any
 
 import torch
 
-from tip_fed.config import PROJECTION_KINDS
 from tip_fed.core.projection_matrix import _matrix
 from tip_fed.errors import ConfigError, DataError, ModelError
+from tip_fed.kinds import PROJECTION_KINDS
 
 __all__ = [
     "GENERATOR",
@@ -92,7 +92,7 @@ __all__ = [
 ]
 
 GENERATOR = "philox4x64-10/sha256/orthonormal/v2"
-KINDS = PROJECTION_KINDS  # declared with the setting that chooses one (tip_fed.config)
+KINDS = PROJECTION_KINDS  # declared with the setting that chooses one (tip_fed.kinds)
 _SPEC_VERSION = 2
 _SPEC_KEYS = {"version", "generator", "seed", "kind", "layers"}
 _LAYER_KEYS = {"name", "in_features", "out_features", "rank_in", "rank_out", "bias"}

@@ -6,7 +6,9 @@ pattern (``*`` stands for one name such as a payout rule or a baseline method).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
+from typing import Any
 
 SCORE = (
     "A seller's score is the sum over its records of `v · g_i`: `g_i` is the record's projected loss gradient "
@@ -134,3 +136,24 @@ def absent_rules(present: set[str], n_sellers: int, coalition_max: int | None) -
             "did not measure"
         )
     return [f"Not computed: {', '.join(f'`{r}`' for r in missing)}: {why}.", ""]
+
+
+def describe_fidelity(plans: Sequence[Mapping[str, Any] | None]) -> str:
+    """One sentence for a report: how the projection ranks of one or more sessions were chosen (their
+    :meth:`tip_fed.core.fidelity.FidelityPlan.to_dict`, None where set by hand) and how faithful they are."""
+    known = [p for p in plans if p]
+    if not known:
+        return ("Projection ranks were set by hand (projection.rank), so their agreement with exact scores was not "
+                "measured.")
+    dims = sorted(int(p["dim"]) for p in known)
+    spread = f"{dims[0]}" if dims[0] == dims[-1] else f"{dims[0]}-{dims[-1]}"
+    where = "" if len(known) == 1 else f" in each of {len(known)} sessions"
+    if all(p["exact"] for p in known):
+        return (f"Projection fidelity: exact{where}. The buyer's model fits the size budget unprojected "
+                f"(dimension {spread}), so scores are exact gradient dot products and nothing is lost to projection.")
+    rho = sorted(float(p["spearman"]) for p in known)
+    got = f"{rho[0]:.3f}" if len(rho) == 1 else f"{rho[0]:.3f}-{rho[-1]:.3f}"
+    return (f"Projection fidelity: per-sample Spearman {got} (target {known[0]['target']:g}){where}, dimension "
+            f"{spread} (budget {known[0]['max_dim']}). The buyer compared projected with exact (unprojected) gradient "
+            "scores of its own training samples, chose per-layer ranks on half of them and measured this agreement "
+            "on the other half: 1 means the projection ranks records exactly as the full gradients do.")

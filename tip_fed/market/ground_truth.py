@@ -43,27 +43,29 @@ def objective_loss(model: nn.Module, task: Task, objective: Batch, batch_size: i
     return total / n
 
 
-def finetune_benefit(
-    model: nn.Module,
-    task: Task,
-    data: Batch,
-    objective: Batch,
-    *,
-    lr: float,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    layers: Sequence[str] = (),
-) -> Benefit:
-    """Fine-tune a copy of ``model`` with plain SGD on the mean batch loss.
+@dataclass(frozen=True)
+class FineTune:
+    """How a copy of the buyer's model is fine-tuned to measure realised benefit: plain SGD on the
+    mean batch loss, shuffled by ``seed``.
 
     ``layers``: fnmatch patterns over parameter names (e.g. ``transformer.h.*``) to fine-tune only
     the layers the influence score sees; empty = every parameter.
     """
+
+    lr: float
+    epochs: int
+    batch_size: int
+    seed: int
+    layers: Sequence[str] = ()
+
+
+def finetune_benefit(model: nn.Module, task: Task, data: Batch, objective: Batch, tune: FineTune) -> Benefit:
+    """Fine-tune a copy of ``model`` on ``data`` as ``tune`` says; the objective loss before and after."""
     n = check_batch(data)
     before = objective_loss(model, task, objective)
     tuned = copy.deepcopy(model)
     tuned.eval()  # deterministic (no dropout) so benefit reflects the data, not noise
+    layers = tune.layers
     params = [
         p for name, p in tuned.named_parameters() if not layers or any(fnmatch.fnmatchcase(name, pat) for pat in layers)
     ]
@@ -72,12 +74,12 @@ def finetune_benefit(
             f"ground-truth.layers {list(layers)} match no parameter of the model; "
             f"parameter names look like {[n for n, _ in tuned.named_parameters()][:4]}"
         )
-    opt = torch.optim.SGD(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    opt = torch.optim.SGD(params, lr=tune.lr)
+    gen = torch.Generator().manual_seed(tune.seed)
+    for _ in range(tune.epochs):
         order = torch.randperm(n, generator=gen)
         shuffled = {k: v[order] for k, v in data.items()}
-        for batch in iter_batches(shuffled, batch_size):
+        for batch in iter_batches(shuffled, tune.batch_size):
             opt.zero_grad(set_to_none=True)
             task.per_sample_loss(tuned, batch).mean().backward()
             opt.step()
@@ -85,16 +87,7 @@ def finetune_benefit(
 
 
 def coalition_utility(
-    model: nn.Module,
-    task: Task,
-    sellers: Mapping[str, Batch],
-    objective: Batch,
-    *,
-    lr: float,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    layers: Sequence[str] = (),
+    model: nn.Module, task: Task, sellers: Mapping[str, Batch], objective: Batch, tune: FineTune
 ) -> Callable[[frozenset[str]], float]:
     """Realised benefit of buying a *set* of sellers: fine-tune once on their pooled data.
 
@@ -105,8 +98,6 @@ def coalition_utility(
     def utility(coalition: frozenset[str]) -> float:
         ids = sorted(coalition)
         data = {k: torch.cat([sellers[s][k] for s in ids]) for k in sellers[ids[0]]}
-        return finetune_benefit(
-            model, task, data, objective, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, layers=layers
-        ).benefit
+        return finetune_benefit(model, task, data, objective, tune).benefit
 
     return utility

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from tip_fed.core.fidelity import describe as describe_fidelity
 from tip_fed.files import write_private
 from tip_fed.market import plots
-from tip_fed.market.glossary import FILES, RULES, SCORE, absent_rules, explain
+from tip_fed.market.glossary import FILES, RULES, SCORE, absent_rules, describe_fidelity, explain
 from tip_fed.market.results import METHODS, RunResults, flatten, read_results
 from tip_fed.market.stats import MIN_BOOTSTRAP_REPLICATES
 

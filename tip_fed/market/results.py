@@ -35,11 +35,13 @@ import numpy as np
 from tip_fed import __version__
 from tip_fed.errors import DataError
 from tip_fed.files import write_private
-from tip_fed.market.baselines import METHODS as BASELINES
 
 if TYPE_CHECKING:
     from tip_fed.protocol import Valuation
 
+#: The baseline methods a run reports beside TIP, by name (computed by :mod:`tip_fed.market.baselines`;
+#: named here so that reading and rendering results loads no torch).
+BASELINES = ("gradient_cosine", "data_cosine", "random", "data_size")
 METHODS = ("tip", *BASELINES)
 VALUATION_COLUMNS = ("session", "seller_id", "n_samples", "score", "score_plaintext", "mean_score", "rank",
                      "clipped", "commitment", "seconds", *BASELINES)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats as sps
 
 from tip_fed.errors import DataError
 
@@ -97,6 +96,8 @@ def paired(
             "p_wilcoxon": 1.0,
             **({"p_bootstrap": 1.0, "ci_low": 0.0, "ci_high": 0.0} if dz.size >= MIN_BOOTSTRAP_REPLICATES else {}),
         }
+    from scipy import stats as sps  # here: rendering and pooling results need no scipy
+
     out["p_wilcoxon"] = float(sps.wilcoxon(dz).pvalue)
     out["p_sign_flip"] = float(
         sps.permutation_test(

@@ -191,7 +191,7 @@ def test_with_ranks_clips_to_each_layer_and_full_size_is_the_identity() -> None:
 
 
 def test_the_report_sentence_states_the_measured_fidelity() -> None:
-    from tip_fed.core.fidelity import describe
+    from tip_fed.market.glossary import describe_fidelity as describe
 
     model = wide_mlp()
     train, objective = as_double(mlp_data(120, 2)), as_double(mlp_data(32, 3))
