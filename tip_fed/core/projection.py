@@ -66,6 +66,7 @@ kind for other implementations to check against.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -142,14 +143,8 @@ class LayerProjection:
         return self.rank_in * self.rank_out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank_in": self.rank_in,
-            "rank_out": self.rank_out,
-            "bias": self.bias,
-        }
+        """Every field by name, in declaration order (the spec's JSON and its test vector rely on it)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import NoReturn, TypedDict, Unpack
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -245,6 +245,17 @@ class RunningServer:
         self.server.stop(grace_s).wait()
 
 
+class Listen(TypedDict, total=False):
+    """Where and how a seller service listens: :func:`start_server`'s options, which :func:`serve` passes on."""
+
+    host: str
+    port: int
+    tls: ServerTLS | None
+    insecure: bool
+    server_tls_only: bool
+    max_message_bytes: int | None
+
+
 def start_server(
     seller: Seller,
     *,
@@ -341,13 +352,8 @@ def serve(
     seller_id: str | None = None,
     policy: SellerPolicy | None = None,
     fields: Sequence[str] | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    tls: ServerTLS | None = None,
-    insecure: bool = False,
-    server_tls_only: bool = False,
-    max_message_bytes: int | None = None,
     announce: Callable[[RunningServer, Seller], None] | None = None,
+    **listen: Unpack[Listen],
 ) -> None:
     """Load a seller's data file and serve it until SIGTERM/SIGINT (what ``tip-fed seller serve`` runs).
 
@@ -355,24 +361,17 @@ def serve(
     ``.txt``; see :func:`~tip_fed.protocol.records.load_seller_data`) that each Offer's input format
     encodes, restricted to ``fields`` (None offers every field of the file: a buyer's format may read
     any of them). ``seller_id`` defaults to the file stem, so ``digits-4.safetensors`` serves seller
-    ``digits-4``.
+    ``digits-4``. ``listen`` is where and how, as :func:`start_server` takes it.
     """
-    _check_security(tls, insecure, server_tls_only)  # before loading the data
+    # before loading the data
+    _check_security(listen.get("tls"), listen.get("insecure", False), listen.get("server_tls_only", False))
     path = Path(data)
     records = load_seller_data(path, fields)
     seller = Seller(seller_id or path.stem, records, policy=policy)
     if isinstance(records, RawRecords):
         log.info("seller %s offers the fields %s of %s%s", seller.seller_id, sorted(records.fields), path.name,
                  "" if fields is not None else " (every field of the file; pass --fields to sell fewer)")
-    running = start_server(
-        seller,
-        host=host,
-        port=port,
-        tls=tls,
-        insecure=insecure,
-        server_tls_only=server_tls_only,
-        max_message_bytes=max_message_bytes,
-    )
+    running = start_server(seller, **listen)
     if announce:
         announce(running, seller)
     serve_until_signal(running, on_stop=lambda why: log.info("%s: stopping seller %s", why, seller.seller_id))
