@@ -1,6 +1,7 @@
 """Fixtures and helpers shared across test tiers: data, a trained MLP, a buyer factory, plaintext
 reference scores, TLS material, free loopback ports and a bounded wait."""
 
+import json
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from tip_fed.core.gradients import projected_grads
 from tip_fed.core.influence import clip_rows
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
+from tip_fed.crypto import SessionKeys, encrypt_query, load_public_context
 from tip_fed.protocol import Buyer, BuyerSettings
 from tip_fed.runtimes.deployment import free_port  # noqa: F401 (shared with the tests)
 from tip_fed.tls import create_ca, issue_cert
@@ -26,10 +28,43 @@ def make_data(n, seed, shift=0.0, features=10):
     return {"x": x, "y": y}
 
 
+def open_session(plan, x):
+    """The buyer's side of one encrypted session: fresh keys for ``plan``, the public context a seller
+    loads from their bytes, and the query ``x`` encrypted; (keys, context, query)."""
+    keys = SessionKeys.generate(plan)
+    return keys, load_public_context(keys.public_context_bytes(), plan.params), encrypt_query(keys, plan, x)
+
+
 def plaintext_scores(buyer, model, data, task=TASK):
     """The scores a seller's encrypted reply must decrypt to: clipped projected gradients times the query."""
     g = projected_grads(model, buyer.spec, task, data).double()
     return (clip_rows(g, buyer.grad_norm_bound)[0] @ buyer.query).numpy()
+
+
+def flower_pyproject(name, publisher, server, client, config="", include=None):
+    """The pyproject.toml of a Flower App ``name`` (as ``flwr run <dir>`` builds it): ``server``/``client`` name the
+    apps (``module:object``), ``config`` adds lines to its run config (app-signature is always there), ``include``
+    sets fab-include."""
+    files = f"fab-include = {json.dumps(include)}\n" if include else ""
+    return f"""\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{name}"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "{publisher}"
+{files}
+[tool.flwr.app.components]
+serverapp = "{server}"
+clientapp = "{client}"
+
+[tool.flwr.app.config]
+{config}app-signature = ""
+"""
 
 
 def wait_until(condition, timeout_s, poll_s=0.05):
@@ -52,18 +87,23 @@ def seller_serve_error(capsys, *args):
     return err
 
 
+def train_classifier(model, x, y, steps):
+    """``model`` trained by full-batch Adam (lr 0.01) on the cross-entropy of (x, y) for ``steps`` steps; in eval mode.
+    Deterministic: it draws no random numbers."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def model():
     """A 10-16-2 MLP trained briefly on make_data, shared read-only by every test that needs one."""
     torch.manual_seed(0)
-    m = MLP([10, 16, 2])
     data = make_data(200, 1)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    for _ in range(50):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(data["x"]), data["y"]).backward()
-        opt.step()
-    return m.eval()
+    return train_classifier(MLP([10, 16, 2]), data["x"], data["y"], 50)
 
 
 @pytest.fixture(scope="session")

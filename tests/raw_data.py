@@ -21,6 +21,8 @@ from tip_fed.protocol import Buyer, BuyerSettings
 from tip_fed.protocol.formats import TableFormat, TextFormat
 from tip_fed.protocol.records import RawRecords
 
+from .conftest import train_classifier
+
 FEATURES = ["mean radius", "mean texture", "mean smoothness", "worst area", "worst concavity", "worst symmetry"]
 LABEL = "diagnosis"
 
@@ -38,13 +40,7 @@ def cancer_table() -> pd.DataFrame:
 def train_mlp(x: torch.Tensor, y: torch.Tensor, sizes: list[int], steps: int = 100) -> MLP:
     """An MLP trained briefly with Adam on (x, y); deterministic."""
     torch.manual_seed(0)
-    model = MLP(sizes)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
+    return train_classifier(MLP(sizes), x, y, steps)
 
 
 def docstring_corpus(n: int) -> list[str]:

@@ -39,6 +39,8 @@ from tip_fed.protocol import Valuation
 from tip_fed.runtimes.deployment import BIN, flower_env, free_port
 from tip_fed.runtimes.reaper import descendants, running, terminate
 
+from ..conftest import flower_pyproject
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
@@ -54,26 +56,8 @@ REFUSED = "REFUSED untrusted app"
 LEFT_BEHIND = ("deploy/result/valuation.json", "deploy/deployment.json", "deploy/run-config.toml",
                "deploy/keys/publisher", "deploy/certs/ca.key", "sellers/digits-4.safetensors", "tip-fed-0.1.0.fab")
 
-STRANGER_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "innocent"
-version = "1.0.0"
-
-[tool.flwr.app]
-publisher = "stranger"
-
-[tool.flwr.app.components]
-serverapp = "innocent.server:app"
-clientapp = "innocent.client:app"
-
-[tool.flwr.app.config]
-marker = ""
-app-signature = ""
-"""
+STRANGER_PYPROJECT = flower_pyproject("innocent", "stranger", "innocent.server:app", "innocent.client:app",
+                                      config='marker = ""\n')
 STRANGER_CLIENT = """\
 from pathlib import Path
 

@@ -28,7 +28,7 @@ from tip_fed.core.tasks import get_task
 from tip_fed.protocol import PreparedQuery
 from tip_fed.protocol.data import load_dataset, save_dataset
 
-from ..conftest import free_port
+from ..conftest import free_port, train_classifier
 from . import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,11 +58,7 @@ def workspace(tmp_path_factory):
     torch.manual_seed(0)
     model = MLP([64, 16, 10])
     train = _digits((1, 2, 3), 40, 0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(train["x"]), train["y"]).backward()
-        opt.step()
+    train_classifier(model, train["x"], train["y"], 60)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
     save_dataset(train, root / "train.safetensors")
     save_dataset(_digits((1, 2, 3, 4), 10, 60), root / "objective.safetensors")

@@ -24,6 +24,8 @@ from tip_fed.market.results import read_csv
 from tip_fed.protocol import Buyer
 from tip_fed.protocol.formats import TableFormat
 
+from ..conftest import train_classifier
+
 FEATURES = ["mean radius", "mean texture", "mean smoothness", "worst area", "worst concavity", "area error"]
 LABEL = "diagnosis"
 TEXT_LENGTH = 16
@@ -77,11 +79,7 @@ def write_table_market(d):
     torch.manual_seed(0)
     model = sequential_from_spec(SPEC)
     enc = _encode(train, train)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(enc["x"]), enc["y"]).backward()
-        opt.step()
+    train_classifier(model, enc["x"], enc["y"], 60)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "w.safetensors"))
     (d / "buyer.toml").write_text(BUYER)
     return model.eval(), train, sellers

@@ -14,14 +14,7 @@ from tip_fed.protocol import BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.records import load_seller_data
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-from ..raw_data import (
-    cancer_table,
-    docstring_corpus,
-    table_buyer,
-    text_buyer,
-    train_tokenizer,
-    write_jsonl,
-)
+from ..raw_data import cancer_table, docstring_corpus, table_buyer, text_buyer, train_tokenizer, write_jsonl
 from .test_flower_apps import task_identity  # noqa: F401 - autouse: Messages need a task identity
 
 SETTINGS = BuyerSettings(projection=ProjectionConfig(rank=4), preconditioner=PreconditionerConfig(kind="identity"),

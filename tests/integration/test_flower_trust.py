@@ -16,26 +16,10 @@ from tip_fed import tls
 from tip_fed.errors import ConfigError
 from tip_fed.flower import trust
 
-PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
+from ..conftest import flower_pyproject
 
-[project]
-name = "tinyapp"
-version = "1.0.0"
-
-[tool.flwr.app]
-publisher = "someone"
-fab-include = ["tinyapp/*.py"]
-
-[tool.flwr.app.components]
-serverapp = "tinyapp.apps:server"
-clientapp = "tinyapp.apps:client"
-
-[tool.flwr.app.config]
-app-signature = ""
-"""
+PYPROJECT = flower_pyproject("tinyapp", "someone", "tinyapp.apps:server", "tinyapp.apps:client",
+                             include=["tinyapp/*.py"])
 
 
 @pytest.fixture()

@@ -55,6 +55,11 @@ def _tls(pki, bind=True):
     return ClientTLS(pki["ca"].cert, pki["client"].cert, pki["client"].key, bind_seller_id=bind)
 
 
+def _value(endpoints, offer, tls):
+    """``offer`` sent to every endpoint once over ``tls`` (30 s each, no retry): (replies, failures) by seller id."""
+    return value_sellers(endpoints, offer, tls=tls, timeout_s=30, retries=0)
+
+
 def test_a_seller_answering_for_another_sellers_id_is_refused(pki):
     # Prepare: honest digits-1; the rogue holds digits-1's certificate (a market member's own key)
     # but its service answers as digits-4; the genuine digits-4 also runs
@@ -67,22 +72,12 @@ def test_a_seller_answering_for_another_sellers_id_is_refused(pki):
         offer = buyer.offer(max_samples=20)
         # Execute: the buyer's list says digits-1 at the honest address, digits-4 at the rogue's
         # (the rogue's own certificate is for digits-1, so it cannot pass the handshake as digits-4)
-        replies, failures = value_sellers(
-            [SellerEndpoint("digits-1", honest.address), SellerEndpoint("digits-4", rogue.address)],
-            offer,
-            tls=tls,
-            timeout_s=30,
-            retries=0,
-        )
+        replies, failures = _value(
+            [SellerEndpoint("digits-1", honest.address), SellerEndpoint("digits-4", rogue.address)], offer, tls)
         # the rogue dialed as digits-1 (its certificate's id): handshake passes, its reply claims digits-4
         offer2 = buyer.offer(max_samples=20)
-        replies2, failures2 = value_sellers(
-            [SellerEndpoint("digits-1", rogue.address), SellerEndpoint("digits-4", genuine.address)],
-            offer2,
-            tls=tls,
-            timeout_s=30,
-            retries=0,
-        )
+        replies2, failures2 = _value(
+            [SellerEndpoint("digits-1", rogue.address), SellerEndpoint("digits-4", genuine.address)], offer2, tls)
         with pytest.raises(SellerIdentityError, match="answered as 'digits-4'"):
             wait_until_healthy(SellerEndpoint("digits-1", rogue.address), tls=tls, timeout_s=10)
     finally:
@@ -109,8 +104,8 @@ def test_a_certificate_that_names_no_seller_is_refused_when_ids_are_bound(pki):
     try:
         offer = _buyer().offer(max_samples=20)
         # Execute: bound (the runtime's default) and unbound (address-only TLS)
-        bound = value_sellers([endpoint], offer, tls=_tls(pki), timeout_s=30, retries=0)
-        unbound = value_sellers([endpoint], offer, tls=_tls(pki, bind=False), timeout_s=30, retries=0)
+        bound = _value([endpoint], offer, _tls(pki))
+        unbound = _value([endpoint], offer, _tls(pki, bind=False))
         with pytest.raises(TipError, match="UNAVAILABLE"):
             wait_until_healthy(endpoint, tls=_tls(pki), timeout_s=1)
     finally:
@@ -141,14 +136,8 @@ def test_with_one_ca_per_seller_each_endpoint_trusts_only_its_sellers_ca(tmp_pat
         tls = ClientTLS(bundle, client.cert, client.key, bind_seller_id=True)
         offer = _buyer().offer(max_samples=20)
         # Execute: the same rogue address, trusted through the bundle, then through digits-4's own CA
-        bundled = value_sellers([SellerEndpoint("digits-4", rogue.address)], offer, tls=tls, timeout_s=30, retries=0)
-        pinned = value_sellers(
-            [SellerEndpoint("digits-4", rogue.address, root_ca=genuine_ca.cert)],
-            offer,
-            tls=tls,
-            timeout_s=30,
-            retries=0,
-        )
+        bundled = _value([SellerEndpoint("digits-4", rogue.address)], offer, tls)
+        pinned = _value([SellerEndpoint("digits-4", rogue.address, root_ca=genuine_ca.cert)], offer, tls)
     finally:
         rogue.stop(0)
     # Assert: a bundle of seller CAs lets any of them vouch for any id; a pinned CA does not

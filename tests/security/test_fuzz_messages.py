@@ -96,6 +96,28 @@ SCALARS = {
 }
 
 
+def mutate_blobs(draw, blobs, *, drop, first, whole=None):
+    """One hostile change to a list of ciphertexts (an Offer's query, a Reply's scores): one entry's bytes mutated,
+    the ``drop`` slice deleted, the first entry repeated, the list replaced by one of ``whole`` or the first entry
+    by one of ``first`` (name: what makes it); an empty list gets random bytes instead."""
+    whole = whole or {}
+    which = draw(st.sampled_from(["mutate", "drop", "extra", *whole, *first]))
+    if not blobs:
+        blobs.append(draw(st.binary(max_size=64)))
+    elif which == "mutate":
+        i = draw(st.integers(0, len(blobs) - 1))
+        blobs[i] = draw(mutated_bytes(bytes(blobs[i])))
+    elif which == "drop":
+        del blobs[drop]
+    elif which == "extra":
+        blobs.append(bytes(blobs[0]))
+    elif which in whole:
+        del blobs[:]
+        blobs.extend(whole[which])
+    else:
+        blobs[0] = first[which]()
+
+
 @st.composite
 def mutate_offer(draw, w):
     offer = pb.Offer()
@@ -171,21 +193,8 @@ def mutate_offer(draw, w):
             base = bytes((w["offer"] if src == "self" else w["foreign_offer"]).public_context)
             offer.public_context = base if src == "foreign" else draw(mutated_bytes(base))
         else:
-            which = draw(st.sampled_from(["mutate", "drop", "extra", "foreign", "swap-reply"]))
-            if not offer.query:
-                offer.query.append(draw(st.binary(max_size=64)))
-            elif which == "mutate":
-                i = draw(st.integers(0, len(offer.query) - 1))
-                offer.query[i] = draw(mutated_bytes(bytes(offer.query[i])))
-            elif which == "drop":
-                del offer.query[:]
-            elif which == "extra":
-                offer.query.append(bytes(offer.query[0]))
-            elif which == "foreign":
-                del offer.query[:]
-                offer.query.extend(w["foreign_offer"].query)
-            else:
-                offer.query[0] = bytes(w["reply"].scores[0])
+            mutate_blobs(draw, offer.query, drop=slice(None), whole={"foreign": w["foreign_offer"].query},
+                         first={"swap-reply": lambda: bytes(w["reply"].scores[0])})
     return offer.SerializeToString()
 
 
@@ -201,22 +210,11 @@ def mutate_reply(draw, w):
         elif kind == "timings":
             setattr(reply.timings, draw(st.sampled_from(["gradients_s", "total_s"])), draw(HOSTILE_FLOATS))
         else:
-            which = draw(st.sampled_from(["mutate", "drop", "extra", "foreign", "query", "random"]))
-            if not reply.scores:
-                reply.scores.append(draw(st.binary(max_size=64)))
-            elif which == "mutate":
-                i = draw(st.integers(0, len(reply.scores) - 1))
-                reply.scores[i] = draw(mutated_bytes(bytes(reply.scores[i])))
-            elif which == "drop":
-                del reply.scores[-1]
-            elif which == "extra":
-                reply.scores.append(bytes(reply.scores[0]))
-            elif which == "foreign":
-                reply.scores[0] = bytes(w["foreign_reply"].scores[0])
-            elif which == "query":
-                reply.scores[0] = bytes(w["offer"].query[0])
-            else:
-                reply.scores[0] = draw(st.binary(max_size=512))
+            mutate_blobs(draw, reply.scores, drop=slice(-1, None), first={
+                "foreign": lambda: bytes(w["foreign_reply"].scores[0]),
+                "query": lambda: bytes(w["offer"].query[0]),
+                "random": lambda: draw(st.binary(max_size=512)),
+            })
     return reply.SerializeToString()
 
 

@@ -32,17 +32,14 @@ from tip_fed.crypto import (
     EncodingCache,
     HEParams,
     SessionKeys,
-    baseline_public_context_bytes,
-    decrypt_naive,
     decrypt_scores,
     encrypt_query,
-    encrypt_query_naive,
     load_public_context,
     measure_op_costs,
     plan_packing,
     score_rows,
-    score_rows_naive,
 )
+from tip_fed.crypto.naive import baseline_public_context_bytes, decrypt_naive, encrypt_query_naive, score_rows_naive
 from tip_fed.crypto.parallel import default_workers
 
 from .common import median, timed

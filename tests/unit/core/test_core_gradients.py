@@ -100,6 +100,13 @@ def explicit_projected(model, spec: ProjectionSpec, task, single: dict) -> torch
     return torch.cat(blocks)
 
 
+def each_alone(model, spec: ProjectionSpec, batch: dict) -> torch.Tensor:
+    """The explicit projected gradient of every sample of a classification batch, one sample at a time."""
+    n = len(batch["y"])
+    return torch.stack([explicit_projected(model, spec, "classification", {k: v[i:i + 1] for k, v in batch.items()})
+                        for i in range(n)])
+
+
 def test_mlp_matches_explicit_per_sample_gradients() -> None:
     model = mlp()
     model.train()  # projected_grads must switch dropout off and restore this afterwards
@@ -111,10 +118,7 @@ def test_mlp_matches_explicit_per_sample_gradients() -> None:
 
     assert grads.shape == (7, spec.dim) and grads.dtype == torch.float64
     assert model.training and all(p.grad is None for p in model.parameters())
-    expected = torch.stack([
-        explicit_projected(model, spec, "classification", {k: v[i:i + 1] for k, v in batch.items()})
-        for i in range(7)
-    ])
+    expected = each_alone(model, spec, batch)
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -132,28 +136,20 @@ def test_frozen_weights_and_float32_models() -> None:
     torch.testing.assert_close(single, reference.float(), rtol=1e-4, atol=1e-5)
 
 
-class Reused(torch.nn.Module):
-    """One Linear applied twice: its gradient is the sum over both uses."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = torch.nn.Linear(5, 5)
-        self.out = torch.nn.Linear(5, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+def reused() -> torch.nn.Sequential:
+    """One Linear applied twice (the same module at positions 0 and 2): its gradient is the sum over both uses."""
+    inner = torch.nn.Linear(5, 5)
+    return torch.nn.Sequential(inner, torch.nn.Tanh(), inner, torch.nn.Tanh(), torch.nn.Linear(5, 3))
 
 
 def test_layer_used_twice_sums_both_uses() -> None:
     torch.manual_seed(0)
-    model = Reused().double()
+    model = reused().double()
+    assert [layer.name for layer in ProjectionSpec.for_model(model, rank=3).layers] == ["0", "4"]
     spec = ProjectionSpec.for_model(model, rank=3, seed=2)
     batch = {"x": torch.randn(4, 5, dtype=torch.float64), "y": torch.randint(0, 3, (4,))}
     grads = projected_grads(model, spec, "classification", batch)
-    expected = torch.stack([
-        explicit_projected(model, spec, "classification", {k: v[i:i + 1] for k, v in batch.items()})
-        for i in range(4)
-    ])
+    expected = each_alone(model, spec, batch)
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -235,10 +231,7 @@ def test_kfac_statistics_of_an_mlp() -> None:
 
     model.eval()
     inputs = {"0": x, "3": model[2](model[1](model[0](x)))}
-    explicit = torch.stack([
-        explicit_projected(model, spec, "classification", {k: v[i:i + 1] for k, v in batch.items()})
-        for i in range(8)
-    ])
+    explicit = each_alone(model, spec, batch)
     for layer, start in zip(spec.layers, spec.offsets(), strict=True):
         p_in, _ = projection_matrices(spec, layer, torch.float64)
         a = inputs[layer.name].detach()
@@ -304,14 +297,6 @@ class MeanLossTask:
         return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
 
 
-def test_task_must_return_one_loss_per_sample() -> None:
-    model = mlp()
-    spec = ProjectionSpec.for_model(model, rank=2)
-    batch = {"x": torch.randn(3, 6, dtype=torch.float64), "y": torch.randint(0, 4, (3,))}
-    with pytest.raises(DataError, match="one loss per sample"):
-        projected_grads(model, spec, MeanLossTask(), batch)
-
-
 class InPlace(torch.nn.Module):
     """In-place ops on projected outputs, including the lowest one (which joins the graph)."""
 
@@ -339,14 +324,11 @@ def test_extraction_leaves_parameters_untouched_and_allows_inplace_ops() -> None
 
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == [True, False, True, True]
-    expected = torch.stack([
-        explicit_projected(model, spec, "classification", {k: v[i:i + 1] for k, v in batch.items()})
-        for i in range(5)
-    ])
+    expected = each_alone(model, spec, batch)
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_parameters_restored_when_the_task_fails_and_unused_layers_are_rejected() -> None:
+def test_a_bad_task_is_refused_and_parameters_are_restored() -> None:
     model = mlp()
     spec = ProjectionSpec.for_model(model, rank=2)
     batch = {"x": torch.randn(3, 6, dtype=torch.float64), "y": torch.randint(0, 4, (3,))}

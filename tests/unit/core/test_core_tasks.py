@@ -7,14 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from tip_fed.core.tasks import (
-    CausalLMTask,
-    ClassificationTask,
-    SequenceClassificationTask,
-    Task,
-    batch_size,
-    get_task,
-)
+from tip_fed.core.tasks import CausalLMTask, ClassificationTask, SequenceClassificationTask, Task, batch_size, get_task
 from tip_fed.errors import ConfigError, DataError, ModelError
 
 

@@ -23,6 +23,8 @@ from tip_fed.errors import ConfigError
 from tip_fed.protocol import BuyerSettings, PreparedQuery
 from tip_fed.protocol.prepared import fit_query
 
+from ...conftest import train_classifier
+
 VOCAB = 64
 
 
@@ -37,12 +39,7 @@ def wide_mlp() -> torch.nn.Sequential:
     model = torch.nn.Sequential(torch.nn.Linear(24, 96), torch.nn.Tanh(), torch.nn.Linear(96, 64), torch.nn.Tanh(),
                                 torch.nn.Linear(64, 2)).double()
     data = mlp_data(256, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(data["x"].double()), data["y"]).backward()
-        opt.step()
-    return model.eval()
+    return train_classifier(model, data["x"].double(), data["y"], 30)
 
 
 def as_double(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,22 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tip_fed.crypto import (
-    HEParams,
-    PackingPlan,
-    SessionKeys,
-    baseline_public_context_bytes,
-    decrypt_naive,
-    decrypt_scores,
-    encrypt_query,
-    encrypt_query_naive,
-    load_public_context,
-    plan_packing,
-    score_rows,
-    score_rows_naive,
-)
+from tip_fed.crypto import HEParams, PackingPlan, decrypt_scores, encrypt_query, plan_packing, score_rows
 from tip_fed.crypto.codec import seal_to_bytes
-from tip_fed.crypto.keys import PublicContext
+from tip_fed.crypto.keys import PublicContext, SessionKeys, load_public_context
+from tip_fed.crypto.naive import baseline_public_context_bytes, decrypt_naive, encrypt_query_naive, score_rows_naive
 from tip_fed.crypto.packing import _Scorer
 from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.errors import CodecError, ConfigError, CryptoError, DataError

@@ -5,19 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tip_fed.crypto import (
-    EncodingCache,
-    HEParams,
-    SessionKeys,
-    decrypt_scores,
-    encrypt_query,
-    load_public_context,
-    plan_packing,
-    score_rows,
-)
+from tip_fed.crypto import EncodingCache, HEParams, decrypt_scores, plan_packing, score_rows
 from tip_fed.crypto.codec import seal_to_bytes
 from tip_fed.crypto.packing import _Scorer
 from tip_fed.errors import ConfigError
+
+from ...conftest import open_session
 
 DIM = 64
 
@@ -46,9 +39,7 @@ def test_cached_bsgs_is_bit_identical_and_key_independent(plan) -> None:  # type
     cache = EncodingCache()
     blobs = []
     for _ in range(2):  # two sessions, two unrelated key pairs, one cache
-        keys = SessionKeys.generate(plan)
-        ctx = load_public_context(keys.public_context_bytes(), plan.params)
-        query = encrypt_query(keys, plan, x)
+        keys, ctx, query = open_session(plan, x)
         plain = seal_to_bytes(_bsgs(_Scorer(ctx, plan, query), rows))
         cached = seal_to_bytes(_bsgs(_Scorer(ctx, plan, query), rows, cache))
         assert cached == plain  # the encoded plaintexts are exactly the fresh ones
@@ -60,10 +51,8 @@ def test_cached_bsgs_is_bit_identical_and_key_independent(plan) -> None:  # type
 
 
 def test_changed_rows_miss_and_memory_stays_bounded(plan) -> None:  # type: ignore[no-untyped-def]
-    keys = SessionKeys.generate(plan)
-    ctx = load_public_context(keys.public_context_bytes(), plan.params)
     x, rows = _rows(8, 2)
-    query = encrypt_query(keys, plan, x)
+    keys, ctx, query = open_session(plan, x)
     probe = EncodingCache()
     _bsgs(_Scorer(ctx, plan, query), rows, probe)
     one_block = probe.bytes
@@ -84,10 +73,8 @@ def test_rejects_bad_budget() -> None:
 
 
 def test_forked_workers_give_the_same_replies(plan) -> None:  # type: ignore[no-untyped-def]
-    keys = SessionKeys.generate(plan)
-    ctx = load_public_context(keys.public_context_bytes(), plan.params)
     x, rows = _rows(3 * plan.rows_per_block - 5, 4)  # three blocks, the last one partial
-    query = encrypt_query(keys, plan, x)
+    keys, ctx, query = open_session(plan, x)
     cache = EncodingCache()
     serial = score_rows(ctx, plan, query, rows, rng=np.random.default_rng(7))
     forked = score_rows(ctx, plan, query, rows, rng=np.random.default_rng(7), workers=2, cache=cache)
