@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tip_fed.config import TipConfig
-from tip_fed.toml_files import build, load_typed, require, setting
+from tip_fed.toml_files import Section, build, load_typed, require, setting
 
 __all__ = ["QUICK", "CausalConfig", "GroundTruthConfig", "HealthcareConfig", "LlmCorpusConfig", "SimulationConfig",
            "config_from_dict", "load_config"]
@@ -24,49 +24,44 @@ _require = require
 
 
 @dataclass(frozen=True)
-class GroundTruthConfig:
+class GroundTruthConfig(Section, key="ground-truth"):
     """Realised benefit: fine-tune a copy of the buyer model on one seller's data."""
 
     enabled: bool = setting(True, "compute each seller's realised benefit by fine-tuning")
-    lr: float = setting(0.05, "learning rate of the fine-tune")
-    epochs: int = setting(1, "epochs of the fine-tune")
-    batch_size: int = setting(16, "batch size of the fine-tune")
+    lr: float = setting(0.05, "learning rate of the fine-tune", above=0)
+    epochs: int = setting(1, "epochs of the fine-tune", at_least=1)
+    batch_size: int = setting(16, "batch size of the fine-tune", at_least=1)
     layers: tuple[str, ...] = setting((), "fnmatch patterns over parameter names to fine-tune; empty = all")
-
-    def __post_init__(self) -> None:
-        _require(self.lr > 0, "ground-truth.lr", "must be > 0")
-        _require(self.epochs >= 1, "ground-truth.epochs", "must be >= 1")
-        _require(self.batch_size >= 1, "ground-truth.batch-size", "must be >= 1")
 
 
 @dataclass(frozen=True)
-class CausalConfig:
+class CausalConfig(Section, key="causal"):
     """Causal-validity market on scikit-learn's handwritten digits.
 
     The buyer's model never saw ``missing`` classes; its objective needs them. One seller per
     entry of ``seller_classes``; the seller holding a missing class should be valued highest.
     """
 
-    buyer_classes: tuple[int, ...] = setting((1, 2, 3), "digits the buyer's model is trained on")
-    objective_classes: tuple[int, ...] = setting((1, 2, 3, 4), "digits of the buyer's objective set")
+    buyer_classes: tuple[int, ...] = setting((1, 2, 3), "digits the buyer's model is trained on", at_least=0,
+                                             at_most=9)
+    objective_classes: tuple[int, ...] = setting((1, 2, 3, 4), "digits of the buyer's objective set", at_least=0,
+                                                 at_most=9)
     seller_classes: tuple[tuple[int, ...], ...] = setting(((1,), (2,), (3,), (4,)), "digits each seller holds "
                                                                                      "(one list per seller)")
-    samples_per_seller: int = setting(60, "records per seller")
-    objective_per_class: int = setting(20, "objective records per digit")
+    samples_per_seller: int = setting(60, "records per seller", at_least=1)
+    objective_per_class: int = setting(20, "objective records per digit", at_least=1)
     hidden: int = setting(32, "hidden width of the buyer's MLP")
     train_epochs: int = setting(30, "epochs of the buyer's training")
 
     def __post_init__(self) -> None:
-        every = set(self.buyer_classes) | set(self.objective_classes)
-        every |= {c for group in self.seller_classes for c in group}
-        _require(all(0 <= c <= 9 for c in every), "causal", "classes must be digits 0..9")
+        super().__post_init__()
+        sold = {c for group in self.seller_classes for c in group}
+        _require(all(0 <= c <= 9 for c in sold), "causal.seller-classes", "classes must be digits 0..9")
         _require(len(self.seller_classes) >= 2, "causal.seller-classes", "needs at least two sellers")
-        _require(self.samples_per_seller >= 1, "causal.samples-per-seller", "must be >= 1")
-        _require(self.objective_per_class >= 1, "causal.objective-per-class", "must be >= 1")
 
 
 @dataclass(frozen=True)
-class HealthcareConfig:
+class HealthcareConfig(Section, key="healthcare"):
     """Hospital market: real clinical rows split into sites; synthetic sites for scale runs.
 
     Each replicate draws a buyer-train site, a different buyer-objective site and ``sellers``
@@ -74,91 +69,68 @@ class HealthcareConfig:
     populate (``sellers`` > ``sites`` - 2), the documented synthetic generator builds the sites.
     """
 
-    dataset: str = setting("diabetes", "diabetes, breast-cancer, flchain or synthetic")
-    sites: int = setting(12, "sites the patients are split into (buyer-train, objective and sellers)")
-    sellers: int = setting(8, "seller sites per replicate")
-    replicates: int = setting(20, "markets drawn, each with its own sites")
-    min_site_rows: int = setting(15, "fewest patients per site (configs/healthcare_cohort.toml: 200 for flchain)")
+    dataset: str = setting("diabetes", "the patients split into sites (synthetic: generated sites)",
+                           one_of=("diabetes", "breast-cancer", "flchain", "synthetic"))
+    sites: int = setting(12, "sites the patients are split into (buyer-train, objective and sellers)", at_least=4)
+    sellers: int = setting(8, "seller sites per replicate", at_least=2)
+    replicates: int = setting(20, "markets drawn, each with its own sites", at_least=1)
+    min_site_rows: int = setting(15, "fewest patients per site (configs/healthcare_cohort.toml: 200 for flchain)",
+                                 at_least=4)
     label_noise: tuple[float, ...] = setting((0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6),
-                                             "label-flip rate of each site, in [0, 1]")
+                                             "label-flip rate of each site", at_least=0, at_most=1)
     hidden: int = setting(16, "hidden width of the buyer's MLP")
     train_epochs: int = setting(50, "epochs of the buyer's training")
-    synthetic_rows: tuple[int, ...] = setting((20, 200), "[min, max] rows per synthetic site (log-uniform)")
+    synthetic_rows: tuple[int, ...] = setting((20, 200), "[min, max] rows per synthetic site (log-uniform)",
+                                              at_least=4)
     synthetic_features: int = setting(10, "features of synthetic sites")
-    synthetic_bad_fraction: float = setting(0.3, "fraction of synthetic sites with shifted, noisy data")
+    synthetic_bad_fraction: float = setting(0.3, "fraction of synthetic sites with shifted, noisy data", at_least=0,
+                                            at_most=1)
     synthetic_shift: float = setting(0.5, "covariate shift of the bad synthetic sites")
-    samples_per_seller: int | None = setting(None, "synthetic only: every site holds exactly this many rows")
+    samples_per_seller: int | None = setting(None, "synthetic only: every site holds exactly this many rows (unset: "
+                                                   "log-uniform sizes in synthetic-rows)", at_least=4)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(bool(self.label_noise), "healthcare.label-noise", "must be a non-empty list of label-flip rates")
         _require(
-            self.dataset in ("diabetes", "breast-cancer", "flchain", "synthetic"),
-            "healthcare.dataset",
-            "must be 'diabetes', 'breast-cancer', 'flchain' or 'synthetic'",
-        )
-        _require(
-            self.min_site_rows >= 4,
-            "healthcare.min-site-rows",
-            "must be >= 4 patients per site (the flchain cohort config uses 200)",
-        )
-        _require(self.sites >= 4, "healthcare.sites", "must be >= 4 (buyer-train, objective and two sellers)")
-        _require(self.sellers >= 2, "healthcare.sellers", "must be >= 2")
-        _require(self.replicates >= 1, "healthcare.replicates", "must be >= 1")
-        _require(
-            bool(self.label_noise) and all(0 <= q <= 1 for q in self.label_noise),
-            "healthcare.label-noise",
-            "must be a non-empty list of label-flip rates in [0, 1]",
-        )
-        _require(
-            len(self.synthetic_rows) == 2 and 4 <= self.synthetic_rows[0] <= self.synthetic_rows[1],
+            len(self.synthetic_rows) == 2 and self.synthetic_rows[0] <= self.synthetic_rows[1],
             "healthcare.synthetic-rows",
             "must be [min, max] rows per synthetic site with 4 <= min <= max",
-        )
-        _require(0 <= self.synthetic_bad_fraction <= 1, "healthcare.synthetic-bad-fraction", "must be in [0, 1]")
-        _require(
-            self.samples_per_seller is None or self.samples_per_seller >= 4,
-            "healthcare.samples-per-seller",
-            "must be >= 4 rows per synthetic site (leave it unset for log-uniform sizes in synthetic-rows)",
         )
 
 
 @dataclass(frozen=True)
-class LlmCorpusConfig:
+class LlmCorpusConfig(Section, key="llm-corpus"):
     """LLM-corpus market: document sellers valued for a small GPT-2 (or BERT) trained locally.
 
     ``truth-sellers``: how many sellers (a random sample) get a ground-truth fine-tune; 0 = all.
     Every seller is valued under encryption either way.
     """
 
-    model: str = setting("gpt2", "gpt2 (causal LM) or bert (sequence classification)")
-    vocab_size: int = setting(2000, "byte-level BPE vocabulary trained on the buyer's text")
-    block_len: int = setting(64, "tokens per block")
-    n_embd: int = setting(64, "embedding width")
+    model: str = setting("gpt2", "gpt2 (causal LM) or bert (sequence classification)", one_of=("gpt2", "bert"))
+    vocab_size: int = setting(2000, "byte-level BPE vocabulary trained on the buyer's text (256 byte tokens and "
+                                    "its merges)", at_least=300)
+    block_len: int = setting(64, "tokens per block", at_least=8)
+    n_embd: int = setting(64, "embedding width (a multiple of n-head)")
     n_layer: int = setting(4, "transformer layers")
-    n_head: int = setting(4, "attention heads")
+    n_head: int = setting(4, "attention heads", at_least=1)
     pretrain_steps: int = setting(400, "steps of the buyer's pretraining")
     pretrain_lr: float = setting(3e-3, "learning rate of the buyer's pretraining")
-    train_topics: int = setting(30, "topics the buyer pretrains on")
-    train_modules: int = setting(50, "standard-library modules whose docstrings the buyer pretrains on (not sold)")
-    objective_topics: int = setting(10, "topics of the buyer's objective")
+    train_topics: int = setting(30, "topics the buyer pretrains on", at_least=1)
+    train_modules: int = setting(50, "standard-library modules whose docstrings the buyer pretrains on (not sold)",
+                                 at_least=0)
+    objective_topics: int = setting(10, "topics of the buyer's objective", at_least=1)
     objective_blocks: int = setting(32, "blocks of the buyer's objective")
-    doc_sellers: int = setting(500, "sellers of documents")
-    low_sellers: int = setting(20, "sellers of low-quality text")
-    max_blocks: int = setting(4, "most blocks per seller")
-    train_sample: int = setting(256, "blocks of the buyer's training set sampled for the preconditioner")
-    truth_sellers: int = setting(60, "sellers (a random sample) that get a ground-truth fine-tune; 0 = all")
+    doc_sellers: int = setting(500, "sellers of documents", at_least=1)
+    low_sellers: int = setting(20, "sellers of low-quality text", at_least=0)
+    max_blocks: int = setting(4, "most blocks per seller", at_least=1)
+    train_sample: int = setting(256, "blocks of the buyer's training set sampled for the preconditioner", at_least=1)
+    truth_sellers: int = setting(60, "sellers (a random sample) that get a ground-truth fine-tune; 0 = all",
+                                 at_least=0)
 
     def __post_init__(self) -> None:
-        _require(self.model in ("gpt2", "bert"), "llm-corpus.model", "must be 'gpt2' or 'bert'")
-        _require(self.vocab_size >= 300, "llm-corpus.vocab-size", "must be >= 300 (byte-level BPE has 256 base tokens)")
-        _require(self.block_len >= 8, "llm-corpus.block-len", "must be >= 8 tokens")
-        _require(self.n_head >= 1, "llm-corpus.n-head", "must be >= 1")
+        super().__post_init__()
         _require(self.n_embd % self.n_head == 0, "llm-corpus.n-embd", "must be a multiple of llm-corpus.n-head")
-        _require(min(self.train_topics, self.objective_topics, self.doc_sellers, self.max_blocks) >= 1, "llm-corpus",
-                 "train-topics, objective-topics, doc-sellers and max-blocks must be >= 1")
-        _require(self.low_sellers >= 0, "llm-corpus.low-sellers", "must be >= 0")
-        _require(self.train_modules >= 0, "llm-corpus.train-modules", "must be >= 0")
-        _require(self.train_sample >= 1, "llm-corpus.train-sample", "must be >= 1")
-        _require(self.truth_sellers >= 0, "llm-corpus.truth-sellers", "must be >= 0 (0 = every seller)")
 
 
 #: What ``quick = true`` sets, per section (a smoke run in minutes, not for citing).

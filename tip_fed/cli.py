@@ -253,7 +253,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser, cls: type, section: str)
     from tip_fed.toml_files import describe
 
     for f, d in zip(dataclasses.fields(cls), describe(cls, f"{section}."), strict=True):
-        flag, text = f"--{f.name.replace('_', '-')}", f"{d.help} (default {d.default}; config {d.key})"
+        allowed = f"{d.allowed}; " if d.allowed else ""
+        flag, text = f"--{f.name.replace('_', '-')}", f"{d.help} ({allowed}default {d.default}; config {d.key})"
         if d.type == "bool":
             parser.add_argument(flag, action="store_true", help=text)
         else:
@@ -378,7 +379,8 @@ def settings_text(markdown: bool = False) -> str:
     scenario = [d for d in describe(SimulationConfig) if d.key not in keys]
     if markdown:
         return SETTINGS_DOC.format(library=markdown_table(library), simulations=markdown_table(scenario))
-    return "".join(f"{d.key} = {d.default}  ({d.type})\n    {d.help}\n" for d in [*library, *scenario])
+    return "".join(f"{d.key} = {d.default}  ({d.type}{'; ' + d.allowed if d.allowed else ''})\n    {d.help}\n"
+                   for d in [*library, *scenario])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,6 @@ the settings here and the code implementing each kind both import.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from tip_fed.errors import ConfigError
 from tip_fed.kinds import DISCLOSURES, PRECONDITIONER_KINDS, PROJECTION_KINDS, RUNTIMES
-from tip_fed.toml_files import apply_overrides, build, load_typed, require, setting, to_dict, toml_key
+from tip_fed.toml_files import Section, apply_overrides, build, load_typed, require, setting, to_dict, toml_key
 
 __all__ = ["DISCLOSURES", "PRECONDITIONER_KINDS", "PROJECTION_KINDS", "RUNTIMES", "SETTING_SECTIONS",
            "BuyerSettings", "CryptoConfig", "FlowerConfig", "GrpcConfig", "PayoutsConfig", "PreconditionerConfig",
@@ -30,12 +29,8 @@ __all__ = ["DISCLOSURES", "PRECONDITIONER_KINDS", "PROJECTION_KINDS", "RUNTIMES"
 _require = require
 
 
-def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
-    _require(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
-
-
 @dataclass(frozen=True)
-class ProjectionConfig:
+class ProjectionConfig(Section, key="projection"):
     """LoGra-style per-layer projection of per-sample gradients (weights and biases).
 
     ``rank = "auto"`` (the default): the buyer measures on its own training samples how well
@@ -48,38 +43,31 @@ class ProjectionConfig:
 
     rank: int | str = setting("auto", "'auto': per-layer ranks measured to reach fidelity-target (exact when the "
                                       "model fits max-dim); or one integer per-side rank, clipped to each layer's size")
-    kind: str = setting("rademacher", f"random projection matrices: {' or '.join(PROJECTION_KINDS)}")
+    kind: str = setting("rademacher", "random projection matrices", one_of=PROJECTION_KINDS)
     include: tuple[str, ...] = setting((), "fnmatch patterns of the layers to project; empty = every supported layer")
     fidelity_target: float = setting(0.95, "rank = 'auto': per-sample Spearman of projected vs exact scores to reach "
-                                           "on the buyer's own samples")
-    max_dim: int = setting(16384, "rank = 'auto': largest projected dimension (all layers together)")
+                                           "on the buyer's own samples", above=0, at_most=1)
+    max_dim: int = setting(16384, "rank = 'auto': largest projected dimension (all layers together)", at_least=1)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.rank, str):
             _require(self.rank == "auto", "projection.rank", f"must be an integer >= 1 or 'auto', got {self.rank!r}")
         else:
             _require(self.rank >= 1, "projection.rank", "must be >= 1 (or 'auto')")
-        _one_of(self.kind, PROJECTION_KINDS, "projection.kind")
-        _require(0 < self.fidelity_target <= 1, "projection.fidelity-target",
-                 "must be in (0, 1] (per-sample Spearman of projected vs exact scores)")
-        _require(self.max_dim >= 1, "projection.max-dim", "must be >= 1 (largest projected dimension)")
 
 
 @dataclass(frozen=True)
-class PreconditionerConfig:
+class PreconditionerConfig(Section, key="preconditioner"):
     """Inverse damped curvature applied to the buyer's objective gradient."""
 
-    kind: str = setting("kfac", f"curvature: {', '.join(PRECONDITIONER_KINDS)} (raw = damped Fisher in projected "
-                                "space)")
-    damping: float | None = setting(None, "damping added to the curvature; unset = 0.1 x its mean eigenvalue")
-
-    def __post_init__(self) -> None:
-        _one_of(self.kind, PRECONDITIONER_KINDS, "preconditioner.kind")
-        _require(self.damping is None or self.damping >= 0, "preconditioner.damping", "must be >= 0")
+    kind: str = setting("kfac", "curvature (raw = damped Fisher in projected space)", one_of=PRECONDITIONER_KINDS)
+    damping: float | None = setting(None, "damping added to the curvature; unset = 0.1 x its mean eigenvalue",
+                                    at_least=0)
 
 
 @dataclass(frozen=True)
-class CryptoConfig:
+class CryptoConfig(Section, key="crypto"):
     """CKKS parameters for the session keys; checked for >= 128-bit security before use."""
 
     poly_modulus_degree: int = setting(8192, "CKKS ring degree (slots = half of it)")
@@ -88,41 +76,27 @@ class CryptoConfig:
 
 
 @dataclass(frozen=True)
-class ProtocolConfig:
+class ProtocolConfig(Section, key="protocol"):
     """What the buyer asks of sellers in the Offer."""
 
-    disclosure: str = setting("aggregate", "what sellers reveal: aggregate (one total each) or per-sample")
+    disclosure: str = setting("aggregate", "what sellers reveal: aggregate (one total each) or per-sample",
+                              one_of=DISCLOSURES)
     grad_norm_bound: float | None = setting(None, "sellers clip each gradient to this norm; unset = derived from "
-                                                  "the buyer's own gradients")
-    query_budget: int = setting(1, "queries a seller answers per session")
+                                                  "the buyer's own gradients", above=0)
+    query_budget: int = setting(1, "queries a seller answers per session", at_least=1)
     dp_epsilon: float | None = setting(None, "Gaussian noise sellers add to released scores: epsilon per query; "
-                                             "unset = none asked")
-    dp_delta: float = setting(1e-6, "delta of dp-epsilon")
-    release_digits: int = setting(8, "released scores are rounded to score-bound x 10^-digits (0 = exact)")
-
-    def __post_init__(self) -> None:
-        _one_of(self.disclosure, DISCLOSURES, "protocol.disclosure")
-        _require(
-            self.grad_norm_bound is None or (math.isfinite(self.grad_norm_bound) and self.grad_norm_bound > 0),
-            "protocol.grad-norm-bound",
-            "must be > 0 (or unset to derive it from the buyer's own gradients)",
-        )
-        _require(self.query_budget >= 1, "protocol.query-budget", "must be >= 1")
-        _require(
-            self.dp_epsilon is None or (math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0),
-            "protocol.dp-epsilon",
-            "must be a finite number > 0 (or unset for no noise)",
-        )
-        _require(math.isfinite(self.dp_delta) and 0 < self.dp_delta < 1, "protocol.dp-delta", "must be in (0, 1)")
-        _require(0 <= self.release_digits <= 15, "protocol.release-digits", "must be in 0..15 (0 = no rounding)")
+                                             "unset = none asked", above=0)
+    dp_delta: float = setting(1e-6, "delta of dp-epsilon", above=0, below=1)
+    release_digits: int = setting(8, "released scores are rounded to score-bound x 10^-digits (0 = exact)",
+                                  at_least=0, at_most=15)
 
 
 @dataclass(frozen=True)
-class SellerConfig:
+class SellerConfig(Section, key="seller"):
     """What a seller grants whatever the buyer asks (``tip-fed seller serve`` flags, SellerPolicy)."""
 
-    max_queries_per_session: int = setting(1, "queries answered per session")
-    batch_size: int = setting(64, "records per gradient batch when scoring")
+    max_queries_per_session: int = setting(1, "queries answered per session", at_least=1)
+    batch_size: int = setting(64, "records per gradient batch when scoring", at_least=1)
     expected_fingerprint: str | None = setting(None, "refuse Offers whose model fingerprint (hex) differs")
     dp_epsilon: float | None = setting(None, "Gaussian noise on every released score, epsilon per query (the "
                                              "stricter of this and the buyer's request applies)")
@@ -139,24 +113,20 @@ class SellerConfig:
     exact_per_sample: bool = setting(False, "answer per-sample Offers without noise (exact scores of every "
                                             "record: only for data that is not private)")
     model_cache_mb: int = setting(2048, "MiB of buyers' model weights kept (verified, by fingerprint) so a repeat "
-                                        "Offer need not ship them (0 = off)")
+                                        "Offer need not ship them (0 = off)", at_least=0)
     model_cache_dir: str | None = setting(None, "keep cached models in this directory across restarts "
                                                 "(owner-only, re-verified); unset = in memory")
     max_message_mb: int | None = setting(None, "largest gRPC message in MiB; unset = the largest Offer "
-                                               "seller-budget.offer-memory-mb could accept")
+                                               "seller-budget.offer-memory-mb could accept", at_least=4, below=2048)
 
     def __post_init__(self) -> None:
-        for name in ("max_queries_per_session", "batch_size"):
-            _require(getattr(self, name) >= 1, f"seller.{toml_key(name)}", "must be >= 1")
-        for name in ("max_exact", "total_max_exact"):
+        super().__post_init__()
+        for name in ("max_exact", "total_max_exact"):  # -1 is a word here, not a bound
             _require(getattr(self, name) >= -1, f"seller.{toml_key(name)}", "must be >= 0 (or -1 for unlimited)")
-        _require(self.model_cache_mb >= 0, "seller.model-cache-mb", "must be >= 0 (0 turns the model cache off)")
-        _require(self.max_message_mb is None or 4 <= self.max_message_mb < 2048, "seller.max-message-mb",
-                 "must be in 4..2047 (MiB per gRPC message)")
 
 
 @dataclass(frozen=True)
-class SellerBudgetConfig:
+class SellerBudgetConfig(Section, key="seller-budget"):
     """What a long-lived seller (``tip-fed seller serve``) spends on Offers.
 
     Every Offer is costed from its own fields before anything is allocated (projection matrices,
@@ -166,86 +136,66 @@ class SellerBudgetConfig:
     ``offer-memory-mb`` (see tip_fed.protocol.resources.max_offer_bytes).
     """
 
-    offer_memory_mb: int = setting(2048, "most memory one Offer may cost, MiB")
-    in_flight_memory_mb: int = setting(8192, "most memory all Offers being answered at once may cost, MiB")
-    max_sessions: int = setting(4, "Offers handled at once; more wait, up to max-calls")
+    offer_memory_mb: int = setting(2048, "most memory one Offer may cost, MiB", at_least=1)
+    in_flight_memory_mb: int = setting(8192, "most memory all Offers being answered at once may cost, MiB",
+                                       at_least=1)
+    max_sessions: int = setting(4, "Offers handled at once; more wait, up to max-calls", at_least=1)
     max_offers_per_peer: int = setting(1, "Offers one buyer (client certificate, else address) may have in at "
-                                          "once, so one buyer's flood cannot queue ahead of the others")
-    max_calls: int = setting(64, "calls held at once, running or waiting; more are refused with RESOURCE_EXHAUSTED")
-    he_key_memory_mb: int = setting(256, "most CKKS context and key memory of one Offer, MiB")
+                                          "once, so one buyer's flood cannot queue ahead of the others", at_least=1)
+    max_calls: int = setting(64, "calls held at once, running or waiting; more are refused with RESOURCE_EXHAUSTED",
+                             at_least=1)
+    he_key_memory_mb: int = setting(256, "most CKKS context and key memory of one Offer, MiB", at_least=1)
     projection_memory_mb: int = setting(512, "most projection-matrix memory of one Offer (rank x features per "
-                                             "layer), MiB")
-    max_layers: int = setting(1024, "most projected layers one Offer may list")
+                                             "layer), MiB", at_least=1)
+    max_layers: int = setting(1024, "most projected layers one Offer may list", at_least=1)
     # Twice the estimate of the heaviest honest benchmark Offer (GPT-2 style, 4 layers, 100 x 128
     # tokens: ~146 s estimated; the estimate runs 1-7x above measured seller CPU).
-    offer_work_s: float = setting(300.0, "most estimated single-core seconds one Offer may cost")
-    kept_sessions: int = setting(65536, "answered (session, buyer) pairs remembered for the query budget")
-    session_window_s: float = setting(86400.0, "seconds an answered session is remembered")
+    offer_work_s: float = setting(300.0, "most estimated single-core seconds one Offer may cost", above=0)
+    kept_sessions: int = setting(65536, "answered (session, buyer) pairs remembered for the query budget",
+                                 at_least=1)
+    session_window_s: float = setting(86400.0, "seconds an answered session is remembered", above=0)
 
     def __post_init__(self) -> None:
-        for name in ("offer_memory_mb", "in_flight_memory_mb", "max_sessions", "max_offers_per_peer", "max_calls",
-                     "he_key_memory_mb", "projection_memory_mb", "max_layers", "kept_sessions"):
-            _require(getattr(self, name) >= 1, f"seller-budget.{toml_key(name)}", "must be >= 1")
+        super().__post_init__()
         _require(
             self.in_flight_memory_mb >= self.offer_memory_mb,
             "seller-budget.in-flight-memory-mb",
             "must be >= seller-budget.offer-memory-mb (one Offer must fit in what may be in flight)",
         )
-        _require(self.offer_work_s > 0, "seller-budget.offer-work-s", "must be > 0 (seconds)")
-        _require(self.session_window_s > 0, "seller-budget.session-window-s", "must be > 0 (seconds)")
 
 
 @dataclass(frozen=True)
-class FlowerConfig:
+class FlowerConfig(Section, key="flower"):
     """How the buyer's ServerApp drives one session over the Flower Grid."""
 
-    timeout_s: float = setting(600.0, "seconds to wait for a seller's reply")
-    wave_size: int = setting(64, "most Offers in flight at once")
-    min_sellers: int = setting(1, "sellers (SuperNodes) to wait for before offering")
-    node_wait_s: float = setting(120.0, "seconds to wait for min-sellers nodes")
-    num_cpus: float = setting(1.0, "CPUs per simulated seller (Flower simulation)")
-
-    def __post_init__(self) -> None:
-        _require(self.timeout_s > 0, "flower.timeout-s", "must be > 0 (seconds to wait for a seller's reply)")
-        _require(self.wave_size >= 1, "flower.wave-size", "must be >= 1 (most Offers in flight at once)")
-        _require(self.min_sellers >= 1, "flower.min-sellers", "must be >= 1")
-        _require(self.node_wait_s >= 0, "flower.node-wait-s", "must be >= 0")
-        _require(self.num_cpus > 0, "flower.num-cpus", "must be > 0 (CPUs per simulated seller)")
+    timeout_s: float = setting(600.0, "seconds to wait for a seller's reply", above=0)
+    wave_size: int = setting(64, "most Offers in flight at once", at_least=1)
+    min_sellers: int = setting(1, "sellers (SuperNodes) to wait for before offering", at_least=1)
+    node_wait_s: float = setting(120.0, "seconds to wait for min-sellers nodes", at_least=0)
+    num_cpus: float = setting(1.0, "CPUs per simulated seller (Flower simulation)", above=0)
 
 
 @dataclass(frozen=True)
-class GrpcConfig:
+class GrpcConfig(Section, key="grpc"):
     """The native gRPC runtime: seller services on 127.0.0.1 over mutual TLS, queried by the buyer client."""
 
-    timeout_s: float = setting(600.0, "deadline of one seller's Value call, seconds")
-    retries: int = setting(2, "retries of unreachable sellers")
-    startup_timeout_s: float = setting(120.0, "seconds for a started seller service to get ready")
-    max_message_mb: int = setting(512, "largest message buyer and sellers exchange, MiB")
-
-    def __post_init__(self) -> None:
-        _require(self.timeout_s > 0, "grpc.timeout-s", "must be > 0 (deadline of one seller's Value call)")
-        _require(self.retries >= 0, "grpc.retries", "must be >= 0 (retries of unreachable sellers)")
-        _require(self.startup_timeout_s > 0, "grpc.startup-timeout-s",
-                 "must be > 0 (seconds for a seller to get ready)")
-        _require(4 <= self.max_message_mb < 2048, "grpc.max-message-mb", "must be in 4..2047 (MiB per gRPC message)")
+    timeout_s: float = setting(600.0, "deadline of one seller's Value call, seconds", above=0)
+    retries: int = setting(2, "retries of unreachable sellers", at_least=0)
+    startup_timeout_s: float = setting(120.0, "seconds for a started seller service to get ready", above=0)
+    max_message_mb: int = setting(512, "largest message buyer and sellers exchange, MiB", at_least=4, below=2048)
 
 
 @dataclass(frozen=True)
-class PayoutsConfig:
+class PayoutsConfig(Section, key="payouts"):
     """Payout rules every run reports; coalition rules (loo, shapley) only up to ``coalition_max`` sellers."""
 
-    budget: float = setting(1000.0, "what the buyer splits among sellers")
-    temperature: float = setting(1.0, "softmax temperature of the softmax rule (scores scaled by their spread)")
-    reserve: float = setting(0.5, "reserve price as a fraction of an equal split of the budget")
+    budget: float = setting(1000.0, "what the buyer splits among sellers", above=0)
+    temperature: float = setting(1.0, "softmax temperature of the softmax rule (scores scaled by their spread)",
+                                 above=0)
+    reserve: float = setting(0.5, "reserve price as a fraction of an equal split of the budget", at_least=0)
     coalition_max: int = setting(10, "most sellers for the coalition rules (loo, shapley)")
     shapley_exact_max: int = setting(8, "most sellers for exact Shapley values (above: permutation sampling)")
-    shapley_permutations: int = setting(50, "sampled permutations of approximate Shapley values")
-
-    def __post_init__(self) -> None:
-        _require(self.budget > 0, "payouts.budget", "must be > 0")
-        _require(self.temperature > 0, "payouts.temperature", "must be > 0")
-        _require(self.reserve >= 0, "payouts.reserve", "must be >= 0 (a fraction of an equal split of the budget)")
-        _require(self.shapley_permutations >= 1, "payouts.shapley-permutations", "must be >= 1")
+    shapley_permutations: int = setting(50, "sampled permutations of approximate Shapley values", at_least=1)
 
 
 #: The library sections a buyer sets (buyer.toml, a prepared query's settings).
@@ -253,19 +203,16 @@ SETTING_SECTIONS = ("projection", "preconditioner", "crypto", "protocol")
 
 
 @dataclass(frozen=True)
-class BuyerSettings:
+class BuyerSettings(Section):
     """The buyer's choices: what a prepared query is fitted with and what its Offers ask."""
 
-    seed: int = setting(0, "projection seed (every random draw of a run derives from it)")
-    batch_size: int = setting(64, "samples per gradient batch")
+    seed: int = setting(0, "projection seed (every random draw of a run derives from it)", at_least=0,
+                        at_most=2**63 - 1)
+    batch_size: int = setting(64, "samples per gradient batch", at_least=1)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     preconditioner: PreconditionerConfig = field(default_factory=PreconditionerConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.seed < 2**63, "seed", "must be an integer in 0..2**63-1 (the projection seed)")
-        _require(self.batch_size >= 1, "batch-size", "must be an integer >= 1 (samples per gradient batch)")
 
     def buyer_settings(self, seed: int | None = None) -> BuyerSettings:
         """Only the buyer's settings (``seed`` replaced when given), as a prepared query keeps them."""
@@ -286,16 +233,12 @@ class BuyerSettings:
 class TipConfig(BuyerSettings):
     """Root of the library's settings: the buyer's, the sellers', the runtimes' and the payouts'."""
 
-    runtime: str = setting("inprocess", f"how sellers are reached: {', '.join(RUNTIMES)}")
+    runtime: str = setting("inprocess", "how sellers are reached", one_of=RUNTIMES)
     seller: SellerConfig = field(default_factory=SellerConfig)
     seller_budget: SellerBudgetConfig = field(default_factory=SellerBudgetConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     payouts: PayoutsConfig = field(default_factory=PayoutsConfig)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _one_of(self.runtime, RUNTIMES, "runtime")
 
 
 def config_from_dict(data: Mapping[str, Any], root: type[TipConfig] = TipConfig) -> Any:

@@ -12,21 +12,92 @@ relative to that file. Nothing here imports torch, TenSEAL or grpcio.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tip_fed.errors import ConfigError
 
 
-def setting(default: Any, help: str) -> Any:
-    """A declared setting: its default and one line of help (shown by ``tip-fed settings``,
-    ``--help`` and the settings table of the docs)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, *, at_least: float | None = None, above: float | None = None,
+            at_most: float | None = None, below: float | None = None, one_of: tuple[str, ...] = ()) -> Any:
+    """A declared setting: its default, one line of help (shown by ``tip-fed settings``, ``--help``
+    and the settings table of the docs) and the values it may take: numbers within the given bounds
+    (each entry of a list; unset passes), or one of ``one_of``. :class:`Section` checks them when a
+    section is made, so no section writes its own range checks."""
+    allowed: Bounds | tuple[str, ...] | None = one_of or None
+    if (at_least, above, at_most, below) != (None,) * 4:
+        allowed = Bounds(at_least if above is None else above, above is not None,
+                         at_most if below is None else below, below is not None)
+    return dataclasses.field(default=default, metadata={"help": help, "allowed": allowed})
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The finite numbers a setting may take: ``low`` and ``high`` (None: no end), each end excluded
+    when ``*_open``."""
+
+    low: float | None
+    low_open: bool
+    high: float | None
+    high_open: bool
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return low_ok and (self.high is None or (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'<' if self.high_open else '<='} {high}"
+
+
+def _number(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def allowed_text(allowed: Bounds | tuple[str, ...] | None) -> str:
+    """What a setting may be, in words ("" when anything of its type goes)."""
+    if isinstance(allowed, tuple):
+        return f"one of {', '.join(allowed)}"
+    return "" if allowed is None else str(allowed)
+
+
+class Section:
+    """Base of a settings section (a frozen dataclass of :func:`setting` fields): making one checks
+    every value against what its declaration allows, naming the dotted TOML key
+    (``class GrpcConfig(Section, key="grpc")``; roots have no key). Checks across settings go in a
+    subclass's ``__post_init__`` after ``super().__post_init__()``."""
+
+    key: ClassVar[str] = ""
+
+    def __init_subclass__(cls, key: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.key = key
+
+    def __post_init__(self) -> None:
+        prefix = f"{self.key}." if self.key else ""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            allowed, value = f.metadata.get("allowed"), getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if allowed is not None and value is not None and not all(v in allowed for v in values):
+                each = "each entry " if isinstance(value, tuple) else ""
+                odd = any(isinstance(v, float) and not math.isfinite(v) for v in values)
+                finite = "a finite number " if odd else ""
+                raise ConfigError(f"{prefix}{toml_key(f.name)} {each}must be {finite}{allowed_text(allowed)} "
+                                  f"({f.metadata['help']}), got {to_dict(value)!r}")
 
 
 def require(ok: bool, key: str, what: str) -> None:
@@ -186,12 +257,13 @@ def load_typed(cls: type, path: str | Path | None, overrides: Iterable[str], exa
 
 @dataclass(frozen=True)
 class Declared:
-    """One declared setting as listed to users: dotted TOML key, type, default and help."""
+    """One declared setting as listed to users: dotted TOML key, type, default, help and what values it allows."""
 
     key: str
     type: str
     default: str
     help: str
+    allowed: str = ""
 
 
 def _type_name(hint: Any) -> str:
@@ -222,14 +294,15 @@ def describe(cls: type, prefix: str = "") -> list[Declared]:
         if is_section(hints[f.name]):
             out += describe(hints[f.name], f"{key}.")
         else:
-            out.append(Declared(key, _type_name(hints[f.name]), _show(f.default), f.metadata.get("help", "")))
+            out.append(Declared(key, _type_name(hints[f.name]), _show(f.default), f.metadata.get("help", ""),
+                                allowed_text(f.metadata.get("allowed"))))
     return out
 
 
 def markdown_table(declared: Iterable[Declared]) -> str:
-    """Declared settings (see :func:`describe`) as a markdown table: key, type, default, meaning."""
-    rows = ["| setting | type | default | meaning |", "|---|---|---|---|"]
-    rows += [f"| `{d.key}` | {d.type} | `{d.default}` | {d.help.replace('|', '/')} |" for d in declared]
+    """Declared settings (see :func:`describe`) as a markdown table: key, type, allowed values, default, meaning."""
+    rows = ["| setting | type | allowed | default | meaning |", "|---|---|---|---|---|"]
+    rows += [f"| `{d.key}` | {d.type} | {d.allowed} | `{d.default}` | {d.help.replace('|', '/')} |" for d in declared]
     return "\n".join(rows) + "\n"
 
 

@@ -74,7 +74,7 @@ def test_good_buyer_config_resolves_paths_and_settings(buyer_dir, monkeypatch):
      "format.tokenizer is missing and \\[model\\] path holds no tokenizer.json"),
     (lambda t: t.replace("obj.safetensors", "obj.csv") + '[format]\nkind = "text"\ntokenizer = "w.safetensors"\n'
      'max-length = 0\n', "format.max-length must be an integer >= 1"),
-    (lambda t: t.replace("seed = 3", "seed = -1"), "seed must be an integer"),
+    (lambda t: t.replace("seed = 3", "seed = -1"), "seed must be in \\[0, 9223372036854775807\\]"),
     (lambda t: t.replace("[model]", "[modle]"), "unknown key 'modle'"),
 ])
 def test_bad_buyer_config(buyer_dir, edit, message):
