@@ -1,13 +1,14 @@
 """The library's settings, declared once: typed, frozen sections with a default and help per setting.
 
-Every setting has a default, so an empty file is a valid config. Unknown keys and values of the
-wrong type are errors that name the key, because a silently ignored typo in a valuation run
-changes the payouts without anyone noticing. The same declarations give buyer.toml's settings
-(:class:`BuyerSettings`), the ``tip-fed seller serve`` flags and :class:`SellerPolicy`'s
-(:class:`SellerConfig`, :class:`SellerBudgetConfig`), ``tip-fed settings`` and the table in
-docs/settings.md. Market scenarios extend :class:`TipConfig` with their own sections in
-``simulations/settings.py``. Allowed-value lists live in :mod:`tip_fed.kinds`, a leaf module that
-the settings here and the code implementing each kind both import.
+Every setting has a default, so an empty file is a valid config. Unknown keys, values of the wrong
+type and values outside what a setting declares it allows are errors that name the key, because a
+silently ignored typo in a valuation run changes the payouts without anyone noticing. The same
+declarations give buyer.toml's settings (:class:`BuyerSettings`), the ``tip-fed seller serve``
+flags and :class:`SellerPolicy`'s (:class:`SellerConfig`, :class:`SellerBudgetConfig`),
+``tip-fed settings`` and the table in docs/settings.md. Market scenarios extend :class:`TipConfig`
+with their own sections in ``simulations/settings.py``. Allowed-value lists live in
+:mod:`tip_fed.kinds`, a leaf module that the settings here and the code implementing each kind
+both import.
 """
 
 from __future__ import annotations

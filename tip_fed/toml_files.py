@@ -1,7 +1,8 @@
 """Reading TOML into typed settings: one error shape for every mistake, one declaration per setting.
 
-A setting is a field of a frozen dataclass declared with :func:`setting` (its default and the help
-text the CLI and the docs show); a section is a field whose type is such a dataclass. From those
+A setting is a field of a frozen dataclass declared with :func:`setting` (its default, the help
+text the CLI and the docs show, and the values it allows, which the :class:`Section` base checks);
+a section is a field whose type is such a dataclass. From those
 declarations come the loader (:func:`build`, TOML keys in kebab-case, unknown keys refused), the
 ``key=value`` overrides, the plain-dict form written to manifests and the listing of every setting
 (:func:`describe`). The helpers for hand-checked tables (buyer.toml, sellers.toml) raise a

@@ -17,6 +17,9 @@ from tip_fed.config import (
     PROJECTION_KINDS,
     RUNTIMES,
     BuyerSettings,
+    FlowerConfig,
+    GrpcConfig,
+    ProtocolConfig,
     SellerBudgetConfig,
     SellerConfig,
     TipConfig,
@@ -84,6 +87,19 @@ def test_bad_settings_raise_config_error_naming_the_key(override, fragment):
     assert isinstance(info.value, TipError)
 
 
+def test_sections_made_in_code_are_checked_like_loaded_ones():
+    # the declared bounds hold for every instance, not only for what a file or --set gives
+    with pytest.raises(ConfigError, match=r"flower\.wave-size must be >= 1 \(most Offers in flight at once\), got 0"):
+        FlowerConfig(wave_size=0)
+    with pytest.raises(ConfigError, match=r"protocol\.disclosure must be one of aggregate, per-sample"):
+        ProtocolConfig(disclosure="all")
+    with pytest.raises(ConfigError, match=r"grpc\.max-message-mb must be in \[4, 2048\)"):
+        GrpcConfig(max_message_mb=2048)
+    with pytest.raises(ConfigError, match=r"protocol\.dp-epsilon must be a finite number > 0"):
+        ProtocolConfig(dp_epsilon=float("nan"))
+    assert GrpcConfig(max_message_mb=2047).max_message_mb == 2047 and ProtocolConfig(dp_epsilon=None).dp_epsilon is None
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_simulation(tmp_path / "missing.toml")
@@ -118,7 +134,7 @@ def test_docs_list_every_setting_and_are_current():
 
 
 def test_allowed_values_are_the_ones_the_code_uses():
-    # each list is declared once, with its setting; the modules that act on it import it
+    # each list is declared once (tip_fed.kinds); the settings and the modules that act on it import it
     from tip_fed.core import precondition, projection
 
     assert projection.KINDS is PROJECTION_KINDS and precondition.KINDS is PRECONDITIONER_KINDS
