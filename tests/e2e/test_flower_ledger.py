@@ -23,7 +23,8 @@ SELLER = "csv-clinic"
 
 def _restart_supernode(deployment: LocalDeployment, name: str, data_path) -> None:
     """Stop the seller's SuperNode and its superexec, then start it again with the same key and data."""
-    for child in [c for c in deployment.group.children if c.name in (f"supernode-{name}", f"superexec-supernode-{name}")]:
+    names = (f"supernode-{name}", f"superexec-supernode-{name}")
+    for child in [c for c in deployment.group.children if c.name in names]:
         child.proc.terminate()
         child.proc.wait(30)
     deployment.start_supernode(name, deployment.keys / name, data_path, seller_id=name)
