@@ -81,3 +81,35 @@ def test_a_ledger_the_seller_cannot_write_stops_it_before_any_answer(data_file):
     # the ledger's directory is a file: the seller refuses to start rather than answer uncharged
     with pytest.raises(DataError, match=r"privacy ledger .* cannot be read or written.*ledger setting"):
         _seller({"data-path": str(data_file), "ledger": str(data_file / "ledger.json")})
+
+
+def test_a_toml_node_config_read_by_flower_itself_sets_the_seller(data_file, tmp_path):
+    """``flower-supernode --node-config node.toml``: Flower flattens the tables with dots."""
+    from flwr.common.config import parse_config_args
+
+    node_toml = tmp_path / "node.toml"
+    node_toml.write_text(f'data-path = "{data_file}"\nseller-id = "clinic-a"\n'
+                         + SELLER_TOML.format(ledger=tmp_path / "ledger.json"))
+    node_config = parse_config_args([str(node_toml)])
+    assert node_config["seller.max-exact"] == 2 and node_config["seller-budget.max-layers"] == 7
+    seller = _seller(node_config)
+    assert seller.seller_id == "clinic-a" and seller.policy.lifetime.max_exact == 2
+    assert seller.policy.budget.max_layers == 7 and seller.policy.ledger == str(tmp_path / "ledger.json")
+    with pytest.raises(ConfigError, match=r"'seller\.max-exact' and the same key without 'seller\.'"):
+        _seller({**node_config, "max-exact": 3})
+
+
+def test_simulated_nodes_keep_a_ledger_file_per_seller(tmp_path):
+    from tip_fed.flower.runs import files_loader
+    from tip_fed.protocol import SellerPolicy
+
+    files = {f"s{i}": save_dataset(make_data(6, i), tmp_path / f"s{i}.safetensors") for i in range(2)}
+
+    def ledger(loader, i):
+        ctx = Context(run_id=1, node_id=i, node_config={"partition-id": i}, state=RecordDict(), run_config={})
+        return loader(ctx, {}).policy.ledger
+
+    load = files_loader(files, SellerPolicy(), tmp_path / "ledgers")
+    assert [ledger(load, i) for i in range(2)] == [str(tmp_path / "ledgers" / f"s{i}.json") for i in range(2)]
+    assert ledger(files_loader(files, SellerPolicy(ledger=str(tmp_path / "one.json")), tmp_path), 0) == str(
+        tmp_path / "one.json")

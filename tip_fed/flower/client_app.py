@@ -9,8 +9,10 @@ The node config takes the same seller settings as ``tip-fed seller serve``: ever
 (``ledger``, ``dp-epsilon``, ``max-exact``, ``exact-per-sample``, ...), every ``[seller-budget]`` key
 as ``seller-budget.<key>``, and ``config`` naming a TOML file whose ``[seller]`` and
 ``[seller-budget]`` tables are read first (node-config keys win, as flags do over ``--config``). One
-path, :meth:`SellerPolicy.from_config`, turns them into the policy. Unknown keys are refused: a
-mistyped ``max-exact`` must not silently leave the default in force.
+path, :meth:`SellerPolicy.from_config`, turns them into the policy. The node config may itself be
+that TOML file (``--node-config node.toml``: ``data-path`` and the other node keys at the top, then
+the ``[seller]`` and ``[seller-budget]`` tables). Unknown keys are refused: a mistyped
+``max-exact`` must not silently leave the default in force.
 
 The ledger is what makes the lifetime caps (``max-exact``, ``lifetime-epsilon``, ...) bind across
 messages, sessions and restarts, so a Flower seller always keeps one on disk: the ``ledger`` file
@@ -56,6 +58,7 @@ LEDGER = "ledger"
 EXACT_PER_SAMPLE = "exact-per-sample"
 MODEL_CACHE_DIR = "model-cache-dir"
 MODEL_CACHE_MB = "model-cache-mb"
+SELLER_PREFIX = "seller."
 BUDGET_PREFIX = "seller-budget."
 #: Keys Flower's simulation gives every virtual node.
 FLOWER_KEYS = ("partition-id", "num-partitions")
@@ -69,8 +72,16 @@ def default_ledger(data_path: str | Path) -> Path:
 
 
 def node_settings(node_config: Mapping[str, Any]) -> tuple[SellerConfig, SellerBudgetConfig]:
-    """The ``[seller]`` and ``[seller-budget]`` settings of a node config (over its ``config`` file)."""
+    """The ``[seller]`` and ``[seller-budget]`` settings of a node config (over its ``config`` file).
+
+    A ``[seller]`` key may also come as ``seller.<key>``: what Flower makes of a ``[seller]`` table
+    when the node config is a TOML file (``--node-config node.toml``, flattened with dots)."""
     seller_keys, budget_keys = keys_of(SellerConfig), keys_of(SellerBudgetConfig)
+    twice = sorted(k for k in node_config if k.startswith(SELLER_PREFIX) and k[len(SELLER_PREFIX):] in node_config)
+    if twice:
+        raise ConfigError(f"node config sets {', '.join(map(repr, twice))} and the same key without 'seller.'; "
+                          "keep one")
+    node_config = {k.removeprefix(SELLER_PREFIX): v for k, v in node_config.items()}
     own = (DATA_PATH, SELLER_ID, FIELDS, CONFIG, PUBLISHERS, *FLOWER_KEYS)
     unknown = sorted(k for k in node_config if k not in own and k not in seller_keys
                      and not (k.startswith(BUDGET_PREFIX) and k[len(BUDGET_PREFIX):] in budget_keys))
