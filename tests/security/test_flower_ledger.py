@@ -10,6 +10,10 @@ A damaged query ciphertext, and noise the packing cannot hold, are refused while
 opened, before the ledger is charged: they cost the buyer's lifetime budget nothing.
 """
 
+import json
+import subprocess
+import sys
+
 import pytest
 from flwr.app import Context, Message, RecordDict
 
@@ -74,6 +78,40 @@ def test_the_dp_budget_composes_across_messages_and_clientapps(make_buyer, selle
     assert all("spent its lifetime privacy budget" in e for e in refused)
     spent, exact = PrivacyLedger(ledger).spent(None)
     assert exact == 0 and spent == pytest.approx(composed_epsilon({multiplier: fits}, 1e-5))
+
+
+CHILD = """
+import json, sys
+from pathlib import Path
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from tip_fed.flower import records
+from tip_fed.flower.client_app import make_client_app
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 9, 1, 1
+offer, node = Path(sys.argv[1]).read_bytes(), json.loads(sys.argv[2])
+ctx = Context(run_id=9, node_id=1, node_config=node, state=RecordDict(), run_config={})
+msg = Message(content=records.encode_offer(offer), dst_node_id=1, message_type=records.QUERY_TYPE)
+out = make_client_app()(msg, ctx)
+print(records.decode_reply(out.content)[2])
+"""
+
+
+def test_a_new_seller_process_reads_the_spent_dp_budget(make_buyer, seller_file, tmp_path):
+    """What a restarted SuperNode runs: the ClientApp in a new process (as ``flwr-clientapp`` does for
+    every message) refuses the buyer whose budget the earlier processes spent."""
+    ledger = tmp_path / "ledger.json"
+    node = {"data-path": str(seller_file), "ledger": str(ledger), "dp-epsilon": 1.0, "lifetime-epsilon": 1.5}
+    multiplier = NoisePolicy(1.0, 1e-6).noise_multiplier
+    assert composed_epsilon({multiplier: 2}, 1e-5) <= 1.5 < composed_epsilon({multiplier: 3}, 1e-5)
+    buyer = make_buyer("aggregate")
+    replies, refused = _sessions(buyer, node, n=2)
+    assert (len(replies), refused) == (2, [])
+    (tmp_path / "offer.bin").write_bytes(buyer.offer(max_samples=100))
+    child = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "offer.bin"), json.dumps(node)],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "spent its lifetime privacy budget" in child.stdout, child.stdout + child.stderr[-2000:]
+    assert PrivacyLedger(ledger).spent(None)[0] == pytest.approx(composed_epsilon({multiplier: 2}, 1e-5))
 
 
 def _damage_query(offer: bytes) -> bytes:
