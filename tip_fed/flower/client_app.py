@@ -53,11 +53,6 @@ SELLER_ID = "seller-id"
 FIELDS = "fields"
 # A TOML file whose [seller] and [seller-budget] tables this node answers under.
 CONFIG = "config"
-# [seller] keys the node config sets often enough to name here.
-LEDGER = "ledger"
-EXACT_PER_SAMPLE = "exact-per-sample"
-MODEL_CACHE_DIR = "model-cache-dir"
-MODEL_CACHE_MB = "model-cache-mb"
 SELLER_PREFIX = "seller."
 BUDGET_PREFIX = "seller-budget."
 #: Keys Flower's simulation gives every virtual node.
