@@ -358,7 +358,8 @@ writes this file; a test checks it is current). Keys are TOML keys: `[section]` 
 file, `--set section.key=value` on `tip-fed simulate`. buyer.toml takes `seed`, `batch-size`,
 `[projection]`, `[preconditioner]`, `[crypto]`, `[protocol]` and `[payouts]`; sellers.toml takes
 `runtime`, `[grpc]` and `[flower]`; `tip-fed seller serve` takes `[seller]` and `[seller-budget]`
-as flags of the same names (`--max-exact`, `--offer-memory-mb`, ...).
+as flags of the same names (`--max-exact`, `--offer-memory-mb`, ...), and a Flower seller's SuperNode in its
+`--node-config` (`max-exact=1`, `seller-budget.offer-memory-mb=512`, `config="seller.toml"`).
 
 ## Library
 

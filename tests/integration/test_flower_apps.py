@@ -318,7 +318,7 @@ def test_flower_sellers_with_a_model_cache_dir_are_offered_no_weights_the_second
 ):
     # Prepare: nodes 1 and 2 keep verified models on disk (ClientApps are recreated per message); node 3 does not
     files = list(seller_files.values())
-    configs = {i + 1: {"exact-per-sample": True, "data-path": str(files[i])} for i in range(3)}
+    configs = {i + 1: {"exact-per-sample": True, "max-exact": -1, "data-path": str(files[i])} for i in range(3)}
     configs[1]["model-cache-dir"] = str(tmp_path / "models-1")
     configs[2]["model-cache-dir"] = str(tmp_path / "models-2")
     grid = LocalGrid(make_client_app(), configs)
@@ -344,5 +344,5 @@ def test_node_model_cache_settings_are_checked(tmp_path, seller_files):
         state=RecordDict(),
         run_config={},
     )
-    with pytest.raises(ConfigError, match="'model-cache-mb' an integer >= 0"):
+    with pytest.raises(ConfigError, match="node config: model-cache-mb must be >= 0"):
         seller_from_node_config(ctx, {})

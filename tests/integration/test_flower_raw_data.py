@@ -76,7 +76,7 @@ def test_client_app_sells_only_the_fields_of_its_node_config(tmp_path):
     app = make_client_app()
 
     def ask(offer: bytes, node_config: dict) -> tuple:
-        config = {"data-path": str(path), "exact-per-sample": True, **node_config}
+        config = {"data-path": str(path), "exact-per-sample": True, "max-exact": -1, **node_config}
         ctx = Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
         out = app(Message(content=records.encode_offer(offer), dst_node_id=1, message_type=records.QUERY_TYPE), ctx)
         return records.decode_reply(out.content)

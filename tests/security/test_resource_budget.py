@@ -15,13 +15,14 @@ from tip_fed.core.models import MLP
 from tip_fed.core.projection import LayerProjection, ProjectionSpec
 from tip_fed.core.projection_matrix import MATRIX_CACHE_BYTES, _byte_bounded_cache, _matrix
 from tip_fed.core.tasks import get_task
-from tip_fed.crypto import keys
+from tip_fed.crypto import HEParams, SessionKeys, encrypt_query, keys, plan_packing
 from tip_fed.errors import ConfigError, ModelError
 from tip_fed.grpc.server import MiB, seller_message_limit
 from tip_fed.protocol import Buyer, BuyerSettings, Seller
 from tip_fed.protocol.data import save_dataset
 from tip_fed.protocol.offer import decode_offer
 from tip_fed.protocol.resources import ResourceLimitError
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from ..conftest import make_data
 from . import hostile
@@ -63,11 +64,24 @@ def test_refusals_happen_before_the_allocation_in_a_real_process(make_buyer, rec
         kind, limit, _ = LIMITS[name]
         assert out["error"] == kind.__name__ and out["limit"] == limit, (name, out)
         assert out["rss_growth_mb"] < 48, (name, out)
-    control = hostile.rank_f(buyer.offer(max_samples=100), hostile.N_ROWS + 1, f=4096)
+    control = _real_query(hostile.rank_f(buyer.offer(max_samples=100), hostile.N_ROWS + 1, f=4096),
+                          2 * 4096, hostile.N_ROWS + 1)
     out = hostile.run_in_child(tmp_path, path, buyer.offer(max_samples=100), {"control": control},
                                budget={"projection_memory_mb": 4096})["control"]
     # 2 x 4096^2 float64 matrices (256 MiB) were built before the records failed to fit Linear(1, F)
     assert out["error"] == "DataError" and out["rss_growth_mb"] > 200, out
+
+
+def _real_query(offer_bytes, dim, rows):
+    """The Offer with session keys and an encrypted query for the plan hostile.rank_f gave it: a seller
+    parses the query before it builds anything, so the control must carry a real one to get that far."""
+    msg = pb.Offer.FromString(offer_bytes)
+    plan = plan_packing(dim, rows, HEParams(), query_copies=1)
+    session_keys = SessionKeys.generate(plan)
+    msg.public_context = session_keys.public_context_bytes()
+    del msg.query[:]
+    msg.query.extend(encrypt_query(session_keys, plan, np.ones(dim)))
+    return msg.SerializeToString()
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,8 +62,10 @@ from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, HEParams, PackingPlan
 from .sanitise import FLOOD_STD, sanitising_fill
 
 __all__ = [
+    "LoadedQuery",
     "decrypt_scores",
     "encrypt_query",
+    "load_query",
     "score_rows",
 ]
 
@@ -213,6 +216,39 @@ def decrypt_scores(
 
 
 # ---- seller ------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class LoadedQuery:
+    """The buyer's query copies parsed and checked against one public context and plan, so that a
+    seller can refuse a damaged query before it spends anything on the Offer (then scored as is)."""
+
+    ctx: PublicContext
+    plan: PackingPlan
+    copies: list[list[Any]]  # per chunk, its ``plan.baby`` SEAL ciphertexts
+
+
+def load_query(ctx: PublicContext, plan: PackingPlan, query: list[bytes], noise_std: float = 0.0) -> LoadedQuery:
+    """Everything :func:`score_rows` checks of a query before it scores: the ``plan.chunks * plan.baby``
+    ciphertexts parse at the first level and scale, the context holds the rotation keys the plan needs
+    (CodecError/CryptoError if not), and gradient noise of per-coordinate ``noise_std`` (units of the
+    norm bound) fits the last level (ConfigError if not)."""
+    _same_params(plan, ctx.params, "public context")
+    _check_noise(noise_std, plan.params.coeff_mod_bit_sizes[0] - plan.params.global_scale_bits)
+    ctx.require_rotations(plan.galois_steps)
+    blobs = _blob_list(query, plan.chunks * plan.baby, "query")
+    h = ctx.handles
+    with tenseal_errors("loading the query", CryptoError):
+        copies = [
+            [
+                ciphertext_from_bytes(h.seal_context, plan.params, blobs[i * plan.baby + j],
+                                      what=f"query ciphertext {i * plan.baby + j}", parms_id=h.first_parms_id,
+                                      scale=plan.params.global_scale)
+                for j in range(plan.baby)
+            ]
+            for i in range(plan.chunks)
+        ]
+    return LoadedQuery(ctx, plan, copies)
+
+
 class _Scorer:
     """One seller's evaluation state for one query (the query copies are shared by all blocks)."""
 
@@ -220,7 +256,7 @@ class _Scorer:
         self,
         ctx: PublicContext,
         plan: PackingPlan,
-        query: list[bytes],
+        query: list[bytes] | LoadedQuery,
         timings: dict[str, float] | None = None,
     ) -> None:
         self.plan, self.ctx, self.h = plan, ctx, ctx.handles
@@ -228,24 +264,12 @@ class _Scorer:
         self.timings: dict[str, float] = timings if timings is not None else {}
         self._masks: dict[tuple[int, int], Any] = {}  # output-mask plaintext per (block, rows in it)
         t0 = time.perf_counter()
-        ctx.require_rotations(plan.galois_steps)
+        loaded = query if isinstance(query, LoadedQuery) else load_query(ctx, plan, query)
+        if loaded.ctx is not ctx or loaded.plan != plan:
+            raise ConfigError("the query was loaded for another public context or plan; load it with this one")
         self.ev: Any = self.h.evaluator
         self.gk: Any = ctx.galois_keys
-        blobs = _blob_list(query, plan.chunks * plan.baby, "query")
-        self.copies: list[list[Any]] = []
-        with tenseal_errors("loading the query", CryptoError):
-            for i in range(plan.chunks):
-                self.copies.append([
-                    ciphertext_from_bytes(
-                        self.h.seal_context,
-                        plan.params,
-                        blobs[i * plan.baby + j],
-                        what=f"query ciphertext {i * plan.baby + j}",
-                        parms_id=self.h.first_parms_id,
-                        scale=plan.params.global_scale,
-                    )
-                    for j in range(plan.baby)
-                ])
+        self.copies: list[list[Any]] = loaded.copies
         self._tick("query_load", t0)
 
     def _tick(self, phase: str, t0: float) -> float:
@@ -381,7 +405,7 @@ class _Scorer:
 def score_rows(
     ctx: PublicContext,
     plan: PackingPlan,
-    query: list[bytes],
+    query: list[bytes] | LoadedQuery,
     rows: np.ndarray,
     *,
     rng: np.random.Generator,
@@ -452,12 +476,15 @@ def _row_noise(noise: object, shape: tuple[int, ...], headroom: int) -> np.ndarr
     arr = np.asarray(noise, dtype=np.float64)
     if arr.shape != shape or not np.all(np.isfinite(arr)):
         raise DataError(f"row noise must be a finite array of the rows' shape {shape}, got {arr.shape}")
-    per_coord = float(np.sqrt(np.mean(arr**2)))
+    _check_noise(float(np.sqrt(np.mean(arr**2))), headroom)
+    return arr
+
+
+def _check_noise(per_coord: float, headroom: int) -> None:
     limit = (2.0 ** (headroom - 1) - MAX_QUERY_NORM) / (8 * MAX_QUERY_NORM)
-    if per_coord > limit:
+    if not per_coord <= limit:
         raise ConfigError(
             f"gradient noise of std {per_coord:.4g} (units of the norm bound) exceeds {limit:.4g}, what "
             "these CKKS parameters can hold without overflowing the last level; use a larger epsilon "
             "or aggregate disclosure"
         )
-    return arr

@@ -8,7 +8,7 @@ The ServerApp (buyer) loads the query ``tip-fed buyer prepare`` saved (run confi
 ``prepared-dir``, a path on the SuperLink's host, where Flower runs the ServerApp), values every
 seller node bound in ``sellers`` and writes the settled valuation to ``out-dir``
 (:func:`~tip_fed.flower.runs.write_valuation`). The ClientApp (seller) is the stock one: its data
-file, seller id, per-sample opt-in and model cache come from the SuperNode's own
+file, seller id and ``[seller]`` settings (privacy ledger, noise, exact-answer caps) come from the SuperNode's own
 ``--node-config`` (:func:`~tip_fed.flower.client_app.seller_from_node_config`), never from the buyer.
 
 Run config (every key has a default, so overrides may name only what they change):

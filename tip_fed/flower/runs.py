@@ -56,10 +56,12 @@ def _warm_up_reply(msg: Message, context: Context) -> Message:
     return Message(RecordDict(), reply_to=msg)
 
 
-def files_loader(files: Mapping[str, Path], policy: SellerPolicy) -> SellerLoader:
+def files_loader(files: Mapping[str, Path], policy: SellerPolicy, ledger_dir: Path | None = None) -> SellerLoader:
     """Seller loader for simulated nodes: node ``partition-id`` i is the i-th seller of ``files``
-    (seller id -> data file: tensors or raw records), answering under ``policy``. Nodes started with ``data-path`` use
-    their own file."""
+    (seller id -> data file: tensors or raw records), answering under ``policy``. A ClientApp's memory
+    does not outlive its message, so unless ``policy.ledger`` names a file, each seller keeps its ledger
+    in ``ledger_dir``/<seller id>.json (in memory, per message, without one). Nodes started with
+    ``data-path`` use their own file."""
     sellers = list(files.items())
 
     def load(context: Context, answered: dict[str, int]) -> Seller:
@@ -69,7 +71,10 @@ def files_loader(files: Mapping[str, Path], policy: SellerPolicy) -> SellerLoade
         if not isinstance(index, int) or not 0 <= index < len(sellers):
             raise ConfigError(f"node partition {index!r} has no seller file: the simulation has {len(sellers)}")
         seller_id, path = sellers[index]
-        return Seller(seller_id, load_seller_data(path), answered=answered, policy=policy)
+        own = policy
+        if not policy.ledger and ledger_dir is not None:
+            own = replace(policy, ledger=str(ledger_dir / f"{seller_id}.json"))
+        return Seller(seller_id, load_seller_data(path), answered=answered, policy=own)
 
     return load
 

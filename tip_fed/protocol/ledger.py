@@ -109,10 +109,9 @@ class PrivacyLedger:
         self._lock = threading.Lock()
         self._state: dict[str, Any] = _empty()
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file_lock = FileLock(str(self.path) + ".lock", timeout=30)
             with self._locked():
-                pass  # load (and validate) now: a broken ledger must stop the seller at start
+                pass  # load (and validate) now: a broken or unwritable ledger must stop the seller at start
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -122,11 +121,17 @@ class PrivacyLedger:
                 yield
                 return
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self._file_lock:
                     self._state = _load(self.path)
                     yield
             except Timeout:
                 raise DataError(f"privacy ledger {self.path} is locked by another process for 30 s") from None
+            except OSError as exc:  # unwritable directory, full disk: no answer leaves uncharged
+                raise DataError(
+                    f"privacy ledger {self.path} cannot be read or written ({exc.strerror or exc}); point the "
+                    "seller's ledger setting at a file in a directory it owns"
+                ) from None
 
     def spent(self, buyer: str | None) -> tuple[float, int]:
         """(composed epsilon at the lifetime delta, exact releases) charged to ``buyer`` so far."""

@@ -22,7 +22,7 @@ from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.keys import PublicContext, load_public_context
-from tip_fed.crypto.packing import score_rows
+from tip_fed.crypto.packing import LoadedQuery, load_query, score_rows
 from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
@@ -87,6 +87,7 @@ class _Job:
     """What answering one Offer needs besides the Offer itself (none of it depends on a record)."""
 
     context: PublicContext
+    query: LoadedQuery  # parsed before the charge: a damaged query costs the buyer nothing
     model: nn.Module
     task: Task
     noise: NoisePolicy
@@ -210,7 +211,10 @@ class Seller:
                 f"seller {self.seller_id} releases per-sample scores only with differential-privacy noise; "
                 "set protocol.dp-epsilon in the offer, or ask for aggregate disclosure"
             )
-        return _Job(context, model, task, noise, self._input_format(offer), t_ctx)
+        # parsed, and the noise release_rows will draw (per coordinate: a row's, or the mean's) checked to fit
+        std = noise.gradient_std / (1 if offer.per_sample else self.n_samples)
+        query = load_query(context, offer.plan, list(offer.query), noise_std=std)
+        return _Job(context, query, model, task, noise, self._input_format(offer), t_ctx)
 
     def _charge(self, offer: Offer, job: _Job, peer: str | None) -> None:
         """The whole Offer validated: charge the buyer's lifetime privacy budget (the session's query
@@ -234,7 +238,7 @@ class Seller:
             t_commit = time.perf_counter()
 
             seed = new_noise_seed() if job.noise.enabled else None
-            scores, n_rows = self.encrypted_scores(offer, job.context, g / offer.grad_norm_bound, job.noise, seed)
+            scores, n_rows = self.encrypted_scores(offer, job.query, g / offer.grad_norm_bound, job.noise, seed)
             self._keep(key, g, seed, salt_seed, data)
         t_end = time.perf_counter()
         noise = job.noise
@@ -260,14 +264,14 @@ class Seller:
         )
 
     def encrypted_scores(
-        self, offer: Offer, context: PublicContext, rows: np.ndarray, noise: NoisePolicy, seed: bytes | None
+        self, offer: Offer, query: LoadedQuery, rows: np.ndarray, noise: NoisePolicy, seed: bytes | None
     ) -> tuple[list[bytes], int]:
         """(reply ciphertexts, rows scored) for the committed gradients ``rows`` in units of the
         bound (norm <= 1): their sum, and each row under per-sample disclosure, noised as ``noise``
-        asks from ``seed``, against the encrypted query."""
+        asks from ``seed``, against the encrypted ``query`` (loaded when the Offer was opened)."""
         matrix, row_noise = release_rows(rows, offer.per_sample, seed, noise.gradient_std)
         cache = None if noise.enabled else self._encodings  # noisy rows never repeat
-        cts = score_rows(context, offer.plan, list(offer.query), matrix, rng=self._rng, row_noise=row_noise,
+        cts = score_rows(query.ctx, offer.plan, query, matrix, rng=self._rng, row_noise=row_noise,
                          cache=cache)
         return cts, int(matrix.shape[0])
 

@@ -98,7 +98,7 @@ class LocalDeployment:
     nodes: dict[str, int] = field(default_factory=dict)  # seller name -> Flower node id
     runtime_ports: dict[str, int] = field(default_factory=dict)  # seller name -> its SuperNode's Runtime API port
     reaper: Reaper | None = None
-    exact_per_sample: bool = False  # sellers release per-sample scores without DP noise (simulated data only)
+    exact_per_sample: bool = False  # simulated data only: per-sample scores without DP noise, no exact-answer cap
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -182,8 +182,10 @@ class LocalDeployment:
         """A seller SuperNode with its own data file, authenticating with ``private_key``, running
         ClientApps only through the guard and only from apps the publisher key signed, launched by
         its own superexec, the only client holding this seller's Runtime API secret."""
+        # the privacy ledger lives with the deployment; simulated sellers hold no one's data: no exact-answer cap
+        simulated = " exact-per-sample=true max-exact=-1 total-max-exact=-1" if self.exact_per_sample else ""
         node_config = (f'data-path="{data_path}" seller-id="{seller_id or data_path.stem}" '
-                       f'{trust.PUBLISHERS}="{self.trusted}" exact-per-sample={str(self.exact_per_sample).lower()}')
+                       f'{trust.PUBLISHERS}="{self.trusted}" ledger="{self.root / "ledgers" / name}.json"{simulated}')
         env = self.guarded_env()
         secret, runtime_port = self.superexec_secret(f"supernode-{name}"), free_port()
         child = self.group.start(f"supernode-{name}", [

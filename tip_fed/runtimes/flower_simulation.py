@@ -41,8 +41,9 @@ def value_flower_simulation(buyer: Buyer, files: Mapping[str, Path], max_samples
     """Value the sellers of ``files`` (seller id -> safetensors data file) in one Flower simulation.
 
     Each virtual seller answers under ``policy`` (default: :class:`SellerPolicy`'s, aggregate scores
-    only). Flower's home directory lives in ``run`` (a new private run when None), so nothing of the
-    simulation outlives it.
+    only), its privacy ledger a file in ``run`` unless ``policy.ledger`` names one (as an in-process
+    seller's lives for one run). Flower's home directory lives in ``run`` (a new private run when None),
+    so nothing of the simulation outlives it.
     """
     flower = flower or FlowerConfig()
     session = Session(buyer, max_samples, list(files), flower)
@@ -50,4 +51,5 @@ def value_flower_simulation(buyer: Buyer, files: Mapping[str, Path], max_samples
         if run is None:
             run = stack.enter_context(PrivateRun("tip-flower-sim-"))
         stack.enter_context(environment(flower_env(run.root / "flwr-home")))
-        return simulate_session(session, files_loader(files, policy or SellerPolicy()), len(files), progress=progress)
+        loader = files_loader(files, policy or SellerPolicy(), run.root / "ledgers")  # a ledger per seller, per run
+        return simulate_session(session, loader, len(files), progress=progress)

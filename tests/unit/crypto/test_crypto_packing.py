@@ -254,3 +254,23 @@ def test_naive_baseline_matches() -> None:
     replies = score_rows_naive(ctx, encrypt_query_naive(keys, x), rows)
     assert len(replies) == 3
     np.testing.assert_allclose(decrypt_naive(keys, replies), rows @ x, atol=1e-5)
+
+
+def test_a_loaded_query_scores_as_its_bytes_and_is_checked_before_scoring() -> None:
+    """``load_query`` runs every check of the query before anything is scored; a query loaded once
+    gives the same scores as its bytes, and is refused for another context or noise too large."""
+    from tip_fed.crypto.packing import load_query
+
+    plan, keys, ctx = _session(16)
+    x, rows = _data(16, 5, 3)
+    query = encrypt_query(keys, plan, x)
+    loaded = load_query(ctx, plan, query, noise_std=1.0)
+    got = decrypt_scores(keys, plan, score_rows(ctx, plan, loaded, rows, rng=np.random.default_rng(1)), len(rows))
+    np.testing.assert_allclose(got, rows @ x, atol=TOL)
+    with pytest.raises(CodecError):
+        load_query(ctx, plan, [query[0][: len(query[0]) // 2], *query[1:]])
+    with pytest.raises(ConfigError, match="exceeds"):
+        load_query(ctx, plan, query, noise_std=1e3)
+    _, _, other = _session(32)
+    with pytest.raises(ConfigError, match="loaded for another public context"):
+        score_rows(other, plan, loaded, rows, rng=np.random.default_rng(1))

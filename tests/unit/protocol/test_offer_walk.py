@@ -43,6 +43,8 @@ REVISITS: dict[str, dict[str, list[str]]] = {
         ],
         "protocol.model_cache": ["a referenced model is resolved before costing and built only after the reservation"],
         "protocol.resources": ["building the model reads its weights header (costing read it before)"],
+        "crypto.packing": ["the query is loaded and checked when the Offer is opened, before the ledger is "
+                           "charged; it is scored after the charge"],
     },
     "settle": {
         "protocol.messages": ["the decoded Reply's timings are copied into the valuation"],
