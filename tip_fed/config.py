@@ -102,9 +102,14 @@ class ProtocolConfig:
                                              "unset = none asked")
     dp_delta: float = setting(1e-6, "delta of dp-epsilon")
     release_digits: int = setting(8, "released scores are rounded to score-bound x 10^-digits (0 = exact)")
+    max_noise_std: float = setting(80.0, "largest gradient-noise std (units of the clip bound) a seller's reply "
+                                         "may declare, noisier replies are rejected (80 admits epsilon >= 0.1 at "
+                                         "delta >= 1e-6); never below what dp-epsilon itself asks for")
 
     def __post_init__(self) -> None:
         _one_of(self.disclosure, DISCLOSURES, "protocol.disclosure")
+        _require(math.isfinite(self.max_noise_std) and self.max_noise_std > 0, "protocol.max-noise-std",
+                 "must be a finite number > 0 (gradient-noise std in units of the clip bound)")
         _require(
             self.grad_norm_bound is None or (math.isfinite(self.grad_norm_bound) and self.grad_norm_bound > 0),
             "protocol.grad-norm-bound",
