@@ -17,7 +17,9 @@ prior ``θ_i ~ N(0, τ²)``; the payable total is ``B_i · total_i`` with ``B_i 
 ``m_i² / (τ² + s_i²)`` equals the median of χ²₁), so one seller cannot inflate it. The buyer's range
 check admits a per-record mean of at most ``b + 8 s_i`` (``b`` the score bound), so a forged total is
 paid as at most ``n_i (b + 4τ)`` (``s τ² / (τ² + s²) ≤ τ / 2``), whatever noise it declares, where
-the raw total grows with the declared noise. Exact scores (``s_i = 0``) are paid unchanged.
+the raw total grows with the declared noise. Exact scores (``s_i = 0``) are paid unchanged. When no
+noisy score stands out of its noise (``τ² = 0``) the noisy sellers are paid nothing by these rules:
+their scores say nothing the buyer could pay for (``flat`` still pays per record).
 """
 
 from __future__ import annotations
