@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from tip_fed.market.payouts import PayoutInputs, ProportionalPositive, prior_variance
-from tip_fed.protocol import Seller
+from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.buyer import QUERY_NORM
 from tip_fed.protocol.disclosure import NoisePolicy
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
@@ -103,3 +103,54 @@ def test_at_the_ceiling_a_forged_total_passes_the_range_check_but_is_not_paid_fo
     assert payable["liar"] <= n * (bound / n + 4 * tau)
     print(f"\nforged total {forged_total:.4g} ({forged_total / bound:.1f} x the honest bound, honest total "
           f"{honest:.4g}, n {n}); paid as {payable['liar']:.4g}; proportional share {before:.3f} -> {after:.3f}")
+
+
+class TotalForgingSeller(Seller):
+    """Answers a per-sample Offer with its declared DP noise, but encrypts (it holds the public key)
+    per-sample scores of 0 and a total row of its choice."""
+
+    total_slot_value = 0.0
+
+    def respond(self, offer_bytes, *, peer=None):
+        import tenseal.sealapi as sa
+
+        from tip_fed.crypto.codec import seal_to_bytes
+        from tip_fed.crypto.keys import load_public_context
+        from tip_fed.protocol.offer import decode_offer
+
+        reply = pb.Reply.FromString(super().respond(offer_bytes, peer=peer))
+        offer = decode_offer(offer_bytes)
+        plan, rows = offer.plan, reply.n_rows
+        (r,) = plan.block_rows(rows)  # one block holds every row here
+        h = load_public_context(offer.public_context, plan).handles
+        values = np.zeros(plan.slots)
+        values[plan.output_slots(r, rows)[-1]] = self.total_slot_value
+        pt, ct = sa.Plaintext(), sa.Ciphertext()
+        h.encoder.encode(values.tolist(), h.first_parms_id, h.output_scale(masked=plan.diagonals(r) < plan.chunk_dim),
+                         pt)
+        load_public_context(offer.public_context, plan).encryptor.encrypt(pt, ct)
+        h.evaluator.mod_switch_to_inplace(ct, h.last_parms_id)
+        del reply.scores[:]
+        reply.scores.append(seal_to_bytes(ct, "forged"))
+        return reply.SerializeToString()
+
+
+def test_a_per_sample_total_is_checked_against_the_noise_of_a_mean(make_buyer, seller_data):
+    """Per-sample disclosure: the total row is the mean of n noisy rows, so its noise std is std / sqrt(n),
+    not std. A total forged between the two bounds used to pass; it is now rejected."""
+    data = seller_data["s1"]
+    n = data["x"].shape[0]
+    std = NoisePolicy(1.0, DELTA).gradient_std
+    tight, loose = QUERY_NORM * (1 + 8 * std / np.sqrt(n)), QUERY_NORM * (1 + 8 * std)
+    buyer = make_buyer(disclosure="per-sample", dp_epsilon=1.0, dp_delta=DELTA)
+    liar = TotalForgingSeller("liar", data, policy=SellerPolicy(noise=NoisePolicy(1.0, DELTA)))
+    liar.total_slot_value = 0.5 * (tight + loose)
+    honest = Seller("s2", seller_data["s2"], policy=SellerPolicy(noise=NoisePolicy(1.0, DELTA)))
+    offer = buyer.offer(max_samples=100)
+    valuation = buyer.settle([liar.respond(offer), honest.respond(offer)])
+    assert [v.seller_id for v in valuation.sellers] == ["s2"]  # the honest noisy reply still passes
+    assert "outside the possible range" in valuation.rejected["liar"]
+    assert f"{QUERY_NORM * (1 + 1e-6 + 8 * std / np.sqrt(n)) + 1e-3:.6g}" in valuation.rejected["liar"]
+    # the forged total would have been this many times the honest bound (n x score bound)
+    print(f"\nper-sample total forged at {liar.total_slot_value / QUERY_NORM:.1f} x the honest bound: rejected "
+          f"(limit {tight / QUERY_NORM:.1f} x, was {loose / QUERY_NORM:.1f} x)")

@@ -270,14 +270,17 @@ class Buyer:
         """The reply's scores decrypted with the session's key, in units of the scaled query."""
         y = decrypt_scores(session.keys, session.plan, list(reply.scores), rows)
         # Rows have norm <= 1 and the query norm is QUERY_NORM, so |y| <= QUERY_NORM plus the
-        # declared gradient noise seen through the query (std QUERY_NORM * noise_std per row, / n for
-        # the aggregate mean). Anything larger was not encrypted under this session's key (a replayed
-        # or forged reply decrypts to values spread over the whole modulus) or was tampered with.
-        row_std = reply.noise_std if session.disclosure == "per-sample" else reply.noise_std / reply.n_samples
+        # declared gradient noise seen through the query (std QUERY_NORM * noise_std per row; the mean
+        # row, the last, averages n rows' noise: / sqrt(n) per-sample, / n aggregate). Anything larger
+        # was not encrypted under this session's key (a replayed or forged reply decrypts to values
+        # spread over the whole modulus) or was tampered with.
+        row_std = np.full(rows, reply.noise_std)
+        row_std[-1] /= math.sqrt(reply.n_samples) if session.disclosure == "per-sample" else reply.n_samples
         limit = QUERY_NORM * (1 + 1e-6 + 8 * row_std) + 1e-3
-        if not np.all(np.abs(y) <= limit):
+        bad = np.flatnonzero(~(np.abs(y) <= limit))  # NaN counts as outside
+        if bad.size:
             raise ProtocolError(
-                f"seller {reply.seller_id}'s scores decrypt outside the possible range (|y| <= {limit:.6g}): "
+                f"seller {reply.seller_id}'s scores decrypt outside the possible range (|y| <= {limit[bad[0]]:.6g}): "
                 "the reply was not computed under this session's key or was altered in transit"
             )
         return y
