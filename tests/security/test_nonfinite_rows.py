@@ -123,3 +123,19 @@ def test_non_finite_weights_are_refused_before_any_record_is_read():
         broken[0].weight[0, 0] = float("inf")
     with pytest.raises(ModelError, match="NaN or infinite"):
         decode_model(encode_model(broken))
+
+
+def test_a_label_outside_the_models_classes_is_a_zero_row_not_a_refusal(model, make_buyer):
+    """The same bit through another value-dependent failure: a 2-class model and a record labelled 2
+    ("does any record have label 2?") used to be a refusal for the whole dataset."""
+    data = make_data(20, 31)
+    data["y"][3] = 2
+    buyer = make_buyer(disclosure="aggregate")
+    offer = buyer.offer(max_samples=100)
+    seller = Seller("labelled", data)
+    valuation = buyer.settle([seller.respond(offer)])  # used to raise DataError (target out of bounds)
+    assert valuation.rejected == {}
+    others = {k: torch.cat([t[:3], t[4:]]) for k, t in data.items()}
+    tol = 1e-6 * buyer.query_norm * buyer.grad_norm_bound * 20
+    assert valuation.sellers[0].total == pytest.approx(plaintext_scores(buyer, model, others).sum(), abs=tol)
+    assert np.all(seller.deliver(valuation.session_id).gradients[3] == 0)

@@ -245,7 +245,8 @@ def _one_pass(
             if mask_nonfinite:  # the masked samples send a zero (or non-finite) delta back, nothing else
                 losses = torch.where(finite, losses, torch.zeros_like(losses))
             elif not finite.all():
-                raise DataError("some per-sample losses are NaN or infinite; check the inputs.")
+                raise DataError("some per-sample losses are NaN or infinite (a label outside the model's classes or "
+                                "a token id outside its vocabulary gives one); check the inputs.")
             if not losses.requires_grad:
                 raise ModelError(
                     "the loss does not depend on any projected layer; check the spec's "
