@@ -65,7 +65,7 @@ class PayoutInputs:
         sellers = valuation.sellers
         return cls(seller_ids=[v.seller_id for v in sellers], scores={v.seller_id: v.total for v in sellers},
                    n_records={v.seller_id: v.n_samples for v in sellers}, utility=utility, benefits=benefits,
-                   noise_std={v.seller_id: float(v.noise["total_std"]) for v in sellers if v.noise})
+                   noise_std={v.seller_id: float(v.noise.get("total_std", 0.0)) for v in sellers if v.noise})
 
     def payable(self) -> dict[str, float]:
         """Scores as the score-based rules pay them: noised ones shrunk toward 0 (module docstring)."""
