@@ -13,7 +13,7 @@ pay the *posterior mean* of each seller's total under a normal-normal empirical-
 (James-Stein / Efron-Morris shrinkage toward 0, "no value"): per-record mean scores
 ``m_i = θ_i + e_i`` with known noise ``e_i ~ N(0, s_i²)`` (``s_i`` = declared total std / n_i) and
 prior ``θ_i ~ N(0, τ²)``; the payable total is ``B_i · total_i`` with ``B_i = τ² / (τ² + s_i²)``.
-``τ²`` is estimated from the session's sellers by a median Paule-Mandel equation (the median of
+``τ²`` is estimated from the session's sellers by a median Paule-Mandel equation (the lower median of
 ``m_i² / (τ² + s_i²)`` equals the median of χ²₁), so one seller cannot inflate it. The buyer's range
 check admits a per-record mean of at most ``b + 8 s_i`` (``b`` the score bound), so a forged total is
 paid as at most ``n_i (b + 4τ)`` (``s τ² / (τ² + s²) ≤ τ / 2``), whatever noise it declares, where
