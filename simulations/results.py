@@ -69,11 +69,8 @@ def session_result(
     if ids:
         m["validity"] = metrics.validity([by_id[s].total for s in ids], [truth[s].benefit for s in ids])
         m["run"]["top_by_benefit"] = max(ids, key=lambda s: truth[s].benefit)
-    inputs = PayoutInputs(
-        seller_ids=[v.seller_id for v in valuation.sellers],
-        scores={v.seller_id: v.total for v in valuation.sellers},
-        n_records={v.seller_id: v.n_samples for v in valuation.sellers},
-        utility=utility,
+    inputs = PayoutInputs.from_valuation(
+        valuation, utility,
         # the benefit rule pays every seller, so it needs every seller's ground truth (not a sample's)
         benefits={s: truth[s].benefit for s in truth} if truth and len(truth) == len(valuation.sellers) else None,
     )

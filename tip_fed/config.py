@@ -90,6 +90,9 @@ class ProtocolConfig(Section, key="protocol"):
     dp_delta: float = setting(1e-6, "delta of dp-epsilon", above=0, below=1)
     release_digits: int = setting(8, "released scores are rounded to score-bound x 10^-digits (0 = exact)",
                                   at_least=0, at_most=15)
+    max_noise_std: float = setting(80.0, "largest gradient-noise std (units of the clip bound) a seller's reply "
+                                         "may declare, noisier replies are rejected (80 admits epsilon >= 0.1 at "
+                                         "delta >= 1e-6); never below what dp-epsilon itself asks for", above=0)
 
 
 @dataclass(frozen=True)

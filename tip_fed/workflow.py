@@ -258,9 +258,7 @@ def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: 
     prepared = buyer.prepared if isinstance(buyer, Buyer) else buyer
     payouts_config = payouts_config or PayoutsConfig()
     rows, samples = session_rows(valuation)
-    inputs = payouts.PayoutInputs(seller_ids=[v.seller_id for v in valuation.sellers],
-                                  scores={v.seller_id: v.total for v in valuation.sellers},
-                                  n_records={v.seller_id: v.n_samples for v in valuation.sellers})
+    inputs = payouts.PayoutInputs.from_valuation(valuation)
     pay_rows, comparison, reference = payouts.apply_payout_rules(payouts_config, inputs, seed=prepared.spec.seed)
     n = len(valuation.sellers)
     offers = offers_summary(valuation)

@@ -189,9 +189,10 @@ def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _one_pass(
-    model: torch.nn.Module, spec: ProjectionSpec, task: Task, batch: Batch
-) -> tuple[int, dict[str, _LayerPass]]:
-    """Forward + one backward of the summed loss; projected activations and output grads."""
+    model: torch.nn.Module, spec: ProjectionSpec, task: Task, batch: Batch, mask_nonfinite: bool = False
+) -> tuple[int, dict[str, _LayerPass], torch.Tensor]:
+    """Forward + one backward of the summed loss; projected activations and output grads, and which
+    samples' losses are finite (a non-finite one is a DataError, or masked out of the backward)."""
     n = batch_size(batch)
     lengths = {int(value.shape[1]) for value in batch.values() if value.dim() >= 2}
     length = lengths.pop() if len(lengths) == 1 else None  # the batch's sequence length, if it has one
@@ -240,8 +241,12 @@ def _one_pass(
                     f"task {getattr(task, 'name', task)!r} returned losses of shape {shape}; "
                     f"it must return one loss per sample, shape ({n},)."
                 )
-            if not torch.isfinite(losses).all():
-                raise DataError("some per-sample losses are NaN or infinite; check the inputs.")
+            finite = torch.isfinite(losses.detach())
+            if mask_nonfinite:  # the masked samples send a zero (or non-finite) delta back, nothing else
+                losses = torch.where(finite, losses, torch.zeros_like(losses))
+            elif not finite.all():
+                raise DataError("some per-sample losses are NaN or infinite (a label outside the model's classes or "
+                                "a token id outside its vocabulary gives one); check the inputs.")
             if not losses.requires_grad:
                 raise ModelError(
                     "the loss does not depend on any projected layer; check the spec's "
@@ -259,7 +264,7 @@ def _one_pass(
             layer_pass.gradients.append(
                 act.new_zeros(*act.shape[:2], layer.rank_out) if delta is None else delta
             )
-    return n, passes
+    return n, passes, finite
 
 
 def _grads_from_pass(spec: ProjectionSpec, n: int, passes: dict[str, _LayerPass]) -> torch.Tensor:
@@ -302,15 +307,21 @@ def _stats_from_pass(
 
 
 def projected_grads(
-    model: torch.nn.Module, spec: ProjectionSpec, task: Task | str, batch: Batch
+    model: torch.nn.Module, spec: ProjectionSpec, task: Task | str, batch: Batch, *, zero_nonfinite: bool = False
 ) -> torch.Tensor:
     """Projected per-sample loss gradients ``[n, spec.dim]`` for one batch.
 
     float64 if the model's projected layers are float64, else float32. The model runs in
-    eval mode (restored afterwards) and no parameter ``.grad`` is touched.
+    eval mode (restored afterwards) and no parameter ``.grad`` is touched. A sample whose loss or
+    gradient is not finite is a DataError, or with ``zero_nonfinite`` a zero row (samples do not
+    interact, so the others' rows are unchanged).
     """
-    n, passes = _one_pass(model, spec, get_task(task), batch)
-    return _grads_from_pass(spec, n, passes)
+    n, passes, finite = _one_pass(model, spec, get_task(task), batch, mask_nonfinite=zero_nonfinite)
+    grads = _grads_from_pass(spec, n, passes)
+    if zero_nonfinite:
+        keep = finite.to(grads.device) & torch.isfinite(grads).all(dim=1)
+        grads = torch.where(keep[:, None], grads, torch.zeros((), dtype=grads.dtype, device=grads.device))
+    return grads
 
 
 def _run(
@@ -332,7 +343,7 @@ def _run(
     stats: dict[str, KfacStats] = {}
     seen = 0
     for batch in batches:
-        n, passes = _one_pass(model, spec, task, batch)
+        n, passes, _ = _one_pass(model, spec, task, batch)
         seen += 1
         if want_stats:
             new = _stats_from_pass(spec, n, passes, batch)

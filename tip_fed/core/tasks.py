@@ -86,6 +86,33 @@ def _logits(output: Any) -> torch.Tensor:
     )
 
 
+def _class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy; a label outside the model's classes gives a NaN loss, not an
+    exception: whether a record's values fit a model is then decided per record (the gradient code
+    refuses a non-finite loss, or zeroes that record's row), never for the whole batch at once."""
+    classes = logits.shape[-1]
+    loss = F.cross_entropy(logits, labels.clamp(0, classes - 1), reduction="none")
+    return _nan_unless((labels >= 0) & (labels < classes), loss)
+
+
+def _in_vocabulary(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids clamped to the model's input embedding, which samples attend only to ids inside it): a token
+    id outside the vocabulary gives that sample a NaN loss (as :func:`_class_loss`), not an IndexError."""
+    try:
+        size = getattr(model.get_input_embeddings(), "num_embeddings", None)  # type: ignore[operator]
+    except (AttributeError, NotImplementedError, TypeError):
+        size = None
+    if not isinstance(size, int):
+        return ids, torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    valid = ((ids >= 0) & (ids < size) | (mask == 0)).all(dim=1)
+    return ids.clamp(0, size - 1), valid
+
+
+def _nan_unless(valid: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` where ``valid``, NaN elsewhere."""
+    return torch.where(valid, loss, torch.full_like(loss, float("nan")))
+
+
 def _check_mask(batch: Batch, ids_key: str = "input_ids") -> torch.Tensor:
     ids, mask = batch[ids_key], batch["attention_mask"]
     if ids.dim() != 2 or mask.shape != ids.shape:
@@ -108,7 +135,7 @@ class ClassificationTask:
             raise DataError(f"batch['y'] must be integer class labels [n], got {labels.dtype} "
                             f"{tuple(labels.shape)}.")
         logits = _logits(model(batch["x"]))
-        return F.cross_entropy(logits, labels, reduction="none")
+        return _class_loss(logits, labels)
 
 
 class SequenceClassificationTask:
@@ -123,7 +150,8 @@ class SequenceClassificationTask:
     def per_sample_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         _require(batch, ("input_ids", "attention_mask", "labels"), self.name)
         mask = _check_mask(batch)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
+        ids, known = _in_vocabulary(model, batch["input_ids"], mask)
+        inputs = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in batch:
             inputs["token_type_ids"] = batch["token_type_ids"]
         try:
@@ -142,8 +170,8 @@ class SequenceClassificationTask:
             if logits.shape[-1] != 1:
                 raise DataError("float labels need a single-output (regression) model; "
                                 "use integer class labels for classification.")
-            return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
-        return F.cross_entropy(logits, labels, reduction="none")
+            return _nan_unless(known, (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2)
+        return _nan_unless(known, _class_loss(logits, labels))
 
 
 class CausalLMTask:
@@ -159,8 +187,8 @@ class CausalLMTask:
 
     def per_sample_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         _require(batch, ("input_ids", "attention_mask"), self.name)
-        ids = batch["input_ids"]
         mask = _check_mask(batch)
+        ids, known = _in_vocabulary(model, batch["input_ids"], mask)
         if ids.shape[1] < 2:
             raise DataError("causal-lm needs sequences of at least 2 tokens to predict one.")
         inputs = {"input_ids": ids, "attention_mask": mask}
@@ -174,7 +202,7 @@ class CausalLMTask:
             logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="none"
         ).view(n, length - 1)
         valid = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
-        return (token_loss * valid.to(token_loss.dtype)).sum(dim=1)
+        return _nan_unless(known, (token_loss * valid.to(token_loss.dtype)).sum(dim=1))
 
 
 TASKS: dict[str, type] = {

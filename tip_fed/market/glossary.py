@@ -116,7 +116,9 @@ RULES = (
     "Rules: `flat` (per record), `proportional` (positive score; harmful sellers paid zero), `softmax` "
         "(temperature on spread-scaled scores), `budget_balanced` (reserve price, budget paid exactly), and from "
     "ground truth (simulation only): `benefit` (own realised benefit), `loo` (leave-one-seller-out), "
-        "`shapley` (seller-level Shapley value of the coalition fine-tuning utility)."
+        "`shapley` (seller-level Shapley value of the coalition fine-tuning utility). Score-based rules pay a "
+    "score that carries declared privacy noise shrunk toward 0 by its signal-to-noise (the posterior mean of "
+    "the seller's total); exact scores are paid as they are."
 )
 
 

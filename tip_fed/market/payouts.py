@@ -5,6 +5,21 @@ a coalition utility from ground truth) and a budget to a payout per seller. Rule
 scores pay harmful (negative-score) sellers nothing. ``loo`` and ``shapley`` need the utility of
 seller *coalitions*, which only a simulation can measure, so they are the ground-truth reference
 the score-based rules are compared against.
+
+Noise-aware: a seller that applied differential-privacy noise declares its std, and a score that is
+mostly noise must not earn like an exact one (nor may a seller declare a small epsilon to make a
+large forged total pass the buyer's range check and be paid for it). Score-based rules therefore
+pay the *posterior mean* of each seller's total under a normal-normal empirical-Bayes model
+(James-Stein / Efron-Morris shrinkage toward 0, "no value"): per-record mean scores
+``m_i = θ_i + e_i`` with known noise ``e_i ~ N(0, s_i²)`` (``s_i`` = declared total std / n_i) and
+prior ``θ_i ~ N(0, τ²)``; the payable total is ``B_i · total_i`` with ``B_i = τ² / (τ² + s_i²)``.
+``τ²`` is estimated from the session's sellers by a median Paule-Mandel equation (the lower median of
+``m_i² / (τ² + s_i²)`` equals the median of χ²₁), so one seller cannot inflate it. The buyer's range
+check admits a per-record mean of at most ``b + 8 s_i`` (``b`` the score bound), so a forged total is
+paid as at most ``n_i (b + 4τ)`` (``s τ² / (τ² + s²) ≤ τ / 2``), whatever noise it declares, where
+the raw total grows with the declared noise. Exact scores (``s_i = 0``) are paid unchanged. When no
+noisy score stands out of its noise (``τ² = 0``) the noisy sellers are paid nothing by these rules:
+their scores say nothing the buyer could pay for (``flat`` still pays per record).
 """
 
 from __future__ import annotations
@@ -13,7 +28,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -22,7 +37,12 @@ from tip_fed.errors import ConfigError, DataError
 from tip_fed.market.metrics import spearman
 from tip_fed.market.stats import gini
 
+if TYPE_CHECKING:
+    from tip_fed.protocol.buyer import Valuation
+
 Utility = Callable[[frozenset[str]], float]
+#: Median of the chi-square distribution with one degree of freedom (scipy.stats.chi2(1).median()).
+_CHI2_1_MEDIAN = 0.4549364231195724
 
 
 @dataclass
@@ -34,7 +54,23 @@ class PayoutInputs:
     n_records: dict[str, int]
     utility: Utility | None = None
     benefits: dict[str, float] | None = None
+    #: std of each seller's total from its declared DP noise (score units); absent or 0 = exact
+    noise_std: dict[str, float] = field(default_factory=dict)
     _cache: dict[frozenset[str], float] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_valuation(cls, valuation: Valuation, utility: Utility | None = None,
+                       benefits: dict[str, float] | None = None) -> PayoutInputs:
+        """The inputs of one settled session: each seller's total, record count and declared noise."""
+        sellers = valuation.sellers
+        return cls(seller_ids=[v.seller_id for v in sellers], scores={v.seller_id: v.total for v in sellers},
+                   n_records={v.seller_id: v.n_samples for v in sellers}, utility=utility, benefits=benefits,
+                   noise_std={v.seller_id: float(v.noise.get("total_std", 0.0)) for v in sellers if v.noise})
+
+    def payable(self) -> dict[str, float]:
+        """Scores as the score-based rules pay them: noised ones shrunk toward 0 (module docstring)."""
+        factors = shrinkage(self)
+        return {s: factors[s] * self.scores[s] for s in self.seller_ids}
 
     def value(self, coalition: frozenset[str]) -> float:
         """Utility of a coalition, memoised because ground-truth utilities cost a fine-tune each."""
@@ -43,6 +79,47 @@ class PayoutInputs:
         if coalition not in self._cache:
             self._cache[coalition] = 0.0 if not coalition else float(self.utility(coalition))
         return self._cache[coalition]
+
+
+def shrinkage(inputs: PayoutInputs) -> dict[str, float]:
+    """Empirical-Bayes factor ``B_i = τ² / (τ² + s_i²)`` per seller (1 for an exact score)."""
+    ids = inputs.seller_ids
+    std = {s: float(inputs.noise_std.get(s, 0.0)) for s in ids}
+    if not any(v > 0 for v in std.values()):
+        return dict.fromkeys(ids, 1.0)
+    for s in ids:
+        if not (math.isfinite(std[s]) and std[s] >= 0 and math.isfinite(inputs.scores[s])):
+            raise DataError(f"seller {s}'s score {inputs.scores[s]!r} or noise std {std[s]!r} is not a finite number")
+    n = np.asarray([max(1, inputs.n_records[s]) for s in ids], float)
+    m2 = (np.asarray([inputs.scores[s] for s in ids]) / n) ** 2
+    s2 = (np.asarray([std[s] for s in ids]) / n) ** 2
+    tau2 = prior_variance(m2, s2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(s2 == 0, 1.0, tau2 / (tau2 + s2))
+    return {s: float(x) for s, x in zip(ids, b, strict=True)}
+
+
+def prior_variance(m2: np.ndarray, s2: np.ndarray) -> float:
+    """``τ²`` solving ``lower-median(m_i² / (τ² + s_i²)) = median(χ²₁)`` (0 when even τ² = 0 gives
+    less): a median Paule-Mandel estimate of the spread of true per-record scores. The lower median
+    keeps one outlying seller (a forged total, however noisy it claims to be) from moving it."""
+
+    def median_ratio(t2: float) -> float:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(t2 + s2 > 0, m2 / (t2 + s2), np.where(m2 > 0, np.inf, 0.0))
+        return float(np.quantile(z, 0.5, method="lower"))
+
+    if median_ratio(0.0) <= _CHI2_1_MEDIAN:
+        return 0.0
+    lo, hi = 0.0, float(max(m2.max(), s2.max(), 1e-300))
+    while median_ratio(hi) > _CHI2_1_MEDIAN:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if median_ratio(mid) > _CHI2_1_MEDIAN else (lo, mid)
+        if hi - lo <= 1e-12 * hi:
+            break
+    return hi
 
 
 class PayoutRule(Protocol):
@@ -82,7 +159,7 @@ class ProportionalPositive:
     name: str = "proportional"
 
     def pay(self, inputs: PayoutInputs, budget: float) -> dict[str, float]:
-        return _proportional({s: inputs.scores[s] for s in inputs.seller_ids}, budget)
+        return _proportional(inputs.payable(), budget)
 
 
 @dataclass(frozen=True)
@@ -99,11 +176,12 @@ class Softmax:
     def pay(self, inputs: PayoutInputs, budget: float) -> dict[str, float]:
         if self.temperature <= 0:
             raise ConfigError("payouts.temperature must be > 0")
-        ids = [s for s in inputs.seller_ids if inputs.scores[s] > 0]
+        scores = inputs.payable()
+        ids = [s for s in inputs.seller_ids if scores[s] > 0]
         if not ids:
             return {s: 0.0 for s in inputs.seller_ids}
-        x = np.asarray([inputs.scores[s] for s in ids], float)
-        spread = float(np.std([inputs.scores[s] for s in inputs.seller_ids])) or 1.0
+        x = np.asarray([scores[s] for s in ids], float)
+        spread = float(np.std([scores[s] for s in inputs.seller_ids])) or 1.0
         e = np.exp((x - x.max()) / (spread * self.temperature))
         paid = dict(zip(ids, budget * e / e.sum(), strict=True))
         return {s: float(paid.get(s, 0.0)) for s in inputs.seller_ids}
@@ -126,17 +204,18 @@ class BudgetBalancedReserve:
     def pay(self, inputs: PayoutInputs, budget: float) -> dict[str, float]:
         if self.reserve < 0 or not 0 <= self.reserve_quantile <= 1:
             raise ConfigError("payouts.reserve must be >= 0 and the reserve quantile within [0, 1]")
-        pos = [inputs.scores[s] for s in inputs.seller_ids if inputs.scores[s] > 0]
+        scores = inputs.payable()
+        pos = [scores[s] for s in inputs.seller_ids if scores[s] > 0]
         out = {s: 0.0 for s in inputs.seller_ids}
         if not pos:
             return out
         floor = float(np.quantile(pos, self.reserve_quantile))
-        ranked = sorted((s for s in inputs.seller_ids if inputs.scores[s] >= floor and inputs.scores[s] > 0),
-                        key=lambda s: -inputs.scores[s])
+        ranked = sorted((s for s in inputs.seller_ids if scores[s] >= floor and scores[s] > 0),
+                        key=lambda s: -scores[s])
         price = self.reserve * budget / len(inputs.seller_ids)
         accepted = ranked[: int(budget // price) if price > 0 else len(ranked)]
         surplus = budget - price * len(accepted)
-        extra = _proportional({s: inputs.scores[s] - floor for s in accepted}, surplus)
+        extra = _proportional({s: scores[s] - floor for s in accepted}, surplus)
         if sum(extra.values()) == 0 and accepted:  # all at the floor: split the surplus evenly
             extra = {s: surplus / len(accepted) for s in accepted}
         for s in accepted:

@@ -23,7 +23,7 @@ from tip_fed.crypto.params import HEParams, PackingPlan, plan_packing
 from tip_fed.errors import ConfigError, ProtocolError, SessionError, TipError
 from tip_fed.protocol.audit import SessionRecord, model_record
 from tip_fed.protocol.data import Batch
-from tip_fed.protocol.disclosure import NoisePolicy, release_quantum, round_release
+from tip_fed.protocol.disclosure import NoisePolicy, check_declared_std, noise_ceiling, release_quantum, round_release
 from tip_fed.protocol.formats import InputFormat
 from tip_fed.protocol.ledger import composed_epsilon
 from tip_fed.protocol.messages import PROTOCOL_VERSION, Reply, decode_reply, reply_label
@@ -169,6 +169,8 @@ class Buyer:
         #: Step released scores are rounded to (exact decryptions never leave the buyer).
         self.release_quantum = release_quantum(self.query_norm * self.grad_norm_bound,
                                                self.settings.protocol.release_digits)
+        #: Largest gradient-noise std a reply may declare (its range check widens with the declared noise).
+        self.max_noise_std = noise_ceiling(self.settings.protocol)
         # the one security check of the buyer's CKKS parameters: every session's plan derives from this one
         self._plan = plan_packing(self.spec.dim, 1, self.params)
         self._payload = prepared.model
@@ -260,7 +262,7 @@ class Buyer:
         """One Reply's valuation, one step after the other; a TipError rejects this reply only."""
         reply = decode_reply(data)  # decoded and validated, once
         rows = _check_reply(session, reply, seen)  # this session's, from a new seller, the shape asked for
-        noise = _declared_noise(reply, session.disclosure == "per-sample")  # consistent, or refused
+        noise = _declared_noise(reply, session.disclosure == "per-sample", self.max_noise_std)  # consistent, or refused
         y = self._decrypt(session, reply, rows)
         return self._release(session, reply, y, noise)
 
@@ -268,14 +270,17 @@ class Buyer:
         """The reply's scores decrypted with the session's key, in units of the scaled query."""
         y = decrypt_scores(session.keys, session.plan, list(reply.scores), rows)
         # Rows have norm <= 1 and the query norm is QUERY_NORM, so |y| <= QUERY_NORM plus the
-        # declared gradient noise seen through the query (std QUERY_NORM * noise_std per row, / n for
-        # the aggregate mean). Anything larger was not encrypted under this session's key (a replayed
-        # or forged reply decrypts to values spread over the whole modulus) or was tampered with.
-        row_std = reply.noise_std if session.disclosure == "per-sample" else reply.noise_std / reply.n_samples
+        # declared gradient noise seen through the query (std QUERY_NORM * noise_std per row; the mean
+        # row, the last, averages n rows' noise: / sqrt(n) per-sample, / n aggregate). Anything larger
+        # was not encrypted under this session's key (a replayed or forged reply decrypts to values
+        # spread over the whole modulus) or was tampered with.
+        row_std = np.full(rows, reply.noise_std)
+        row_std[-1] /= math.sqrt(reply.n_samples) if session.disclosure == "per-sample" else reply.n_samples
         limit = QUERY_NORM * (1 + 1e-6 + 8 * row_std) + 1e-3
-        if not np.all(np.abs(y) <= limit):
+        bad = np.flatnonzero(~(np.abs(y) <= limit))  # NaN counts as outside
+        if bad.size:
             raise ProtocolError(
-                f"seller {reply.seller_id}'s scores decrypt outside the possible range (|y| <= {limit:.6g}): "
+                f"seller {reply.seller_id}'s scores decrypt outside the possible range (|y| <= {limit[bad[0]]:.6g}): "
                 "the reply was not computed under this session's key or was altered in transit"
             )
         return y
@@ -384,8 +389,9 @@ def _check_reply(session: BuyerSession, reply: Reply, seen: set[str]) -> int:
     return rows
 
 
-def _declared_noise(reply: Reply, per_sample: bool) -> dict[str, Any] | None:
-    """The DP noise a reply declares, checked against what its (epsilon, delta) imply.
+def _declared_noise(reply: Reply, per_sample: bool, ceiling: float) -> dict[str, Any] | None:
+    """The DP noise a reply declares, checked against what its (epsilon, delta) imply and the buyer's
+    ceiling (the range check widens with the declared noise).
 
     The gradient-noise std depends only on (epsilon, delta) (never on the query or the seller's
     size), so any other declared std is a lie; noise must come with a seed commitment, which the
@@ -409,6 +415,7 @@ def _declared_noise(reply: Reply, per_sample: bool) -> dict[str, Any] | None:
             f"seller {reply.seller_id} declares noise without a 32-byte commitment to its seed; the audit "
             "could not check what it released"
         )
+    check_declared_std(reply.seller_id, reply.noise_std, reply.dp_epsilon, reply.dp_delta, ceiling)
     return {
         "epsilon": reply.dp_epsilon,
         "delta": reply.dp_delta,

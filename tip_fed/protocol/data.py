@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tip_fed.core.tasks import Task, batch_size
 from tip_fed.errors import DataError
 
 Batch = Mapping[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def check_batch(data: Batch) -> int:
@@ -60,14 +62,24 @@ def load_dataset(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def dataset_gradients(model: nn.Module, spec: ProjectionSpec, task: Task, data: Batch, size: int) -> torch.Tensor:
-    """Float64 projected per-sample gradients of a whole dataset, batch by batch.
+    """Float64 projected per-sample gradients of a whole dataset, batch by batch: the rows a seller
+    scores, and the audit and spot check recompute.
 
-    Records that do not fit the model (feature count, dtype, label range) are a DataError, not a
-    torch error: the model comes from the other party, so a mismatch is bad input, not a bug.
+    A record whose loss or gradient is not finite is a zero row, under one fixed rule: a model the
+    buyer crafts to overflow only on some record values must not turn them into a refusal, which
+    would reach the buyer as an exact bit beside the noised answer. Records that do not fit the
+    model (feature count, dtype, label range) are a DataError, not a torch error: the model comes
+    from the other party, so a mismatch is bad input, not a bug.
     """
     try:
-        return torch.cat([projected_grads(model, spec, task, b) for b in iter_batches(data, size)]).to(torch.float64)
+        grads = [projected_grads(model, spec, task, b, zero_nonfinite=True) for b in iter_batches(data, size)]
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise DataError(
             f"the records do not fit the model and task ({task.name}): {type(exc).__name__}: {str(exc)[:200]}"
         ) from None
+    g = torch.cat(grads).to(torch.float64)
+    zeroed = int((g == 0).all(dim=1).sum())
+    if zeroed:
+        log.info("%d of %d records score as zero rows (a zero gradient, or a non-finite loss or gradient)",
+                 zeroed, g.shape[0])
+    return g

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from tip_fed.config import ProtocolConfig
 from tip_fed.errors import ConfigError, ProtocolError
 
 _SQRT2 = math.sqrt(2.0)
@@ -111,6 +112,28 @@ def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
         if hi - lo <= 1e-12 * hi:
             break
     return hi
+
+
+# ---- the buyer's ceiling on declared noise ----------------------------------------------------------
+def noise_ceiling(protocol: ProtocolConfig) -> float:
+    """The largest gradient-noise std (units of C) a buyer accepts in a reply: ``max-noise-std``, or
+    the noise the buyer's own ``dp-epsilon`` asks for when that is larger (it asked for that much).
+
+    The buyer's range check admits ``8 x`` the declared noise beyond the honest bound, so a seller
+    declaring a tiny epsilon could otherwise pass a forged total of any size before the audit.
+    """
+    asked = NoisePolicy(protocol.dp_epsilon, protocol.dp_delta)
+    return max(protocol.max_noise_std, asked.gradient_std * (1 + 1e-9))
+
+
+def check_declared_std(seller_id: str, std: float, epsilon: float, delta: float, ceiling: float) -> None:
+    """ProtocolError when a reply declares more gradient noise than the buyer's ceiling accepts."""
+    if std > ceiling:
+        raise ProtocolError(
+            f"seller {seller_id} declares gradient noise of std {std:.4g} (epsilon {epsilon:g}, delta {delta:g}), "
+            f"above this buyer's protocol.max-noise-std = {ceiling:g}: its score would be mostly noise and the "
+            "noise would widen the range its reply is checked against; raise protocol.max-noise-std to accept it"
+        )
 
 
 # ---- the noise seed ----------------------------------------------------------------------------

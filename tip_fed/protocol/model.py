@@ -81,6 +81,9 @@ def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None =
         state = st_load(payload.weights)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise ModelError(f"model weights are not valid safetensors: {exc}") from exc
+    if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+        # refused before any record is read: non-finite weights make every record's loss non-finite
+        raise ModelError("model weights hold NaN or infinite values; send a model with finite weights")
     model = models.build(payload.architecture, config)
     models.load_state(model, state)
     dtypes = {t.dtype for t in state.values()}

@@ -86,3 +86,26 @@ def test_causal_lm_sums_next_token_loss_over_real_tokens() -> None:
 
     with pytest.raises(DataError):
         CausalLMTask().per_sample_loss(model, {"input_ids": ids[:, :1], "attention_mask": ids[:, :1]})
+
+
+def test_a_record_outside_the_model_is_a_nan_loss_of_its_own_not_a_batch_error() -> None:
+    """A label outside the model's classes, or an attended token id outside its vocabulary, gives
+    that record a NaN loss and leaves the others' losses as they are (it used to raise for the whole
+    batch, which told a buyer whether any record held such a value)."""
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(4, 4), torch.tensor([0, 3, 2, -1])
+    loss = ClassificationTask().per_sample_loss(model, {"x": x, "y": y})
+    expected = -torch.log_softmax(model(x), dim=1)[torch.arange(4), y.clamp(0, 2)]
+    assert torch.isnan(loss[[1, 3]]).all()
+    torch.testing.assert_close(loss[[0, 2]], expected[[0, 2]])
+
+    gpt = tiny_gpt2()
+    ids = torch.randint(1, 40, (3, 6))
+    mask = torch.ones_like(ids)
+    clean = CausalLMTask().per_sample_loss(gpt, {"input_ids": ids, "attention_mask": mask})
+    bad = ids.clone()
+    bad[1, 2] = 40  # one id past the vocabulary
+    bad[2, 5], mask[2, 5] = 99, 0  # out of range but padding: not read, so not a fault
+    loss = CausalLMTask().per_sample_loss(gpt, {"input_ids": bad, "attention_mask": mask})
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    torch.testing.assert_close(loss[0], clean[0])

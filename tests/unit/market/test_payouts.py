@@ -119,3 +119,74 @@ def test_settle_writes_every_rule_and_compares_with_shapley():
 def test_rules_needing_ground_truth_say_so():
     with pytest.raises(P.DataError, match="simulation"):
         P.LeaveOneOut().pay(_inputs({"a": 1.0}), 1.0)
+
+
+# ---- noise-aware payouts: empirical-Bayes shrinkage of declared-noise scores ----------------------
+def _noisy(scores, std, records=None):
+    ids = list(scores)
+    return P.PayoutInputs(ids, dict(scores), records or dict.fromkeys(ids, 1), noise_std=dict(std))
+
+
+def test_exact_scores_are_paid_unchanged():
+    inputs = _inputs({"a": 3.0, "b": -1.0, "c": 0.5})
+    assert inputs.payable() == inputs.scores and P.shrinkage(inputs) == {"a": 1.0, "b": 1.0, "c": 1.0}
+
+
+def test_prior_variance_solves_the_median_equation_against_scipy():
+    """tau^2 from an independent root finder on the same equation: the lower median of
+    m_i^2 / (tau^2 + s_i^2) equals the median of chi-square(1)."""
+    from scipy import optimize, stats
+
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0.2, 2.0, 9)
+    m = rng.normal(0, np.sqrt(4.0 + s**2))
+    target = stats.chi2(1).median()
+
+    def gap(t2):
+        return float(np.sort(m**2 / (t2 + s**2))[4]) - target
+
+    assert gap(0.0) > 0  # a spread of true scores is there to find
+
+    expected = optimize.brentq(gap, 0.0, 1e3, xtol=1e-14)
+    assert P.prior_variance(m**2, s**2) == pytest.approx(expected, rel=1e-9)
+    assert P.prior_variance(np.full(9, 0.01), s**2) == 0.0  # scores well inside their noise: nothing to pay for
+    b = P.shrinkage(_noisy(dict(zip("abcdefghi", m, strict=True)), dict(zip("abcdefghi", s, strict=True))))
+    assert [b[k] for k in "abcdefghi"] == pytest.approx(expected / (expected + s**2), rel=1e-9)
+
+
+def test_shrinkage_lowers_the_error_of_noisy_scores():
+    """Posterior means under the fitted prior are closer to the true scores than the noisy scores are
+    (the James-Stein effect), over 200 sellers with mixed noise."""
+    rng = np.random.default_rng(0)
+    theta = rng.normal(0, 1.0, 200)
+    s = rng.choice([0.0, 0.5, 3.0], 200)
+    observed = theta + rng.normal(0, 1, 200) * s
+    ids = [f"s{i}" for i in range(200)]
+    inputs = _noisy(dict(zip(ids, observed, strict=True)), dict(zip(ids, s, strict=True)))
+    paid = np.asarray([inputs.payable()[k] for k in ids])
+    assert np.mean((paid - theta) ** 2) < 0.5 * np.mean((observed - theta) ** 2)
+    exact = s == 0
+    assert np.array_equal(paid[exact], observed[exact])
+
+
+def test_one_liar_cannot_buy_payout_with_declared_noise():
+    """Whatever noise a liar declares, a total at the edge of the buyer's range check (8 declared stds)
+    is paid at most n (4 tau) beyond the honest bound, and the honest sellers' prior is not moved."""
+    honest = {f"h{i}": float(x) for i, x in enumerate(np.random.default_rng(1).normal(0.5, 1.0, 7))}
+    tau_honest = math.sqrt(P.prior_variance(np.asarray(list(honest.values())) ** 2, np.zeros(7)))
+    for declared in (0.1, 1.0, 10.0, 1e3, 1e6):
+        scores = {**honest, "liar": 8 * declared}
+        inputs = _noisy(scores, {"liar": declared})
+        payable = inputs.payable()["liar"]
+        tau = math.sqrt(P.prior_variance(np.asarray(list(scores.values())) ** 2,
+                                         np.asarray([0.0] * 7 + [declared]) ** 2))
+        assert payable <= 4 * tau + 1e-12 and tau <= 1.5 * tau_honest
+        assert P.ProportionalPositive().pay(inputs, 1.0)["liar"] < 0.6
+
+
+def test_noise_aware_payouts_scale_with_records():
+    """Noise is compared per record: the same declared total std hurts a small seller more."""
+    inputs = _noisy({"small": 10.0, "big": 1000.0, "x": 20.0, "y": 500.0}, {"small": 30.0, "big": 30.0},
+                    {"small": 10, "big": 1000, "x": 10, "y": 500})
+    b = P.shrinkage(inputs)
+    assert b["big"] > b["small"] and b["x"] == b["y"] == 1.0
