@@ -30,10 +30,11 @@ from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
 from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, release_rows, seed_commitment
 from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
-from tip_fed.protocol.messages import SELLER_ID, Reply, Timings, encode_reply
+from tip_fed.protocol.messages import SELLER_ID
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
 from tip_fed.protocol.offer import Offer, decode_offer
 from tip_fed.protocol.records import RawRecords
+from tip_fed.protocol.reply import Reply, Timings, encode_reply
 from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, cost_offer
 from tip_fed.protocol.sessions import AnsweredSessions, session_key
 

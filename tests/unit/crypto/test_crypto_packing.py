@@ -123,8 +123,8 @@ def _unmasked_slots(
     matrix = np.asarray(rows, dtype=np.float64)
     assert matrix.shape[0] <= plan.rows_per_block  # one block
     scorer = _Scorer(ctx, plan, query)
-    r = plan.block_rows(matrix.shape[0])[0]
-    res = scorer.bsgs(scorer.encoded(matrix, r, None), r)
+    (block,) = plan.layout(matrix.shape[0])
+    res = scorer.bsgs(scorer.encoded(matrix, block, None), block)
     if res is None:
         return np.zeros(plan.slots)
     return keys.decrypt_slots(seal_to_bytes(res, "saving the unmasked result"), "unmasked BSGS result", any_level=True)

@@ -26,9 +26,10 @@ MODULES = {
     "respond": {
         "protocol.offer", "protocol.messages", "crypto.params", "protocol.disclosure", "protocol.sessions",
         "protocol.model_cache", "protocol.resources", "crypto.keys", "protocol.model", "protocol.ledger",
-        "protocol.data", "protocol.commitment", "crypto.packing", "crypto.costs",
+        "protocol.data", "protocol.commitment", "crypto.packing", "crypto.costs", "protocol.reply",
     },
-    "settle": {"protocol.messages", "crypto.params", "crypto.packing", "protocol.disclosure", "crypto.keys"},
+    "settle": {"protocol.reply", "protocol.messages", "crypto.packing", "protocol.disclosure", "crypto.keys",
+               "crypto.params"},
 }
 #: The only modules a leg enters again, once per reason: each time a later step that needs it.
 REVISITS: dict[str, dict[str, list[str]]] = {
@@ -36,7 +37,6 @@ REVISITS: dict[str, dict[str, list[str]]] = {
         "crypto.keys": ["the fresh key pair, then the public context made from it (two calls on one object)"],
     },
     "respond": {
-        "protocol.messages": ["the Offer's bytes are parsed first and the Reply's are written last"],
         "protocol.disclosure": [
             "the seller's policy and the Offer's request give the stricter noise (decoding read the request)",
             "the scoring step releases the rows under that noise",
@@ -44,13 +44,10 @@ REVISITS: dict[str, dict[str, list[str]]] = {
         "protocol.model_cache": ["a referenced model is resolved before costing and built only after the reservation"],
         "protocol.resources": ["building the model reads its weights header (costing read it before)"],
     },
-    "settle": {
-        "protocol.messages": ["the decoded Reply's timings are copied into the valuation"],
-        "crypto.params": ["the reply's blocks are checked against the plan; the manifest records the plan"],
-    },
+    "settle": {},
 }
 #: Most steps crypto takes inside the protocol's calls (its own modules calling each other).
-CRYPTO_STEPS = {"offer": 5, "respond": 21, "settle": 5}
+CRYPTO_STEPS = {"offer": 4, "respond": 13, "settle": 3}
 
 
 def _ours(module: str) -> bool:
