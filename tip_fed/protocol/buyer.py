@@ -201,7 +201,7 @@ class Buyer:
         protocol = self.settings.protocol
         max_rows = max_samples + 1 if protocol.disclosure == "per-sample" else 1
         plan = self._plan.for_rows(max_rows)
-        keys = SessionKeys.generate(plan)
+        keys, public_context = SessionKeys.open(plan)
         x = (self.query / self.query_norm * QUERY_NORM).numpy()
         offer = Offer(
             session_id=uuid.uuid4().hex,
@@ -209,14 +209,15 @@ class Buyer:
             task=self.task.name,
             spec=self.spec,
             plan=plan,
-            public_context=keys.public_context_bytes(),
+            public_context=public_context,
             query=tuple(encrypt_query(keys, plan, x)),
             query_norm=QUERY_NORM,
             disclosure=protocol.disclosure,
             grad_norm_bound=self.grad_norm_bound,
             query_budget=protocol.query_budget,
             max_samples=max_samples,
-            noise=NoisePolicy(protocol.dp_epsilon, protocol.dp_delta) if protocol.dp_epsilon else NoisePolicy(),
+            dp_epsilon=protocol.dp_epsilon or 0.0,
+            dp_delta=protocol.dp_delta if protocol.dp_epsilon else 0.0,
             input_format=self.input_format,
         )
         self._sessions[offer.session_id] = BuyerSession(offer.session_id, keys, plan, protocol.disclosure, max_samples)

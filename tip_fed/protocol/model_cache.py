@@ -213,11 +213,13 @@ class ModelCache:
 
     def load(
         self, payload: pb.ModelPayload, held: HeldModel | None, *, expected_fingerprint: str | None = None,
-        peer: str | None = None,
+        peer: str | None = None, header: WeightsHeader | None = None,
     ) -> nn.Module:
         """The Offer's model, built from ``held`` for a reference, else from the shipped weights
-        (then admitted for ``peer``); the fingerprint is checked again either way (:func:`decode_model`)."""
-        model = decode_model(held.payload() if held is not None else payload, expected_fingerprint=expected_fingerprint)
+        (then admitted for ``peer``); the fingerprint is checked again either way (:func:`decode_model`).
+        ``header``: the weights' header as costing read it."""
+        model = decode_model(held.payload() if held is not None else payload, expected_fingerprint=expected_fingerprint,
+                             header=header)
         if held is None:
             self.admit(payload, peer)
         return model

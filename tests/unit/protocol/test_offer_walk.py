@@ -19,30 +19,26 @@ from types import CodeType
 from typing import Any
 
 from tip_fed.protocol import Seller, SellerPolicy
+from tip_fed.protocol.disclosure import NoisePolicy
 
 #: The modules the protocol layer calls in each leg (without the ``tip_fed.`` prefix).
 MODULES = {
-    "offer": {"crypto.params", "crypto.keys", "crypto.packing", "protocol.disclosure", "protocol.offer"},
+    "offer": {"crypto.params", "crypto.keys", "crypto.packing", "protocol.offer"},
     "respond": {
-        "protocol.offer", "protocol.messages", "crypto.params", "protocol.disclosure", "protocol.sessions",
-        "protocol.model_cache", "protocol.resources", "crypto.keys", "protocol.model", "protocol.ledger",
-        "protocol.data", "protocol.commitment", "crypto.packing", "crypto.costs", "protocol.reply",
+        "protocol.offer", "protocol.messages", "crypto.params", "protocol.sessions", "protocol.model_cache",
+        "protocol.resources", "crypto.costs", "crypto.keys", "protocol.model", "protocol.disclosure",
+        "protocol.ledger", "protocol.data", "protocol.commitment", "crypto.packing", "protocol.reply",
     },
     "settle": {"protocol.reply", "protocol.messages", "crypto.packing", "protocol.disclosure", "crypto.keys",
                "crypto.params"},
 }
 #: The only modules a leg enters again, once per reason: each time a later step that needs it.
 REVISITS: dict[str, dict[str, list[str]]] = {
-    "offer": {
-        "crypto.keys": ["the fresh key pair, then the public context made from it (two calls on one object)"],
-    },
+    "offer": {},
     "respond": {
-        "protocol.disclosure": [
-            "the seller's policy and the Offer's request give the stricter noise (decoding read the request)",
-            "the scoring step releases the rows under that noise",
-        ],
+        # Resources are costed before they are allocated: the weights' header a reference resolves to is
+        # what costing reads, and building the model allocates it, so the two cannot be one call.
         "protocol.model_cache": ["a referenced model is resolved before costing and built only after the reservation"],
-        "protocol.resources": ["building the model reads its weights header (costing read it before)"],
     },
     "settle": {},
 }
@@ -154,3 +150,16 @@ def test_an_offer_passes_each_module_once_but_for_named_later_steps(make_buyer, 
         assert revisits(walk) == Counter({m: len(why) for m, why in REVISITS[leg].items()}), (leg, " > ".join(walk))
         inside = [callee for caller, callee in steps if not caller.startswith("protocol.")]
         assert len(inside) <= CRYPTO_STEPS[leg], (leg, inside)
+
+
+def test_a_noisy_answer_passes_disclosure_once(make_buyer, seller_data):
+    """The noise is decided, its seed committed to and the noise drawn in one step before the ledger
+    is charged; scoring adds it without going back to disclosure."""
+    buyer = make_buyer("per-sample")
+    seller = Seller("s1", seller_data["s1"], policy=SellerPolicy(noise=NoisePolicy(1.0)))
+    offer = buyer.offer(max_samples=100)
+    reply, steps, _ = trace(lambda: seller.respond(offer))
+    walk = protocol_walk(steps)
+    assert walk.count("protocol.disclosure") == 1 and revisits(walk) == Counter({"protocol.model_cache": 1}), steps
+    valued = buyer.settle([reply]).sellers[0]
+    assert valued.noise is not None and valued.noise["epsilon"] == 1.0 and len(valued.noise["commitment"]) == 64
