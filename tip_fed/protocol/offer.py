@@ -81,6 +81,11 @@ class Offer:
         return self.plan.params
 
     @property
+    def references_model(self) -> bool:
+        """True when the model is named by fingerprint only: the seller answers with one it holds."""
+        return not self.model.weights
+
+    @property
     def per_sample(self) -> bool:
         """True when the buyer asks for one score per record, not only the seller's total."""
         return self.disclosure == "per-sample"

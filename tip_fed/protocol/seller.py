@@ -31,6 +31,7 @@ from tip_fed.protocol.disclosure import NoisePolicy, Release, plan_release
 from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
 from tip_fed.protocol.messages import SELLER_ID
+from tip_fed.protocol.model import decode_model
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
 from tip_fed.protocol.offer import Offer, decode_offer
 from tip_fed.protocol.records import RawRecords
@@ -163,7 +164,8 @@ class Seller:
         offer = decode_offer(offer_bytes, self.policy.budget)  # decoded and validated, once
         key = self._admit(offer, peer)  # sizes checked, one query of the session's budget taken
         try:
-            held = self.models.resolve(offer.model, self.seller_id, peer)  # ModelNotHeldError: nothing allocated
+            # a referenced model this buyer uploaded before, else ModelNotHeldError: nothing allocated
+            held = self.models.resolve(offer.model, self.seller_id, peer) if offer.references_model else None
             cost = self.cost(offer, held=held.header if held else None)  # before anything is allocated
             with self._in_flight.reserve(cost.total_bytes):
                 job = self._open(offer, peer, held, cost)  # context, model, noise, input format
@@ -203,8 +205,11 @@ class Seller:
         t_ctx = time.perf_counter()
         context = load_public_context(offer.public_context, offer.plan)  # early: a bad context fails fast
         t_ctx = time.perf_counter() - t_ctx  # HE work: reported under encrypted_s
-        model = self.models.load(offer.model, held, expected_fingerprint=self.policy.expected_fingerprint, peer=peer,
-                                 header=cost.weights)
+        # the fingerprint is checked again either way; the header is the one costing read
+        model = decode_model(held.payload if held is not None else offer.model,
+                             expected_fingerprint=self.policy.expected_fingerprint, header=cost.weights)
+        if held is None:
+            self.models.admit(offer.model, peer)  # shipped and built: the buyer may reference it from now on
         task = get_task(offer.task)
         release = plan_release(self.policy.noise, offer.dp_epsilon, offer.dp_delta, per_sample=offer.per_sample,
                                shape=(self.n_samples, offer.spec.dim), session_id=offer.session_id,

@@ -20,6 +20,8 @@ from typing import Any
 
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.disclosure import NoisePolicy
+from tip_fed.protocol.ledger import LedgerPolicy
+from tip_fed.protocol.model_cache import strip_weights
 
 #: The modules the protocol layer calls in each leg (without the ``tip_fed.`` prefix).
 MODULES = {
@@ -33,15 +35,7 @@ MODULES = {
                "crypto.params"},
 }
 #: The only modules a leg enters again, once per reason: each time a later step that needs it.
-REVISITS: dict[str, dict[str, list[str]]] = {
-    "offer": {},
-    "respond": {
-        # Resources are costed before they are allocated: the weights' header a reference resolves to is
-        # what costing reads, and building the model allocates it, so the two cannot be one call.
-        "protocol.model_cache": ["a referenced model is resolved before costing and built only after the reservation"],
-    },
-    "settle": {},
-}
+REVISITS: dict[str, dict[str, list[str]]] = {"offer": {}, "respond": {}, "settle": {}}
 #: Most steps crypto takes inside the protocol's calls (its own modules calling each other).
 CRYPTO_STEPS = {"offer": 4, "respond": 13, "settle": 3}
 
@@ -160,6 +154,21 @@ def test_a_noisy_answer_passes_disclosure_once(make_buyer, seller_data):
     offer = buyer.offer(max_samples=100)
     reply, steps, _ = trace(lambda: seller.respond(offer))
     walk = protocol_walk(steps)
-    assert walk.count("protocol.disclosure") == 1 and revisits(walk) == Counter({"protocol.model_cache": 1}), steps
+    assert walk.count("protocol.disclosure") == 1 and revisits(walk) == Counter(), steps
     valued = buyer.settle([reply]).sellers[0]
     assert valued.noise is not None and valued.noise["epsilon"] == 1.0 and len(valued.noise["commitment"]) == 64
+
+
+def test_a_referenced_model_passes_the_model_cache_once(make_buyer, seller_data):
+    """A reference is resolved before costing (its held header is what is costed); a shipped model is
+    admitted once built: each Offer enters the cache for one of the two, never both."""
+    buyer = make_buyer("per-sample")
+    uncapped = LedgerPolicy(max_exact=None, total_max_exact=None)  # two exact answers to one buyer
+    policy = SellerPolicy(exact_per_sample=True, model_cache_mb=16, lifetime=uncapped)
+    seller = Seller("s1", seller_data["s1"], policy=policy)
+    seller.respond(buyer.offer(max_samples=100))  # ships the weights: held for this buyer from now on
+    reference = strip_weights(buyer.offer(max_samples=100))
+    reply, steps, _ = trace(lambda: seller.respond(reference))
+    walk = protocol_walk(steps)
+    assert walk.count("protocol.model_cache") == 1 and revisits(walk) == Counter(), steps
+    assert buyer.settle([reply]).rejected == {}
