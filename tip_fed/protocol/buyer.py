@@ -6,6 +6,7 @@ decrypts the scores it asked for and destroys that session's secret key.
 
 from __future__ import annotations
 
+import copy
 import math
 import uuid
 from collections.abc import Iterable, Sequence
@@ -176,6 +177,8 @@ class Buyer:
         self._model = model
         self._sessions: dict[str, BuyerSession] = {}
         self.session_id: str | None = None
+        # what every session's manifest states of the disclosure controls (from the settings alone)
+        self._disclosure_controls = self._controls()
 
     @property
     def model(self) -> nn.Module:
@@ -319,7 +322,7 @@ class Buyer:
             "disclosure": session.disclosure,
             "grad_norm_bound": self.grad_norm_bound,
             "query_budget": self.settings.protocol.query_budget,
-            "disclosure_controls": self._controls(),
+            "disclosure_controls": copy.deepcopy(self._disclosure_controls),
         }
 
     def _controls(self) -> dict[str, Any]:
