@@ -34,7 +34,9 @@ MODULES = {
     "settle": {"protocol.reply", "protocol.messages", "crypto.packing", "protocol.disclosure", "crypto.keys",
                "crypto.params"},
 }
-#: The only modules a leg enters again, once per reason: each time a later step that needs it.
+#: The modules a leg may enter again, each with its reason (a later step that cannot be merged with the
+#: first, as costing must come before allocating). None is left: a step computes what later steps need
+#: and hands it on as a value (the seller's Release, the header costing read, a block's layout).
 REVISITS: dict[str, dict[str, list[str]]] = {"offer": {}, "respond": {}, "settle": {}}
 #: Most steps crypto takes inside the protocol's calls (its own modules calling each other).
 CRYPTO_STEPS = {"offer": 4, "respond": 13, "settle": 3}
