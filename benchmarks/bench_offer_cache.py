@@ -32,8 +32,8 @@ from tip_fed.core.tasks import get_task
 from tip_fed.grpc import OfferSent, SellerEndpoint, value_sellers
 from tip_fed.protocol import Buyer, BuyerSettings
 from tip_fed.protocol.data import save_dataset
-from tip_fed.protocol.messages import decode_reply
 from tip_fed.protocol.model_cache import strip_weights
+from tip_fed.protocol.reply import decode_reply
 
 RECORDS, TOKENS = 8, 64
 MAX_MESSAGE_MB = 2047  # a 124M GPT-2 Offer is ~650 MB, above the 512 MiB default

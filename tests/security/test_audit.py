@@ -35,9 +35,9 @@ class ScalingSeller(Seller):
 class InflatingSeller(Seller):
     """Commits to its honest gradients but scores gradients scaled by 3 (clipped to the bound)."""
 
-    def encrypted_scores(self, offer, context, rows, noise, seed):
+    def encrypted_scores(self, offer, context, rows, release):
         scaled, _ = clip_rows(torch.from_numpy(3.0 * rows), 1.0)  # rows are in units of the bound
-        return super().encrypted_scores(offer, context, scaled.numpy(), noise, seed)
+        return super().encrypted_scores(offer, context, scaled.numpy(), release)
 
 
 class SwappingSeller(Seller):

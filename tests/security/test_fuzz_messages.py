@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.buyer import SellerValuation
-from tip_fed.protocol.messages import decode_reply
 from tip_fed.protocol.model import fingerprint
 from tip_fed.protocol.offer import decode_offer
+from tip_fed.protocol.reply import decode_reply
 from tip_fed.testing import buyer_session
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 

@@ -21,7 +21,7 @@ from tip_fed.core.tasks import get_task
 from tip_fed.crypto.keys import clear_context_cache
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
 from tip_fed.protocol.ledger import LedgerPolicy
-from tip_fed.protocol.messages import decode_reply
+from tip_fed.protocol.reply import decode_reply
 
 from .common import GPT2_INCLUDE, GPT2_RANK, gpt2_model, timed, token_batch
 

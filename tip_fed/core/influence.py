@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from tip_fed.core.precondition import Preconditioner
 from tip_fed.errors import ConfigError, DataError
 
-__all__ = ["clip_rows", "query_vector", "scores", "seller_total"]
+__all__ = ["clip_rows", "query_vector", "released_rows", "scores", "seller_total"]
 
 
 def _matrix(grads: torch.Tensor, what: str, dim: int | None = None) -> torch.Tensor:
@@ -78,3 +79,11 @@ def seller_total(query: torch.Tensor, grads: torch.Tensor) -> float:
     query = _query(query)
     grads = _matrix(grads, "grads", query.shape[0])
     return float(grads.to(device=query.device, dtype=torch.float64).sum(dim=0) @ query)
+
+
+def released_rows(rows: np.ndarray, per_sample: bool) -> np.ndarray:
+    """The rows whose scores a seller releases (before noise): every row, then their mean, whose score
+    times n is the seller's total; or the mean alone (aggregate disclosure). Float64."""
+    rows = np.asarray(rows, dtype=np.float64)
+    mean = rows.mean(axis=0, keepdims=True)
+    return np.vstack([rows, mean]) if per_sample else mean

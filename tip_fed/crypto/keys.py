@@ -200,6 +200,12 @@ class SessionKeys:
             ctx.global_scale = p.global_scale
         return cls(ctx, plan)
 
+    @classmethod
+    def open(cls, plan: PackingPlan) -> tuple[SessionKeys, bytes]:
+        """What a buyer opening a session needs: a fresh key pair and its public context bytes."""
+        keys = cls.generate(plan)
+        return keys, keys.public_context_bytes()
+
     # ---- properties ---------------------------------------------------------------------------
     @property
     def plan(self) -> PackingPlan:

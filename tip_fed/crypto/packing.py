@@ -46,44 +46,28 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import tenseal.sealapi as sa
 
-from tip_fed.errors import CodecError, ConfigError, CryptoError, DataError
+from tip_fed.errors import ConfigError, CryptoError, DataError
 
-from .codec import ciphertext_from_bytes, seal_to_bytes, tenseal_errors
+from .codec import seal_to_bytes, tenseal_errors
 from .encoding_cache import EncodedBlock, EncodingCache
 from .keys import PublicContext, SessionKeys
 from .parallel import map_forked
-from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, HEParams, PackingPlan
+from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, Block, PackingPlan
+from .query import LoadedQuery, blob_list, check_noise, load_query, same_params
 from .sanitise import FLOOD_STD, sanitising_fill
 
-__all__ = [
-    "LoadedQuery",
-    "decrypt_scores",
-    "encrypt_query",
-    "load_query",
-    "score_rows",
-]
+__all__ = ["decrypt_scores", "encrypt_query", "score_rows"]
 
 _ROW_NORM_TOL = 1e-9
 _MAX_FILL_BOUND = 2.0**16
 
 
 # ---- validation --------------------------------------------------------------------------------
-def _same_params(plan: PackingPlan, params: HEParams, who: str) -> None:
-    if not isinstance(plan, PackingPlan):
-        raise ConfigError(f"expected a PackingPlan, got {type(plan).__name__}")
-    if plan.params != params:
-        raise ConfigError(
-            f"the packing plan is for {plan.params} but the {who} uses {params}; use the plan "
-            "the session keys were generated for"
-        )
-
-
 def _query_vector(x: object, dim: int) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiu" or arr.ndim != 1 or arr.shape[0] != dim:
@@ -123,14 +107,6 @@ def _rows_matrix(rows: object, dim: int) -> np.ndarray:
     return arr
 
 
-def _blob_list(items: object, count: int, what: str) -> list[bytes]:
-    if not isinstance(items, (list, tuple)):
-        raise CodecError(f"{what} must be a list of bytes, got {type(items).__name__}")
-    if len(items) != count:
-        raise CodecError(f"expected {count} {what} ciphertext(s), got {len(items)}")
-    return list(items)
-
-
 # ---- layout ------------------------------------------------------------------------------------
 def _query_slots(plan: PackingPlan, x: np.ndarray) -> list[list[np.ndarray]]:
     """Q_h[t] = x_chunk[(t + h) mod k_c] for every chunk and copy h < baby."""
@@ -144,15 +120,14 @@ def _query_slots(plan: PackingPlan, x: np.ndarray) -> list[list[np.ndarray]]:
     ]
 
 
-def _block_diagonals(plan: PackingPlan, part: np.ndarray, r: int) -> np.ndarray:
-    """All D plaintext diagonals P'_{g,b} (index g B + b) of one chunk of a block of ``r`` rows.
+def _block_diagonals(plan: PackingPlan, part: np.ndarray, block: Block) -> np.ndarray:
+    """All D plaintext diagonals P'_{g,b} (index g B + b) of one chunk of ``block``.
 
     ``part`` is (rows present, k_c); slots of absent rows stay zero. Diagonal g B + b is rolled
     right by g B so that the giant-step rotation brings it back into place.
     """
     kc, s = plan.chunk_dim, plan.slots
-    d = plan.diagonals(r)
-    baby, _ = plan.split(r)
+    d, baby = block.diagonals, block.baby
     t = np.arange(s, dtype=np.int64)
     row = (t // kc) * d + t % d
     present = row < part.shape[0]
@@ -178,21 +153,12 @@ def _chunk_blocks(plan: PackingPlan, rows: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _block_starts(plan: PackingPlan, n_rows: int) -> list[tuple[int, int]]:
-    """(first row, block size) of every block, in reply order."""
-    out, start = [], 0
-    for r in plan.block_rows(n_rows):
-        out.append((start, r))
-        start += r
-    return out
-
-
 # ---- buyer -------------------------------------------------------------------------------------
 def encrypt_query(keys: SessionKeys, plan: PackingPlan, x: np.ndarray) -> list[bytes]:
     """Encrypt the query's ``baby`` rotated copies per chunk (chunk-major), seeded ciphertexts."""
     if not isinstance(keys, SessionKeys):
         raise ConfigError(f"expected SessionKeys, got {type(keys).__name__}")
-    _same_params(plan, keys.params, "session keys")
+    same_params(plan, keys.params, "session keys")
     vec = _query_vector(x, plan.dim)
     return [keys.encrypt_slots(slots) for copies in _query_slots(plan, vec) for slots in copies]
 
@@ -203,52 +169,19 @@ def decrypt_scores(
     """Decrypt a seller's replies into ``n_rows`` float64 scores (row order preserved)."""
     if not isinstance(keys, SessionKeys):
         raise ConfigError(f"expected SessionKeys, got {type(keys).__name__}")
-    _same_params(plan, keys.params, "session keys")
+    same_params(plan, keys.params, "session keys")
     if isinstance(n_rows, bool) or not isinstance(n_rows, (int, np.integer)) or n_rows < 1:
         raise ConfigError(f"n_rows must be an integer >= 1, got {n_rows!r}")
-    blobs = _blob_list(replies, plan.blocks(n_rows), f"reply (for {n_rows} rows)")
+    layout = plan.layout(int(n_rows))
+    blobs = blob_list(replies, len(layout), f"reply (for {n_rows} rows)")
     out = np.empty(int(n_rows), dtype=np.float64)
-    for i, (blob, (start, r)) in enumerate(zip(blobs, _block_starts(plan, int(n_rows)), strict=True)):
-        n_in = min(r, int(n_rows) - start)
+    for i, (blob, block) in enumerate(zip(blobs, layout, strict=True)):
         slots = keys.decrypt_slots(blob, what=f"reply ciphertext {i}")
-        out[start : start + n_in] = slots[plan.output_slots(r, n_in)]
+        out[block.start : block.start + block.present] = slots[block.output_slots]
     return out
 
 
 # ---- seller ------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class LoadedQuery:
-    """The buyer's query copies parsed and checked against one public context and plan, so that a
-    seller can refuse a damaged query before it spends anything on the Offer (then scored as is)."""
-
-    ctx: PublicContext
-    plan: PackingPlan
-    copies: list[list[Any]]  # per chunk, its ``plan.baby`` SEAL ciphertexts
-
-
-def load_query(ctx: PublicContext, plan: PackingPlan, query: list[bytes], noise_std: float = 0.0) -> LoadedQuery:
-    """Everything :func:`score_rows` checks of a query before it scores: the ``plan.chunks * plan.baby``
-    ciphertexts parse at the first level and scale, the context holds the rotation keys the plan needs
-    (CodecError/CryptoError if not), and gradient noise of per-coordinate ``noise_std`` (units of the
-    norm bound) fits the last level (ConfigError if not)."""
-    _same_params(plan, ctx.params, "public context")
-    _check_noise(noise_std, plan.params.coeff_mod_bit_sizes[0] - plan.params.global_scale_bits)
-    ctx.require_rotations(plan.galois_steps)
-    blobs = _blob_list(query, plan.chunks * plan.baby, "query")
-    h = ctx.handles
-    with tenseal_errors("loading the query", CryptoError):
-        copies = [
-            [
-                ciphertext_from_bytes(h.seal_context, plan.params, blobs[i * plan.baby + j],
-                                      what=f"query ciphertext {i * plan.baby + j}", parms_id=h.first_parms_id,
-                                      scale=plan.params.global_scale)
-                for j in range(plan.baby)
-            ]
-            for i in range(plan.chunks)
-        ]
-    return LoadedQuery(ctx, plan, copies)
-
-
 class _Scorer:
     """One seller's evaluation state for one query (the query copies are shared by all blocks)."""
 
@@ -287,14 +220,13 @@ class _Scorer:
         self.h.encoder.encode(values.tolist(), parms_id, scale, pt)
         return pt
 
-    def encode_block(self, rows: np.ndarray, r: int) -> EncodedBlock:
-        """Pre-rotated diagonals of a block of ``r`` rows as plaintexts at the query level,
+    def encode_block(self, rows: np.ndarray, block: Block) -> EncodedBlock:
+        """Pre-rotated diagonals of ``block`` (its ``rows``) as plaintexts at the query level,
         grouped by giant step (all-zero diagonals skipped)."""
-        p = self.plan
-        baby, giant = p.split(r)
-        out: EncodedBlock = [[] for _ in range(giant)]
+        p, baby = self.plan, block.baby
+        out: EncodedBlock = [[] for _ in range(block.giant)]
         for chunk, part in enumerate(_chunk_blocks(p, rows)):
-            diags = _block_diagonals(p, part, r)
+            diags = _block_diagonals(p, part, block)
             for idx in range(diags.shape[0]):
                 if not diags[idx].any():
                     continue
@@ -303,26 +235,25 @@ class _Scorer:
                     out[idx // baby].append((chunk, idx % baby, pt))
         return out
 
-    def encoded(self, rows: np.ndarray, r: int, cache: EncodingCache | None) -> EncodedBlock:
+    def encoded(self, rows: np.ndarray, block: Block, cache: EncodingCache | None) -> EncodedBlock:
         """The block's plaintexts: from ``cache`` when present there, else encoded (and stored)."""
         p = self.plan
         t = time.perf_counter()
         encoded, key = None, None
         if cache is not None:
-            key = EncodingCache.key(p, r, self.h.first_parms_id, p.params.global_scale, rows)
+            key = EncodingCache.key(p, block.rows, self.h.first_parms_id, p.params.global_scale, rows)
             encoded = cache.get(key)
             t = self._tick("cache_lookup", t)
         if encoded is None:
-            encoded = self.encode_block(rows, r)
+            encoded = self.encode_block(rows, block)
             if cache is not None:
                 cache.put(key, encoded)
             self._tick("encode", t)
         return encoded
 
-    def bsgs(self, encoded: EncodedBlock, r: int) -> Any | None:
-        """Unmasked BSGS + fold for one encoded block of ``r`` rows (None if every product is zero)."""
-        p, ev = self.plan, self.ev
-        baby, _ = p.split(r)
+    def bsgs(self, encoded: EncodedBlock, block: Block) -> Any | None:
+        """Unmasked BSGS + fold for one encoded block (None if every product is zero)."""
+        p, ev, baby = self.plan, self.ev, block.baby
         t = time.perf_counter()
         inner: list[Any | None] = []
         for step in encoded:
@@ -345,7 +276,7 @@ class _Scorer:
                     res = inner[g]
                 else:
                     ev.add_inplace(res, inner[g])
-        shift = p.diagonals(r)
+        shift = block.diagonals
         while res is not None and shift < p.chunk_dim:
             ev.add_inplace(res, self._rotate(res, shift))
             shift *= 2
@@ -357,15 +288,7 @@ class _Scorer:
         self._tick("rescale", t)
         return res
 
-    def protect(
-        self,
-        res: Any | None,
-        r: int,
-        n_in: int,
-        fill: np.ndarray,
-        flood_std: float,
-        imag_bound: float,
-    ) -> bytes:
+    def protect(self, res: Any | None, block: Block, fill: np.ndarray, flood_std: float, imag_bound: float) -> bytes:
         """Mask to the output slots (after a fold), add Enc(sanitising fill), serialise.
 
         ``fill`` (uniform values for the non-output slots) is drawn by the caller, block by
@@ -373,15 +296,14 @@ class _Scorer:
         """
         p, ev, h = self.plan, self.ev, self.h
         t = time.perf_counter()
-        out_slots = p.output_slots(r, n_in)
-        folded = p.diagonals(r) < p.chunk_dim
+        out_slots, folded, shape = block.output_slots, block.folded, (block.rows, block.present)
         if res is not None:
             if folded:  # partial sums in the other slots: keep only the scores
-                if (r, n_in) not in self._masks:  # blocks of one shape share one mask plaintext
+                if shape not in self._masks:  # blocks of one shape share one mask plaintext
                     mask = np.zeros(p.slots)
                     mask[out_slots] = 1.0
-                    self._masks[(r, n_in)] = self._encode(mask, res.parms_id(), h.primes[-2])
-                ev.multiply_plain_inplace(res, self._masks[(r, n_in)])
+                    self._masks[shape] = self._encode(mask, res.parms_id(), h.primes[-2])
+                ev.multiply_plain_inplace(res, self._masks[shape])
                 ev.rescale_to_next_inplace(res)
             ev.mod_switch_to_inplace(res, h.last_parms_id)  # smaller reply
             scale = res.scale
@@ -419,9 +341,8 @@ def score_rows(
 ) -> list[bytes]:
     """Seller side: Enc((rows + row_noise) @ x), up to ``plan.rows_per_block`` scores per ciphertext.
 
-    Returns ``plan.blocks(len(rows))`` ciphertexts (block sizes ``plan.block_rows``) in which only the requested
-    scores decrypt to
-    anything but fresh randomness. ``rng`` drives the uniform fill of the non-output slots; seed
+    Returns one ciphertext per block of ``plan.layout(len(rows))``, in which only the requested
+    scores decrypt to anything but fresh randomness. ``rng`` drives the uniform fill of the non-output slots; seed
     it from OS entropy (``np.random.default_rng()``) in production, a fixed seed only in tests.
     ``rows`` must have norm <= 1; ``row_noise`` (same shape, differential-privacy noise in
     gradient space, see :func:`tip_fed.protocol.disclosure.release_rows`) is added after that check.
@@ -434,7 +355,7 @@ def score_rows(
     """
     if not isinstance(ctx, PublicContext):
         raise ConfigError(f"expected a PublicContext (load_public_context), got {type(ctx).__name__}")
-    _same_params(plan, ctx.params, "public context")
+    same_params(plan, ctx.params, "public context")
     if not isinstance(rng, np.random.Generator):
         raise ConfigError("rng must be a numpy.random.Generator, e.g. np.random.default_rng()")
     # Fill values must stay below q0 / (2 * scale) at the last level, like the scores.
@@ -453,14 +374,14 @@ def score_rows(
     scorer = _Scorer(ctx, plan, query, timings)
     # Fills drawn here, in block order: same replies for the same rng whatever ``workers`` is.
     items = [
-        (matrix[s : s + r], r, rng.uniform(-fill_bound, fill_bound, plan.slots))
-        for s, r in _block_starts(plan, matrix.shape[0])
+        (matrix[b.start : b.start + b.rows], b, rng.uniform(-fill_bound, fill_bound, plan.slots))
+        for b in plan.layout(matrix.shape[0])
     ]
 
-    def one(block: np.ndarray, r: int, fill: np.ndarray, encoded: EncodedBlock | None) -> bytes:
+    def one(rows: np.ndarray, block: Block, fill: np.ndarray, encoded: EncodedBlock | None) -> bytes:
         if encoded is None:
-            encoded = scorer.encoded(block, r, cache)
-        return scorer.protect(scorer.bsgs(encoded, r), r, block.shape[0], fill, flood_std, imag_bound)
+            encoded = scorer.encoded(rows, block, cache)
+        return scorer.protect(scorer.bsgs(encoded, block), block, fill, flood_std, imag_bound)
 
     with tenseal_errors("scoring rows", CryptoError):
         if cache is not None and workers > 1 and len(items) > 1:
@@ -476,15 +397,5 @@ def _row_noise(noise: object, shape: tuple[int, ...], headroom: int) -> np.ndarr
     arr = np.asarray(noise, dtype=np.float64)
     if arr.shape != shape or not np.all(np.isfinite(arr)):
         raise DataError(f"row noise must be a finite array of the rows' shape {shape}, got {arr.shape}")
-    _check_noise(float(np.sqrt(np.mean(arr**2))), headroom)
+    check_noise(float(np.sqrt(np.mean(arr**2))), headroom)
     return arr
-
-
-def _check_noise(per_coord: float, headroom: int) -> None:
-    limit = (2.0 ** (headroom - 1) - MAX_QUERY_NORM) / (8 * MAX_QUERY_NORM)
-    if not per_coord <= limit:
-        raise ConfigError(
-            f"gradient noise of std {per_coord:.4g} (units of the norm bound) exceeds {limit:.4g}, what "
-            "these CKKS parameters can hold without overflowing the last level; use a larger epsilon "
-            "or aggregate disclosure"
-        )

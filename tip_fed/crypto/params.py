@@ -29,6 +29,7 @@ from tip_fed.errors import ConfigError, InsecureParametersError
 __all__ = [
     "DEFAULT_FILL_BOUND",
     "MAX_QUERY_NORM",
+    "Block",
     "HEParams",
     "PackingPlan",
     "check_params",
@@ -245,14 +246,7 @@ class PackingPlan:
                 )
 
     def _fields(self) -> dict[str, int]:
-        return {
-            "padded_dim": self.padded_dim,
-            "chunks": self.chunks,
-            "replication": self.replication,
-            "baby": self.baby,
-            "giant": self.giant,
-            "rows_per_block": self.rows_per_block,
-        }
+        return {k: getattr(self, k) for k in ("padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block")}
 
     @property
     def slots(self) -> int:
@@ -316,6 +310,16 @@ class PackingPlan:
         j = np.arange(n, dtype=np.int64)
         return (j // d) * self.chunk_dim + j % d
 
+    def layout(self, n_rows: int) -> tuple[Block, ...]:
+        """Every block of ``n_rows`` rows in reply order, laid out once for the code that scores or reads it."""
+        blocks: list[Block] = []
+        for r in self.block_rows(n_rows):
+            start = blocks[-1].start + blocks[-1].rows if blocks else 0
+            present, d = min(r, n_rows - start), self.diagonals(r)
+            slots = self.output_slots(r, present)
+            blocks.append(Block(start, r, present, d, *self.split(r), d < self.chunk_dim, slots))
+        return tuple(blocks)
+
     def _sizes(self) -> list[int]:
         sizes, r = [], self.min_block_rows
         while r <= self.rows_per_block:
@@ -330,7 +334,7 @@ class PackingPlan:
         steps: set[int] = set()
         if self.chunk_dim > self.baby:
             steps.add(self.baby)
-        step = self.diagonals(self.min_block_rows)
+        step = min(_MIN_BLOCK_PRODUCTS, self.chunk_dim)  # D of the smallest block
         while step < self.chunk_dim:
             steps.add(step)
             step *= 2
@@ -374,16 +378,7 @@ class PackingPlan:
         """Rebuild a plan received from the buyer, re-deriving and checking every field."""
         if not isinstance(data, dict):
             raise ConfigError(f"a packing plan must be a dict, got {type(data).__name__}")
-        known = {
-            "params",
-            "dim",
-            "padded_dim",
-            "chunks",
-            "replication",
-            "baby",
-            "giant",
-            "rows_per_block",
-        }
+        known = {"params", "dim", "padded_dim", "chunks", "replication", "baby", "giant", "rows_per_block"}
         unknown = set(data) - known
         missing = known - set(data)
         if unknown or missing:
@@ -401,6 +396,20 @@ class PackingPlan:
                 "plan_packing()"
             )
         return plan
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """One reply ciphertext's share of the rows (:meth:`PackingPlan.layout`)."""
+
+    start: int  # its first row
+    rows: int  # r, its size: a power of two
+    present: int  # rows of the request in it (the last block may hold fewer than r)
+    diagonals: int  # D: plaintext products per chunk
+    baby: int  # baby steps used; baby * giant = D
+    giant: int
+    folded: bool  # D < k_c: the fold leaves partial sums in the other slots, which the mask clears
+    output_slots: np.ndarray  # the slots of the present rows' scores
 
 
 def _geometry(params: HEParams, dim: int) -> tuple[int, int]:

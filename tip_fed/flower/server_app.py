@@ -33,8 +33,8 @@ from tip_fed.console import Count
 from tip_fed.errors import ConfigError, ModelNotHeldError, ProtocolError, TipError
 from tip_fed.flower import records
 from tip_fed.protocol import Buyer, Valuation
-from tip_fed.protocol.messages import decode_reply
 from tip_fed.protocol.model_cache import strip_weights
+from tip_fed.protocol.reply import decode_reply
 
 logger = logging.getLogger(__name__)
 ANSWERED = "sellers answered"  # logged as "query.value: sellers answered K/N" after each answer (or silence)

@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tip_fed.config import ProtocolConfig
+from tip_fed.core.influence import released_rows
 from tip_fed.errors import ConfigError, ProtocolError
 
 _SQRT2 = math.sqrt(2.0)
@@ -162,20 +163,50 @@ def release_rows(rows: np.ndarray, per_sample: bool, seed: bytes | None, std: fl
     function of ``seed`` so the audit can regenerate it.
     """
     rows = np.asarray(rows, dtype=np.float64)
-    n, k = rows.shape
-    mean = rows.mean(axis=0, keepdims=True)
-    clean = np.vstack([rows, mean]) if per_sample else mean
+    return released_rows(rows, per_sample), noise_rows(seed, rows.shape, per_sample, std)
+
+
+def noise_rows(seed: bytes | None, shape: tuple[int, ...], per_sample: bool, std: float) -> np.ndarray:
+    """The noise part of :func:`release_rows` for ``shape`` = (records, dimension): it depends on no
+    record, so a seller draws it before reading any."""
+    n, k = shape
     if std == 0:
-        return clean, np.zeros_like(clean)
+        return np.zeros((n + 1 if per_sample else 1, k))
     if seed is None or not (math.isfinite(std) and std > 0):
         raise ConfigError(f"gradient noise needs a seed and a finite std > 0, got std {std!r}")
     gen = np.random.Generator(np.random.Philox(np.random.SeedSequence(int.from_bytes(seed, "big"))))
     if per_sample:
         z = gen.standard_normal((n, k)) * std
-        noise = np.vstack([z, z.mean(axis=0, keepdims=True)])
-    else:
-        noise = gen.standard_normal((1, k)) * (std / n)
-    return clean, noise
+        return np.vstack([z, z.mean(axis=0, keepdims=True)])
+    return gen.standard_normal((1, k)) * (std / n)
+
+
+@dataclass(frozen=True, eq=False)
+class Release:
+    """How one answer is released, decided before any record is read (:func:`plan_release`)."""
+
+    noise: NoisePolicy  # the stricter of the seller's policy and the Offer's request
+    gradient_std: float  # its std per gradient coordinate, units of C (0 without noise)
+    noise_multiplier: float | None  # what the privacy ledger composes (None without noise)
+    per_sample: bool
+    seed: bytes | None  # fresh, under noise; opened at delivery
+    commitment: bytes  # to the seed, bound to the session and seller (b"" without noise)
+    row_noise: np.ndarray | None  # added to :func:`released_rows` of the clipped gradients (None: no noise)
+
+
+def plan_release(
+    policy: NoisePolicy, epsilon: float, delta: float, *, per_sample: bool, shape: tuple[int, int], session_id: str,
+    seller_id: str,
+) -> Release:
+    """The release of one answer of a seller holding ``shape`` = (records, dimension): the stricter of
+    its ``policy`` and the Offer's request (``epsilon`` 0 = none), and under noise a fresh seed, its
+    commitment and the noise drawn from it."""
+    noise = policy.stricter(NoisePolicy(epsilon, delta) if epsilon > 0 else NoisePolicy())
+    std = noise.gradient_std
+    seed = new_noise_seed() if noise.enabled else None
+    commitment = b"" if seed is None else seed_commitment(seed, session_id, seller_id)
+    row_noise = None if seed is None else noise_rows(seed, shape, per_sample, std)
+    return Release(noise, std, None if seed is None else std / SENSITIVITY, per_sample, seed, commitment, row_noise)
 
 
 # ---- rounding ----------------------------------------------------------------------------------

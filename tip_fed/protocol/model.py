@@ -19,7 +19,7 @@ from torch import nn
 
 from tip_fed.core import models
 from tip_fed.errors import FingerprintMismatchError, ModelError, ProtocolError, TipError
-from tip_fed.protocol.resources import read_weights_header
+from tip_fed.protocol.resources import WeightsHeader, read_weights_header
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 #: Buffer elements (position ids, rotary tables) a model may hold beyond twice its parameter count.
@@ -53,8 +53,11 @@ def model_fingerprint(model: nn.Module) -> str:
     return encode_model(model).fingerprint
 
 
-def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None = None) -> nn.Module:
-    """Check the fingerprint, then rebuild the model with the shipped weights."""
+def decode_model(
+    payload: pb.ModelPayload, *, expected_fingerprint: str | None = None, header: WeightsHeader | None = None
+) -> nn.Module:
+    """Check the fingerprint, then rebuild the model with the shipped weights (``header``: their
+    safetensors header when the caller already read it, as costing an Offer does)."""
     actual = fingerprint(payload.architecture, payload.config_json, payload.weights)
     if actual != payload.fingerprint:
         raise FingerprintMismatchError(
@@ -75,7 +78,7 @@ def decode_model(payload: pb.ModelPayload, *, expected_fingerprint: str | None =
     if not isinstance(config, dict):
         raise ProtocolError("model config must be a JSON object")
     # Sized from the header alone (float dtypes only, bytes by dtype) before any tensor is loaded.
-    header = read_weights_header(payload.weights)
+    header = header or read_weights_header(payload.weights)
     _check_size(payload.architecture, config, header.n_elements)
     try:
         state = st_load(payload.weights)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from filelock import FileLock
 from google.protobuf.message import DecodeError
-from torch import nn
 
 from tip_fed.errors import (
     ConfigError,
@@ -39,7 +38,7 @@ from tip_fed.errors import (
     TipError,
 )
 from tip_fed.files import write_private
-from tip_fed.protocol.model import decode_model, fingerprint
+from tip_fed.protocol.model import fingerprint
 from tip_fed.protocol.resources import WeightsHeader, read_weights_header
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -68,6 +67,7 @@ class HeldModel:
     weights: bytes
     header: WeightsHeader
 
+    @property
     def payload(self) -> pb.ModelPayload:
         """The full model payload, as if the buyer had shipped it."""
         return pb.ModelPayload(architecture=self.architecture, config_json=self.config_json,
@@ -211,17 +211,6 @@ class ModelCache:
             self._write(held)
         return True
 
-    def load(
-        self, payload: pb.ModelPayload, held: HeldModel | None, *, expected_fingerprint: str | None = None,
-        peer: str | None = None,
-    ) -> nn.Module:
-        """The Offer's model, built from ``held`` for a reference, else from the shipped weights
-        (then admitted for ``peer``); the fingerprint is checked again either way (:func:`decode_model`)."""
-        model = decode_model(held.payload() if held is not None else payload, expected_fingerprint=expected_fingerprint)
-        if held is None:
-            self.admit(payload, peer)
-        return model
-
     # -- internals (called with self._lock held) --------------------------------------------------
 
     def _remember(self, held: HeldModel) -> None:
@@ -246,7 +235,7 @@ class ModelCache:
             if path.is_file():
                 os.utime(path)
             else:
-                write_private(path, held.payload().SerializeToString())
+                write_private(path, held.payload.SerializeToString())
             on_disk = self._read_peers(path)
             mine = self._uploaders.get(held.fingerprint, [])
             merged = ([p for p in on_disk if p not in mine] + mine)[-MAX_UPLOADERS:]

@@ -6,7 +6,7 @@ parameters, packing layout) are converted here and nowhere else.
 A seller runs :func:`decode_offer` at the wire boundary and then works only with the :class:`Offer`
 it returns: the projection spec rebuilt, the CKKS parameters checked for security (once: through
 the packing plan, whose parameters are checked when it is made), the plan re-derived from them, the
-noise request and the input format parsed. Nothing after decoding parses or re-checks the Offer,
+noise request checked and the input format parsed. Nothing after decoding parses or re-checks the Offer,
 so there is one place where a hostile Offer is refused for its shape. The buyer builds the same
 :class:`Offer` and :func:`encode_offer` turns it into the bytes every seller receives.
 """
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from tip_fed.config import DISCLOSURES
 from tip_fed.core.projection import LayerProjection, ProjectionSpec
 from tip_fed.crypto.params import HEParams, PackingPlan
-from tip_fed.errors import ConfigError, InsecureParametersError, ProtocolError, TipError
-from tip_fed.protocol.disclosure import NoisePolicy
+from tip_fed.errors import InsecureParametersError, ProtocolError, TipError
 from tip_fed.protocol.formats import InputFormat, format_digest, format_from_pb
 from tip_fed.protocol.messages import MAX_OFFER_BYTES, PROTOCOL_VERSION, parse_message
 from tip_fed.protocol.resources import ResourceBudget, ResourceLimitError
@@ -69,7 +68,9 @@ class Offer:
     grad_norm_bound: float
     query_budget: int
     max_samples: int
-    noise: NoisePolicy
+    # the differential-privacy noise the buyer asks for (epsilon 0: none); a seller may add more, never less
+    dp_epsilon: float
+    dp_delta: float
     input_format: InputFormat | None = None
     input_digest: bytes | None = None
     message_bytes: int = 0
@@ -78,6 +79,11 @@ class Offer:
     def params(self) -> HEParams:
         """The session's CKKS parameters (checked)."""
         return self.plan.params
+
+    @property
+    def references_model(self) -> bool:
+        """True when the model is named by fingerprint only: the seller answers with one it holds."""
+        return not self.model.weights
 
     @property
     def per_sample(self) -> bool:
@@ -141,7 +147,8 @@ def decode_offer(data: bytes, budget: ResourceBudget | None = None) -> Offer:
         grad_norm_bound=offer.grad_norm_bound,
         query_budget=offer.query_budget,
         max_samples=offer.max_samples,
-        noise=_noise(offer.dp_epsilon, offer.dp_delta),
+        dp_epsilon=offer.dp_epsilon,
+        dp_delta=offer.dp_delta if offer.dp_epsilon > 0 else 0.0,
         # bounds checked, text decoded; the tokenizer itself is parsed only after costing
         input_format=format_from_pb(offer.input) if has_input else None,
         input_digest=format_digest(offer.input) if has_input else None,
@@ -161,20 +168,8 @@ def _check_model(model: pb.ModelPayload | None) -> None:
         )
 
 
-def _noise(epsilon: float, delta: float) -> NoisePolicy:
-    """The noise an Offer asks for; none when its epsilon is 0. A buyer can only ask for *more*
-    noise than a seller's policy: the seller applies the stricter of the two."""
-    if epsilon <= 0:
-        return NoisePolicy()
-    try:
-        return NoisePolicy(epsilon, delta)
-    except ConfigError as exc:
-        raise ProtocolError(f"the offer's differential-privacy request is invalid: {exc}") from exc
-
-
 def encode_offer(offer: Offer) -> bytes:
     """The tip.v1 bytes of ``offer`` (what the buyer sends to every seller)."""
-    noise = offer.noise
     return pb.Offer(
         protocol_version=PROTOCOL_VERSION,
         session_id=offer.session_id,
@@ -190,8 +185,8 @@ def encode_offer(offer: Offer) -> bytes:
         grad_norm_bound=offer.grad_norm_bound,
         query_budget=offer.query_budget,
         max_samples=offer.max_samples,
-        dp_epsilon=noise.epsilon or 0.0,
-        dp_delta=noise.delta if noise.enabled else 0.0,
+        dp_epsilon=offer.dp_epsilon,
+        dp_delta=offer.dp_delta,
         input=None if offer.input_format is None else offer.input_format.to_pb(),
     ).SerializeToString()
 

@@ -50,6 +50,8 @@ FORMAT_VERSION = 1
 BOUND_HEADROOM = 2.0
 MANIFEST = "manifest.json"
 FILES = ("prepared.json", "model.safetensors", "query.safetensors", "preconditioner.safetensors")
+#: Fields saved in prepared.json as they are (the others have their own file or form).
+PLAIN_FIELDS = ("task", "query_norm", "grad_norm_bound", "train_grad_norm", "sources", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,25 @@ class PreparedQuery:
     # how the ranks were chosen and the measured agreement with exact scores (FidelityPlan.to_dict);
     # None when the ranks were set by hand
     fidelity: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        """What every prepared query holds, fitted here or read from files that left this process."""
+        query, dim = self.query, self.spec.dim
+        if not isinstance(query, torch.Tensor) or query.dtype != torch.float64 or tuple(query.shape) != (dim,):
+            raise DataError(f"the query must be a float64 vector of the projection dimension {dim}")
+        if not bool(torch.isfinite(query).all()) or not math.isclose(
+            self.query_norm, float(torch.linalg.vector_norm(query)), rel_tol=1e-9
+        ):
+            raise DataError("the query norm does not match the query vector")
+        bound, train_norm = self.grad_norm_bound, self.train_grad_norm
+        if not (math.isfinite(bound) and bound > 0 and math.isfinite(train_norm) and train_norm >= 0):
+            raise DataError("the gradient-norm bound must be a finite number > 0 (and the train gradient norm >= 0)")
+        if not isinstance(self.task, str) or not isinstance(self.preconditioner, Preconditioner):
+            raise DataError("task must be a name and preconditioner a fitted preconditioner")
+        if not isinstance(self.sources, dict) or not all(isinstance(v, str) for v in self.sources.values()):
+            raise DataError("sources must map names to sha256 hex strings")
+        if self.fidelity is not None and not isinstance(self.fidelity, dict):
+            raise DataError("fidelity must be null or a mapping")
 
     @property
     def model_fingerprint(self) -> str:
@@ -119,19 +140,14 @@ class PreparedQuery:
 
         meta = {
             "format_version": FORMAT_VERSION,
-            "task": self.task,
+            **{name: getattr(self, name) for name in PLAIN_FIELDS},
             "architecture": self.model.architecture,
             "config_json": self.model.config_json,
             "model_fingerprint": self.model.fingerprint,
             "projection": self.spec.to_dict(),
             "preconditioner": self.preconditioner.to_dict(),
-            "query_norm": self.query_norm,
-            "grad_norm_bound": self.grad_norm_bound,
-            "train_grad_norm": self.train_grad_norm,
             "settings": self.settings.to_dict(),
             "input_format": _format_dict(self.input_format),
-            "sources": self.sources,
-            "fidelity": self.fidelity,
         }
         contents = {
             "prepared.json": (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"),
@@ -219,38 +235,15 @@ def _from_files(raw: dict[str, bytes]) -> PreparedQuery:
     if fingerprint(payload.architecture, payload.config_json, payload.weights) != payload.fingerprint:
         raise DataError("the model weights do not match the model fingerprint")
     spec = ProjectionSpec.from_dict(meta["projection"])
-    query = st_load(raw["query.safetensors"]).get("query")
-    if query is None or query.dtype != torch.float64 or tuple(query.shape) != (spec.dim,):
-        raise DataError(f"the query must be a float64 vector of the projection dimension {spec.dim}")
-    norm, bound, train_norm = float(meta["query_norm"]), float(meta["grad_norm_bound"]), float(meta["train_grad_norm"])
-    if not bool(torch.isfinite(query).all()) or not math.isclose(
-        norm, float(torch.linalg.vector_norm(query)), rel_tol=1e-9
-    ):
-        raise DataError("the query norm does not match the query vector")
-    if not (math.isfinite(bound) and bound > 0 and math.isfinite(train_norm) and train_norm >= 0):
-        raise DataError("the gradient-norm bound must be a finite number > 0 (and the train gradient norm >= 0)")
-    if not isinstance(meta["task"], str) or not isinstance(meta["preconditioner"], dict):
-        raise DataError("task must be a name and preconditioner a mapping")
-    sources = meta.get("sources", {})
-    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
-        raise DataError("sources must map names to sha256 hex strings")
-    preconditioner = load_preconditioner(meta["preconditioner"], st_load(raw["preconditioner.safetensors"]), spec)
-    fidelity = meta.get("fidelity")
-    if fidelity is not None and not isinstance(fidelity, dict):
-        raise DataError("fidelity must be null or a mapping")
+    if not isinstance(meta["preconditioner"], dict):
+        raise DataError("preconditioner must be a mapping")
+    # every value is checked as the query is made (PreparedQuery.__post_init__)
     return PreparedQuery(
-        task=meta["task"],
-        model=payload,
-        spec=spec,
-        preconditioner=preconditioner,
-        query=query,
-        query_norm=norm,
-        grad_norm_bound=bound,
-        train_grad_norm=train_norm,
-        settings=BuyerSettings.from_dict(meta["settings"]),
-        input_format=_format_from(meta.get("input_format")),
-        sources=sources,
-        fidelity=fidelity,
+        model=payload, spec=spec,
+        preconditioner=load_preconditioner(meta["preconditioner"], st_load(raw["preconditioner.safetensors"]), spec),
+        query=st_load(raw["query.safetensors"]).get("query", torch.empty(0)),
+        settings=BuyerSettings.from_dict(meta["settings"]), input_format=_format_from(meta.get("input_format")),
+        **{name: meta[name] for name in PLAIN_FIELDS if name in meta},
     )
 
 

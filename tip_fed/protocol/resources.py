@@ -179,6 +179,7 @@ class OfferCost:
     layers: int
     dim: int
     input_bytes: int = 0  # raw records encoded by the Offer's input format (parsed tokenizer, tensors)
+    weights: WeightsHeader | None = None  # the model's weights header, read once here: building reuses it
 
     @property
     def total_bytes(self) -> int:
@@ -289,6 +290,7 @@ def cost_offer(
         len(shapes),
         dim,
         inputs,
+        weights,
     )
     _check_cost(cost, budget)
     return cost

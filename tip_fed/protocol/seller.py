@@ -17,23 +17,26 @@ import torch
 from torch import nn
 
 from tip_fed.config import SellerBudgetConfig, SellerConfig
-from tip_fed.core.influence import clip_rows
+from tip_fed.core.influence import clip_rows, released_rows
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.crypto.encoding_cache import EncodingCache
 from tip_fed.crypto.keys import PublicContext, load_public_context
-from tip_fed.crypto.packing import LoadedQuery, load_query, score_rows
+from tip_fed.crypto.packing import score_rows
+from tip_fed.crypto.query import LoadedQuery, load_query
 from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
-from tip_fed.protocol.disclosure import NoisePolicy, new_noise_seed, release_rows, seed_commitment
+from tip_fed.protocol.disclosure import NoisePolicy, Release, plan_release
 from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
-from tip_fed.protocol.messages import SELLER_ID, Reply, Timings, encode_reply
+from tip_fed.protocol.messages import SELLER_ID
+from tip_fed.protocol.model import decode_model
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
 from tip_fed.protocol.offer import Offer, decode_offer
 from tip_fed.protocol.records import RawRecords
+from tip_fed.protocol.reply import Reply, Timings, encode_reply
 from tip_fed.protocol.resources import InFlight, OfferCost, ResourceBudget, WeightsHeader, cost_offer
 from tip_fed.protocol.sessions import AnsweredSessions, session_key
 
@@ -90,7 +93,7 @@ class _Job:
     query: LoadedQuery  # parsed before the charge: a damaged query costs the buyer nothing
     model: nn.Module
     task: Task
-    noise: NoisePolicy
+    release: Release  # the noise, decided and drawn before any record is read
     fmt: tuple[bytes, InputFormat] | None
     t_ctx: float  # seconds loading the public context (HE work, reported under encrypted_s)
 
@@ -163,10 +166,11 @@ class Seller:
         offer = decode_offer(offer_bytes, self.policy.budget)  # decoded and validated, once
         key = self._admit(offer, peer)  # sizes checked, one query of the session's budget taken
         try:
-            held = self.models.resolve(offer.model, self.seller_id, peer)  # ModelNotHeldError: nothing allocated
+            # a referenced model this buyer uploaded before, else ModelNotHeldError: nothing allocated
+            held = self.models.resolve(offer.model, self.seller_id, peer) if offer.references_model else None
             cost = self.cost(offer, held=held.header if held else None)  # before anything is allocated
             with self._in_flight.reserve(cost.total_bytes):
-                job = self._open(offer, peer, held)  # context, model, noise, input format
+                job = self._open(offer, peer, held, cost)  # context, model, noise, input format
                 self._charge(offer, job, peer)  # the whole Offer validated: the buyer's privacy ledger
                 reply = self._score(offer, job, t0, key)  # gradients, commitment, scores under encryption
         except BaseException:
@@ -198,30 +202,37 @@ class Seller:
         with self._lock:
             return self._sessions.spend(offer.session_id, limit, self.seller_id, peer)
 
-    def _open(self, offer: Offer, peer: str | None, held: HeldModel | None) -> _Job:
+    def _open(self, offer: Offer, peer: str | None, held: HeldModel | None, cost: OfferCost) -> _Job:
         """Everything scoring needs that depends on no record's values: a failure here charges nothing."""
         t_ctx = time.perf_counter()
         context = load_public_context(offer.public_context, offer.plan)  # early: a bad context fails fast
         t_ctx = time.perf_counter() - t_ctx  # HE work: reported under encrypted_s
-        model = self.models.load(offer.model, held, expected_fingerprint=self.policy.expected_fingerprint, peer=peer)
+        # the fingerprint is checked again either way; the header is the one costing read
+        model = decode_model(held.payload if held is not None else offer.model,
+                             expected_fingerprint=self.policy.expected_fingerprint, header=cost.weights)
+        if held is None:
+            self.models.admit(offer.model, peer)  # shipped and built: the buyer may reference it from now on
         task = get_task(offer.task)
-        noise = self.policy.noise.stricter(offer.noise)
+        release = plan_release(self.policy.noise, offer.dp_epsilon, offer.dp_delta, per_sample=offer.per_sample,
+                               shape=(self.n_samples, offer.spec.dim), session_id=offer.session_id,
+                               seller_id=self.seller_id)
+        noise = release.noise
         if offer.per_sample and not noise.enabled and not self.policy.exact_per_sample:
             raise ProtocolError(
                 f"seller {self.seller_id} releases per-sample scores only with differential-privacy noise; "
                 "set protocol.dp-epsilon in the offer, or ask for aggregate disclosure"
             )
-        # parsed, and the noise release_rows will draw (per coordinate: a row's, or the mean's) checked to fit
-        std = noise.gradient_std / (1 if offer.per_sample else self.n_samples)
+        # parsed, and the noise the release adds (per coordinate: a row's, or the mean's) checked to fit
+        std = release.gradient_std / (1 if offer.per_sample else self.n_samples)
         query = load_query(context, offer.plan, list(offer.query), noise_std=std)
-        return _Job(context, query, model, task, noise, self._input_format(offer), t_ctx)
+        return _Job(context, query, model, task, release, self._input_format(offer), t_ctx)
 
     def _charge(self, offer: Offer, job: _Job, peer: str | None) -> None:
         """The whole Offer validated: charge the buyer's lifetime privacy budget (the session's query
         was taken at admission)."""
         with self._lock:
             self._ledger.charge(buyer=peer, key=job.context.public_key_digest, session_id=offer.session_id,
-                                noise_multiplier=job.noise.noise_multiplier)
+                                noise_multiplier=job.release.noise_multiplier)
 
     def _score(self, offer: Offer, job: _Job, t0: float, key: str) -> Reply:
         """Projected gradients, clipped and committed to, then scored under encryption."""
@@ -237,11 +248,11 @@ class Seller:
             root, salt_seed = commitment.commit_fresh(data, g)  # the salt hides the root until delivery
             t_commit = time.perf_counter()
 
-            seed = new_noise_seed() if job.noise.enabled else None
-            scores, n_rows = self.encrypted_scores(offer, job.query, g / offer.grad_norm_bound, job.noise, seed)
-            self._keep(key, g, seed, salt_seed, data)
+            scores, n_rows = self.encrypted_scores(offer, job.query, g / offer.grad_norm_bound, job.release)
+            self._keep(key, g, job.release.seed, salt_seed, data)
         t_end = time.perf_counter()
-        noise = job.noise
+        release = job.release
+        noise = release.noise
         return Reply(
             session_id=offer.session_id,
             seller_id=self.seller_id,
@@ -259,19 +270,19 @@ class Seller:
             ),
             dp_epsilon=noise.epsilon or 0.0,
             dp_delta=noise.delta if noise.enabled else 0.0,
-            noise_std=noise.gradient_std,
-            noise_commitment=b"" if seed is None else seed_commitment(seed, offer.session_id, self.seller_id),
+            noise_std=release.gradient_std,
+            noise_commitment=release.commitment,
         )
 
     def encrypted_scores(
-        self, offer: Offer, query: LoadedQuery, rows: np.ndarray, noise: NoisePolicy, seed: bytes | None
+        self, offer: Offer, query: LoadedQuery, rows: np.ndarray, release: Release
     ) -> tuple[list[bytes], int]:
         """(reply ciphertexts, rows scored) for the committed gradients ``rows`` in units of the
-        bound (norm <= 1): their sum, and each row under per-sample disclosure, noised as ``noise``
-        asks from ``seed``, against the encrypted ``query`` (loaded when the Offer was opened)."""
-        matrix, row_noise = release_rows(rows, offer.per_sample, seed, noise.gradient_std)
-        cache = None if noise.enabled else self._encodings  # noisy rows never repeat
-        cts = score_rows(query.ctx, offer.plan, query, matrix, rng=self._rng, row_noise=row_noise,
+        bound (norm <= 1): their mean, and each row under per-sample disclosure, plus the noise
+        ``release`` drew, against the encrypted ``query`` (loaded when the Offer was opened)."""
+        matrix = released_rows(rows, release.per_sample)
+        cache = None if release.noise.enabled else self._encodings  # noisy rows never repeat
+        cts = score_rows(query.ctx, offer.plan, query, matrix, rng=self._rng, row_noise=release.row_noise,
                          cache=cache)
         return cts, int(matrix.shape[0])
 

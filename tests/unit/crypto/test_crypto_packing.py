@@ -111,8 +111,8 @@ def _unmasked_slots(
     matrix = np.asarray(rows, dtype=np.float64)
     assert matrix.shape[0] <= plan.rows_per_block  # one block
     scorer = _Scorer(ctx, plan, query)
-    r = plan.block_rows(matrix.shape[0])[0]
-    res = scorer.bsgs(scorer.encoded(matrix, r, None), r)
+    (block,) = plan.layout(matrix.shape[0])
+    res = scorer.bsgs(scorer.encoded(matrix, block, None), block)
     if res is None:
         return np.zeros(plan.slots)
     return keys.decrypt_slots(seal_to_bytes(res, "saving the unmasked result"), "unmasked BSGS result", any_level=True)
@@ -259,7 +259,7 @@ def test_naive_baseline_matches() -> None:
 def test_a_loaded_query_scores_as_its_bytes_and_is_checked_before_scoring() -> None:
     """``load_query`` runs every check of the query before anything is scored; a query loaded once
     gives the same scores as its bytes, and is refused for another context or noise too large."""
-    from tip_fed.crypto.packing import load_query
+    from tip_fed.crypto.query import load_query
 
     plan, keys, ctx = _session(16)
     x, rows = _data(16, 5, 3)

@@ -25,8 +25,8 @@ def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _bsgs(scorer: _Scorer, rows: np.ndarray, cache: EncodingCache | None = None):  # type: ignore[no-untyped-def]
     """Unmasked BSGS result of one block, encodings through ``cache``."""
-    r = scorer.plan.block_rows(rows.shape[0])[0]
-    return scorer.bsgs(scorer.encoded(rows, r, cache), r)
+    (block,) = scorer.plan.layout(rows.shape[0])
+    return scorer.bsgs(scorer.encoded(rows, block, cache), block)
 
 
 @pytest.fixture(scope="module")

@@ -19,40 +19,27 @@ from types import CodeType
 from typing import Any
 
 from tip_fed.protocol import Seller, SellerPolicy
+from tip_fed.protocol.disclosure import NoisePolicy
+from tip_fed.protocol.ledger import LedgerPolicy
+from tip_fed.protocol.model_cache import strip_weights
 
 #: The modules the protocol layer calls in each leg (without the ``tip_fed.`` prefix).
 MODULES = {
-    "offer": {"crypto.params", "crypto.keys", "crypto.packing", "protocol.disclosure", "protocol.offer"},
+    "offer": {"crypto.params", "crypto.keys", "crypto.packing", "protocol.offer"},
     "respond": {
-        "protocol.offer", "protocol.messages", "crypto.params", "protocol.disclosure", "protocol.sessions",
-        "protocol.model_cache", "protocol.resources", "crypto.keys", "protocol.model", "protocol.ledger",
-        "protocol.data", "protocol.commitment", "crypto.packing", "crypto.costs",
+        "protocol.offer", "protocol.messages", "crypto.params", "protocol.sessions", "protocol.model_cache",
+        "protocol.resources", "crypto.costs", "crypto.keys", "protocol.model", "protocol.disclosure",
+        "protocol.ledger", "protocol.data", "protocol.commitment", "crypto.packing", "protocol.reply", "crypto.query",
     },
-    "settle": {"protocol.messages", "crypto.params", "crypto.packing", "protocol.disclosure", "crypto.keys"},
+    "settle": {"protocol.reply", "protocol.messages", "crypto.packing", "protocol.disclosure", "crypto.keys",
+               "crypto.params"},
 }
-#: The only modules a leg enters again, once per reason: each time a later step that needs it.
-REVISITS: dict[str, dict[str, list[str]]] = {
-    "offer": {
-        "crypto.keys": ["the fresh key pair, then the public context made from it (two calls on one object)"],
-    },
-    "respond": {
-        "protocol.messages": ["the Offer's bytes are parsed first and the Reply's are written last"],
-        "protocol.disclosure": [
-            "the seller's policy and the Offer's request give the stricter noise (decoding read the request)",
-            "the scoring step releases the rows under that noise",
-        ],
-        "protocol.model_cache": ["a referenced model is resolved before costing and built only after the reservation"],
-        "protocol.resources": ["building the model reads its weights header (costing read it before)"],
-        "crypto.packing": ["the query is loaded and checked when the Offer is opened, before the ledger is "
-                           "charged; it is scored after the charge"],
-    },
-    "settle": {
-        "protocol.messages": ["the decoded Reply's timings are copied into the valuation"],
-        "crypto.params": ["the reply's blocks are checked against the plan; the manifest records the plan"],
-    },
-}
+#: The modules a leg may enter again, each with its reason (a later step that cannot be merged with the
+#: first, as costing must come before allocating). None is left: a step computes what later steps need
+#: and hands it on as a value (the seller's Release, the header costing read, a block's layout).
+REVISITS: dict[str, dict[str, list[str]]] = {"offer": {}, "respond": {}, "settle": {}}
 #: Most steps crypto takes inside the protocol's calls (its own modules calling each other).
-CRYPTO_STEPS = {"offer": 5, "respond": 21, "settle": 5}
+CRYPTO_STEPS = {"offer": 5, "respond": 14, "settle": 5}
 
 
 def _ours(module: str) -> bool:
@@ -159,3 +146,31 @@ def test_an_offer_passes_each_module_once_but_for_named_later_steps(make_buyer, 
         assert revisits(walk) == Counter({m: len(why) for m, why in REVISITS[leg].items()}), (leg, " > ".join(walk))
         inside = [callee for caller, callee in steps if not caller.startswith("protocol.")]
         assert len(inside) <= CRYPTO_STEPS[leg], (leg, inside)
+
+
+def test_a_noisy_answer_passes_disclosure_once(make_buyer, seller_data):
+    """The noise is decided, its seed committed to and the noise drawn in one step before the ledger
+    is charged; scoring adds it without going back to disclosure."""
+    buyer = make_buyer("per-sample")
+    seller = Seller("s1", seller_data["s1"], policy=SellerPolicy(noise=NoisePolicy(1.0)))
+    offer = buyer.offer(max_samples=100)
+    reply, steps, _ = trace(lambda: seller.respond(offer))
+    walk = protocol_walk(steps)
+    assert walk.count("protocol.disclosure") == 1 and revisits(walk) == Counter(), steps
+    valued = buyer.settle([reply]).sellers[0]
+    assert valued.noise is not None and valued.noise["epsilon"] == 1.0 and len(valued.noise["commitment"]) == 64
+
+
+def test_a_referenced_model_passes_the_model_cache_once(make_buyer, seller_data):
+    """A reference is resolved before costing (its held header is what is costed); a shipped model is
+    admitted once built: each Offer enters the cache for one of the two, never both."""
+    buyer = make_buyer("per-sample")
+    uncapped = LedgerPolicy(max_exact=None, total_max_exact=None)  # two exact answers to one buyer
+    policy = SellerPolicy(exact_per_sample=True, model_cache_mb=16, lifetime=uncapped)
+    seller = Seller("s1", seller_data["s1"], policy=policy)
+    seller.respond(buyer.offer(max_samples=100))  # ships the weights: held for this buyer from now on
+    reference = strip_weights(buyer.offer(max_samples=100))
+    reply, steps, _ = trace(lambda: seller.respond(reference))
+    walk = protocol_walk(steps)
+    assert walk.count("protocol.model_cache") == 1 and revisits(walk) == Counter(), steps
+    assert buyer.settle([reply]).rejected == {}
