@@ -31,8 +31,9 @@ SCENARIOS: dict[str, Callable[[SimulationConfig], Market | list[Market]]] = {
 }
 
 #: A simulation's sellers hold no one's private data and answer one query each: exact per-sample
-#: scores are allowed, and any per-query epsilon (the lifetime ledger is a deployment control).
-SELLER_POLICY = SellerPolicy(exact_per_sample=True, lifetime=LedgerPolicy(
+#: scores are allowed, and any per-query epsilon (the lifetime ledger is a deployment control). Their
+#: Offers always carry the weights (in-process, Flower simulation): no model cache to fill.
+SELLER_POLICY = SellerPolicy(exact_per_sample=True, model_cache_mb=0, lifetime=LedgerPolicy(
     epsilon=1e6, total_epsilon=1e6, max_exact=None, total_max_exact=None))
 
 

@@ -106,8 +106,7 @@ class SellerConfig(Section, key="seller"):
                                              "stricter of this and the buyer's request applies)")
     dp_delta: float = setting(1e-6, "delta of dp-epsilon")
     ledger: str | None = setting(None, "privacy ledger file (per-buyer lifetime budget, answered keys) kept "
-                                       "across restarts; unset = in memory only (a Flower SuperNode: "
-                                       "<data file>.ledger.json)")
+                                       "across restarts; unset = <data file>.ledger.json beside the data")
     lifetime_epsilon: float = setting(8.0, "per-buyer lifetime epsilon")
     lifetime_delta: float = setting(1e-5, "per-buyer lifetime delta")
     total_epsilon: float = setting(16.0, "seller-wide lifetime epsilon over all buyers together (they may collude)")

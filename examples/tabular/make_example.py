@@ -46,6 +46,10 @@ def main() -> None:
     noisy.loc[flip, LABEL] = noisy.loc[flip, LABEL].map({"malignant": "benign", "benign": "malignant"})
     noisy.to_csv(data / "clinic-b.csv", index=False)
     rest.iloc[240:][rest.iloc[240:][LABEL] == "benign"].to_csv(data / "clinic-c.csv", index=False)
+    # 'tip-fed seller serve' keeps each clinic's privacy ledger beside its table, so a restart gives no buyer a
+    # fresh budget. This is a new example: its clinics start with unspent ledgers (a real seller keeps its own).
+    for ledger in data.glob("clinic-*.csv.ledger.json*"):
+        ledger.unlink()
 
     # The buyer's model sees each feature standardised with the mean and population standard
     # deviation (ddof=0) of its training rows: what buyer.toml's [format] kind = "table" sends sellers.

@@ -9,8 +9,9 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from tip_fed.errors import ConfigError, DataError
-from tip_fed.flower.client_app import default_ledger, policy_from_node_config, seller_from_node_config
+from tip_fed.flower.client_app import policy_from_node_config, seller_from_node_config
 from tip_fed.protocol.data import save_dataset
+from tip_fed.protocol.ledger import default_ledger
 
 from ..conftest import make_data
 

@@ -272,7 +272,7 @@ def test_a_model_above_the_bound_is_answered_but_not_held():
 
 
 def test_a_seller_without_a_cache_asks_for_the_weights_every_time(small):
-    seller = Seller("s", make_data(6, 1), policy=_policy())
+    seller = Seller("s", make_data(6, 1), policy=_policy(model_cache_mb=0))
     buyer = _buyer(small)
     seller.respond(buyer.offer(max_samples=10))
     with pytest.raises(ModelNotHeldError):

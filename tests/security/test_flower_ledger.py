@@ -19,11 +19,11 @@ from flwr.app import Context, Message, RecordDict
 
 from tip_fed.errors import ConfigError, CryptoError
 from tip_fed.flower import records
-from tip_fed.flower.client_app import default_ledger, make_client_app
+from tip_fed.flower.client_app import make_client_app
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.data import save_dataset
 from tip_fed.protocol.disclosure import NoisePolicy
-from tip_fed.protocol.ledger import PrivacyLedger, composed_epsilon
+from tip_fed.protocol.ledger import PrivacyLedger, composed_epsilon, default_ledger
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from ..integration.test_flower_apps import task_identity  # noqa: F401 - autouse: Messages need a task identity

@@ -185,6 +185,19 @@ def test_seller_policy_follows_the_flags():
         _section_from_args(SellerBudgetConfig, "seller-budget", bad)
 
 
+def test_a_seller_policy_made_in_code_has_the_config_defaults(tmp_path):
+    """``SellerPolicy()`` answers as ``tip-fed seller serve`` with no flags does (one typed config), the
+    ledger aside: in memory in code, a file beside the data once served."""
+    from tip_fed.protocol import SellerPolicy
+
+    assert SellerPolicy() == SellerPolicy.from_config(SellerConfig(), SellerBudgetConfig())
+    assert SellerPolicy().model_cache_mb == SellerConfig().model_cache_mb == 2048
+    assert SellerPolicy().ledger is None
+    served = SellerPolicy().beside(tmp_path / "clinic.csv")
+    assert served.ledger == str(tmp_path / "clinic.csv.ledger.json")
+    assert SellerPolicy(ledger="/srv/l.json").beside(tmp_path / "clinic.csv").ledger == "/srv/l.json"
+
+
 def test_seller_serve_config_file_sets_what_flags_do_not(tmp_path):
     from tip_fed.cli import _parser, _section_from_args
 

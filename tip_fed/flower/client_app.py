@@ -57,13 +57,6 @@ SELLER_PREFIX = "seller."
 BUDGET_PREFIX = "seller-budget."
 #: Keys Flower's simulation gives every virtual node.
 FLOWER_KEYS = ("partition-id", "num-partitions")
-LEDGER_SUFFIX = ".ledger.json"
-
-
-def default_ledger(data_path: str | Path) -> Path:
-    """Where a Flower seller keeps its privacy ledger when its node config names none: beside its data."""
-    path = Path(data_path)
-    return path.with_name(path.name + LEDGER_SUFFIX)
 
 
 def node_settings(node_config: Mapping[str, Any]) -> tuple[SellerConfig, SellerBudgetConfig]:
@@ -103,12 +96,12 @@ def node_settings(node_config: Mapping[str, Any]) -> tuple[SellerConfig, SellerB
 
 def policy_from_node_config(node_config: Mapping[str, Any], data_path: str | Path) -> SellerPolicy:
     """The policy a seller SuperNode answers under: its settings through :meth:`SellerPolicy.from_config`,
-    with the two choices a process-per-message seller makes: the ledger is a file (``ledger``, else
-    :func:`default_ledger`), and models are cached only in ``model-cache-dir`` (memory dies with the message)."""
+    with the two choices a process-per-message seller makes: the ledger is a file (``ledger``, else beside
+    the data, :meth:`SellerPolicy.beside`), and models are cached only in ``model-cache-dir`` (memory dies
+    with the message)."""
     config, budget = node_settings(node_config)
-    policy = SellerPolicy.from_config(config, budget)
-    return dataclasses.replace(policy, ledger=config.ledger or str(default_ledger(data_path)),
-                               model_cache_mb=config.model_cache_mb if config.model_cache_dir else 0)
+    policy = SellerPolicy.from_config(config, budget).beside(data_path)
+    return dataclasses.replace(policy, model_cache_mb=config.model_cache_mb if config.model_cache_dir else 0)
 
 
 def seller_from_node_config(context: Context, answered: dict[str, int]) -> Seller:

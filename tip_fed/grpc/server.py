@@ -362,12 +362,16 @@ def serve(
     encodes, restricted to ``fields`` (None offers every field of the file: a buyer's format may read
     any of them). ``seller_id`` defaults to the file stem, so ``digits-4.safetensors`` serves seller
     ``digits-4``. ``listen`` is where and how, as :func:`start_server` takes it.
+
+    The privacy ledger is a file (:meth:`SellerPolicy.beside`: ``policy.ledger``, else beside the data),
+    read at start: a ledger that cannot be written stops the seller before it listens, and a restarted
+    seller keeps refusing what its buyers already spent.
     """
     # before loading the data
     _check_security(listen.get("tls"), listen.get("insecure", False), listen.get("server_tls_only", False))
     path = Path(data)
     records = load_seller_data(path, fields)
-    seller = Seller(seller_id or path.stem, records, policy=policy)
+    seller = Seller(seller_id or path.stem, records, policy=(policy or SellerPolicy()).beside(path))
     if isinstance(records, RawRecords):
         log.info("seller %s offers the fields %s of %s%s", seller.seller_id, sorted(records.fields), path.name,
                  "" if fields is not None else " (every field of the file; pass --fields to sell fewer)")

@@ -51,6 +51,16 @@ from tip_fed.files import write_private
 #: Identity every buyer without an authenticated peer shares.
 ANONYMOUS = "<unauthenticated>"
 _VERSION = 1
+#: A seller serving a data file keeps its ledger in ``<data file>`` + this unless its ``ledger`` setting names one.
+LEDGER_SUFFIX = ".ledger.json"
+
+
+def default_ledger(data_path: str | Path) -> Path:
+    """Where a seller serving ``data_path`` (``tip-fed seller serve``, a Flower SuperNode) keeps its privacy
+    ledger when its ``ledger`` setting names none: beside the data it accounts for, so a restarted seller
+    reads the budgets its buyers already spent."""
+    path = Path(data_path)
+    return path.with_name(path.name + LEDGER_SUFFIX)
 
 
 class PrivacyBudgetExhaustedError(BudgetExceededError):
@@ -130,7 +140,8 @@ class PrivacyLedger:
             except OSError as exc:  # unwritable directory, full disk: no answer leaves uncharged
                 raise DataError(
                     f"privacy ledger {self.path} cannot be read or written ({exc.strerror or exc}); point the "
-                    "seller's ledger setting at a file in a directory it owns"
+                    "seller's ledger setting (seller serve --ledger FILE, [seller] ledger, node config ledger=FILE) "
+                    "at a file in a directory it owns"
                 ) from None
 
     def spent(self, buyer: str | None) -> tuple[float, int]:

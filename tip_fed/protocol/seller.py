@@ -10,7 +10,8 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from tip_fed.protocol.audit import Delivery
 from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
 from tip_fed.protocol.disclosure import NoisePolicy, Release, plan_release
 from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields
-from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
+from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger, default_ledger
 from tip_fed.protocol.messages import SELLER_ID
 from tip_fed.protocol.model import decode_model
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
@@ -46,28 +47,47 @@ _KEPT_SESSIONS = 64
 _KEPT_BYTES = 256 << 20
 
 
+_SELLER = SellerConfig()  # the [seller] defaults: a policy made in code starts where a served seller does
+
+
+def _noise(c: SellerConfig) -> NoisePolicy:
+    return NoisePolicy(c.dp_epsilon, c.dp_delta)
+
+
+def _lifetime(c: SellerConfig) -> LedgerPolicy:
+    return LedgerPolicy(c.lifetime_epsilon, c.lifetime_delta, max_exact=None if c.max_exact == -1 else c.max_exact,
+                        total_epsilon=c.total_epsilon, total_delta=c.total_delta,
+                        total_max_exact=None if c.total_max_exact == -1 else c.total_max_exact)
+
+
 @dataclass
 class SellerPolicy:
-    """Limits a seller enforces whatever the buyer asks."""
+    """Limits a seller enforces whatever the buyer asks.
 
-    max_queries_per_session: int = 1
-    batch_size: int = 64
-    expected_fingerprint: str | None = None
+    Every default is the ``[seller]`` / ``[seller-budget]`` default of :mod:`tip_fed.config` (one typed
+    config), so ``SellerPolicy()`` is what ``tip-fed seller serve`` answers under with no flags, except
+    where the ledger lives: ``ledger=None`` keeps it in this object's memory, and
+    :meth:`beside` (what :func:`tip_fed.grpc.serve` and a Flower SuperNode apply) puts it in a file.
+    """
+
+    max_queries_per_session: int = _SELLER.max_queries_per_session
+    batch_size: int = _SELLER.batch_size
+    expected_fingerprint: str | None = _SELLER.expected_fingerprint
     # Gaussian noise this seller adds to what it releases, whatever the Offer asks (the stricter wins).
-    noise: NoisePolicy = field(default_factory=NoisePolicy)
+    noise: NoisePolicy = field(default_factory=lambda: _noise(_SELLER))
     # Keep encoded score plaintexts (MiB) for repeated queries over the same gradients; 0 = off.
     encoding_cache_mb: int = 0
     # What one Offer, and all Offers at once, may cost this seller (checked before allocating).
     budget: ResourceBudget = field(default_factory=ResourceBudget)
     # Privacy ledger file (per-buyer lifetime budget, answered public keys); None = in memory only.
-    ledger: str | None = None
-    lifetime: LedgerPolicy = field(default_factory=LedgerPolicy)
+    ledger: str | None = _SELLER.ledger
+    lifetime: LedgerPolicy = field(default_factory=lambda: _lifetime(_SELLER))
     # Per-sample scores without noise are exact linear functionals of each record: refused unless set.
-    exact_per_sample: bool = False
+    exact_per_sample: bool = _SELLER.exact_per_sample
     # Models held for Offers that reference them by fingerprint (MiB of weights; 0 = none held, every
     # reference is answered "model not held"), optionally persisted in a directory.
-    model_cache_mb: int = 0
-    model_cache_dir: str | None = None
+    model_cache_mb: int = _SELLER.model_cache_mb
+    model_cache_dir: str | None = _SELLER.model_cache_dir
 
     @classmethod
     def from_config(cls, config: SellerConfig, budget: SellerBudgetConfig | None = None) -> SellerPolicy:
@@ -75,14 +95,17 @@ class SellerPolicy:
         c = config
         return cls(
             max_queries_per_session=c.max_queries_per_session, batch_size=c.batch_size,
-            expected_fingerprint=c.expected_fingerprint, noise=NoisePolicy(c.dp_epsilon, c.dp_delta),
-            budget=budget or ResourceBudget(), ledger=c.ledger,
-            lifetime=LedgerPolicy(c.lifetime_epsilon, c.lifetime_delta,
-                                  max_exact=None if c.max_exact == -1 else c.max_exact,
-                                  total_epsilon=c.total_epsilon, total_delta=c.total_delta,
-                                  total_max_exact=None if c.total_max_exact == -1 else c.total_max_exact),
-            exact_per_sample=c.exact_per_sample, model_cache_mb=c.model_cache_mb, model_cache_dir=c.model_cache_dir,
+            expected_fingerprint=c.expected_fingerprint, noise=_noise(c), budget=budget or ResourceBudget(),
+            ledger=c.ledger, lifetime=_lifetime(c), exact_per_sample=c.exact_per_sample,
+            model_cache_mb=c.model_cache_mb, model_cache_dir=c.model_cache_dir,
         )
+
+    def beside(self, data_path: str | Path) -> SellerPolicy:
+        """This policy for a seller serving ``data_path``: its ledger a file, the ``ledger`` setting's or
+        else :func:`~tip_fed.protocol.ledger.default_ledger` beside the data. A served seller's lifetime
+        caps (``max-exact``, the DP budget) must outlive its process: an in-memory ledger would give every
+        restart, crash or reload a fresh budget."""
+        return replace(self, ledger=self.ledger or str(default_ledger(data_path)))
 
 
 @dataclass(frozen=True)
