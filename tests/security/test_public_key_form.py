@@ -1,0 +1,266 @@
+"""A buyer-made public key must not open a reply's second half (threat-model rows A2d, A5).
+
+The attack: the seller re-randomises every reply by adding a public-key encryption
+``(u b + e0 + fill, u a + e1)`` under the buyer's key ``(b, a)``. A buyer that sends the key
+``(0, P)`` with ``P`` of its choosing, and query copies whose *second* half carries a second
+chosen vector, reads the reply's second half ``res.c1 + u P + e1`` with ``u P`` known or tiny:
+one reply then gives two exact functionals of the seller's rows, and the second carries no
+flooding. The fix: the seller accepts only a public key whose ``a`` is expanded from a seed, and
+re-randomises with the key SEAL expanded. Every attack here is built from the public wire format
+(SEAL serialisations written byte by byte) and runs against real TenSEAL and the real Seller.
+"""
+
+import struct
+
+import numpy as np
+import pytest
+import tenseal.sealapi as sa
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tip_fed.crypto import SessionKeys, codec, load_public_context, plan_packing, score_rows
+from tip_fed.crypto.packing import _block_starts, _query_slots
+from tip_fed.errors import CodecError, UnseededKeyError
+from tip_fed.protocol import Seller, SellerPolicy
+from tip_fed.protocol.ledger import KeyReuseError, LedgerPolicy
+from tip_fed.wire.tip.v1 import valuation_pb2 as pb
+
+from .fuzzing import fuzz, mutated_bytes, tip_or_result
+
+HEADER = struct.Struct("<HBBBBHQ")  # SEAL: magic, header size, version, compression, reserved, size
+MEMBERS = struct.Struct("<32sBQQQdQ")  # SEAL 4 ciphertext: parms_id, ntt, size, N, primes, scale, correction
+SEED_INFO_BYTES = HEADER.size + 65
+MAGIC = 0xA15E
+
+
+# ---- SEAL's ciphertext format, read and written independently of tip_fed's codec -----------------
+def _body(blob: bytes) -> bytes:
+    magic, _hs, _maj, _min, compr, _r, size = HEADER.unpack_from(blob)
+    assert magic == MAGIC and size == len(blob) and compr in (0, 2)
+    rest = blob[HEADER.size :]
+    return rest if compr == 0 else zstandard.ZstdDecompressor().decompressobj().decompress(rest)
+
+
+def _read(blob: bytes):
+    """(header version and members, polys (size x primes x N uint64), seed info bytes or None) of a
+    SEAL ciphertext."""
+    body = _body(blob)
+    members = (blob[3:5], *MEMBERS.unpack_from(body))
+    _version, _pid, _ntt, size, n, primes, _scale, _corr = members
+    at = MEMBERS.size + HEADER.size
+    (count,) = struct.unpack_from("<Q", body, at)
+    data = np.frombuffer(body, dtype="<u8", count=count, offset=at + 8)
+    seeded = count == n * primes
+    polys = data.reshape((1 if seeded else size), primes, n)
+    return members, polys, body[at + 8 + 8 * count :] if seeded else None
+
+
+def _write(members, polys: np.ndarray, seed_info: bytes | None = None, compress: bool = False) -> bytes:
+    """A SEAL ciphertext (a public key is one) with exactly these polynomials (or c0 and a seed)."""
+    (major, minor), pid, ntt, _size, n, _primes, scale, corr = members
+    size = 2 if seed_info is not None else polys.shape[0]
+    arr = np.ascontiguousarray(polys, dtype="<u8").tobytes()
+    array = HEADER.pack(MAGIC, 16, major, minor, 0, 0, HEADER.size + 8 + len(arr)) + struct.pack("<Q", len(arr) // 8)
+    body = MEMBERS.pack(pid, ntt, size, n, polys.shape[1], scale, corr) + array + arr + (seed_info or b"")
+    if compress:
+        c = zstandard.ZstdCompressor().compressobj()
+        body = c.compress(body) + c.flush()
+    return HEADER.pack(MAGIC, 16, major, minor, 2 if compress else 0, 0, HEADER.size + len(body)) + body
+
+
+def _with_key(context: bytes, public_key: bytes) -> bytes:
+    msg = codec.new_context_proto(context)
+    msg.public_context.public_key = public_key
+    return msg.SerializeToString()
+
+
+def _public_key(context: bytes) -> bytes:
+    return bytes(codec.new_context_proto(context).public_context.public_key)
+
+
+# ---- the attack ------------------------------------------------------------------------------------
+DIM, N_ROWS = 8, 64
+
+
+@pytest.fixture(scope="module")
+def session():
+    """A buyer's session for an 8-dimensional projection: 8 query copies, so no rotation and no mask."""
+    plan = plan_packing(DIM, N_ROWS, query_copies=8)
+    assert plan.galois_steps == ()
+    keys = SessionKeys.generate(plan)
+    rng = np.random.default_rng(7)
+    rows = rng.normal(size=(N_ROWS, DIM))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return plan, keys, rows
+
+
+def _crafted_key(keys: SessionKeys, b: np.ndarray, a: np.ndarray) -> bytes:
+    """The key (b, a) written out in full, with the metadata of the buyer's honest key."""
+    members, _, _ = _read(_public_key(keys.public_context_bytes()))
+    return _write(members, np.stack([b, a]))
+
+
+def _key_polys(keys: SessionKeys):
+    """(metadata, 0, P) with P the constant q_sp (the special prime): SEAL encrypts at the key level
+    and divides by q_sp, so an encryption under (0, P) has c1 = u + round(e1 / q_sp) = u, ternary."""
+    members, c0, _ = _read(_public_key(keys.public_context_bytes()))
+    _, h = keys._live()
+    primes = [int(m.value()) for m in h.seal_context.key_context_data().parms().coeff_modulus()]
+    p = np.array([[primes[-1] % q] for q in primes], dtype=np.uint64) * np.ones_like(c0[0])
+    return members, np.zeros_like(c0[0]), p
+
+
+def _encoding_of(keys: SessionKeys, values: np.ndarray, key) -> np.ndarray:
+    """The NTT coefficients of encode(values) at the query level: c0 of an encryption under (0, P)
+    (c0 = encode(values) + round(e0 / q_sp) = encode(values))."""
+    _, h = keys._live()
+    pt = sa.Plaintext()
+    h.encoder.encode(values.tolist(), h.first_parms_id, keys.params.global_scale, pt)
+    ct = sa.Ciphertext()
+    sa.Encryptor(h.seal_context, key).encrypt(pt, ct)
+    return _read(codec.seal_to_bytes(ct))[1][0]
+
+
+def _crafted_query(plan, keys: SessionKeys, x1: np.ndarray, x2: np.ndarray) -> list[bytes]:
+    """Query copies (encode(x1 copy), encode(x2 copy)): the first half asks for rows @ x1, the second for rows @ x2."""
+    _, zero, p = _key_polys(keys)
+    _, h = keys._live()
+    key = codec.load_seal_key(sa.PublicKey(), h.seal_context, _crafted_key(keys, zero, p), "crafted key")
+    template = _read(keys.encrypt_slots(np.zeros(plan.slots)))[0]  # a query's metadata (level, scale)
+    out = []
+    for copies1, copies2 in zip(_query_slots(plan, x1), _query_slots(plan, x2), strict=True):
+        for s1, s2 in zip(copies1, copies2, strict=True):
+            out.append(_write(template, np.stack([_encoding_of(keys, s1, key), _encoding_of(keys, s2, key)])))
+    return out
+
+
+def _decode_half(keys: SessionKeys, reply: bytes, half: int) -> np.ndarray:
+    """One half of a reply decoded as if it were a plaintext: the ciphertext (half, 0) decrypts to it."""
+    members, polys, _ = _read(reply)
+    alone = np.stack([polys[half], np.zeros_like(polys[half])])
+    return keys.decrypt_slots(_write(members, alone), "one reply half", any_level=True)
+
+
+def _attack(plan, keys, rows, context) -> tuple[float, float]:
+    """Largest error of the two functionals the buyer reads from one reply: (first half, second half)."""
+    rng = np.random.default_rng(3)
+    x1, x2 = rng.normal(size=DIM), rng.normal(size=DIM)
+    reply = score_rows(context, plan, _crafted_query(plan, keys, x1, x2), rows, rng=np.random.default_rng(5))
+    [(_, r)] = _block_starts(plan, N_ROWS)
+    assert len(reply) == 1
+    slots = plan.output_slots(r, N_ROWS)
+    first = _decode_half(keys, reply[0], 0)[slots]
+    second = _decode_half(keys, reply[0], 1)[slots]
+    return float(np.abs(first - rows @ x1).max()), float(np.abs(second - rows @ x2).max())
+
+
+def test_the_attack_reads_two_exact_functionals_when_the_seller_encrypts_under_the_crafted_key(session):
+    """The attack works: a seller re-randomising under the key (0, P) (what a seller that loaded the
+    buyer's full key did) hands out rows @ x2 to ~1e-10 in the reply's second half."""
+    plan, keys, rows = session
+    _, zero, p = _key_polys(keys)
+    seller_view = load_public_context(keys.public_context_bytes(), plan)
+    seal_context = seller_view.handles.seal_context
+    crafted = codec.load_seal_key(sa.PublicKey(), seal_context, _crafted_key(keys, zero, p), "crafted key")
+    seller_view.encryptor = sa.Encryptor(seal_context, crafted)
+    first, second = _attack(plan, keys, rows, seller_view)
+    assert first < 1e-4  # rows @ x1, flooded (2^-18) as every released value is
+    assert second < 1e-8  # rows @ x2, exact: a second answer, never flooded
+
+
+@pytest.mark.parametrize("form", ["crafted (0, P)", "honest key written out"])
+def test_a_public_key_with_its_random_half_written_out_is_refused(session, form):
+    plan, keys, _ = session
+    context = keys.public_context_bytes()
+    if form == "crafted (0, P)":
+        _, zero, p = _key_polys(keys)
+        key = _crafted_key(keys, zero, p)
+    else:  # TenSEAL's own serialisation: the same key pair, a in full
+        key = _public_key(keys._tenseal_context().serialize(save_public_key=True, save_secret_key=False,
+                                                            save_galois_keys=False, save_relin_keys=False))
+    with pytest.raises(UnseededKeyError, match="expanded from a seed"):
+        load_public_context(_with_key(context, key), plan)
+
+
+def test_the_seller_refuses_a_full_key_offer_over_the_wire(make_buyer, seller_data):
+    """Through the real Seller: the Offer carrying the crafted key is refused before anything is
+    charged, and the honest Offer of the same session is answered afterwards."""
+    offer = make_buyer().offer(max_samples=100)
+    msg = pb.Offer.FromString(offer)
+    members, c0, _ = _read(_public_key(msg.public_context))
+    crafted = _write(members, np.stack([np.zeros_like(c0[0]), np.full_like(c0[0], 12345)]))
+    msg.public_context = _with_key(msg.public_context, crafted)
+    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True))
+    with pytest.raises(UnseededKeyError):
+        seller.respond(msg.SerializeToString())
+    assert pb.Reply.FromString(seller.respond(offer)).n_samples == seller.n_samples
+
+
+def test_the_best_seeded_key_leaves_the_second_half_masked(session):
+    """The strongest key the seeded form can express for this attack: b = 0 (so c0 carries no u b)
+    and any seed. ``a`` is whatever the seed expands to, not P: no field of the form holds it, and
+    SEAL expands it while the seller loads the key. The second half is then masked by u a."""
+    plan, keys, rows = session
+    members, c0, seed_info = _read(_public_key(keys.public_context_bytes()))
+    assert seed_info is not None and c0.shape[0] == 1  # only b travels, and the seed
+    seeded = _write(members, np.zeros_like(c0), seed_info)
+    context = load_public_context(_with_key(keys.public_context_bytes(), seeded), plan)
+    first, second = _attack(plan, keys, rows, context)
+    assert first < 1e-4  # one functional, flooded: what any buyer gets from one answer
+    assert second > 1e3  # the second is drowned in u a (uniform mod q, ~2^60 / 2^40 per slot)
+
+
+def test_a_key_reserialised_otherwise_is_the_same_key_for_the_ledger(make_buyer, seller_data):
+    """Reuse across sessions is caught on the key, not its bytes: the first session's key sent
+    uncompressed, or compressed again by another zstd encoder, is refused in a new session."""
+    buyer = make_buyer()
+    first = buyer.offer(max_samples=100)
+    uncapped = LedgerPolicy(max_exact=None, total_max_exact=None)  # the key, not the lifetime cap, refuses
+    seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(exact_per_sample=True, lifetime=uncapped))
+    seller.respond(first)
+    old_context = pb.Offer.FromString(first).public_context
+    members, c0, seed_info = _read(_public_key(old_context))
+    forms = {"uncompressed": _write(members, c0, seed_info), "recompressed": _write(members, c0, seed_info, True)}
+    assert len({*forms.values(), _public_key(old_context)}) == 3  # three different byte strings
+    for form in forms.values():
+        second = buyer.offer(max_samples=100)
+        msg = pb.Offer.FromString(second)
+        msg.public_context = _with_key(old_context, form)
+        with pytest.raises(KeyReuseError, match="fresh key pair"):
+            seller.respond(msg.SerializeToString())
+        assert pb.Reply.FromString(seller.respond(second)).n_samples == seller.n_samples
+
+
+def test_a_seeded_key_for_other_parameters_or_damaged_is_refused(session):
+    plan, keys, _ = session
+    context = keys.public_context_bytes()
+    members, c0, seed_info = _read(_public_key(context))
+    bad_prng = seed_info[: HEADER.size] + bytes([7]) + seed_info[HEADER.size + 1 :]
+    fewer_primes = (*members[:5], members[5] - 1, *members[6:])
+    for key, match in [
+        (_write(members, c0, bad_prng), "PRNG type 7"),
+        (_write(fewer_primes, c0[:, :-1], seed_info), "other parameters"),
+        (_write(members, c0, seed_info)[:-9], "truncated"),
+        (b"\x5e\xa1" + bytes(30), "not a SEAL serialisation"),
+    ]:
+        with pytest.raises(CodecError, match=match):
+            load_public_context(_with_key(context, key), plan)
+    assert len(seed_info) == SEED_INFO_BYTES
+
+
+@pytest.fixture(scope="module")
+def key_forms(session):
+    plan, keys, _ = session
+    context = keys.public_context_bytes()
+    members, c0, seed_info = _read(_public_key(context))
+    return plan, context, [_write(members, c0, seed_info), _public_key(context)]
+
+
+@fuzz(300)
+@given(data=st.data(), form=st.sampled_from([0, 1]))
+def test_the_public_key_reader_on_damaged_keys(key_forms, data, form):
+    """Damaged seeded keys (uncompressed, where a flip lands in the structure, and zstd) are refused
+    with a TipError or load as some seeded key, never anything else."""
+    plan, context, forms = key_forms
+    tip_or_result(load_public_context, _with_key(context, data.draw(mutated_bytes(forms[form]))), plan)
