@@ -24,6 +24,7 @@ from tip_fed.crypto.packing import _block_starts, _query_slots
 from tip_fed.errors import CodecError, UnseededKeyError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.ledger import KeyReuseError, LedgerPolicy
+from tip_fed.testing import secret_key_bytes
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
 from .fuzzing import fuzz, mutated_bytes, tip_or_result
@@ -264,3 +265,74 @@ def test_the_public_key_reader_on_damaged_keys(key_forms, data, form):
     with a TipError or load as some seeded key, never anything else."""
     plan, context, forms = key_forms
     tip_or_result(load_public_context, _with_key(context, data.draw(mutated_bytes(forms[form]))), plan)
+
+
+# ---- a trapdoor key that looks uniform ------------------------------------------------------------
+def _ntt_secret(keys: SessionKeys) -> np.ndarray:
+    """A fresh secret key: a short (ternary) polynomial, in NTT form at the key level (primes x N)."""
+    raw = np.frombuffer(secret_key_bytes(keys, raw=True), dtype="<u8")
+    return raw.reshape(-1, keys.params.poly_modulus_degree)
+
+
+def _key_primes(keys: SessionKeys) -> list[int]:
+    return [int(m.value()) for m in keys._live()[1].seal_context.key_context_data().parms().coeff_modulus()]
+
+
+def _trapdoor(plan, keys: SessionKeys):
+    """(f, a = g / f) with f, g short: an NTRU-style a that looks uniform mod q, whose maker can
+    strip u a off anything (f (u a) = u g is short). f, g are two other fresh secret keys."""
+    f, g = _ntt_secret(SessionKeys.generate(plan)), _ntt_secret(SessionKeys.generate(plan))
+    a = np.empty_like(f)
+    for i, q in enumerate(_key_primes(keys)):
+        a[i] = [int(gi) * pow(int(fi), -1, q) % q for fi, gi in zip(f[i], g[i], strict=True)]
+    return f, a
+
+
+def _decode_complex(keys: SessionKeys, members, poly: np.ndarray) -> np.ndarray:
+    """The slots of one polynomial at the reply level (as the plaintext of the ciphertext (poly, 0))."""
+    _, h = keys._live()
+    ct = codec.ciphertext_from_bytes(h.seal_context, keys.params, _write(members, np.stack([poly, 0 * poly])),
+                                     what="one polynomial")
+    pt = sa.Plaintext()
+    keys._decryptor.decrypt(ct, pt)
+    return np.asarray(h.encoder.decode_complex(pt))
+
+
+def _trapdoor_read(plan, keys, rows, context, f) -> float:
+    """Median error of rows @ x2 read from the reply's second half as (f c1) / f in the slots."""
+    rng = np.random.default_rng(3)
+    x1, x2 = rng.normal(size=DIM), rng.normal(size=DIM)
+    [reply] = score_rows(context, plan, _crafted_query(plan, keys, x1, x2), rows, rng=np.random.default_rng(5))
+    members, polys, _ = _read(reply)
+    q0 = _key_primes(keys)[0]
+    f0 = f[:1].astype(object)
+    f_c1 = (f0 * polys[1].astype(object) % q0).astype(np.uint64)  # NTT form: the ring product is pointwise
+    unit = (*members[:6], 1.0, members[7])  # f itself at scale 1: its slots are sigma(f)
+    slots = _decode_complex(keys, members, f_c1) / _decode_complex(keys, unit, f[:1])
+    [(_, r)] = _block_starts(plan, N_ROWS)
+    return float(np.median(np.abs(slots.real[plan.output_slots(r, N_ROWS)] - rows @ x2)))
+
+
+def test_a_uniform_looking_trapdoor_key_opens_the_second_half_and_cannot_be_sent_seeded(session):
+    """Why a full key that merely looks uniform is not enough, and why the seeded form stops it:
+    a = g / f passes any uniformity test, yet its maker reads rows @ x2 out of a reply
+    re-randomised under (0, a). The seeded form has no field for a: the key the seller holds has
+    the a SEAL expands from the seed, and the trapdoor then reads noise."""
+    plan, keys, rows = session
+    f, a = _trapdoor(plan, keys)
+    primes = np.array(_key_primes(keys), dtype=float)[:, None]
+    assert abs(float((a / primes).mean()) - 0.5) < 0.01  # looks uniform mod each prime
+    key = _crafted_key(keys, np.zeros_like(a), a)
+    seller_view = load_public_context(keys.public_context_bytes(), plan)
+    seal_context = seller_view.handles.seal_context
+    seller_view.encryptor = sa.Encryptor(seal_context, codec.load_seal_key(sa.PublicKey(), seal_context, key, "key"))
+    assert _trapdoor_read(plan, keys, rows, seller_view, f) < 1e-6  # the second functional, exactly
+    with pytest.raises(UnseededKeyError):
+        load_public_context(_with_key(keys.public_context_bytes(), key), plan)
+
+    members, c0, seed_info = _read(_public_key(keys.public_context_bytes()))
+    seeded = load_public_context(_with_key(keys.public_context_bytes(), _write(members, 0 * c0, seed_info)), plan)
+    held = codec.load_seal_key(sa.PublicKey(), seal_context, seeded._public_key, "held key")
+    held_a = _read(codec.seal_to_bytes(held))[1][1]
+    assert (held_a != a).mean() > 0.99  # the seller's a is the seed's expansion, not the trapdoor
+    assert _trapdoor_read(plan, keys, rows, seeded, f) > 1e3
