@@ -11,6 +11,7 @@ re-randomises with the key SEAL expanded. Every attack here is built from the pu
 """
 
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -57,17 +58,20 @@ def _read(blob: bytes):
     return members, polys, body[at + 8 + 8 * count :] if seeded else None
 
 
-def _write(members, polys: np.ndarray, seed_info: bytes | None = None, compress: bool = False) -> bytes:
-    """A SEAL ciphertext (a public key is one) with exactly these polynomials (or c0 and a seed)."""
+def _write(members, polys: np.ndarray, seed_info: bytes | None = None, compr: int = 0) -> bytes:
+    """A SEAL ciphertext (a public key is one) with exactly these polynomials (or c0 and a seed),
+    uncompressed (``compr`` 0), zlib- (1) or zstd-compressed (2)."""
     (major, minor), pid, ntt, _size, n, _primes, scale, corr = members
     size = 2 if seed_info is not None else polys.shape[0]
     arr = np.ascontiguousarray(polys, dtype="<u8").tobytes()
     array = HEADER.pack(MAGIC, 16, major, minor, 0, 0, HEADER.size + 8 + len(arr)) + struct.pack("<Q", len(arr) // 8)
     body = MEMBERS.pack(pid, ntt, size, n, polys.shape[1], scale, corr) + array + arr + (seed_info or b"")
-    if compress:
-        c = zstandard.ZstdCompressor().compressobj()
+    if compr == 1:
+        body = zlib.compress(body)
+    elif compr == 2:
+        c = zstandard.ZstdCompressor(level=19).compressobj()
         body = c.compress(body) + c.flush()
-    return HEADER.pack(MAGIC, 16, major, minor, 2 if compress else 0, 0, HEADER.size + len(body)) + body
+    return HEADER.pack(MAGIC, 16, major, minor, compr, 0, HEADER.size + len(body)) + body
 
 
 def _with_key(context: bytes, public_key: bytes) -> bytes:
@@ -214,7 +218,7 @@ def test_the_best_seeded_key_leaves_the_second_half_masked(session):
 
 def test_a_key_reserialised_otherwise_is_the_same_key_for_the_ledger(make_buyer, seller_data):
     """Reuse across sessions is caught on the key, not its bytes: the first session's key sent
-    uncompressed, or compressed again by another zstd encoder, is refused in a new session."""
+    uncompressed, zlib-compressed or zstd-compressed at another level, is refused in a new session."""
     buyer = make_buyer()
     first = buyer.offer(max_samples=100)
     uncapped = LedgerPolicy(max_exact=None, total_max_exact=None)  # the key, not the lifetime cap, refuses
@@ -222,8 +226,8 @@ def test_a_key_reserialised_otherwise_is_the_same_key_for_the_ledger(make_buyer,
     seller.respond(first)
     old_context = pb.Offer.FromString(first).public_context
     members, c0, seed_info = _read(_public_key(old_context))
-    forms = {"uncompressed": _write(members, c0, seed_info), "recompressed": _write(members, c0, seed_info, True)}
-    assert len({*forms.values(), _public_key(old_context)}) == 3  # three different byte strings
+    forms = {f"compression {c}": _write(members, c0, seed_info, c) for c in (0, 1, 2)}  # none, zlib, zstd -19
+    assert len({*forms.values(), _public_key(old_context)}) == 4  # four different byte strings
     for form in forms.values():
         second = buyer.offer(max_samples=100)
         msg = pb.Offer.FromString(second)

@@ -190,6 +190,7 @@ class SessionKeys:
         self._decryptor: Any = sa.Decryptor(self._handles.seal_context, sk)
         self._sym_encryptor: Any = sa.Encryptor(self._handles.seal_context, sk)
         self._public: bytes | None = None
+        self._public_key: bytes | None = None
 
     @classmethod
     def generate(cls, plan: PackingPlan, *, n_threads: int | None = None) -> SessionKeys:
@@ -255,10 +256,12 @@ class SessionKeys:
         not expose SEAL's seeded ``create_public_key``; this is the same computation.)
         """
         _, h = self._live()
-        with tenseal_errors("creating the seeded public key", CryptoError):
-            seeded = self._sym_encryptor.encrypt_zero_symmetric(h.seal_context.key_parms_id())
+        if self._public_key is None:  # one public key per session, whatever context carries it
+            with tenseal_errors("creating the seeded public key", CryptoError):
+                seeded = self._sym_encryptor.encrypt_zero_symmetric(h.seal_context.key_parms_id())
+            self._public_key = seal_to_bytes(seeded, "saving the public key")
         msg = new_context_proto(context)
-        msg.public_context.public_key = seal_to_bytes(seeded, "saving the public key")
+        msg.public_context.public_key = self._public_key
         return bytes(msg.SerializeToString())
 
     def public_context(self, *, n_threads: int | None = None) -> PublicContext:
