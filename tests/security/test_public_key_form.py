@@ -5,9 +5,11 @@ The attack: the seller re-randomises every reply by adding a public-key encrypti
 ``(0, P)`` with ``P`` of its choosing, and query copies whose *second* half carries a second
 chosen vector, reads the reply's second half ``res.c1 + u P + e1`` with ``u P`` known or tiny:
 one reply then gives two exact functionals of the seller's rows, and the second carries no
-flooding. The fix: the seller accepts only a public key whose ``a`` is expanded from a seed, and
-re-randomises with the key SEAL expanded. Every attack here is built from the public wire format
-(SEAL serialisations written byte by byte) and runs against real TenSEAL and the real Seller.
+flooding. The fix here: the seller accepts only a public key whose ``a`` is expanded from a seed,
+and re-randomises with the key SEAL expanded. It closes the ``a`` channel (a chosen or trapdoored
+``a``); the ``b`` half stays the buyer's (see ``SeededPublicKey``). Every attack here is built
+from the public wire format (SEAL serialisations written byte by byte) and runs against real
+TenSEAL and the real Seller.
 """
 
 import struct
@@ -203,9 +205,9 @@ def test_the_seller_refuses_a_full_key_offer_over_the_wire(make_buyer, seller_da
 
 
 def test_the_best_seeded_key_leaves_the_second_half_masked(session):
-    """The strongest key the seeded form can express for this attack: b = 0 (so c0 carries no u b)
-    and any seed. ``a`` is whatever the seed expands to, not P: no field of the form holds it, and
-    SEAL expands it while the seller loads the key. The second half is then masked by u a."""
+    """The (0, P) attack's key in seeded form: b = 0 and any seed. ``a`` is whatever the seed
+    expands to, not P: no field of the form holds it, and SEAL expands it while the seller loads
+    the key. The second half is then masked by u a."""
     plan, keys, rows = session
     members, c0, seed_info = _read(_public_key(keys.public_context_bytes()))
     assert seed_info is not None and c0.shape[0] == 1  # only b travels, and the seed

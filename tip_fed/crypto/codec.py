@@ -318,13 +318,13 @@ class SeededPublicKey:
     """A CKKS public key (b, a) in SEAL's seeded form: b, and the seed that a is expanded from.
 
     Why: a key whose random half ``a`` the buyer chose (``(0, P)``, or an NTRU-style ``a = g / f``
-    with short ``f, g`` that looks uniform) lets the buyer strip the seller's re-randomisation off
-    a reply and read its second half, a second exact functional of the seller's rows. Expanded
-    from a seed by a XOF, ``a`` is uniform and nobody holds a trapdoor for it: the re-randomised
-    second half ``res.c1 + u a + e1`` is an RLWE sample in the seller's fresh ``u``, and the only
-    combinations of the two halves free of ``u`` are ``c0 + c1 s`` for the one ``s`` that ``b``
-    was made with (a second would be a short vector ``(f, g)`` with ``f a = g``, a trapdoor). So
-    whatever ``b`` is, a reply opens to one functional of the rows, as with an honest key.
+    with short ``f, g`` that looks uniform) lets the buyer strip the seller's re-randomisation
+    ``u a + e1`` off a reply's second half and read it: a second exact functional of the seller's
+    rows, without flooding. Expanded from a seed by a XOF, ``a`` is uniform and nobody holds a
+    trapdoor for it. This closes the ``a`` channel only: ``b`` is still the buyer's, and a ``b``
+    far from ``-a s`` (``b + a s`` large and known to the buyer) puts the seller's ``u`` into
+    the decryption, after which ``u a`` can be subtracted again. A seller cannot tell such a
+    ``b`` from an honest one without a proof that ``b + a s`` is short.
     """
 
     prng: int  #: SEAL prng_type of the expansion (1 blake2xb, 2 shake256)
@@ -334,7 +334,7 @@ class SeededPublicKey:
 
     def digest(self) -> str:
         """SHA-256 (hex) of the key itself, not of its bytes on the wire: the same key compressed
-        otherwise (or with trailing junk after the compressed frame) has the same digest."""
+        otherwise has the same digest."""
         h = hashlib.sha256(b"tip-fed/public-key/v2\x00")
         h.update(bytes([self.prng]) + self.seed + self.b)
         return h.hexdigest()
