@@ -22,7 +22,7 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tip_fed.crypto import SessionKeys, codec, load_public_context, plan_packing, score_rows
+from tip_fed.crypto import SessionKeys, codec, load_public_context, plan_packing, rerandomise, score_rows
 from tip_fed.crypto.packing import _block_starts, _query_slots
 from tip_fed.errors import CodecError, UnseededKeyError
 from tip_fed.protocol import Seller, SellerPolicy
@@ -102,6 +102,19 @@ def session():
     return plan, keys, rows
 
 
+class _SealZero:
+    """How a seller re-randomised before: SEAL's own public-key encryption of zero (ternary u)."""
+
+    def __init__(self, seal_context, key) -> None:
+        self.seal_context, self.encryptor = seal_context, sa.Encryptor(seal_context, key)
+
+    def encrypt_zero(self, parms_id, scale):
+        pt, ct = sa.Plaintext(), sa.Ciphertext()
+        sa.CKKSEncoder(self.seal_context).encode([0.0], parms_id, scale, pt)
+        self.encryptor.encrypt(pt, ct)
+        return ct
+
+
 def _crafted_key(keys: SessionKeys, b: np.ndarray, a: np.ndarray) -> bytes:
     """The key (b, a) written out in full, with the metadata of the buyer's honest key."""
     members, _, _ = _read(_public_key(keys.public_context_bytes()))
@@ -163,14 +176,14 @@ def _attack(plan, keys, rows, context) -> tuple[float, float]:
 
 
 def test_the_attack_reads_two_exact_functionals_when_the_seller_encrypts_under_the_crafted_key(session):
-    """The attack works: a seller re-randomising under the key (0, P) (what a seller that loaded the
-    buyer's full key did) hands out rows @ x2 to ~1e-10 in the reply's second half."""
+    """The attack works: a seller re-randomising with SEAL's encryption of zero under the key (0, P)
+    (what a seller that loaded the buyer's full key did) hands out rows @ x2 to ~1e-10."""
     plan, keys, rows = session
     _, zero, p = _key_polys(keys)
     seller_view = load_public_context(keys.public_context_bytes(), plan)
     seal_context = seller_view.handles.seal_context
     crafted = codec.load_seal_key(sa.PublicKey(), seal_context, _crafted_key(keys, zero, p), "crafted key")
-    seller_view.encryptor = sa.Encryptor(seal_context, crafted)
+    seller_view.zero = _SealZero(seal_context, crafted)
     first, second = _attack(plan, keys, rows, seller_view)
     assert first < 1e-4  # rows @ x1, flooded (2^-18) as every released value is
     assert second < 1e-8  # rows @ x2, exact: a second answer, never flooded
@@ -331,7 +344,7 @@ def test_a_uniform_looking_trapdoor_key_opens_the_second_half_and_cannot_be_sent
     key = _crafted_key(keys, np.zeros_like(a), a)
     seller_view = load_public_context(keys.public_context_bytes(), plan)
     seal_context = seller_view.handles.seal_context
-    seller_view.encryptor = sa.Encryptor(seal_context, codec.load_seal_key(sa.PublicKey(), seal_context, key, "key"))
+    seller_view.zero = _SealZero(seal_context, codec.load_seal_key(sa.PublicKey(), seal_context, key, "key"))
     assert _trapdoor_read(plan, keys, rows, seller_view, f) < 1e-6  # the second functional, exactly
     with pytest.raises(UnseededKeyError):
         load_public_context(_with_key(keys.public_context_bytes(), key), plan)
@@ -342,3 +355,60 @@ def test_a_uniform_looking_trapdoor_key_opens_the_second_half_and_cannot_be_sent
     held_a = _read(codec.seal_to_bytes(held))[1][1]
     assert (held_a != a).mean() > 0.99  # the seller's a is the seed's expansion, not the trapdoor
     assert _trapdoor_read(plan, keys, rows, seeded, f) > 1e3
+
+
+# ---- a seeded key with a lying b half ---------------------------------------------------------------
+def _b_half_attack(plan, keys, rows, context, k: int) -> float:
+    """The buyer's key is (b_honest + p k, a = expand(seed)): seeded, and no seller can tell it from
+    an honest one. Decrypting with s gives fill + u k; rounding by k gives u when u is ternary. Then
+    the second half minus round(u a / p) (SEAL's own NTT and division, in a context whose first
+    level holds the key's primes) is rows @ x2. Returns that functional's median error."""
+    rng = np.random.default_rng(3)
+    x1, x2 = rng.normal(size=DIM), rng.normal(size=DIM)
+    [reply] = score_rows(context, plan, _crafted_query(plan, keys, x1, x2), rows, rng=np.random.default_rng(5))
+    members, polys, _ = _read(reply)
+    primes, h = _key_primes(keys), keys._live()[1]
+    q0 = primes[0]
+    d = (polys[0].astype(object) + polys[1].astype(object) * _ntt_secret(keys)[0].astype(object)) % q0
+    ct = codec.ciphertext_from_bytes(h.seal_context, keys.params, _write(members, np.stack([d.astype(np.uint64)] * 2)),
+                                     what="the decryption")
+    h.evaluator.transform_from_ntt_inplace(ct)
+    coeffs = [int(v) for v in _read(codec.seal_to_bytes(ct))[1][0][0]]
+    u = np.array([round((v - q0 if v > q0 // 2 else v) / k) for v in coeffs], dtype=np.int64)
+    ext = rerandomise._extended(keys.params.poly_modulus_degree, primes)
+    zero = rerandomise.WideZero(h.seal_context, codec.load_seal_key(
+        sa.PublicKey(), h.seal_context, context._public_key, "the key the seller holds"))
+    u_ntt, _ = zero._ntt(u, u)
+    ua = np.stack([(u_ntt[i].astype(object) * zero.a[i].astype(object) % q).astype(np.uint64)
+                   for i, q in enumerate(primes)])
+    x = zero._load_ext(zero._ext_blob(ua, ua, ntt=True))
+    ev = sa.Evaluator(ext)
+    ev.rescale_to_next_inplace(x)
+    while len(codec.ciphertext_polys(x, "u a / p")[2][0]) > 1:
+        ev.mod_switch_to_next_inplace(x)
+    strip = codec.ciphertext_polys(x, "u a / p")[2][0]
+    second = (polys[1].astype(object) - strip.astype(object)) % q0
+    slots = keys.decrypt_slots(_write(members, np.stack([second, 0 * second]).astype(np.uint64)), "c1", any_level=True)
+    [(_, r)] = _block_starts(plan, N_ROWS)
+    return float(np.median(np.abs(slots[plan.output_slots(r, N_ROWS)] - rows @ x2)))
+
+
+@pytest.mark.parametrize("k", [2**57, 2**20, 1])
+def test_a_lying_b_half_no_longer_exposes_the_sellers_randomness(session, k):
+    """The seeded form cannot stop this one (b is the buyer's); the seller's wide u does. Against
+    SEAL's ternary u the buyer reads rows @ x2 to ~1e-10; against u uniform in [-2^54, 2^54] the
+    same reading is off by ~1e7, for every amplification k the buyer may pick."""
+    plan, keys, rows = session
+    context_bytes = keys.public_context_bytes()
+    members, b, seed_info = _read(_public_key(context_bytes))
+    primes = _key_primes(keys)
+    lying = b.copy()
+    for i, q in enumerate(primes[:-1]):  # + p k in the data primes, 0 mod p: b + a s = e + p k
+        lying[0, i] = ((b[0, i].astype(object) + primes[-1] * k % q) % q).astype(np.uint64)
+    context = load_public_context(_with_key(context_bytes, _write(members, lying, seed_info)), plan)  # accepted
+    if k == 2**57:  # the old re-randomiser, under the very same key
+        old = load_public_context(_with_key(context_bytes, _write(members, lying, seed_info)), plan)
+        seal_context = old.handles.seal_context
+        old.zero = _SealZero(seal_context, codec.load_seal_key(sa.PublicKey(), seal_context, old._public_key, "key"))
+        assert _b_half_attack(plan, keys, rows, old, k) < 1e-8
+    assert _b_half_attack(plan, keys, rows, context, k) > 1e3

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sa
 import zstandard
@@ -41,12 +42,15 @@ from .params import HEParams
 __all__ = [
     "SeededPublicKey",
     "ciphertext_from_bytes",
+    "ciphertext_polys",
     "load_encryption_parameters",
+    "load_seal",
     "load_tenseal_context",
     "max_ciphertext_bytes",
     "max_context_bytes",
     "new_context_proto",
     "parse_context_proto",
+    "polys_blob",
     "read_public_context",
     "read_seeded_public_key",
     "seal_to_bytes",
@@ -411,6 +415,38 @@ def read_seeded_public_key(data: object, params: HEParams, what: str = "the publ
     canonical = _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, major, minor, 0, 0, _SEAL_HEADER.size + len(body))
     canonical += body
     return SeededPublicKey(prng=prng, seed=seed, b=b, canonical=canonical)
+
+
+def ciphertext_polys(obj: Any, what: str) -> tuple[tuple[int, int], tuple[Any, ...], np.ndarray]:
+    """(SEAL version, members, polynomials (size x primes x N, uint64)) of a full-form ciphertext
+    or public key made locally (a sealapi object, or its bytes): for arithmetic SEAL does not bind."""
+    blob = obj if isinstance(obj, bytes) else seal_to_bytes(obj, what)
+    _magic, _hsize, major, minor, compr, _res, _size = _SEAL_HEADER.unpack_from(blob)
+    payload = blob[_SEAL_HEADER.size :]  # made here: no size bound needed
+    body = zstandard.ZstdDecompressor().decompressobj().decompress(payload) if compr == 2 else payload
+    members = _CT_MEMBERS.unpack_from(body)
+    _pid, _ntt, size, n, primes, _scale, _corr = members
+    at = _CT_MEMBERS.size + _SEAL_HEADER.size
+    (count,) = _ARRAY_COUNT.unpack_from(body, at)
+    if count != size * n * primes:
+        raise CryptoError(f"{what} is not a full-form ciphertext ({count} coefficients)")
+    polys = np.frombuffer(body, dtype="<u8", count=count, offset=at + _ARRAY_COUNT.size)
+    return (major, minor), members, polys.reshape(size, primes, n).copy()
+
+
+def polys_blob(version: tuple[int, int], members: tuple[Any, ...], polys: np.ndarray) -> bytes:
+    """An uncompressed SEAL ciphertext with these members and polynomials (see :func:`ciphertext_polys`)."""
+    data = np.ascontiguousarray(polys, dtype="<u8").tobytes()
+    array = _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, *version, 0, 0,
+                              _SEAL_HEADER.size + _ARRAY_COUNT.size + len(data))
+    body = _CT_MEMBERS.pack(*members) + array + _ARRAY_COUNT.pack(len(data) // 8) + data
+    return _SEAL_HEADER.pack(_SEAL_MAGIC, _SEAL_HEADER.size, *version, 0, 0, _SEAL_HEADER.size + len(body)) + body
+
+
+def load_seal(obj: Any, seal_context: Any, data: bytes) -> Any:
+    """``obj.load(seal_context, ...)`` from bytes (errors left to the caller's tenseal_errors)."""
+    _seal_load(lambda p: obj.load(seal_context, p), data)
+    return obj
 
 
 def load_tenseal_context(blob: bytes, n_threads: int | None, what: str) -> ts.Context:

@@ -38,6 +38,7 @@ from .codec import (
 )
 from .costs import context_memory_bytes
 from .params import HEParams, PackingPlan, check_params, security_bits
+from .rerandomise import WideZero
 
 __all__ = ["PublicContext", "SessionKeys", "clear_context_cache", "context_cache_bytes", "load_public_context"]
 
@@ -134,6 +135,8 @@ class PublicContext:
         # re-randomises every reply with that key, never with an ``a`` the buyer wrote.
         pk = load_seal_key(sa.PublicKey(), seal_context, seeded.canonical, "the public key")
         self.encryptor = sa.Encryptor(seal_context, pk)
+        #: encryptions of zero with wide randomness: what replies are re-randomised with
+        self.zero = WideZero(seal_context, pk)
         gk = bytes(msg.public_context.galois_keys)
         self.galois_keys = load_seal_key(sa.GaloisKeys(), seal_context, gk, "the Galois keys") if gk else None
 
