@@ -9,10 +9,13 @@ such a ``b`` from an honest one) then reads ``u k`` out of the decryption, round
 subtracts ``u a / p`` from the second half and holds a second exact functional of the seller's rows.
 
 The fix: ``u`` uniform in ``[-2^54, 2^54]`` (OS entropy). An honest key's error ``e`` then adds
-``u e / p``, about 2^3 in coefficient units, far below the reply's flooding. A lying key gains at
-most ``log2(q0 / R)`` bits per coefficient of ``u`` from the first half, where ``R`` is the seller's
-own fill in that half (~2^46 with the default bounds: ~14 of u's 55 bits), and ``u`` must be known
-exactly to strip ``u a / p``: what is left is an LWE instance in the unknown part of ``u``.
+``u e / p``, a few coefficient units (~2e-10 in a slot at scale 2^40: far below the reply's
+flooding, 2^-18, and the CKKS rounding noise itself). A lying key gains at most
+``log2(q0 / (2 R))`` bits per coefficient of ``u`` from the first half, where ``R`` is the noise
+there the buyer cannot remove: the seller's fill (~2^46 coefficient units with the default
+bounds: ~13 of u's 55 bits) or, with every fill and flood bound at 0, the rounding (~2^5: ~54
+bits). ``u`` must be known exactly to strip ``u a / p``; what is left is an LWE instance
+(dimension N, modulus q0, rounding error) whose secret is the unknown part of ``u``.
 
 How: the polynomial products are taken in the NTT domain (pointwise, exact Python integers); the
 NTT and the division by ``p`` are SEAL's own, run in a context whose first level holds the key's
