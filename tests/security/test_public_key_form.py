@@ -7,7 +7,8 @@ chosen vector, reads the reply's second half ``res.c1 + u P + e1`` with ``u P`` 
 one reply then gives two exact functionals of the seller's rows, and the second carries no
 flooding. The fix here: the seller accepts only a public key whose ``a`` is expanded from a seed,
 and re-randomises with the key SEAL expanded. It closes the ``a`` channel (a chosen or trapdoored
-``a``); the ``b`` half stays the buyer's (see ``SeededPublicKey``). Every attack here is built
+``a``); the ``b`` half stays the buyer's, and a lying ``b`` is met by the seller's wide ``u``
+(``tip_fed/crypto/rerandomise.py``). Every attack here is built
 from the public wire format (SEAL serialisations written byte by byte) and runs against real
 TenSEAL and the real Seller.
 """

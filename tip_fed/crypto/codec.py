@@ -328,7 +328,8 @@ class SeededPublicKey:
     trapdoor for it. This closes the ``a`` channel only: ``b`` is still the buyer's, and a ``b``
     far from ``-a s`` (``b + a s`` large and known to the buyer) puts the seller's ``u`` into
     the decryption, after which ``u a`` can be subtracted again. A seller cannot tell such a
-    ``b`` from an honest one without a proof that ``b + a s`` is short.
+    ``b`` from an honest one without a proof that ``b + a s`` is short; it draws ``u`` too wide
+    for that to work instead (:mod:`tip_fed.crypto.rerandomise`).
     """
 
     prng: int  #: SEAL prng_type of the expansion (1 blake2xb, 2 shake256)
