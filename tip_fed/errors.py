@@ -35,6 +35,10 @@ class CodecError(CryptoError):
     """Serialized keys or ciphertexts are empty, truncated, garbage, or for other parameters."""
 
 
+class UnseededKeyError(CodecError):
+    """A public key arrived with its random half written out instead of expanded from a seed."""
+
+
 class ProtocolError(TipError):
     """A protocol message is malformed, out of order, or inconsistent with the session."""
 

@@ -1,11 +1,12 @@
 """Per-session CKKS keys (buyer) and the validated public context (seller).
 
 The buyer makes a fresh key pair for every session (:meth:`SessionKeys.generate`) and ships only
-:meth:`SessionKeys.public_context_bytes`: encryption parameters, the public key (sellers encrypt
-their random fill with it) and Galois keys for exactly the rotation steps of the packing plan
-(the giant step and the fold steps: 6-9 keys instead of TenSEAL's ~24 default ones), serialised
-seeded (half size): about 5 MB instead of 35 MB at N = 8192. No secret key, no relinearisation keys (the seller never
-multiplies two ciphertexts).
+:meth:`SessionKeys.public_context_bytes`: encryption parameters, the public key in seeded form
+(sellers re-randomise every reply with it and accept it only with its random half expanded from a
+seed; :class:`~tip_fed.crypto.codec.SeededPublicKey` says why) and Galois keys for exactly the
+rotation steps of the packing plan (the giant step and the fold steps: 6-9 keys instead of
+TenSEAL's ~24 default ones), serialised seeded (half size): about 5 MB instead of 35 MB at
+N = 8192. No secret key, no relinearisation keys (the seller never multiplies two ciphertexts).
 
 The secret key never leaves :class:`SessionKeys`; :meth:`SessionKeys.destroy` drops it when the
 session settles. Python cannot wipe memory, so "destroy" means every reference this object held is
@@ -31,11 +32,13 @@ from .codec import (
     load_tenseal_context,
     new_context_proto,
     read_public_context,
+    read_seeded_public_key,
     seal_to_bytes,
     tenseal_errors,
 )
 from .costs import context_memory_bytes
 from .params import HEParams, PackingPlan, check_params, security_bits
+from .rerandomise import WideZero
 
 __all__ = ["PublicContext", "SessionKeys", "clear_context_cache", "context_cache_bytes", "load_public_context"]
 
@@ -120,14 +123,20 @@ class PublicContext:
         self.params = params
         self._data, self._n_threads = data, n_threads
         self._context: ts.Context | None = None
-        public_key = bytes(msg.public_context.public_key)
-        #: SHA-256 (hex) of the serialised public key: what ties this context to one secret key
-        #: (the same key pair may be shipped with other Galois keys); what a seller's ledger remembers.
-        self.public_key_digest = hashlib.sha256(b"tip-fed/public-key/v1\x00" + public_key).hexdigest()
+        seeded = read_seeded_public_key(bytes(msg.public_context.public_key), params)
+        #: SHA-256 (hex) of the public key itself (seed and b half; not of its wire bytes, which
+        #: another compression changes): what ties this context to one key pair (the same pair may
+        #: be shipped with other Galois keys); what a seller's ledger remembers.
+        self.public_key_digest = seeded.digest()
+        self._public_key = seeded.canonical
         seal_context = _shared_seal_context(bytes(msg.encryption_parameters), parms, params)
         self.handles = _SealHandles(seal_context, params)
-        pk = load_seal_key(sa.PublicKey(), seal_context, public_key, "the public key")
+        # SEAL expands ``a`` from the seed while loading the bytes just checked: the seller
+        # re-randomises every reply with that key, never with an ``a`` the buyer wrote.
+        pk = load_seal_key(sa.PublicKey(), seal_context, seeded.canonical, "the public key")
         self.encryptor = sa.Encryptor(seal_context, pk)
+        #: encryptions of zero with wide randomness: what replies are re-randomised with
+        self.zero = WideZero(seal_context, pk)
         gk = bytes(msg.public_context.galois_keys)
         self.galois_keys = load_seal_key(sa.GaloisKeys(), seal_context, gk, "the Galois keys") if gk else None
 
@@ -136,7 +145,9 @@ class PublicContext:
         """The same public context as a TenSEAL object (built on first use: only the naive
         baseline and introspection need it)."""
         if self._context is None:
-            self._context = load_tenseal_context(self._data, self._n_threads, "public context")
+            msg = new_context_proto(self._data)
+            msg.public_context.public_key = self._public_key  # the key the seller checked, uncompressed
+            self._context = load_tenseal_context(msg.SerializeToString(), self._n_threads, "public context")
             if self._context.has_secret_key() or self._context.is_private():
                 raise CryptoError("refusing a context that contains a secret key")
         return self._context
@@ -182,6 +193,7 @@ class SessionKeys:
         self._decryptor: Any = sa.Decryptor(self._handles.seal_context, sk)
         self._sym_encryptor: Any = sa.Encryptor(self._handles.seal_context, sk)
         self._public: bytes | None = None
+        self._public_key: bytes | None = None
 
     @classmethod
     def generate(cls, plan: PackingPlan, *, n_threads: int | None = None) -> SessionKeys:
@@ -232,7 +244,8 @@ class SessionKeys:
         """Public context for sellers: parameters, public key, only the plan's Galois keys."""
         if self._public is None:
             ctx, handles = self._live()
-            msg = new_context_proto(_context_bytes(ctx, "the public context", secret=False))
+            public = _context_bytes(ctx, "the public context", secret=False)
+            msg = new_context_proto(self.with_seeded_public_key(public))
             steps = self._plan.galois_steps
             if steps:
                 keygen = sa.KeyGenerator(handles.seal_context, ctx.secret_key().data)
@@ -242,6 +255,23 @@ class SessionKeys:
                 msg.public_context.galois_keys = seal_to_bytes(seeded, "saving Galois keys")
             self._public = msg.SerializeToString()
         return self._public
+
+    def with_seeded_public_key(self, context: bytes) -> bytes:
+        """``context`` (TenSEAL's serialisation of this session's public context, whose public key
+        TenSEAL writes out in full) with the public key replaced by a seeded one: what sellers accept.
+
+        A public key is an encryption of zero under the secret key at the key level; SEAL's
+        symmetric encryption saves its random half as the seed it was expanded from. (TenSEAL does
+        not expose SEAL's seeded ``create_public_key``; this is the same computation.)
+        """
+        _, h = self._live()
+        if self._public_key is None:  # one public key per session, whatever context carries it
+            with tenseal_errors("creating the seeded public key", CryptoError):
+                seeded = self._sym_encryptor.encrypt_zero_symmetric(h.seal_context.key_parms_id())
+            self._public_key = seal_to_bytes(seeded, "saving the public key")
+        msg = new_context_proto(context)
+        msg.public_context.public_key = self._public_key
+        return bytes(msg.SerializeToString())
 
     def public_context(self, *, n_threads: int | None = None) -> PublicContext:
         """The seller-side view of this session, loaded exactly as a seller would."""

@@ -38,7 +38,7 @@ def baseline_public_context_bytes(keys: SessionKeys) -> bytes:
             save_relin_keys=False,
         )
         tmp.make_context_public(generate_galois_keys=False, generate_relin_keys=False)
-    return data
+    return keys.with_seeded_public_key(data)
 
 
 def encrypt_query_naive(keys: SessionKeys, x: np.ndarray) -> bytes:

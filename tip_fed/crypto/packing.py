@@ -311,8 +311,8 @@ class _Scorer:
             scale = h.output_scale(masked=folded)
         t = self._tick("mask", t)
         values = sanitising_fill(fill, out_slots, flood_std, imag_bound)
-        noise = sa.Ciphertext()
-        self.ctx.encryptor.encrypt(self._encode(values, h.first_parms_id, scale), noise)
+        noise = self.ctx.zero.encrypt_zero(h.first_parms_id, scale)  # wide u: see crypto/rerandomise.py
+        ev.add_plain_inplace(noise, self._encode(values, h.first_parms_id, scale))
         ev.mod_switch_to_inplace(noise, h.last_parms_id)
         if res is None:
             res = noise

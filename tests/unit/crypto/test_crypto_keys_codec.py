@@ -16,7 +16,8 @@ from tip_fed.crypto import (
     plan_packing,
     score_rows,
 )
-from tip_fed.crypto.codec import new_context_proto
+from tip_fed.crypto.codec import new_context_proto, read_seeded_public_key
+from tip_fed.crypto.naive import baseline_public_context_bytes
 from tip_fed.crypto.sanitise import FLOOD_STD
 from tip_fed.errors import CodecError, ConfigError, CryptoError, InsecureParametersError
 from tip_fed.testing import secret_key_bytes
@@ -66,6 +67,19 @@ def test_only_needed_galois_keys_are_shipped(session) -> None:  # type: ignore[n
     # 2 + log2(R) seeded keys: far below TenSEAL's default public context (~35 MB).
     assert len(public) < 6_000_000
     assert len(new_context_proto(public).public_context.galois_keys) > 0
+
+
+def test_the_public_key_is_shipped_seeded(session) -> None:  # type: ignore[no-untyped-def]
+    """Only b and a 64-byte seed travel (half of TenSEAL's serialisation); the seller's digest is of
+    the key, and the same for every load; the baseline context carries the seeded key too."""
+    plan, keys, public, ctx, *_ = session
+    pk = bytes(new_context_proto(public).public_context.public_key)
+    seeded = read_seeded_public_key(pk, plan.params)
+    n_key = len(plan.params.coeff_mod_bit_sizes) * plan.params.poly_modulus_degree
+    assert seeded.prng in (1, 2) and len(seeded.seed) == 64 and len(seeded.b) == 8 * n_key
+    assert len(pk) < 8 * n_key  # one polynomial of u64 at most: the a half is not in it
+    assert ctx.public_key_digest == seeded.digest() == load_public_context(public, plan).public_key_digest
+    assert load_public_context(baseline_public_context_bytes(keys), plan).public_key_digest == seeded.digest()
 
 
 def test_fresh_keys_per_session() -> None:
