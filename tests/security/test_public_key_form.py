@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tip_fed.crypto import SessionKeys, codec, load_public_context, plan_packing, rerandomise, score_rows
-from tip_fed.crypto.packing import _block_starts, _query_slots
+from tip_fed.crypto.packing import _query_slots
 from tip_fed.errors import CodecError, UnseededKeyError
 from tip_fed.protocol import Seller, SellerPolicy
 from tip_fed.protocol.ledger import KeyReuseError, LedgerPolicy
@@ -168,7 +168,8 @@ def _attack(plan, keys, rows, context) -> tuple[float, float]:
     rng = np.random.default_rng(3)
     x1, x2 = rng.normal(size=DIM), rng.normal(size=DIM)
     reply = score_rows(context, plan, _crafted_query(plan, keys, x1, x2), rows, rng=np.random.default_rng(5))
-    [(_, r)] = _block_starts(plan, N_ROWS)
+    [block] = plan.layout(N_ROWS)
+    r = block.rows
     assert len(reply) == 1
     slots = plan.output_slots(r, N_ROWS)
     first = _decode_half(keys, reply[0], 0)[slots]
@@ -329,7 +330,8 @@ def _trapdoor_read(plan, keys, rows, context, f) -> float:
     f_c1 = (f0 * polys[1].astype(object) % q0).astype(np.uint64)  # NTT form: the ring product is pointwise
     unit = (*members[:6], 1.0, members[7])  # f itself at scale 1: its slots are sigma(f)
     slots = _decode_complex(keys, members, f_c1) / _decode_complex(keys, unit, f[:1])
-    [(_, r)] = _block_starts(plan, N_ROWS)
+    [block] = plan.layout(N_ROWS)
+    r = block.rows
     return float(np.median(np.abs(slots.real[plan.output_slots(r, N_ROWS)] - rows @ x2)))
 
 
@@ -390,7 +392,8 @@ def _b_half_attack(plan, keys, rows, context, k: int) -> float:
     strip = codec.ciphertext_polys(x, "u a / p")[2][0]
     second = (polys[1].astype(object) - strip.astype(object)) % q0
     slots = keys.decrypt_slots(_write(members, np.stack([second, 0 * second]).astype(np.uint64)), "c1", any_level=True)
-    [(_, r)] = _block_starts(plan, N_ROWS)
+    [block] = plan.layout(N_ROWS)
+    r = block.rows
     return float(np.median(np.abs(slots[plan.output_slots(r, N_ROWS)] - rows @ x2)))
 
 

@@ -190,12 +190,14 @@ class ModelCache:
                 self._remember(held)
             return held
 
-    def admit(self, payload: pb.ModelPayload, peer: str | None = None) -> bool:
+    def admit(self, payload: pb.ModelPayload, peer: str | None = None, checked: WeightsHeader | None = None) -> bool:
         """Hold ``payload``'s model for ``peer`` (who may then reference it) if its weights hash to
-        its fingerprint and it fit the bound."""
+        its fingerprint and it fit the bound (``checked``: the weights header of a payload whose
+        fingerprint the caller has just verified, as building the model does, so it is not hashed twice)."""
         if not payload.weights or len(payload.weights) > self.max_bytes:
             return False
-        held = verified(payload)
+        held = verified(payload) if checked is None else HeldModel(
+            payload.architecture, payload.config_json, payload.fingerprint, bytes(payload.weights), checked)
         if held is None:
             return False
         who = uploader_id(peer)

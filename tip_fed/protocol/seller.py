@@ -234,7 +234,8 @@ class Seller:
         model = decode_model(held.payload if held is not None else offer.model,
                              expected_fingerprint=self.policy.expected_fingerprint, header=cost.weights)
         if held is None:
-            self.models.admit(offer.model, peer)  # shipped and built: the buyer may reference it from now on
+            # shipped and built (its fingerprint checked): the buyer may reference it from now on
+            self.models.admit(offer.model, peer, checked=cost.weights)
         task = get_task(offer.task)
         release = plan_release(self.policy.noise, offer.dp_epsilon, offer.dp_delta, per_sample=offer.per_sample,
                                shape=(self.n_samples, offer.spec.dim), session_id=offer.session_id,
