@@ -52,8 +52,8 @@ def exchange_grpc(config: SimulationConfig, market: Market, buyer: Buyer, progre
         files, settings=config.grpc, query_budget=config.protocol.query_budget, seller_args=SERVE_ARGS, run=run,
         progress=progress,
     ) as fleet:
-        phase(f"the Offer out to {len(files)} sellers at once, their Replies settled", enabled=progress)
-        return value_grpc(buyer, fleet.endpoints, fleet.tls, config.grpc, max_samples(market))
+        phase(f"the Offer out to {len(files)} sellers at once", enabled=progress)
+        return value_grpc(buyer, fleet.endpoints, fleet.tls, config.grpc, max_samples(market), progress=progress)
 
 
 def exchange_flower_simulation(config: SimulationConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:
