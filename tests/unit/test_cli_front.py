@@ -75,6 +75,14 @@ def test_the_summary_is_short_and_says_only_what_was_computed(metrics):
         assert "n_replicates 3" in text and "p_sign_flip 0.25" in text and "bootstrap" not in text
     if not metrics:
         assert "validity" not in text and "fidelity" not in text
+    assert "None" not in text  # what was not measured is left out, never printed as None
+
+
+def test_a_valuation_phase_timed_in_another_process_is_left_out():
+    """A Flower deployment's buyer runs in the SuperLink's ServerApp: this process cannot time its phase."""
+    deployment = {**SINGLE, "run": {**SINGLE["run"], "valuation_seconds": None}}
+    assert summary_lines(deployment, "out")[0] == "valued      4 sellers in 2.4 s"
+    assert summary_lines(SINGLE, "out")[0] == "valued      4 sellers in 2.4 s (valuation phase 0.39 s)"
 
 
 def test_the_front_door_exports_what_a_user_needs_and_stays_light():

@@ -68,9 +68,10 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
             f"over {run.get('runtime', '?')} in {_num(run.get('seconds'))} s"
         )
     elif "sellers" in run:
+        phase = run.get("valuation_seconds")  # None where the buyer ran in another process (Flower deployment)
         lines.append(
-            f"valued      {run['sellers']} sellers in {_num(run.get('seconds'))} s "
-            f"(valuation phase {_num(run.get('valuation_seconds'))} s)"
+            f"valued      {run['sellers']} sellers in {_num(run.get('seconds'))} s"
+            + (f" (valuation phase {_num(phase)} s)" if phase is not None else "")
         )
         if run.get("top_by_score") is not None:
             by_benefit = f"; {run['top_by_benefit']} by realised benefit" if run.get("top_by_benefit") else ""
