@@ -19,9 +19,12 @@ def test_a_misspelled_config_is_reported_before_heavy_imports():
     assert "configs/nope.toml" in out.stderr and "does not exist" in out.stderr
 
 
-def test_a_non_empty_out_is_refused_unless_forced(tmp_path, capsys):
+@pytest.mark.parametrize("command", [["simulate", "configs/causal.toml"], ["export-sellers", "configs/causal.toml"],
+                                     ["buyer", "prepare", "examples/tabular/buyer.toml"]],
+                         ids=["simulate", "export-sellers", "buyer-prepare"])
+def test_a_non_empty_out_is_refused_unless_forced(tmp_path, capsys, command):
     (tmp_path / "valuations.csv").write_text("seller_id\nold-run\n")
-    assert cli.main(["simulate", "configs/causal.toml", "--out", str(tmp_path)]) == 2
+    assert cli.main([*command, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "--force" in err
     assert (tmp_path / "valuations.csv").read_text() == "seller_id\nold-run\n"  # nothing lost
