@@ -88,6 +88,11 @@ def test_a_valuation_phase_timed_in_another_process_is_left_out():
     assert summary_lines(SINGLE, "out")[0] == "valued      4 sellers in 2.4 s (valuation phase 0.39 s)"
 
 
+def test_a_long_run_reads_in_minutes():
+    long = {**REPLICATED, "run": {**REPLICATED["run"], "seconds": 1174.6}}
+    assert summary_lines(long, "out")[0] == "valued      8 sellers x 3 sessions over inprocess in 19 min 35 s"
+
+
 def test_the_front_door_exports_what_a_user_needs_and_stays_light():
     code = (
         "import sys, tip_fed; light = 'torch' not in sys.modules; "

@@ -20,6 +20,16 @@ def _num(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _duration(seconds: Any) -> str:
+    """``2.4 s``, ``95 s``, ``19 min 34 s``: a run's wall time as a person reads it."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return f"{seconds} s"
+    if seconds < 100:
+        return f"{_num(seconds)} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s"
+
+
 def _get(tree: Mapping[str, Any], dotted: str) -> Any:
     node: Any = tree
     for key in dotted.split("."):
@@ -65,12 +75,12 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
     if run.get("sessions", 1) > 1:
         lines.append(
             f"valued      {run.get('sellers')} sellers x {run['sessions']} sessions "
-            f"over {run.get('runtime', '?')} in {_num(run.get('seconds'))} s"
+            f"over {run.get('runtime', '?')} in {_duration(run.get('seconds'))}"
         )
     elif "sellers" in run:
         phase = run.get("valuation_seconds")  # None where the buyer ran in another process (Flower deployment)
         lines.append(
-            f"valued      {run['sellers']} sellers in {_num(run.get('seconds'))} s"
+            f"valued      {run['sellers']} sellers in {_duration(run.get('seconds'))}"
             + (f" (valuation phase {_num(phase)} s)" if phase is not None else "")
         )
         if run.get("top_by_score") is not None:
