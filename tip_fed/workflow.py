@@ -123,7 +123,6 @@ def _grpc(buyer: Buyer, endpoints: list[Any], tls: Any, settings: GrpcConfig, ma
     if not max_samples:
         phase(f"asking {len(endpoints)} sellers how many records they hold", enabled=progress)
     limit = max_samples or _largest_seller(endpoints, tls)
-    phase(f"the Offer out to {len(endpoints)} sellers at once", enabled=progress)
     return value_grpc(buyer, endpoints, tls, settings, limit, insecure=tls is None, progress=progress)
 
 

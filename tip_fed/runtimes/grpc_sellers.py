@@ -52,6 +52,7 @@ def value_grpc(buyer: Buyer, endpoints: Sequence[SellerEndpoint], tls: ClientTLS
     """
     offer = buyer.offer(max_samples=max_samples)
     sent: dict[str, OfferSent] = {}
+    phase(f"the Offer out to {len(endpoints)} sellers at once", enabled=progress)
     with count(ANSWERED, len(endpoints), enabled=progress) as answered:
         replies, failures = value_sellers(
             endpoints, offer, tls=tls, insecure=insecure, timeout_s=settings.timeout_s, retries=settings.retries,
