@@ -345,11 +345,11 @@ def _simulate(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     out = Path(args.out)
     cli_value.check_out_dir(out, args.force)
-    from tip_fed.console import phase
+    from tip_fed.console import waiting
 
-    phase("loading torch and TenSEAL", enabled=not args.quiet)
-    from simulations.runner import run_scenario
-    from tip_fed.market.summary import summary_lines
+    with waiting("loading torch and TenSEAL", enabled=not args.quiet):
+        from simulations.runner import run_scenario
+        from tip_fed.market.summary import summary_lines
 
     result = run_scenario(config, out, progress=not args.quiet)
     print("\n".join(summary_lines(result.metrics, str(result.out_dir))))
@@ -362,10 +362,10 @@ def _export_sellers(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     out = Path(args.out)
     cli_value.check_out_dir(out, args.force, "two markets' sellers would mix (a deployment serves every file there)")
-    from tip_fed.console import phase, quiet_third_party, run_progress, step
+    from tip_fed.console import quiet_third_party, run_progress, step, waiting
 
-    phase("loading torch and TenSEAL", enabled=not args.quiet)
-    from simulations.scenarios import export_sellers
+    with waiting("loading torch and TenSEAL", enabled=not args.quiet):
+        from simulations.scenarios import export_sellers
 
     quiet_third_party()
     with run_progress("tip-fed", 1, enabled=not args.quiet):

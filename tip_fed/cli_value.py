@@ -51,7 +51,7 @@ def check_out_dir(out: Path, force: bool, what: str = "results of two runs would
 def run(args: argparse.Namespace) -> None:
     """Run ``buyer prepare`` or ``value``; every failure is a TipError."""
     from tip_fed.buyer_config import load_buyer_config
-    from tip_fed.console import phase, quiet_third_party, run_progress, step
+    from tip_fed.console import quiet_third_party, run_progress, step, waiting
     from tip_fed.sellers_config import load_sellers_config
 
     out = Path(args.out)
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> None:
     quiet_third_party()
     if args.command == "buyer":
         check_out_dir(out, args.force, "it would mix with another prepared query")
-        phase("loading torch and TenSEAL", enabled=progress)
-        cfg = load_buyer_config(args.config)
-        from tip_fed.buyer_config import prepare_from_config
+        with waiting("loading torch and TenSEAL", enabled=progress):
+            cfg = load_buyer_config(args.config)
+            from tip_fed.buyer_config import prepare_from_config
 
         with run_progress("tip-fed", 2, enabled=progress):
             step("the buyer's query")
@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--prepared {args.prepared} is not a directory; make one with "
                           f"'tip-fed buyer prepare {args.config} --out DIR'")
     check_out_dir(out, args.force)
-    phase("loading torch and TenSEAL", enabled=progress)
-    load_buyer_config(args.config)  # last: its task check loads torch
-    from tip_fed.market.summary import summary_lines
-    from tip_fed.workflow import value_files
+    with waiting("loading torch and TenSEAL", enabled=progress):
+        load_buyer_config(args.config)  # last: its task check loads torch
+        from tip_fed.market.summary import summary_lines
+        from tip_fed.workflow import value_files
 
     with run_progress("tip-fed", 3, enabled=progress):
         result = value_files(args.config, args.sellers, out, prepared_dir=args.prepared, progress=progress)

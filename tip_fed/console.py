@@ -38,6 +38,7 @@ LOG_EVERY_S = 10.0  # in a log, the longest stretch without a line while a run i
 HEARTBEAT_S = 1.0  # on a terminal, how often the open bars are redrawn
 RUN_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"  # steps take minutes: no rate
 PREFIX = "tip-fed"
+WAIT_BAR = "{desc} [{elapsed}]"  # a wait of unknown length: its clock
 ANSWERED = "sellers answered"  # every runtime's count of the sellers whose answer (or silence) is in
 
 
@@ -108,11 +109,12 @@ def _beat(stop: threading.Event) -> None:
 
 
 @contextmanager
-def run_progress(desc: str, total: int, *, enabled: bool, unit: str = "step") -> Iterator[None]:
+def run_progress(desc: str, total: int, *, enabled: bool, unit: str = "step", bar_format: str = RUN_BAR,
+                 leave: bool = True) -> Iterator[None]:
     """Open the run's progress of ``total`` steps; :func:`step`, :func:`phase` and :func:`counted` report into it."""
     saved = (_run.bar, _run.label, _run.started, _run.steps, _run.enabled, _run.said, _run.doing, _run.counts)
-    _run.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, bar_format=RUN_BAR) \
-        if enabled and _live() else None
+    _run.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, bar_format=bar_format,
+                    leave=leave) if enabled and _live() else None
     _run.label, _run.started, _run.steps, _run.enabled = "", time.perf_counter(), 0, enabled
     _run.said, _run.doing, _run.counts = _run.started, desc, []
     stop = threading.Event()
@@ -131,6 +133,17 @@ def run_progress(desc: str, total: int, *, enabled: bool, unit: str = "step") ->
             _run.bar.close()
         (_run.bar, _run.label, _run.started, _run.steps, _run.enabled, _run.said, _run.doing,
          _run.counts) = saved
+
+
+@contextmanager
+def waiting(text: str, *, enabled: bool) -> Iterator[None]:
+    """A wait before the run opens (loading torch and TenSEAL): on a terminal a line whose clock moves,
+    gone when the block ends; in a log its line, then the seconds it has taken every :data:`LOG_EVERY_S`."""
+    if enabled and not _live():
+        phase(text, enabled=True)
+    with run_progress(f"{PREFIX}: {text}", 0, enabled=enabled, bar_format=WAIT_BAR, leave=False):
+        _doing(text)
+        yield
 
 
 def restart(desc: str, total: int, *, unit: str) -> None:

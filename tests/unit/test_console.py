@@ -88,3 +88,13 @@ def test_the_heartbeat_is_silent_outside_a_run_and_under_quiet(
         console.phase("anything")
         console.heartbeat()
     assert capsys.readouterr().err == ""
+
+
+def test_a_wait_before_the_run_says_what_it_waits_for_and_for_how_long(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    with console.waiting("loading torch and TenSEAL", enabled=True):
+        monkeypatch.setattr(console, "LOG_EVERY_S", 0.0)
+        console.heartbeat()
+    console.heartbeat()  # the wait is over: nothing more
+    got = [re.sub(r"\(\d+ s so far\)", "(N s so far)", line) for line in _lines(capsys.readouterr().err)]
+    assert got == ["tip-fed: loading torch and TenSEAL", "tip-fed loading torch and TenSEAL (N s so far)"]
