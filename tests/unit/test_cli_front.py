@@ -88,6 +88,12 @@ def test_a_valuation_phase_timed_in_another_process_is_left_out():
     assert summary_lines(SINGLE, "out")[0] == "valued      4 sellers in 2.4 s (valuation phase 0.39 s)"
 
 
+def test_an_equal_split_has_gini_0_not_its_floating_point_residue():
+    residue = {**SINGLE, "payouts": {"reference": "benefit", "rules": {"flat": {"gini": -1.8e-17}}}}
+    assert "gini flat 0" in "\n".join(summary_lines(residue, "out"))
+    assert "e-17" not in "\n".join(summary_lines(residue, "out"))
+
+
 def test_a_long_run_reads_in_minutes():
     long = {**REPLICATED, "run": {**REPLICATED["run"], "seconds": 1174.6}}
     assert summary_lines(long, "out")[0] == "valued      8 sellers x 3 sessions over inprocess in 19 min 35 s"

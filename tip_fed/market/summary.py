@@ -30,6 +30,11 @@ def _duration(seconds: Any) -> str:
     return f"{minutes} min {rest} s"
 
 
+def _gini(value: Any) -> Any:
+    """A Gini coefficient as printed: floating-point residue of an equal split (-1.8e-17) is 0."""
+    return 0.0 if isinstance(value, float) and abs(value) < 1e-9 else value
+
+
 def _get(tree: Mapping[str, Any], dotted: str) -> Any:
     node: Any = tree
     for key in dotted.split("."):
@@ -102,7 +107,7 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
             f"payouts     {len(rules)} rules compared"
             + (f" against {ref}" if ref else "")
             + "; gini "
-            + ", ".join(f"{r} {_num(c.get('gini'), 2)}" for r, c in rules.items() if isinstance(c, Mapping))
+            + ", ".join(f"{r} {_num(_gini(c.get('gini')), 2)}" for r, c in rules.items() if isinstance(c, Mapping))
         )
     lines.append(f"results     {out_dir}/ (report.md explains every number; metrics.json has them all)")
     return lines[:MAX_LINES]
