@@ -192,7 +192,7 @@ class Count:
         self.desc, self.total, self.enabled, self.done = desc, total, enabled, 0
         self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True) \
             if enabled and _live() else None
-        self.started = self.said = time.perf_counter()
+        self.started = self.said = self.moved = time.perf_counter()  # moved: when the count last grew
         self.said_done: int | None = None  # the count the last log line gave
         if enabled:
             with _lock:
@@ -201,9 +201,13 @@ class Count:
             self.say()
 
     def say(self) -> None:
-        """A log line with the count so far (and, when it has not moved, the seconds it has waited)."""
+        """A log line with the count so far; when it has not moved since the last line (a heartbeat's),
+        also the seconds since the loop began (nothing done yet) or since the count last grew."""
         now = time.perf_counter()
-        waited = f" ({now - self.started:.0f} s so far)" if self.said_done == self.done else ""  # a heartbeat's
+        waited = ""
+        if self.said_done == self.done:
+            waited = f" ({now - self.started:.0f} s so far)" if not self.done else \
+                f" (the last {now - self.moved:.0f} s ago)"
         self.said, self.said_done = now, self.done
         _line((f"{self.desc} {self.done}/{self.total}" if self.total is not None else f"{self.desc} {self.done}")
               + waited)
@@ -211,6 +215,7 @@ class Count:
     def update(self, n: int = 1) -> None:
         """``n`` more items are done."""
         self.done += n
+        self.moved = time.perf_counter()
         if self.bar is not None:
             self.bar.update(n)
         elif self.enabled and time.perf_counter() - self.said >= LOG_EVERY_S:

@@ -63,19 +63,21 @@ def test_a_quiet_stretch_in_a_log_repeats_the_open_count_then_the_phase(
         monkeypatch.setattr(console, "LOG_EVERY_S", 0.0)  # every beat finds the log quiet for long enough
         console.heartbeat()
         with console.count("workers ready", 4) as ready:
+            console.heartbeat()
             ready.update()
             console.heartbeat()
         console.heartbeat()
         monkeypatch.setattr(console, "LOG_EVERY_S", 1e9)  # a log that just had a line stays as it is
         console.heartbeat()
-    got = [re.sub(r"\(\d+ s so far\)", "(N s so far)", line) for line in _lines(capsys.readouterr().err)]
+    got = [re.sub(r"\d+ s (so far|ago)\)", r"N s \1)", line) for line in _lines(capsys.readouterr().err)]
     assert got == [
         "tip-fed session 1/1",
         "tip-fed   Ray starting its workers",
         "tip-fed   Ray starting its workers (N s so far)",
         "tip-fed   workers ready 0/4",
+        "tip-fed   workers ready 0/4 (N s so far)",  # nothing done yet: the seconds since the loop began
         "tip-fed   workers ready 1/4",  # the update itself, the log having been quiet long enough
-        "tip-fed   workers ready 1/4 (N s so far)",  # the beat: the open loop's count, not the phase
+        "tip-fed   workers ready 1/4 (the last N s ago)",  # the beat: the open loop's count, not the phase
         "tip-fed   Ray starting its workers (N s so far)",  # the loop closed on the count the log already gave
     ]
 
