@@ -107,7 +107,8 @@ def run_session(grid: Grid, session: Session) -> Valuation:
     def collect(targets: Sequence[int], message: RecordDict, by_reference: bool) -> Iterator[bytes]:
         for node, reply in exchange(grid, targets, message, cfg):
             if by_reference and reply is not None and _model_not_held(reply):
-                lacking.append(node)
+                lacking.append(node)  # an answer too: the host's progress shows it (the weights follow)
+                logger.info("query.value: %d of %d seller nodes lack the model so far", len(lacking), len(nodes))
                 continue
             answers.update()
             logger.info("query.value: %s %d/%d", ANSWERED, answers.done, len(nodes))
