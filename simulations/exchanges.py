@@ -16,7 +16,6 @@ from pathlib import Path
 from simulations.market import Market
 from simulations.scenarios import SELLER_POLICY, max_samples, write_seller_files
 from simulations.settings import SimulationConfig
-from tip_fed.console import phase
 from tip_fed.protocol import Buyer, Seller, Valuation
 from tip_fed.runtimes.inprocess import value_inprocess
 from tip_fed.runtimes.processes import PrivateRun
@@ -52,8 +51,7 @@ def exchange_grpc(config: SimulationConfig, market: Market, buyer: Buyer, progre
         files, settings=config.grpc, query_budget=config.protocol.query_budget, seller_args=SERVE_ARGS, run=run,
         progress=progress,
     ) as fleet:
-        phase(f"the Offer out to {len(files)} sellers at once, their Replies settled", enabled=progress)
-        return value_grpc(buyer, fleet.endpoints, fleet.tls, config.grpc, max_samples(market))
+        return value_grpc(buyer, fleet.endpoints, fleet.tls, config.grpc, max_samples(market), progress=progress)
 
 
 def exchange_flower_simulation(config: SimulationConfig, market: Market, buyer: Buyer, progress: bool) -> Valuation:

@@ -347,15 +347,19 @@ def _load_inputs(cfg: BuyerConfig) -> tuple[Any, Any, InputFormat | None]:
     return objective, train, build_input_format(cfg, objective, train)
 
 
-def prepare_from_config(cfg: BuyerConfig) -> PreparedQuery:
+def prepare_from_config(cfg: BuyerConfig, *, progress: bool = False) -> PreparedQuery:
     """Fit the buyer's :class:`~tip_fed.protocol.prepared.PreparedQuery` from a parsed buyer.toml."""
     from dataclasses import replace
 
+    from tip_fed.console import phase
     from tip_fed.core.tasks import get_task
     from tip_fed.protocol.prepared import fit_query
 
+    phase(f"loading the model of {cfg.source.name}", enabled=progress)
     model = load_model(cfg.model)
+    phase("reading the buyer's objective and train data", enabled=progress)
     objective, train, fmt = _load_inputs(cfg)
+    phase("fitting the query: gradients, preconditioner, projection ranks, encryption", enabled=progress)
     try:
         prepared = fit_query(model, get_task(cfg.task), objective, train, cfg.settings(), fmt)
     except DataError as exc:

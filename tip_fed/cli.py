@@ -16,6 +16,8 @@ from tip_fed import __version__, cli_value
 from tip_fed.config import SellerBudgetConfig, SellerConfig
 from tip_fed.errors import TipError
 
+EXPORT_LISTED = 12  # export-sellers lists at most this many files, then counts the rest
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tip-fed", description="Secure federated data valuation (TIP) under CKKS.")
@@ -37,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     exp.add_argument("--replicate", type=int, default=0,
                      help="which market of a replicated scenario (default 0); pass the same to the app's run config")
+    exp.add_argument("--force", action="store_true",
+                     help="write into a non-empty --out directory (files of the same seller ids are replaced)")
+    exp.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     rep = sub.add_parser("report", help="re-render report.md and plots from a results directory")
     rep.add_argument("dir", help="results directory written by 'tip-fed simulate'")
@@ -341,14 +346,36 @@ def _simulate(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     out = Path(args.out)
     cli_value.check_out_dir(out, args.force)
-    from tip_fed.console import phase
+    from tip_fed.console import waiting
 
-    phase("loading torch and TenSEAL", enabled=not args.quiet)
-    from simulations.runner import run_scenario
-    from tip_fed.market.summary import summary_lines
+    with waiting("loading torch and TenSEAL", enabled=not args.quiet):
+        from simulations.runner import run_scenario
+        from tip_fed.market.summary import summary_lines
 
     result = run_scenario(config, out, progress=not args.quiet)
     print("\n".join(summary_lines(result.metrics, str(result.out_dir))))
+
+
+def _export_sellers(args: argparse.Namespace) -> None:
+    """Check the config and --out first, build the market with progress, list what was written."""
+    from simulations.settings import load_config
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    cli_value.check_out_dir(out, args.force, "two markets' sellers would mix (a deployment serves every file there)")
+    from tip_fed.console import quiet_third_party, run_progress, step, waiting
+
+    with waiting("loading torch and TenSEAL", enabled=not args.quiet):
+        from simulations.scenarios import export_sellers
+
+    quiet_third_party()
+    with run_progress("tip-fed", 1, enabled=not args.quiet):
+        step(f"building the {config.scenario} market and writing its sellers' files")
+        paths = export_sellers(config, out, args.replicate)
+    shown = paths if len(paths) <= EXPORT_LISTED else paths[:EXPORT_LISTED - 1]
+    print("\n".join(map(str, shown)))
+    if len(shown) < len(paths):
+        print(f"... and {len(paths) - len(shown)} more: {len(paths)} seller files in {out}/")
 
 
 SETTINGS_DOC = """# Settings
@@ -391,11 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "simulate":
             _simulate(args)
         elif args.command == "export-sellers":
-            from simulations.scenarios import export_sellers
-            from simulations.settings import load_config
-
-            for path in export_sellers(load_config(args.config, args.overrides), args.out, args.replicate):
-                print(path)
+            _export_sellers(args)
         elif args.command == "report":
             from tip_fed.market.report import render_report
 

@@ -21,6 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     prep.add_argument("config", help="buyer.toml: [model], [data] and the protocol settings")
     prep.add_argument("--out", required=True, help="directory for the prepared query (created 0700, files 0600)")
     prep.add_argument("--force", action="store_true", help="replace a prepared query already in --out")
+    prep.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     val = sub.add_parser("value", help="value the sellers of sellers.toml for the buyer of buyer.toml and write "
                          "valuations, payouts, report.md and manifest.json")
@@ -32,6 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     val.add_argument("--prepared", help="a query saved by 'tip-fed buyer prepare' (default: fit it now, in memory)")
     val.add_argument("--force", action="store_true",
                      help="write into a non-empty --out directory (its old result files are replaced)")
+    val.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def check_out_dir(out: Path, force: bool, what: str = "results of two runs would mix") -> None:
@@ -49,16 +51,23 @@ def check_out_dir(out: Path, force: bool, what: str = "results of two runs would
 def run(args: argparse.Namespace) -> None:
     """Run ``buyer prepare`` or ``value``; every failure is a TipError."""
     from tip_fed.buyer_config import load_buyer_config
+    from tip_fed.console import quiet_third_party, run_progress, step, waiting
     from tip_fed.sellers_config import load_sellers_config
 
     out = Path(args.out)
+    progress = not args.quiet
+    quiet_third_party()
     if args.command == "buyer":
         check_out_dir(out, args.force, "it would mix with another prepared query")
-        cfg = load_buyer_config(args.config)
-        from tip_fed.buyer_config import prepare_from_config
+        with waiting("loading torch and TenSEAL", enabled=progress):
+            cfg = load_buyer_config(args.config)
+            from tip_fed.buyer_config import prepare_from_config
 
-        prepared = prepare_from_config(cfg)
-        prepared.save(out)
+        with run_progress("tip-fed", 2, enabled=progress):
+            step("the buyer's query")
+            prepared = prepare_from_config(cfg, progress=progress)
+            step(f"saving it to {out}")
+            prepared.save(out)
         print(f"prepared the {prepared.task} query of {cfg.source.name}: projection dimension {prepared.spec.dim}, "
               f"{prepared.preconditioner.kind} preconditioner, model {prepared.model_fingerprint[:12]}…")
         from tip_fed.market.glossary import describe_fidelity
@@ -72,11 +81,13 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--prepared {args.prepared} is not a directory; make one with "
                           f"'tip-fed buyer prepare {args.config} --out DIR'")
     check_out_dir(out, args.force)
-    load_buyer_config(args.config)  # last: its task check loads torch
-    from tip_fed.market.summary import summary_lines
-    from tip_fed.workflow import value_files
+    with waiting("loading torch and TenSEAL", enabled=progress):
+        load_buyer_config(args.config)  # last: its task check loads torch
+        from tip_fed.market.summary import summary_lines
+        from tip_fed.workflow import value_files
 
-    result = value_files(args.config, args.sellers, out, prepared_dir=args.prepared)
+    with run_progress("tip-fed", 3, enabled=progress):
+        result = value_files(args.config, args.sellers, out, prepared_dir=args.prepared, progress=progress)
     lines = summary_lines(result.metrics, str(out))
     ranked = sorted(result.valuation.sellers, key=lambda v: v.total, reverse=True)
     scores = ["score       " + ", ".join(f"{v.seller_id} {v.total:.4g}" for v in ranked[:5])

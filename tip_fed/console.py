@@ -7,6 +7,11 @@ lines, each with the seconds since the run began: one per step and phase, and fo
 its start, at most one every :data:`LOG_EVERY_S` seconds, and one with its final count; phases
 and loops are indented under their step.
 
+A heartbeat keeps a long wait from looking like a hang (Ray starting its workers, a seller
+fitting its answer): on a terminal the open bars are redrawn every :data:`HEARTBEAT_S`, so their
+clocks move; in a log, after :data:`LOG_EVERY_S` without a line, the open loop's count or the
+current phase is repeated with the seconds it has taken so far.
+
 Every call takes ``enabled`` (false under ``--quiet``: nothing is printed); left out, it is the
 open run's, so code deep inside a run (a scenario's builder) reports without being handed a flag,
 and reports nothing when no run is open (a Flower app rebuilding a market in its own process).
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sized
@@ -28,9 +34,12 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 T = TypeVar("T")
-LOG_EVERY_S = 15.0
+LOG_EVERY_S = 10.0  # in a log, the longest stretch without a line while a run is open
+HEARTBEAT_S = 1.0  # on a terminal, how often the open bars are redrawn
 RUN_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"  # steps take minutes: no rate
 PREFIX = "tip-fed"
+WAIT_BAR = "{desc} [{elapsed}]"  # a wait of unknown length: its clock
+ANSWERED = "sellers answered"  # every runtime's count of the sellers whose answer (or silence) is in
 
 
 class _Run:
@@ -41,9 +50,16 @@ class _Run:
     started: float | None = None
     steps: int = 0
     enabled: bool = False
+    said: float = 0.0  # when the log last had a line
+    doing: str = ""  # the last step or phase named, repeated by the heartbeat
+    doing_since: float = 0.0
+
+    def __init__(self) -> None:
+        self.counts: list[Count] = []  # the loops now open, innermost last
 
 
 _run = _Run()
+_lock = threading.RLock()  # the heartbeat's thread and the run's share the bars and the log
 
 
 def _on(enabled: bool | None) -> bool:
@@ -56,26 +72,78 @@ def _live() -> bool:
 
 def _line(text: str) -> None:
     """One log line: seconds since the run began, then ``text``, indented under the current step."""
-    clock = f" [{time.perf_counter() - _run.started:4.0f} s]" if _run.started is not None else ""
-    indent = "  " if _run.label else ""
-    print(f"{PREFIX}{clock} {indent}{text}", file=sys.stderr, flush=True)
+    with _lock:
+        _run.said = time.perf_counter()
+        clock = f" [{_run.said - _run.started:4.0f} s]" if _run.started is not None else ""
+        indent = "  " if _run.label else ""
+        print(f"{PREFIX}{clock} {indent}{text}", file=sys.stderr, flush=True)
+
+
+def _doing(text: str) -> None:
+    """Remember what the run does now, for the heartbeat."""
+    _run.doing, _run.doing_since = text, time.perf_counter()
+
+
+def heartbeat() -> None:
+    """One beat (the run's thread calls it every :data:`HEARTBEAT_S`): redraw the terminal's bars, or
+    in a log, after :data:`LOG_EVERY_S` without a line, say what the run still does."""
+    with _lock:
+        if not _run.enabled or _run.started is None:
+            return
+        if _run.bar is not None:
+            for bar in [_run.bar, *(c.bar for c in _run.counts if c.bar is not None)]:
+                bar.refresh()
+            return
+        now = time.perf_counter()
+        if now - _run.said < LOG_EVERY_S:
+            return
+        if _run.counts:
+            _run.counts[-1].say()
+        elif _run.doing:
+            _line(f"{_run.doing} ({now - _run.doing_since:.0f} s so far)")
+
+
+def _beat(stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        heartbeat()
 
 
 @contextmanager
-def run_progress(desc: str, total: int, *, enabled: bool, unit: str = "step") -> Iterator[None]:
+def run_progress(desc: str, total: int, *, enabled: bool, unit: str = "step", bar_format: str = RUN_BAR,
+                 leave: bool = True) -> Iterator[None]:
     """Open the run's progress of ``total`` steps; :func:`step`, :func:`phase` and :func:`counted` report into it."""
-    saved = (_run.bar, _run.label, _run.started, _run.steps, _run.enabled)
-    _run.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, bar_format=RUN_BAR) \
-        if enabled and _live() else None
+    saved = (_run.bar, _run.label, _run.started, _run.steps, _run.enabled, _run.said, _run.doing, _run.counts)
+    _run.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, bar_format=bar_format,
+                    leave=leave) if enabled and _live() else None
     _run.label, _run.started, _run.steps, _run.enabled = "", time.perf_counter(), 0, enabled
+    _run.said, _run.doing, _run.counts = _run.started, desc, []
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(stop,), name="tip-fed-progress", daemon=True)
+    if enabled:
+        beat.start()
     try:
         yield
         if _run.bar is not None:
             _run.bar.update(_run.bar.total - _run.bar.n)
     finally:
+        stop.set()
+        if beat.is_alive():
+            beat.join()
         if _run.bar is not None:
             _run.bar.close()
-        _run.bar, _run.label, _run.started, _run.steps, _run.enabled = saved
+        (_run.bar, _run.label, _run.started, _run.steps, _run.enabled, _run.said, _run.doing,
+         _run.counts) = saved
+
+
+@contextmanager
+def waiting(text: str, *, enabled: bool) -> Iterator[None]:
+    """A wait before the run opens (loading torch and TenSEAL): on a terminal a line whose clock moves,
+    gone when the block ends; in a log its line, then the seconds it has taken every :data:`LOG_EVERY_S`."""
+    if enabled and not _live():
+        phase(text, enabled=True)
+    with run_progress(f"{PREFIX}: {text}", 0, enabled=enabled, bar_format=WAIT_BAR, leave=False):
+        _doing(text)
+        yield
 
 
 def restart(desc: str, total: int, *, unit: str) -> None:
@@ -97,6 +165,7 @@ def step(label: str, *, enabled: bool | None = None) -> None:
         _run.bar.set_postfix_str(label)
     _run.steps += 1
     _run.label = ""
+    _doing(label)
     if _run.bar is None:
         _line(label)
     _run.label = label
@@ -106,6 +175,7 @@ def phase(text: str, *, enabled: bool | None = None) -> None:
     """Name what the current step does now."""
     if not _on(enabled):
         return
+    _doing(text)
     if _run.bar is not None:
         _run.bar.set_postfix_str(text)
     elif _run.started is not None:
@@ -122,30 +192,45 @@ class Count:
         self.desc, self.total, self.enabled, self.done = desc, total, enabled, 0
         self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True) \
             if enabled and _live() else None
-        self.started = self.said = time.perf_counter()
+        self.started = self.said = self.moved = time.perf_counter()  # moved: when the count last grew
         self.said_done: int | None = None  # the count the last log line gave
+        if enabled:
+            with _lock:
+                _run.counts.append(self)
         if enabled and self.bar is None and total is not None:  # an open-ended count speaks once it has news
-            self._say()
+            self.say()
 
-    def _say(self) -> None:
-        self.said, self.said_done = time.perf_counter(), self.done
-        _line(f"{self.desc} {self.done}/{self.total}" if self.total is not None else f"{self.desc} {self.done}")
+    def say(self) -> None:
+        """A log line with the count so far; when it has not moved since the last line (a heartbeat's),
+        also the seconds since the loop began (nothing done yet) or since the count last grew."""
+        now = time.perf_counter()
+        waited = ""
+        if self.said_done == self.done:
+            waited = f" ({now - self.started:.0f} s so far)" if not self.done else \
+                f" (the last {now - self.moved:.0f} s ago)"
+        self.said, self.said_done = now, self.done
+        _line((f"{self.desc} {self.done}/{self.total}" if self.total is not None else f"{self.desc} {self.done}")
+              + waited)
 
     def update(self, n: int = 1) -> None:
         """``n`` more items are done."""
         self.done += n
+        self.moved = time.perf_counter()
         if self.bar is not None:
             self.bar.update(n)
         elif self.enabled and time.perf_counter() - self.said >= LOG_EVERY_S:
-            self._say()
+            self.say()
 
     def close(self) -> None:
         """The loop is over: the bar goes; a log gives the final count (a started "0/N" is never left standing)."""
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.said_done is not None and self.said_done != self.done:
-            self._say()
-        self.enabled = False
+        with _lock:
+            if self in _run.counts:
+                _run.counts.remove(self)
+            if self.bar is not None:
+                self.bar.close()
+            elif self.enabled and self.said_done is not None and self.said_done != self.done:
+                self.say()
+            self.enabled = False
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from tip_fed.buyer_config import (
     prepare_from_config,
 )
 from tip_fed.config import GrpcConfig, PayoutsConfig
+from tip_fed.console import phase, step
 from tip_fed.core.tasks import Task, get_task
 from tip_fed.errors import ConfigError, SellerUnavailableError, TipError
 from tip_fed.market import payouts
@@ -63,6 +64,7 @@ def value(
     insecure: bool = False,
     grpc: GrpcConfig | None = None,
     max_samples: int | None = None,
+    progress: bool = False,
 ) -> Valuation:
     """One valuation session of ``buyer`` (a Buyer, a PreparedQuery, or a saved query's directory).
 
@@ -72,7 +74,8 @@ def value(
     ``tls`` a :class:`tip_fed.grpc.ClientTLS` or ``insecure=True``). Sellers that cannot be reached
     or refuse are listed in ``Valuation.missing`` with their reason in
     ``Valuation.manifest["seller_failures"]``; what each was sent is in
-    ``Valuation.manifest["transport"]["offers"]`` (gRPC and in-process).
+    ``Valuation.manifest["transport"]["offers"]`` (gRPC and in-process). With ``progress`` each
+    phase and the sellers' answers are reported on stderr (:mod:`tip_fed.console`).
     """
     saved_dir = Path(buyer) if isinstance(buyer, (str, Path)) else None
     if saved_dir is not None:
@@ -84,15 +87,15 @@ def value(
     if isinstance(sellers, (str, Path)):
         sellers = load_sellers_config(sellers)
     if isinstance(sellers, SellersConfig):
-        valuation = _value_config(buyer, sellers, runtime, max_samples, saved_dir)
+        valuation = _value_config(buyer, sellers, runtime, max_samples, saved_dir, progress)
     elif isinstance(sellers, Mapping):
         _check_runtime(runtime or "inprocess", "a dict of seller datasets", "inprocess")
-        valuation = _inprocess(buyer, sellers, max_samples)
+        valuation = _inprocess(buyer, sellers, max_samples, progress)
     else:
         _check_runtime(runtime or "grpc", "a list of seller endpoints", "grpc")
         if tls is None and not insecure:
             raise ConfigError("valuing gRPC sellers needs tls=ClientTLS(root_ca=...) or insecure=True")
-        valuation = _grpc(buyer, list(sellers), tls, grpc or GrpcConfig(), max_samples)
+        valuation = _grpc(buyer, list(sellers), tls, grpc or GrpcConfig(), max_samples, progress)
     valuation.manifest["seller_failures"] = dict(valuation.manifest.get("transport", {}).get("failures", {}))
     return valuation
 
@@ -103,19 +106,24 @@ def _check_runtime(runtime: str, given: str, expected: str) -> None:
                           "(or pass a sellers.toml naming the runtime)")
 
 
-def _inprocess(buyer: Buyer, sellers: Mapping[str, Batch | RawRecords | Seller], max_samples: int | None) -> Valuation:
+def _inprocess(buyer: Buyer, sellers: Mapping[str, Batch | RawRecords | Seller], max_samples: int | None,
+               progress: bool = False) -> Valuation:
     from tip_fed.runtimes import value_inprocess
 
     objects = {sid: s if isinstance(s, Seller) else Seller(sid, s) for sid, s in sellers.items()}
     limit = max_samples or max(s.n_samples for s in objects.values())
-    return value_inprocess(buyer, objects, limit, tolerate_refusals=True)
+    phase(f"the Offer to {len(objects)} sellers in this process", enabled=progress)
+    return value_inprocess(buyer, objects, limit, tolerate_refusals=True, progress=progress)
 
 
-def _grpc(buyer: Buyer, endpoints: list[Any], tls: Any, settings: GrpcConfig, max_samples: int | None) -> Valuation:
+def _grpc(buyer: Buyer, endpoints: list[Any], tls: Any, settings: GrpcConfig, max_samples: int | None,
+          progress: bool = False) -> Valuation:
     from tip_fed.runtimes import value_grpc
 
+    if not max_samples:
+        phase(f"asking {len(endpoints)} sellers how many records they hold", enabled=progress)
     limit = max_samples or _largest_seller(endpoints, tls)
-    return value_grpc(buyer, endpoints, tls, settings, limit, insecure=tls is None)
+    return value_grpc(buyer, endpoints, tls, settings, limit, insecure=tls is None, progress=progress)
 
 
 def _count(path: Path) -> int:
@@ -124,7 +132,7 @@ def _count(path: Path) -> int:
 
 
 def _value_config(buyer: Buyer, cfg: SellersConfig, runtime: str | None, max_samples: int | None,
-                  saved_dir: Path | None) -> Valuation:
+                  saved_dir: Path | None, progress: bool = False) -> Valuation:
     runtime = runtime or cfg.runtime
     limit = max_samples or cfg.max_samples
     files = cfg.files()
@@ -133,23 +141,24 @@ def _value_config(buyer: Buyer, cfg: SellersConfig, runtime: str | None, max_sam
         if lacking:
             raise ConfigError(f"runtime {runtime!r} needs data = \"path\" for every seller; missing for {lacking}")
     if runtime == "inprocess":
-        return _inprocess(buyer, {sid: load_data(path) for sid, path in files.items()}, limit)
+        phase(f"reading {len(files)} sellers' data", enabled=progress)
+        return _inprocess(buyer, {sid: load_data(path) for sid, path in files.items()}, limit, progress)
     if runtime == "grpc":
-        return _grpc(buyer, *_grpc_endpoints(cfg), cfg.grpc, limit)
+        return _grpc(buyer, *_grpc_endpoints(cfg), cfg.grpc, limit, progress)
     if runtime == "flower-simulation":
         from tip_fed.runtimes import value_flower_simulation
 
         valuation = value_flower_simulation(buyer, files, limit or max(_count(p) for p in files.values()),
-                                            flower=cfg.flower)
+                                            flower=cfg.flower, progress=progress)
         valuation.manifest.setdefault("transport", {"runtime": runtime, "failures": {}})
         return valuation
     if cfg.superlink is None:  # with [superlink], sellers.toml has max-samples: the files are not here
         limit = limit or max(_count(p) for p in files.values())
-    return _flower_deployment(buyer.prepared, cfg, limit or 0, saved_dir)
+    return _flower_deployment(buyer.prepared, cfg, limit or 0, saved_dir, progress)
 
 
 def _flower_deployment(prepared: PreparedQuery, cfg: SellersConfig, max_samples: int,
-                       saved_dir: Path | None) -> Valuation:
+                       saved_dir: Path | None, progress: bool = False) -> Valuation:
     """The library's Flower App on a local deployment of the seller files (SuperLink, one SuperNode per
     file, TLS, node authentication, signed app; all stopped at the end) or on the existing
     ``[superlink]``. The ServerApp loads the query from a directory: ``saved_dir``, or a private copy
@@ -167,11 +176,11 @@ def _flower_deployment(prepared: PreparedQuery, cfg: SellersConfig, max_samples:
         app = prepared_app(directory, max_samples, cfg.flower)
         link = cfg.superlink
         if link is None:
-            valuation = value_flower_deployment(cfg.files(), app, flower=cfg.flower, run=run)
+            valuation = value_flower_deployment(cfg.files(), app, flower=cfg.flower, run=run, progress=progress)
         else:
             remote = RemoteSuperLink(link.address, {s.id: int(s.node_id or 0) for s in cfg.sellers},
                                      link.publisher_key, run.root / "superlink", link.root_certificates, link.insecure)
-            valuation = value_flower_superlink(app, remote, flower=cfg.flower)
+            valuation = value_flower_superlink(app, remote, flower=cfg.flower, progress=progress)
     valuation.manifest.setdefault("transport", {"runtime": "flower-deployment", "failures": {},
                                                 "superlink": link.address if link else "local"})
     return valuation
@@ -217,25 +226,33 @@ class ValueResult:
 
 
 def value_files(buyer_toml: str | Path, sellers_toml: str | Path, out_dir: str | Path, *,
-                prepared_dir: str | Path | None = None) -> ValueResult:
-    """``tip-fed value``: read both configs, prepare (or load and check) the query, value, write results."""
+                prepared_dir: str | Path | None = None, progress: bool = False) -> ValueResult:
+    """``tip-fed value``: read both configs, prepare (or load and check) the query, value, write results.
+
+    With ``progress`` (inside a :func:`tip_fed.console.run_progress`) each of the three steps and
+    their phases are reported on stderr."""
     t0 = time.perf_counter()
     cfg = load_buyer_config(buyer_toml)
     sellers = load_sellers_config(sellers_toml)
     requeried = False
     query: PreparedQuery | Path
+    step("the buyer's query", enabled=progress)
     if prepared_dir is not None:
+        phase(f"loading the prepared query in {prepared_dir} and checking it against {cfg.source.name}",
+              enabled=progress)
         saved = PreparedQuery.load(prepared_dir)
         prepared = check_prepared(cfg, saved, str(prepared_dir))
         requeried = prepared is not saved
         query = prepared if requeried else Path(prepared_dir)
     else:
-        prepared = query = prepare_from_config(cfg)
+        prepared = query = prepare_from_config(cfg, progress=progress)
     t1 = time.perf_counter()
-    valuation = value(query, sellers)
+    step(f"{len(sellers.sellers)} sellers scoring under encryption ({sellers.runtime})", enabled=progress)
+    valuation = value(query, sellers, progress=progress)
     if not valuation.sellers:
         reasons = {**valuation.manifest.get("seller_failures", {}), **valuation.rejected}
         raise SellerUnavailableError("no seller was valued: " + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+    step(f"writing results to {out_dir}", enabled=progress)
     metrics = write_results(out_dir, prepared, valuation, cfg.payouts, runtime=sellers.runtime,
                             seconds=time.perf_counter() - t0, valuation_seconds=time.perf_counter() - t1)
     return ValueResult(Path(out_dir), metrics, valuation, requeried)

@@ -145,6 +145,11 @@ def test_prepare_then_value_over_grpc_matches_plaintext(workspace, seller_servic
     assert run.returncode == 0, run.stderr
     assert len(run.stdout.strip().splitlines()) <= 15
     assert "missing     ghost" in run.stdout
+    # progress on stderr, a log here: each step, and every seller's answer (or failure) counted as it came
+    for said in ("the buyer's query", "4 sellers scoring under encryption (grpc)", "sellers answered 4/4",
+                 "writing results"):
+        assert said in run.stderr, run.stderr
+    assert "fitting the query" in prep.stderr, prep.stderr
     out = workspace / "results"
     assert {"valuations.csv", "payouts.csv", "report.md", "manifest.json", "metrics.json"} <= {
         p.name for p in out.iterdir()}
@@ -186,8 +191,9 @@ def test_inprocess_runtime_gives_the_same_valuations(workspace):
     prep = _cli("buyer", "prepare", "buyer.toml", "--out", "query-inproc", cwd=workspace)
     assert prep.returncode == 0, prep.stderr
     run = _cli("value", "buyer.toml", "--sellers", "inprocess.toml", "--out", "inproc", "--prepared", "query-inproc",
-               cwd=workspace)
+               "--quiet", cwd=workspace)
     assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # --quiet: no progress, and no other library's warning either
     prepared = PreparedQuery.load(workspace / "query-inproc")
     _check(_valuations(workspace / "inproc"), _plaintext(workspace, prepared), prepared)
     assert "Reference rule (ground truth)" not in (workspace / "inproc" / "report.md").read_text()

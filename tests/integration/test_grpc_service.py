@@ -6,6 +6,7 @@ its gRPC status code and message, and failures must come back as reasons, never 
 """
 
 import socket
+import threading
 
 import grpc
 import numpy as np
@@ -230,7 +231,7 @@ def test_down_and_hung_sellers_are_reported_and_the_others_are_valued(make_buyer
     ]
     try:
         buyer = make_buyer()
-        calls = []
+        calls, answered = [], []
         replies, failures = value_sellers(
             endpoints,
             buyer.offer(max_samples=10),
@@ -239,11 +240,14 @@ def test_down_and_hung_sellers_are_reported_and_the_others_are_valued(make_buyer
             retries=2,
             backoff_s=0.05,
             before_call=lambda e: calls.append(e.name),
+            on_answer=lambda name: answered.append((name, threading.current_thread() is threading.main_thread())),
         )
     finally:
         running.stop(0)
         hung.close()
     assert sorted(calls) == ["down", "hung", "up"]
+    # every call that ended is counted once, answered or failed, in the caller's thread (progress counting)
+    assert sorted(answered) == [("down", True), ("hung", True), ("up", True)]
     assert list(replies) == ["up"] and list(failures) == ["down", "hung"]
     assert failures["down"].startswith(f"{dead} after 3 attempts: UNAVAILABLE")
     assert failures["hung"].startswith(f"{hung_address}: DEADLINE_EXCEEDED")  # not retried: one deadline, no more

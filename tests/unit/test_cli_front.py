@@ -19,9 +19,12 @@ def test_a_misspelled_config_is_reported_before_heavy_imports():
     assert "configs/nope.toml" in out.stderr and "does not exist" in out.stderr
 
 
-def test_a_non_empty_out_is_refused_unless_forced(tmp_path, capsys):
+@pytest.mark.parametrize("command", [["simulate", "configs/causal.toml"], ["export-sellers", "configs/causal.toml"],
+                                     ["buyer", "prepare", "examples/tabular/buyer.toml"]],
+                         ids=["simulate", "export-sellers", "buyer-prepare"])
+def test_a_non_empty_out_is_refused_unless_forced(tmp_path, capsys, command):
     (tmp_path / "valuations.csv").write_text("seller_id\nold-run\n")
-    assert cli.main(["simulate", "configs/causal.toml", "--out", str(tmp_path)]) == 2
+    assert cli.main([*command, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not empty" in err and "--force" in err
     assert (tmp_path / "valuations.csv").read_text() == "seller_id\nold-run\n"  # nothing lost
@@ -75,6 +78,25 @@ def test_the_summary_is_short_and_says_only_what_was_computed(metrics):
         assert "n_replicates 3" in text and "p_sign_flip 0.25" in text and "bootstrap" not in text
     if not metrics:
         assert "validity" not in text and "fidelity" not in text
+    assert "None" not in text  # what was not measured is left out, never printed as None
+
+
+def test_a_valuation_phase_timed_in_another_process_is_left_out():
+    """A Flower deployment's buyer runs in the SuperLink's ServerApp: this process cannot time its phase."""
+    deployment = {**SINGLE, "run": {**SINGLE["run"], "valuation_seconds": None}}
+    assert summary_lines(deployment, "out")[0] == "valued      4 sellers in 2.4 s"
+    assert summary_lines(SINGLE, "out")[0] == "valued      4 sellers in 2.4 s (valuation phase 0.39 s)"
+
+
+def test_an_equal_split_has_gini_0_not_its_floating_point_residue():
+    residue = {**SINGLE, "payouts": {"reference": "benefit", "rules": {"flat": {"gini": -1.8e-17}}}}
+    assert "gini flat 0" in "\n".join(summary_lines(residue, "out"))
+    assert "e-17" not in "\n".join(summary_lines(residue, "out"))
+
+
+def test_a_long_run_reads_in_minutes():
+    long = {**REPLICATED, "run": {**REPLICATED["run"], "seconds": 1174.6}}
+    assert summary_lines(long, "out")[0] == "valued      8 sellers x 3 sessions over inprocess in 19 min 35 s"
 
 
 def test_the_front_door_exports_what_a_user_needs_and_stays_light():

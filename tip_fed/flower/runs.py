@@ -24,7 +24,7 @@ from flwr.app import ConfigRecordValues, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
-from tip_fed.console import phase, quiet_third_party
+from tip_fed.console import count, phase, quiet_third_party
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.files import write_private
 from tip_fed.flower.client_app import (
@@ -33,7 +33,7 @@ from tip_fed.flower.client_app import (
     make_client_app,
     seller_from_node_config,
 )
-from tip_fed.flower.server_app import Session, run_session, wait_for_nodes
+from tip_fed.flower.server_app import Session, exchange, run_session, wait_for_nodes
 from tip_fed.protocol import Seller, SellerPolicy, Valuation
 from tip_fed.protocol.records import load_seller_data
 
@@ -42,13 +42,14 @@ VALUATION_FILE = "valuation.json"
 OUT_DIR = "out-dir"
 
 
-def warm_up(grid: Grid, session: Session) -> None:
+def warm_up(grid: Grid, session: Session, *, progress: bool = False) -> None:
     """One no-op message to each of the first ``wave_size`` sellers, so every Ray worker has started
-    and loaded the ClientApp before the Offer goes out; replies (errors included) are dropped."""
+    and loaded the ClientApp before the Offer goes out; replies (errors included) are counted, then dropped."""
     cfg = session.flower
     nodes = wait_for_nodes(grid, max(cfg.min_sellers, len(session.expected)), cfg.node_wait_s)[: cfg.wave_size]
-    messages = [Message(content=RecordDict(), dst_node_id=n, message_type=f"query.{WARM_UP_ACTION}") for n in nodes]
-    list(grid.send_and_receive(messages, timeout=cfg.timeout_s))
+    with count("virtual SuperNodes warmed up", len(nodes), enabled=progress) as warmed:
+        for _ in exchange(grid, nodes, RecordDict(), cfg, message_type=f"query.{WARM_UP_ACTION}"):
+            warmed.update()
 
 
 def _warm_up_reply(msg: Message, context: Context) -> Message:
@@ -92,7 +93,7 @@ def simulate_session(session: Session, loader: SellerLoader, num_sellers: int, *
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         phase(f"{num_sellers} virtual SuperNodes under Ray: workers starting (warm-up wave)", enabled=progress)
-        warm_up(grid, session)
+        warm_up(grid, session, progress=progress)
         phase(f"the Offer out, at most {session.flower.wave_size} sellers at a time", enabled=progress)
         result["valuation"] = run_session(grid, replace(session, progress=progress))
 

@@ -29,7 +29,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from tip_fed.config import FlowerConfig
-from tip_fed.console import Count
+from tip_fed.console import ANSWERED, Count  # logged as "query.value: sellers answered K/N"
 from tip_fed.errors import ConfigError, ModelNotHeldError, ProtocolError, TipError
 from tip_fed.flower import records
 from tip_fed.protocol import Buyer, Valuation
@@ -37,7 +37,6 @@ from tip_fed.protocol.model_cache import strip_weights
 from tip_fed.protocol.reply import decode_reply
 
 logger = logging.getLogger(__name__)
-ANSWERED = "sellers answered"  # logged as "query.value: sellers answered K/N" after each answer (or silence)
 _POLL_S = 0.05  # pause between polls for replies while none arrives
 
 
@@ -108,7 +107,8 @@ def run_session(grid: Grid, session: Session) -> Valuation:
     def collect(targets: Sequence[int], message: RecordDict, by_reference: bool) -> Iterator[bytes]:
         for node, reply in exchange(grid, targets, message, cfg):
             if by_reference and reply is not None and _model_not_held(reply):
-                lacking.append(node)
+                lacking.append(node)  # an answer too: the host's progress shows it (the weights follow)
+                logger.info("query.value: %d of %d seller nodes lack the model so far", len(lacking), len(nodes))
                 continue
             answers.update()
             logger.info("query.value: %s %d/%d", ANSWERED, answers.done, len(nodes))
@@ -142,7 +142,7 @@ def run_session(grid: Grid, session: Session) -> Valuation:
 
 
 def exchange(
-    grid: Grid, nodes: Sequence[int], content: RecordDict, cfg: FlowerConfig
+    grid: Grid, nodes: Sequence[int], content: RecordDict, cfg: FlowerConfig, message_type: str = records.QUERY_TYPE
 ) -> Iterator[tuple[int, Message | None]]:
     """Send ``content`` to every node, at most ``cfg.wave_size`` outstanding; yield ``(node,
     reply)`` as replies arrive and ``(node, None)`` for a node silent ``cfg.timeout_s`` after
@@ -153,7 +153,7 @@ def exchange(
         room = cfg.wave_size - len(in_flight)
         if room > 0 and pending:
             batch, pending = pending[:room], pending[room:]
-            messages = [Message(content=content, dst_node_id=n, message_type=records.QUERY_TYPE) for n in batch]
+            messages = [Message(content=content, dst_node_id=n, message_type=message_type) for n in batch]
             stored = set(grid.push_messages(messages))
             sent_at = time.monotonic()
             for msg, node in zip(messages, batch, strict=True):

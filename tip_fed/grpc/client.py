@@ -218,6 +218,7 @@ def value_sellers(
     before_call: Callable[[SellerEndpoint], None] | None = None,
     by_reference: bool = True,
     sent: dict[str, OfferSent] | None = None,
+    on_answer: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, bytes], dict[str, str]]:
     """Send ``offer`` to every seller concurrently; return ``(replies, failures)`` keyed by endpoint name.
 
@@ -231,6 +232,8 @@ def value_sellers(
     weights (:func:`~tip_fed.protocol.model_cache.strip_weights`); only a seller that answers
     :class:`~tip_fed.errors.ModelNotHeldError` gets the full Offer, in the same session. ``sent``,
     when given, is filled with an :class:`OfferSent` per seller (bytes sent, weights shipped or not).
+    ``on_answer`` runs in the calling thread with each endpoint's name as soon as its call is over,
+    answered or failed (progress counting).
     """
     names = [e.name for e in endpoints]
     if len(set(names)) != len(names):
@@ -298,6 +301,8 @@ def value_sellers(
                 replies[name] = job.result()
             except TipError as exc:  # unreachable, refused, or answering for another seller
                 failures[name] = str(exc)
+            if on_answer:
+                on_answer(name)
     finally:
         # Closing first cancels calls still in flight, so Ctrl-C does not wait out their deadlines.
         for channel in channels.values():

@@ -20,6 +20,21 @@ def _num(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _duration(seconds: Any) -> str:
+    """``2.4 s``, ``95 s``, ``19 min 34 s``: a run's wall time as a person reads it."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return f"{seconds} s"
+    if seconds < 100:
+        return f"{_num(seconds)} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s"
+
+
+def _gini(value: Any) -> Any:
+    """A Gini coefficient as printed: floating-point residue of an equal split (-1.8e-17) is 0."""
+    return 0.0 if isinstance(value, float) and abs(value) < 1e-9 else value
+
+
 def _get(tree: Mapping[str, Any], dotted: str) -> Any:
     node: Any = tree
     for key in dotted.split("."):
@@ -65,12 +80,13 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
     if run.get("sessions", 1) > 1:
         lines.append(
             f"valued      {run.get('sellers')} sellers x {run['sessions']} sessions "
-            f"over {run.get('runtime', '?')} in {_num(run.get('seconds'))} s"
+            f"over {run.get('runtime', '?')} in {_duration(run.get('seconds'))}"
         )
     elif "sellers" in run:
+        phase = run.get("valuation_seconds")  # None where the buyer ran in another process (Flower deployment)
         lines.append(
-            f"valued      {run['sellers']} sellers in {_num(run.get('seconds'))} s "
-            f"(valuation phase {_num(run.get('valuation_seconds'))} s)"
+            f"valued      {run['sellers']} sellers in {_duration(run.get('seconds'))}"
+            + (f" (valuation phase {_num(phase)} s)" if phase is not None else "")
         )
         if run.get("top_by_score") is not None:
             by_benefit = f"; {run['top_by_benefit']} by realised benefit" if run.get("top_by_benefit") else ""
@@ -91,7 +107,7 @@ def summary_lines(metrics: Mapping[str, Any], out_dir: str) -> list[str]:
             f"payouts     {len(rules)} rules compared"
             + (f" against {ref}" if ref else "")
             + "; gini "
-            + ", ".join(f"{r} {_num(c.get('gini'), 2)}" for r, c in rules.items() if isinstance(c, Mapping))
+            + ", ".join(f"{r} {_num(_gini(c.get('gini')), 2)}" for r, c in rules.items() if isinstance(c, Mapping))
         )
     lines.append(f"results     {out_dir}/ (report.md explains every number; metrics.json has them all)")
     return lines[:MAX_LINES]

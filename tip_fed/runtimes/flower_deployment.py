@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Protocol
 
 from tip_fed.config import FlowerConfig
-from tip_fed.console import Count, phase
+from tip_fed.console import ANSWERED, Count, phase
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.flower.runs import VALUATION_FILE
-from tip_fed.flower.server_app import ANSWERED
 from tip_fed.protocol import Valuation
 from tip_fed.runtimes.deployment import (
     CONNECTION,

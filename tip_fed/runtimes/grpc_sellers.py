@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tip_fed.config import GrpcConfig
-from tip_fed.console import counted, phase
+from tip_fed.console import ANSWERED, count, counted, phase
 from tip_fed.grpc import (
     ClientTLS,
     OfferSent,
@@ -39,7 +39,8 @@ READY = r"ready on 127\.0\.0\.1:(?P<port>\d+) "
 
 
 def value_grpc(buyer: Buyer, endpoints: Sequence[SellerEndpoint], tls: ClientTLS | None, settings: GrpcConfig,
-               max_samples: int, *, insecure: bool = False, by_reference: bool = True) -> Valuation:
+               max_samples: int, *, insecure: bool = False, by_reference: bool = True,
+               progress: bool = False) -> Valuation:
     """Send one Offer to every endpoint, settle the Replies; every endpoint's name is an expected seller.
 
     Sellers that cannot be valued (unreachable, past ``settings.timeout_s``, refusing) are listed in
@@ -47,14 +48,18 @@ def value_grpc(buyer: Buyer, endpoints: Sequence[SellerEndpoint], tls: ClientTLS
     ``tls=None`` needs ``insecure=True`` (plaintext, for a trusted network only). With
     ``by_reference`` the Offer names the model by fingerprint and only sellers that do not hold it
     get its weights; ``manifest["transport"]["offers"]`` says per seller how many bytes went out
-    and whether they carried the weights.
+    and whether they carried the weights. With ``progress`` the answers are counted as they arrive.
     """
     offer = buyer.offer(max_samples=max_samples)
     sent: dict[str, OfferSent] = {}
-    replies, failures = value_sellers(
-        endpoints, offer, tls=tls, insecure=insecure, timeout_s=settings.timeout_s, retries=settings.retries,
-        max_message_bytes=settings.max_message_mb * MiB, by_reference=by_reference, sent=sent,
-    )
+    phase(f"the Offer out to {len(endpoints)} sellers at once", enabled=progress)
+    with count(ANSWERED, len(endpoints), enabled=progress) as answered:
+        replies, failures = value_sellers(
+            endpoints, offer, tls=tls, insecure=insecure, timeout_s=settings.timeout_s, retries=settings.retries,
+            max_message_bytes=settings.max_message_mb * MiB, by_reference=by_reference, sent=sent,
+            on_answer=lambda _name: answered.update(),
+        )
+    phase(f"settling {len(replies)} Replies", enabled=progress)
     valuation = buyer.settle(list(replies.values()), expected=[e.name for e in endpoints])
     valuation.manifest["transport"] = {
         "runtime": "grpc",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tip_fed.console import counted
+from tip_fed.console import ANSWERED, counted
 from tip_fed.errors import ConfigError, TipError
 from tip_fed.protocol import Buyer, Seller, Valuation
 
@@ -28,7 +28,7 @@ def value_inprocess(buyer: Buyer, sellers: Mapping[str, Seller], max_samples: in
         raise ConfigError(f"sellers must be keyed by their own seller id: {', '.join(wrong)}")
     offer = buyer.offer(max_samples=max_samples)
     replies, failures = [], {}
-    for sid, seller in counted(list(sellers.items()), "sellers answered", enabled=progress):
+    for sid, seller in counted(list(sellers.items()), ANSWERED, enabled=progress):
         try:
             replies.append(seller.respond(offer))
         except TipError as exc:
