@@ -17,7 +17,7 @@ import pytest
 
 from tip_fed.grpc import ClientTLS, SellerEndpoint, ServerTLS, start_server, value_sellers
 from tip_fed.protocol import Seller, SellerPolicy
-from tip_fed.protocol.ledger import ANONYMOUS
+from tip_fed.protocol.ledger import ANONYMOUS, LedgerPolicy
 from tip_fed.tls import create_ca, issue_cert
 
 #: sessions of one buyer, each from its own loopback source address (127.0.0.2, 127.0.0.3, ...)
@@ -138,3 +138,29 @@ def test_a_certified_buyer_keeps_its_own_budget_beside_the_anonymous_one(make_bu
     spent = _exact(ledger)
     assert spent.pop(ANONYMOUS) == 1 and sorted(spent.values()) == [1, 1], spent
     assert all(who.startswith("x509:") for who in spent), spent
+
+
+def test_a_dp_budget_spent_from_one_address_is_spent_for_every_address(make_buyer, records, tmp_path):
+    """The red team's DP variant (``--dp-epsilon 1``): sessions from the first address until its budget
+    is spent, then each new address started afresh (3 x 43 answers, ε 16 composed, against lifetime
+    ε 8). Now the first address spends the anonymous budget and every other address is refused at once."""
+    ledger = tmp_path / "ledger.json"
+    seller = Seller("s", records, policy=SellerPolicy(ledger=str(ledger), lifetime=LedgerPolicy(epsilon=2.0)))
+    running = start_server(seller, insecure=True)
+    buyer = make_buyer(disclosure="aggregate", dp_epsilon=1.0)
+    answered: dict[str, int] = {}
+    refusals = []
+    try:
+        for source in SOURCES[:3]:
+            answered[source] = 0
+            with forwarder(source, running.port) as address:
+                while (outcome := _ask(address, buyer.offer(max_samples=100), insecure=True)) == "answered":
+                    answered[source] += 1
+                    assert answered[source] < 50, "the lifetime budget never ran out"
+            refusals.append(outcome)
+    finally:
+        running.stop(0)
+    first, *others = answered.values()
+    assert first >= 1 and others == [0, 0], answered
+    assert all("spent its lifetime privacy budget" in r and ANONYMOUS in r for r in refusals), refusals
+    assert list(json.loads(ledger.read_text())["buyers"]) == [ANONYMOUS]
