@@ -22,7 +22,7 @@ from tip_fed.tls import create_ca, issue_cert
 
 #: sessions of one buyer, each from its own loopback source address (127.0.0.2, 127.0.0.3, ...)
 SOURCES = [f"127.0.0.{k}" for k in range(2, 7)]
-_PEER = re.compile(r"from (ipv4:127\.0\.0\.\d+)")
+PEER = re.compile(r"from (ipv4:127\.0\.0\.\d+)")
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -61,7 +61,7 @@ def forwarder(source: str, port: int) -> Iterator[str]:
         thread.join(10)
 
 
-def _ask(address: str, offer: bytes, **channel) -> str:
+def ask(address: str, offer: bytes, **channel) -> str:
     """'answered', or the seller's refusal."""
     replies, failures = value_sellers([SellerEndpoint("s", address)], offer, timeout_s=120, retries=0, **channel)
     return "answered" if replies else failures["s"]
@@ -96,10 +96,10 @@ def test_sessions_from_many_source_addresses_share_one_anonymous_exact_answer(
                     cert = issue_cert(own_ca, tmp_path / "sybil-ca", f"sybil-{k}", client=True)
                     channel = {"tls": ClientTLS(pki["ca"].cert, cert.cert, cert.key)}
                 with forwarder(source, running.port) as address:
-                    outcomes.append(_ask(address, buyer.offer(max_samples=100), **channel))
+                    outcomes.append(ask(address, buyer.offer(max_samples=100), **channel))
     finally:
         running.stop(0)
-    peers = {m.group(1) for r in caplog.records if (m := _PEER.search(r.getMessage()))}
+    peers = {m.group(1) for r in caplog.records if (m := PEER.search(r.getMessage()))}
     assert peers == {f"ipv4:{s}" for s in SOURCES}  # the server did see one address per session
     assert outcomes.count("answered") == 1, outcomes
     refused = [o for o in outcomes if o != "answered"]
@@ -120,13 +120,13 @@ def test_a_certified_buyer_keeps_its_own_budget_beside_the_anonymous_one(make_bu
 
     def certified(who: str) -> str:
         tls = ClientTLS(pki["ca"].cert, certs[who].cert, certs[who].key)
-        return _ask(mtls.address, buyer.offer(max_samples=100), tls=tls)
+        return ask(mtls.address, buyer.offer(max_samples=100), tls=tls)
 
     try:
         anonymous = []
         for source in SOURCES[:2]:
             with forwarder(source, plain.port) as address:
-                anonymous.append(_ask(address, buyer.offer(max_samples=100), insecure=True))
+                anonymous.append(ask(address, buyer.offer(max_samples=100), insecure=True))
         alice = [certified("alice"), certified("alice")]
         mallory = certified("mallory")
     finally:
@@ -154,7 +154,7 @@ def test_a_dp_budget_spent_from_one_address_is_spent_for_every_address(make_buye
         for source in SOURCES[:3]:
             answered[source] = 0
             with forwarder(source, running.port) as address:
-                while (outcome := _ask(address, buyer.offer(max_samples=100), insecure=True)) == "answered":
+                while (outcome := ask(address, buyer.offer(max_samples=100), insecure=True)) == "answered":
                     answered[source] += 1
                     assert answered[source] < 50, "the lifetime budget never ran out"
             refusals.append(outcome)
