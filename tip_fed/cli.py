@@ -231,9 +231,11 @@ def _add_grpc_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     srv.add_argument(
         "--server-tls-only",
         action="store_true",
-        help="TLS without client certificates: any client that trusts the server certificate may call",
+        help="TLS without client certificates: any client that trusts the server certificate may call, and the "
+        "privacy ledger charges every such buyer, from any address, to one shared anonymous identity",
     )
-    srv.add_argument("--insecure", action="store_true", help="serve without TLS (trusted networks and tests only)")
+    srv.add_argument("--insecure", action="store_true", help="serve without TLS (trusted networks and tests only); "
+                     "as with --server-tls-only, all buyers share one anonymous identity in the privacy ledger")
     srv.add_argument("--config", help="TOML file whose [seller] and [seller-budget] tables set the flags below "
                      "(a flag given here wins)")
     _add_setting_flags(srv, SellerConfig, "seller")

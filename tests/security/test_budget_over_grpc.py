@@ -102,11 +102,11 @@ def test_one_buyers_flood_of_valid_offers_is_capped_and_others_are_answered(make
     answer = seller.respond
     parked, release = threading.Event(), threading.Event()
 
-    def respond(offer: bytes, *, peer: str | None = None) -> bytes:
+    def respond(offer: bytes, *, peer: str | None = None, authenticated: bool = True) -> bytes:
         if "mallory" in (peer or "") and not parked.is_set():
             parked.set()
             assert release.wait(300)
-        return answer(offer, peer=peer)
+        return answer(offer, peer=peer, authenticated=authenticated)
 
     seller.respond = respond
     running = start_server(seller, tls=ServerTLS(pki["server"].cert, pki["server"].key, pki["ca"].cert))

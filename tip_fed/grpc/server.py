@@ -2,12 +2,13 @@
 
 The service only carries bytes: every check of the Offer is the protocol Seller's. What this
 module adds is what a network service needs: mutual TLS by default (server-only TLS and plaintext
-are explicit opt-outs), the buyer's authenticated identity passed to the Seller (client
-certificate subject, else the network address), a message limit derived from the largest Offer
-the seller's resource budget could accept, a bound on concurrent calls and on request bytes in
-flight and on each buyer's Offers at once (excess calls are refused with RESOURCE_EXHAUSTED, never
-queued without bound), TipErrors mapped to gRPC status codes with the error message as details
-(never a traceback), and a graceful stop on SIGTERM/SIGINT.
+are explicit opt-outs), who sent each Offer passed to the Seller (:class:`Caller`: the privacy
+ledger charges the client certificate subject, else the one identity all unauthenticated buyers
+share; the network address only tells callers' sessions and Offers in flight apart), a message
+limit derived from the largest Offer the seller's resource budget could accept, a bound on
+concurrent calls and on request bytes in flight and on each buyer's Offers at once (excess calls
+are refused with RESOURCE_EXHAUSTED, never queued without bound), TipErrors mapped to gRPC status
+codes with the error message as details (never a traceback), and a graceful stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -99,16 +100,35 @@ def seller_message_limit(budget: ResourceBudget) -> int:
     return max(4 * MiB, max_offer_bytes(budget))
 
 
-def peer_identity(context: grpc.ServicerContext) -> str:
-    """Who sent a call: the client certificate's subject under mutual TLS, else the network
-    address without the port (a reconnect from another port is the same peer)."""
-    auth = context.auth_context()
-    for key in ("x509_subject", "x509_common_name"):
-        values = auth.get(key)
-        if values:
-            return "x509:" + values[0].decode("utf-8", "replace")
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a call, in its two roles.
+
+    ``peer`` tells callers apart: the client certificate's subject under mutual TLS, else the
+    network address without the port (a reconnect from another port is the same peer). It keys
+    what only separates one caller's state from another's: the Offers each may have in at once
+    (``max-offers-per-peer``), a session's query budget and commitment, and the models it uploaded.
+    ``authenticated``: the peer is a certificate subject verified against the seller's client CA,
+    which the privacy ledger charges; an address is not, and the ledger charges the one identity
+    every unauthenticated buyer shares instead. An address is no identity: a host has many
+    (127.0.0.0/8, an IPv6 /64), so a budget per address would be a budget per address a buyer binds.
+    """
+
+    peer: str
+    authenticated: bool
+
+
+def caller_of(context: grpc.ServicerContext, verified: bool) -> Caller:
+    """The :class:`Caller` of a call; ``verified``: the server requires client certificates signed
+    by its client CA (mutual TLS), so a certificate subject in the call is an identity."""
+    if verified:
+        auth = context.auth_context()
+        for key in ("x509_subject", "x509_common_name"):
+            values = auth.get(key)
+            if values:
+                return Caller("x509:" + values[0].decode("utf-8", "replace"), True)
     peer = context.peer()
-    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+    return Caller(peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer, False)
 
 
 @dataclass(frozen=True)
@@ -135,8 +155,9 @@ class SellerService:
     """The ``tip.v1.Seller`` handlers. The Seller costs, validates and locks per Offer; the service
     bounds the request bytes it holds at once and the Offers each buyer has in at once."""
 
-    def __init__(self, seller: Seller):
+    def __init__(self, seller: Seller, *, verified: bool = False):
         self.seller = seller
+        self._verified = verified  # mutual TLS: client certificates are identities
         self._lock = threading.Lock()
         self._held = 0  # bytes of requests being handled now, times the copies made of them
         self._limit = seller.policy.budget.in_flight_memory_mb * MiB
@@ -147,18 +168,20 @@ class SellerService:
 
         A buyer's Offer beyond ``max_offers_per_peer`` is refused before anything else, so one
         buyer's flood cannot queue ahead of the others (scoring runs one Offer at a time)."""
-        peer = peer_identity(context)
+        caller = caller_of(context, self._verified)
+        peer = caller.peer
         try:
             self._peers.admit(peer)
         except ResourceLimitError as exc:
             log.warning("refused an offer from %s: RESOURCE_EXHAUSTED: %s", peer, exc)
             self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
-            return self._admitted(request, peer, context)
+            return self._admitted(request, caller, context)
         finally:
             self._peers.release(peer)
 
-    def _admitted(self, request: bytes, peer: str, context: grpc.ServicerContext) -> bytes:
+    def _admitted(self, request: bytes, caller: Caller, context: grpc.ServicerContext) -> bytes:
+        peer = caller.peer
         held = len(request) * MESSAGE_COPIES
         with self._lock:
             over = self._held + held > self._limit
@@ -171,19 +194,20 @@ class SellerService:
             log.warning("refused an offer from %s: RESOURCE_EXHAUSTED: %s", peer, exc)
             self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
-            return self._value(request, peer, context)
+            return self._value(request, caller, context)
         finally:
             with self._lock:
                 self._held -= held
 
-    def _value(self, request: bytes, peer: str, context: grpc.ServicerContext) -> bytes:
+    def _value(self, request: bytes, caller: Caller, context: grpc.ServicerContext) -> bytes:
+        peer = caller.peer
         try:
             offer = pb.ValueRequest.FromString(request).offer.SerializeToString()
         except DecodeError as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid tip.v1 ValueRequest: "
                                                                    f"{exc}")
         try:
-            reply = self.seller.respond(offer, peer=peer)
+            reply = self.seller.respond(offer, peer=peer, authenticated=caller.authenticated)
         except TipError as exc:
             code = status_for(exc)
             level = logging.INFO if isinstance(exc, ModelNotHeldError) else logging.WARNING  # the usual first step
@@ -286,7 +310,8 @@ def start_server(
         options=options,
         maximum_concurrent_rpcs=max(budget.max_calls, threads),
     )
-    server.add_generic_rpc_handlers((SellerService(seller).handler(),))
+    verified = tls is not None and tls.client_ca is not None
+    server.add_generic_rpc_handlers((SellerService(seller, verified=verified).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)

@@ -1,9 +1,10 @@
 """Per-buyer privacy ledger of a long-lived seller: what every buyer has been told, composed.
 
 Why: a per-session query budget means nothing when sessions are free. A seller therefore charges
-every answered query to the buyer that asked (its authenticated identity: the mTLS client
-certificate or the Flower node; every unauthenticated buyer shares one identity) and refuses once
-the composed guarantee would exceed the lifetime budget. Composition is done by Google's
+every answered query to the buyer that asked (its authenticated identity: the client certificate
+verified under mutual TLS; every other buyer, whatever its network address or Flower run, shares
+the one identity :data:`ANONYMOUS`, since a buyer can call from as many addresses as it likes)
+and refuses once the composed guarantee would exceed the lifetime budget. Composition is done by Google's
 ``dp-accounting`` Renyi-DP accountant, never by hand: each answered query is one
 ``GaussianDpEvent(noise_multiplier)``. (Its privacy-loss-distribution accountant is ~10 % tighter
 but takes 0.3-4 s per composition, which a seller would pay on every Offer; RDP takes ~0.5 ms.)

@@ -174,12 +174,14 @@ class Seller:
         self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
         self.models = ModelCache(self.policy.model_cache_mb * 1024 * 1024, self.policy.model_cache_dir)
 
-    def respond(self, offer_bytes: bytes, *, peer: str | None = None) -> bytes:
+    def respond(self, offer_bytes: bytes, *, peer: str | None = None, authenticated: bool = True) -> bytes:
         """Answer one Offer with a Reply (both as bytes), one protocol step after the other.
 
-        ``peer`` is the buyer's authenticated identity as the carrier knows it (a client
-        certificate subject, a network address); the query budget is kept per (session, peer) and
-        the privacy ledger charges the answer to it (None: the identity all unauthenticated buyers share).
+        ``peer`` is the buyer as the carrier knows it (a client certificate subject, a network
+        address); the query budget and the commitment are kept per (session, peer), and a referenced
+        model must be one this peer uploaded. The privacy ledger charges the answer to ``peer`` only
+        if the carrier ``authenticated`` it; otherwise (and for None) to the one identity all
+        unauthenticated buyers share: an address is no identity, a buyer can bind many.
         The Offer is costed against ``policy.budget`` before anything is allocated. Admission takes
         one query of the session's budget at once (so concurrent copies of one Offer cannot all pass)
         and gives it back if the Offer is refused or fails before it is answered; the privacy ledger
@@ -194,7 +196,7 @@ class Seller:
             cost = self.cost(offer, held=held.header if held else None)  # before anything is allocated
             with self._in_flight.reserve(cost.total_bytes):
                 job = self._open(offer, peer, held, cost)  # context, model, noise, input format
-                self._charge(offer, job, peer)  # the whole Offer validated: the buyer's privacy ledger
+                self._charge(offer, job, peer if authenticated else None)  # the whole Offer validated
                 reply = self._score(offer, job, t0, key)  # gradients, commitment, scores under encryption
         except BaseException:
             with self._lock:
@@ -251,11 +253,11 @@ class Seller:
         query = load_query(context, offer.plan, list(offer.query), noise_std=std)
         return _Job(context, query, model, task, release, self._input_format(offer), t_ctx)
 
-    def _charge(self, offer: Offer, job: _Job, peer: str | None) -> None:
+    def _charge(self, offer: Offer, job: _Job, buyer: str | None) -> None:
         """The whole Offer validated: charge the buyer's lifetime privacy budget (the session's query
         was taken at admission)."""
         with self._lock:
-            self._ledger.charge(buyer=peer, key=job.context.public_key_digest, session_id=offer.session_id,
+            self._ledger.charge(buyer=buyer, key=job.context.public_key_digest, session_id=offer.session_id,
                                 noise_multiplier=job.release.noise_multiplier)
 
     def _score(self, offer: Offer, job: _Job, t0: float, key: str) -> Reply:
