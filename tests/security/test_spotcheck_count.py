@@ -8,8 +8,16 @@ import hashlib
 import numpy as np
 import pytest
 
+from tip_fed.market.payouts import BudgetBalancedReserve, FlatPerRecord, PayoutInputs, ProportionalPositive
 from tip_fed.protocol import Seller, commitment
-from tip_fed.protocol.spotcheck import Opening, choose, open_records, padding_catch_probability, spot_check
+from tip_fed.protocol.spotcheck import (
+    Opening,
+    choose,
+    open_records,
+    padding_catch_probability,
+    payable,
+    spot_check,
+)
 
 from ..conftest import make_data
 
@@ -108,3 +116,36 @@ def test_a_padded_commitment_is_caught_at_the_stated_probability(make_buyer, dis
     assert abs(caught / trials - p) < 4 * np.sqrt(p * (1 - p) / trials)
     assert padding_catch_probability(n, distinct, distinct + 1) == 1.0
     assert padding_catch_probability(n, n, k) == pytest.approx(0.0, abs=1e-12)  # no padding, nothing to catch
+
+
+def test_payouts_follow_the_spot_check_not_the_declared_count(make_buyer):
+    """Paid on the declared count the liar takes nearly the whole budget; the valuation to pay on
+    (:func:`payable`) rejects it with its spot check's reasons and marks the checked counts."""
+    sizes = {"s0": 40, "s1": 33, "liar": 70, "s3": 50}
+    # all drawn like the buyer's objective, so that every seller helps it
+    sellers = {sid: Seller(sid, make_data(n, 30 + i, shift=0.5)) for i, (sid, n) in enumerate(sizes.items())}
+    sellers["liar"].n_samples = 10000
+    buyer = make_buyer(disclosure="aggregate")
+    offer = buyer.offer(max_samples=10000)
+    valuation = buyer.settle([s.respond(offer) for s in sellers.values()])
+    assert valuation.rejected == {} and not any(v.n_checked for v in valuation.sellers)  # declared only
+    record = buyer.record(valuation)
+    valued = {v.seller_id: v.to_dict() for v in valuation.sellers}
+    checks = []
+    for sid in ("s0", "s1", "liar"):  # s3 is not checked
+        delivery = sellers[sid].deliver(valuation.session_id)
+        asked = choose(int(valued[sid]["n_samples"]), 10)
+        opening = open_records(delivery, [i % sizes[sid] for i in asked])  # the liar's forgery; honest: i
+        opening.indices = asked
+        checks.append(spot_check(record, valued[sid], opening, asked=asked))
+    to_pay = payable(valuation, checks)
+    assert "liar" in to_pay.rejected and "failed the spot check" in to_pay.rejected["liar"]
+    assert {v.seller_id: v.n_checked for v in to_pay.sellers} == {"s0": True, "s1": True, "s3": False}
+    rules = (ProportionalPositive(), FlatPerRecord(), BudgetBalancedReserve())
+    declared = {r.name: r.pay(PayoutInputs.from_valuation(valuation), 1.0) for r in rules}
+    checked = {r.name: r.pay(PayoutInputs.from_valuation(to_pay), 1.0) for r in rules}
+    print("\nliar's share on the declared count: " + ", ".join(f"{k} {v['liar']:.3f}" for k, v in declared.items())
+          + "; after the spot check: rejected, shares " + str({k: {s: round(x, 3) for s, x in v.items()}
+                                                              for k, v in checked.items()}))
+    assert valued["liar"]["total"] > 0 and declared["proportional"]["liar"] > 0.9 and declared["flat"]["liar"] > 0.9
+    assert all("liar" not in v for v in checked.values())

@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import GRAD_TOL, SCORE_TOL, Delivery, SessionRecord
 from tip_fed.protocol.data import check_batch, dataset_gradients
 from tip_fed.protocol.duplicates import duplicate_pairs
+
+if TYPE_CHECKING:
+    from tip_fed.protocol.buyer import Valuation
 
 
 @dataclass
@@ -164,6 +167,25 @@ def spot_check(
         )
     out.passed = not out.reasons
     return out
+
+
+def payable(valuation: Valuation, checks: Iterable[SpotCheck]) -> Valuation:
+    """The valuation to pay on after spot checks: a seller whose check passed has its count marked
+    checked, one whose check failed moves to ``rejected`` with the reasons, one not checked stays with
+    its count declared only (``n_checked`` False: its total and any per-record payout rest on it)."""
+    by_id = {c.seller_id: c for c in checks}
+    unknown = sorted(set(by_id) - {s.seller_id for s in valuation.sellers})
+    if unknown:
+        raise DataError(f"spot checks of sellers this valuation does not hold: {', '.join(unknown)}")
+    rejected = dict(valuation.rejected)
+    sellers = []
+    for s in valuation.sellers:
+        check = by_id.get(s.seller_id)
+        if check is not None and not check.passed:
+            rejected[s.seller_id] = "failed the spot check: " + "; ".join(check.reasons)
+        else:
+            sellers.append(replace(s, n_checked=s.n_checked or check is not None))
+    return replace(valuation, sellers=sellers, rejected=rejected)
 
 
 def sampling_width(bound: float, k: int, n: int, alpha: float) -> float:
