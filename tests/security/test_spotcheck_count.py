@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tip_fed.market.payouts import BudgetBalancedReserve, FlatPerRecord, PayoutInputs, ProportionalPositive
-from tip_fed.protocol import Seller, commitment
+from tip_fed.protocol import Seller, SellerPolicy, commitment
+from tip_fed.protocol.disclosure import NoisePolicy
 from tip_fed.protocol.spotcheck import (
     Opening,
     choose,
@@ -45,23 +46,30 @@ def test_a_proof_holds_only_at_its_own_position_in_a_tree_of_its_own_size():
             assert not commitment.verify_proof(root, leaves[i], [*path, (leaves[0], False)], i, n)  # too long
 
 
-def _settle(make_buyer, sellers, max_samples=10000):
-    buyer = make_buyer(disclosure="aggregate")
+def _settle(make_buyer, sellers, max_samples=10000, **protocol):
+    buyer = make_buyer(disclosure="aggregate", **protocol)
     offer = buyer.offer(max_samples=max_samples)
     valuation = buyer.settle([s.respond(offer) for s in sellers])
     assert valuation.rejected == {}
     return buyer.record(valuation), {v.seller_id: v.to_dict() for v in valuation.sellers}, valuation.session_id
 
 
-def test_the_red_teams_count_forgery_is_caught_before_purchase(make_buyer):
+@pytest.mark.parametrize("eps", [None, 1.0])
+def test_the_red_teams_count_forgery_is_caught_before_purchase(make_buyer, eps):
     """The liar holds 70 records, scores them honestly and declares 10000; asked for position i it opens
     its real record i mod 70 with that record's Merkle path (what passed at k = 10, 30, 60)."""
     real, claimed = 70, 10000
-    liar, honest = Seller("liar", make_data(real, 22)), Seller("honest", make_data(40, 20))
+    policy = SellerPolicy(noise=NoisePolicy(eps) if eps else NoisePolicy())
+    liar = Seller("liar", make_data(real, 22), policy=policy)
+    honest = Seller("honest", make_data(40, 20), policy=policy)
     liar.n_samples = claimed
-    record, valued, session = _settle(make_buyer, [liar, honest])
+    dp = {"dp_epsilon": eps, "max_noise_std": 80.0} if eps else {}
+    record, valued, session = _settle(make_buyer, [liar, honest], **dp)
+    assert (valued["liar"]["noise"] is not None) == (eps is not None)
     assert valued["liar"]["n_samples"] == claimed
     delivery = liar.deliver(session)
+    tree = commitment.merkle_root(commitment.leaves(delivery.data, delivery.gradients, delivery.salt_seed))
+    assert commitment.bound_root(real, tree).hex() == valued["liar"]["commitment"]  # what it committed to
     for k in (10, 30, 60):
         asked = choose(claimed, k)
         real_opening = open_records(delivery, [i % real for i in asked])
@@ -69,10 +77,16 @@ def test_the_red_teams_count_forgery_is_caught_before_purchase(make_buyer):
                          paths=real_opening.paths, salts=real_opening.salts)
         result = spot_check(record, valued["liar"], forged, asked=asked)
         assert not result.passed and result.bad_proofs == asked, result.reasons
-        print(f"\nliar declares {claimed}, holds {real}: k = {k}, {len(result.bad_proofs)}/{k} proofs refused")
+        # a liar that had bound its 70-leaf tree to the count it declares: no position opens either
+        relabelled = dict(valued["liar"], commitment=commitment.bound_root(claimed, tree).hex())
+        assert spot_check(record, relabelled, forged, asked=asked).bad_proofs == asked
+        print(f"\neps {eps}: liar declares {claimed}, holds {real}: k = {k}, "
+              f"{len(result.bad_proofs)}/{k} proofs refused")
         # nor does it pass by declaring the truth at the buyer: the root binds n = 70, its total is 143x
-        with_real_n = spot_check(record, dict(valued["liar"], n_samples=real), open_records(delivery, choose(real, k)))
-        assert not with_real_n.passed and "claimed mean score" in with_real_n.reasons[-1]
+        if eps is None:  # (under DP the declared noise of a 70-record mean may cover the 143x)
+            with_real_n = spot_check(record, dict(valued["liar"], n_samples=real),
+                                     open_records(delivery, choose(real, k)))
+            assert not with_real_n.passed and "claimed mean score" in with_real_n.reasons[-1]
     ok = spot_check(record, valued["honest"], open_records(honest.deliver(session), choose(40, 10)))
     assert ok.passed, ok.reasons
 
