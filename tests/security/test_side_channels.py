@@ -34,7 +34,7 @@ def _unsalted_root(batch, gradients):
         sample = commitment.sample_bytes(batch, i)
         leaves.append(hashlib.sha256(commitment.LEAF + len(sample).to_bytes(8, "big") + sample
                                      + np.ascontiguousarray(gradients[i], dtype=np.float64).tobytes()).digest())
-    return commitment.merkle_root(leaves)
+    return commitment.bound_root(len(leaves), commitment.merkle_root(leaves))
 
 
 def _attack(model, make_buyer, trials=12):

@@ -27,11 +27,11 @@ class PartlyFabricatingSeller(Seller):
 def test_every_merkle_path_verifies_and_a_changed_leaf_does_not():
     for n in range(1, 10):
         leaves = [hashlib.sha256(bytes([i])).digest() for i in range(n)]
-        root = commitment.merkle_root(leaves)
+        root = commitment.bound_root(n, commitment.merkle_root(leaves))
         for i in range(n):
             path = commitment.merkle_proof(leaves, i)
-            assert commitment.verify_proof(root, leaves[i], path)
-            assert not commitment.verify_proof(root, hashlib.sha256(b"x").digest(), path)
+            assert commitment.verify_proof(root, leaves[i], path, i, n)
+            assert not commitment.verify_proof(root, hashlib.sha256(b"x").digest(), path, i, n)
     with pytest.raises(IndexError):
         commitment.merkle_proof(leaves, n)
 

@@ -51,7 +51,7 @@ class PayoutInputs:
 
     seller_ids: list[str]
     scores: dict[str, float]
-    n_records: dict[str, int]
+    n_records: dict[str, int]  # as each seller declared it: confirmed only by a spot check (spotcheck.payable)
     utility: Utility | None = None
     benefits: dict[str, float] | None = None
     #: std of each seller's total from its declared DP noise (score units); absent or 0 = exact

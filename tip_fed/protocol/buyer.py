@@ -51,6 +51,8 @@ class SellerValuation:
     # DP noise the seller declared: epsilon, delta, gradient_std (units of C), std and total_std (score
     # units), commitment (hex of the seed commitment, opened at delivery)
     noise: dict[str, Any] | None = None
+    # n_samples (and so total = mean x n) is the seller's declaration until a spot check confirms it
+    n_checked: bool = False
 
     @property
     def mean(self) -> float:

@@ -10,6 +10,11 @@ seed). Without salts the root is a deterministic function of the records at the 
 a buyer that knows every record but one recomputes the root for each candidate and tells
 neighbouring datasets apart whatever DP noise the scores carry. An opened record (spot check)
 travels with its own salt only, so the other leaves stay hidden.
+
+The root also binds the record count: the published root is ``H(0x02 ‖ n ‖ tree root)``, and a
+proof is checked for one leaf *position* in a tree of exactly n leaves (its left/right bits follow
+from the index, its length from n). A seller that declares more records than it committed to, or
+opens leaf i mod n' for a requested index i, has no valid proof.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 LEAF = b"\x00"
 NODE = b"\x01"
+ROOT = b"\x02"
 SALT_BYTES = 32
 _SALT_LABEL = b"tip-fed/v1/leaf-salt/"
 
@@ -72,6 +78,13 @@ def merkle_root(leaves: Sequence[bytes]) -> bytes:
     return level[0]
 
 
+def bound_root(n: int, tree_root: bytes) -> bytes:
+    """The published root: the Merkle tree root bound to its leaf count ``n``."""
+    if n < 0:
+        raise ValueError(f"a leaf count is >= 0, got {n}")
+    return hashlib.sha256(ROOT + n.to_bytes(8, "big") + tree_root).digest()
+
+
 def leaves(batch: Mapping[str, torch.Tensor], gradients: np.ndarray, salt_seed: bytes) -> list[bytes]:
     """Salted leaf hashes of every (sample, gradient) pair of a seller's data."""
     return [leaf_hash(sample_bytes(batch, i), gradients[i], record_salt(salt_seed, i))
@@ -79,8 +92,10 @@ def leaves(batch: Mapping[str, torch.Tensor], gradients: np.ndarray, salt_seed: 
 
 
 def commit(batch: Mapping[str, torch.Tensor], gradients: np.ndarray, salt_seed: bytes) -> bytes:
-    """Merkle root over every (sample, gradient) pair of a seller's data, salted by ``salt_seed``."""
-    return merkle_root(leaves(batch, gradients, salt_seed))
+    """Root over every (sample, gradient) pair of a seller's data, salted by ``salt_seed`` and bound
+    to their count."""
+    hashed = leaves(batch, gradients, salt_seed)
+    return bound_root(len(hashed), merkle_root(hashed))
 
 
 def commit_fresh(batch: Mapping[str, torch.Tensor], gradients: np.ndarray) -> tuple[bytes, bytes]:
@@ -110,9 +125,33 @@ def merkle_proof(leaves: Sequence[bytes], index: int) -> list[tuple[bytes, bool]
     return path
 
 
-def verify_proof(root: bytes, leaf: bytes, path: Sequence[tuple[bytes, bool]]) -> bool:
-    """True when ``path`` leads from ``leaf`` to ``root``."""
+def path_shape(index: int, n: int) -> list[bool]:
+    """Sibling-is-left bits of the path of leaf ``index`` in a tree of ``n`` leaves, one per level
+    where the node has a sibling (levels where it is promoted unchanged have none)."""
+    if not 0 <= index < n:
+        raise IndexError(f"leaf {index} out of range for {n} leaves")
+    bits: list[bool] = []
+    i, size = index, n
+    while size > 1:
+        if i ^ 1 < size:
+            bits.append(bool(i & 1))
+        i, size = i // 2, (size + 1) // 2
+    return bits
+
+
+def verify_proof(root: bytes, leaf: bytes, path: Sequence[tuple[bytes, bool]], index: int, n: int) -> bool:
+    """True when ``path`` leads from ``leaf``, at position ``index`` of a tree of ``n`` leaves, to the
+    published ``root``: the path's length and left/right bits must be those of that position, so one
+    leaf cannot be opened at another index, nor a tree of fewer leaves pass for n."""
+    try:
+        shape = path_shape(index, n)
+    except IndexError:
+        return False
+    if len(path) != len(shape) or any(
+        len(sibling) != len(leaf) or bool(left) != want for (sibling, left), want in zip(path, shape, strict=True)
+    ):
+        return False
     node = leaf
     for sibling, left in path:
         node = hashlib.sha256(NODE + (sibling + node if left else node + sibling)).digest()
-    return node == root
+    return bound_root(n, node) == root

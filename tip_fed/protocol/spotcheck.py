@@ -17,15 +17,29 @@ Catch probability: if a fraction f of a seller's n records is fabricated, openin
 records uniformly at random finds at least one with probability
 ``1 - C(n - fn, k) / C(n, k)`` (>= ``1 - (1 - f)^k``), see :func:`catch_probability`.
 Cost to the seller: the k opened records are revealed before any purchase.
+
+The record count n is the seller's declaration, and the buyer's total is the decrypted mean times
+n, so a seller holding r records that declares n > r multiplies its total by n / r. The committed
+root binds n and every path is checked at its requested position in a tree of n leaves
+(:mod:`tip_fed.protocol.commitment`), so such a seller must commit to n leaves: n - r of them are
+fabricated records (caught as above when their gradients are forged; records made up whole and
+scored honestly are beyond any check of consistency) or copies of its r records. Copies are caught
+when two opened records repeat each other (exact or near copies, :mod:`tip_fed.protocol.duplicates`;
+an identical leaf hash at two positions cannot come from an honest seller, whose salts differ per
+position): whatever the multiplicities, k distinct positions avoid every repeat with probability at
+most ``C(r, k) (n/r)^k / C(n, k)`` (Maclaurin's inequality; 0 once k > r), see
+:func:`padding_catch_probability`. An honest seller with duplicate records fails this test too, as
+its audit would (``duplicate-records``): with d repeated pairs, with probability at most
+``d k (k-1) / (n (n-1))``.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +51,10 @@ from tip_fed.errors import DataError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import GRAD_TOL, SCORE_TOL, Delivery, SessionRecord
 from tip_fed.protocol.data import check_batch, dataset_gradients
+from tip_fed.protocol.duplicates import duplicate_pairs
+
+if TYPE_CHECKING:
+    from tip_fed.protocol.buyer import Valuation
 
 
 @dataclass
@@ -59,6 +77,7 @@ class SpotCheck:
     opened: int
     bad_proofs: list[int] = field(default_factory=list)
     bad_gradients: list[int] = field(default_factory=list)
+    repeats: list[tuple[int, int]] = field(default_factory=list)  # opened positions holding the same record
     total_gap: float = 0.0
     total_threshold: float = 0.0
     reasons: list[str] = field(default_factory=list)
@@ -88,20 +107,32 @@ def open_records(delivery: Delivery, indices: Sequence[int]) -> Opening:
     )
 
 
-def spot_check(record: SessionRecord, valued: Mapping[str, Any], opening: Opening, *, alpha: float = 1e-3) -> SpotCheck:
-    """Buyer side: check an opening against the seller's committed root and its total."""
+def spot_check(
+    record: SessionRecord, valued: Mapping[str, Any], opening: Opening, *, asked: Sequence[int] | None = None,
+    alpha: float = 1e-3,
+) -> SpotCheck:
+    """Buyer side: check an opening of the positions ``asked`` (by default the opening's own, which
+    the caller then chose) against the seller's committed root, its declared count and its total."""
     sid = str(valued["seller_id"])
     root = bytes.fromhex(str(valued["commitment"]))
+    n = int(valued["n_samples"])
     k = len(opening.indices)
     out = SpotCheck(seller_id=sid, passed=True, opened=k)
+    if asked is not None and sorted(opening.indices) != sorted(asked):
+        out.reasons.append("the opened positions are not the ones asked for")
+    if len(set(opening.indices)) != k:
+        out.reasons.append("the opening repeats a position")
+    first: dict[bytes, int] = {}
     for j, (i, path, salt) in enumerate(zip(opening.indices, opening.paths, opening.salts, strict=True)):
         try:
             leaf = commitment.leaf_hash(commitment.sample_bytes(opening.data, j), opening.gradients[j], salt)
         except ValueError:
             out.bad_proofs.append(i)
             continue
-        if not commitment.verify_proof(root, leaf, path):
+        # one leaf at two positions: an honest seller's salts differ per position
+        if first.setdefault(leaf, i) != i or not commitment.verify_proof(root, leaf, path, i, n):
             out.bad_proofs.append(i)
+    out.repeats = [(opening.indices[a], opening.indices[b]) for a, b in duplicate_pairs(opening.data)]
     spec = ProjectionSpec.from_dict(record.projection)
     grads = dataset_gradients(record.model_module(), spec, get_task(record.task), opening.data, 64)
     recomputed = clip_rows(grads, record.grad_norm_bound)[0].numpy()
@@ -110,9 +141,8 @@ def spot_check(record: SessionRecord, valued: Mapping[str, Any], opening: Openin
     query = np.asarray(record.query, dtype=np.float64)
     bound = record.score_bound
     mean_opened = float((recomputed @ query).mean())
-    claimed = float(valued["total"]) / int(valued["n_samples"])
+    claimed = float(valued["total"]) / n
     noise = valued.get("noise") or {}
-    n = int(valued["n_samples"])
     out.total_gap = abs(claimed - mean_opened)
     # sampling k of n scores in [-B, B], plus 4 std of the declared noise on the claimed mean, plus the
     # CKKS error and rounding of the released total (the audit's tolerance, per record)
@@ -120,7 +150,14 @@ def spot_check(record: SessionRecord, valued: Mapping[str, Any], opening: Openin
     out.total_threshold = (sampling_width(bound, k, n, alpha) + 4 * float(noise.get("total_std", 0.0)) / n
                            + precision)
     if out.bad_proofs:
-        out.reasons.append(f"{len(out.bad_proofs)} opened records do not match the committed root")
+        out.reasons.append(
+            f"{len(out.bad_proofs)} opened records do not match their positions under the committed root "
+            f"of {n} records"
+        )
+    if out.repeats:
+        out.reasons.append(
+            f"{len(out.repeats)} pairs of opened records repeat each other: padding inflates the declared count"
+        )
     if out.bad_gradients:
         out.reasons.append(f"{len(out.bad_gradients)} opened records' gradients differ from what their data give")
     if out.total_gap > out.total_threshold:
@@ -130,6 +167,25 @@ def spot_check(record: SessionRecord, valued: Mapping[str, Any], opening: Openin
         )
     out.passed = not out.reasons
     return out
+
+
+def payable(valuation: Valuation, checks: Iterable[SpotCheck]) -> Valuation:
+    """The valuation to pay on after spot checks: a seller whose check passed has its count marked
+    checked, one whose check failed moves to ``rejected`` with the reasons, one not checked stays with
+    its count declared only (``n_checked`` False: its total and any per-record payout rest on it)."""
+    by_id = {c.seller_id: c for c in checks}
+    unknown = sorted(set(by_id) - {s.seller_id for s in valuation.sellers})
+    if unknown:
+        raise DataError(f"spot checks of sellers this valuation does not hold: {', '.join(unknown)}")
+    rejected = dict(valuation.rejected)
+    sellers = []
+    for s in valuation.sellers:
+        check = by_id.get(s.seller_id)
+        if check is not None and not check.passed:
+            rejected[s.seller_id] = "failed the spot check: " + "; ".join(check.reasons)
+        else:
+            sellers.append(replace(s, n_checked=s.n_checked or check is not None))
+    return replace(valuation, sellers=sellers, rejected=rejected)
 
 
 def sampling_width(bound: float, k: int, n: int, alpha: float) -> float:
@@ -148,3 +204,15 @@ def catch_probability(n: int, bad: int, k: int) -> float:
     if k > n - bad:
         return 1.0
     return 1.0 - math.comb(n - bad, k) / math.comb(n, k)
+
+
+def padding_catch_probability(n: int, distinct: int, k: int) -> float:
+    """Lower bound on the probability that k distinct positions of n, holding only ``distinct``
+    different records, open two copies of one: ``1 - C(r, k) (n/r)^k / C(n, k)`` (module docstring)."""
+    if not 1 <= distinct <= n or not 1 <= k <= n:
+        raise DataError(f"need 1 <= distinct records, opened records <= n = {n}; got {distinct} and {k}")
+    if k > distinct:
+        return 1.0
+    log_free = (math.lgamma(distinct + 1) - math.lgamma(distinct - k + 1) + k * math.log(n / distinct)
+                - math.lgamma(n + 1) + math.lgamma(n - k + 1))
+    return max(0.0, 1.0 - math.exp(log_free))

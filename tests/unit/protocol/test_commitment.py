@@ -34,3 +34,13 @@ def test_merkle_root_matches_hand_computation():
     h = lambda a, b: hashlib.sha256(b"\x01" + a + b).digest()  # noqa: E731
     assert commitment.merkle_root(leaves) == h(h(leaves[0], leaves[1]), leaves[2])
     assert commitment.merkle_root(leaves[:1]) == leaves[0]
+
+
+def test_the_bound_root_matches_hand_computation():
+    leaves = [hashlib.sha256(bytes([i])).digest() for i in range(3)]
+    tree = commitment.merkle_root(leaves)
+    assert commitment.bound_root(3, tree) == hashlib.sha256(b"\x02" + (3).to_bytes(8, "big") + tree).digest()
+    batch = {"x": torch.arange(6, dtype=torch.float32).reshape(3, 2)}
+    g, seed = np.ones((3, 2)), bytes(range(32))
+    hashed = commitment.leaves(batch, g, seed)
+    assert commitment.commit(batch, g, seed) == commitment.bound_root(3, commitment.merkle_root(hashed))
