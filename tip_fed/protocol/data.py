@@ -72,8 +72,9 @@ def dataset_gradients(model: nn.Module, spec: ProjectionSpec, task: Task, data: 
     raises (a position table it overruns, an index out of range, any of the hundreds of model
     types' own checks) is such a zero row too: a batch that raises is scored once more, one record
     at a time, so each record's row depends on that record alone, and a record that still raises
-    scores zero. That retry is bounded: one single-record pass per record of a failing batch, at most
-    twice the model work the Offer was costed for. Whether the model runs at all was checked before
+    scores zero. That retry is bounded: one single-record pass per record of a failing batch (the
+    model's work once more, plus each pass's fixed overhead), and it runs only after the buyer's
+    ledger was charged for the answer. Whether the model runs at all was checked before
     the charge (:func:`check_model_runs`), on a record-free batch of the costed shape. Nothing of an
     exception's text leaves this function: the seller's log has it.
     """
