@@ -184,3 +184,12 @@ def test_a_model_failing_on_every_input_is_refused_before_the_charge(bert_12):
     assert seller._ledger.spent(None) == (0.0, 0) and len(seller._sessions) == 0
     honest, good = _lying_offer(bert_12, _tokenizer(trap=False), own_length=12, offered_length=12)
     assert honest.settle([seller.respond(good)]).rejected == {}
+
+
+def test_a_tensor_seller_refuses_a_model_that_does_not_fit_its_records_before_the_charge(make_buyer):
+    """The same check for a seller of tensors: a 10-feature model against 7-feature records fails on the
+    placeholder batch (zeros of the records' width), so the DP buyer's ledger is not charged."""
+    seller = Seller("s", {"x": torch.randn(6, 7), "y": torch.zeros(6, dtype=torch.long)}, policy=DP)
+    with pytest.raises(DataError, match="do not fit the model"):
+        seller.respond(make_buyer(disclosure="aggregate", dp_epsilon=1.0).offer(max_samples=100))
+    assert seller._ledger.spent(None) == (0.0, 0) and len(seller._sessions) == 0

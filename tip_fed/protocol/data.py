@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -13,7 +14,6 @@ from tip_fed.core.gradients import projected_grads
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, batch_size
 from tip_fed.errors import DataError, TipError
-from tip_fed.protocol.formats import InputFormat, TableFormat, TextFormat
 
 Batch = Mapping[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -106,21 +106,25 @@ def _batch_rows(model: nn.Module, spec: ProjectionSpec, task: Task, batch: Batch
     return torch.cat(rows)
 
 
-def placeholder_batch(source: Batch | InputFormat, size: int) -> dict[str, torch.Tensor]:
-    """A batch of ``size`` records at the widest shape the seller's records can take, holding no
-    record's values: zeros in the dtype and width of a tensor dataset, or the input format's
-    placeholder (text: ``max_length`` tokens)."""
-    if isinstance(source, (TableFormat, TextFormat)):
-        return source.placeholder(size)
-    return {k: torch.zeros_like(v[:1]).expand(size, *v.shape[1:]).clone() for k, v in source.items()}
+class Placeholder(Protocol):
+    """An input format: it makes a record-free batch of its widest shape (see ``TextFormat.placeholder``)."""
+
+    def placeholder(self, size: int) -> dict[str, torch.Tensor]: ...
 
 
-def check_model_runs(model: nn.Module, spec: ProjectionSpec, task: Task, batch: Batch) -> None:
-    """DataError unless the model and task score a record-free ``batch`` (see :func:`placeholder_batch`).
+def check_model_runs(model: nn.Module, spec: ProjectionSpec, task: Task, source: Batch | Placeholder,
+                     size: int) -> None:
+    """DataError unless the model and task score ``size`` records at the widest shape the seller's
+    records can take, holding no record's values: zeros in the dtype and width of a tensor dataset,
+    or the input format's placeholder (text: ``max_length`` pad tokens, all attended).
 
     Run before the buyer's ledger is charged: a model that fails on any input (a position table
     shorter than the format's max_length, a feature count the records do not have) is refused for
     free, and since the batch holds no record's values, so is its message."""
+    if isinstance(source, Mapping):
+        batch = {k: torch.zeros_like(v[:1]).expand(size, *v.shape[1:]).clone() for k, v in source.items()}
+    else:
+        batch = source.placeholder(size)
     try:
         projected_grads(model, spec, task, batch, zero_nonfinite=True)
     except TipError:

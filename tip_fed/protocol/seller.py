@@ -27,7 +27,7 @@ from tip_fed.crypto.query import LoadedQuery, load_query
 from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
-from tip_fed.protocol.data import Batch, check_batch, check_model_runs, dataset_gradients, placeholder_batch
+from tip_fed.protocol.data import Batch, check_batch, check_model_runs, dataset_gradients
 from tip_fed.protocol.disclosure import NoisePolicy, Release, plan_release
 from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger
@@ -227,8 +227,8 @@ class Seller:
         query = load_query(context, offer.plan, list(offer.query), noise_std=std)
         fmt = self._input_format(offer)
         # the model must score a record-free batch of the costed shape, or it is refused uncharged
-        placeholder = placeholder_batch(fmt[1] if fmt else self._data, min(self.policy.batch_size, self.n_samples))
-        check_model_runs(model, offer.spec, task, placeholder)
+        check_model_runs(model, offer.spec, task, fmt[1] if fmt else self._data,
+                         min(self.policy.batch_size, self.n_samples))
         return _Job(context, query, model, task, release, fmt, t_ctx)
 
     def _charge(self, offer: Offer, job: _Job, peer: str | None) -> None:
