@@ -13,19 +13,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import transformers
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 
 from tip_fed.config import PreconditionerConfig, ProjectionConfig, ProtocolConfig
 from tip_fed.core.models import MLP
 from tip_fed.core.tasks import get_task
+from tip_fed.errors import DataError
 from tip_fed.grpc import SellerEndpoint, value_sellers, wait_until_healthy
 from tip_fed.protocol import Buyer, BuyerSettings, Seller, SellerPolicy
-from tip_fed.protocol.formats import TableFormat
+from tip_fed.protocol.disclosure import NoisePolicy
+from tip_fed.protocol.formats import TableFormat, TextFormat
 from tip_fed.protocol.records import RawRecords, load_seller_data
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 from tip_fed.wire.tip.v1 import valuation_pb2_grpc as rpc
 
-from ..raw_data import docstring_corpus, text_buyer, train_tokenizer, write_jsonl
+from ..raw_data import docstring_corpus, text_buyer, text_records, train_tokenizer, write_jsonl
 from .serving import serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -148,3 +151,35 @@ def test_seller_serve_answers_a_panicking_tokenizer_and_keeps_serving(tmp_path):
             assert "records do not fit the offer's input format" in refused.details()
         assert _call(stub, text_buyer(texts[:6], tok, AGGREGATE, 16).offer(max_samples=100)) is None
     assert any("tokenizer failed on corpus.jsonl" in line and "retry-limit" in line for line in lines)
+
+
+def test_seller_serve_refuses_a_model_too_short_for_the_format_alike_for_every_dataset(tmp_path):
+    """A DP buyer ships a BERT with 12 positions and asks for max_length 512, after the longest record's
+    token count (which the model's error text used to state: "expanded size of the tensor (41)"). The
+    seller process refuses it before any charge, with details that name no record length and read the
+    same as an in-process seller's over other records; the honest Offer is answered after it."""
+    texts = docstring_corpus(60)
+    tok = train_tokenizer(texts)
+    data = tmp_path / "corpus.jsonl"
+    write_jsonl(data, texts[10:40])
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                  vocab_size=tok.get_vocab_size(), max_position_embeddings=12, is_decoder=True)
+    bert = transformers.BertLMHeadModel(cfg).eval()
+    dp = BuyerSettings(projection=ProjectionConfig(rank=2), preconditioner=PreconditionerConfig(kind="identity"),
+                       protocol=ProtocolConfig(disclosure="aggregate", query_budget=1, dp_epsilon=1.0))
+    buyer = Buyer(bert, get_task("causal-lm"), objective=text_records(texts[:8]), train=text_records(texts[:8]),
+                  input_format=TextFormat.from_tokenizer(tok, 12), settings=dp)
+    hostile = pb.Offer.FromString(buyer.offer(max_samples=100))
+    hostile.input.text.max_length = 512
+    longest = max(len(tok.encode(t).ids) for t in texts[10:40])
+    assert 12 < longest < 512
+    with _serving_logged(data, "--dp-epsilon", "1") as (_, _lines, stub):
+        refused = _call(stub, hostile.SerializeToString())
+        assert refused is not None and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "placeholder batch" in refused.details() and str(longest) not in refused.details()
+        assert _call(stub, buyer.offer(max_samples=100)) is None  # nothing was charged or spent
+    elsewhere = Seller("corpus", text_records(texts[20:50]), policy=SellerPolicy(noise=NoisePolicy(1.0)))
+    with pytest.raises(DataError) as info:
+        elsewhere.respond(hostile.SerializeToString())
+    assert str(info.value) == refused.details()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 from tip_fed.core.gradients import projected_grads
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, batch_size
-from tip_fed.errors import DataError
+from tip_fed.errors import DataError, TipError
 
 Batch = Mapping[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -67,19 +68,71 @@ def dataset_gradients(model: nn.Module, spec: ProjectionSpec, task: Task, data: 
 
     A record whose loss or gradient is not finite is a zero row, under one fixed rule: a model the
     buyer crafts to overflow only on some record values must not turn them into a refusal, which
-    would reach the buyer as an exact bit beside the noised answer. Records that do not fit the
-    model (feature count, dtype, label range) are a DataError, not a torch error: the model comes
-    from the other party, so a mismatch is bad input, not a bug.
+    would reach the buyer as an exact bit beside the noised answer. A record on which the model
+    raises (a position table it overruns, an index out of range, any of the hundreds of model
+    types' own checks) is such a zero row too: a batch that raises is scored once more, one record
+    at a time, so each record's row depends on that record alone, and a record that still raises
+    scores zero. That retry is bounded: one single-record pass per record of a failing batch (the
+    model's work once more, plus each pass's fixed overhead), and it runs only after the buyer's
+    ledger was charged for the answer. Whether the model runs at all was checked before
+    the charge (:func:`check_model_runs`), on a record-free batch of the costed shape. Nothing of an
+    exception's text leaves this function: the seller's log has it.
     """
-    try:
-        grads = [projected_grads(model, spec, task, b, zero_nonfinite=True) for b in iter_batches(data, size)]
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise DataError(
-            f"the records do not fit the model and task ({task.name}): {type(exc).__name__}: {str(exc)[:200]}"
-        ) from None
+    grads = [_batch_rows(model, spec, task, b) for b in iter_batches(data, size)]
     g = torch.cat(grads).to(torch.float64)
     zeroed = int((g == 0).all(dim=1).sum())
     if zeroed:
-        log.info("%d of %d records score as zero rows (a zero gradient, or a non-finite loss or gradient)",
-                 zeroed, g.shape[0])
+        log.info("%d of %d records score as zero rows (a zero gradient, a non-finite loss or gradient, or a "
+                 "record the model raises on)", zeroed, g.shape[0])
     return g
+
+
+def _batch_rows(model: nn.Module, spec: ProjectionSpec, task: Task, batch: Batch) -> torch.Tensor:
+    """One batch's rows; if the model raises on the batch, each record's own row (zero if it raises)."""
+    try:
+        return projected_grads(model, spec, task, batch, zero_nonfinite=True)
+    except Exception as exc:  # the buyer's model: whatever it raises is a fact about some record
+        log.warning("the model raised on a batch of %d records (%s: %s); scoring them one at a time",
+                    batch_size(batch), type(exc).__name__, str(exc)[:300])
+    rows = []
+    for i in range(batch_size(batch)):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        try:
+            rows.append(projected_grads(model, spec, task, one, zero_nonfinite=True).to(torch.float64))
+        except Exception as exc:
+            log.warning("the model raised on one record (%s: %s); it scores as a zero row",
+                        type(exc).__name__, str(exc)[:300])
+            rows.append(torch.zeros(1, spec.dim, dtype=torch.float64))
+    return torch.cat(rows)
+
+
+class Placeholder(Protocol):
+    """An input format: it makes a record-free batch of its widest shape (see ``TextFormat.placeholder``)."""
+
+    def placeholder(self, size: int) -> dict[str, torch.Tensor]: ...
+
+
+def check_model_runs(model: nn.Module, spec: ProjectionSpec, task: Task, source: Batch | Placeholder,
+                     size: int) -> None:
+    """DataError unless the model and task score ``size`` records at the widest shape the seller's
+    records can take, holding no record's values: zeros in the dtype and width of a tensor dataset,
+    or the input format's placeholder (text: ``max_length`` pad tokens, all attended).
+
+    Run before the buyer's ledger is charged: a model that fails on any input (a position table
+    shorter than the format's max_length, a feature count the records do not have) is refused for
+    free, and since the batch holds no record's values, so is its message."""
+    if isinstance(source, Mapping):
+        batch = {k: torch.zeros_like(v[:1]).expand(size, *v.shape[1:]).clone() for k, v in source.items()}
+    else:
+        batch = source.placeholder(size)
+    try:
+        projected_grads(model, spec, task, batch, zero_nonfinite=True)
+    except TipError:
+        raise
+    except Exception as exc:  # the buyer's model: anything it raises is bad input
+        shape = {k: tuple(v.shape) for k, v in batch.items()}
+        raise DataError(
+            f"the records do not fit the model and task ({task.name}): it fails on a placeholder batch of the "
+            f"offered shape {shape} ({type(exc).__name__}: {str(exc)[:200]}); fix the model or the input "
+            "format (a text model needs positions for the format's max_length)"
+        ) from None

@@ -178,6 +178,12 @@ class TableFormat:
         return {self.features_key: torch.from_numpy(x).to(_DTYPES[self.dtype]),
                 self.label_key: _class_indices(records, self.label, self.classes, "label")}
 
+    def placeholder(self, size: int) -> dict[str, torch.Tensor]:
+        """``size`` records of zeros in this format's shape and dtypes (no record's values)."""
+        label = torch.zeros(size, dtype=torch.float32 if self.classes is None else torch.long)
+        return {self.features_key: torch.zeros(size, len(self.features), dtype=_DTYPES[self.dtype]),
+                self.label_key: label}
+
     def _pb(self) -> pb.TableInput:
         return pb.TableInput(features=self.features, label=self.label, classes=self.classes or (),
                              offset=self.offset, scale=self.scale, features_key=self.features_key,
@@ -200,7 +206,9 @@ class TextFormat:
     """The buyer's tokenizer and record fields for causal LM or sequence classification.
 
     Records are tokenized with truncation to ``max_length`` tokens and right-padded with ``pad_id``
-    to the longest record of the dataset (attention_mask 0 there, so pads never count in a loss).
+    to ``max_length`` (attention_mask 0 there, so pads never count in a loss): the tensors' width is
+    the format's, never the longest record's, so no shape the model sees (nor any error it raises
+    about one) depends on a record's length; sellers cost text at ``max_length`` anyway.
     With ``label_field`` the batch has ``labels``: class indices of ``classes``, or floats without.
     """
 
@@ -293,14 +301,23 @@ class TextFormat:
             )
         if width == 0:
             raise DataError(f"the buyer's tokenizer turns every record of {records.source} into 0 tokens")
-        ids = torch.full((len(texts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), self.max_length), dtype=torch.long)
         for i, e in enumerate(encodings):
             ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
             mask[i, : len(e.ids)] = 1
         batch = {"input_ids": ids, "attention_mask": mask}
         if self.label_field is not None:
             batch["labels"] = _class_indices(records, self.label_field, self.classes, "label")
+        return batch
+
+    def placeholder(self, size: int) -> dict[str, torch.Tensor]:
+        """``size`` records of ``max_length`` pad tokens, all attended (the widest input a record can
+        give), with label 0: no record's values."""
+        batch = {"input_ids": torch.full((size, self.max_length), self.pad_id, dtype=torch.long),
+                 "attention_mask": torch.ones((size, self.max_length), dtype=torch.long)}
+        if self.label_field is not None:
+            batch["labels"] = torch.zeros(size, dtype=torch.float32 if self.classes is None else torch.long)
         return batch
 
     def _pb(self) -> pb.TextInput:

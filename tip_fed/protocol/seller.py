@@ -28,7 +28,7 @@ from tip_fed.crypto.query import LoadedQuery, load_query
 from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
-from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
+from tip_fed.protocol.data import Batch, check_batch, check_model_runs, dataset_gradients
 from tip_fed.protocol.disclosure import NoisePolicy, Release, plan_release
 from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger, default_ledger
@@ -251,7 +251,11 @@ class Seller:
         # parsed, and the noise the release adds (per coordinate: a row's, or the mean's) checked to fit
         std = release.gradient_std / (1 if offer.per_sample else self.n_samples)
         query = load_query(context, offer.plan, list(offer.query), noise_std=std)
-        return _Job(context, query, model, task, release, self._input_format(offer), t_ctx)
+        fmt = self._input_format(offer)
+        # the model must score a record-free batch of the costed shape, or it is refused uncharged
+        check_model_runs(model, offer.spec, task, fmt[1] if fmt else self._data,
+                         min(self.policy.batch_size, self.n_samples))
+        return _Job(context, query, model, task, release, fmt, t_ctx)
 
     def _charge(self, offer: Offer, job: _Job, buyer: str | None) -> None:
         """The whole Offer validated: charge the buyer's lifetime privacy budget (the session's query

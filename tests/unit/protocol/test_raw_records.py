@@ -182,12 +182,12 @@ def test_text_format_matches_transformers_tokenization_with_labels(tokenizer):
                                     pad_id=tokenizer.token_to_id("<|pad|>"))
     batch = fmt.encode(RawRecords.from_rows([{"text": t, "stars": s} for t, s in zip(texts, stars, strict=True)]))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>")
-    ref = hf(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    ref = hf(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     assert torch.equal(batch["input_ids"], ref["input_ids"])
     assert torch.equal(batch["attention_mask"], ref["attention_mask"])
     assert batch["labels"].tolist() == [int(s) - 1 for s in stars]
     short = fmt.encode(RawRecords.from_rows([{"text": "a b", "stars": 1}, {"text": "abc", "stars": 3.0}]))
-    assert short["input_ids"].shape[1] < 16  # padded to the longest record, not to max_length
+    assert short["input_ids"].shape == (2, 16)  # padded to max_length: no width depends on a record's length
 
 
 def test_text_records_that_cannot_be_encoded(tokenizer):
