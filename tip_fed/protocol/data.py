@@ -13,7 +13,7 @@ from torch import nn
 from tip_fed.core.gradients import projected_grads
 from tip_fed.core.projection import ProjectionSpec
 from tip_fed.core.tasks import Task, batch_size
-from tip_fed.errors import DataError, TipError
+from tip_fed.errors import DataError
 
 Batch = Mapping[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def dataset_gradients(model: nn.Module, spec: ProjectionSpec, task: Task, data: 
     scores zero. That retry is bounded: one single-record pass per record of a failing batch (the
     model's work once more, plus each pass's fixed overhead), and it runs only after the buyer's
     ledger was charged for the answer. Whether the model runs at all was checked before
-    the charge (:func:`check_model_runs`), on a record-free batch of the costed shape. Nothing of an
+    the charge (:func:`tip_fed.protocol.model.check_runs`), on a record-free batch of the costed shape. Nothing of an
     exception's text leaves this function: the seller's log has it.
     """
     grads = [_batch_rows(model, spec, task, b) for b in iter_batches(data, size)]
@@ -110,29 +110,3 @@ class Placeholder(Protocol):
     """An input format: it makes a record-free batch of its widest shape (see ``TextFormat.placeholder``)."""
 
     def placeholder(self, size: int) -> dict[str, torch.Tensor]: ...
-
-
-def check_model_runs(model: nn.Module, spec: ProjectionSpec, task: Task, source: Batch | Placeholder,
-                     size: int) -> None:
-    """DataError unless the model and task score ``size`` records at the widest shape the seller's
-    records can take, holding no record's values: zeros in the dtype and width of a tensor dataset,
-    or the input format's placeholder (text: ``max_length`` pad tokens, all attended).
-
-    Run before the buyer's ledger is charged: a model that fails on any input (a position table
-    shorter than the format's max_length, a feature count the records do not have) is refused for
-    free, and since the batch holds no record's values, so is its message."""
-    if isinstance(source, Mapping):
-        batch = {k: torch.zeros_like(v[:1]).expand(size, *v.shape[1:]).clone() for k, v in source.items()}
-    else:
-        batch = source.placeholder(size)
-    try:
-        projected_grads(model, spec, task, batch, zero_nonfinite=True)
-    except TipError:
-        raise
-    except Exception as exc:  # the buyer's model: anything it raises is bad input
-        shape = {k: tuple(v.shape) for k, v in batch.items()}
-        raise DataError(
-            f"the records do not fit the model and task ({task.name}): it fails on a placeholder batch of the "
-            f"offered shape {shape} ({type(exc).__name__}: {str(exc)[:200]}); fix the model or the input "
-            "format (a text model needs positions for the format's max_length)"
-        ) from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +20,11 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from tip_fed.core import models
-from tip_fed.errors import FingerprintMismatchError, ModelError, ProtocolError, TipError
+from tip_fed.core.gradients import projected_grads
+from tip_fed.core.projection import ProjectionSpec
+from tip_fed.core.tasks import Task
+from tip_fed.errors import DataError, FingerprintMismatchError, ModelError, ProtocolError, TipError
+from tip_fed.protocol.data import Batch, Placeholder
 from tip_fed.protocol.resources import WeightsHeader, read_weights_header
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -53,11 +59,24 @@ def model_fingerprint(model: nn.Module) -> str:
     return encode_model(model).fingerprint
 
 
+@dataclass(frozen=True)
+class RunShape:
+    """What a built model must score before the buyer is charged: ``size`` records of the widest
+    shape the seller's records can take (a tensor dataset, or an input format's placeholder)."""
+
+    spec: ProjectionSpec
+    task: Task
+    source: Batch | Placeholder
+    size: int
+
+
 def decode_model(
-    payload: pb.ModelPayload, *, expected_fingerprint: str | None = None, header: WeightsHeader | None = None
+    payload: pb.ModelPayload, *, expected_fingerprint: str | None = None, header: WeightsHeader | None = None,
+    runs_on: RunShape | None = None,
 ) -> nn.Module:
     """Check the fingerprint, then rebuild the model with the shipped weights (``header``: their
-    safetensors header when the caller already read it, as costing an Offer does)."""
+    safetensors header when the caller already read it, as costing an Offer does; ``runs_on``: the
+    record-free batch it must score, see :func:`check_runs`)."""
     actual = fingerprint(payload.architecture, payload.config_json, payload.weights)
     if actual != payload.fingerprint:
         raise FingerprintMismatchError(
@@ -93,6 +112,8 @@ def decode_model(
     if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
         model.to(dtype)
     model.eval()
+    if runs_on is not None:
+        check_runs(model, runs_on)
     return model
 
 
@@ -124,3 +145,29 @@ def _check_size(architecture: str, config: dict[str, Any], n_weights: int) -> No
             f"model weights do not fit the announced architecture: it has {n_model} parameters but "
             f"the offer ships {n_weights} weights (refused before building it)"
         )
+
+
+def check_runs(model: nn.Module, shape: RunShape) -> None:
+    """DataError unless the model and ``shape.task`` score ``shape.size`` records at the widest shape the seller's
+    records can take, holding no record's values: zeros in the dtype and width of a tensor dataset,
+    or the input format's placeholder (text: ``max_length`` pad tokens, all attended).
+
+    Run before the buyer's ledger is charged: a model that fails on any input (a position table
+    shorter than the format's max_length, a feature count the records do not have) is refused for
+    free, and since the batch holds no record's values, so is its message."""
+    source, size, task = shape.source, shape.size, shape.task
+    if isinstance(source, Mapping):
+        batch = {k: torch.zeros_like(v[:1]).expand(size, *v.shape[1:]).clone() for k, v in source.items()}
+    else:
+        batch = source.placeholder(size)
+    try:
+        projected_grads(model, shape.spec, task, batch, zero_nonfinite=True)
+    except TipError:
+        raise
+    except Exception as exc:  # the buyer's model: anything it raises is bad input
+        dims = {k: tuple(v.shape) for k, v in batch.items()}
+        raise DataError(
+            f"the records do not fit the model and task ({task.name}): it fails on a placeholder batch of the "
+            f"offered shape {dims} ({type(exc).__name__}: {str(exc)[:200]}); fix the model or the input "
+            "format (a text model needs positions for the format's max_length)"
+        ) from None

@@ -28,12 +28,12 @@ from tip_fed.crypto.query import LoadedQuery, load_query
 from tip_fed.errors import DataError, ProtocolError, SessionError, TipError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import Delivery
-from tip_fed.protocol.data import Batch, check_batch, check_model_runs, dataset_gradients
+from tip_fed.protocol.data import Batch, check_batch, dataset_gradients
 from tip_fed.protocol.disclosure import NoisePolicy, Release, plan_release
 from tip_fed.protocol.formats import InputFormat, TextFormat, check_fields
 from tip_fed.protocol.ledger import LedgerPolicy, PrivacyLedger, default_ledger
 from tip_fed.protocol.messages import SELLER_ID
-from tip_fed.protocol.model import decode_model
+from tip_fed.protocol.model import RunShape, decode_model
 from tip_fed.protocol.model_cache import HeldModel, ModelCache
 from tip_fed.protocol.offer import Offer, decode_offer
 from tip_fed.protocol.records import RawRecords
@@ -233,12 +233,14 @@ class Seller:
         context = load_public_context(offer.public_context, offer.plan)  # early: a bad context fails fast
         t_ctx = time.perf_counter() - t_ctx  # HE work: reported under encrypted_s
         # the fingerprint is checked again either way; the header is the one costing read
-        model = decode_model(held.payload if held is not None else offer.model,
+        task, fmt = get_task(offer.task), self._input_format(offer)
+        # built, then run on a record-free batch of the costed shape: a model that fails there is refused uncharged
+        shape = RunShape(offer.spec, task, fmt[1] if fmt else self._data, min(self.policy.batch_size, self.n_samples))
+        model = decode_model(held.payload if held is not None else offer.model, runs_on=shape,
                              expected_fingerprint=self.policy.expected_fingerprint, header=cost.weights)
         if held is None:
             # shipped and built (its fingerprint checked): the buyer may reference it from now on
             self.models.admit(offer.model, peer, checked=cost.weights)
-        task = get_task(offer.task)
         release = plan_release(self.policy.noise, offer.dp_epsilon, offer.dp_delta, per_sample=offer.per_sample,
                                shape=(self.n_samples, offer.spec.dim), session_id=offer.session_id,
                                seller_id=self.seller_id)
@@ -251,10 +253,6 @@ class Seller:
         # parsed, and the noise the release adds (per coordinate: a row's, or the mean's) checked to fit
         std = release.gradient_std / (1 if offer.per_sample else self.n_samples)
         query = load_query(context, offer.plan, list(offer.query), noise_std=std)
-        fmt = self._input_format(offer)
-        # the model must score a record-free batch of the costed shape, or it is refused uncharged
-        check_model_runs(model, offer.spec, task, fmt[1] if fmt else self._data,
-                         min(self.policy.batch_size, self.n_samples))
         return _Job(context, query, model, task, release, fmt, t_ctx)
 
     def _charge(self, offer: Offer, job: _Job, buyer: str | None) -> None:

@@ -36,9 +36,8 @@ MODULES = {
 }
 #: The modules a leg may enter again, each with its reason (a later step that cannot be merged with the
 #: first, as costing must come before allocating). A step computes what later steps need and hands it on
-#: as a value (the seller's Release, the header costing read, a block's layout); what is left is named.
-REVISITS: dict[str, dict[str, list[str]]] = {"offer": {}, "respond": {"protocol.data": [
-    "the model runs on a record-free placeholder batch before the charge, the records after it"]}, "settle": {}}
+#: as a value (the seller's Release, the header costing read, a block's layout); none is left.
+REVISITS: dict[str, dict[str, list[str]]] = {"offer": {}, "respond": {}, "settle": {}}
 #: Most steps crypto takes inside the protocol's calls (its own modules calling each other).
 CRYPTO_STEPS = {"offer": 7, "respond": 26, "settle": 5}
 
