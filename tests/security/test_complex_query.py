@@ -18,6 +18,11 @@ from tip_fed.crypto.keys import SessionKeys
 from tip_fed.crypto.packing import _query_slots
 from tip_fed.crypto.params import MAX_QUERY_NORM
 from tip_fed.crypto.sanitise import FLOOD_STD, decrypt_complex, imaginary_pad
+from tip_fed.protocol import Seller
+from tip_fed.protocol import buyer as buyer_module
+from tip_fed.protocol.reply import decode_reply
+
+from ..conftest import make_data
 
 _SEAL_VERSION = tuple(seal_to_bytes(sa.Ciphertext())[3:5])  # (major, minor) of the SEAL in use
 DIM, N_ROWS = 64, 1024  # |r| of unrelated values over 1024 rows has std 1/32: 0.2 is a 6-sigma bound
@@ -152,3 +157,31 @@ def test_an_honest_worst_case_reply_never_wraps(session, dim: int, monkeypatch: 
             got = decrypt_scores(keys, plan, replies, n_rows)
             np.testing.assert_allclose(got, rows @ x, atol=1e-4)  # a wrap adds q0 X^j: ~2^20 in every slot
             assert decrypt_complex(keys, replies[0]).imag.std() > 2**20  # the pad is there
+
+
+def test_a_complex_offer_gets_one_exact_answer_not_two(make_buyer, monkeypatch: pytest.MonkeyPatch):
+    """End to end (aggregate disclosure, exact answer): the buyer's Offer carries Enc(v + i S w).
+    Without the pad it read <w, mean row> to ~2.6e-6 at S = 2^27; with it, every time, the reading is
+    off by far more than that (the pad's noise is ~2^24 / S ~ 0.1 here)."""
+    s = 2.0**27
+    seen: dict[str, np.ndarray] = {}
+
+    def complex_query(keys, plan, x):  # type: ignore[no-untyped-def]
+        w = np.random.default_rng(7).normal(size=plan.dim)
+        seen["v"], seen["w"] = x, w / np.linalg.norm(w)
+        return _complex_query(keys, plan, x, s * seen["w"])
+
+    monkeypatch.setattr(buyer_module, "encrypt_query", complex_query)
+    errors = []
+    for seed in range(6):
+        seller = Seller(f"seller{seed}", make_data(60, 41 + seed))
+        buyer = make_buyer(disclosure="aggregate")
+        offer = buyer.offer(max_samples=1000)
+        session = buyer._sessions[buyer.session_id]
+        reply = decode_reply(seller.respond(offer))
+        block = session.plan.layout(1)[0]
+        z = decrypt_complex(session.keys, reply.scores[0])[block.output_slots][0]
+        mean = seller.deliver(buyer.session_id).gradients.mean(0) / buyer.grad_norm_bound  # ground truth
+        errors.append(abs(z.imag / s - float(seen["w"] @ mean)))
+    print(f"\ncomplex Offer, hidden functional's error at S = 2^27 over 6 sellers: {np.round(errors, 4)}")
+    assert min(errors) > 1e-4
