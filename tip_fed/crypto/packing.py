@@ -28,6 +28,8 @@ public-key encryption of a complex fill vector is added, whose real part is unif
 [-fill_bound, fill_bound] in every non-output slot (from the caller's ``rng``) and Gaussian
 flooding noise in the output slots, and whose imaginary part is uniform noise in every slot (both
 from OS entropy): the computation's residual noise is hidden in every slot, real and imaginary.
+At the last level a purely imaginary plaintext pad as large as the modulus allows drowns what a
+complex query could hide in the imaginary parts.
 The added encryption also re-randomises the ciphertext. Replies carry no integrity check: a
 flipped byte can still parse, so the protocol must hash/sign what it sends.
 
@@ -59,7 +61,7 @@ from .keys import PublicContext, SessionKeys
 from .parallel import map_forked
 from .params import DEFAULT_FILL_BOUND, MAX_QUERY_NORM, Block, PackingPlan
 from .query import LoadedQuery, blob_list, check_noise, load_query, same_params
-from .sanitise import FLOOD_STD, sanitising_fill
+from .sanitise import FLOOD_STD, add_imaginary_pad, sanitising_fill
 
 __all__ = ["decrypt_scores", "encrypt_query", "score_rows"]
 
@@ -288,11 +290,14 @@ class _Scorer:
         self._tick("rescale", t)
         return res
 
-    def protect(self, res: Any | None, block: Block, fill: np.ndarray, flood_std: float, imag_bound: float) -> bytes:
-        """Mask to the output slots (after a fold), add Enc(sanitising fill), serialise.
+    def protect(self, res: Any | None, block: Block, fill: np.ndarray, flood_std: float, imag_bound: float,
+                score_bound: float = MAX_QUERY_NORM) -> bytes:
+        """Mask to the output slots (after a fold), add Enc(sanitising fill) and the imaginary pad
+        (unless ``imag_bound`` is 0), serialise.
 
         ``fill`` (uniform values for the non-output slots) is drawn by the caller, block by
         block in order, so the result does not depend on which process scores the block.
+        ``score_bound`` bounds |score| for an honest query (norm <= MAX_QUERY_NORM).
         """
         p, ev, h = self.plan, self.ev, self.h
         t = time.perf_counter()
@@ -310,14 +315,19 @@ class _Scorer:
         else:
             scale = h.output_scale(masked=folded)
         t = self._tick("mask", t)
-        values = sanitising_fill(fill, out_slots, flood_std, imag_bound)
+        values = self._encode(sanitising_fill(fill, out_slots, flood_std, imag_bound), h.last_parms_id, scale)
         noise = self.ctx.zero.encrypt_zero(h.first_parms_id, scale)  # wide u: see crypto/rerandomise.py
-        ev.add_plain_inplace(noise, self._encode(values, h.first_parms_id, scale))
         ev.mod_switch_to_inplace(noise, h.last_parms_id)
+        ev.add_plain_inplace(noise, values)
         if res is None:
             res = noise
         else:
             ev.add_inplace(res, noise)
+        if imag_bound > 0:  # a complex query's second functional drowned: see crypto/sanitise.py
+            # a coefficient is a mean over the N roots, 2 n_out of them scores (<= score_bound);
+            # one slot unit of margin for the CKKS noise (~2^-24 slot units)
+            coeff_bound = math.ceil(scale * (len(out_slots) * score_bound / p.slots + 1))
+            res = add_imaginary_pad(ev, h.seal_context, res, values, coeff_bound)
         t = self._tick("fill_encrypt", t)
         blob = seal_to_bytes(res, "saving a reply ciphertext")
         self._tick("serialize", t)
@@ -372,6 +382,9 @@ def score_rows(
     if row_noise is not None:
         matrix = matrix + _row_noise(row_noise, matrix.shape, headroom)
     scorer = _Scorer(ctx, plan, query, timings)
+    # |score| for an honest query: rows give <= MAX_QUERY_NORM, their noise 8 std (as check_noise)
+    noise_rms = 0.0 if row_noise is None else float(np.sqrt(np.mean(np.square(row_noise))))
+    score_bound = MAX_QUERY_NORM * (1.0 + 8.0 * noise_rms)
     # Fills drawn here, in block order: same replies for the same rng whatever ``workers`` is.
     items = [
         (matrix[b.start : b.start + b.rows], b, rng.uniform(-fill_bound, fill_bound, plan.slots))
@@ -381,7 +394,7 @@ def score_rows(
     def one(rows: np.ndarray, block: Block, fill: np.ndarray, encoded: EncodedBlock | None) -> bytes:
         if encoded is None:
             encoded = scorer.encoded(rows, block, cache)
-        return scorer.protect(scorer.bsgs(encoded, block), block, fill, flood_std, imag_bound)
+        return scorer.protect(scorer.bsgs(encoded, block), block, fill, flood_std, imag_bound, score_bound)
 
     with tenseal_errors("scoring rows", CryptoError):
         if cache is not None and workers > 1 and len(items) > 1:
