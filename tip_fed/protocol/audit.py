@@ -13,7 +13,9 @@ The buyer, from the :class:`SessionRecord` it kept (no secret key in it), then
    privacy noise and recomputes every released value; they must match the decrypted ones within
    the CKKS tolerance and the rounding, with no allowance for noise: a seller that scored other
    gradients than it committed to, or encrypted values of its own choice, is flagged here;
-4. flags duplicate and near-duplicate records (padding inflates a total).
+4. flags duplicate and near-duplicate records (padding inflates a total): exact and near copies
+   anywhere in the delivery, and jittered copies by testing random blocks of it as a spot check
+   tests its opening (:mod:`tip_fed.protocol.duplicates`).
 
 When only records are delivered (no gradients), step 1 uses the recomputed gradients, which is
 exact only on the same software stack; delivering the gradients makes the audit portable.
@@ -41,7 +43,13 @@ from tip_fed.files import read_json_object, write_private
 from tip_fed.protocol import commitment
 from tip_fed.protocol.data import Batch, dataset_gradients, load_dataset, save_dataset
 from tip_fed.protocol.disclosure import release_rows, seed_commitment
-from tip_fed.protocol.duplicates import NEAR_DUP_TOL, duplicated_records
+from tip_fed.protocol.duplicates import (
+    AUDIT_BLOCK,
+    NEAR_DUP_TOL,
+    RELATIVE_FRACTION,
+    duplicated_records,
+    sampled_copies,
+)
 from tip_fed.protocol.model import decode_model
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -393,10 +401,11 @@ class _Context:
             reasons.append(
                 f"the decrypted total differs from the recomputed one by {total_dev:.3g} (tolerance {total_tol:.3g})"
             )
-        dups = duplicated_records(delivery.data)
+        dups = sorted(set(duplicated_records(delivery.data)) | set(sampled_copies(delivery.data)))
         if dups:
             reasons.append(
-                f"{len(dups)} of {n} records repeat another record (standardised RMS distance <= {NEAR_DUP_TOL:g}): "
+                f"{len(dups)} of {n} records repeat another record (standardised RMS distance <= {NEAR_DUP_TOL:g}, "
+                f"or below {RELATIVE_FRACTION:g} of the spacing of a random block of {AUDIT_BLOCK}): "
                 "padding inflates the total"
             )
             flagged |= set(dups)

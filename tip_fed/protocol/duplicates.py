@@ -5,6 +5,20 @@ total by 5 and is consistent with any commitment made over the padded data. Reco
 after standardising every column (so units do not matter): two records whose root-mean-square
 standardised difference is at most ``tol`` are near-duplicates (0 for exact copies). Candidates are
 found in a 32-dimensional random projection (chunked, O(n^2 * 32)) and confirmed exactly.
+
+A fixed tolerance misses jittered copies (each copy plus a little noise): they are near each other
+only relative to how far apart genuine records lie. :func:`near_copies` therefore also flags, in a
+random sample of records (a spot check's opening, or a block of a delivery), every pair closer than
+``RELATIVE_FRACTION`` of the sample's spacing: the upper quartile of its minimum-spanning-tree edge
+lengths. MST edges, unlike nearest-neighbour distances, keep the scale of genuine records when most
+sampled records have a copy beside them (each group of copies adds one long edge, whatever its
+size). Measured on random samples of 30, 60 and 200 records (300 each): the ratio of the closest
+pair to that spacing never fell below 0.16 on the test data, sklearn's diabetes, breast cancer, wine
+and digits (iris holds genuinely repeated records, which any test of copies flags), while 70 records
+padded to 9,940 with jitter of 1% of each column's spread gave 0.005-0.011 and with 10% 0.045-0.1
+(caught at 0.15: 100% and 98.7% of samples of 30, 100% at 60 and 200). Jitter of 30% gave 0.14-0.33
+(caught 1-6%): copies jittered by about the genuine spacing look like genuine records to any test
+of distances, so a count cannot be proved this way, only padding by close copies refuted.
 """
 
 from __future__ import annotations
@@ -15,6 +29,13 @@ import torch
 from tip_fed.protocol.data import Batch, check_batch
 
 NEAR_DUP_TOL = 1e-3
+#: a pair closer than this fraction of its sample's spacing is a near copy (measured: module docstring)
+RELATIVE_FRACTION = 0.15
+#: fewer records than this give no spacing to compare with: only ``NEAR_DUP_TOL`` applies
+MIN_RELATIVE = 8
+#: records per random block of a delivery tested like a spot check's opening (the audit)
+AUDIT_BLOCK = 60
+_SPACING_QUANTILE = 0.75
 _PROJ_DIM = 32
 _CHUNK = 1024
 
@@ -55,3 +76,57 @@ def duplicate_pairs(data: Batch, tol: float = NEAR_DUP_TOL) -> list[tuple[int, i
 def duplicated_records(data: Batch, tol: float = NEAR_DUP_TOL) -> list[int]:
     """Records that (nearly) repeat an earlier record: what padding added."""
     return sorted({j for _, j in duplicate_pairs(data, tol)})
+
+
+def _distances(x: np.ndarray) -> np.ndarray:
+    """RMS distances between the rows of ``x`` (k x k, +inf on the diagonal)."""
+    sq = (x**2).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+    d = np.sqrt(d2 / max(x.shape[1], 1))
+    np.fill_diagonal(d, np.inf)
+    return d
+
+
+def spacing(dist: np.ndarray) -> float:
+    """Upper quartile of the minimum-spanning-tree edge lengths of a distance matrix (Prim, O(k^2))."""
+    k = dist.shape[0]
+    if k < 2:
+        return 0.0
+    inside = np.zeros(k, dtype=bool)
+    inside[0] = True
+    best = dist[0].copy()
+    edges = []
+    for _ in range(k - 1):
+        j = int(np.argmin(np.where(inside, np.inf, best)))
+        edges.append(best[j])
+        inside[j] = True
+        best = np.minimum(best, dist[j])
+    return float(np.quantile(edges, _SPACING_QUANTILE))
+
+
+def near_copies(
+    data: Batch, tol: float = NEAR_DUP_TOL, fraction: float = RELATIVE_FRACTION
+) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of a random sample of records that are copies of each other: closer than
+    ``tol`` or than ``fraction`` of the sample's spacing (module docstring). Exact, O(k^2 d)."""
+    x = _features(data)
+    if x.shape[0] < 2:
+        return []
+    dist = _distances(x)
+    cut = max(tol, fraction * spacing(dist)) if x.shape[0] >= MIN_RELATIVE else tol
+    return [(int(i), int(j)) for i, j in zip(*np.nonzero(dist <= cut), strict=True) if i < j]
+
+
+def sampled_copies(data: Batch, block: int = AUDIT_BLOCK, rng: np.random.Generator | None = None) -> list[int]:
+    """Records that :func:`near_copies` flags in a random partition of ``data`` into blocks of about
+    ``block`` records (the later record of each pair): a delivery tested as many spot checks would be.
+    The partition comes from OS entropy unless ``rng`` is given, so a seller cannot place its copies
+    in different blocks."""
+    n = check_batch(data)
+    order = (rng or np.random.default_rng()).permutation(n)
+    flagged: set[int] = set()
+    for part in np.array_split(order, max(1, n // block)):
+        idx = np.sort(part)
+        sub = {k: v[torch.from_numpy(idx)] for k, v in data.items()}
+        flagged.update(int(idx[j]) for _, j in near_copies(sub))
+    return sorted(flagged)
