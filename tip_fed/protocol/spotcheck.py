@@ -54,7 +54,7 @@ from tip_fed.errors import DataError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import GRAD_TOL, SCORE_TOL, Delivery, SessionRecord
 from tip_fed.protocol.data import check_batch, dataset_gradients
-from tip_fed.protocol.duplicates import near_copies
+from tip_fed.protocol.duplicates import RELATIVE_FRACTION, near_copies
 
 if TYPE_CHECKING:
     from tip_fed.protocol.buyer import Valuation
@@ -112,10 +112,12 @@ def open_records(delivery: Delivery, indices: Sequence[int]) -> Opening:
 
 def spot_check(
     record: SessionRecord, valued: Mapping[str, Any], opening: Opening, *, asked: Sequence[int] | None = None,
-    alpha: float = 1e-3,
+    alpha: float = 1e-3, near_fraction: float = RELATIVE_FRACTION,
 ) -> SpotCheck:
     """Buyer side: check an opening of the positions ``asked`` (by default the opening's own, which
-    the caller then chose) against the seller's committed root, its declared count and its total."""
+    the caller then chose) against the seller's committed root, its declared count and its total;
+    ``near_fraction``: the relative near-copy test's fraction (:func:`duplicates.calibrate` for
+    tables of mostly discrete columns)."""
     sid = str(valued["seller_id"])
     root = bytes.fromhex(str(valued["commitment"]))
     n = int(valued["n_samples"])
@@ -135,7 +137,8 @@ def spot_check(
         # one leaf at two positions: an honest seller's salts differ per position
         if first.setdefault(leaf, i) != i or not commitment.verify_proof(root, leaf, path, i, n):
             out.bad_proofs.append(i)
-    out.repeats = [(opening.indices[a], opening.indices[b]) for a, b in near_copies(opening.data)]
+    near = near_copies(opening.data, fraction=near_fraction)
+    out.repeats = [(opening.indices[a], opening.indices[b]) for a, b in near]
     spec = ProjectionSpec.from_dict(record.projection)
     grads = dataset_gradients(record.model_module(), spec, get_task(record.task), opening.data, 64)
     recomputed = clip_rows(grads, record.grad_norm_bound)[0].numpy()
