@@ -200,6 +200,8 @@ class PayoutsConfig(Section, key="payouts"):
     coalition_max: int = setting(10, "most sellers for the coalition rules (loo, shapley)")
     shapley_exact_max: int = setting(8, "most sellers for exact Shapley values (above: permutation sampling)")
     shapley_permutations: int = setting(50, "sampled permutations of approximate Shapley values", at_least=1)
+    max_records: int = setting(0, "most records any seller is paid on (0: its declared count, at most the Offer's "
+                               "max-samples); a spot check does not prove a count", at_least=0)
 
 
 #: The library sections a buyer sets (buyer.toml, a prepared query's settings).

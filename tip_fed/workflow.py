@@ -275,7 +275,7 @@ def write_results(out_dir: str | Path, buyer: Buyer | PreparedQuery, valuation: 
     prepared = buyer.prepared if isinstance(buyer, Buyer) else buyer
     payouts_config = payouts_config or PayoutsConfig()
     rows, samples = session_rows(valuation)
-    inputs = payouts.PayoutInputs.from_valuation(valuation)
+    inputs = payouts.PayoutInputs.from_valuation(valuation, max_records=payouts_config.max_records or None)
     pay_rows, comparison, reference = payouts.apply_payout_rules(payouts_config, inputs, seed=prepared.spec.seed)
     n = len(valuation.sellers)
     offers = offers_summary(valuation)

@@ -173,7 +173,7 @@ class ForgingSeller(Seller):
         from tip_fed.protocol.offer import decode_offer
         from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
-        reply = pb.Reply.FromString(super().respond(offer_bytes, peer=peer))
+        reply = pb.Reply.FromString(super().respond(offer_bytes, peer=peer, authenticated=True))
         offer = decode_offer(offer_bytes)
         plan = offer.plan
         ctx = load_public_context(offer.public_context, plan)
@@ -276,8 +276,8 @@ def test_another_buyer_replaying_the_offer_cannot_frame_an_honest_seller(make_bu
     seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(noise=NoisePolicy(1.0, 1e-6)))
     alice = make_buyer(disclosure="aggregate")
     offer = alice.offer(max_samples=200)
-    reply = seller.respond(offer, peer="CN=alice")
-    seller.respond(offer, peer="CN=mallory")  # answered: her own budget, a fresh noise seed
+    reply = seller.respond(offer, peer="CN=alice", authenticated=True)
+    seller.respond(offer, peer="CN=mallory", authenticated=True)  # answered: her own budget, a fresh noise seed
     valuation = alice.settle([reply])
     delivered = seller.deliver(valuation.session_id, peer="CN=alice")
     report = audit(alice.record(valuation), {"s0": delivered})

@@ -102,7 +102,7 @@ def test_one_buyers_flood_of_valid_offers_is_capped_and_others_are_answered(make
     answer = seller.respond
     parked, release = threading.Event(), threading.Event()
 
-    def respond(offer: bytes, *, peer: str | None = None, authenticated: bool = True) -> bytes:
+    def respond(offer: bytes, *, peer: str | None = None, authenticated: bool = False) -> bytes:
         if "mallory" in (peer or "") and not parked.is_set():
             parked.set()
             assert release.wait(300)

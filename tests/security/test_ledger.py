@@ -68,7 +68,7 @@ def test_basis_vector_sessions_are_refused_once_the_lifetime_budget_is_spent(mod
     got, k = {}, 0
     with pytest.raises(PrivacyBudgetExhaustedError, match="lifetime privacy budget"):
         while True:
-            reply = seller.respond(buyer.probe_offer(k % dim), peer="CN=mallory")
+            reply = seller.respond(buyer.probe_offer(k % dim), peer="CN=mallory", authenticated=True)
             v = buyer.settle([reply]).sellers[0]
             # the total is v.(sum g + C z) with v = e_k scaled: undo the buyer's scaling to read coordinate k
             got.setdefault(k % dim, []).append(v.total / buyer.query_norm)
@@ -95,9 +95,9 @@ def test_basis_vector_sessions_are_refused_once_the_lifetime_budget_is_spent(mod
     again = Seller("s2", data, policy=SellerPolicy(noise=per_query, ledger=str(tmp_path / "ledger.json"),
                                                    lifetime=lifetime))
     with pytest.raises(PrivacyBudgetExhaustedError):
-        again.respond(buyer.probe_offer(0), peer="CN=mallory")
+        again.respond(buyer.probe_offer(0), peer="CN=mallory", authenticated=True)
     # another authenticated buyer has its own budget
-    assert pb.Reply.FromString(again.respond(buyer.probe_offer(0), peer="CN=alice")).n_samples == 70
+    assert pb.Reply.FromString(again.respond(buyer.probe_offer(0), peer="CN=alice", authenticated=True)).n_samples == 70
     saved = json.loads((tmp_path / "ledger.json").read_text())
     assert set(saved["buyers"]) == {"CN=mallory", "CN=alice"}
     assert stat.S_IMODE((tmp_path / "ledger.json").stat().st_mode) == 0o600
@@ -193,7 +193,7 @@ def test_sybil_identities_share_the_seller_wide_budget(model, seller_data):
         peer = f"x509:CN=sybil-{identities}"
         try:
             while True:
-                seller.respond(buyer.offer(max_samples=100), peer=peer)
+                seller.respond(buyer.offer(max_samples=100), peer=peer, authenticated=True)
                 answered += 1
         except PrivacyBudgetExhaustedError as exc:
             if "seller-wide" in str(exc):
@@ -210,18 +210,33 @@ def test_exact_answers_are_capped_by_default_per_buyer_and_seller_wide(model, se
     assert (LedgerPolicy().max_exact, LedgerPolicy().total_max_exact) == (1, 16)
     buyer = _prober(model)
     seller = Seller("s0", seller_data["s0"], policy=SellerPolicy(lifetime=LedgerPolicy(total_max_exact=3)))
-    seller.respond(buyer.probe_offer(0), peer="x509:CN=a")
+    seller.respond(buyer.probe_offer(0), peer="x509:CN=a", authenticated=True)
     with pytest.raises(PrivacyBudgetExhaustedError, match="max_exact, seller serve --max-exact"):
-        seller.respond(buyer.probe_offer(1), peer="x509:CN=a")
-    seller.respond(buyer.probe_offer(1), peer="x509:CN=b")
-    seller.respond(buyer.probe_offer(2), peer="x509:CN=c")
+        seller.respond(buyer.probe_offer(1), peer="x509:CN=a", authenticated=True)
+    seller.respond(buyer.probe_offer(1), peer="x509:CN=b", authenticated=True)
+    seller.respond(buyer.probe_offer(2), peer="x509:CN=c", authenticated=True)
     with pytest.raises(PrivacyBudgetExhaustedError, match="total_max_exact, seller serve --total-max-exact"):
-        seller.respond(buyer.probe_offer(3), peer="x509:CN=d")
+        seller.respond(buyer.probe_offer(3), peer="x509:CN=d", authenticated=True)
     assert seller._ledger.spent_total() == (0.0, 3)
     default = Seller("s0", seller_data["s0"])  # the default policy: dim basis sessions would rebuild the sum
     answered = 0
     with pytest.raises(PrivacyBudgetExhaustedError):
         for k in range(buyer.spec.dim):
-            default.respond(buyer.probe_offer(k), peer=f"x509:CN=sybil-{k}")
+            default.respond(buyer.probe_offer(k), peer=f"x509:CN=sybil-{k}", authenticated=True)
             answered += 1
     assert answered == min(16, buyer.spec.dim) < buyer.spec.dim
+
+
+def test_an_address_passed_as_peer_is_no_ledger_identity_unless_the_carrier_says_so(make_buyer, seller_data):
+    """A carrier that hands ``respond`` a network address as ``peer`` and does not say it authenticated
+    the buyer grants no ledger identity: every address is the one anonymous buyer, whose one exact answer
+    (the default policy) is spent after the first address; a certificate subject the carrier vouches for
+    keeps its own."""
+    seller = Seller("s0", seller_data["s0"])
+    seller.respond(make_buyer(disclosure="aggregate").offer(max_samples=100), peer="ipv4:127.0.0.2")
+    for k in range(3, 7):
+        with pytest.raises(PrivacyBudgetExhaustedError, match="max_exact"):
+            seller.respond(make_buyer(disclosure="aggregate").offer(max_samples=100), peer=f"ipv4:127.0.0.{k}")
+    assert seller._ledger.spent(None) == (0.0, 1)
+    seller.respond(make_buyer(disclosure="aggregate").offer(max_samples=100), peer="x509:CN=a", authenticated=True)
+    assert seller._ledger.spent("x509:CN=a") == (0.0, 1) and seller._ledger.spent(None) == (0.0, 1)

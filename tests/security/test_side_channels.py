@@ -55,7 +55,7 @@ def _attack(model, make_buyer, trials=12):
         b = int(rng.integers(2))
         buyer = make_buyer(**buyer_kw)
         seller = Seller("s", worlds[b], policy=SellerPolicy(noise=NoisePolicy(1.0, 1e-6)))
-        reply = pb.Reply.FromString(seller.respond(buyer.offer(max_samples=100), peer="x509:CN=b"))
+        reply = pb.Reply.FromString(seller.respond(buyer.offer(max_samples=100), peer="x509:CN=b", authenticated=True))
         hits["commitment"] += int((reply.commitment in expected[1][0]) == bool(b))
         assert reply.commitment not in expected[0][0] | expected[1][0]
         hits["clipped"] += int((reply.clipped == expected[1][1]) == bool(b))

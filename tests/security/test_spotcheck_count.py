@@ -142,7 +142,7 @@ def test_payouts_follow_the_spot_check_not_the_declared_count(make_buyer):
     buyer = make_buyer(disclosure="aggregate")
     offer = buyer.offer(max_samples=10000)
     valuation = buyer.settle([s.respond(offer) for s in sellers.values()])
-    assert valuation.rejected == {} and not any(v.n_checked for v in valuation.sellers)  # declared only
+    assert valuation.rejected == {} and not any(v.spot_checked for v in valuation.sellers)  # declared only
     record = buyer.record(valuation)
     valued = {v.seller_id: v.to_dict() for v in valuation.sellers}
     checks = []
@@ -154,7 +154,7 @@ def test_payouts_follow_the_spot_check_not_the_declared_count(make_buyer):
         checks.append(spot_check(record, valued[sid], opening, asked=asked))
     to_pay = payable(valuation, checks)
     assert "liar" in to_pay.rejected and "failed the spot check" in to_pay.rejected["liar"]
-    assert {v.seller_id: v.n_checked for v in to_pay.sellers} == {"s0": True, "s1": True, "s3": False}
+    assert {v.seller_id: v.spot_checked for v in to_pay.sellers} == {"s0": True, "s1": True, "s3": False}
     rules = (ProportionalPositive(), FlatPerRecord(), BudgetBalancedReserve())
     declared = {r.name: r.pay(PayoutInputs.from_valuation(valuation), 1.0) for r in rules}
     checked = {r.name: r.pay(PayoutInputs.from_valuation(to_pay), 1.0) for r in rules}

@@ -51,7 +51,7 @@ class PayoutInputs:
 
     seller_ids: list[str]
     scores: dict[str, float]
-    n_records: dict[str, int]  # as each seller declared it: confirmed only by a spot check (spotcheck.payable)
+    n_records: dict[str, int]  # as each seller declared it (capped by from_valuation's max_records): never proved
     utility: Utility | None = None
     benefits: dict[str, float] | None = None
     #: std of each seller's total from its declared DP noise (score units); absent or 0 = exact
@@ -60,12 +60,24 @@ class PayoutInputs:
 
     @classmethod
     def from_valuation(cls, valuation: Valuation, utility: Utility | None = None,
-                       benefits: dict[str, float] | None = None) -> PayoutInputs:
-        """The inputs of one settled session: each seller's total, record count and declared noise."""
+                       benefits: dict[str, float] | None = None, *, max_records: int | None = None
+                       ) -> PayoutInputs:
+        """The inputs of one settled session: each seller's total, record count and declared noise.
+
+        ``max_records`` caps the count any seller is paid on (its total and noise std scaled to
+        ``mean x min(n, max_records)``): a declared count is not proved by a spot check, so a buyer
+        that expects about m records per seller need not pay for more (the Offer's ``max_samples``
+        only bounds what a seller may declare)."""
+        if max_records is not None and max_records < 1:
+            raise ConfigError(f"max_records must be at least 1 (or None for no cap), got {max_records}")
         sellers = valuation.sellers
-        return cls(seller_ids=[v.seller_id for v in sellers], scores={v.seller_id: v.total for v in sellers},
-                   n_records={v.seller_id: v.n_samples for v in sellers}, utility=utility, benefits=benefits,
-                   noise_std={v.seller_id: float(v.noise.get("total_std", 0.0)) for v in sellers if v.noise})
+        paid = {v.seller_id: v.n_samples if max_records is None else min(v.n_samples, max_records) for v in sellers}
+        part = {v.seller_id: paid[v.seller_id] / max(1, v.n_samples) for v in sellers}
+        return cls(seller_ids=[v.seller_id for v in sellers],
+                   scores={v.seller_id: v.total * part[v.seller_id] for v in sellers},
+                   n_records=paid, utility=utility, benefits=benefits,
+                   noise_std={v.seller_id: float(v.noise.get("total_std", 0.0)) * part[v.seller_id]
+                              for v in sellers if v.noise})
 
     def payable(self) -> dict[str, float]:
         """Scores as the score-based rules pay them: noised ones shrunk toward 0 (module docstring)."""

@@ -13,7 +13,9 @@ The buyer, from the :class:`SessionRecord` it kept (no secret key in it), then
    privacy noise and recomputes every released value; they must match the decrypted ones within
    the CKKS tolerance and the rounding, with no allowance for noise: a seller that scored other
    gradients than it committed to, or encrypted values of its own choice, is flagged here;
-4. flags duplicate and near-duplicate records (padding inflates a total).
+4. flags duplicate and near-duplicate records (padding inflates a total): exact and near copies
+   anywhere in the delivery, and jittered copies by testing random blocks of it as a spot check
+   tests its opening (:mod:`tip_fed.protocol.duplicates`).
 
 When only records are delivered (no gradients), step 1 uses the recomputed gradients, which is
 exact only on the same software stack; delivering the gradients makes the audit portable.
@@ -41,7 +43,13 @@ from tip_fed.files import read_json_object, write_private
 from tip_fed.protocol import commitment
 from tip_fed.protocol.data import Batch, dataset_gradients, load_dataset, save_dataset
 from tip_fed.protocol.disclosure import release_rows, seed_commitment
-from tip_fed.protocol.duplicates import NEAR_DUP_TOL, duplicated_records
+from tip_fed.protocol.duplicates import (
+    AUDIT_BLOCK,
+    NEAR_DUP_TOL,
+    RELATIVE_FRACTION,
+    duplicated_records,
+    sampled_copies,
+)
 from tip_fed.protocol.model import decode_model
 from tip_fed.wire.tip.v1 import valuation_pb2 as pb
 
@@ -299,8 +307,10 @@ def audit(
     *,
     model: nn.Module | None = None,
     batch: int = 64,
+    near_fraction: float = RELATIVE_FRACTION,
 ) -> AuditReport:
-    """Audit every delivered seller of a settled session (see the module doc for the checks)."""
+    """Audit every delivered seller of a settled session (see the module doc for the checks);
+    ``near_fraction``: the relative near-copy test's fraction (:func:`duplicates.calibrate`)."""
     sellers = {s["seller_id"]: s for s in record.valuation["sellers"]}
     unknown = sorted(set(deliveries) - set(sellers))
     if unknown:
@@ -314,7 +324,7 @@ def audit(
     query = torch.tensor(record.query, dtype=torch.float64)
     if query.ndim != 1 or query.shape[0] != spec.dim:
         raise DataError(f"the session record's query has shape {tuple(query.shape)}, expected ({spec.dim},)")
-    ctx = _Context(model, spec, task, query, record, batch)
+    ctx = _Context(model, spec, task, query, record, batch, near_fraction)
     return AuditReport(record.session_id, [ctx.seller(sellers[sid], d) for sid, d in deliveries.items()])
 
 
@@ -326,6 +336,7 @@ class _Context:
     query: torch.Tensor
     record: SessionRecord
     batch: int
+    near_fraction: float
 
     def seller(self, valued: Mapping[str, Any], delivery: Delivery) -> SellerAudit:
         sid, bound = valued["seller_id"], self.record.grad_norm_bound
@@ -393,10 +404,12 @@ class _Context:
             reasons.append(
                 f"the decrypted total differs from the recomputed one by {total_dev:.3g} (tolerance {total_tol:.3g})"
             )
-        dups = duplicated_records(delivery.data)
+        near = sampled_copies(delivery.data, fraction=self.near_fraction)
+        dups = sorted(set(duplicated_records(delivery.data)) | set(near))
         if dups:
             reasons.append(
-                f"{len(dups)} of {n} records repeat another record (standardised RMS distance <= {NEAR_DUP_TOL:g}): "
+                f"{len(dups)} of {n} records repeat another record (standardised RMS distance <= {NEAR_DUP_TOL:g}, "
+                f"or below {self.near_fraction:g} of the spacing of a random block of {AUDIT_BLOCK}): "
                 "padding inflates the total"
             )
             flagged |= set(dups)

@@ -51,8 +51,10 @@ class SellerValuation:
     # DP noise the seller declared: epsilon, delta, gradient_std (units of C), std and total_std (score
     # units), commitment (hex of the seed commitment, opened at delivery)
     noise: dict[str, Any] | None = None
-    # n_samples (and so total = mean x n) is the seller's declaration until a spot check confirms it
-    n_checked: bool = False
+    # a spot check of this seller passed (spotcheck.payable). n_samples (and so total = mean x n) stays
+    # the seller's declaration either way: a pass shows that the opened leaves open at their positions
+    # under a root of n leaves and repeat no other opened record, not that n distinct real records exist
+    spot_checked: bool = False
 
     @property
     def mean(self) -> float:

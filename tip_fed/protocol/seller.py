@@ -174,14 +174,16 @@ class Seller:
         self._encodings = EncodingCache(mb * 1024 * 1024) if mb > 0 else None
         self.models = ModelCache(self.policy.model_cache_mb * 1024 * 1024, self.policy.model_cache_dir)
 
-    def respond(self, offer_bytes: bytes, *, peer: str | None = None, authenticated: bool = True) -> bytes:
+    def respond(self, offer_bytes: bytes, *, peer: str | None = None, authenticated: bool = False) -> bytes:
         """Answer one Offer with a Reply (both as bytes), one protocol step after the other.
 
         ``peer`` is the buyer as the carrier knows it (a client certificate subject, a network
         address); the query budget and the commitment are kept per (session, peer), and a referenced
         model must be one this peer uploaded. The privacy ledger charges the answer to ``peer`` only
-        if the carrier ``authenticated`` it; otherwise (and for None) to the one identity all
-        unauthenticated buyers share: an address is no identity, a buyer can bind many.
+        if the carrier says it ``authenticated`` it (False by default, so that a carrier passing a
+        network address cannot grant one ledger identity per address); otherwise (and for None) to
+        the one identity all unauthenticated buyers share: an address is no identity, a buyer can
+        bind many.
         The Offer is costed against ``policy.budget`` before anything is allocated. Admission takes
         one query of the session's budget at once (so concurrent copies of one Offer cannot all pass)
         and gives it back if the Offer is refused or fails before it is answered; the privacy ledger

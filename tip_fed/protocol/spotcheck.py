@@ -24,13 +24,16 @@ root binds n and every path is checked at its requested position in a tree of n 
 (:mod:`tip_fed.protocol.commitment`), so such a seller must commit to n leaves: n - r of them are
 fabricated records (caught as above when their gradients are forged; records made up whole and
 scored honestly are beyond any check of consistency) or copies of its r records. Copies are caught
-when two opened records repeat each other (exact or near copies, :mod:`tip_fed.protocol.duplicates`;
-an identical leaf hash at two positions cannot come from an honest seller, whose salts differ per
-position): whatever the multiplicities, k distinct positions avoid every repeat with probability at
+when two opened records repeat each other (exact or near copies, or jittered copies closer than a
+fraction of the opened records' spacing, :mod:`tip_fed.protocol.duplicates`; an identical leaf hash
+at two positions cannot come from an honest seller, whose salts differ per position): whatever the
+multiplicities, k distinct positions avoid every repeat with probability at
 most ``C(r, k) (n/r)^k / C(n, k)`` (Maclaurin's inequality; 0 once k > r), see
 :func:`padding_catch_probability`. An honest seller with duplicate records fails this test too, as
 its audit would (``duplicate-records``): with d repeated pairs, with probability at most
 ``d k (k-1) / (n (n-1))``.
+Copies jittered by about the spacing of genuine records cannot be told from genuine records: a
+pass refutes padding by close copies, it does not prove n distinct real records (:func:`payable`).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from tip_fed.errors import DataError
 from tip_fed.protocol import commitment
 from tip_fed.protocol.audit import GRAD_TOL, SCORE_TOL, Delivery, SessionRecord
 from tip_fed.protocol.data import check_batch, dataset_gradients
-from tip_fed.protocol.duplicates import duplicate_pairs
+from tip_fed.protocol.duplicates import RELATIVE_FRACTION, near_copies
 
 if TYPE_CHECKING:
     from tip_fed.protocol.buyer import Valuation
@@ -109,10 +112,12 @@ def open_records(delivery: Delivery, indices: Sequence[int]) -> Opening:
 
 def spot_check(
     record: SessionRecord, valued: Mapping[str, Any], opening: Opening, *, asked: Sequence[int] | None = None,
-    alpha: float = 1e-3,
+    alpha: float = 1e-3, near_fraction: float = RELATIVE_FRACTION,
 ) -> SpotCheck:
     """Buyer side: check an opening of the positions ``asked`` (by default the opening's own, which
-    the caller then chose) against the seller's committed root, its declared count and its total."""
+    the caller then chose) against the seller's committed root, its declared count and its total;
+    ``near_fraction``: the relative near-copy test's fraction (:func:`duplicates.calibrate` for
+    tables of mostly discrete columns)."""
     sid = str(valued["seller_id"])
     root = bytes.fromhex(str(valued["commitment"]))
     n = int(valued["n_samples"])
@@ -132,7 +137,8 @@ def spot_check(
         # one leaf at two positions: an honest seller's salts differ per position
         if first.setdefault(leaf, i) != i or not commitment.verify_proof(root, leaf, path, i, n):
             out.bad_proofs.append(i)
-    out.repeats = [(opening.indices[a], opening.indices[b]) for a, b in duplicate_pairs(opening.data)]
+    near = near_copies(opening.data, fraction=near_fraction)
+    out.repeats = [(opening.indices[a], opening.indices[b]) for a, b in near]
     spec = ProjectionSpec.from_dict(record.projection)
     grads = dataset_gradients(record.model_module(), spec, get_task(record.task), opening.data, 64)
     recomputed = clip_rows(grads, record.grad_norm_bound)[0].numpy()
@@ -170,9 +176,16 @@ def spot_check(
 
 
 def payable(valuation: Valuation, checks: Iterable[SpotCheck]) -> Valuation:
-    """The valuation to pay on after spot checks: a seller whose check passed has its count marked
-    checked, one whose check failed moves to ``rejected`` with the reasons, one not checked stays with
-    its count declared only (``n_checked`` False: its total and any per-record payout rest on it)."""
+    """The valuation to pay on after spot checks: a seller whose check failed moves to ``rejected``
+    with the reasons; one whose check passed is marked ``spot_checked``, one not checked is not.
+
+    A pass does not confirm the declared count n: it shows that the opened records open at the
+    positions asked under a root of n leaves, carry the gradients their data give, repeat no other
+    opened record (exactly, or closer than the relative test of :mod:`tip_fed.protocol.duplicates`)
+    and agree with the total. n leaves made of fewer real records jittered by about the spacing of
+    genuine records pass it; a buyer bounds what any seller can declare with the Offer's
+    ``max_samples`` (``settle`` rejects a larger count) and the count paid on with
+    ``PayoutInputs.from_valuation(..., max_records=...)``."""
     by_id = {c.seller_id: c for c in checks}
     unknown = sorted(set(by_id) - {s.seller_id for s in valuation.sellers})
     if unknown:
@@ -184,7 +197,7 @@ def payable(valuation: Valuation, checks: Iterable[SpotCheck]) -> Valuation:
         if check is not None and not check.passed:
             rejected[s.seller_id] = "failed the spot check: " + "; ".join(check.reasons)
         else:
-            sellers.append(replace(s, n_checked=s.n_checked or check is not None))
+            sellers.append(replace(s, spot_checked=s.spot_checked or check is not None))
     return replace(valuation, sellers=sellers, rejected=rejected)
 
 

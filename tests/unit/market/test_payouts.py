@@ -190,3 +190,24 @@ def test_noise_aware_payouts_scale_with_records():
                     {"small": 10, "big": 1000, "x": 10, "y": 500})
     b = P.shrinkage(inputs)
     assert b["big"] > b["small"] and b["x"] == b["y"] == 1.0
+
+
+def test_max_records_caps_the_count_each_seller_is_paid_on():
+    """Each seller is paid on mean x min(n, m): its total and noise std scale by min(n, m) / n, so its
+    mean, and its noise relative to it, are unchanged; a cap below 1 is refused."""
+    from tip_fed.errors import ConfigError
+    from tip_fed.protocol.buyer import SellerValuation, Valuation
+
+    def seller(sid, n, total, std=None):
+        noise = None if std is None else {"total_std": std}
+        return SellerValuation(sid, n, total, None, "00", 0, {}, noise=noise)
+
+    valuation = Valuation("s", [seller("a", 40, 8.0), seller("liar", 9940, 1988.0, std=99.4)], {}, [], {})
+    inputs = P.PayoutInputs.from_valuation(valuation, max_records=100)
+    assert inputs.n_records == {"a": 40, "liar": 100}
+    assert inputs.scores == pytest.approx({"a": 8.0, "liar": 20.0})  # both 0.2 per record
+    assert inputs.noise_std == pytest.approx({"liar": 1.0})
+    assert P.FlatPerRecord().pay(inputs, 1.0) == pytest.approx({"a": 40 / 140, "liar": 100 / 140})
+    assert P.PayoutInputs.from_valuation(valuation).n_records["liar"] == 9940
+    with pytest.raises(ConfigError, match="max_records"):
+        P.PayoutInputs.from_valuation(valuation, max_records=0)
