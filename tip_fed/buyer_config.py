@@ -73,7 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tip_fed.protocol.records import RawRecords
 
 __all__ = ["BuyerConfig", "ClientTLSFiles", "FormatSpec", "ModelSource", "SellerEntry", "SellersConfig",
-           "build_input_format", "check_prepared", "load_buyer_config", "load_data", "load_model",
+           "build_input_format", "check_buyer_task", "check_prepared", "load_buyer_config", "load_data", "load_model",
            "load_sellers_config", "prepare_from_config"]
 
 DOC = "the tip_fed.buyer_config docstring"
@@ -223,8 +223,10 @@ def _format_spec(t: dict[str, Any], base: Path, name: str, model: ModelSource) -
     )
 
 
-def load_buyer_config(path: str | Path) -> BuyerConfig:
-    """Parse and check ``buyer.toml`` (files exist, keys known, values valid), without heavy imports."""
+def load_buyer_config(path: str | Path, *, check_task: bool = True) -> BuyerConfig:
+    """Parse and check ``buyer.toml`` (files exist, keys known, values valid); only the task check
+    loads torch, last (``check_task=False`` leaves it to :func:`check_buyer_task`, so a command can
+    report every other mistake before it starts loading)."""
     source, data = read_toml(path, "buyer config", f"write one (see {DOC})")
     name, base = source.name, source.parent
     check_keys(data, ("model", "data", "format", *keys_of(BuyerSettings), "payouts"), "", name)
@@ -260,12 +262,20 @@ def load_buyer_config(path: str | Path) -> BuyerConfig:
             "and data.train are safetensors; give data.train (or data.objective) as .csv/.parquet/.jsonl"
         )
     settings = parse_settings(data, f"{name}: ")
-    from tip_fed.core.tasks import TASKS  # after every cheap check: this loads torch
+    cfg = BuyerConfig(source=source, model=model, task=task, objective=objective, train=train, input_format=fmt,
+                      buyer=settings["settings"], payouts=settings["payouts"])
+    if check_task:
+        check_buyer_task(cfg)
+    return cfg
 
-    if task not in TASKS:
-        raise ConfigError(f"{name}: model.task = {task!r} is unknown; use one of {', '.join(sorted(TASKS))}")
-    return BuyerConfig(source=source, model=model, task=task, objective=objective, train=train, input_format=fmt,
-                       buyer=settings["settings"], payouts=settings["payouts"])
+
+def check_buyer_task(cfg: BuyerConfig) -> None:
+    """ConfigError unless ``cfg.task`` is a built-in task (this loads torch)."""
+    from tip_fed.core.tasks import TASKS
+
+    if cfg.task not in TASKS:
+        raise ConfigError(f"{cfg.source.name}: model.task = {cfg.task!r} is unknown; use one of "
+                          f"{', '.join(sorted(TASKS))}")
 
 
 # ---- loading what a parsed buyer.toml names (heavy imports stay inside the functions) ----

@@ -50,7 +50,7 @@ def check_out_dir(out: Path, force: bool, what: str = "results of two runs would
 
 def run(args: argparse.Namespace) -> None:
     """Run ``buyer prepare`` or ``value``; every failure is a TipError."""
-    from tip_fed.buyer_config import load_buyer_config
+    from tip_fed.buyer_config import check_buyer_task, load_buyer_config
     from tip_fed.console import quiet_third_party, run_progress, step, waiting
     from tip_fed.sellers_config import load_sellers_config
 
@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> None:
     quiet_third_party()
     if args.command == "buyer":
         check_out_dir(out, args.force, "it would mix with another prepared query")
+        cfg = load_buyer_config(args.config, check_task=False)  # every mistake but the task before loading
         with waiting("loading torch and TenSEAL", enabled=progress):
-            cfg = load_buyer_config(args.config)
+            check_buyer_task(cfg)
             from tip_fed.buyer_config import prepare_from_config
 
         with run_progress("tip-fed", 2, enabled=progress):
@@ -81,8 +82,9 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--prepared {args.prepared} is not a directory; make one with "
                           f"'tip-fed buyer prepare {args.config} --out DIR'")
     check_out_dir(out, args.force)
+    cfg = load_buyer_config(args.config, check_task=False)
     with waiting("loading torch and TenSEAL", enabled=progress):
-        load_buyer_config(args.config)  # last: its task check loads torch
+        check_buyer_task(cfg)  # last: it loads torch
         from tip_fed.market.summary import summary_lines
         from tip_fed.workflow import value_files
 
